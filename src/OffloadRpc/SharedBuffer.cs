@@ -1,0 +1,138 @@
+using System.Buffers;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc;
+
+/// <summary>
+/// A lease on a block of a connection's shared memory. Write into it in place and pass it to a call:
+/// ownership moves to the receiver and no byte is copied. Dispose returns the block; a lease that was
+/// passed on is already disposed. Not thread-safe; <see cref="Length"/> is exactly the size rented.
+/// </summary>
+/// <remarks>
+/// <see cref="Memory"/> and <see cref="Span"/> point into shared memory. Once the lease is disposed or
+/// passed on, they throw <see cref="ObjectDisposedException"/>; do not keep a <see cref="Span{T}"/>
+/// across a call that passes the lease on.
+/// </remarks>
+public sealed unsafe class SharedBuffer : IDisposable
+{
+    private readonly ILeaseHost _host;
+    private readonly SharedMemorySegment _segment;
+    private readonly long _offset;
+    private readonly int _length;
+    private int _state; // 0 live, 1 disposed or moved
+    private Manager? _manager;
+
+    internal SharedBuffer(ILeaseHost host, SharedMemorySegment segment, long offset, int length, bool ownedBySender)
+    {
+        _host = host;
+        _segment = segment;
+        _offset = offset;
+        _length = length;
+        IsOwnArena = ownedBySender;
+        _ = segment.Pointer(offset, length); // bounds check once; the segment reference is taken by the creator
+    }
+
+    /// <summary>The number of bytes of the lease.</summary>
+    public int Length => _length;
+
+    /// <summary>The lease's bytes, in shared memory.</summary>
+    public Memory<byte> Memory
+    {
+        get
+        {
+            ThrowIfGone();
+            return (_manager ??= new Manager(this)).Memory;
+        }
+    }
+
+    /// <summary>The lease's bytes, in shared memory.</summary>
+    public Span<byte> Span
+    {
+        get
+        {
+            ThrowIfGone();
+            return new Span<byte>(_segment.Base + _offset, _length);
+        }
+    }
+
+    /// <summary>True while the lease may be used: not disposed and not passed on.</summary>
+    public bool IsValid => Volatile.Read(ref _state) == 0;
+
+    internal ILeaseHost Host => _host;
+
+    internal SharedMemorySegment Segment => _segment;
+
+    internal long Offset => _offset;
+
+    /// <summary>The block belongs to the arena of the connection side that holds the lease (rented or returned), not to the peer.</summary>
+    internal bool IsOwnArena { get; }
+
+    /// <summary>Returns the block: to this side's arena, or to the peer that lent it.</summary>
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _state, 1) == 0)
+        {
+            try
+            {
+                _host.ReturnLease(this);
+            }
+            finally
+            {
+                _segment.Release();
+            }
+        }
+    }
+
+    /// <summary>Ends the lease without returning the block, because it is being sent on; false when it was already gone.</summary>
+    internal bool TryDetach() => Interlocked.Exchange(ref _state, 1) == 0;
+
+    /// <summary>Undoes <see cref="TryDetach"/> when the send that detached the lease failed.</summary>
+    internal void Reattach() => Volatile.Write(ref _state, 0);
+
+    /// <summary>Drops the mapping reference of a detached lease once the message carrying it is published.</summary>
+    internal void ReleaseDetachedMapping() => _segment.Release();
+
+    private void ThrowIfGone()
+    {
+        if (Volatile.Read(ref _state) != 0)
+        {
+            throw new ObjectDisposedException(nameof(SharedBuffer), "The lease was disposed or passed on to another process.");
+        }
+    }
+
+    public override string ToString() => $"SharedBuffer({_length} bytes, segment {_segment.Id} +{_offset}{(IsValid ? string.Empty : ", gone")})";
+
+    private sealed class Manager : MemoryManager<byte>
+    {
+        private readonly SharedBuffer _owner;
+
+        public Manager(SharedBuffer owner) => _owner = owner;
+
+        public override Span<byte> GetSpan() => _owner.Span;
+
+        public override MemoryHandle Pin(int elementIndex = 0)
+        {
+            _owner.ThrowIfGone();
+            if ((uint)elementIndex > (uint)_owner._length)
+            {
+                throw new ArgumentOutOfRangeException(nameof(elementIndex));
+            }
+
+            return new MemoryHandle(_owner._segment.Base + _owner._offset + elementIndex);
+        }
+
+        public override void Unpin()
+        {
+        }
+
+        protected override void Dispose(bool disposing)
+        {
+        }
+    }
+}
+
+/// <summary>Where a lease goes back to when it is disposed.</summary>
+internal interface ILeaseHost
+{
+    void ReturnLease(SharedBuffer lease);
+}

@@ -1,0 +1,111 @@
+using System.Runtime.InteropServices;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>
+/// The shared-memory control area of one direction of a connection, created by the side that sends
+/// in that direction and mapped by both:
+/// <code>
+///   0    header: magic, version, geometry (informational; the handshake is authoritative)
+///   64   consumer wake word   (the receiving side's receive thread sleeps here)
+///   128  message-producer wake word (senders waiting for a free message slot)
+///   192  release-producer wake word (receivers of payloads waiting to post a release)
+///   256  release-consumer wake word (the arena owner waiting for space)
+///   4096 message slots   [slotCount x slotSize]
+///   ...  release slots   [releaseSlotCount x 16]
+/// </code>
+/// Each word sits on its own cache line.
+/// </summary>
+internal sealed unsafe class ControlArea
+{
+    public const ulong Magic = 0x4145_5241_4350_5252; // "RRPCARAE"
+    public const int HeaderSize = 4096;
+    public const int ReleaseSlotSize = 16;
+
+    public ControlArea(SharedMemorySegment segment, RingGeometry geometry)
+    {
+        long required = RequiredSize(geometry);
+        if (segment.Size < required)
+        {
+            throw new ProtocolViolationException($"Control area of {segment.Size} bytes is smaller than its geometry needs ({required}).");
+        }
+
+        Segment = segment;
+        Geometry = geometry;
+        byte* b = segment.Pointer(0, required);
+        ConsumerWake = (int*)(b + 64);
+        MessageProducerWake = (int*)(b + 128);
+        ReleaseProducerWake = (int*)(b + 192);
+        ReleaseConsumerWake = (int*)(b + 256);
+        Messages = new ControlRing(b + HeaderSize, geometry.SlotSize, geometry.SlotCount, "message");
+        Releases = new ControlRing(b + HeaderSize + (long)geometry.SlotSize * geometry.SlotCount, ReleaseSlotSize, geometry.ReleaseSlotCount, "release");
+    }
+
+    public SharedMemorySegment Segment { get; }
+
+    public RingGeometry Geometry { get; }
+
+    public int* ConsumerWake { get; }
+
+    public int* MessageProducerWake { get; }
+
+    public int* ReleaseProducerWake { get; }
+
+    public int* ReleaseConsumerWake { get; }
+
+    public ControlRing Messages { get; }
+
+    public ControlRing Releases { get; }
+
+    public static long RequiredSize(RingGeometry geometry) =>
+        HeaderSize + (long)geometry.SlotSize * geometry.SlotCount + (long)ReleaseSlotSize * geometry.ReleaseSlotCount;
+
+    /// <summary>Creates and initializes a fresh area (the sending side's own).</summary>
+    public static ControlArea Create(RingGeometry geometry, string name)
+    {
+        long size = (RequiredSize(geometry) + 4095) & ~4095L;
+        SharedMemorySegment segment = SharedMemorySegment.Create(id: 0, size, name, populate: true);
+        byte* b = segment.Base;
+        *(ulong*)b = Magic;
+        *(int*)(b + 8) = TransportProtocol.Version;
+        *(int*)(b + 12) = geometry.SlotSize;
+        *(int*)(b + 16) = geometry.SlotCount;
+        *(int*)(b + 20) = geometry.ReleaseSlotCount;
+        var area = new ControlArea(segment, geometry);
+        area.Messages.InitializeSequences();
+        area.Releases.InitializeSequences();
+        return area;
+    }
+}
+
+/// <summary>The shape of a connection's rings; both sides use the same, fixed at the handshake.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal readonly record struct RingGeometry(int SlotSize, int SlotCount, int ReleaseSlotCount)
+{
+    public const int MinSlotSize = 256;
+    public const int MaxSlotSize = 64 * 1024;
+    public const int MaxSlotCount = 1 << 16;
+
+    /// <summary>Why this geometry is unusable, or null when it is fine.</summary>
+    public string? Validate()
+    {
+        if (SlotSize < MinSlotSize || SlotSize > MaxSlotSize || (SlotSize & 63) != 0)
+        {
+            return $"slot size {SlotSize} must be a multiple of 64 in [{MinSlotSize}, {MaxSlotSize}]";
+        }
+
+        if (SlotCount < 2 || SlotCount > MaxSlotCount || !IsPowerOfTwo(SlotCount))
+        {
+            return $"slot count {SlotCount} must be a power of two in [2, {MaxSlotCount}]";
+        }
+
+        if (ReleaseSlotCount < 2 || ReleaseSlotCount > MaxSlotCount * 4 || !IsPowerOfTwo(ReleaseSlotCount))
+        {
+            return $"release slot count {ReleaseSlotCount} must be a power of two in [2, {MaxSlotCount * 4}]";
+        }
+
+        return null;
+    }
+
+    private static bool IsPowerOfTwo(int value) => value > 0 && (value & (value - 1)) == 0;
+}

@@ -1,0 +1,363 @@
+using System.Buffers.Binary;
+using System.Net.Sockets;
+using System.Text;
+using OffloadRpc.Interop;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>
+/// The rendezvous: over a freshly connected Unix socket both sides check each other's uid
+/// (SO_PEERCRED), the client sends Hello (protocol version, ring geometry, contract hashes, and its
+/// control-area memfd), the server answers Welcome (its control-area memfd) or Reject (why).
+/// Every read has a timeout, every field a bound; a mismatch is an exception on both sides.
+/// </summary>
+internal static class Handshake
+{
+    private const int MaxContracts = 256;
+    private const int MaxContractName = 512;
+
+    public static Task<RpcConnection> ConnectAsync(string endpoint, TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, IRequestHandler? handler, CancellationToken cancellationToken)
+    {
+        string path = EndpointPath.Resolve(endpoint);
+        return Task.Run(() => Connect(path, options, contracts, handler, cancellationToken), cancellationToken);
+    }
+
+    private static RpcConnection Connect(string path, TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, IRequestHandler? handler, CancellationToken cancellationToken)
+    {
+        var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        SocketChannel? channel = null;
+        ControlArea? outbound = null;
+        using CancellationTokenRegistration registration = cancellationToken.Register(static s => ((Socket)s!).Dispose(), socket);
+        try
+        {
+            try
+            {
+                socket.Connect(new UnixDomainSocketEndPoint(path));
+            }
+            catch (SocketException ex) when (ex.SocketErrorCode is SocketError.AddressNotAvailable or SocketError.ConnectionRefused or SocketError.AccessDenied)
+            {
+                throw new PeerDisconnectedException($"No OffloadRpc server is listening at {path} ({ex.SocketErrorCode}).", ex);
+            }
+
+            channel = new SocketChannel(socket);
+            channel.SetReceiveTimeout(options.HandshakeTimeout);
+            PeerInfo peer = CheckPeer(channel, options, "server");
+
+            outbound = ControlArea.Create(options.Geometry, "offloadrpc-client-control");
+            channel.Send(FrameType.Hello, EncodeHello(options, contracts), [outbound.Segment.FileDescriptor]);
+
+            Span<int> fds = stackalloc int[LinuxNative.MaxFdsPerMessage];
+            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, fds, out int fdCount))
+            {
+                throw new PeerDisconnectedException($"The server at {path} closed the connection during the handshake.");
+            }
+
+            if (type == FrameType.Reject)
+            {
+                SocketChannel.CloseAll(fds, fdCount);
+                throw DecodeReject(payload, path);
+            }
+
+            if (type != FrameType.Welcome || fdCount != 1)
+            {
+                SocketChannel.CloseAll(fds, fdCount);
+                throw new ProtocolViolationException($"The server at {path} answered the handshake with frame {(int)type} and {fdCount} descriptors.");
+            }
+
+            var reader = new FrameReader(payload, "Welcome");
+            if (reader.ReadUInt32() != TransportProtocol.HelloMagic || reader.ReadInt32() != options.ProtocolVersion)
+            {
+                LinuxNative.Close(fds[0]);
+                throw new ProtocolViolationException($"The server at {path} answered with a Welcome of another protocol.");
+            }
+
+            ControlArea inbound = MapControlArea(fds[0], options.Geometry, options);
+            outbound.Segment.CloseDescriptor();
+            var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "client");
+            connection.Start();
+            return connection;
+        }
+        catch (Exception ex)
+        {
+            outbound?.Segment.Release();
+            if (channel is not null)
+            {
+                channel.Dispose();
+            }
+            else
+            {
+                socket.Dispose();
+            }
+
+            if (cancellationToken.IsCancellationRequested)
+            {
+                throw new OperationCanceledException("Connecting was cancelled.", ex, cancellationToken);
+            }
+
+            if (ex is TimeoutException)
+            {
+                throw new PeerDisconnectedException($"The server at {path} did not complete the handshake within {options.HandshakeTimeout.TotalSeconds:0.#} s.", ex);
+            }
+
+            throw;
+        }
+    }
+
+    /// <summary>The server's half, run for each accepted socket.</summary>
+    public static RpcConnection Accept(Socket socket, TransportOptions options, Func<string, ulong?> contractLookup, IRequestHandler handler)
+    {
+        var channel = new SocketChannel(socket);
+        ControlArea? inbound = null;
+        ControlArea? outbound = null;
+        try
+        {
+            channel.SetReceiveTimeout(options.HandshakeTimeout);
+            PeerInfo peer;
+            try
+            {
+                peer = CheckPeer(channel, options, "client");
+            }
+            catch (UnauthorizedAccessException ex)
+            {
+                TrySendReject(channel, RejectReason.Unauthorized, ex.Message, null);
+                throw;
+            }
+
+            Span<int> fds = stackalloc int[LinuxNative.MaxFdsPerMessage];
+            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, fds, out int fdCount))
+            {
+                throw new PeerDisconnectedException("The client closed the connection before its Hello.");
+            }
+
+            if (type != FrameType.Hello || fdCount != 1)
+            {
+                SocketChannel.CloseAll(fds, fdCount);
+                TrySendReject(channel, RejectReason.Malformed, "expected Hello with one descriptor", null);
+                throw new ProtocolViolationException($"Client process {peer.ProcessId} opened with frame {(int)type} and {fdCount} descriptors instead of Hello.");
+            }
+
+            int fd = fds[0];
+            try
+            {
+                var reader = new FrameReader(payload, "Hello");
+                if (reader.ReadUInt32() != TransportProtocol.HelloMagic)
+                {
+                    throw new ProtocolViolationException($"Client process {peer.ProcessId} is not an OffloadRpc client (bad magic).");
+                }
+
+                int version = reader.ReadInt32();
+                if (version != options.ProtocolVersion)
+                {
+                    string message = $"Protocol version mismatch: the client (process {peer.ProcessId}) speaks version {version}, this server speaks {options.ProtocolVersion}.";
+                    TrySendReject(channel, RejectReason.VersionMismatch, message, null);
+                    throw new ContractMismatchException(message);
+                }
+
+                var geometry = new RingGeometry(reader.ReadInt32(), reader.ReadInt32(), reader.ReadInt32());
+                if (geometry.Validate() is { } problem)
+                {
+                    TrySendReject(channel, RejectReason.BadGeometry, problem, null);
+                    throw new ProtocolViolationException($"Client process {peer.ProcessId} asked for unusable rings: {problem}.");
+                }
+
+                int contractCount = reader.ReadUInt16();
+                if (contractCount > MaxContracts)
+                {
+                    throw new ProtocolViolationException($"Client process {peer.ProcessId} sent {contractCount} contracts (limit {MaxContracts}).");
+                }
+
+                for (int i = 0; i < contractCount; i++)
+                {
+                    string name = reader.ReadString(MaxContractName);
+                    ulong hash = reader.ReadUInt64();
+                    ulong? served = contractLookup(name);
+                    string? mismatch = served is null
+                        ? $"The server does not serve '{name}'."
+                        : served.Value != hash
+                            ? $"Contract mismatch for '{name}': the client was built against contract {hash:x16}, the server implements {served.Value:x16}. Rebuild both sides against the same interface."
+                            : null;
+                    if (mismatch is not null)
+                    {
+                        TrySendReject(channel, RejectReason.ContractMismatch, mismatch, name);
+                        throw new ContractMismatchException(mismatch) { ServiceName = name };
+                    }
+                }
+
+                inbound = MapControlArea(fd, geometry, options);
+                fd = -1;
+                outbound = ControlArea.Create(geometry, "offloadrpc-server-control");
+                Span<byte> welcome = stackalloc byte[8];
+                BinaryPrimitives.WriteUInt32LittleEndian(welcome, TransportProtocol.HelloMagic);
+                BinaryPrimitives.WriteInt32LittleEndian(welcome[4..], options.ProtocolVersion);
+                channel.Send(FrameType.Welcome, welcome, [outbound.Segment.FileDescriptor]);
+                outbound.Segment.CloseDescriptor();
+                var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "server");
+                connection.Start();
+                return connection;
+            }
+            finally
+            {
+                if (fd >= 0)
+                {
+                    LinuxNative.Close(fd);
+                }
+            }
+        }
+        catch
+        {
+            inbound?.Segment.Release();
+            outbound?.Segment.Release();
+            channel.Dispose();
+            throw;
+        }
+    }
+
+    private static PeerInfo CheckPeer(SocketChannel channel, TransportOptions options, string what)
+    {
+        (int pid, uint uid, uint gid) = channel.GetPeerCredentials();
+        uint self = LinuxNative.GetEuid();
+        if (uid != self && !options.AllowedUserIds.Contains(uid))
+        {
+            throw new UnauthorizedAccessException($"The {what} (process {pid}) runs as uid {uid}; only uid {self}{(options.AllowedUserIds.Count > 0 ? " and " + string.Join(", ", options.AllowedUserIds) : string.Empty)} may connect. Add it to AllowedUserIds to allow it.");
+        }
+
+        return new PeerInfo(pid, uid, gid);
+    }
+
+    private static ControlArea MapControlArea(int fd, RingGeometry geometry, TransportOptions options)
+    {
+        long size = (ControlArea.RequiredSize(geometry) + 4095) & ~4095L;
+        SharedMemorySegment segment = SharedMemorySegment.MapPeer(0, fd, size, options.MaxPeerSegmentBytes);
+        segment.CloseDescriptor();
+        try
+        {
+            unsafe
+            {
+                if (*(ulong*)segment.Base != ControlArea.Magic)
+                {
+                    throw new ProtocolViolationException("The peer's control area does not start with the OffloadRpc magic.");
+                }
+            }
+
+            return new ControlArea(segment, geometry);
+        }
+        catch
+        {
+            segment.Release();
+            throw;
+        }
+    }
+
+    private static byte[] EncodeHello(TransportOptions options, IReadOnlyList<ContractDescriptor> contracts)
+    {
+        if (contracts.Count > MaxContracts)
+        {
+            throw new ArgumentException($"At most {MaxContracts} service contracts per connection.", nameof(contracts));
+        }
+
+        using var stream = new MemoryStream();
+        using var writer = new BinaryWriter(stream, Encoding.UTF8);
+        writer.Write(TransportProtocol.HelloMagic);
+        writer.Write(options.ProtocolVersion);
+        writer.Write(options.SlotSize);
+        writer.Write(options.SlotCount);
+        writer.Write(options.ReleaseSlotCount);
+        writer.Write((ushort)contracts.Count);
+        foreach (ContractDescriptor contract in contracts)
+        {
+            byte[] name = Encoding.UTF8.GetBytes(contract.Name);
+            if (name.Length > MaxContractName)
+            {
+                throw new ArgumentException($"Contract name '{contract.Name}' is longer than {MaxContractName} bytes.", nameof(contracts));
+            }
+
+            writer.Write((ushort)name.Length);
+            writer.Write(name);
+            writer.Write(contract.Hash);
+        }
+
+        writer.Flush();
+        return stream.ToArray();
+    }
+
+    private static void TrySendReject(SocketChannel channel, RejectReason reason, string message, string? serviceName)
+    {
+        try
+        {
+            byte[] text = Encoding.UTF8.GetBytes(message.Length > 4000 ? message[..4000] : message);
+            byte[] service = Encoding.UTF8.GetBytes(serviceName ?? string.Empty);
+            byte[] frame = new byte[2 + 2 + text.Length + 2 + service.Length];
+            BinaryPrimitives.WriteUInt16LittleEndian(frame, (ushort)reason);
+            BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(2), (ushort)text.Length);
+            text.CopyTo(frame, 4);
+            BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(4 + text.Length), (ushort)service.Length);
+            service.CopyTo(frame, 6 + text.Length);
+            channel.Send(FrameType.Reject, frame);
+        }
+        catch (OffloadRpcException)
+        {
+        }
+    }
+
+    private static Exception DecodeReject(ReadOnlySpan<byte> payload, string path)
+    {
+        var reader = new FrameReader(payload, "Reject");
+        var reason = (RejectReason)reader.ReadUInt16();
+        string message = reader.ReadString(8192);
+        string service = reader.ReadString(MaxContractName);
+        string text = $"The server at {path} refused the connection: {message}";
+        return reason switch
+        {
+            RejectReason.VersionMismatch => new ContractMismatchException(text),
+            RejectReason.ContractMismatch => new ContractMismatchException(text) { ServiceName = service.Length == 0 ? null : service },
+            RejectReason.Unauthorized => new UnauthorizedAccessException(text),
+            _ => new ProtocolViolationException(text),
+        };
+    }
+
+    /// <summary>Reads little-endian fields from a frame; running off its end is a protocol violation.</summary>
+    private ref struct FrameReader
+    {
+        private readonly ReadOnlySpan<byte> _data;
+        private readonly string _frame;
+        private int _position;
+
+        public FrameReader(ReadOnlySpan<byte> data, string frame)
+        {
+            _data = data;
+            _frame = frame;
+            _position = 0;
+        }
+
+        private ReadOnlySpan<byte> Take(int count)
+        {
+            if (count < 0 || _data.Length - _position < count)
+            {
+                throw new ProtocolViolationException($"The peer sent a truncated {_frame} frame.");
+            }
+
+            ReadOnlySpan<byte> span = _data.Slice(_position, count);
+            _position += count;
+            return span;
+        }
+
+        public ushort ReadUInt16() => BinaryPrimitives.ReadUInt16LittleEndian(Take(2));
+
+        public int ReadInt32() => BinaryPrimitives.ReadInt32LittleEndian(Take(4));
+
+        public uint ReadUInt32() => BinaryPrimitives.ReadUInt32LittleEndian(Take(4));
+
+        public ulong ReadUInt64() => BinaryPrimitives.ReadUInt64LittleEndian(Take(8));
+
+        public string ReadString(int maxBytes)
+        {
+            int length = ReadUInt16();
+            if (length > maxBytes)
+            {
+                throw new ProtocolViolationException($"The peer sent a {_frame} string of {length} bytes (limit {maxBytes}).");
+            }
+
+            return Encoding.UTF8.GetString(Take(length));
+        }
+    }
+}

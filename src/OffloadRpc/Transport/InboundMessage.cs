@@ -1,0 +1,149 @@
+using System.Buffers;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>A payload reference of a received message, already validated and holding a mapping reference.</summary>
+internal struct ReceivedPayload
+{
+    public SharedMemorySegment Segment;
+    public long Offset;
+    public int Length;
+
+    /// <summary>The block is in this side's own arena (the peer sent a lease back).</summary>
+    public bool OwnArena;
+
+    /// <summary>Handed to user code as a lease; no longer ours to release.</summary>
+    public bool Taken;
+}
+
+/// <summary>
+/// A received message's body (copied out of the ring slot) and payloads (still in shared memory).
+/// Reused from a pool: the body buffer and the payload array survive across messages.
+/// </summary>
+internal abstract class InboundMessage
+{
+    private const int PooledBodyLimit = 64 * 1024;
+
+    private byte[] _body;
+    private int _bodyLength;
+    private readonly ReceivedPayload[] _payloads = new ReceivedPayload[TransportProtocol.MaxPayloadsPerMessage];
+    private int _payloadCount;
+
+    protected InboundMessage(RpcConnection connection, int initialBodyCapacity)
+    {
+        Connection = connection;
+        _body = new byte[initialBodyCapacity];
+    }
+
+    public RpcConnection Connection { get; }
+
+    public int MethodId { get; private set; }
+
+    public ReadOnlySpan<byte> Body => _body.AsSpan(0, _bodyLength);
+
+    public int PayloadCount => _payloadCount;
+
+    /// <summary>Length of payload <paramref name="index"/> without taking it.</summary>
+    public int PayloadLength(int index)
+    {
+        ValidateIndex(index);
+        return _payloads[index].Length;
+    }
+
+    /// <summary>Takes payload <paramref name="index"/> as a lease; the caller disposes it. Once per payload.</summary>
+    public SharedBuffer TakePayload(int index)
+    {
+        ValidateIndex(index);
+        ref ReceivedPayload payload = ref _payloads[index];
+        if (payload.Taken)
+        {
+            throw new InvalidOperationException($"Payload {index} was already taken.");
+        }
+
+        payload.Taken = true;
+        // The mapping reference taken when the message was received moves to the lease.
+        return new SharedBuffer(Connection, payload.Segment, payload.Offset, payload.Length, payload.OwnArena);
+    }
+
+    private void ValidateIndex(int index)
+    {
+        if ((uint)index >= (uint)_payloadCount)
+        {
+            throw new ArgumentOutOfRangeException(nameof(index), $"The message has {_payloadCount} payloads.");
+        }
+    }
+
+    /// <summary>Room for a body of <paramref name="length"/> bytes (the receive thread fills it).</summary>
+    internal Span<byte> PrepareBody(int methodId, int length)
+    {
+        MethodId = methodId;
+        if (_body.Length < length)
+        {
+            ReturnLargeBody();
+            _body = length <= PooledBodyLimit ? new byte[length] : ArrayPool<byte>.Shared.Rent(length);
+        }
+
+        _bodyLength = length;
+        return _body.AsSpan(0, length);
+    }
+
+    internal void AddPayload(in ReceivedPayload payload) => _payloads[_payloadCount++] = payload;
+
+    /// <summary>Gives back every payload nobody took: lent blocks to the peer, our own blocks to our arena.</summary>
+    internal void ReleaseUntakenPayloads()
+    {
+        for (int i = 0; i < _payloadCount; i++)
+        {
+            ref ReceivedPayload payload = ref _payloads[i];
+            if (!payload.Taken)
+            {
+                Connection.ReleaseReceivedBlock(payload.Segment, payload.Offset, payload.OwnArena);
+                payload.Segment.Release();
+            }
+
+            payload = default;
+        }
+
+        _payloadCount = 0;
+    }
+
+    /// <summary>Clears the message for reuse.</summary>
+    protected void ResetMessage()
+    {
+        ReleaseUntakenPayloads();
+        _bodyLength = 0;
+        if (_body.Length > PooledBodyLimit)
+        {
+            ReturnLargeBody();
+            _body = new byte[Connection.Geometry.SlotSize];
+        }
+    }
+
+    private void ReturnLargeBody()
+    {
+        if (_body.Length > PooledBodyLimit)
+        {
+            ArrayPool<byte>.Shared.Return(_body);
+        }
+    }
+}
+
+/// <summary>What a sender hands over for one payload: bytes to copy into the arena, or a lease to move.</summary>
+internal readonly struct OutboundPayload
+{
+    private OutboundPayload(ReadOnlyMemory<byte> data, SharedBuffer? lease)
+    {
+        Data = data;
+        Lease = lease;
+    }
+
+    public ReadOnlyMemory<byte> Data { get; }
+
+    public SharedBuffer? Lease { get; }
+
+    public long Length => Lease?.Length ?? Data.Length;
+
+    public static OutboundPayload Copy(ReadOnlyMemory<byte> data) => new(data, null);
+
+    public static OutboundPayload Move(SharedBuffer lease) => new(default, lease ?? throw new ArgumentNullException(nameof(lease)));
+}

@@ -1,0 +1,517 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>The state of one arena block as its owner tracks it. Kept private to the owner: the peer never writes it.</summary>
+internal enum BlockState : byte
+{
+    /// <summary>Held in this process: a lease, or a payload being written before it is sent.</summary>
+    Local = 1,
+
+    /// <summary>Sent to the peer, which releases it (or sends it back) when done.</summary>
+    Lent = 2,
+}
+
+/// <summary>A block of the arena: where it lies and how large it is (rounded up to the block alignment).</summary>
+internal readonly struct ArenaBlock
+{
+    public ArenaBlock(SharedMemorySegment segment, long offset, long capacity)
+    {
+        Segment = segment;
+        Offset = offset;
+        Capacity = capacity;
+    }
+
+    public SharedMemorySegment Segment { get; }
+
+    public long Offset { get; }
+
+    public long Capacity { get; }
+
+    public ulong Handle => PayloadArena.MakeHandle(Segment.Id, Offset);
+}
+
+/// <summary>
+/// The payload arena of one direction of a connection, on the side that writes it: memfd segments
+/// this process created and passed to the peer, carved into blocks with a first-fit free list per
+/// segment and coalescing on free, so blocks can be returned in any order.
+/// <para>
+/// The arena grows by adding a segment (announced to the peer over the socket, acknowledged before
+/// any message refers to it) up to <see cref="MaxBytes"/>, reuses freed space, and retires wholly
+/// free segments only when it needs room for a larger one. When it is full the caller drains the
+/// peer's release ring itself and waits on the release wake word, so progress never depends on
+/// the receive thread.
+/// </para>
+/// </summary>
+internal sealed unsafe class PayloadArena
+{
+    public const int BlockAlignment = 64;
+    public const int MaxSegments = 4095;
+    private const int OffsetShift = 6;
+    private const int SegmentShift = 40;
+
+    private readonly object _lock = new();
+    private readonly ArenaSegment?[] _segments = new ArenaSegment?[MaxSegments + 1];
+    private readonly IArenaPeer _peer;
+    private readonly AdaptiveSpin _spin;
+    private readonly string _name;
+    private int _nextSegmentId = 1;
+    private long _totalBytes;
+    private long _usedBytes;
+    private bool _closed;
+
+    public PayloadArena(IArenaPeer peer, long segmentSize, long maxBytes, TimeSpan waitTimeout, TimeSpan spinBudget, string name)
+    {
+        _peer = peer;
+        SegmentSize = segmentSize;
+        MaxBytes = maxBytes;
+        WaitTimeout = waitTimeout;
+        _spin = new AdaptiveSpin(spinBudget);
+        _name = name;
+    }
+
+    public long SegmentSize { get; }
+
+    public long MaxBytes { get; }
+
+    public TimeSpan WaitTimeout { get; }
+
+    /// <summary>Bytes of all segments the arena holds now.</summary>
+    public long TotalBytes => Volatile.Read(ref _totalBytes);
+
+    /// <summary>Bytes of blocks in use (local or lent), rounded to the block alignment.</summary>
+    public long UsedBytes => Volatile.Read(ref _usedBytes);
+
+    public static ulong MakeHandle(int segmentId, long offset) => ((ulong)segmentId << SegmentShift) | ((ulong)offset >> OffsetShift);
+
+    public static long RoundUp(long length) => (Math.Max(length, 1) + BlockAlignment - 1) & ~(long)(BlockAlignment - 1);
+
+    /// <summary>
+    /// Allocates a block of at least <paramref name="length"/> bytes, waiting for the peer to release
+    /// space when full. The block comes with a reference on its segment's mapping that the caller owns.
+    /// </summary>
+    public ArenaBlock Allocate(long length, CancellationToken cancellationToken = default)
+    {
+        long size = RoundUp(length);
+        if (size > MaxBytes)
+        {
+            throw new ArenaExhaustedException($"A payload of {length} bytes can never fit: the {_name} arena may grow to {MaxBytes} bytes.");
+        }
+
+        long deadline = WaitTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : Stopwatch.GetTimestamp() + (long)(WaitTimeout.TotalSeconds * Stopwatch.Frequency);
+        while (true)
+        {
+            if (TryAllocate(size, out ArenaBlock block))
+            {
+                return block;
+            }
+
+            // Full: wait until the peer posts a release, then try again.
+            cancellationToken.ThrowIfCancellationRequested();
+            var condition = new ReleasesArrived(_peer, deadline, cancellationToken);
+            SharedWait.Wait(ref condition, _peer.ReleaseWakeWord, _spin, singleWaiter: false);
+            _peer.ThrowIfClosed();
+            cancellationToken.ThrowIfCancellationRequested();
+            if (Stopwatch.GetTimestamp() > deadline)
+            {
+                throw new ArenaExhaustedException(
+                    $"The {_name} arena stayed full for {WaitTimeout.TotalSeconds:0.#} s: {UsedBytes} of {MaxBytes} bytes are held by leases or by calls in flight and none was released. A payload of {length} bytes is waiting.");
+            }
+        }
+    }
+
+    private bool TryAllocate(long size, out ArenaBlock block)
+    {
+        lock (_lock)
+        {
+            if (!TryAllocateLocked(size, out block))
+            {
+                return false;
+            }
+
+            block.Segment.TryAddReference(); // under the lock: Close cannot unmap it first
+            return true;
+        }
+    }
+
+    private bool TryAllocateLocked(long size, out ArenaBlock block)
+    {
+        {
+            ThrowIfClosedLocked();
+            _peer.DrainReleases(this);
+            if (TryCarveLocked(size, out block))
+            {
+                return true;
+            }
+
+            long segmentSize = Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1));
+            if (_totalBytes + segmentSize > MaxBytes)
+            {
+                RetireFreeSegmentsLocked(_totalBytes + segmentSize - MaxBytes);
+            }
+
+            if (_totalBytes + segmentSize > MaxBytes || _nextSegmentId > MaxSegments && !HasFreeSegmentIdLocked())
+            {
+                block = default;
+                return false;
+            }
+
+            ArenaSegment segment = AddSegmentLocked(segmentSize);
+            return segment.TryCarve(size, out block) && Account(size);
+        }
+    }
+
+    private bool Account(long size)
+    {
+        _usedBytes += size;
+        return true;
+    }
+
+    private bool TryCarveLocked(long size, out ArenaBlock block)
+    {
+        for (int i = 1; i < _nextSegmentId; i++)
+        {
+            ArenaSegment? segment = _segments[i];
+            if (segment is not null && segment.TryCarve(size, out block))
+            {
+                _usedBytes += size;
+                return true;
+            }
+        }
+
+        block = default;
+        return false;
+    }
+
+    private bool HasFreeSegmentIdLocked()
+    {
+        for (int i = 1; i < _nextSegmentId; i++)
+        {
+            if (_segments[i] is null)
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+
+    private ArenaSegment AddSegmentLocked(long size)
+    {
+        int id = 1;
+        while (id < _nextSegmentId && _segments[id] is not null)
+        {
+            id++;
+        }
+
+        SharedMemorySegment memory = SharedMemorySegment.Create(id, size, $"offloadrpc-{_name}-{id}", populate: true);
+        try
+        {
+            _peer.AnnounceSegment(memory);
+        }
+        catch
+        {
+            memory.Release();
+            throw;
+        }
+
+        memory.CloseDescriptor();
+        var segment = new ArenaSegment(memory);
+        _segments[id] = segment;
+        if (id == _nextSegmentId)
+        {
+            _nextSegmentId++;
+        }
+
+        _totalBytes += size;
+        return segment;
+    }
+
+    private void RetireFreeSegmentsLocked(long needed)
+    {
+        for (int i = 1; i < _nextSegmentId && needed > 0; i++)
+        {
+            ArenaSegment? segment = _segments[i];
+            if (segment is not null && segment.IsEmpty)
+            {
+                _segments[i] = null;
+                _totalBytes -= segment.Memory.Size;
+                needed -= segment.Memory.Size;
+                _peer.RetireSegment(segment.Memory.Id);
+                segment.Memory.Release();
+            }
+        }
+    }
+
+    /// <summary>Marks a local block as sent to the peer (before the message that carries it is published).</summary>
+    public void MarkLent(int segmentId, long offset) => Transition(segmentId, offset, BlockState.Local, BlockState.Lent, out _);
+
+    /// <summary>Frees a block this process holds (a lease disposed, or a send that failed before publishing).</summary>
+    public void FreeLocal(int segmentId, long offset, BlockState expected = BlockState.Local)
+    {
+        lock (_lock)
+        {
+            if (_closed)
+            {
+                return;
+            }
+
+            ArenaSegment segment = _segments[segmentId] ?? throw new InvalidOperationException($"Segment {segmentId} is not in the {_name} arena.");
+            long size = segment.Free(offset, expected) ?? throw new InvalidOperationException($"No {expected} block at {segmentId}:{offset} in the {_name} arena.");
+            _usedBytes -= size;
+        }
+    }
+
+    /// <summary>The peer released a block it had been lent. Called with releases drained from the peer's release ring.</summary>
+    /// <exception cref="ProtocolViolationException">The handle names no block lent to the peer.</exception>
+    public void ReleaseFromPeerLocked(ulong handle)
+    {
+        int segmentId = (int)(handle >> SegmentShift);
+        long offset = (long)(handle & ((1UL << SegmentShift) - 1)) << OffsetShift;
+        ArenaSegment? segment = segmentId is > 0 and <= MaxSegments ? _segments[segmentId] : null;
+        long? size = segment?.Free(offset, BlockState.Lent);
+        if (size is null)
+        {
+            throw new ProtocolViolationException($"The peer released block {segmentId}:{offset}, which was not lent to it.");
+        }
+
+        _usedBytes -= size.Value;
+    }
+
+    /// <summary>Runs <paramref name="drain"/> under the arena lock (the receive thread's share of release draining).</summary>
+    public void DrainUnderLock(Action<PayloadArena> drain)
+    {
+        lock (_lock)
+        {
+            if (!_closed)
+            {
+                drain(this);
+            }
+        }
+    }
+
+    /// <summary>The peer sent back a block it had been lent (a lease moved onward): it becomes local again.</summary>
+    /// <exception cref="ProtocolViolationException">No block lent to the peer starts there, or the length exceeds it.</exception>
+    public ArenaBlock ReturnFromPeer(int segmentId, long offset, long length)
+    {
+        lock (_lock)
+        {
+            ThrowIfClosedLocked();
+            ArenaSegment? segment = segmentId is > 0 and <= MaxSegments ? _segments[segmentId] : null;
+            if (segment is null || !segment.TryTransition(offset, BlockState.Lent, BlockState.Local, out long capacity) || length > capacity || length < 0)
+            {
+                throw new ProtocolViolationException($"The peer sent back block {segmentId}:{offset} (+{length}), which was not lent to it.");
+            }
+
+            segment.Memory.TryAddReference(); // for the receiver of the message, under the lock so Close cannot unmap first
+            return new ArenaBlock(segment.Memory, offset, capacity);
+        }
+    }
+
+    private void Transition(int segmentId, long offset, BlockState from, BlockState to, out long capacity)
+    {
+        lock (_lock)
+        {
+            ThrowIfClosedLocked();
+            ArenaSegment segment = _segments[segmentId] ?? throw new InvalidOperationException($"Segment {segmentId} is not in the {_name} arena.");
+            if (!segment.TryTransition(offset, from, to, out capacity))
+            {
+                throw new InvalidOperationException($"Block {segmentId}:{offset} of the {_name} arena is not {from}.");
+            }
+        }
+    }
+
+    private void ThrowIfClosedLocked()
+    {
+        if (_closed)
+        {
+            _peer.ThrowIfClosed();
+            throw new ObjectDisposedException(nameof(PayloadArena));
+        }
+    }
+
+    /// <summary>Drops the arena's own references to its segments; leases still alive keep their mapping.</summary>
+    public void Close()
+    {
+        lock (_lock)
+        {
+            if (_closed)
+            {
+                return;
+            }
+
+            _closed = true;
+            for (int i = 1; i < _nextSegmentId; i++)
+            {
+                _segments[i]?.Memory.Release();
+                _segments[i] = null;
+            }
+
+            _totalBytes = 0;
+            _usedBytes = 0;
+        }
+    }
+
+    private readonly struct ReleasesArrived : IWaitCondition
+    {
+        private readonly IArenaPeer _peer;
+        private readonly CancellationToken _cancellationToken;
+        private readonly long _deadline;
+
+        public ReleasesArrived(IArenaPeer peer, long deadline, CancellationToken cancellationToken)
+        {
+            _peer = peer;
+            _cancellationToken = cancellationToken;
+            _deadline = deadline;
+        }
+
+        public bool IsSatisfied() => _peer.HasPendingReleases;
+
+        public bool IsAbandoned() => _peer.IsClosed || _cancellationToken.IsCancellationRequested || Stopwatch.GetTimestamp() > _deadline;
+    }
+
+    /// <summary>One segment's blocks and free ranges. Used under the arena lock only.</summary>
+    private sealed class ArenaSegment
+    {
+        private readonly SortedList<long, long> _free = new();
+        private readonly Dictionary<long, Block> _blocks = new();
+
+        public ArenaSegment(SharedMemorySegment memory)
+        {
+            Memory = memory;
+            _free.Add(0, memory.Size);
+        }
+
+        public SharedMemorySegment Memory { get; }
+
+        public bool IsEmpty => _blocks.Count == 0;
+
+        public bool TryCarve(long size, out ArenaBlock block)
+        {
+            IList<long> offsets = _free.Keys;
+            IList<long> lengths = _free.Values;
+            for (int i = 0; i < offsets.Count; i++)
+            {
+                long length = lengths[i];
+                if (length < size)
+                {
+                    continue;
+                }
+
+                long offset = offsets[i];
+                _free.RemoveAt(i);
+                if (length > size)
+                {
+                    _free.Add(offset + size, length - size);
+                }
+
+                _blocks.Add(offset, new Block(size, BlockState.Local));
+                block = new ArenaBlock(Memory, offset, size);
+                return true;
+            }
+
+            block = default;
+            return false;
+        }
+
+        public bool TryTransition(long offset, BlockState from, BlockState to, out long capacity)
+        {
+            ref Block block = ref CollectionsMarshal.GetValueRefOrNullRef(_blocks, offset);
+            if (System.Runtime.CompilerServices.Unsafe.IsNullRef(ref block) || block.State != from)
+            {
+                capacity = 0;
+                return false;
+            }
+
+            block.State = to;
+            capacity = block.Size;
+            return true;
+        }
+
+        /// <summary>Frees the block at <paramref name="offset"/> if it is in state <paramref name="expected"/>; returns its size.</summary>
+        public long? Free(long offset, BlockState expected)
+        {
+            if (!_blocks.TryGetValue(offset, out Block block) || block.State != expected)
+            {
+                return null;
+            }
+
+            _blocks.Remove(offset);
+            InsertFree(offset, block.Size);
+            return block.Size;
+        }
+
+        private void InsertFree(long offset, long size)
+        {
+            IList<long> offsets = _free.Keys;
+            int lo = 0;
+            int hi = offsets.Count - 1;
+            while (lo <= hi)
+            {
+                int mid = (lo + hi) >>> 1;
+                if (offsets[mid] < offset)
+                {
+                    lo = mid + 1;
+                }
+                else
+                {
+                    hi = mid - 1;
+                }
+            }
+
+            // lo is the index of the first free range after the block.
+            if (lo < offsets.Count && offset + size == offsets[lo])
+            {
+                size += _free.Values[lo];
+                _free.RemoveAt(lo);
+            }
+
+            if (lo > 0)
+            {
+                long previous = offsets[lo - 1];
+                long previousSize = _free.Values[lo - 1];
+                if (previous + previousSize == offset)
+                {
+                    _free[previous] = previousSize + size;
+                    return;
+                }
+            }
+
+            _free.Add(offset, size);
+        }
+
+        private struct Block
+        {
+            public Block(long size, BlockState state)
+            {
+                Size = size;
+                State = state;
+            }
+
+            public long Size;
+            public BlockState State;
+        }
+    }
+}
+
+/// <summary>What an arena needs from its connection: the socket for segment announcements and the peer's release ring.</summary>
+internal unsafe interface IArenaPeer
+{
+    bool IsClosed { get; }
+
+    bool HasPendingReleases { get; }
+
+    int* ReleaseWakeWord { get; }
+
+    void ThrowIfClosed();
+
+    /// <summary>Passes the segment's memfd to the peer and returns once the peer has mapped it.</summary>
+    void AnnounceSegment(SharedMemorySegment segment);
+
+    /// <summary>Tells the peer to unmap a segment that has no blocks left.</summary>
+    void RetireSegment(int segmentId);
+
+    /// <summary>Consumes the peer's release ring, calling <see cref="PayloadArena.ReleaseFromPeerLocked"/> per entry. Called under the arena lock.</summary>
+    void DrainReleases(PayloadArena arena);
+}

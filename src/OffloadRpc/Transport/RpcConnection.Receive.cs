@@ -1,0 +1,425 @@
+using System.Buffers.Binary;
+
+namespace OffloadRpc.Transport;
+
+internal sealed unsafe partial class RpcConnection
+{
+    /// <summary>Largest message body accepted out of the arena (bodies are small arguments; payloads travel separately).</summary>
+    public const int MaxBodyLength = 64 << 20;
+
+    private void ReceiveLoop()
+    {
+        try
+        {
+            ControlRing ring = _inbound.Messages;
+            var ready = new InboundReady(this);
+            while (!IsClosed)
+            {
+                byte* slot = ring.TryPeek();
+                if (slot is not null)
+                {
+                    ProcessMessage(slot);
+                    continue;
+                }
+
+                if (_inbound.Releases.HasMessage())
+                {
+                    _arena.DrainUnderLock(_drainReleases);
+                }
+
+                if (!_overflowReleases.IsEmpty)
+                {
+                    FlushOverflowReleases();
+                }
+
+                SharedWait.Wait(ref ready, _inbound.ConsumerWake, _receiveSpin, singleWaiter: true);
+            }
+        }
+        catch (ProtocolViolationException ex)
+        {
+            Terminate(ex);
+        }
+        catch (Exception ex)
+        {
+            Terminate(IsClosed ? ex : new OffloadRpcException("The receive thread failed: " + ex.Message, ex));
+        }
+        finally
+        {
+            // The socket thread may still be mapping a segment; let it finish so nothing is left mapped.
+            _socketExited.Task.Wait();
+            ReleaseResources(TerminalException!);
+            _receiveExited.TrySetResult();
+        }
+    }
+
+    private readonly struct InboundReady : IWaitCondition
+    {
+        private readonly RpcConnection _connection;
+
+        public InboundReady(RpcConnection connection) => _connection = connection;
+
+        public bool IsSatisfied() => _connection._inbound.Messages.HasMessage();
+
+        public bool IsAbandoned() => _connection.IsClosed;
+    }
+
+    /// <summary>Reads one published slot: header once into a local, every field validated before use.</summary>
+    private void ProcessMessage(byte* slot)
+    {
+        MessageHeader header = *(MessageHeader*)slot;
+        int count = header.PayloadCount;
+        bool bodyInPayload = (header.Flags & MessageFlags.BodyInPayload) != 0;
+        if (count > TransportProtocol.MaxPayloadsPerMessage)
+        {
+            throw Violation($"a message with {count} payload references (limit {TransportProtocol.MaxPayloadsPerMessage})");
+        }
+
+        if ((header.Flags & ~MessageFlags.BodyInPayload) != 0 || header.Reserved != 0)
+        {
+            throw Violation($"unknown message flags 0x{(int)header.Flags:x}");
+        }
+
+        if (header.BodyLength < 0 || MessageHeader.Size + (long)count * PayloadRef.Size + header.BodyLength > Geometry.SlotSize)
+        {
+            throw Violation($"a body of {header.BodyLength} bytes with {count} payloads in a {Geometry.SlotSize}-byte slot");
+        }
+
+        if (bodyInPayload && (count == 0 || header.BodyLength != 0))
+        {
+            throw Violation("a body-in-arena message without its body reference");
+        }
+
+        Span<PayloadRef> refs = stackalloc PayloadRef[TransportProtocol.MaxPayloadsPerMessage];
+        new ReadOnlySpan<PayloadRef>(slot + MessageHeader.Size, count).CopyTo(refs);
+
+        InboundMessage target;
+        switch (header.Kind)
+        {
+            case MessageKind.Request:
+                if (_handler is null)
+                {
+                    throw Violation("a request on a connection that serves none");
+                }
+
+                if ((header.CallId & ((1UL << PendingCall.IndexBits) - 1)) >= (ulong)_servedCalls.Length)
+                {
+                    throw Violation($"request id {header.CallId} outside the call table");
+                }
+
+                IncomingCall call = RentIncomingCall();
+                call.Begin(header.CallId);
+                target = call;
+                break;
+
+            case MessageKind.Response:
+            case MessageKind.Fault:
+                PendingCall? entry = _calls.Find(header.CallId);
+                if (entry is null || !entry.IsAwaitingResponse(header.CallId, out _))
+                {
+                    throw Violation($"a response to call {header.CallId}, which is not waiting for one");
+                }
+
+                target = entry;
+                break;
+
+            case MessageKind.Cancel:
+                if (count != 0 || header.BodyLength != 0)
+                {
+                    throw Violation("a cancel message with a body");
+                }
+
+                _inbound.Messages.Consume();
+                SharedWait.Wake(_inbound.MessageProducerWake);
+                CancelServedCall(header.CallId);
+                return;
+
+            default:
+                throw Violation($"message kind {(int)header.Kind}");
+        }
+
+        Span<byte> body = target.PrepareBody(header.MethodId, header.BodyLength);
+        new ReadOnlySpan<byte>(slot + MessageHeader.Size + count * PayloadRef.Size, header.BodyLength).CopyTo(body);
+        _inbound.Messages.Consume();
+        SharedWait.Wake(_inbound.MessageProducerWake);
+
+        try
+        {
+            for (int i = 0; i < count; i++)
+            {
+                ReceivedPayload payload = Resolve(refs[i]);
+                if (i == 0 && bodyInPayload)
+                {
+                    TakeBodyFromArena(target, header.MethodId, payload);
+                }
+                else
+                {
+                    target.AddPayload(payload);
+                }
+            }
+        }
+        catch (ProtocolViolationException ex)
+        {
+            Terminate(ex);
+            target.ReleaseUntakenPayloads();
+            throw;
+        }
+
+        switch (header.Kind)
+        {
+            case MessageKind.Request:
+                Dispatch((IncomingCall)target);
+                break;
+            case MessageKind.Response:
+                ((PendingCall)target).CompleteWithResponse();
+                break;
+            default:
+                var pending = (PendingCall)target;
+                pending.CompleteWithException(FaultCodec.Decode(pending.Body));
+                break;
+        }
+    }
+
+    private void TakeBodyFromArena(InboundMessage target, int methodId, ReceivedPayload payload)
+    {
+        try
+        {
+            if (payload.Length > MaxBodyLength)
+            {
+                throw Violation($"a message body of {payload.Length} bytes (limit {MaxBodyLength})");
+            }
+
+            Span<byte> body = target.PrepareBody(methodId, payload.Length);
+            new ReadOnlySpan<byte>(payload.Segment.Pointer(payload.Offset, payload.Length), payload.Length).CopyTo(body);
+        }
+        finally
+        {
+            ReleaseReceivedBlock(payload.Segment, payload.Offset, payload.OwnArena);
+            payload.Segment.Release();
+        }
+    }
+
+    /// <summary>Validates a payload reference and takes a mapping reference for it.</summary>
+    private ReceivedPayload Resolve(in PayloadRef reference)
+    {
+        if (reference.Length < 0 || reference.Length > TransportProtocol.MaxPayloadLength)
+        {
+            throw Violation($"a payload of {reference.Length} bytes");
+        }
+
+        if ((reference.Offset & (PayloadArena.BlockAlignment - 1)) != 0 || reference.Offset < 0)
+        {
+            throw Violation($"a payload at unaligned offset {reference.Offset}");
+        }
+
+        if ((reference.Flags & ~PayloadRef.ReceiverOwned) != 0)
+        {
+            throw Violation($"payload flags 0x{reference.Flags:x}");
+        }
+
+        if ((reference.Flags & PayloadRef.ReceiverOwned) != 0)
+        {
+            ArenaBlock block = _arena.ReturnFromPeer(reference.SegmentId, reference.Offset, reference.Length);
+            return new ReceivedPayload { Segment = block.Segment, Offset = block.Offset, Length = (int)reference.Length, OwnArena = true };
+        }
+
+        int id = reference.SegmentId;
+        SharedMemorySegment? segment = id > 0 && id <= PayloadArena.MaxSegments ? Volatile.Read(ref _peerSegments[id]) : null;
+        if (segment is null)
+        {
+            throw Violation($"a payload in segment {id}, which it never handed over");
+        }
+
+        if (!segment.Contains(reference.Offset, reference.Length))
+        {
+            throw Violation($"a payload [{reference.Offset}, +{reference.Length}) outside its {segment.Size}-byte segment {id}");
+        }
+
+        if (!segment.TryAddReference())
+        {
+            throw Violation($"a payload in retired segment {id}");
+        }
+
+        return new ReceivedPayload { Segment = segment, Offset = reference.Offset, Length = (int)reference.Length, OwnArena = false };
+    }
+
+    private ProtocolViolationException Violation(string what) =>
+        new($"Protocol violation by peer process {Peer.ProcessId}: it sent {what}. The connection is closed.");
+
+    // ------------------------------------------------------------------ serving requests
+
+    private IncomingCall RentIncomingCall() => _incomingPool.TryDequeue(out IncomingCall? call) ? call : new IncomingCall(this);
+
+    private void Dispatch(IncomingCall call)
+    {
+        int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
+        Volatile.Write(ref _servedCalls[index], call);
+        ValueTask task;
+        try
+        {
+            task = _handler!.HandleAsync(call);
+        }
+        catch (Exception ex)
+        {
+            FinishCall(call, ex);
+            return;
+        }
+
+        if (task.IsCompleted)
+        {
+            Exception? failure = null;
+            try
+            {
+                task.GetAwaiter().GetResult();
+            }
+            catch (Exception ex)
+            {
+                failure = ex;
+            }
+
+            FinishCall(call, failure);
+        }
+        else
+        {
+            _ = ConnectionAsync.AwaitHandlerAsync(this, task, call);
+        }
+    }
+
+    internal void FinishCall(IncomingCall call, Exception? failure)
+    {
+        try
+        {
+            if (failure is not null)
+            {
+                call.Fail(failure);
+            }
+            else if (!call.HasReplied)
+            {
+                call.Reply(default);
+            }
+        }
+        catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+        {
+            // The caller is gone; there is nobody to answer.
+        }
+
+        int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
+        Interlocked.CompareExchange(ref _servedCalls[index], null, call);
+        call.Reset();
+        _incomingPool.Enqueue(call);
+    }
+
+    private void CancelServedCall(ulong callId)
+    {
+        ulong index = callId & ((1UL << PendingCall.IndexBits) - 1);
+        if (index >= (ulong)_servedCalls.Length)
+        {
+            throw Violation($"a cancel for call id {callId} outside the call table");
+        }
+
+        IncomingCall? call = Volatile.Read(ref _servedCalls[index]);
+        if (call is not null && call.CallId == callId)
+        {
+            call.Cancel();
+        }
+    }
+
+    // ------------------------------------------------------------------ the socket: segments and liveness
+
+    private void SocketLoop()
+    {
+        Span<int> fds = stackalloc int[Interop.LinuxNative.MaxFdsPerMessage];
+        try
+        {
+            while (true)
+            {
+                if (!_channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, fds, out int fdCount))
+                {
+                    Terminate(new PeerDisconnectedException($"The peer process {Peer.ProcessId} closed the connection (it exited or died)."));
+                    return;
+                }
+
+                int consumed = 0;
+                try
+                {
+                    consumed = HandleFrame(type, payload, fds[..fdCount]);
+                }
+                finally
+                {
+                    SocketChannel.CloseAll(fds[consumed..], fdCount - consumed);
+                }
+            }
+        }
+        catch (ProtocolViolationException ex)
+        {
+            Terminate(ex);
+        }
+        catch (Exception ex)
+        {
+            Terminate(new PeerDisconnectedException($"The connection to peer process {Peer.ProcessId} failed: {ex.Message}", ex));
+        }
+        finally
+        {
+            _socketExited.TrySetResult();
+        }
+    }
+
+    /// <summary>Handles one socket frame; returns how many of <paramref name="fds"/> it took ownership of.</summary>
+    private int HandleFrame(FrameType type, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds)
+    {
+        switch (type)
+        {
+            case FrameType.AddSegment:
+            {
+                if (payload.Length != 12 || fds.Length != 1)
+                {
+                    throw Violation($"a segment hand-over of {payload.Length} bytes with {fds.Length} descriptors");
+                }
+
+                int id = BinaryPrimitives.ReadInt32LittleEndian(payload);
+                long size = BinaryPrimitives.ReadInt64LittleEndian(payload[4..]);
+                if (id <= 0 || id > PayloadArena.MaxSegments || Volatile.Read(ref _peerSegments[id]) is not null)
+                {
+                    throw Violation($"segment id {id}, which is out of range or in use");
+                }
+
+                SharedMemorySegment segment = SharedMemorySegment.MapPeer(id, fds[0], size, _options.MaxPeerSegmentBytes);
+                segment.CloseDescriptor();
+                Volatile.Write(ref _peerSegments[id], segment);
+                Span<byte> ack = stackalloc byte[4];
+                BinaryPrimitives.WriteInt32LittleEndian(ack, id);
+                _channel.Send(FrameType.SegmentMapped, ack);
+                return 1;
+            }
+
+            case FrameType.SegmentMapped:
+                if (payload.Length != 4 || fds.Length != 0)
+                {
+                    throw Violation("a malformed segment acknowledgement");
+                }
+
+                lock (_announceLock)
+                {
+                    _announcesAcknowledged++;
+                    Monitor.PulseAll(_announceLock);
+                }
+
+                return 0;
+
+            case FrameType.RemoveSegment:
+            {
+                int id = payload.Length == 4 ? BinaryPrimitives.ReadInt32LittleEndian(payload) : -1;
+                SharedMemorySegment? segment = id > 0 && id <= PayloadArena.MaxSegments ? Interlocked.Exchange(ref _peerSegments[id], null) : null;
+                if (segment is null || fds.Length != 0)
+                {
+                    throw Violation($"the removal of unknown segment {id}");
+                }
+
+                segment.Release();
+                return 0;
+            }
+
+            default:
+                throw Violation($"socket frame type {(int)type} after the handshake");
+        }
+    }
+}

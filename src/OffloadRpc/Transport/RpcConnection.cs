@@ -1,0 +1,599 @@
+using System.Buffers.Binary;
+using System.Collections.Concurrent;
+using System.Diagnostics;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>
+/// One end of a connection: the message-level API the generated proxies and stubs call.
+/// <para>
+/// Per direction there is a control area (message ring + release ring, created by the sender) and a
+/// payload arena (segments created by the sender). Any number of threads send; one receive thread
+/// per connection consumes the inbound ring, completes calls and runs request handlers; one socket
+/// thread maps segments the peer hands over and notices the peer's death (end of stream).
+/// </para>
+/// </summary>
+internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisposable
+{
+    private readonly SocketChannel _channel;
+    private readonly TransportOptions _options;
+    private readonly ControlArea _outbound;
+    private readonly ControlArea _inbound;
+    private readonly PayloadArena _arena;
+    private readonly SharedMemorySegment?[] _peerSegments = new SharedMemorySegment?[PayloadArena.MaxSegments + 1];
+    private readonly PendingCallTable _calls;
+    private readonly IRequestHandler? _handler;
+    private readonly IncomingCall?[] _servedCalls;
+    private readonly ConcurrentQueue<IncomingCall> _incomingPool = new();
+    private readonly ConcurrentQueue<ulong> _overflowReleases = new();
+    private readonly AdaptiveSpin _receiveSpin;
+    private readonly AdaptiveSpin _sendSpin;
+    private readonly Thread _receiveThread;
+    private readonly Thread _socketThread;
+    private readonly TaskCompletionSource _receiveExited = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly TaskCompletionSource _socketExited = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly object _announceLock = new();
+    private readonly Action<PayloadArena> _drainReleases;
+    private long _announcesSent;
+    private long _announcesAcknowledged;
+    private Exception? _terminal;
+    private int _closed;
+    private int _started;
+
+    internal RpcConnection(SocketChannel channel, TransportOptions options, ControlArea outbound, ControlArea inbound, PeerInfo peer, IRequestHandler? handler, string role)
+    {
+        _channel = channel;
+        _options = options;
+        _outbound = outbound;
+        _inbound = inbound;
+        Peer = peer;
+        _handler = handler;
+        Role = role;
+        Geometry = outbound.Geometry;
+        _receiveSpin = new AdaptiveSpin(options.SpinBudget);
+        _sendSpin = new AdaptiveSpin(options.SpinBudget);
+        _arena = new PayloadArena(this, options.SegmentSize, options.MaxArenaBytes, options.ArenaWaitTimeout, options.SpinBudget, $"{role}-{Environment.ProcessId}");
+        _calls = new PendingCallTable(this, Geometry.SlotCount, options.RunContinuationsAsynchronously);
+        _servedCalls = new IncomingCall?[Geometry.SlotCount];
+        _drainReleases = DrainReleases;
+        _receiveThread = new Thread(ReceiveLoop) { IsBackground = true, Name = $"OffloadRpc receive ({role})" };
+        _socketThread = new Thread(SocketLoop) { IsBackground = true, Name = $"OffloadRpc socket ({role})" };
+    }
+
+    /// <summary>"client" or "server"; used in thread and segment names.</summary>
+    public string Role { get; }
+
+    public PeerInfo Peer { get; }
+
+    public RingGeometry Geometry { get; }
+
+    /// <summary>The arena this side writes its outgoing payloads into.</summary>
+    public PayloadArena Arena => _arena;
+
+    public bool IsClosed => Volatile.Read(ref _closed) != 0;
+
+    /// <summary>Why the connection closed; null while it is open.</summary>
+    public Exception? TerminalException => Volatile.Read(ref _terminal);
+
+    /// <summary>Completes when both connection threads have exited and the connection's memory is given back.</summary>
+    public Task Completion => Task.WhenAll(_receiveExited.Task, _socketExited.Task);
+
+    /// <summary>Raised once, from a connection thread, after the connection closed.</summary>
+    public event Action<RpcConnection, Exception>? Closed;
+
+    internal void Start()
+    {
+        if (Interlocked.Exchange(ref _started, 1) == 0)
+        {
+            _channel.SetReceiveTimeout(TimeSpan.Zero);
+            _socketThread.Start();
+            _receiveThread.Start();
+        }
+    }
+
+    // ------------------------------------------------------------------ calls (client side)
+
+    /// <summary>
+    /// Sends a request and returns its reply. The body and payload bytes are copied into shared memory
+    /// before this returns, so the caller may reuse its buffers at once; leases passed with
+    /// <see cref="OutboundPayload.Move"/> belong to the peer afterwards.
+    /// </summary>
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled<RpcReply>(cancellationToken);
+        }
+
+        if (IsClosed)
+        {
+            return ValueTask.FromException<RpcReply>(ClosedException());
+        }
+
+        PendingCall? call = _calls.TryClaim();
+        if (call is null)
+        {
+            return CallWhenEntryFreeAsync(methodId, body.ToArray(), payloads.ToArray(), cancellationToken);
+        }
+
+        return StartCall(call, methodId, body, payloads, cancellationToken);
+    }
+
+    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, CancellationToken cancellationToken) =>
+        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, cancellationToken);
+
+    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, CancellationToken cancellationToken) =>
+        StartCall(call, methodId, body, payloads, cancellationToken);
+
+    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        try
+        {
+            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
+        }
+        catch (Exception ex)
+        {
+            call.AbortBeforeSend();
+            return ValueTask.FromException<RpcReply>(ex);
+        }
+
+        // The request is out. If the connection closed meanwhile, the receive thread's sweep may have
+        // run before our entry was in flight: fail it here (FailOnClose is idempotent).
+        Interlocked.MemoryBarrier();
+        if (IsClosed)
+        {
+            call.FailOnClose(ClosedException());
+        }
+        else
+        {
+            call.RegisterCancellation(cancellationToken);
+        }
+
+        return new ValueTask<RpcReply>(call, call.Version);
+    }
+
+    internal void TrySendCancel(ulong callId)
+    {
+        try
+        {
+            if (!IsClosed)
+            {
+                Send(MessageKind.Cancel, callId, 0, default, default, CancellationToken.None);
+            }
+        }
+        catch (OffloadRpcException)
+        {
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+    }
+
+    // ------------------------------------------------------------------ sending
+
+    /// <summary>
+    /// Writes one message: payload bytes into the arena, leases detached, then a ring slot reserved,
+    /// filled and published. Nothing is lost on failure: blocks are freed and leases restored.
+    /// </summary>
+    internal void Send(MessageKind kind, ulong callId, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        int slotSize = Geometry.SlotSize;
+        bool bodyInPayload = MessageHeader.Size + (long)payloads.Length * PayloadRef.Size + body.Length > slotSize;
+        int refCount = payloads.Length + (bodyInPayload ? 1 : 0);
+        if (refCount > TransportProtocol.MaxPayloadsPerMessage)
+        {
+            throw new ArgumentException($"A message carries at most {TransportProtocol.MaxPayloadsPerMessage} payloads (its body counts as one when it exceeds the slot).", nameof(payloads));
+        }
+
+        if (!_outbound.Segment.TryAddReference())
+        {
+            throw ClosedException();
+        }
+
+        Span<PayloadRef> refs = stackalloc PayloadRef[TransportProtocol.MaxPayloadsPerMessage];
+        // Blocks this send allocated (each with a mapping reference); freed if the send fails.
+        Span<long> allocatedOffsets = stackalloc long[TransportProtocol.MaxPayloadsPerMessage];
+        SharedMemorySegment?[] allocated = System.Buffers.ArrayPool<SharedMemorySegment?>.Shared.Rent(TransportProtocol.MaxPayloadsPerMessage);
+        int allocatedCount = 0;
+        int detachedCount = 0;
+        bool published = false;
+        try
+        {
+            int r = 0;
+            if (bodyInPayload)
+            {
+                refs[r++] = CopyIntoArena(body, allocated, allocatedOffsets, ref allocatedCount, cancellationToken);
+            }
+
+            for (int i = 0; i < payloads.Length; i++)
+            {
+                SharedBuffer? lease = payloads[i].Lease;
+                if (lease is null || lease.Host != this)
+                {
+                    ReadOnlySpan<byte> data = lease is null ? payloads[i].Data.Span : lease.Span;
+                    refs[r++] = CopyIntoArena(data, allocated, allocatedOffsets, ref allocatedCount, cancellationToken);
+                    continue;
+                }
+
+                if (!lease.TryDetach())
+                {
+                    throw new ObjectDisposedException(nameof(SharedBuffer), "A lease passed to a call was already disposed or passed on.");
+                }
+
+                detachedCount = i + 1;
+                refs[r++] = new PayloadRef
+                {
+                    SegmentId = lease.Segment.Id,
+                    Flags = lease.IsOwnArena ? 0 : PayloadRef.ReceiverOwned,
+                    Offset = lease.Offset,
+                    Length = lease.Length,
+                };
+            }
+
+            byte* slot = ReserveSlot(out long position, cancellationToken);
+
+            // Past this point nothing fails short of the connection dying: mark our blocks lent
+            // before the peer can see (and release) them.
+            for (int i = 0; i < r; i++)
+            {
+                if ((refs[i].Flags & PayloadRef.ReceiverOwned) == 0)
+                {
+                    _arena.MarkLent(refs[i].SegmentId, refs[i].Offset);
+                }
+            }
+
+            MessageHeader* header = (MessageHeader*)slot;
+            header->CallId = callId;
+            header->Kind = kind;
+            header->Flags = bodyInPayload ? MessageFlags.BodyInPayload : MessageFlags.None;
+            header->MethodId = methodId;
+            header->BodyLength = bodyInPayload ? 0 : body.Length;
+            header->PayloadCount = (ushort)r;
+            header->Reserved = 0;
+            refs[..r].CopyTo(new Span<PayloadRef>(slot + MessageHeader.Size, r));
+            if (!bodyInPayload)
+            {
+                body.CopyTo(new Span<byte>(slot + MessageHeader.Size + r * PayloadRef.Size, body.Length));
+            }
+
+            _outbound.Messages.Publish(position);
+            published = true;
+            SharedWait.Wake(_outbound.ConsumerWake);
+        }
+        finally
+        {
+            if (!published)
+            {
+                for (int i = 0; i < detachedCount; i++)
+                {
+                    payloads[i].Lease?.Reattach();
+                }
+            }
+
+            for (int i = 0; i < allocatedCount; i++)
+            {
+                SharedMemorySegment segment = allocated[i]!;
+                if (!published)
+                {
+                    _arena.FreeLocal(segment.Id, allocatedOffsets[i]);
+                }
+
+                segment.Release();
+                allocated[i] = null;
+            }
+
+            System.Buffers.ArrayPool<SharedMemorySegment?>.Shared.Return(allocated);
+            _outbound.Segment.Release();
+        }
+
+        if (published)
+        {
+            for (int i = 0; i < payloads.Length; i++)
+            {
+                SharedBuffer? lease = payloads[i].Lease;
+                if (lease is not null)
+                {
+                    if (lease.Host == this)
+                    {
+                        lease.ReleaseDetachedMapping();
+                    }
+                    else
+                    {
+                        lease.Dispose(); // copied from another connection: ownership moved, the original goes back
+                    }
+                }
+            }
+        }
+    }
+
+    private PayloadRef CopyIntoArena(ReadOnlySpan<byte> data, SharedMemorySegment?[] allocated, Span<long> allocatedOffsets, ref int allocatedCount, CancellationToken cancellationToken)
+    {
+        ArenaBlock block = _arena.Allocate(data.Length, cancellationToken);
+        allocatedOffsets[allocatedCount] = block.Offset;
+        allocated[allocatedCount++] = block.Segment; // the arena took a mapping reference for us
+        data.CopyTo(new Span<byte>(block.Segment.Pointer(block.Offset, data.Length), data.Length));
+        return new PayloadRef { SegmentId = block.Segment.Id, Flags = 0, Offset = block.Offset, Length = data.Length };
+    }
+
+    private byte* ReserveSlot(out long position, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            ThrowIfClosed();
+            byte* slot = _outbound.Messages.TryReserve(out position);
+            if (slot is not null)
+            {
+                return slot;
+            }
+
+            var condition = new RingHasSpace(this, _outbound.Messages, cancellationToken);
+            SharedWait.Wait(ref condition, _outbound.MessageProducerWake, _sendSpin, singleWaiter: false);
+            cancellationToken.ThrowIfCancellationRequested();
+        }
+    }
+
+    private readonly struct RingHasSpace : IWaitCondition
+    {
+        private readonly RpcConnection _connection;
+        private readonly ControlRing _ring;
+        private readonly CancellationToken _cancellationToken;
+
+        public RingHasSpace(RpcConnection connection, ControlRing ring, CancellationToken cancellationToken)
+        {
+            _connection = connection;
+            _ring = ring;
+            _cancellationToken = cancellationToken;
+        }
+
+        public bool IsSatisfied() => _ring.HasFreeSlot();
+
+        public bool IsAbandoned() => _connection.IsClosed || _cancellationToken.IsCancellationRequested;
+    }
+
+    // ------------------------------------------------------------------ leases and releases
+
+    /// <summary>Rents a lease of exactly <paramref name="length"/> bytes from this side's arena.</summary>
+    public SharedBuffer Rent(int length, CancellationToken cancellationToken = default)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        ThrowIfClosed();
+        ArenaBlock block = _arena.Allocate(length, cancellationToken);
+        return new SharedBuffer(this, block.Segment, block.Offset, length, ownedBySender: true);
+    }
+
+    void ILeaseHost.ReturnLease(SharedBuffer lease) => ReleaseReceivedBlock(lease.Segment, lease.Offset, lease.IsOwnArena);
+
+    /// <summary>Gives a block back: to our arena when it is ours, else to the peer through the release ring.</summary>
+    internal void ReleaseReceivedBlock(SharedMemorySegment segment, long offset, bool ownArena)
+    {
+        if (ownArena)
+        {
+            _arena.FreeLocal(segment.Id, offset);
+            return;
+        }
+
+        if (IsClosed)
+        {
+            return; // the peer is gone; its memory goes with the mapping
+        }
+
+        PostRelease(PayloadArena.MakeHandle(segment.Id, offset));
+    }
+
+    private void PostRelease(ulong handle)
+    {
+        if (!_outbound.Segment.TryAddReference())
+        {
+            return;
+        }
+
+        try
+        {
+            ControlRing ring = _outbound.Releases;
+            byte* slot = ring.TryReserve(out long position);
+            if (slot is null)
+            {
+                _overflowReleases.Enqueue(handle); // the receive thread posts it once the ring drains
+                return;
+            }
+
+            *(ulong*)(slot + 8) = handle;
+            ring.Publish(position);
+            SharedWait.Wake(_outbound.ReleaseConsumerWake);
+        }
+        finally
+        {
+            _outbound.Segment.Release();
+        }
+    }
+
+    private void FlushOverflowReleases()
+    {
+        while (_overflowReleases.TryPeek(out ulong handle))
+        {
+            byte* slot = _outbound.Releases.TryReserve(out long position);
+            if (slot is null)
+            {
+                return;
+            }
+
+            _overflowReleases.TryDequeue(out _);
+            *(ulong*)(slot + 8) = handle;
+            _outbound.Releases.Publish(position);
+        }
+
+        SharedWait.Wake(_outbound.ReleaseConsumerWake);
+    }
+
+    bool IArenaPeer.HasPendingReleases => _inbound.Releases.HasMessage();
+
+    int* IArenaPeer.ReleaseWakeWord => _inbound.ReleaseConsumerWake;
+
+    void IArenaPeer.DrainReleases(PayloadArena arena) => DrainReleases(arena);
+
+    private void DrainReleases(PayloadArena arena)
+    {
+        ControlRing ring = _inbound.Releases;
+        try
+        {
+            byte* slot;
+            while ((slot = ring.TryPeek()) is not null)
+            {
+                ulong handle = Volatile.Read(ref *(ulong*)(slot + 8));
+                ring.Consume();
+                arena.ReleaseFromPeerLocked(handle);
+            }
+        }
+        catch (ProtocolViolationException ex)
+        {
+            Terminate(ex);
+            throw;
+        }
+
+        SharedWait.Wake(_inbound.ReleaseProducerWake);
+    }
+
+    void IArenaPeer.AnnounceSegment(SharedMemorySegment segment)
+    {
+        ThrowIfClosed();
+        Span<byte> frame = stackalloc byte[12];
+        BinaryPrimitives.WriteInt32LittleEndian(frame, segment.Id);
+        BinaryPrimitives.WriteInt64LittleEndian(frame[4..], segment.Size);
+        long expected;
+        lock (_announceLock)
+        {
+            expected = ++_announcesSent;
+        }
+
+        _channel.Send(FrameType.AddSegment, frame, [segment.FileDescriptor]);
+        long deadline = Stopwatch.GetTimestamp() + (long)(_options.HandshakeTimeout.TotalSeconds * Stopwatch.Frequency);
+        lock (_announceLock)
+        {
+            while (_announcesAcknowledged < expected)
+            {
+                ThrowIfClosed();
+                if (Stopwatch.GetTimestamp() > deadline)
+                {
+                    var timeout = new ProtocolViolationException($"The peer did not map segment {segment.Id} within {_options.HandshakeTimeout.TotalSeconds:0.#} s.");
+                    Terminate(timeout);
+                    throw timeout;
+                }
+
+                Monitor.Wait(_announceLock, 50);
+            }
+        }
+    }
+
+    void IArenaPeer.RetireSegment(int segmentId)
+    {
+        Span<byte> frame = stackalloc byte[4];
+        BinaryPrimitives.WriteInt32LittleEndian(frame, segmentId);
+        try
+        {
+            _channel.Send(FrameType.RemoveSegment, frame);
+        }
+        catch (OffloadRpcException)
+        {
+        }
+    }
+
+    // ------------------------------------------------------------------ closing
+
+    public void ThrowIfClosed()
+    {
+        if (IsClosed)
+        {
+            throw ClosedException();
+        }
+    }
+
+    private Exception ClosedException() => Volatile.Read(ref _terminal) switch
+    {
+        PeerDisconnectedException e => new PeerDisconnectedException(e.Message, e),
+        ProtocolViolationException e => new ProtocolViolationException(e.Message, e),
+        ObjectDisposedException => new ObjectDisposedException(nameof(RpcConnection), "The connection was disposed."),
+        { } e => new PeerDisconnectedException("The connection is closed: " + e.Message, e),
+        null => new PeerDisconnectedException("The connection is closed."),
+    };
+
+    /// <summary>Closes the connection for <paramref name="reason"/> (first reason wins) and wakes every waiter.</summary>
+    internal void Terminate(Exception reason)
+    {
+        if (Interlocked.CompareExchange(ref _terminal, reason, null) is not null)
+        {
+            return;
+        }
+
+        Interlocked.Exchange(ref _closed, 1);
+        if (_inbound.Segment.TryAddReference())
+        {
+            SharedWait.WakeUnconditionally(_inbound.ConsumerWake);
+            SharedWait.WakeUnconditionally(_inbound.ReleaseConsumerWake);
+            _inbound.Segment.Release();
+        }
+
+        if (_outbound.Segment.TryAddReference())
+        {
+            SharedWait.WakeUnconditionally(_outbound.MessageProducerWake);
+            _outbound.Segment.Release();
+        }
+
+        lock (_announceLock)
+        {
+            Monitor.PulseAll(_announceLock);
+        }
+
+        _channel.Shutdown();
+        if (Volatile.Read(ref _started) == 0)
+        {
+            // Never started: nothing else will release the resources.
+            ReleaseResources(reason);
+            _receiveExited.TrySetResult();
+            _socketExited.TrySetResult();
+        }
+    }
+
+    public ValueTask DisposeAsync()
+    {
+        Terminate(new ObjectDisposedException(nameof(RpcConnection)));
+        if (Thread.CurrentThread == _receiveThread || Thread.CurrentThread == _socketThread)
+        {
+            // Disposed from a handler or continuation on a connection thread: finish once the threads exit.
+            _ = Completion.ContinueWith(static (_, c) => ((SocketChannel)c!).Dispose(), _channel, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            return ValueTask.CompletedTask;
+        }
+
+        return ConnectionAsync.DisposeAfterAsync(Completion, _channel);
+    }
+
+    private void ReleaseResources(Exception reason)
+    {
+        _calls.FailAll(ClosedException());
+        for (int i = 0; i < _servedCalls.Length; i++)
+        {
+            _servedCalls[i]?.Cancel();
+        }
+
+        _arena.Close();
+        for (int i = 0; i < _peerSegments.Length; i++)
+        {
+            Interlocked.Exchange(ref _peerSegments[i], null)?.Release();
+        }
+
+        _inbound.Segment.Release();
+        _outbound.Segment.Release();
+        try
+        {
+            Closed?.Invoke(this, reason);
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            Trace.TraceError($"OffloadRpc: a Closed handler threw: {ex}");
+        }
+    }
+
+    public override string ToString() => $"RpcConnection({Role}, peer pid {Peer.ProcessId}, {(IsClosed ? "closed" : "open")})";
+}
+
+/// <summary>Who is on the other end, from SO_PEERCRED.</summary>
+internal readonly record struct PeerInfo(int ProcessId, uint UserId, uint GroupId);

@@ -1,0 +1,213 @@
+using System.Collections.Concurrent;
+using System.Net.Sockets;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>
+/// The server's rendezvous: listens on the endpoint's Unix socket, runs the handshake for each client
+/// and keeps its connections. A client that fails, dies or breaks the protocol loses only its own
+/// connection; its memory is given back when the connection's threads exit.
+/// </summary>
+internal sealed class RpcListener : IAsyncDisposable
+{
+    private readonly TransportOptions _options;
+    private readonly Func<RpcConnection, IRequestHandler> _handlerFactory;
+    private readonly Func<string, ulong?> _contractLookup;
+    private readonly ConcurrentDictionary<RpcConnection, byte> _connections = new();
+    private readonly CancellationTokenSource _stopping = new();
+    private Socket? _socket;
+    private Task? _acceptLoop;
+    private int _disposed;
+
+    public RpcListener(string endpoint, TransportOptions options, Func<string, ulong?> contractLookup, Func<RpcConnection, IRequestHandler> handlerFactory)
+    {
+        SocketPath = EndpointPath.Resolve(endpoint);
+        _options = options;
+        _contractLookup = contractLookup;
+        _handlerFactory = handlerFactory;
+    }
+
+    public string SocketPath { get; }
+
+    /// <summary>Connections that completed the handshake and are open.</summary>
+    public ICollection<RpcConnection> Connections => _connections.Keys;
+
+    /// <summary>Raised when a client is refused at the handshake (uid, version, contract, malformed) or an accepted connection ends with an error.</summary>
+    public event Action<Exception>? ConnectionFailed;
+
+    public void Start()
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (_socket is not null)
+        {
+            throw new InvalidOperationException("The listener is already started.");
+        }
+
+        RemoveStaleSocket(SocketPath);
+        var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            socket.Bind(new UnixDomainSocketEndPoint(SocketPath));
+            socket.Listen(128);
+        }
+        catch
+        {
+            socket.Dispose();
+            throw;
+        }
+
+        _socket = socket;
+        _acceptLoop = AcceptLoopAsync(socket, _stopping.Token);
+    }
+
+    private static void RemoveStaleSocket(string path)
+    {
+        if (!File.Exists(path))
+        {
+            return;
+        }
+
+        if ((File.GetAttributes(path) & FileAttributes.Directory) != 0)
+        {
+            throw new IOException($"{path} is a directory, not a socket.");
+        }
+
+        using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            probe.Connect(new UnixDomainSocketEndPoint(path));
+        }
+        catch (SocketException)
+        {
+            File.Delete(path); // nobody listens: left over from a process that died
+            return;
+        }
+
+        throw new InvalidOperationException($"Another server is already listening at {path}.");
+    }
+
+    private async Task AcceptLoopAsync(Socket socket, CancellationToken stopping)
+    {
+        while (!stopping.IsCancellationRequested)
+        {
+            Socket client;
+            try
+            {
+                client = await socket.AcceptAsync(stopping).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
+                return;
+            }
+            catch (ObjectDisposedException)
+            {
+                return;
+            }
+            catch (SocketException ex)
+            {
+                if (stopping.IsCancellationRequested)
+                {
+                    return;
+                }
+
+                Report(ex);
+                continue;
+            }
+
+            _ = Task.Run(() => Admit(client), CancellationToken.None);
+        }
+    }
+
+    private void Admit(Socket client)
+    {
+        RpcConnection connection;
+        try
+        {
+            connection = Handshake.Accept(client, _options, _contractLookup, new DeferredHandler(this));
+        }
+        catch (Exception ex)
+        {
+            Report(ex);
+            return;
+        }
+
+        _connections[connection] = 0;
+        connection.Closed += OnConnectionClosed;
+        if (connection.IsClosed || Volatile.Read(ref _disposed) != 0)
+        {
+            OnConnectionClosed(connection, connection.TerminalException ?? new ObjectDisposedException(nameof(RpcListener)));
+            _ = connection.DisposeAsync().AsTask();
+        }
+    }
+
+    private void OnConnectionClosed(RpcConnection connection, Exception reason)
+    {
+        if (_connections.TryRemove(connection, out _))
+        {
+            if (reason is ProtocolViolationException)
+            {
+                Report(reason);
+            }
+
+            // Free the socket once the connection's threads are done (this runs on one of them).
+            _ = connection.Completion.ContinueWith(static (_, c) => ((RpcConnection)c!).DisposeAsync(), connection, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        }
+    }
+
+    private void Report(Exception ex)
+    {
+        try
+        {
+            ConnectionFailed?.Invoke(ex);
+        }
+        catch (Exception handlerError) when (handlerError is not OutOfMemoryException)
+        {
+            System.Diagnostics.Trace.TraceError($"OffloadRpc: a ConnectionFailed handler threw: {handlerError}");
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+
+        await _stopping.CancelAsync().ConfigureAwait(false);
+        _socket?.Dispose();
+        if (_acceptLoop is not null)
+        {
+            await _acceptLoop.ConfigureAwait(false);
+        }
+
+        if (_socket is not null)
+        {
+            try
+            {
+                File.Delete(SocketPath);
+            }
+            catch (IOException)
+            {
+            }
+        }
+
+        foreach (RpcConnection connection in _connections.Keys)
+        {
+            await connection.DisposeAsync().ConfigureAwait(false);
+        }
+
+        _stopping.Dispose();
+    }
+
+    /// <summary>Creates the connection's handler on its first request, once the connection object exists.</summary>
+    private sealed class DeferredHandler : IRequestHandler
+    {
+        private readonly RpcListener _listener;
+        private IRequestHandler? _inner;
+
+        public DeferredHandler(RpcListener listener) => _listener = listener;
+
+        public ValueTask HandleAsync(IncomingCall call) =>
+            (_inner ??= _listener._handlerFactory(call.Connection)).HandleAsync(call);
+    }
+}

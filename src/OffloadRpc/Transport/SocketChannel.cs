@@ -1,0 +1,245 @@
+using System.Buffers.Binary;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using OffloadRpc.Interop;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>
+/// Length-prefixed frames over a connected Unix stream socket, with file descriptors attached
+/// (SCM_RIGHTS). Frame: u32 payload length, u16 type, u16 reserved, payload. One reader thread;
+/// senders are serialized by a lock (frames are rare: handshake and segment hand-over).
+/// </summary>
+internal sealed class SocketChannel : IDisposable
+{
+    public const int HeaderSize = 8;
+    public const int MaxFrameLength = 64 * 1024;
+
+    private readonly Socket _socket;
+    private readonly object _sendLock = new();
+    private readonly byte[] _receiveBuffer = new byte[HeaderSize + MaxFrameLength];
+    private int _disposed;
+
+    public SocketChannel(Socket socket)
+    {
+        _socket = socket;
+        _socket.Blocking = true;
+        // The connection threads call recvmsg/sendmsg directly and rely on blocking semantics,
+        // whatever .NET did to the descriptor (an accepted socket may inherit O_NONBLOCK).
+        int fd = (int)socket.SafeHandle.DangerousGetHandle();
+        int flags = LinuxNative.Fcntl(fd, LinuxNative.F_GETFL, 0);
+        if (flags >= 0 && (flags & LinuxNative.O_NONBLOCK) != 0)
+        {
+            LinuxNative.Fcntl(fd, LinuxNative.F_SETFL, flags & ~LinuxNative.O_NONBLOCK);
+        }
+    }
+
+    public Socket Socket => _socket;
+
+    /// <summary>
+    /// Takes a reference on the socket handle for the duration of a raw call, so that a concurrent
+    /// Dispose cannot close the descriptor (and the process reuse its number) under the call.
+    /// </summary>
+    private bool TryAcquireDescriptor(out int fd)
+    {
+        bool added = false;
+        try
+        {
+            _socket.SafeHandle.DangerousAddRef(ref added);
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+
+        fd = added ? (int)_socket.SafeHandle.DangerousGetHandle() : -1;
+        return added;
+    }
+
+    private void ReleaseDescriptor() => _socket.SafeHandle.DangerousRelease();
+
+    /// <summary>Sends one frame, with <paramref name="fds"/> attached. Throws <see cref="PeerDisconnectedException"/> when the peer is gone.</summary>
+    public void Send(FrameType type, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default)
+    {
+        if (payload.Length > MaxFrameLength)
+        {
+            throw new ArgumentOutOfRangeException(nameof(payload), "Frame too large.");
+        }
+
+        Span<byte> frame = stackalloc byte[HeaderSize + payload.Length];
+        BinaryPrimitives.WriteUInt32LittleEndian(frame, (uint)payload.Length);
+        BinaryPrimitives.WriteUInt16LittleEndian(frame[4..], (ushort)type);
+        BinaryPrimitives.WriteUInt16LittleEndian(frame[6..], 0);
+        payload.CopyTo(frame[HeaderSize..]);
+        lock (_sendLock)
+        {
+            ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+
+            bool acquired = TryAcquireDescriptor(out int fd);
+            ObjectDisposedException.ThrowIf(!acquired, this);
+
+            int errno;
+            try
+            {
+                errno = LinuxNative.SendWithFds(fd, frame, fds);
+            }
+            finally
+            {
+                ReleaseDescriptor();
+            }
+
+            if (errno != 0)
+            {
+                throw new PeerDisconnectedException($"The peer's socket is closed (send failed, errno {errno}).");
+            }
+        }
+    }
+
+    /// <summary>
+    /// Reads one frame. The returned payload is valid until the next call. File descriptors that came
+    /// with it are in <paramref name="fds"/>; the caller owns (and must close) them.
+    /// </summary>
+    /// <returns>False at end of stream (the peer closed its socket or died).</returns>
+    /// <exception cref="ProtocolViolationException">A malformed frame.</exception>
+    public bool TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, Span<int> fds, out int fdCount)
+    {
+        type = 0;
+        payload = default;
+        fdCount = 0;
+        if (!ReadExactly(_receiveBuffer.AsSpan(0, HeaderSize), fds, ref fdCount))
+        {
+            return false;
+        }
+
+        uint length = BinaryPrimitives.ReadUInt32LittleEndian(_receiveBuffer);
+        type = (FrameType)BinaryPrimitives.ReadUInt16LittleEndian(_receiveBuffer.AsSpan(4));
+        if (length > MaxFrameLength)
+        {
+            CloseAll(fds, fdCount);
+            throw new ProtocolViolationException($"The peer sent a socket frame of {length} bytes (limit {MaxFrameLength}).");
+        }
+
+        if (!ReadExactly(_receiveBuffer.AsSpan(HeaderSize, (int)length), fds, ref fdCount))
+        {
+            CloseAll(fds, fdCount);
+            throw new PeerDisconnectedException("The peer closed its socket in the middle of a frame.");
+        }
+
+        payload = _receiveBuffer.AsSpan(HeaderSize, (int)length);
+        return true;
+    }
+
+    private bool ReadExactly(Span<byte> buffer, Span<int> fds, ref int fdCount)
+    {
+        int read = 0;
+        while (read < buffer.Length)
+        {
+            Span<int> more = fdCount < fds.Length ? fds[fdCount..] : Span<int>.Empty;
+            if (!TryAcquireDescriptor(out int fd))
+            {
+                return false;
+            }
+
+            int n;
+            int received;
+            bool truncated;
+            try
+            {
+                n = LinuxNative.ReceiveWithFds(fd, buffer[read..], more, out received, out truncated);
+            }
+            finally
+            {
+                ReleaseDescriptor();
+            }
+
+            fdCount += received;
+            if (truncated)
+            {
+                CloseAll(fds, fdCount);
+                fdCount = 0;
+                throw new ProtocolViolationException("The peer sent more file descriptors than a frame may carry.");
+            }
+
+            if (n == 0)
+            {
+                return false;
+            }
+
+            if (n < 0)
+            {
+                if (-n == LinuxNative.EAGAIN)
+                {
+                    throw new TimeoutException("The peer did not answer within the handshake timeout.");
+                }
+
+                if (Volatile.Read(ref _disposed) != 0)
+                {
+                    return false;
+                }
+
+                throw new PeerDisconnectedException($"Reading the peer's socket failed (errno {-n}).");
+            }
+
+            read += n;
+        }
+
+        return true;
+    }
+
+    public static void CloseAll(ReadOnlySpan<int> fds, int count)
+    {
+        for (int i = 0; i < count; i++)
+        {
+            LinuxNative.Close(fds[i]);
+        }
+    }
+
+    /// <summary>Sets SO_RCVTIMEO so that handshake reads cannot hang; zero restores blocking reads.</summary>
+    public void SetReceiveTimeout(TimeSpan timeout)
+    {
+        Span<byte> timeval = stackalloc byte[16];
+        long micros = timeout <= TimeSpan.Zero ? 0 : (long)timeout.TotalMicroseconds;
+        BinaryPrimitives.WriteInt64LittleEndian(timeval, micros / 1_000_000);
+        BinaryPrimitives.WriteInt64LittleEndian(timeval[8..], micros % 1_000_000);
+        _socket.SetRawSocketOption(LinuxNative.SOL_SOCKET, 20 /* SO_RCVTIMEO */, timeval);
+    }
+
+    /// <summary>The peer's process id, user id and group id (SO_PEERCRED).</summary>
+    public (int Pid, uint Uid, uint Gid) GetPeerCredentials()
+    {
+        Span<byte> ucred = stackalloc byte[12];
+        int length = _socket.GetRawSocketOption(LinuxNative.SOL_SOCKET, LinuxNative.SO_PEERCRED, ucred);
+        if (length < 12)
+        {
+            throw new OffloadRpcException("SO_PEERCRED returned a short answer.");
+        }
+
+        return (BinaryPrimitives.ReadInt32LittleEndian(ucred), BinaryPrimitives.ReadUInt32LittleEndian(ucred[4..]), BinaryPrimitives.ReadUInt32LittleEndian(ucred[8..]));
+    }
+
+    /// <summary>Wakes a reader blocked in <see cref="TryReceive"/> (it sees end of stream) and tells the peer we are gone.</summary>
+    public void Shutdown()
+    {
+        try
+        {
+            _socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (SocketException)
+        {
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+    }
+
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) == 0)
+        {
+            Shutdown();
+            lock (_sendLock)
+            {
+                _socket.Dispose();
+            }
+        }
+    }
+}

@@ -1,0 +1,51 @@
+namespace OffloadRpc.Transport;
+
+/// <summary>Knobs of the shared-memory transport. The defaults suit a 2-core machine and payloads up to hundreds of MiB.</summary>
+internal sealed class TransportOptions
+{
+    /// <summary>Size of a control-ring slot; small messages travel inline in it.</summary>
+    public int SlotSize { get; init; } = 512;
+
+    /// <summary>Slots per direction; also the most calls one connection has in flight.</summary>
+    public int SlotCount { get; init; } = 256;
+
+    /// <summary>Entries of the ring on which the receiver of payloads hands blocks back.</summary>
+    public int ReleaseSlotCount { get; init; } = 4096;
+
+    /// <summary>How long a waiting thread spins before it sleeps on a futex (the budget adapts below this). Zero: never spin.</summary>
+    public TimeSpan SpinBudget { get; init; } = TimeSpan.FromMicroseconds(50);
+
+    /// <summary>Size of an ordinary payload-arena segment; larger payloads get a segment of their own size.</summary>
+    public long SegmentSize { get; init; } = 64L << 20;
+
+    /// <summary>The most shared memory one direction's arena may hold.</summary>
+    public long MaxArenaBytes { get; init; } = 2L << 30;
+
+    /// <summary>The largest segment a peer may announce; a larger one is a protocol violation.</summary>
+    public long MaxPeerSegmentBytes { get; init; } = 4L << 30;
+
+    /// <summary>How long a send waits for arena space before it fails with <see cref="ArenaExhaustedException"/>.</summary>
+    public TimeSpan ArenaWaitTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>How long connecting, the handshake and a segment hand-over may take.</summary>
+    public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>User ids besides this process's own that may connect (server) or serve (client).</summary>
+    public IReadOnlyCollection<uint> AllowedUserIds { get; init; } = [];
+
+    /// <summary>
+    /// Run await continuations of calls on the thread pool instead of inline on the receive thread.
+    /// Inline is faster; turn this on if continuations block synchronously on other calls.
+    /// </summary>
+    public bool RunContinuationsAsynchronously { get; init; }
+
+    /// <summary>For tests: the protocol version this side claims in the handshake.</summary>
+    internal int ProtocolVersion { get; init; } = TransportProtocol.Version;
+
+    internal RingGeometry Geometry => new(SlotSize, SlotCount, ReleaseSlotCount);
+
+    public static TransportOptions Default { get; } = new();
+}
+
+/// <summary>A service contract the client expects: its name and the hash of its shape.</summary>
+internal readonly record struct ContractDescriptor(string Name, ulong Hash);

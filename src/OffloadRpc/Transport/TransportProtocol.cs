@@ -1,0 +1,88 @@
+using System.Runtime.InteropServices;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>Wire constants shared by both sides: socket frame types, ring message kinds, slot layout.</summary>
+internal static class TransportProtocol
+{
+    /// <summary>Bumped whenever the socket frames, the control-area layout or the slot layout change.</summary>
+    public const int Version = 1;
+
+    public const uint HelloMagic = 0x4F52_5043; // "ORPC"
+
+    /// <summary>Most payload references one message may carry (its body, when it overflows the slot, takes one).</summary>
+    public const int MaxPayloadsPerMessage = 16;
+
+    /// <summary>Largest single payload: a lease's Memory/Span is int-indexed.</summary>
+    public const long MaxPayloadLength = int.MaxValue;
+}
+
+/// <summary>Socket frame types. The socket carries the handshake, segment hand-over, and liveness (EOF).</summary>
+internal enum FrameType : ushort
+{
+    Hello = 1,
+    Welcome = 2,
+    Reject = 3,
+    AddSegment = 4,
+    SegmentMapped = 5,
+    RemoveSegment = 6,
+}
+
+/// <summary>Why a handshake was refused; travels in a <see cref="FrameType.Reject"/> frame.</summary>
+internal enum RejectReason : ushort
+{
+    VersionMismatch = 1,
+    ContractMismatch = 2,
+    BadGeometry = 3,
+    Unauthorized = 4,
+    Malformed = 5,
+}
+
+/// <summary>Ring message kinds.</summary>
+internal enum MessageKind : ushort
+{
+    Request = 1,
+    Response = 2,
+    Fault = 3,
+    Cancel = 4,
+}
+
+[Flags]
+internal enum MessageFlags : ushort
+{
+    None = 0,
+
+    /// <summary>The body did not fit in the slot: payload reference 0 holds it.</summary>
+    BodyInPayload = 1,
+}
+
+/// <summary>The fixed head of a message slot (32 bytes). Read once into a local copy, then validated.</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 1, Size = 32)]
+internal struct MessageHeader
+{
+    public const int Size = 32;
+
+    public long Sequence;
+    public ulong CallId;
+    public MessageKind Kind;
+    public MessageFlags Flags;
+    public int MethodId;
+    public int BodyLength;
+    public ushort PayloadCount;
+    public ushort Reserved;
+}
+
+/// <summary>A reference to a payload in one side's arena (24 bytes).</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 1, Size = 24)]
+internal struct PayloadRef
+{
+    public const int Size = 24;
+
+    /// <summary>The block belongs to the receiver of the message (a lease sent back), not to its sender.</summary>
+    public const uint ReceiverOwned = 1;
+
+    public int SegmentId;
+    public uint Flags;
+    public long Offset;
+    public long Length;
+}
