@@ -553,16 +553,14 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
     }
 
+    /// <summary>
+    /// Closes the connection and completes once its threads have exited and its memory is given back.
+    /// Safe to await from a continuation running on the receive thread: awaiting yields the thread,
+    /// which then exits and completes the wait.
+    /// </summary>
     public ValueTask DisposeAsync()
     {
         Terminate(new ObjectDisposedException(nameof(RpcConnection)));
-        if (Thread.CurrentThread == _receiveThread || Thread.CurrentThread == _socketThread)
-        {
-            // Disposed from a handler or continuation on a connection thread: finish once the threads exit.
-            _ = Completion.ContinueWith(static (_, c) => ((SocketChannel)c!).Dispose(), _channel, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
-            return ValueTask.CompletedTask;
-        }
-
         return ConnectionAsync.DisposeAfterAsync(Completion, _channel);
     }
 
@@ -590,6 +588,27 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         {
             Trace.TraceError($"OffloadRpc: a Closed handler threw: {ex}");
         }
+    }
+
+    // ------------------------------------------------------------------ hooks for the protocol-violation tests
+
+    /// <summary>Test hook: this side's outbound control area, to write raw (possibly corrupt) slots.</summary>
+    internal ControlArea OutboundArea => _outbound;
+
+    /// <summary>Test hook: the socket, to send raw frames.</summary>
+    internal SocketChannel Channel => _channel;
+
+    /// <summary>Test hook: reserves the next outbound slot without writing it.</summary>
+    internal byte* ReserveRawSlot(out long position) => ReserveSlot(out position, CancellationToken.None);
+
+    /// <summary>Test hook: wakes the peer's receive thread without publishing anything.</summary>
+    internal void WakePeerConsumer() => SharedWait.WakeUnconditionally(_outbound.ConsumerWake);
+
+    /// <summary>Test hook: publishes a slot written by hand and wakes the peer.</summary>
+    internal void PublishRawSlot(long position)
+    {
+        _outbound.Messages.Publish(position);
+        SharedWait.Wake(_outbound.ConsumerWake);
     }
 
     public override string ToString() => $"RpcConnection({Role}, peer pid {Peer.ProcessId}, {(IsClosed ? "closed" : "open")})";

@@ -23,8 +23,12 @@ internal interface IWaitCondition
 /// </summary>
 internal static unsafe class SharedWait
 {
-    /// <summary>How long one futex sleep lasts before the waiter re-checks for abandonment.</summary>
-    public const int SleepSliceMilliseconds = 200;
+    /// <summary>
+    /// How long one futex sleep lasts before the waiter re-checks for abandonment (a safety net: close
+    /// wakes waiters explicitly). The lost-wake-up stress test sets it to -1 (sleep until woken), so
+    /// that a lost wake-up would hang instead of being hidden by the re-check.
+    /// </summary>
+    public static int SleepSliceMilliseconds { get; set; } = 200;
 
     /// <summary>Waits until <paramref name="condition"/> holds (true) or is abandoned (false).</summary>
     /// <param name="singleWaiter">Only one thread ever waits on <paramref name="word"/>, so it may clear it itself.</param>

@@ -1,0 +1,244 @@
+using System.Buffers.Binary;
+using System.Text;
+using OffloadRpc;
+using OffloadRpc.Interop;
+using OffloadRpc.Testing;
+using OffloadRpc.Transport;
+
+// The second process of the integration tests and benchmarks. Modes:
+//   server <endpoint> [--contract NAME=HASH] [--version N] [--spin-us N] [--no-sleep-slice] [--allow-uid U]
+//   client <endpoint> [--version N]                   one echo call; prints OK or REFUSED <type>: <message>
+//   client-hold <endpoint> <bytes>                    sends a payload to Hold and waits to be killed
+//   evil-client <endpoint> <kind>                     breaks the protocol in one way, prints what happened
+//   evil-server <endpoint> <kind>                     answers the first request with a broken response
+//   pingpong-server <file> / (see Benchmarks)         raw spin ping-pong partner
+return await PeerProgram.RunAsync(args);
+
+internal static class PeerProgram
+{
+    public static async Task<int> RunAsync(string[] args)
+    {
+        if (args.Length < 2)
+        {
+            Console.Error.WriteLine("usage: OffloadRpc.TestPeer <mode> <endpoint> [options]");
+            return 2;
+        }
+
+        string mode = args[0];
+        string endpoint = args[1];
+        TransportOptions options = ParseOptions(args, out Dictionary<string, ulong> contracts);
+        try
+        {
+            return mode switch
+            {
+                "server" => await ServeAsync(endpoint, options, contracts, new PeerHandler()),
+                "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
+                "client" => await ClientAsync(endpoint, options, contracts),
+                "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),
+                "evil-client" => await EvilClient.RunAsync(endpoint, options, args[2]),
+                _ => Usage(mode),
+            };
+        }
+        catch (Exception ex)
+        {
+            Console.WriteLine($"ERROR {ex.GetType().FullName}: {ex.Message}");
+            return 1;
+        }
+    }
+
+    private static int Usage(string mode)
+    {
+        Console.Error.WriteLine($"unknown mode {mode}");
+        return 2;
+    }
+
+    private static TransportOptions ParseOptions(string[] args, out Dictionary<string, ulong> contracts)
+    {
+        contracts = new Dictionary<string, ulong>();
+        int version = TransportProtocol.Version;
+        var allowed = new List<uint>();
+        TimeSpan spin = TransportOptions.Default.SpinBudget;
+        int slotCount = TransportOptions.Default.SlotCount;
+        for (int i = 2; i < args.Length; i++)
+        {
+            switch (args[i])
+            {
+                case "--contract":
+                    string[] parts = args[++i].Split('=');
+                    contracts[parts[0]] = ulong.Parse(parts[1]);
+                    break;
+                case "--version":
+                    version = int.Parse(args[++i]);
+                    break;
+                case "--allow-uid":
+                    allowed.Add(uint.Parse(args[++i]));
+                    break;
+                case "--spin-us":
+                    spin = TimeSpan.FromMicroseconds(double.Parse(args[++i]));
+                    break;
+                case "--slots":
+                    slotCount = int.Parse(args[++i]);
+                    break;
+                case "--no-sleep-slice":
+                    SharedWait.SleepSliceMilliseconds = -1;
+                    break;
+            }
+        }
+
+        return new TransportOptions { ProtocolVersion = version, AllowedUserIds = allowed, SpinBudget = spin, SlotCount = slotCount };
+    }
+
+    private static async Task<int> ServeAsync(string endpoint, TransportOptions options, Dictionary<string, ulong> contracts, IRequestHandler handler)
+    {
+        await using var listener = new RpcListener(endpoint, options, name => contracts.TryGetValue(name, out ulong hash) ? hash : null, _ => handler);
+        PeerHandler.Listener = listener;
+        listener.ConnectionFailed += ex => Console.WriteLine($"FAILED {ex.GetType().FullName}: {ex.Message}");
+        listener.Start();
+        Console.WriteLine($"READY {listener.SocketPath}");
+        // Serve until the test closes our standard input (or kills us).
+        await Task.Run(() => Console.In.ReadToEnd());
+        return 0;
+    }
+
+    private static async Task<int> ClientAsync(string endpoint, TransportOptions options, Dictionary<string, ulong> contracts)
+    {
+        try
+        {
+            await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, options, contracts.Select(c => new ContractDescriptor(c.Key, c.Value)).ToArray(), null, CancellationToken.None);
+            byte[] body = Encoding.UTF8.GetBytes("hello");
+            using RpcReply reply = await connection.CallAsync(PeerMethods.Echo, body, default);
+            Console.WriteLine(reply.Body.SequenceEqual(body) ? "OK" : "WRONG");
+            return 0;
+        }
+        catch (Exception ex) when (ex is OffloadRpcException or UnauthorizedAccessException)
+        {
+            Console.WriteLine($"REFUSED {ex.GetType().FullName}: {ex.Message}");
+            return 0;
+        }
+    }
+
+    private static async Task<int> ClientHoldAsync(string endpoint, TransportOptions options, int bytes)
+    {
+        RpcConnection connection = await Handshake.ConnectAsync(endpoint, options, [], null, CancellationToken.None);
+        byte[] payload = new byte[bytes];
+        Checksum64.Fill(payload, 7);
+        byte[] body = new byte[4];
+        BinaryPrimitives.WriteInt32LittleEndian(body, 600_000);
+        ValueTask<RpcReply> pending = connection.CallAsync(PeerMethods.Hold, body, [OutboundPayload.Copy(payload)]);
+        Console.WriteLine("HOLDING");
+        using RpcReply reply = await pending; // never returns: the test kills this process
+        return 0;
+    }
+}
+
+/// <summary>The well-behaved server the tests talk to.</summary>
+internal sealed class PeerHandler : IRequestHandler
+{
+    public static RpcListener? Listener { get; set; }
+
+    private static int s_cancellations;
+
+    public ValueTask HandleAsync(IncomingCall call)
+    {
+        switch (call.MethodId)
+        {
+            case PeerMethods.Echo:
+                return Echo(call);
+            case PeerMethods.Checksum:
+                return Checksum(call);
+            case PeerMethods.Stats:
+                Span<byte> stats = stackalloc byte[28];
+                BinaryPrimitives.WriteInt64LittleEndian(stats, SharedMemorySegment.MappedBytes);
+                BinaryPrimitives.WriteInt64LittleEndian(stats[8..], SharedMemorySegment.LiveSegments);
+                BinaryPrimitives.WriteInt32LittleEndian(stats[16..], Listener?.Connections.Count ?? 0);
+                BinaryPrimitives.WriteInt32LittleEndian(stats[20..], Volatile.Read(ref s_cancellations));
+                BinaryPrimitives.WriteInt32LittleEndian(stats[24..], Environment.ProcessId);
+                call.Reply(stats);
+                return ValueTask.CompletedTask;
+            case PeerMethods.Sleep:
+            case PeerMethods.Hold:
+                return SleepAsync(call, BinaryPrimitives.ReadInt32LittleEndian(call.Body));
+            case PeerMethods.Throw:
+                throw new InvalidOperationException("boom: " + Encoding.UTF8.GetString(call.Body));
+            case PeerMethods.ReturnLease:
+                call.Reply(default, [OutboundPayload.Move(call.TakePayload(0))]);
+                return ValueTask.CompletedTask;
+            case PeerMethods.RentAndReturn:
+                int length = BinaryPrimitives.ReadInt32LittleEndian(call.Body);
+                SharedBuffer lease = call.Connection.Rent(length);
+                Checksum64.Fill(lease.Span, BinaryPrimitives.ReadUInt64LittleEndian(call.Body[4..]));
+                call.Reply(default, [OutboundPayload.Move(lease)]);
+                return ValueTask.CompletedTask;
+            case PeerMethods.Touch:
+                long total = 0;
+                for (int i = 0; i < call.PayloadCount; i++)
+                {
+                    using SharedBuffer touched = call.TakePayload(i);
+                    Span<byte> span = touched.Span;
+                    total += span.Length + (span.Length > 0 ? (span[0] & 0) + (span[^1] & 0) : 0);
+                }
+
+                Span<byte> answer = stackalloc byte[8];
+                BinaryPrimitives.WriteInt64LittleEndian(answer, total);
+                call.Reply(answer);
+                return ValueTask.CompletedTask;
+            default:
+                throw new NotSupportedException($"method {call.MethodId}");
+        }
+    }
+
+    private static ValueTask Echo(IncomingCall call)
+    {
+        int count = call.PayloadCount;
+        var leases = new SharedBuffer[count];
+        var copies = new OutboundPayload[count];
+        for (int i = 0; i < count; i++)
+        {
+            leases[i] = call.TakePayload(i);
+            copies[i] = OutboundPayload.Copy(leases[i].Memory);
+        }
+
+        try
+        {
+            call.Reply(call.Body, copies);
+        }
+        finally
+        {
+            foreach (SharedBuffer lease in leases)
+            {
+                lease.Dispose();
+            }
+        }
+
+        return ValueTask.CompletedTask;
+    }
+
+    private static ValueTask Checksum(IncomingCall call)
+    {
+        int count = call.PayloadCount;
+        Span<byte> answer = stackalloc byte[8 + 16 * count];
+        BinaryPrimitives.WriteUInt64LittleEndian(answer, Checksum64.Compute(call.Body));
+        for (int i = 0; i < count; i++)
+        {
+            using SharedBuffer lease = call.TakePayload(i);
+            BinaryPrimitives.WriteInt64LittleEndian(answer[(8 + 16 * i)..], lease.Length);
+            BinaryPrimitives.WriteUInt64LittleEndian(answer[(16 + 16 * i)..], Checksum64.Compute(lease.Span));
+        }
+
+        call.Reply(answer);
+        return ValueTask.CompletedTask;
+    }
+
+    private static async ValueTask SleepAsync(IncomingCall call, int milliseconds)
+    {
+        try
+        {
+            await Task.Delay(milliseconds, call.CancellationToken);
+        }
+        catch (OperationCanceledException)
+        {
+            Interlocked.Increment(ref s_cancellations);
+            throw;
+        }
+    }
+}

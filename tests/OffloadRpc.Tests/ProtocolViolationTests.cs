@@ -1,0 +1,95 @@
+using System.Collections.Concurrent;
+using OffloadRpc.Tests.Infrastructure;
+using OffloadRpc.Transport;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>
+/// A peer process that writes corrupt slots, offsets, ids, releases or segments: the connection closes
+/// with <see cref="ProtocolViolationException"/>, this process does not crash, and other clients go on.
+/// </summary>
+public sealed class ProtocolViolationTests
+{
+    [Theory]
+    [InlineData("corrupt-seq", "corrupted message ring slot")]
+    [InlineData("corrupt-offset", "outside its 67108864-byte segment 1")]
+    [InlineData("overlong-payload", "a payload of 68719476736 bytes")]
+    [InlineData("unknown-segment", "segment 77, which it never handed over")]
+    [InlineData("body-length", "a body of 100000 bytes")]
+    [InlineData("payload-count", "17 payload references")]
+    [InlineData("bad-kind", "message kind 99")]
+    [InlineData("stray-response", "not waiting for one")]
+    [InlineData("bad-release", "released block 1:0, which was not lent")]
+    [InlineData("unsealed-segment", "segment 50 that is not sealed against resizing")]
+    [InlineData("shrinkable-segment", "segment 50 that is not sealed against resizing")]
+    [InlineData("missized-segment", "segment 50 of 1048576 bytes but announced 2097152")]
+    public async Task A_malicious_client_is_disconnected_with_ProtocolViolationException_and_others_are_unaffected(string kind, string cause)
+    {
+        var failures = new ConcurrentQueue<Exception>();
+        await using var server = new InProcessServer(failures);
+        await using RpcConnection good = await server.ConnectAsync();
+
+        await using PeerProcess evil = PeerProcess.Start(["evil-client", server.Endpoint, kind]);
+        evil.WaitForLine("SENT");
+        string closed = evil.WaitForLine("CLOSED");
+        Assert.Contains("PeerDisconnectedException", closed); // the server hung up on it
+
+        await Eventually.TrueAsync(() => !failures.IsEmpty, "the server reports the violation");
+        ProtocolViolationException violation = Assert.IsType<ProtocolViolationException>(Assert.Single(failures));
+        Assert.Contains(cause, violation.Message);
+
+        using RpcReply reply = await good.CallAsync(1, "still here"u8, default);
+        Assert.True(reply.Body.SequenceEqual("still here"u8));
+        Assert.Single(server.Listener.Connections);
+    }
+
+    [Theory]
+    [InlineData("bad-offset-response")]
+    [InlineData("corrupt-seq-response")]
+    [InlineData("wrong-call-response")]
+    [InlineData("malformed-fault")]
+    public async Task A_malicious_server_fails_the_call_with_ProtocolViolationException(string kind)
+    {
+        string endpoint = Endpoints.Unique("evil-server");
+        await using PeerProcess evil = PeerProcess.Start(["evil-server", endpoint, kind]);
+        evil.WaitForLine("READY");
+        try
+        {
+            await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, new TransportOptions(), [], null, CancellationToken.None);
+            var ex = await Assert.ThrowsAsync<ProtocolViolationException>(async () => await connection.CallAsync(1, "hi"u8, [OutboundPayload.Copy(new byte[100])]).AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+            await Assert.ThrowsAsync<ProtocolViolationException>(async () => await connection.CallAsync(1, "again"u8, default));
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
+}
+
+/// <summary>A listener in this process with an echo handler, reporting refused and failed connections.</summary>
+internal sealed class InProcessServer : IAsyncDisposable, IRequestHandler
+{
+    public InProcessServer(ConcurrentQueue<Exception> failures, TransportOptions? options = null, string? endpoint = null, IReadOnlyDictionary<string, ulong>? contracts = null)
+    {
+        Endpoint = endpoint ?? Endpoints.Unique("inproc");
+        Listener = new RpcListener(Endpoint, options ?? new TransportOptions(), name => contracts is not null && contracts.TryGetValue(name, out ulong hash) ? hash : null, _ => this);
+        Listener.ConnectionFailed += failures.Enqueue;
+        Listener.Start();
+    }
+
+    public string Endpoint { get; }
+
+    public RpcListener Listener { get; }
+
+    public Task<RpcConnection> ConnectAsync(TransportOptions? options = null, IReadOnlyList<ContractDescriptor>? contracts = null) =>
+        Handshake.ConnectAsync(Endpoint, options ?? new TransportOptions(), contracts ?? [], null, CancellationToken.None);
+
+    public ValueTask HandleAsync(IncomingCall call)
+    {
+        call.Reply(call.Body);
+        return ValueTask.CompletedTask;
+    }
+
+    public ValueTask DisposeAsync() => Listener.DisposeAsync();
+}
