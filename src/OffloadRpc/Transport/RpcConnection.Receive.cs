@@ -247,7 +247,34 @@ internal sealed unsafe partial class RpcConnection
 
     // ------------------------------------------------------------------ serving requests
 
-    private IncomingCall RentIncomingCall() => _incomingPool.TryDequeue(out IncomingCall? call) ? call : new IncomingCall(this);
+    /// <summary>
+    /// A served call object for the next request. The receive thread keeps one spare to itself, so
+    /// a handler that completes synchronously (on the receive thread) recycles its call without
+    /// touching the shared pool.
+    /// </summary>
+    private IncomingCall RentIncomingCall()
+    {
+        IncomingCall? spare = _spareIncomingCall;
+        if (spare is not null)
+        {
+            _spareIncomingCall = null;
+            return spare;
+        }
+
+        return _incomingPool.TryDequeue(out IncomingCall? call) ? call : new IncomingCall(this);
+    }
+
+    private void ReturnIncomingCall(IncomingCall call)
+    {
+        if (_spareIncomingCall is null && Thread.CurrentThread == _receiveThread)
+        {
+            _spareIncomingCall = call;
+        }
+        else
+        {
+            _incomingPool.Enqueue(call);
+        }
+    }
 
     private void Dispatch(IncomingCall call)
     {
@@ -305,7 +332,7 @@ internal sealed unsafe partial class RpcConnection
         int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
         Interlocked.CompareExchange(ref _servedCalls[index], null, call);
         call.Reset();
-        _incomingPool.Enqueue(call);
+        ReturnIncomingCall(call);
     }
 
     private void CancelServedCall(ulong callId)

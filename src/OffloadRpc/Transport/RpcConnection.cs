@@ -34,6 +34,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
     private readonly TaskCompletionSource _socketExited = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly object _announceLock = new();
     private readonly Action<PayloadArena> _drainReleases;
+    private IncomingCall? _spareIncomingCall; // receive thread only
     private long _announcesSent;
     private long _announcesAcknowledged;
     private Exception? _terminal;
@@ -193,7 +194,8 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         Span<PayloadRef> refs = stackalloc PayloadRef[TransportProtocol.MaxPayloadsPerMessage];
         // Blocks this send allocated (each with a mapping reference); freed if the send fails.
         Span<long> allocatedOffsets = stackalloc long[TransportProtocol.MaxPayloadsPerMessage];
-        SharedMemorySegment?[] allocated = System.Buffers.ArrayPool<SharedMemorySegment?>.Shared.Rent(TransportProtocol.MaxPayloadsPerMessage);
+        // Only messages with arena blocks need the array (a small call stays allocation- and pool-free).
+        SharedMemorySegment?[]? allocated = refCount == 0 ? null : System.Buffers.ArrayPool<SharedMemorySegment?>.Shared.Rent(TransportProtocol.MaxPayloadsPerMessage);
         int allocatedCount = 0;
         int detachedCount = 0;
         bool published = false;
@@ -202,7 +204,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             int r = 0;
             if (bodyInPayload)
             {
-                refs[r++] = CopyIntoArena(body, allocated, allocatedOffsets, ref allocatedCount, cancellationToken);
+                refs[r++] = CopyIntoArena(body, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
             }
 
             for (int i = 0; i < payloads.Length; i++)
@@ -211,7 +213,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
                 if (lease is null || lease.Host != this)
                 {
                     ReadOnlySpan<byte> data = lease is null ? payloads[i].Data.Span : lease.Span;
-                    refs[r++] = CopyIntoArena(data, allocated, allocatedOffsets, ref allocatedCount, cancellationToken);
+                    refs[r++] = CopyIntoArena(data, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
                     continue;
                 }
 
@@ -272,7 +274,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
 
             for (int i = 0; i < allocatedCount; i++)
             {
-                SharedMemorySegment segment = allocated[i]!;
+                SharedMemorySegment segment = allocated![i]!;
                 if (!published)
                 {
                     _arena.FreeLocal(segment.Id, allocatedOffsets[i]);
@@ -282,7 +284,10 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
                 allocated[i] = null;
             }
 
-            System.Buffers.ArrayPool<SharedMemorySegment?>.Shared.Return(allocated);
+            if (allocated is not null)
+            {
+                System.Buffers.ArrayPool<SharedMemorySegment?>.Shared.Return(allocated);
+            }
             _outbound.Segment.Release();
         }
 

@@ -1,0 +1,130 @@
+using System.Diagnostics;
+using OffloadRpc.Interop;
+
+namespace OffloadRpc.Benchmarks;
+
+/// <summary>
+/// The floor for a round trip: two processes hand a counter back and forth through one shared
+/// cache line each way, spinning, with nothing else in the path.
+/// </summary>
+internal static unsafe class PingPong
+{
+    private const int Size = 4096;
+
+    /// <summary>Runs the partner side: echoes every ping until told to stop (ping = -1).</summary>
+    public static int RunPartner(int parentPid, int fd)
+    {
+        int local = Native.Open($"/proc/{parentPid}/fd/{fd}", Native.O_RDWR);
+        if (local < 0)
+        {
+            Console.Error.WriteLine("cannot open the parent's memfd");
+            return 1;
+        }
+
+        byte* map = (byte*)LinuxNative.Mmap(0, Size, LinuxNative.PROT_READ | LinuxNative.PROT_WRITE, LinuxNative.MAP_SHARED, local, 0);
+        long* ping = (long*)map;
+        long* pong = (long*)(map + 128);
+        Volatile.Write(ref *pong, -2); // ready
+        long last = 0;
+        while (true)
+        {
+            long value = Volatile.Read(ref *ping);
+            if (value == last)
+            {
+                Thread.SpinWait(1);
+                continue;
+            }
+
+            if (value < 0)
+            {
+                return 0;
+            }
+
+            last = value;
+            Volatile.Write(ref *pong, value);
+        }
+    }
+
+    /// <summary>Measures round trips; returns per-round-trip nanoseconds for each batch.</summary>
+    public static double[] Measure(int batches, int perBatch)
+    {
+        int fd = LinuxNative.MemfdCreate("offloadrpc-pingpong", 0);
+        LinuxNative.Ftruncate(fd, Size);
+        byte* map = (byte*)LinuxNative.Mmap(0, Size, LinuxNative.PROT_READ | LinuxNative.PROT_WRITE, LinuxNative.MAP_SHARED, fd, 0);
+        long* ping = (long*)map;
+        long* pong = (long*)(map + 128);
+        using Process partner = BenchmarkProcess.StartSelf(["--pingpong", Environment.ProcessId.ToString(), fd.ToString()]);
+        try
+        {
+            var wait = Stopwatch.StartNew();
+            while (Volatile.Read(ref *pong) != -2)
+            {
+                if (wait.Elapsed > TimeSpan.FromSeconds(30))
+                {
+                    throw new TimeoutException("the ping-pong partner did not start");
+                }
+
+                Thread.Sleep(1);
+            }
+
+            long counter = 0;
+            var results = new double[batches];
+            for (int b = -10; b < batches; b++)
+            {
+                long start = Stopwatch.GetTimestamp();
+                for (int i = 0; i < perBatch; i++)
+                {
+                    counter++;
+                    Volatile.Write(ref *ping, counter);
+                    while (Volatile.Read(ref *pong) != counter)
+                    {
+                        Thread.SpinWait(1);
+                    }
+                }
+
+                if (b >= 0)
+                {
+                    results[b] = Stopwatch.GetElapsedTime(start).TotalNanoseconds / perBatch;
+                }
+            }
+
+            Volatile.Write(ref *ping, -1);
+            partner.WaitForExit(10_000);
+            return results;
+        }
+        finally
+        {
+            if (!partner.HasExited)
+            {
+                partner.Kill();
+            }
+
+            LinuxNative.Munmap((nint)map, Size);
+            LinuxNative.Close(fd);
+        }
+    }
+}
+
+internal static class BenchmarkProcess
+{
+    public const string ChildVariable = "OFFLOADRPC_BENCHMARK_CHILD";
+
+    public static Process StartSelf(IEnumerable<string> arguments)
+    {
+        var info = new ProcessStartInfo { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardInput = true };
+        info.Environment[ChildVariable] = "1";
+        string self = typeof(BenchmarkProcess).Assembly.Location;
+        info.FileName = Environment.ProcessPath!;
+        if (Path.GetFileName(info.FileName) is "dotnet" or "dotnet.exe")
+        {
+            info.ArgumentList.Add(self); // running under the dotnet host
+        }
+
+        foreach (string a in arguments)
+        {
+            info.ArgumentList.Add(a);
+        }
+
+        return Process.Start(info)!;
+    }
+}
