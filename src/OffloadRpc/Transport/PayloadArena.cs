@@ -205,7 +205,8 @@ internal sealed unsafe class PayloadArena
             id++;
         }
 
-        SharedMemorySegment memory = SharedMemorySegment.Create(id, size, $"offloadrpc-{_name}-{id}", populate: true);
+        // Not pre-faulted: a connection commits only the pages its payloads touch, and reuse keeps them.
+        SharedMemorySegment memory = SharedMemorySegment.Create(id, size, $"offloadrpc-{_name}-{id}", populate: false);
         try
         {
             _peer.AnnounceSegment(memory);
