@@ -169,6 +169,32 @@ public sealed class RoundTripTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_lease_received_from_the_server_can_be_sent_back_to_it_without_a_copy()
+    {
+        byte[] body = new byte[12];
+        BinaryPrimitives.WriteInt32LittleEndian(body, 2 << 20);
+        BinaryPrimitives.WriteUInt64LittleEndian(body.AsSpan(4), 123);
+        SharedBuffer fromServer;
+        using (RpcReply reply = await _connection.CallAsync(PeerMethods.RentAndReturn, body, default))
+        {
+            fromServer = reply.TakePayload(0);
+        }
+
+        // The reply is gone, the lease is not: it outlives its call.
+        ulong sum = Checksum64.Compute(fromServer.Span);
+        fromServer.Span[0] ^= 0xFF; // and it is writable in place
+        sum = Checksum64.Compute(fromServer.Span);
+
+        // Onward to the server it came from: the server gets its own block back.
+        using (RpcReply reply = await _connection.CallAsync(PeerMethods.Checksum, default, [OutboundPayload.Move(fromServer)]))
+        {
+            Assert.Equal(sum, BinaryPrimitives.ReadUInt64LittleEndian(reply.Body[16..]));
+        }
+
+        Assert.False(fromServer.IsValid);
+    }
+
+    [Fact]
     public async Task A_disposed_lease_cannot_be_sent_and_the_failed_send_loses_nothing()
     {
         SharedBuffer lease = _connection.Rent(64);
