@@ -110,20 +110,17 @@ public sealed unsafe class SharedBuffer : IDisposable
 
         public override Span<byte> GetSpan() => _owner.Span;
 
+        /// <summary>Pins keep the mapping alive (not the lease): I/O on a pinned Memory cannot outlive the memory.</summary>
         public override MemoryHandle Pin(int elementIndex = 0)
         {
             _owner.ThrowIfGone();
-            if ((uint)elementIndex > (uint)_owner._length)
-            {
-                throw new ArgumentOutOfRangeException(nameof(elementIndex));
-            }
+            ArgumentOutOfRangeException.ThrowIfGreaterThan((uint)elementIndex, (uint)_owner._length, nameof(elementIndex));
+            ObjectDisposedException.ThrowIf(!_owner._segment.TryAddReference(), _owner);
 
-            return new MemoryHandle(_owner._segment.Base + _owner._offset + elementIndex);
+            return new MemoryHandle(_owner._segment.Base + _owner._offset + elementIndex, default, this);
         }
 
-        public override void Unpin()
-        {
-        }
+        public override void Unpin() => _owner._segment.Release();
 
         protected override void Dispose(bool disposing)
         {

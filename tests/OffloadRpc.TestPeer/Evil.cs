@@ -147,6 +147,10 @@ internal sealed class EvilHandler : IRequestHandler
             case "wrong-call-response":
                 RawWriter.WriteMessage(call.Connection, MessageKind.Response, call.CallId ^ (1UL << 40), 0, []);
                 break;
+            case "duplicate-response":
+                RawWriter.WriteMessage(call.Connection, MessageKind.Response, call.CallId, 0, []);
+                RawWriter.WriteMessage(call.Connection, MessageKind.Response, call.CallId, 0, []);
+                break;
             case "malformed-fault":
                 RawWriter.WriteMessage(call.Connection, MessageKind.Fault, call.CallId, 3, []);
                 break;

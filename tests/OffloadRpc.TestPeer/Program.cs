@@ -182,6 +182,9 @@ internal sealed class PeerHandler : IRequestHandler
                 BinaryPrimitives.WriteInt64LittleEndian(answer, total);
                 call.Reply(answer);
                 return ValueTask.CompletedTask;
+            case PeerMethods.BadReply:
+                call.Reply(default, new OutboundPayload[17]);
+                return ValueTask.CompletedTask;
             default:
                 throw new NotSupportedException($"method {call.MethodId}");
         }

@@ -113,6 +113,23 @@ public sealed class ConcurrencyTests
     }
 
     [Fact]
+    public async Task A_sender_waiting_for_arena_space_wakes_when_this_process_frees_a_lease()
+    {
+        await using RemoteServer server = RemoteServer.Start("arena-local-free");
+        await using RpcConnection connection = await server.ConnectAsync(new TransportOptions { SegmentSize = 2 << 20, MaxArenaBytes = 2 << 20, ArenaWaitTimeout = TimeSpan.FromSeconds(20) });
+        SharedBuffer held = connection.Rent(2 << 20);
+        Task<int> waiting = Task.Run(() =>
+        {
+            using SharedBuffer next = connection.Rent(1 << 20); // blocks: the arena is full
+            return next.Length;
+        });
+        await Task.Delay(100);
+        Assert.False(waiting.IsCompleted);
+        held.Dispose(); // a local free, not a release from the peer
+        Assert.Equal(1 << 20, await waiting.WaitAsync(TimeSpan.FromSeconds(60)));
+    }
+
+    [Fact]
     public async Task One_server_serves_several_client_connections_at_once()
     {
         await using RemoteServer server = RemoteServer.Start("many");

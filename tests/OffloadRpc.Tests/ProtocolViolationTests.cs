@@ -49,6 +49,7 @@ public sealed class ProtocolViolationTests
     [InlineData("corrupt-seq-response")]
     [InlineData("wrong-call-response")]
     [InlineData("malformed-fault")]
+    [InlineData("duplicate-response")]
     public async Task A_malicious_server_fails_the_call_with_ProtocolViolationException(string kind)
     {
         string endpoint = Endpoints.Unique("evil-server");
@@ -57,7 +58,21 @@ public sealed class ProtocolViolationTests
         try
         {
             await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, new TransportOptions(), [], null, CancellationToken.None);
-            var ex = await Assert.ThrowsAsync<ProtocolViolationException>(async () => await connection.CallAsync(1, "hi"u8, [OutboundPayload.Copy(new byte[100])]).AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+            if (kind == "duplicate-response")
+            {
+                // The first answer completes the call; the second one is the violation.
+                using (RpcReply first = await connection.CallAsync(1, "hi"u8, default))
+                {
+                }
+
+                await connection.Completion.WaitAsync(TimeSpan.FromSeconds(30));
+                Assert.IsType<ProtocolViolationException>(connection.TerminalException);
+            }
+            else
+            {
+                await Assert.ThrowsAsync<ProtocolViolationException>(async () => await connection.CallAsync(1, "hi"u8, [OutboundPayload.Copy(new byte[100])]).AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+            }
+
             await Assert.ThrowsAsync<ProtocolViolationException>(async () => await connection.CallAsync(1, "again"u8, default));
         }
         finally

@@ -96,6 +96,13 @@ public sealed class RoundTripTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_reply_that_cannot_be_sent_reaches_the_caller_as_a_fault_instead_of_a_hang()
+    {
+        var ex = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await _connection.CallAsync(PeerMethods.BadReply, default, default).AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+        Assert.Equal(typeof(ArgumentException).FullName, ex.RemoteExceptionType);
+    }
+
+    [Fact]
     public async Task Cancelling_a_call_cancels_the_server_side_and_the_caller_gets_OperationCanceledException()
     {
         int before = await CancellationsSeenAsync();

@@ -97,6 +97,16 @@ public sealed class SecurityTests
     }
 
     [Fact]
+    public async Task A_client_asking_for_oversized_rings_is_refused()
+    {
+        var failures = new ConcurrentQueue<Exception>();
+        await using var server = new InProcessServer(failures);
+        var ex = await Assert.ThrowsAsync<ProtocolViolationException>(() => server.ConnectAsync(new TransportOptions { SlotSize = 64 * 1024, SlotCount = 4096 }));
+        Assert.Contains("exceed this server's limit", ex.Message);
+        await Eventually.TrueAsync(() => !failures.IsEmpty, "the server reports the refusal");
+    }
+
+    [Fact]
     public async Task The_socket_directory_is_private_and_a_server_leaves_no_file_behind()
     {
         string directory = EndpointPath.UserDirectory();

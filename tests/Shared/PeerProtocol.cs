@@ -29,4 +29,7 @@ internal static class PeerMethods
 
     /// <summary>Holds payloads for the body's i32 milliseconds, then replies (like Sleep, payloads kept mapped).</summary>
     public const int Hold = 9;
+
+    /// <summary>Tries to reply with 17 payloads (more than a message carries): the reply fails and the caller must get that as a fault.</summary>
+    public const int BadReply = 10;
 }

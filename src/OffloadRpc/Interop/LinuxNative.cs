@@ -59,6 +59,18 @@ internal static unsafe partial class LinuxNative
     [LibraryImport(Libc, EntryPoint = "lseek", SetLastError = true)]
     public static partial long Lseek(int fd, long offset, int whence);
 
+    public const long TMPFS_MAGIC = 0x0102_1994;
+
+    [LibraryImport(Libc, EntryPoint = "fstatfs", SetLastError = true)]
+    private static partial int Fstatfs(int fd, byte* buffer);
+
+    /// <summary>f_type of the file system holding <paramref name="fd"/> (the first field of struct statfs), or -1.</summary>
+    public static long FileSystemType(int fd)
+    {
+        byte* buffer = stackalloc byte[256];
+        return Fstatfs(fd, buffer) == 0 ? *(long*)buffer : -1;
+    }
+
     [LibraryImport(Libc, EntryPoint = "close", SetLastError = true)]
     public static partial int Close(int fd);
 

@@ -82,7 +82,8 @@ internal sealed unsafe class ControlArea
 [StructLayout(LayoutKind.Sequential)]
 internal readonly record struct RingGeometry(int SlotSize, int SlotCount, int ReleaseSlotCount)
 {
-    public const int MinSlotSize = 256;
+    /// <summary>Room for the header and the most payload references a message may carry (32 + 16 x 24, rounded to 64).</summary>
+    public const int MinSlotSize = 448;
     public const int MaxSlotSize = 64 * 1024;
     public const int MaxSlotCount = 1 << 16;
 

@@ -95,6 +95,9 @@ internal sealed unsafe class ControlRing
         return diff != -Capacity && diff != -Capacity + 1;
     }
 
+    /// <summary>Producer side: true when the slot for <paramref name="position"/> (at or ahead of the tail) is free for that lap.</summary>
+    public bool IsFree(long position) => Volatile.Read(ref *Sequence(position)) == position;
+
     /// <summary>Publishes a reserved slot. A full fence (xchg): the wake-word read that follows cannot move before it.</summary>
     public void Publish(long position) => Interlocked.Exchange(ref *Sequence(position), position + 1);
 

@@ -85,8 +85,15 @@ internal static partial class EndpointPath
             throw new OffloadRpcException($"Cannot inspect the socket directory {directory}: {Marshal.GetPInvokeErrorMessage(errno)}.");
         }
 
-        uint mode = *(uint*)(stat + 24);
-        uint owner = *(uint*)(stat + 28);
+        // struct stat: x86-64 has st_nlink (8 bytes) before st_mode; the generic layout (arm64) has st_mode first.
+        (int modeOffset, int uidOffset) = RuntimeInformation.ProcessArchitecture switch
+        {
+            Architecture.X64 => (24, 28),
+            Architecture.Arm64 => (16, 24),
+            var other => throw new PlatformNotSupportedException($"OffloadRpc does not know struct stat on {other}."),
+        };
+        uint mode = *(uint*)(stat + modeOffset);
+        uint owner = *(uint*)(stat + uidOffset);
         const uint S_IFMT = 0xF000;
         const uint S_IFDIR = 0x4000;
         if ((mode & S_IFMT) != S_IFDIR)

@@ -27,6 +27,7 @@ internal static class Handshake
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         SocketChannel? channel = null;
         ControlArea? outbound = null;
+        bool ownedByConnection = false;
         using CancellationTokenRegistration registration = cancellationToken.Register(static s => ((Socket)s!).Dispose(), socket);
         try
         {
@@ -64,27 +65,43 @@ internal static class Handshake
                 throw new ProtocolViolationException($"The server at {path} answered the handshake with frame {(int)type} and {fdCount} descriptors.");
             }
 
-            var reader = new FrameReader(payload, "Welcome");
-            if (reader.ReadUInt32() != TransportProtocol.HelloMagic || reader.ReadInt32() != options.ProtocolVersion)
+            int welcomeFd = fds[0];
+            bool valid;
+            try
             {
-                LinuxNative.Close(fds[0]);
+                var reader = new FrameReader(payload, "Welcome");
+                valid = reader.ReadUInt32() == TransportProtocol.HelloMagic && reader.ReadInt32() == options.ProtocolVersion;
+            }
+            catch
+            {
+                LinuxNative.Close(welcomeFd);
+                throw;
+            }
+
+            if (!valid)
+            {
+                LinuxNative.Close(welcomeFd);
                 throw new ProtocolViolationException($"The server at {path} answered with a Welcome of another protocol.");
             }
 
-            ControlArea inbound = MapControlArea(fds[0], options.Geometry, options);
+            ControlArea inbound = MapControlArea(welcomeFd, options.Geometry, options); // owns the descriptor
             outbound.Segment.CloseDescriptor();
             var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "client");
-            connection.Start();
+            outbound = null; // the connection owns both areas and the channel now
+            channel = null;
+            ownedByConnection = true;
+            StartOrRelease(connection);
             return connection;
         }
         catch (Exception ex)
         {
+            // Until the connection exists this method owns the socket and the outbound area; after, the connection does.
             outbound?.Segment.Release();
             if (channel is not null)
             {
                 channel.Dispose();
             }
-            else
+            else if (!ownedByConnection)
             {
                 socket.Dispose();
             }
@@ -109,6 +126,7 @@ internal static class Handshake
         var channel = new SocketChannel(socket);
         ControlArea? inbound = null;
         ControlArea? outbound = null;
+        bool ownedByConnection = false;
         try
         {
             channel.SetReceiveTimeout(options.HandshakeTimeout);
@@ -183,8 +201,16 @@ internal static class Handshake
                     }
                 }
 
-                inbound = MapControlArea(fd, geometry, options);
-                fd = -1;
+                if (ControlArea.RequiredSize(geometry) > options.MaxPeerControlAreaBytes)
+                {
+                    string tooLarge = $"rings of {ControlArea.RequiredSize(geometry)} bytes exceed this server's limit of {options.MaxPeerControlAreaBytes}";
+                    TrySendReject(channel, RejectReason.BadGeometry, tooLarge, null);
+                    throw new ProtocolViolationException($"Client process {peer.ProcessId} asked for {tooLarge}.");
+                }
+
+                int handedOver = fd;
+                fd = -1; // MapControlArea owns it from here, whether it succeeds or not
+                inbound = MapControlArea(handedOver, geometry, options);
                 outbound = ControlArea.Create(geometry, "offloadrpc-server-control");
                 Span<byte> welcome = stackalloc byte[8];
                 BinaryPrimitives.WriteUInt32LittleEndian(welcome, TransportProtocol.HelloMagic);
@@ -192,7 +218,10 @@ internal static class Handshake
                 channel.Send(FrameType.Welcome, welcome, [outbound.Segment.FileDescriptor]);
                 outbound.Segment.CloseDescriptor();
                 var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "server");
-                connection.Start();
+                inbound = null; // owned by the connection now
+                outbound = null;
+                ownedByConnection = true;
+                StartOrRelease(connection);
                 return connection;
             }
             finally
@@ -207,7 +236,26 @@ internal static class Handshake
         {
             inbound?.Segment.Release();
             outbound?.Segment.Release();
-            channel.Dispose();
+            if (!ownedByConnection)
+            {
+                channel.Dispose();
+            }
+
+            throw;
+        }
+    }
+
+    /// <summary>Starts the connection's threads; if that fails the connection releases everything it owns.</summary>
+    private static void StartOrRelease(RpcConnection connection)
+    {
+        try
+        {
+            connection.Start();
+        }
+        catch (Exception ex)
+        {
+            connection.Terminate(new PeerDisconnectedException("The connection could not start: " + ex.Message, ex));
+            connection.DisposeAsync().AsTask().GetAwaiter().GetResult();
             throw;
         }
     }

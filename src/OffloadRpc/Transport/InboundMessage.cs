@@ -29,10 +29,10 @@ internal abstract class InboundMessage
     private readonly ReceivedPayload[] _payloads = new ReceivedPayload[TransportProtocol.MaxPayloadsPerMessage];
     private int _payloadCount;
 
-    protected InboundMessage(RpcConnection connection, int initialBodyCapacity)
+    protected InboundMessage(RpcConnection connection)
     {
         Connection = connection;
-        _body = new byte[initialBodyCapacity];
+        _body = []; // grown on first use: a table of idle entries costs no body memory
     }
 
     public RpcConnection Connection { get; }
@@ -80,7 +80,7 @@ internal abstract class InboundMessage
         if (_body.Length < length)
         {
             ReturnLargeBody();
-            _body = length <= PooledBodyLimit ? new byte[length] : ArrayPool<byte>.Shared.Rent(length);
+            _body = length <= PooledBodyLimit ? new byte[Math.Max(length, 256)] : ArrayPool<byte>.Shared.Rent(length);
         }
 
         _bodyLength = length;
@@ -89,7 +89,7 @@ internal abstract class InboundMessage
 
     internal void AddPayload(in ReceivedPayload payload) => _payloads[_payloadCount++] = payload;
 
-    /// <summary>Gives back every payload nobody took: lent blocks to the peer, our own blocks to our arena.</summary>
+    /// <summary>Gives back every payload nobody took: lent blocks to the peer, our own blocks to our arena. Never throws.</summary>
     internal void ReleaseUntakenPayloads()
     {
         for (int i = 0; i < _payloadCount; i++)
@@ -97,8 +97,14 @@ internal abstract class InboundMessage
             ref ReceivedPayload payload = ref _payloads[i];
             if (!payload.Taken)
             {
-                Connection.ReleaseReceivedBlock(payload.Segment, payload.Offset, payload.OwnArena);
-                payload.Segment.Release();
+                try
+                {
+                    Connection.ReleaseReceivedBlock(payload.Segment, payload.Offset, payload.OwnArena);
+                }
+                finally
+                {
+                    payload.Segment.Release();
+                }
             }
 
             payload = default;
@@ -115,7 +121,7 @@ internal abstract class InboundMessage
         if (_body.Length > PooledBodyLimit)
         {
             ReturnLargeBody();
-            _body = new byte[Connection.Geometry.SlotSize];
+            _body = [];
         }
     }
 

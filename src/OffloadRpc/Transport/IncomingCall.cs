@@ -18,120 +18,188 @@ internal interface IRequestHandler
 /// <summary>A request being served: its body, payloads, cancellation, and the way to answer it. Pooled per connection.</summary>
 internal sealed class IncomingCall : InboundMessage
 {
+    private const int NotReplied = 0;
+    private const int Replying = 1;
+    private const int Replied = 2;
+
+    private readonly object _gate = new();
     private CancellationTokenSource? _cancellation;
-    private int _replied;
+    private int _replyState;
+    private bool _active;
 
     public IncomingCall(RpcConnection connection)
-        : base(connection, connection.Geometry.SlotSize)
+        : base(connection)
     {
     }
 
     public ulong CallId { get; private set; }
 
     /// <summary>Fires when the caller cancels the call or the connection closes.</summary>
-    public CancellationToken CancellationToken => EnsureCancellation().Token;
+    public CancellationToken CancellationToken
+    {
+        get
+        {
+            lock (_gate)
+            {
+                return (_cancellation ??= new CancellationTokenSource()).Token;
+            }
+        }
+    }
 
-    public bool HasReplied => Volatile.Read(ref _replied) != 0;
+    public bool HasReplied => Volatile.Read(ref _replyState) == Replied;
 
     internal void Begin(ulong callId)
     {
-        CallId = callId;
-        _replied = 0;
-    }
-
-    private CancellationTokenSource EnsureCancellation()
-    {
-        CancellationTokenSource? source = Volatile.Read(ref _cancellation);
-        if (source is null)
+        lock (_gate)
         {
-            source = new CancellationTokenSource();
-            source = Interlocked.CompareExchange(ref _cancellation, source, null) ?? source;
+            CallId = callId;
+            _replyState = NotReplied;
+            _active = true;
         }
-
-        return source;
     }
 
-    /// <summary>Sends the response. Once per call.</summary>
+    /// <summary>Sends the response. Once per call; if sending fails the call is still unanswered (and the exception tells why).</summary>
     public void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads = default)
     {
-        if (Interlocked.Exchange(ref _replied, 1) != 0)
+        if (Interlocked.CompareExchange(ref _replyState, Replying, NotReplied) != NotReplied)
         {
             throw new InvalidOperationException("The call was already answered.");
         }
 
-        Connection.Send(MessageKind.Response, CallId, MethodId, body, payloads, CancellationToken.None);
+        try
+        {
+            Connection.Send(MessageKind.Response, CallId, MethodId, body, payloads, CancellationToken.None);
+            Volatile.Write(ref _replyState, Replied);
+        }
+        catch
+        {
+            Volatile.Write(ref _replyState, NotReplied);
+            throw;
+        }
     }
 
-    /// <summary>Sends <paramref name="exception"/> to the caller as a <see cref="RemoteInvocationException"/>.</summary>
+    /// <summary>
+    /// Sends <paramref name="exception"/> to the caller as a <see cref="RemoteInvocationException"/>.
+    /// When the full fault cannot be sent (arena full), a short one that fits in the ring slot is.
+    /// </summary>
     public void Fail(Exception exception)
     {
-        if (Interlocked.Exchange(ref _replied, 1) != 0)
+        if (Interlocked.CompareExchange(ref _replyState, Replying, NotReplied) != NotReplied)
         {
             return;
         }
 
-        byte[] buffer = ArrayPool<byte>.Shared.Rent(FaultCodec.MaxEncodedLength(exception));
         try
         {
-            int length = FaultCodec.Encode(exception, buffer);
-            Connection.Send(MessageKind.Fault, CallId, MethodId, buffer.AsSpan(0, length), default, CancellationToken.None);
+            byte[] buffer = ArrayPool<byte>.Shared.Rent(FaultCodec.MaxEncodedLength);
+            try
+            {
+                int length = FaultCodec.Encode(exception, buffer, Connection.Geometry.SlotSize, full: true);
+                try
+                {
+                    Connection.Send(MessageKind.Fault, CallId, MethodId, buffer.AsSpan(0, length), default, CancellationToken.None);
+                }
+                catch (ArenaExhaustedException)
+                {
+                    length = FaultCodec.Encode(exception, buffer, Connection.Geometry.SlotSize, full: false);
+                    Connection.Send(MessageKind.Fault, CallId, MethodId, buffer.AsSpan(0, length), default, CancellationToken.None);
+                }
+            }
+            finally
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+            }
+
+            Volatile.Write(ref _replyState, Replied);
         }
-        finally
+        catch
         {
-            ArrayPool<byte>.Shared.Return(buffer);
+            Volatile.Write(ref _replyState, NotReplied);
+            throw;
         }
     }
 
-    /// <summary>The caller cancelled, or the connection is closing.</summary>
-    internal void Cancel()
+    /// <summary>The caller cancelled <paramref name="callId"/>, or the connection is closing (null): cancel if this call is still the one being served.</summary>
+    internal void Cancel(ulong? callId)
     {
-        try
+        lock (_gate)
         {
-            EnsureCancellation().Cancel();
-        }
-        catch (AggregateException)
-        {
-            // A user callback registered on the token threw; the call itself decides what to answer.
+            if (!_active || (callId is { } id && id != CallId))
+            {
+                return;
+            }
+
+            try
+            {
+                (_cancellation ??= new CancellationTokenSource()).Cancel();
+            }
+            catch (AggregateException)
+            {
+                // A user callback registered on the token threw; the call itself decides what to answer.
+            }
         }
     }
 
-    /// <summary>Clears the call for reuse; false when it cannot be reused (its token was cancelled).</summary>
-    internal bool Reset()
+    /// <summary>Clears the call for reuse.</summary>
+    internal void Reset()
     {
+        lock (_gate)
+        {
+            _active = false;
+            CallId = 0;
+            CancellationTokenSource? source = _cancellation;
+            if (source is not null && !source.TryReset())
+            {
+                source.Dispose();
+                _cancellation = null;
+            }
+        }
+
         ResetMessage();
-        CallId = 0;
-        CancellationTokenSource? source = _cancellation;
-        if (source is not null && !source.TryReset())
-        {
-            source.Dispose();
-            _cancellation = null;
-        }
-
-        return true;
     }
 }
 
 /// <summary>Encodes an exception as (type, message, stack) for a fault message, and decodes it with bounds checks.</summary>
 internal static class FaultCodec
 {
-    private const int MaxField = 16 * 1024;
+    private const int MaxTypeChars = 512;
+    private const int MaxMessageChars = 4096;
+    private const int MaxStackChars = 16 * 1024;
 
-    public static int MaxEncodedLength(Exception exception) => 12 + 3 * MaxField * 3;
+    /// <summary>UTF-8 takes at most 3 bytes per UTF-16 char; three length prefixes.</summary>
+    public const int MaxEncodedLength = 12 + 3 * (MaxTypeChars + MaxMessageChars + MaxStackChars);
 
-    public static int Encode(Exception exception, Span<byte> destination)
+    /// <summary>
+    /// Encodes the fault. With <paramref name="full"/> false the result fits inline in a ring slot of
+    /// <paramref name="slotSize"/> bytes (no stack, message cut), for when the arena has no room.
+    /// </summary>
+    public static int Encode(Exception exception, Span<byte> destination, int slotSize, bool full)
     {
+        string type = exception.GetType().FullName ?? exception.GetType().Name;
+        string message = exception.Message;
+        string stack = exception.StackTrace ?? string.Empty;
         int position = 0;
-        Write(exception.GetType().FullName ?? exception.GetType().Name, destination, ref position);
-        Write(exception.Message, destination, ref position);
-        Write(exception.StackTrace ?? string.Empty, destination, ref position);
+        if (full)
+        {
+            Write(type, MaxTypeChars, destination, ref position);
+            Write(message, MaxMessageChars, destination, ref position);
+            Write(stack, MaxStackChars, destination, ref position);
+            return position;
+        }
+
+        int budget = (slotSize - MessageHeader.Size - 12) / 3; // chars that surely fit
+        int typeChars = Math.Min(type.Length, budget / 2);
+        Write(type, typeChars, destination, ref position);
+        Write(message, Math.Max(0, budget - typeChars), destination, ref position);
+        Write(string.Empty, 0, destination, ref position);
         return position;
     }
 
-    private static void Write(string value, Span<byte> destination, ref int position)
+    private static void Write(string value, int maxChars, Span<byte> destination, ref int position)
     {
-        if (value.Length > MaxField)
+        if (value.Length > maxChars)
         {
-            value = value[..MaxField];
+            value = value[..maxChars];
         }
 
         int length = Encoding.UTF8.GetBytes(value, destination[(position + 4)..]);

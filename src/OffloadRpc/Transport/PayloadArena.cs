@@ -54,22 +54,25 @@ internal sealed unsafe class PayloadArena
     private readonly object _lock = new();
     private readonly ArenaSegment?[] _segments = new ArenaSegment?[MaxSegments + 1];
     private readonly IArenaPeer _peer;
-    private readonly AdaptiveSpin _spin;
     private readonly string _name;
+    private long _freeGeneration;
+    private int _waiters;
     private int _nextSegmentId = 1;
     private long _totalBytes;
     private long _usedBytes;
     private bool _closed;
 
-    public PayloadArena(IArenaPeer peer, long segmentSize, long maxBytes, TimeSpan waitTimeout, TimeSpan spinBudget, string name)
+    public PayloadArena(IArenaPeer peer, long segmentSize, long maxBytes, TimeSpan waitTimeout, string name)
     {
         _peer = peer;
         SegmentSize = segmentSize;
         MaxBytes = maxBytes;
         WaitTimeout = waitTimeout;
-        _spin = new AdaptiveSpin(spinBudget);
         _name = name;
     }
+
+    /// <summary>Moves whenever space is freed (under the lock); waiters compare it to know something changed.</summary>
+    public long FreeGeneration => Volatile.Read(ref _freeGeneration);
 
     public long SegmentSize { get; }
 
@@ -102,15 +105,24 @@ internal sealed unsafe class PayloadArena
         long deadline = WaitTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : Stopwatch.GetTimestamp() + (long)(WaitTimeout.TotalSeconds * Stopwatch.Frequency);
         while (true)
         {
+            long generation = FreeGeneration;
             if (TryAllocate(size, out ArenaBlock block))
             {
                 return block;
             }
 
-            // Full: wait until the peer posts a release, then try again.
+            // Full: wait until the peer posts a release or this process frees space, then try again.
             cancellationToken.ThrowIfCancellationRequested();
-            var condition = new ReleasesArrived(_peer, deadline, cancellationToken);
-            SharedWait.Wait(ref condition, _peer.ReleaseWakeWord, _spin, singleWaiter: false);
+            Interlocked.Increment(ref _waiters);
+            try
+            {
+                _peer.WaitForSpace(this, generation, deadline, cancellationToken);
+            }
+            finally
+            {
+                Interlocked.Decrement(ref _waiters);
+            }
+
             _peer.ThrowIfClosed();
             cancellationToken.ThrowIfCancellationRequested();
             if (Stopwatch.GetTimestamp() > deadline)
@@ -261,6 +273,12 @@ internal sealed unsafe class PayloadArena
             ArenaSegment segment = _segments[segmentId] ?? throw new InvalidOperationException($"Segment {segmentId} is not in the {_name} arena.");
             long size = segment.Free(offset, expected) ?? throw new InvalidOperationException($"No {expected} block at {segmentId}:{offset} in the {_name} arena.");
             _usedBytes -= size;
+            _freeGeneration++;
+        }
+
+        if (Volatile.Read(ref _waiters) != 0)
+        {
+            _peer.WakeSpaceWaiters();
         }
     }
 
@@ -278,17 +296,28 @@ internal sealed unsafe class PayloadArena
         }
 
         _usedBytes -= size.Value;
+        _freeGeneration++;
     }
 
     /// <summary>Runs <paramref name="drain"/> under the arena lock (the receive thread's share of release draining).</summary>
     public void DrainUnderLock(Action<PayloadArena> drain)
     {
+        long before;
         lock (_lock)
         {
-            if (!_closed)
+            if (_closed)
             {
-                drain(this);
+                return;
             }
+
+            before = _freeGeneration;
+            drain(this);
+        }
+
+        // The receive thread drained what a waiting allocator was waiting for: tell it.
+        if (FreeGeneration != before && Volatile.Read(ref _waiters) != 0)
+        {
+            _peer.WakeSpaceWaiters();
         }
     }
 
@@ -352,24 +381,6 @@ internal sealed unsafe class PayloadArena
             _totalBytes = 0;
             _usedBytes = 0;
         }
-    }
-
-    private readonly struct ReleasesArrived : IWaitCondition
-    {
-        private readonly IArenaPeer _peer;
-        private readonly CancellationToken _cancellationToken;
-        private readonly long _deadline;
-
-        public ReleasesArrived(IArenaPeer peer, long deadline, CancellationToken cancellationToken)
-        {
-            _peer = peer;
-            _cancellationToken = cancellationToken;
-            _deadline = deadline;
-        }
-
-        public bool IsSatisfied() => _peer.HasPendingReleases;
-
-        public bool IsAbandoned() => _peer.IsClosed || _cancellationToken.IsCancellationRequested || Stopwatch.GetTimestamp() > _deadline;
     }
 
     /// <summary>One segment's blocks and free ranges. Used under the arena lock only.</summary>
@@ -497,15 +508,17 @@ internal sealed unsafe class PayloadArena
 }
 
 /// <summary>What an arena needs from its connection: the socket for segment announcements and the peer's release ring.</summary>
-internal unsafe interface IArenaPeer
+internal interface IArenaPeer
 {
     bool IsClosed { get; }
 
-    bool HasPendingReleases { get; }
-
-    int* ReleaseWakeWord { get; }
-
     void ThrowIfClosed();
+
+    /// <summary>Waits (bounded by close, cancellation and <paramref name="deadline"/>) until space may have been freed since <paramref name="freeGeneration"/>.</summary>
+    void WaitForSpace(PayloadArena arena, long freeGeneration, long deadline, CancellationToken cancellationToken);
+
+    /// <summary>Wakes threads of this process waiting in <see cref="WaitForSpace"/>.</summary>
+    void WakeSpaceWaiters();
 
     /// <summary>Passes the segment's memfd to the peer and returns once the peer has mapped it.</summary>
     void AnnounceSegment(SharedMemorySegment segment);

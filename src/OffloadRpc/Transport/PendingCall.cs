@@ -7,10 +7,13 @@ namespace OffloadRpc.Transport;
 /// allocates nothing. Its index in the table is part of the call id; the generation in the upper bits
 /// tells a current response from a forged one.
 /// <para>
-/// An entry is recycled when two holds are dropped: the response hold (the response arrived, was
-/// abandoned, or the connection died) and the caller hold (the caller disposed the reply or observed
-/// an exception). So a cancelled call keeps its entry until the server has answered, and responses in
-/// flight never outnumber the response ring's slots.
+/// An entry is recycled when two holds are dropped. The response hold belongs to the receive side:
+/// it is dropped exactly once, by whoever claims the response (the receive thread when it arrives, or
+/// the close sweep when it never will). The caller hold belongs to the caller: it is dropped when the
+/// caller disposes the reply or observes an exception, and it also owns the cancellation
+/// registration, so a cancellation callback can never run against a recycled entry. A cancelled call
+/// keeps its entry until the server has answered, so responses in flight never outnumber the
+/// response ring's slots.
 /// </para>
 /// </summary>
 internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
@@ -29,11 +32,12 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
     private CancellationToken _cancellationToken;
     private int _state;
     private int _holds;
-    private int _replyDisposed;
+    private int _responseClaimed;
+    private int _callerReleased;
     private ulong _generation;
 
     public PendingCall(RpcConnection connection, PendingCallTable table, int index, bool runContinuationsAsynchronously)
-        : base(connection, connection.Geometry.SlotSize)
+        : base(connection)
     {
         _table = table;
         Index = index;
@@ -56,11 +60,12 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
         }
 
         _holds = 2;
-        _replyDisposed = 0;
+        _responseClaimed = 0;
+        _callerReleased = 0;
         return true;
     }
 
-    /// <summary>Arms cancellation once the request is published.</summary>
+    /// <summary>Arms cancellation once the request is published. Only the caller touches the registration.</summary>
     public void RegisterCancellation(CancellationToken cancellationToken)
     {
         if (cancellationToken.CanBeCanceled)
@@ -86,22 +91,26 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
 
         Connection.TrySendCancel(CallId);
         _core.SetException(new OperationCanceledException(_cancellationToken));
+        // Nothing after this line: an inline continuation may already have released the caller hold.
     }
 
-    /// <summary>The receive thread matched a response to this entry. Returns false for an abandoned call (the caller gave up).</summary>
-    public bool IsAwaitingResponse(ulong callId, out bool abandoned)
+    /// <summary>
+    /// The receive thread claims the response for this entry. False when the id is not this entry's
+    /// current call or a response was already claimed (a duplicate): a protocol violation.
+    /// </summary>
+    public bool TryClaimResponse(ulong callId)
     {
         int state = Volatile.Read(ref _state);
-        abandoned = state == StateAbandoned;
-        return callId == CallId && (state == StateInFlight || state == StateAbandoned);
+        return callId == CallId
+            && (state == StateInFlight || state == StateAbandoned)
+            && Interlocked.Exchange(ref _responseClaimed, 1) == 0;
     }
 
-    /// <summary>Completes with the response the receive thread has copied into this message.</summary>
+    /// <summary>Completes with the response the receive thread has copied into this message (after <see cref="TryClaimResponse"/>).</summary>
     public void CompleteWithResponse()
     {
         if (Interlocked.CompareExchange(ref _state, StateCompleted, StateInFlight) == StateInFlight)
         {
-            _registration.Unregister();
             _core.SetResult(new RpcReply(this, _core.Version));
         }
         else
@@ -112,44 +121,49 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
         DropHold();
     }
 
-    /// <summary>Completes with a remote fault (or any exception) decoded by the receive thread.</summary>
+    /// <summary>Completes with a remote fault (after <see cref="TryClaimResponse"/>).</summary>
     public void CompleteWithException(Exception exception)
     {
         ReleaseUntakenPayloads();
         if (Interlocked.CompareExchange(ref _state, StateFailed, StateInFlight) == StateInFlight)
         {
-            _registration.Unregister();
             _core.SetException(exception);
         }
 
         DropHold();
     }
 
-    /// <summary>The connection is gone: fail a call still waiting, and drop the response hold of an abandoned one.</summary>
+    /// <summary>The response will never come (the connection is gone): fail a waiting call and drop the response hold, once.</summary>
     public void FailOnClose(Exception reason)
     {
         int state = Volatile.Read(ref _state);
-        if (state == StateInFlight && Interlocked.CompareExchange(ref _state, StateFailed, StateInFlight) == StateInFlight)
+        if (state is StateFree || Interlocked.Exchange(ref _responseClaimed, 1) != 0)
         {
-            _registration.Unregister();
+            return;
+        }
+
+        if (Interlocked.CompareExchange(ref _state, StateFailed, StateInFlight) == StateInFlight)
+        {
             _core.SetException(reason);
-            DropHold();
         }
-        else if (state == StateAbandoned && Interlocked.CompareExchange(ref _state, StateFailed, StateAbandoned) == StateAbandoned)
-        {
-            DropHold();
-        }
+
+        DropHold();
     }
 
     public RpcReply GetResult(short token)
     {
+        if (token != _core.Version)
+        {
+            throw new InvalidOperationException("The result of this call was already consumed.");
+        }
+
         try
         {
             return _core.GetResult(token);
         }
         catch
         {
-            DropHold(); // the caller has seen the outcome; there is no reply to dispose
+            ReleaseCallerHold(); // the caller has seen the outcome; there is no reply to dispose
             throw;
         }
     }
@@ -162,15 +176,27 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
     /// <summary>The caller is done with the reply.</summary>
     public void DisposeReply(short version)
     {
-        if (version == _core.Version && Interlocked.Exchange(ref _replyDisposed, 1) == 0)
+        if (version == _core.Version)
         {
-            DropHold();
+            ReleaseCallerHold();
         }
     }
 
-    public void ThrowIfReplyGone(short version)
+    public void ThrowIfReplyGone(short version) =>
+        ObjectDisposedException.ThrowIf(version != _core.Version || Volatile.Read(ref _callerReleased) != 0, typeof(RpcReply));
+
+    private void ReleaseCallerHold()
     {
-        ObjectDisposedException.ThrowIf(version != _core.Version || Volatile.Read(ref _replyDisposed) != 0, typeof(RpcReply));
+        if (Interlocked.Exchange(ref _callerReleased, 1) != 0)
+        {
+            return;
+        }
+
+        // Waits for a cancellation callback running on another thread (it never waits for itself),
+        // so no callback can outlive the caller hold and act on a recycled entry.
+        _registration.Dispose();
+        _registration = default;
+        DropHold();
     }
 
     private void DropHold()
@@ -183,12 +209,17 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
 
     private void Recycle()
     {
-        ResetMessage();
-        _registration = default;
-        _cancellationToken = default;
-        _generation = (_generation + 1) & ((1UL << (64 - IndexBits)) - 1);
-        _core.Reset();
-        _table.Return(this);
+        try
+        {
+            ResetMessage();
+        }
+        finally
+        {
+            _cancellationToken = default;
+            _generation = (_generation + 1) & ((1UL << (64 - IndexBits)) - 1);
+            _core.Reset();
+            _table.Return(this);
+        }
     }
 
     internal void MarkFree() => Interlocked.Exchange(ref _state, StateFree);

@@ -32,6 +32,11 @@ internal sealed unsafe partial class RpcConnection
                     FlushOverflowReleases();
                 }
 
+                if (!_pendingCancels.IsEmpty)
+                {
+                    FlushPendingCancels();
+                }
+
                 SharedWait.Wait(ref ready, _inbound.ConsumerWake, _receiveSpin, singleWaiter: true);
             }
         }
@@ -58,7 +63,10 @@ internal sealed unsafe partial class RpcConnection
 
         public InboundReady(RpcConnection connection) => _connection = connection;
 
-        public bool IsSatisfied() => _connection._inbound.Messages.HasMessage();
+        public bool IsSatisfied() =>
+            _connection._inbound.Messages.HasMessage()
+            || _connection._inbound.Releases.HasMessage()
+            || (!_connection._overflowReleases.IsEmpty && _connection._outbound.Releases.HasFreeSlot());
 
         public bool IsAbandoned() => _connection.IsClosed;
     }
@@ -106,6 +114,11 @@ internal sealed unsafe partial class RpcConnection
                     throw Violation($"request id {header.CallId} outside the call table");
                 }
 
+                if (Volatile.Read(ref _servedCalls[header.CallId & ((1UL << PendingCall.IndexBits) - 1)]) is not null)
+                {
+                    throw Violation($"request id {header.CallId} while a call with its index is still being served");
+                }
+
                 IncomingCall call = RentIncomingCall();
                 call.Begin(header.CallId);
                 target = call;
@@ -114,7 +127,7 @@ internal sealed unsafe partial class RpcConnection
             case MessageKind.Response:
             case MessageKind.Fault:
                 PendingCall? entry = _calls.Find(header.CallId);
-                if (entry is null || !entry.IsAwaitingResponse(header.CallId, out _))
+                if (entry is null || !entry.TryClaimResponse(header.CallId))
                 {
                     throw Violation($"a response to call {header.CallId}, which is not waiting for one");
                 }
@@ -161,6 +174,11 @@ internal sealed unsafe partial class RpcConnection
         {
             Terminate(ex);
             target.ReleaseUntakenPayloads();
+            if (target is PendingCall claimed)
+            {
+                claimed.CompleteWithException(ClosedException());
+            }
+
             throw;
         }
 
@@ -174,7 +192,19 @@ internal sealed unsafe partial class RpcConnection
                 break;
             default:
                 var pending = (PendingCall)target;
-                pending.CompleteWithException(FaultCodec.Decode(pending.Body));
+                RemoteInvocationException fault;
+                try
+                {
+                    fault = FaultCodec.Decode(pending.Body);
+                }
+                catch (ProtocolViolationException ex)
+                {
+                    Terminate(ex);
+                    pending.CompleteWithException(ClosedException());
+                    throw;
+                }
+
+                pending.CompleteWithException(fault);
                 break;
         }
     }
@@ -313,6 +343,9 @@ internal sealed unsafe partial class RpcConnection
 
     internal void FinishCall(IncomingCall call, Exception? failure)
     {
+        // Free the index before answering: the caller may reuse it the moment the answer lands.
+        int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
+        Interlocked.CompareExchange(ref _servedCalls[index], null, call);
         try
         {
             if (failure is not null)
@@ -324,13 +357,22 @@ internal sealed unsafe partial class RpcConnection
                 call.Reply(default);
             }
         }
-        catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+        catch (Exception ex) when (!IsClosed && ex is not OutOfMemoryException)
+        {
+            // The reply itself failed (too many payloads, a disposed lease, a full arena): answer with that.
+            try
+            {
+                call.Fail(ex);
+            }
+            catch (Exception) when (IsClosed)
+            {
+            }
+        }
+        catch (Exception) when (IsClosed)
         {
             // The caller is gone; there is nobody to answer.
         }
 
-        int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
-        Interlocked.CompareExchange(ref _servedCalls[index], null, call);
         call.Reset();
         ReturnIncomingCall(call);
     }
@@ -343,11 +385,7 @@ internal sealed unsafe partial class RpcConnection
             throw Violation($"a cancel for call id {callId} outside the call table");
         }
 
-        IncomingCall? call = Volatile.Read(ref _servedCalls[index]);
-        if (call is not null && call.CallId == callId)
-        {
-            call.Cancel();
-        }
+        Volatile.Read(ref _servedCalls[index])?.Cancel(callId);
     }
 
     // ------------------------------------------------------------------ the socket: segments and liveness
@@ -368,7 +406,7 @@ internal sealed unsafe partial class RpcConnection
                 int consumed = 0;
                 try
                 {
-                    consumed = HandleFrame(type, payload, fds[..fdCount]);
+                    HandleFrame(type, payload, fds[..fdCount], ref consumed);
                 }
                 finally
                 {
@@ -390,8 +428,8 @@ internal sealed unsafe partial class RpcConnection
         }
     }
 
-    /// <summary>Handles one socket frame; returns how many of <paramref name="fds"/> it took ownership of.</summary>
-    private int HandleFrame(FrameType type, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds)
+    /// <summary>Handles one socket frame; <paramref name="consumed"/> counts the descriptors it took ownership of (set before ownership moves).</summary>
+    private void HandleFrame(FrameType type, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds, ref int consumed)
     {
         switch (type)
         {
@@ -409,13 +447,14 @@ internal sealed unsafe partial class RpcConnection
                     throw Violation($"segment id {id}, which is out of range or in use");
                 }
 
+                consumed = 1; // MapPeer owns the descriptor from here, whether it succeeds or not
                 SharedMemorySegment segment = SharedMemorySegment.MapPeer(id, fds[0], size, _options.MaxPeerSegmentBytes);
                 segment.CloseDescriptor();
                 Volatile.Write(ref _peerSegments[id], segment);
                 Span<byte> ack = stackalloc byte[4];
                 BinaryPrimitives.WriteInt32LittleEndian(ack, id);
                 _channel.Send(FrameType.SegmentMapped, ack);
-                return 1;
+                return;
             }
 
             case FrameType.SegmentMapped:
@@ -430,7 +469,7 @@ internal sealed unsafe partial class RpcConnection
                     Monitor.PulseAll(_announceLock);
                 }
 
-                return 0;
+                return;
 
             case FrameType.RemoveSegment:
             {
@@ -442,7 +481,7 @@ internal sealed unsafe partial class RpcConnection
                 }
 
                 segment.Release();
-                return 0;
+                return;
             }
 
             default:

@@ -26,8 +26,10 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
     private readonly IncomingCall?[] _servedCalls;
     private readonly ConcurrentQueue<IncomingCall> _incomingPool = new();
     private readonly ConcurrentQueue<ulong> _overflowReleases = new();
+    private readonly ConcurrentQueue<ulong> _pendingCancels = new();
     private readonly AdaptiveSpin _receiveSpin;
     private readonly AdaptiveSpin _sendSpin;
+    private readonly AdaptiveSpin _arenaSpin;
     private readonly Thread _receiveThread;
     private readonly Thread _socketThread;
     private readonly TaskCompletionSource _receiveExited = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -53,7 +55,8 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         Geometry = outbound.Geometry;
         _receiveSpin = new AdaptiveSpin(options.SpinBudget);
         _sendSpin = new AdaptiveSpin(options.SpinBudget);
-        _arena = new PayloadArena(this, options.SegmentSize, options.MaxArenaBytes, options.ArenaWaitTimeout, options.SpinBudget, $"{role}-{Environment.ProcessId}");
+        _arenaSpin = new AdaptiveSpin(options.SpinBudget);
+        _arena = new PayloadArena(this, options.SegmentSize, options.MaxArenaBytes, options.ArenaWaitTimeout, $"{role}-{Environment.ProcessId}");
         _calls = new PendingCallTable(this, Geometry.SlotCount, options.RunContinuationsAsynchronously);
         _servedCalls = new IncomingCall?[Geometry.SlotCount];
         _drainReleases = DrainReleases;
@@ -84,9 +87,10 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
 
     internal void Start()
     {
-        if (Interlocked.Exchange(ref _started, 1) == 0)
+        if (Volatile.Read(ref _started) == 0)
         {
-            _channel.SetReceiveTimeout(TimeSpan.Zero);
+            _channel.SetReceiveTimeout(TimeSpan.Zero); // may throw (socket disposed by a cancelled connect): then nothing started
+            Volatile.Write(ref _started, 1);
             _socketThread.Start();
             _receiveThread.Start();
         }
@@ -114,7 +118,15 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         PendingCall? call = _calls.TryClaim();
         if (call is null)
         {
-            return CallWhenEntryFreeAsync(methodId, body.ToArray(), payloads.ToArray(), cancellationToken);
+            // Slow path (every entry in flight): keep the promise that the caller's buffers are free
+            // on return by copying their bytes now; leases move as they are.
+            var owned = new OutboundPayload[payloads.Length];
+            for (int i = 0; i < owned.Length; i++)
+            {
+                owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray()) : payloads[i];
+            }
+
+            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, cancellationToken);
         }
 
         return StartCall(call, methodId, body, payloads, cancellationToken);
@@ -153,20 +165,54 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         return new ValueTask<RpcReply>(call, call.Version);
     }
 
+    /// <summary>
+    /// Tells the server a call was cancelled. Never blocks the cancelling thread (it may be a timer or
+    /// the receive thread): when the ring is full the cancel waits in a queue flushed by later sends
+    /// and by the receive thread.
+    /// </summary>
     internal void TrySendCancel(ulong callId)
     {
+        _pendingCancels.Enqueue(callId);
+        FlushPendingCancels();
+    }
+
+    private void FlushPendingCancels()
+    {
+        if (IsClosed || !_outbound.Segment.TryAddReference())
+        {
+            return;
+        }
+
         try
         {
-            if (!IsClosed)
+            while (_pendingCancels.TryPeek(out ulong callId))
             {
-                Send(MessageKind.Cancel, callId, 0, default, default, CancellationToken.None);
+                byte* slot = _outbound.Messages.TryReserve(out long position);
+                if (slot is null)
+                {
+                    return;
+                }
+
+                _pendingCancels.TryDequeue(out _);
+                MessageHeader* header = (MessageHeader*)slot;
+                header->CallId = callId;
+                header->Kind = MessageKind.Cancel;
+                header->Flags = MessageFlags.None;
+                header->MethodId = 0;
+                header->BodyLength = 0;
+                header->PayloadCount = 0;
+                header->Reserved = 0;
+                _outbound.Messages.Publish(position);
+                SharedWait.Wake(_outbound.ConsumerWake);
             }
         }
-        catch (OffloadRpcException)
+        catch (ProtocolViolationException ex)
         {
+            Terminate(ex);
         }
-        catch (ObjectDisposedException)
+        finally
         {
+            _outbound.Segment.Release();
         }
     }
 
@@ -181,9 +227,14 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         int slotSize = Geometry.SlotSize;
         bool bodyInPayload = MessageHeader.Size + (long)payloads.Length * PayloadRef.Size + body.Length > slotSize;
         int refCount = payloads.Length + (bodyInPayload ? 1 : 0);
-        if (refCount > TransportProtocol.MaxPayloadsPerMessage)
+        if (refCount > TransportProtocol.MaxPayloadsPerMessage || MessageHeader.Size + refCount * PayloadRef.Size > slotSize)
         {
             throw new ArgumentException($"A message carries at most {TransportProtocol.MaxPayloadsPerMessage} payloads (its body counts as one when it exceeds the slot).", nameof(payloads));
+        }
+
+        if (!_pendingCancels.IsEmpty)
+        {
+            FlushPendingCancels();
         }
 
         if (!_outbound.Segment.TryAddReference())
@@ -197,7 +248,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         // Only messages with arena blocks need the array (a small call stays allocation- and pool-free).
         SharedMemorySegment?[]? allocated = refCount == 0 ? null : System.Buffers.ArrayPool<SharedMemorySegment?>.Shared.Rent(TransportProtocol.MaxPayloadsPerMessage);
         int allocatedCount = 0;
-        int detachedCount = 0;
+        int detached = 0; // bit i: payload i's lease was detached by this send
         bool published = false;
         try
         {
@@ -222,7 +273,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
                     throw new ObjectDisposedException(nameof(SharedBuffer), "A lease passed to a call was already disposed or passed on.");
                 }
 
-                detachedCount = i + 1;
+                detached |= 1 << i;
                 refs[r++] = new PayloadRef
                 {
                     SegmentId = lease.Segment.Id,
@@ -266,9 +317,12 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         {
             if (!published)
             {
-                for (int i = 0; i < detachedCount; i++)
+                for (int i = 0; i < payloads.Length; i++)
                 {
-                    payloads[i].Lease?.Reattach();
+                    if ((detached & (1 << i)) != 0)
+                    {
+                        payloads[i].Lease!.Reattach();
+                    }
                 }
             }
 
@@ -291,21 +345,28 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             _outbound.Segment.Release();
         }
 
-        if (published)
+        // Published: the message is the peer's now. Nothing below may throw into a caller that would
+        // then treat the call as unsent.
+        for (int i = 0; i < payloads.Length; i++)
         {
-            for (int i = 0; i < payloads.Length; i++)
+            SharedBuffer? lease = payloads[i].Lease;
+            if (lease is null)
             {
-                SharedBuffer? lease = payloads[i].Lease;
-                if (lease is not null)
+                continue;
+            }
+
+            if ((detached & (1 << i)) != 0)
+            {
+                lease.ReleaseDetachedMapping();
+            }
+            else
+            {
+                try
                 {
-                    if (lease.Host == this)
-                    {
-                        lease.ReleaseDetachedMapping();
-                    }
-                    else
-                    {
-                        lease.Dispose(); // copied from another connection: ownership moved, the original goes back
-                    }
+                    lease.Dispose(); // copied from another connection: ownership moved, the original goes back
+                }
+                catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+                {
                 }
             }
         }
@@ -325,7 +386,17 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         while (true)
         {
             ThrowIfClosed();
-            byte* slot = _outbound.Messages.TryReserve(out position);
+            byte* slot;
+            try
+            {
+                slot = _outbound.Messages.TryReserve(out position);
+            }
+            catch (ProtocolViolationException ex)
+            {
+                Terminate(ex);
+                throw;
+            }
+
             if (slot is not null)
             {
                 return slot;
@@ -399,12 +470,21 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             if (slot is null)
             {
                 _overflowReleases.Enqueue(handle); // the receive thread posts it once the ring drains
+                SharedWait.Wake(_outbound.ConsumerWake);
                 return;
             }
 
             *(ulong*)(slot + 8) = handle;
             ring.Publish(position);
-            SharedWait.Wake(_outbound.ReleaseConsumerWake);
+            SharedWait.Wake(_outbound.ReleaseConsumerWake); // an allocator waiting for space
+            if (!ring.IsFree(position + ring.Capacity / 2))
+            {
+                SharedWait.Wake(_outbound.ConsumerWake); // half full: have the owner's receive thread drain it
+            }
+        }
+        catch (ProtocolViolationException ex)
+        {
+            Terminate(ex);
         }
         finally
         {
@@ -412,6 +492,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
     }
 
+    /// <summary>Posts releases that found the ring full (receive thread only).</summary>
     private void FlushOverflowReleases()
     {
         while (_overflowReleases.TryPeek(out ulong handle))
@@ -419,7 +500,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             byte* slot = _outbound.Releases.TryReserve(out long position);
             if (slot is null)
             {
-                return;
+                break;
             }
 
             _overflowReleases.TryDequeue(out _);
@@ -428,11 +509,62 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
 
         SharedWait.Wake(_outbound.ReleaseConsumerWake);
+        SharedWait.Wake(_outbound.ConsumerWake);
     }
 
-    bool IArenaPeer.HasPendingReleases => _inbound.Releases.HasMessage();
+    /// <summary>
+    /// Waits until the peer posts a release or this process frees arena space (generation moves),
+    /// holding a reference on the inbound area so the wake word cannot be unmapped under the wait.
+    /// </summary>
+    void IArenaPeer.WaitForSpace(PayloadArena arena, long freeGeneration, long deadline, CancellationToken cancellationToken)
+    {
+        if (!_inbound.Segment.TryAddReference())
+        {
+            throw ClosedException();
+        }
 
-    int* IArenaPeer.ReleaseWakeWord => _inbound.ReleaseConsumerWake;
+        try
+        {
+            var condition = new SpaceReleased(this, arena, freeGeneration, deadline, cancellationToken);
+            SharedWait.Wait(ref condition, _inbound.ReleaseConsumerWake, _arenaSpin, singleWaiter: false);
+        }
+        finally
+        {
+            _inbound.Segment.Release();
+        }
+    }
+
+    /// <summary>Wakes this process's threads waiting for arena space (after a local free).</summary>
+    void IArenaPeer.WakeSpaceWaiters()
+    {
+        if (_inbound.Segment.TryAddReference())
+        {
+            SharedWait.Wake(_inbound.ReleaseConsumerWake);
+            _inbound.Segment.Release();
+        }
+    }
+
+    private readonly struct SpaceReleased : IWaitCondition
+    {
+        private readonly RpcConnection _connection;
+        private readonly PayloadArena _arena;
+        private readonly long _generation;
+        private readonly long _deadline;
+        private readonly CancellationToken _cancellationToken;
+
+        public SpaceReleased(RpcConnection connection, PayloadArena arena, long generation, long deadline, CancellationToken cancellationToken)
+        {
+            _connection = connection;
+            _arena = arena;
+            _generation = generation;
+            _deadline = deadline;
+            _cancellationToken = cancellationToken;
+        }
+
+        public bool IsSatisfied() => _arena.FreeGeneration != _generation || _connection._inbound.Releases.HasMessage();
+
+        public bool IsAbandoned() => _connection.IsClosed || _cancellationToken.IsCancellationRequested || Stopwatch.GetTimestamp() > _deadline;
+    }
 
     void IArenaPeer.DrainReleases(PayloadArena arena) => DrainReleases(arena);
 
@@ -471,7 +603,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
 
         _channel.Send(FrameType.AddSegment, frame, [segment.FileDescriptor]);
-        long deadline = Stopwatch.GetTimestamp() + (long)(_options.HandshakeTimeout.TotalSeconds * Stopwatch.Frequency);
+        long deadline = _options.HandshakeTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : Stopwatch.GetTimestamp() + (long)(_options.HandshakeTimeout.TotalSeconds * Stopwatch.Frequency);
         lock (_announceLock)
         {
             while (_announcesAcknowledged < expected)
@@ -574,7 +706,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         _calls.FailAll(ClosedException());
         for (int i = 0; i < _servedCalls.Length; i++)
         {
-            _servedCalls[i]?.Cancel();
+            Volatile.Read(ref _servedCalls[i])?.Cancel(null);
         }
 
         _arena.Close();

@@ -114,7 +114,9 @@ internal sealed class RpcListener : IAsyncDisposable
                 continue;
             }
 
-            _ = Task.Run(() => Admit(client), CancellationToken.None);
+            // Handshake reads block (bounded by HandshakeTimeout); a thread of its own keeps slow or
+            // silent clients from tying up the thread pool.
+            new Thread(() => Admit(client)) { IsBackground = true, Name = "OffloadRpc handshake" }.Start();
         }
     }
 

@@ -98,6 +98,13 @@ internal sealed unsafe class SharedMemorySegment
                 throw new ProtocolViolationException($"Peer sent segment {id} that is not sealed against resizing (seals 0x{seals:x}, required 0x{RequiredSeals:x}).");
             }
 
+            // Only ordinary shared memory (tmpfs/shmem): a hugetlbfs memfd could fault with SIGBUS when its pool runs dry.
+            long filesystem = LinuxNative.FileSystemType(fd);
+            if (filesystem != LinuxNative.TMPFS_MAGIC)
+            {
+                throw new ProtocolViolationException($"Peer sent segment {id} that is not anonymous shared memory (file system 0x{filesystem:x}).");
+            }
+
             long actual = LinuxNative.Lseek(fd, 0, LinuxNative.SEEK_END);
             if (actual != expectedSize || expectedSize <= 0 || expectedSize > maxSize)
             {

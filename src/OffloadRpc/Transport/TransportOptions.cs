@@ -24,6 +24,9 @@ internal sealed class TransportOptions
     /// <summary>The largest segment a peer may announce; a larger one is a protocol violation.</summary>
     public long MaxPeerSegmentBytes { get; init; } = 4L << 30;
 
+    /// <summary>The largest control area (both rings) a client may ask this server for.</summary>
+    public long MaxPeerControlAreaBytes { get; init; } = 16L << 20;
+
     /// <summary>How long a send waits for arena space before it fails with <see cref="ArenaExhaustedException"/>.</summary>
     public TimeSpan ArenaWaitTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
