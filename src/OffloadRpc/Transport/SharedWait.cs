@@ -65,7 +65,7 @@ internal static unsafe class SharedWait
                     }
                 }
 
-                Thread.SpinWait(4);
+                Thread.SpinWait(1);
             }
         }
 
