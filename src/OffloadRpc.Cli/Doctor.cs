@@ -115,7 +115,7 @@ internal static class Doctor
     private static (Verdict, string) LoopbackConnection()
     {
         string endpoint = $"doctor-{Environment.ProcessId}";
-        var listener = new RpcListener(endpoint, new TransportOptions(), _ => null, _ => new EchoHandler());
+        var listener = new RpcListener(endpoint, new TransportOptions(), [], _ => new EchoHandler());
         try
         {
             listener.Start();

@@ -86,6 +86,26 @@ public sealed unsafe class SharedBuffer : IDisposable
     /// <summary>Ends the lease without returning the block, because it is being sent on; false when it was already gone.</summary>
     internal bool TryDetach() => Interlocked.Exchange(ref _state, 1) == 0;
 
+    /// <summary>The lease's bytes as memory of <typeparamref name="T"/> (whole elements only), valid while the lease is.</summary>
+    internal Memory<T> CreateMemory<T>()
+        where T : unmanaged
+    {
+        ThrowIfGone();
+        if (typeof(T) == typeof(byte))
+        {
+            Memory<byte> bytes = Memory;
+            return System.Runtime.CompilerServices.Unsafe.As<Memory<byte>, Memory<T>>(ref bytes);
+        }
+
+        int size = System.Runtime.CompilerServices.Unsafe.SizeOf<T>();
+        if (_length % size != 0)
+        {
+            throw new ProtocolViolationException($"A payload of {_length} bytes is not a whole number of {typeof(T).Name} ({size} bytes each).");
+        }
+
+        return new TypedManager<T>(this).Memory;
+    }
+
     /// <summary>Undoes <see cref="TryDetach"/> when the send that detached the lease failed.</summary>
     internal void Reattach() => Volatile.Write(ref _state, 0);
 
@@ -101,6 +121,29 @@ public sealed unsafe class SharedBuffer : IDisposable
     }
 
     public override string ToString() => $"SharedBuffer({_length} bytes, segment {_segment.Id} +{_offset}{(IsValid ? string.Empty : ", gone")})";
+
+    private sealed class TypedManager<T> : MemoryManager<T>
+        where T : unmanaged
+    {
+        private readonly SharedBuffer _owner;
+
+        public TypedManager(SharedBuffer owner) => _owner = owner;
+
+        public override Span<T> GetSpan() => System.Runtime.InteropServices.MemoryMarshal.Cast<byte, T>(_owner.Span);
+
+        public override MemoryHandle Pin(int elementIndex = 0)
+        {
+            _owner.ThrowIfGone();
+            ObjectDisposedException.ThrowIf(!_owner._segment.TryAddReference(), _owner);
+            return new MemoryHandle(_owner._segment.Base + _owner._offset + ((long)elementIndex * System.Runtime.CompilerServices.Unsafe.SizeOf<T>()), default, this);
+        }
+
+        public override void Unpin() => _owner._segment.Release();
+
+        protected override void Dispose(bool disposing)
+        {
+        }
+    }
 
     private sealed class Manager : MemoryManager<byte>
     {

@@ -9,7 +9,7 @@ internal sealed class TransportServer : IRequestHandler
 {
     public static async Task<int> RunAsync(string endpoint)
     {
-        await using var listener = new RpcListener(endpoint, new TransportOptions(), _ => null, _ => new TransportServer());
+        await using var listener = new RpcListener(endpoint, new TransportOptions(), [], _ => new TransportServer());
         listener.Start();
         Console.WriteLine("READY");
         await Task.Run(() => Console.In.ReadToEnd());

@@ -90,7 +90,7 @@ internal static class PeerProgram
 
     private static async Task<int> ServeAsync(string endpoint, TransportOptions options, Dictionary<string, ulong> contracts, IRequestHandler handler)
     {
-        await using var listener = new RpcListener(endpoint, options, name => contracts.TryGetValue(name, out ulong hash) ? hash : null, _ => handler);
+        await using var listener = new RpcListener(endpoint, options, contracts.Select(c => new ContractDescriptor(c.Key, c.Value)).ToArray(), _ => handler);
         PeerHandler.Listener = listener;
         listener.ConnectionFailed += ex => Console.WriteLine($"FAILED {ex.GetType().FullName}: {ex.Message}");
         listener.Start();

@@ -88,7 +88,7 @@ internal sealed class InProcessServer : IAsyncDisposable, IRequestHandler
     public InProcessServer(ConcurrentQueue<Exception> failures, TransportOptions? options = null, string? endpoint = null, IReadOnlyDictionary<string, ulong>? contracts = null)
     {
         Endpoint = endpoint ?? Endpoints.Unique("inproc");
-        Listener = new RpcListener(Endpoint, options ?? new TransportOptions(), name => contracts is not null && contracts.TryGetValue(name, out ulong hash) ? hash : null, _ => this);
+        Listener = new RpcListener(Endpoint, options ?? new TransportOptions(), contracts?.Select(c => new ContractDescriptor(c.Key, c.Value)).ToArray() ?? [], _ => this);
         Listener.ConnectionFailed += failures.Enqueue;
         Listener.Start();
     }

@@ -81,15 +81,19 @@ public sealed class SecurityTests
     }
 
     [Fact]
-    public async Task A_contract_mismatch_names_the_service_and_a_matching_contract_connects()
+    public async Task A_contract_mismatch_names_the_service_and_matching_or_unserved_contracts_connect()
     {
         await using RemoteServer server = RemoteServer.Start("contract", "--contract", "Images=1111");
         var mismatch = await Assert.ThrowsAsync<ContractMismatchException>(() => Handshake.ConnectAsync(server.Endpoint, new TransportOptions(), [new ContractDescriptor("Images", 2222)], null, CancellationToken.None));
         Assert.Equal("Images", mismatch.ServiceName);
         Assert.Contains("Images", mismatch.Message);
 
-        var missing = await Assert.ThrowsAsync<ContractMismatchException>(() => Handshake.ConnectAsync(server.Endpoint, new TransportOptions(), [new ContractDescriptor("Audio", 1)], null, CancellationToken.None));
-        Assert.Equal("Audio", missing.ServiceName);
+        // A service the server does not serve is no reason to refuse: the client learns what is served.
+        await using (RpcConnection other = await Handshake.ConnectAsync(server.Endpoint, new TransportOptions(), [new ContractDescriptor("Audio", 1)], null, CancellationToken.None))
+        {
+            Assert.Equal(1111UL, other.PeerContracts["Images"]);
+            Assert.False(other.PeerContracts.ContainsKey("Audio"));
+        }
 
         await using RpcConnection ok = await Handshake.ConnectAsync(server.Endpoint, new TransportOptions(), [new ContractDescriptor("Images", 1111)], null, CancellationToken.None);
         using RpcReply reply = await ok.CallAsync(Testing.PeerMethods.Echo, "ok"u8, default);

@@ -67,10 +67,22 @@ internal static class Handshake
 
             int welcomeFd = fds[0];
             bool valid;
+            var served = new Dictionary<string, ulong>(StringComparer.Ordinal);
             try
             {
                 var reader = new FrameReader(payload, "Welcome");
                 valid = reader.ReadUInt32() == TransportProtocol.HelloMagic && reader.ReadInt32() == options.ProtocolVersion;
+                int count = valid ? reader.ReadUInt16() : 0;
+                if (count > MaxContracts)
+                {
+                    throw new ProtocolViolationException($"The server at {path} listed {count} services (limit {MaxContracts}).");
+                }
+
+                for (int i = 0; i < count; i++)
+                {
+                    string name = reader.ReadString(MaxContractName);
+                    served[name] = reader.ReadUInt64();
+                }
             }
             catch
             {
@@ -86,7 +98,16 @@ internal static class Handshake
 
             ControlArea inbound = MapControlArea(welcomeFd, options.Geometry, options); // owns the descriptor
             outbound.Segment.CloseDescriptor();
-            var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "client");
+            foreach (ContractDescriptor contract in contracts)
+            {
+                if (Mismatch(served.Select(s => new ContractDescriptor(s.Key, s.Value)).ToArray(), contract.Name, contract.Hash, "this client was built against", "the server implements") is { } mismatch)
+                {
+                    inbound.Segment.Release();
+                    throw new ContractMismatchException(mismatch) { ServiceName = contract.Name };
+                }
+            }
+
+            var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "client") { PeerContracts = served };
             outbound = null; // the connection owns both areas and the channel now
             channel = null;
             ownedByConnection = true;
@@ -121,7 +142,7 @@ internal static class Handshake
     }
 
     /// <summary>The server's half, run for each accepted socket.</summary>
-    public static RpcConnection Accept(Socket socket, TransportOptions options, Func<string, ulong?> contractLookup, IRequestHandler handler)
+    public static RpcConnection Accept(Socket socket, TransportOptions options, IReadOnlyList<ContractDescriptor> served, IRequestHandler handler)
     {
         var channel = new SocketChannel(socket);
         ControlArea? inbound = null;
@@ -155,6 +176,7 @@ internal static class Handshake
             }
 
             int fd = fds[0];
+            IReadOnlyDictionary<string, ulong> peerContracts;
             try
             {
                 var reader = new FrameReader(payload, "Hello");
@@ -184,22 +206,22 @@ internal static class Handshake
                     throw new ProtocolViolationException($"Client process {peer.ProcessId} sent {contractCount} contracts (limit {MaxContracts}).");
                 }
 
+                // The client lists every service compiled into it; those this server also serves must match.
+                var clientContracts = new Dictionary<string, ulong>(StringComparer.Ordinal);
                 for (int i = 0; i < contractCount; i++)
                 {
                     string name = reader.ReadString(MaxContractName);
                     ulong hash = reader.ReadUInt64();
-                    ulong? served = contractLookup(name);
-                    string? mismatch = served is null
-                        ? $"The server does not serve '{name}'."
-                        : served.Value != hash
-                            ? $"Contract mismatch for '{name}': the client was built against contract {hash:x16}, the server implements {served.Value:x16}. Rebuild both sides against the same interface."
-                            : null;
+                    clientContracts[name] = hash;
+                    string? mismatch = Mismatch(served, name, hash, "the client was built against", "the server implements");
                     if (mismatch is not null)
                     {
                         TrySendReject(channel, RejectReason.ContractMismatch, mismatch, name);
                         throw new ContractMismatchException(mismatch) { ServiceName = name };
                     }
                 }
+
+                peerContracts = clientContracts;
 
                 if (ControlArea.RequiredSize(geometry) > options.MaxPeerControlAreaBytes)
                 {
@@ -212,12 +234,9 @@ internal static class Handshake
                 fd = -1; // MapControlArea owns it from here, whether it succeeds or not
                 inbound = MapControlArea(handedOver, geometry, options);
                 outbound = ControlArea.Create(geometry, "offloadrpc-server-control");
-                Span<byte> welcome = stackalloc byte[8];
-                BinaryPrimitives.WriteUInt32LittleEndian(welcome, TransportProtocol.HelloMagic);
-                BinaryPrimitives.WriteInt32LittleEndian(welcome[4..], options.ProtocolVersion);
-                channel.Send(FrameType.Welcome, welcome, [outbound.Segment.FileDescriptor]);
+                channel.Send(FrameType.Welcome, EncodeContracts(options, served, withGeometry: false), [outbound.Segment.FileDescriptor]);
                 outbound.Segment.CloseDescriptor();
-                var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "server");
+                var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "server") { PeerContracts = peerContracts };
                 inbound = null; // owned by the connection now
                 outbound = null;
                 ownedByConnection = true;
@@ -296,7 +315,23 @@ internal static class Handshake
         }
     }
 
-    private static byte[] EncodeHello(TransportOptions options, IReadOnlyList<ContractDescriptor> contracts)
+    private static string? Mismatch(IReadOnlyList<ContractDescriptor> served, string name, ulong hash, string clientSide, string serverSide)
+    {
+        foreach (ContractDescriptor contract in served)
+        {
+            if (contract.Name == name && contract.Hash != hash)
+            {
+                return $"Contract mismatch for '{name}': {clientSide} contract {hash:x16}, {serverSide} {contract.Hash:x16}. Rebuild both sides against the same interface.";
+            }
+        }
+
+        return null;
+    }
+
+    private static byte[] EncodeHello(TransportOptions options, IReadOnlyList<ContractDescriptor> contracts) => EncodeContracts(options, contracts, withGeometry: true);
+
+    /// <summary>Hello: magic, version, geometry, contracts. Welcome: magic, version, contracts.</summary>
+    private static byte[] EncodeContracts(TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, bool withGeometry)
     {
         if (contracts.Count > MaxContracts)
         {
@@ -307,9 +342,13 @@ internal static class Handshake
         using var writer = new BinaryWriter(stream, Encoding.UTF8);
         writer.Write(TransportProtocol.HelloMagic);
         writer.Write(options.ProtocolVersion);
-        writer.Write(options.SlotSize);
-        writer.Write(options.SlotCount);
-        writer.Write(options.ReleaseSlotCount);
+        if (withGeometry)
+        {
+            writer.Write(options.SlotSize);
+            writer.Write(options.SlotCount);
+            writer.Write(options.ReleaseSlotCount);
+        }
+
         writer.Write((ushort)contracts.Count);
         foreach (ContractDescriptor contract in contracts)
         {

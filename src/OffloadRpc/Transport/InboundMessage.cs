@@ -41,6 +41,9 @@ internal abstract class InboundMessage
 
     public ReadOnlySpan<byte> Body => _body.AsSpan(0, _bodyLength);
 
+    /// <summary>The body as memory (for readers that keep it, like MessagePackReader); valid until the message is recycled.</summary>
+    public ReadOnlyMemory<byte> BodyMemory => _body.AsMemory(0, _bodyLength);
+
     public int PayloadCount => _payloadCount;
 
     /// <summary>Length of payload <paramref name="index"/> without taking it.</summary>

@@ -246,6 +246,15 @@ internal readonly struct RpcReply : IDisposable
         }
     }
 
+    public ReadOnlyMemory<byte> BodyMemory
+    {
+        get
+        {
+            _call.ThrowIfReplyGone(_version);
+            return _call.BodyMemory;
+        }
+    }
+
     public int PayloadCount
     {
         get

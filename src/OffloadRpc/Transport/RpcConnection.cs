@@ -69,6 +69,9 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
 
     public PeerInfo Peer { get; }
 
+    /// <summary>The services the peer declared at the handshake (name to contract hash): served ones for a client, compiled-in ones for a server.</summary>
+    public IReadOnlyDictionary<string, ulong> PeerContracts { get; init; } = new Dictionary<string, ulong>();
+
     public RingGeometry Geometry { get; }
 
     /// <summary>The arena this side writes its outgoing payloads into.</summary>

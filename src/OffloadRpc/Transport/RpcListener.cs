@@ -12,18 +12,18 @@ internal sealed class RpcListener : IAsyncDisposable
 {
     private readonly TransportOptions _options;
     private readonly Func<RpcConnection, IRequestHandler> _handlerFactory;
-    private readonly Func<string, ulong?> _contractLookup;
+    private readonly IReadOnlyList<ContractDescriptor> _served;
     private readonly ConcurrentDictionary<RpcConnection, byte> _connections = new();
     private readonly CancellationTokenSource _stopping = new();
     private Socket? _socket;
     private Task? _acceptLoop;
     private int _disposed;
 
-    public RpcListener(string endpoint, TransportOptions options, Func<string, ulong?> contractLookup, Func<RpcConnection, IRequestHandler> handlerFactory)
+    public RpcListener(string endpoint, TransportOptions options, IReadOnlyList<ContractDescriptor> served, Func<RpcConnection, IRequestHandler> handlerFactory)
     {
         SocketPath = EndpointPath.Resolve(endpoint);
         _options = options;
-        _contractLookup = contractLookup;
+        _served = served;
         _handlerFactory = handlerFactory;
     }
 
@@ -125,7 +125,7 @@ internal sealed class RpcListener : IAsyncDisposable
         RpcConnection connection;
         try
         {
-            connection = Handshake.Accept(client, _options, _contractLookup, new DeferredHandler(this));
+            connection = Handshake.Accept(client, _options, _served, new DeferredHandler(this));
         }
         catch (Exception ex)
         {

@@ -1,0 +1,47 @@
+using OffloadRpc.Transport;
+
+namespace OffloadRpc;
+
+/// <summary>Settings of a connection or a server. The defaults suit payloads from bytes to hundreds of MiB.</summary>
+public sealed class OffloadRpcOptions
+{
+    /// <summary>How long a waiting thread spins before it sleeps on a futex. Spinning costs a core; a futex wake costs ~20-40 us. Zero: never spin.</summary>
+    public TimeSpan SpinBudget { get; set; } = TimeSpan.FromMicroseconds(50);
+
+    /// <summary>Ring slots per direction: the most calls one connection has in flight (a power of two).</summary>
+    public int MaxConcurrentCalls { get; set; } = 256;
+
+    /// <summary>Size of an ordinary shared-memory segment; larger payloads get a segment of their own.</summary>
+    public long SegmentSize { get; set; } = 64L << 20;
+
+    /// <summary>The most shared memory one direction of a connection may hold.</summary>
+    public long MaxArenaBytes { get; set; } = 2L << 30;
+
+    /// <summary>How long a call waits for shared memory to be released before <see cref="ArenaExhaustedException"/>.</summary>
+    public TimeSpan ArenaWaitTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>How long connecting and the handshake may take.</summary>
+    public TimeSpan HandshakeTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>User ids besides this process's own that may connect (server) or serve (client).</summary>
+    public IList<uint> AllowedUserIds { get; } = new List<uint>();
+
+    /// <summary>
+    /// Run await continuations of calls on the thread pool instead of inline on the connection's
+    /// receive thread. Inline is faster; turn this on if code after an await blocks synchronously
+    /// on another call of the same connection.
+    /// </summary>
+    public bool RunContinuationsAsynchronously { get; set; }
+
+    internal TransportOptions ToTransportOptions() => new()
+    {
+        SpinBudget = SpinBudget,
+        SlotCount = MaxConcurrentCalls,
+        SegmentSize = SegmentSize,
+        MaxArenaBytes = MaxArenaBytes,
+        ArenaWaitTimeout = ArenaWaitTimeout,
+        HandshakeTimeout = HandshakeTimeout,
+        AllowedUserIds = AllowedUserIds.ToArray(),
+        RunContinuationsAsynchronously = RunContinuationsAsynchronously,
+    };
+}

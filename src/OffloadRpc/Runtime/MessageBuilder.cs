@@ -1,0 +1,130 @@
+using System.Buffers;
+using System.ComponentModel;
+using System.Runtime.InteropServices;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc.Runtime;
+
+/// <summary>
+/// The body (MessagePack) and buffers of one outgoing request or response, built by generated code.
+/// One per thread, reused: a builder is rented, filled, and handed to the transport, which copies
+/// everything into shared memory before it returns, so the builder is free again at once.
+/// </summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public sealed class MessageBuilder
+{
+    [ThreadStatic]
+    private static MessageBuilder? t_cached;
+
+    private readonly ArrayBufferWriter<byte> _body = new(256);
+    private readonly List<OutboundPayload> _payloads = new(4);
+    private readonly List<MemoryHandle> _pins = new(4);
+
+    private MessageBuilder()
+    {
+    }
+
+    /// <summary>Where the generated code writes the MessagePack body.</summary>
+    public IBufferWriter<byte> Body => _body;
+
+    /// <summary>Takes this thread's builder (or a new one when it is in use).</summary>
+    public static MessageBuilder Rent()
+    {
+        MessageBuilder? builder = t_cached;
+        if (builder is null)
+        {
+            return new MessageBuilder();
+        }
+
+        t_cached = null;
+        return builder;
+    }
+
+    /// <summary>Adds a buffer to copy into shared memory; returns its payload index.</summary>
+    public int AddBuffer<T>(ReadOnlyMemory<T> buffer)
+        where T : unmanaged
+    {
+        if (typeof(T) == typeof(byte))
+        {
+            ReadOnlyMemory<byte> bytes = System.Runtime.CompilerServices.Unsafe.As<ReadOnlyMemory<T>, ReadOnlyMemory<byte>>(ref buffer);
+            _payloads.Add(OutboundPayload.Copy(bytes));
+        }
+        else
+        {
+            // Reinterpreting Memory<T> as bytes needs a view; the bytes are copied before the call returns.
+            MemoryHandle pin = buffer.Pin();
+            _pins.Add(pin);
+            unsafe
+            {
+                _payloads.Add(OutboundPayload.Copy(new UnmanagedMemoryView((byte*)pin.Pointer, checked(buffer.Length * System.Runtime.CompilerServices.Unsafe.SizeOf<T>())).Memory));
+            }
+        }
+
+        return _payloads.Count - 1;
+    }
+
+    /// <summary>Adds an array (null gives -1: no payload).</summary>
+    public int AddArray<T>(T[]? array)
+        where T : unmanaged => array is null ? -1 : AddBuffer<T>(array);
+
+    /// <summary>Adds a lease whose ownership moves with the message (null gives -1).</summary>
+    public int AddSharedBuffer(SharedBuffer? lease)
+    {
+        if (lease is null)
+        {
+            return -1;
+        }
+
+        _payloads.Add(OutboundPayload.Move(lease));
+        return _payloads.Count - 1;
+    }
+
+    internal ReadOnlySpan<byte> WrittenBody => _body.WrittenSpan;
+
+    internal ReadOnlySpan<OutboundPayload> Payloads => CollectionsMarshal.AsSpan(_payloads);
+
+    /// <summary>Clears the builder and gives it back to this thread.</summary>
+    internal void Return()
+    {
+        foreach (MemoryHandle pin in _pins)
+        {
+            pin.Dispose();
+        }
+
+        _pins.Clear();
+        _payloads.Clear();
+        if (_body.Capacity > 1 << 20)
+        {
+            t_cached = null; // let an unusually large body go
+            return;
+        }
+
+        _body.ResetWrittenCount();
+        t_cached = this;
+    }
+
+    /// <summary>A byte view of pinned memory, valid while the pin is held (until the transport has copied it).</summary>
+    private sealed unsafe class UnmanagedMemoryView : MemoryManager<byte>
+    {
+        private readonly byte* _pointer;
+        private readonly int _length;
+
+        public UnmanagedMemoryView(byte* pointer, int length)
+        {
+            _pointer = pointer;
+            _length = length;
+        }
+
+        public override Span<byte> GetSpan() => new(_pointer, _length);
+
+        public override MemoryHandle Pin(int elementIndex = 0) => new(_pointer + elementIndex);
+
+        public override void Unpin()
+        {
+        }
+
+        protected override void Dispose(bool disposing)
+        {
+        }
+    }
+}

@@ -1,0 +1,84 @@
+using System.ComponentModel;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc.Runtime;
+
+/// <summary>
+/// What the generator knows about one service: its name, contract hash, method ids, and how to make
+/// its proxy and stub. Registered by a generated module initializer; no reflection at run time.
+/// </summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public abstract class ServiceDescriptor
+{
+    private protected ServiceDescriptor(string name, ulong contractHash, int[] methodIds)
+    {
+        Name = name;
+        ContractHash = contractHash;
+        MethodIds = methodIds;
+    }
+
+    /// <summary>The interface's full name; the key both sides compare.</summary>
+    public string Name { get; }
+
+    /// <summary>A hash of every method's name, parameter and return types: equal on both sides or the connection is refused.</summary>
+    public ulong ContractHash { get; }
+
+    /// <summary>The stable id of each method, from its signature.</summary>
+    public IReadOnlyList<int> MethodIds { get; }
+}
+
+/// <summary>The descriptor of service <typeparamref name="TService"/>.</summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public sealed class ServiceDescriptor<TService> : ServiceDescriptor
+    where TService : class
+{
+    private readonly Func<OffloadRpcConnection, TService> _createProxy;
+    private readonly Func<TService, ServiceStub> _createStub;
+
+    public ServiceDescriptor(string name, ulong contractHash, int[] methodIds, Func<OffloadRpcConnection, TService> createProxy, Func<TService, ServiceStub> createStub)
+        : base(name, contractHash, methodIds)
+    {
+        _createProxy = createProxy;
+        _createStub = createStub;
+    }
+
+    internal TService CreateProxy(OffloadRpcConnection connection) => _createProxy(connection);
+
+    internal ServiceStub CreateStub(TService implementation) => _createStub(implementation);
+}
+
+/// <summary>The services compiled into this process, registered by generated module initializers.</summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public static class ServiceRegistry
+{
+    private static readonly object s_lock = new();
+    private static ContractDescriptor[] s_contracts = [];
+
+    /// <summary>Called by generated code at module load.</summary>
+    public static void Register<TService>(ServiceDescriptor<TService> descriptor)
+        where TService : class
+    {
+        ArgumentNullException.ThrowIfNull(descriptor);
+        lock (s_lock)
+        {
+            Holder<TService>.Descriptor = descriptor;
+            var contracts = new List<ContractDescriptor>(s_contracts.Where(c => c.Name != descriptor.Name))
+            {
+                new(descriptor.Name, descriptor.ContractHash),
+            };
+            s_contracts = [.. contracts];
+        }
+    }
+
+    internal static ServiceDescriptor<TService>? Find<TService>()
+        where TService : class => Holder<TService>.Descriptor;
+
+    internal static IReadOnlyList<ContractDescriptor> Contracts() => Volatile.Read(ref s_contracts);
+
+    /// <summary>A generic static per service type: lookup without a dictionary or reflection (NativeAOT-safe).</summary>
+    private static class Holder<TService>
+        where TService : class
+    {
+        public static ServiceDescriptor<TService>? Descriptor;
+    }
+}
