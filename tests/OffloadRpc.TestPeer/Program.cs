@@ -32,6 +32,7 @@ internal static class PeerProgram
             return mode switch
             {
                 "server" => await ServeAsync(endpoint, options, contracts, new PeerHandler()),
+                "typed-server" => await TypedServer.RunAsync(endpoint, versioned: args.Contains("--versioned")),
                 "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
                 "client" => await ClientAsync(endpoint, options, contracts),
                 "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),

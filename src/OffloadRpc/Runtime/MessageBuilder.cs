@@ -79,6 +79,9 @@ public sealed class MessageBuilder
         return _payloads.Count - 1;
     }
 
+    /// <summary>Drops a builder whose message will not be sent (its encoding failed): unpins and clears it.</summary>
+    public void Discard() => Return();
+
     internal ReadOnlySpan<byte> WrittenBody => _body.WrittenSpan;
 
     internal ReadOnlySpan<OutboundPayload> Payloads => CollectionsMarshal.AsSpan(_payloads);

@@ -70,8 +70,23 @@ public static class ServiceRegistry
         }
     }
 
+    /// <summary>
+    /// The descriptor of <typeparamref name="TService"/>. A module initializer runs only once code of its
+    /// assembly runs, and naming an interface type is not enough; so when nothing is registered yet,
+    /// this runs the interface's module initializer explicitly (NativeAOT has already run it at start-up).
+    /// </summary>
     internal static ServiceDescriptor<TService>? Find<TService>()
-        where TService : class => Holder<TService>.Descriptor;
+        where TService : class
+    {
+        ServiceDescriptor<TService>? descriptor = Holder<TService>.Descriptor;
+        if (descriptor is null)
+        {
+            System.Runtime.CompilerServices.RuntimeHelpers.RunModuleConstructor(typeof(TService).Module.ModuleHandle);
+            descriptor = Holder<TService>.Descriptor;
+        }
+
+        return descriptor;
+    }
 
     internal static IReadOnlyList<ContractDescriptor> Contracts() => Volatile.Read(ref s_contracts);
 

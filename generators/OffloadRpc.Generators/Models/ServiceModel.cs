@@ -1,0 +1,68 @@
+namespace OffloadRpc.Generators.Models;
+
+/// <summary>
+/// Everything the emitter needs about one [OffloadService] interface. Immutable, with structural
+/// equality, holding no symbol, syntax node or compilation, so the pipeline caches it across edits.
+/// </summary>
+internal sealed record ServiceModel(
+    string Namespace,
+    string InterfaceName,
+    string InterfaceType,
+    string ServiceName,
+    string ProxyName,
+    string StubName,
+    string RegistrationName,
+    string Accessibility,
+    ulong ContractHash,
+    EquatableArray<MethodModel> Methods);
+
+/// <summary>How a method returns: Task, ValueTask, Task&lt;T&gt; or ValueTask&lt;T&gt;.</summary>
+internal enum ReturnShape
+{
+    Task,
+    ValueTask,
+    TaskOfT,
+    ValueTaskOfT,
+}
+
+internal sealed record MethodModel(
+    string Name,
+    int MethodId,
+    ReturnShape Shape,
+    string ReturnType,
+    ValueModel? Result,
+    EquatableArray<ParameterModel> Parameters,
+    string? CancellationTokenName);
+
+internal sealed record ParameterModel(string Name, string Type, ValueModel Value);
+
+/// <summary>How a value crosses: fast MessagePack primitives, MessagePack, an enum, or a buffer through the arena.</summary>
+internal enum ValueKind
+{
+    /// <summary>A type MessagePackWriter/Reader handle directly (bool, integers, floats, char, string).</summary>
+    Primitive,
+
+    /// <summary>An enum, written as its underlying integer.</summary>
+    Enum,
+
+    /// <summary>Anything else: MessagePackSerializer with OffloadRpc's options.</summary>
+    MessagePack,
+
+    /// <summary>ReadOnlyMemory&lt;T&gt; of unmanaged T: the arena; in shared memory on the server.</summary>
+    ReadOnlyMemory,
+
+    /// <summary>Memory&lt;T&gt; of unmanaged T: the arena; in shared memory on the server.</summary>
+    Memory,
+
+    /// <summary>T[] of unmanaged T: the arena; a managed copy on the other side.</summary>
+    Array,
+
+    /// <summary>SharedBuffer: ownership moves, no copy.</summary>
+    SharedBuffer,
+}
+
+/// <param name="Type">The fully qualified type, as written in emitted code.</param>
+/// <param name="Primitive">For Primitive: the MessagePackReader method suffix (Int32, String, ...); for Enum: the underlying type's.</param>
+/// <param name="ElementType">For buffers of T: T, fully qualified.</param>
+/// <param name="IsNullable">The declared type allows null (reference types annotated with '?').</param>
+internal sealed record ValueModel(ValueKind Kind, string Type, string? Primitive, string? ElementType, string? UnderlyingType, bool IsNullable);

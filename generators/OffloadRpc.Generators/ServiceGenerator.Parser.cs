@@ -1,0 +1,299 @@
+using System.Collections.Generic;
+using System.Linq;
+using System.Text;
+using System.Threading;
+using Microsoft.CodeAnalysis;
+using Microsoft.CodeAnalysis.CSharp;
+using OffloadRpc.Generators.Models;
+
+namespace OffloadRpc.Generators;
+
+/// <summary>A reason a service contract cannot work, with the diagnostic id the analyzers report it under.</summary>
+internal readonly record struct ContractProblem(string Id, string Message, Location? Location);
+
+/// <summary>
+/// Turns an [OffloadService] interface into a <see cref="ServiceModel"/>, or reports why it cannot
+/// cross the process boundary. Shared by the generator (which skips invalid contracts) and the
+/// analyzers (which report them).
+/// </summary>
+internal sealed class ServiceParser
+{
+    public const string OffloadServiceAttribute = "OffloadRpc.OffloadServiceAttribute";
+
+    private static readonly SymbolDisplayFormat s_typeFormat = SymbolDisplayFormat.FullyQualifiedFormat
+        .AddMiscellaneousOptions(SymbolDisplayMiscellaneousOptions.IncludeNullableReferenceTypeModifier);
+
+    private static readonly SymbolDisplayFormat s_wireFormat = SymbolDisplayFormat.FullyQualifiedFormat;
+
+    private readonly INamedTypeSymbol? _task;
+    private readonly INamedTypeSymbol? _taskOfT;
+    private readonly INamedTypeSymbol? _valueTask;
+    private readonly INamedTypeSymbol? _valueTaskOfT;
+    private readonly INamedTypeSymbol? _cancellationToken;
+    private readonly INamedTypeSymbol? _readOnlyMemory;
+    private readonly INamedTypeSymbol? _memory;
+    private readonly INamedTypeSymbol? _sharedBuffer;
+
+    public ServiceParser(Compilation compilation)
+    {
+        _task = compilation.GetTypeByMetadataName("System.Threading.Tasks.Task");
+        _taskOfT = compilation.GetTypeByMetadataName("System.Threading.Tasks.Task`1");
+        _valueTask = compilation.GetTypeByMetadataName("System.Threading.Tasks.ValueTask");
+        _valueTaskOfT = compilation.GetTypeByMetadataName("System.Threading.Tasks.ValueTask`1");
+        _cancellationToken = compilation.GetTypeByMetadataName("System.Threading.CancellationToken");
+        _readOnlyMemory = compilation.GetTypeByMetadataName("System.ReadOnlyMemory`1");
+        _memory = compilation.GetTypeByMetadataName("System.Memory`1");
+        _sharedBuffer = compilation.GetTypeByMetadataName("OffloadRpc.SharedBuffer");
+    }
+
+    /// <summary>The model of <paramref name="service"/>, or null with the reasons in <paramref name="problems"/>.</summary>
+    public ServiceModel? Parse(INamedTypeSymbol service, List<ContractProblem> problems, CancellationToken cancellationToken)
+    {
+        Location? where = service.Locations.FirstOrDefault();
+        if (service.TypeKind != TypeKind.Interface)
+        {
+            return null; // the attribute is valid on interfaces only; the compiler reports misuse
+        }
+
+        if (service.IsGenericType)
+        {
+            problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' is generic; a service contract must be a closed, non-generic interface", where));
+        }
+
+        if (service.ContainingType is not null)
+        {
+            problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' is nested in a type; declare it at namespace level so its proxy and stub can be generated beside it", where));
+        }
+
+        if (service.AllInterfaces.Any(i => i.GetMembers().Length > 0))
+        {
+            problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' inherits members from another interface; declare every method on the service interface itself", where));
+        }
+
+        string serviceName = service.ToDisplayString(SymbolDisplayFormat.FullyQualifiedFormat).Replace("global::", string.Empty);
+        var methods = new List<MethodModel>();
+        var ids = new Dictionary<int, string>();
+        foreach (ISymbol member in service.GetMembers())
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            if (member is IMethodSymbol { MethodKind: MethodKind.Ordinary } method)
+            {
+                if (method.IsStatic)
+                {
+                    continue; // static members are not part of the contract
+                }
+
+                MethodModel? model = ParseMethod(method, serviceName, problems);
+                if (model is null)
+                {
+                    continue;
+                }
+
+                if (ids.TryGetValue(model.MethodId, out string? other))
+                {
+                    problems.Add(new ContractProblem("OFFRPC1005", $"Methods '{other}' and '{method.Name}' of '{service.Name}' map to the same method id {model.MethodId}; rename one of them", method.Locations.FirstOrDefault()));
+                    continue;
+                }
+
+                ids.Add(model.MethodId, method.Name);
+                methods.Add(model);
+            }
+            else if (member is IPropertySymbol or IEventSymbol)
+            {
+                problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' declares {(member is IPropertySymbol ? "property" : "event")} '{member.Name}'; a service contract may only declare methods", member.Locations.FirstOrDefault()));
+            }
+        }
+
+        if (problems.Count > 0)
+        {
+            return null;
+        }
+
+        methods.Sort((a, b) => a.MethodId.CompareTo(b.MethodId));
+        var contract = new StringBuilder(serviceName).Append('{');
+        foreach (MethodModel m in methods)
+        {
+            contract.Append(m.MethodId).Append(':').Append(m.Name).Append('(')
+                .Append(string.Join(",", m.Parameters.Select(p => Wire(p.Value)))).Append(")->")
+                .Append(m.Result is null ? "void" : Wire(m.Result)).Append(';');
+        }
+
+        string baseName = service.Name.Length > 1 && service.Name[0] == 'I' && char.IsUpper(service.Name[1]) ? service.Name.Substring(1) : service.Name;
+        return new ServiceModel(
+            Namespace: service.ContainingNamespace.IsGlobalNamespace ? string.Empty : service.ContainingNamespace.ToDisplayString(),
+            InterfaceName: service.Name,
+            InterfaceType: service.ToDisplayString(s_typeFormat),
+            ServiceName: serviceName,
+            ProxyName: baseName + "Proxy",
+            StubName: baseName + "Stub",
+            RegistrationName: baseName + "Registration",
+            Accessibility: service.DeclaredAccessibility == Accessibility.Public ? "public" : "internal",
+            ContractHash: ContractHash.Contract(contract.Append('}').ToString()),
+            Methods: methods.ToEquatableArray());
+    }
+
+    private static string Wire(ValueModel value) => value.Kind switch
+    {
+        ValueKind.ReadOnlyMemory or ValueKind.Memory or ValueKind.Array => "buffer<" + value.ElementType + ">",
+        ValueKind.SharedBuffer => "lease",
+        _ => value.Type.Replace("?", string.Empty),
+    };
+
+    private MethodModel? ParseMethod(IMethodSymbol method, string serviceName, List<ContractProblem> problems)
+    {
+        Location? where = method.Locations.FirstOrDefault();
+        int before = problems.Count;
+        if (method.IsGenericMethod)
+        {
+            problems.Add(new ContractProblem("OFFRPC1004", $"Service method '{method.Name}' is generic; service methods cannot have type parameters", where));
+        }
+
+        ReturnShape shape = default;
+        ValueModel? result = null;
+        var returnType = method.ReturnType as INamedTypeSymbol;
+        INamedTypeSymbol? returnDefinition = returnType?.OriginalDefinition;
+        if (Same(returnType, _task))
+        {
+            shape = ReturnShape.Task;
+        }
+        else if (Same(returnType, _valueTask))
+        {
+            shape = ReturnShape.ValueTask;
+        }
+        else if (Same(returnDefinition, _taskOfT) || Same(returnDefinition, _valueTaskOfT))
+        {
+            shape = Same(returnDefinition, _taskOfT) ? ReturnShape.TaskOfT : ReturnShape.ValueTaskOfT;
+            result = Classify(returnType!.TypeArguments[0], $"the result of '{method.Name}'", where, problems);
+        }
+        else
+        {
+            problems.Add(new ContractProblem("OFFRPC1001", $"Service method '{method.Name}' returns '{method.ReturnType.ToDisplayString()}'; it must return Task, ValueTask, Task<T> or ValueTask<T>", where));
+        }
+
+        var parameters = new List<ParameterModel>();
+        string? cancellationTokenName = null;
+        for (int i = 0; i < method.Parameters.Length; i++)
+        {
+            IParameterSymbol parameter = method.Parameters[i];
+            Location? at = parameter.Locations.FirstOrDefault() ?? where;
+            if (Same(parameter.Type, _cancellationToken))
+            {
+                if (i != method.Parameters.Length - 1)
+                {
+                    problems.Add(new ContractProblem("OFFRPC1003", $"In '{method.Name}', the CancellationToken '{parameter.Name}' must be the last parameter", at));
+                }
+
+                cancellationTokenName = Escape(parameter.Name);
+                continue;
+            }
+
+            if (parameter.RefKind != RefKind.None)
+            {
+                problems.Add(new ContractProblem("OFFRPC1002", $"Parameter '{parameter.Name}' of '{method.Name}' is passed by {parameter.RefKind.ToString().ToLowerInvariant()}; values cross the process boundary by value only", at));
+                continue;
+            }
+
+            ValueModel? value = Classify(parameter.Type, $"parameter '{parameter.Name}' of '{method.Name}'", at, problems);
+            if (value is not null)
+            {
+                parameters.Add(new ParameterModel(Escape(parameter.Name), parameter.Type.ToDisplayString(s_typeFormat), value));
+            }
+        }
+
+        if (problems.Count > before)
+        {
+            return null;
+        }
+
+        string signature = serviceName + "." + method.Name + "(" + string.Join(",", parameters.Select(p => Wire(p.Value))) + ")";
+        return new MethodModel(
+            Name: Escape(method.Name),
+            MethodId: ContractHash.MethodId(signature),
+            Shape: shape,
+            ReturnType: method.ReturnType.ToDisplayString(s_typeFormat),
+            Result: result,
+            Parameters: parameters.ToEquatableArray(),
+            CancellationTokenName: cancellationTokenName);
+    }
+
+    /// <summary>How a parameter or result of type <paramref name="type"/> crosses, or null (with a problem) when it cannot.</summary>
+    private ValueModel? Classify(ITypeSymbol type, string what, Location? where, List<ContractProblem> problems)
+    {
+        string display = type.ToDisplayString(s_typeFormat);
+        bool nullable = type.NullableAnnotation == NullableAnnotation.Annotated && type.IsReferenceType;
+        if (Same(type, _sharedBuffer))
+        {
+            return new ValueModel(ValueKind.SharedBuffer, display, null, null, null, nullable);
+        }
+
+        if (type is INamedTypeSymbol named && named.IsGenericType && (Same(named.OriginalDefinition, _readOnlyMemory) || Same(named.OriginalDefinition, _memory)))
+        {
+            ITypeSymbol element = named.TypeArguments[0];
+            if (!element.IsUnmanagedType)
+            {
+                problems.Add(new ContractProblem("OFFRPC1002", $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: buffers must hold an unmanaged element type", where));
+                return null;
+            }
+
+            ValueKind kind = Same(named.OriginalDefinition, _memory) ? ValueKind.Memory : ValueKind.ReadOnlyMemory;
+            return new ValueModel(kind, display, null, element.ToDisplayString(s_wireFormat), null, false);
+        }
+
+        if (type is IArrayTypeSymbol { Rank: 1 } array && array.ElementType.IsUnmanagedType && array.ElementType.TypeKind != TypeKind.Pointer)
+        {
+            return new ValueModel(ValueKind.Array, display, null, array.ElementType.ToDisplayString(s_wireFormat), null, nullable);
+        }
+
+        string? why = type switch
+        {
+            { IsRefLikeType: true } => "it is a ref struct (Span-like) and cannot leave the stack",
+            IPointerTypeSymbol or IFunctionPointerTypeSymbol => "pointers cannot cross a process boundary",
+            ITypeParameterSymbol => "an open type parameter has no wire format",
+            INamedTypeSymbol { TypeKind: TypeKind.Delegate } => "delegates cannot cross a process boundary",
+            IArrayTypeSymbol { Rank: > 1 } => "multi-dimensional arrays have no MessagePack format",
+            _ => null,
+        };
+        if (why is not null)
+        {
+            problems.Add(new ContractProblem("OFFRPC1002", $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: {why}", where));
+            return null;
+        }
+
+        if (type.TypeKind == TypeKind.Enum && type is INamedTypeSymbol { EnumUnderlyingType: { } underlying })
+        {
+            return new ValueModel(ValueKind.Enum, display, PrimitiveSuffix(underlying.SpecialType), null, underlying.ToDisplayString(s_wireFormat), false);
+        }
+
+        if (PrimitiveSuffix(type.SpecialType) is { } suffix)
+        {
+            return new ValueModel(ValueKind.Primitive, display, suffix, null, null, nullable);
+        }
+
+        return new ValueModel(ValueKind.MessagePack, display, null, null, null, nullable);
+    }
+
+    private static string? PrimitiveSuffix(SpecialType type) => type switch
+    {
+        SpecialType.System_Boolean => "Boolean",
+        SpecialType.System_Byte => "Byte",
+        SpecialType.System_SByte => "SByte",
+        SpecialType.System_Int16 => "Int16",
+        SpecialType.System_UInt16 => "UInt16",
+        SpecialType.System_Int32 => "Int32",
+        SpecialType.System_UInt32 => "UInt32",
+        SpecialType.System_Int64 => "Int64",
+        SpecialType.System_UInt64 => "UInt64",
+        SpecialType.System_Single => "Single",
+        SpecialType.System_Double => "Double",
+        SpecialType.System_Char => "Char",
+        SpecialType.System_String => "String",
+        _ => null,
+    };
+
+    private static bool Same(ITypeSymbol? a, ITypeSymbol? b) => a is not null && b is not null && SymbolEqualityComparer.Default.Equals(a, b);
+
+    private static string Escape(string identifier) =>
+        SyntaxFacts.GetKeywordKind(identifier) != SyntaxKind.None || SyntaxFacts.GetContextualKeywordKind(identifier) is SyntaxKind.AwaitKeyword
+            ? "@" + identifier
+            : identifier;
+}

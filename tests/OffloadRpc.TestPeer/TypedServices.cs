@@ -1,0 +1,185 @@
+using System.Buffers.Binary;
+using OffloadRpc;
+using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
+
+/// <summary>The typed server the end-to-end tests call: real work on real bytes, so content is verified on both sides.</summary>
+internal static class TypedServer
+{
+    public static async Task<int> RunAsync(string endpoint, bool versioned)
+    {
+        await using var server = new OffloadRpcServer(endpoint);
+        server.Register<IImageService>(new ImageService());
+        server.Register<IKitchenSink>(new KitchenSink());
+        if (versioned)
+        {
+            server.Register<IVersioned>(new Versioned());
+        }
+
+        server.ConnectionFailed += ex => Console.WriteLine($"FAILED {ex.GetType().FullName}: {ex.Message}");
+        await server.StartAsync();
+        Console.WriteLine($"READY {server.SocketPath}");
+        await Task.Run(() => Console.In.ReadToEnd());
+        return 0;
+    }
+}
+
+internal sealed class ImageService : IImageService
+{
+    public ValueTask<int> AddAsync(int a, int b, CancellationToken ct = default) => ValueTask.FromResult(a + b);
+
+    public ValueTask<ulong> ChecksumAsync(ReadOnlyMemory<byte> frame, CancellationToken ct = default) => ValueTask.FromResult(Checksum64.Compute(frame.Span));
+
+    public ValueTask<byte[]> EchoAsync(byte[] data, CancellationToken ct = default) => ValueTask.FromResult(data);
+
+    /// <summary>One detection per 1 KiB block whose mean is above the threshold: real work over the whole batch.</summary>
+    public ValueTask<Detection[]> DetectAsync(ReadOnlyMemory<byte> batch, DetectOptions options, CancellationToken ct = default)
+    {
+        var found = new List<Detection>();
+        ReadOnlySpan<byte> data = batch.Span;
+        for (int block = 0; block * 1024 < data.Length; block++)
+        {
+            ReadOnlySpan<byte> slice = data.Slice(block * 1024, Math.Min(1024, data.Length - block * 1024));
+            long sum = 0;
+            foreach (byte b in slice)
+            {
+                sum += b;
+            }
+
+            float mean = sum / (float)slice.Length / 255f;
+            if (mean > options.Threshold)
+            {
+                found.Add(new Detection { X = block, Y = slice.Length, Score = mean, Label = options.Label });
+            }
+        }
+
+        return ValueTask.FromResult(found.ToArray());
+    }
+
+    /// <summary>Renders into shared memory rented from the calling connection: returned without a copy.</summary>
+    public ValueTask<SharedBuffer> RenderAsync(int width, int height, CancellationToken ct = default)
+    {
+        SharedBuffer frame = OffloadCallContext.Current!.Rent(checked(width * height * 3));
+        Checksum64.Fill(frame.Span, (ulong)(width * 31 + height));
+        return ValueTask.FromResult(frame);
+    }
+
+    /// <summary>The first 8 bytes carry the checksum of the rest; a frame whose content differs fails the call.</summary>
+    public ValueTask ProcessAsync(SharedBuffer frame, CancellationToken ct = default)
+    {
+        using (frame)
+        {
+            ulong expected = BinaryPrimitives.ReadUInt64LittleEndian(frame.Span);
+            ulong actual = Checksum64.Compute(frame.Span[8..]);
+            if (expected != actual)
+            {
+                throw new InvalidDataException($"frame checksum {actual:x16}, expected {expected:x16}");
+            }
+        }
+
+        return ValueTask.CompletedTask;
+    }
+}
+
+internal sealed class KitchenSink : IKitchenSink
+{
+    private static int s_cancellations;
+
+    public Task<string> ConcatAsync(string a, string? b) => Task.FromResult(a + (b ?? "<null>"));
+
+    public Task DoNothingAsync() => Task.CompletedTask;
+
+    public ValueTask<Channel> NextChannelAsync(Channel channel) => ValueTask.FromResult((Channel)(((int)channel + 1) % 3));
+
+    public Task<List<string>> SplitAsync(string text, char separator) => Task.FromResult(text.Split(separator).ToList());
+
+    public Task<double[]> ScaleAsync(double[] values, double factor) => Task.FromResult(values.Select(v => v * factor).ToArray());
+
+    public ValueTask<double> SumAsync(ReadOnlyMemory<float> floats, Memory<int> ints)
+    {
+        double sum = 0;
+        foreach (float f in floats.Span)
+        {
+            sum += f;
+        }
+
+        foreach (int i in ints.Span)
+        {
+            sum += i;
+        }
+
+        return ValueTask.FromResult(sum);
+    }
+
+    public ValueTask<long> TotalLengthAsync(ReadOnlyMemory<byte> first, byte[] second, SharedBuffer third, ReadOnlyMemory<byte> fourth)
+    {
+        using (third)
+        {
+            return ValueTask.FromResult((long)first.Length + second.Length + third.Length + fourth.Length);
+        }
+    }
+
+    public ValueTask<ReadOnlyMemory<byte>> ReverseAsync(ReadOnlyMemory<byte> data)
+    {
+        byte[] reversed = data.ToArray();
+        Array.Reverse(reversed);
+        return ValueTask.FromResult<ReadOnlyMemory<byte>>(reversed);
+    }
+
+    public Task<int[]?> MaybeAsync(int[]? values) => Task.FromResult(values?.Select(v => -v).ToArray());
+
+    public Task<string[]> WordsAsync(string[] words, Dictionary<string, int> counts) =>
+        Task.FromResult(words.Select(w => $"{w}={counts.GetValueOrDefault(w)}").ToArray());
+
+    public Task<decimal> AddDecimalAsync(decimal a, decimal b) => Task.FromResult(a + b);
+
+    public Task<DateTime> ShiftAsync(DateTime moment, TimeSpan by) => Task.FromResult(moment + by);
+
+    public Task<(int Count, string Text)> TupleAsync(int count, string text) => Task.FromResult((count * 2, text + text));
+
+    public async Task SleepAsync(int milliseconds, CancellationToken cancellationToken)
+    {
+        if (OffloadCallContext.Current?.CancellationToken != cancellationToken)
+        {
+            throw new InvalidOperationException("the context's token is not the method's");
+        }
+
+        try
+        {
+            await Task.Delay(milliseconds, cancellationToken);
+        }
+        catch (OperationCanceledException)
+        {
+            Interlocked.Increment(ref s_cancellations);
+            throw;
+        }
+    }
+
+    public Task<int> CancellationsObservedAsync() => Task.FromResult(Volatile.Read(ref s_cancellations));
+
+    public Task FailAsync(string message) => throw new InvalidOperationException(message);
+
+    public async Task<string> WhoCalledAsync()
+    {
+        await Task.Yield(); // the context flows across awaits
+        OffloadCallContext context = OffloadCallContext.Current ?? throw new InvalidOperationException("no call context");
+        return $"{context.PeerProcessId}:{context.PeerUserId}";
+    }
+
+    public Task<SharedBuffer?> MaybeLeaseAsync(int length)
+    {
+        if (length < 0)
+        {
+            return Task.FromResult<SharedBuffer?>(null);
+        }
+
+        SharedBuffer lease = OffloadCallContext.Current!.Rent(length);
+        lease.Span.Fill(0x5A);
+        return Task.FromResult<SharedBuffer?>(lease);
+    }
+}
+
+internal sealed class Versioned : IVersioned
+{
+    public Task<long> ScaleAsync(long value, int factor) => Task.FromResult(value * factor);
+}

@@ -1,0 +1,194 @@
+using System.Buffers.Binary;
+using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
+using OffloadRpc.Tests.Infrastructure;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>The public API end to end: generated proxies in this process, generated stubs in a server process.</summary>
+public sealed class TypedServiceTests : IAsyncLifetime
+{
+    private PeerProcess _server = null!;
+    private string _endpoint = null!;
+    private OffloadRpcConnection _connection = null!;
+
+    public async Task InitializeAsync()
+    {
+        _endpoint = Endpoints.Unique("typed");
+        _server = PeerProcess.Start(["typed-server", _endpoint]);
+        _server.WaitForLine("READY");
+        _connection = await OffloadRpcConnection.ConnectAsync(_endpoint);
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _connection.DisposeAsync();
+        await _server.DisposeAsync();
+        Endpoints.RemoveStale(_endpoint);
+    }
+
+    private IImageService Images => _connection.GetService<IImageService>();
+
+    private IKitchenSink Sink => _connection.GetService<IKitchenSink>();
+
+    [Fact]
+    public async Task The_design_example_works_across_processes()
+    {
+        Assert.Equal(5, await Images.AddAsync(2, 3));
+        Assert.Same(Images, _connection.GetService<IImageService>());
+
+        byte[] data = new byte[100_000];
+        Checksum64.Fill(data, 1);
+        Assert.Equal(data, await Images.EchoAsync(data));
+
+        byte[] batch = new byte[64 * 1024];
+        for (int i = 0; i < batch.Length; i++)
+        {
+            batch[i] = (byte)(i / 1024 % 2 == 0 ? 250 : 10); // even blocks bright, odd blocks dark
+        }
+
+        Detection[] detections = await Images.DetectAsync(batch, new DetectOptions { Threshold = 0.5f, Label = "bright", Classes = [1, 2] });
+        Assert.Equal(32, detections.Length);
+        Assert.All(detections, d => Assert.Equal(0, d.X % 2));
+        Assert.All(detections, d => Assert.Equal("bright", d.Label));
+    }
+
+    [Fact]
+    public async Task A_256_MiB_ReadOnlyMemory_arrives_intact()
+    {
+        byte[] frame = GC.AllocateUninitializedArray<byte>(256 << 20);
+        Checksum64.Fill(frame, 256);
+        Assert.Equal(Checksum64.Compute(frame), await Images.ChecksumAsync(frame));
+    }
+
+    [Fact]
+    public async Task SharedBuffer_moves_both_ways_without_a_copy()
+    {
+        // Server -> client: rendered into shared memory the server rented from our connection.
+        using (SharedBuffer rendered = await Images.RenderAsync(640, 480))
+        {
+            byte[] expected = new byte[640 * 480 * 3];
+            Checksum64.Fill(expected, 640 * 31 + 480);
+            Assert.Equal(expected.Length, rendered.Length);
+            Assert.Equal(Checksum64.Compute(expected), Checksum64.Compute(rendered.Span));
+        }
+
+        // Client -> server: written in place, ownership moves (the server verifies the content).
+        SharedBuffer frame = _connection.Rent(3840 * 2160 * 3);
+        Checksum64.Fill(frame.Span[8..], 4);
+        BinaryPrimitives.WriteUInt64LittleEndian(frame.Span, Checksum64.Compute(frame.Span[8..]));
+        await Images.ProcessAsync(frame);
+        Assert.False(frame.IsValid);
+
+        // A corrupted frame is caught by the server, so the check above is real.
+        SharedBuffer bad = _connection.Rent(1000);
+        bad.Span.Fill(1);
+        var ex = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await Images.ProcessAsync(bad));
+        Assert.Equal(typeof(InvalidDataException).FullName, ex.RemoteExceptionType);
+
+        using SharedBuffer? maybe = await Sink.MaybeLeaseAsync(10);
+        Assert.NotNull(maybe);
+        Assert.All(maybe!.Span.ToArray(), b => Assert.Equal(0x5A, b));
+        Assert.Null(await Sink.MaybeLeaseAsync(-1));
+    }
+
+    [Fact]
+    public async Task Every_parameter_kind_crosses()
+    {
+        Assert.Equal("ab", await Sink.ConcatAsync("a", "b"));
+        Assert.Equal("a<null>", await Sink.ConcatAsync("a", null));
+        await Sink.DoNothingAsync();
+        Assert.Equal(Channel.Blue, await Sink.NextChannelAsync(Channel.Green));
+        List<string> parts = await Sink.SplitAsync("x,y,z", ',');
+        Assert.Equal(new[] { "x", "y", "z" }, parts);
+        double[] scaled = await Sink.ScaleAsync([1.0, 2.5], 2);
+        Assert.Equal(new[] { 2.0, 5.0 }, scaled);
+        Assert.Equal(1.5 + 2.5 + 10 + 20, await Sink.SumAsync(new float[] { 1.5f, 2.5f }, new int[] { 10, 20 }));
+
+        using SharedBuffer third = _connection.Rent(300);
+        Assert.Equal(100 + 200 + 300 + 400, await Sink.TotalLengthAsync(new byte[100], new byte[200], third, new byte[400]));
+
+        ReadOnlyMemory<byte> reversed = await Sink.ReverseAsync(new byte[] { 1, 2, 3 });
+        Assert.Equal(new byte[] { 3, 2, 1 }, reversed.ToArray());
+        int[]? negated = await Sink.MaybeAsync([1, 2]);
+        Assert.Equal(new[] { -1, -2 }, negated);
+        Assert.Null(await Sink.MaybeAsync(null));
+        string[] words = await Sink.WordsAsync(["a", "b"], new Dictionary<string, int> { ["a"] = 1 });
+        Assert.Equal(new[] { "a=1", "b=0" }, words);
+        Assert.Equal(3.75m, await Sink.AddDecimalAsync(1.25m, 2.5m));
+        var moment = new DateTime(2026, 11, 25, 12, 0, 0, DateTimeKind.Utc);
+        Assert.Equal(moment.AddHours(3), await Sink.ShiftAsync(moment, TimeSpan.FromHours(3)));
+        Assert.Equal((4, "abab"), await Sink.TupleAsync(2, "ab"));
+    }
+
+    [Fact]
+    public async Task Cancellation_reaches_the_server_and_the_caller_gets_OperationCanceledException()
+    {
+        int before = await Sink.CancellationsObservedAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(200));
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => Sink.SleepAsync(60_000, cts.Token));
+        await Eventually.TrueAsync(async () => await Sink.CancellationsObservedAsync() == before + 1, "the server's token fired");
+    }
+
+    [Fact]
+    public async Task Server_exceptions_surface_as_RemoteInvocationException()
+    {
+        var ex = await Assert.ThrowsAsync<RemoteInvocationException>(() => Sink.FailAsync("no such frame"));
+        Assert.Equal(typeof(InvalidOperationException).FullName, ex.RemoteExceptionType);
+        Assert.Equal("no such frame", ex.RemoteMessage);
+        Assert.Contains(nameof(IKitchenSink.FailAsync), ex.RemoteStackTrace);
+    }
+
+    [Fact]
+    public async Task The_call_context_names_the_caller_and_is_null_outside_calls()
+    {
+        Assert.Equal($"{Environment.ProcessId}:{Interop.LinuxNative.GetEuid()}", await Sink.WhoCalledAsync());
+        Assert.Null(OffloadCallContext.Current);
+    }
+
+    [Fact]
+    public async Task Many_threads_share_one_connection()
+    {
+        await Task.WhenAll(Enumerable.Range(0, 8).Select(t => Task.Run(async () =>
+        {
+            for (int i = 0; i < 500; i++)
+            {
+                Assert.Equal(t + i, await Images.AddAsync(t, i));
+            }
+        })));
+    }
+
+    [Fact]
+    public async Task An_unserved_service_is_reported_by_GetService()
+    {
+        var ex = Assert.Throws<ContractMismatchException>(() => _connection.GetService<IVersioned>());
+        Assert.Equal("OffloadRpc.TestContracts.IVersioned", ex.ServiceName);
+        Assert.Throws<InvalidOperationException>(() => _connection.GetService<IDisposable>());
+        await Task.CompletedTask;
+    }
+}
+
+/// <summary>A client and a server built from different versions of one interface.</summary>
+public sealed class ContractVersionTests
+{
+    [Fact]
+    public async Task A_client_built_against_another_version_gets_ContractMismatchException_naming_the_service()
+    {
+        string endpoint = Endpoints.Unique("versioned");
+        await using PeerProcess server = PeerProcess.Start(["typed-server", endpoint, "--versioned"]);
+        server.WaitForLine("READY");
+        try
+        {
+            _ = typeof(IVersioned); // this process has version 1 compiled in; the server version 2
+            var ex = await Assert.ThrowsAsync<ContractMismatchException>(() => OffloadRpcConnection.ConnectAsync(endpoint));
+            Assert.Equal("OffloadRpc.TestContracts.IVersioned", ex.ServiceName);
+            Assert.Contains("OffloadRpc.TestContracts.IVersioned", ex.Message);
+            Assert.Contains("FAILED OffloadRpc.ContractMismatchException", server.WaitForLine("FAILED"));
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
+}
