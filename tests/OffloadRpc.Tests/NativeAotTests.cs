@@ -1,0 +1,86 @@
+using System.Diagnostics;
+using OffloadRpc.Tests.Infrastructure;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>
+/// GetService/Register and the generated proxies and stubs need no reflection: samples/AotPing is
+/// published with NativeAOT and run as a server process and a client process.
+/// </summary>
+public sealed class NativeAotTests
+{
+    [Fact]
+    public async Task A_NativeAOT_published_sample_serves_and_calls_across_two_processes()
+    {
+        string repository = Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "..", "..", "..", "..", ".."));
+        string project = Path.Combine(repository, "samples", "AotPing", "AotPing.csproj");
+        Assert.True(File.Exists(project), project);
+        string output = Path.Combine(Path.GetTempPath(), $"offloadrpc-aot-{Environment.ProcessId}");
+        try
+        {
+            (int publishExit, string publishLog) = await RunAsync(
+                Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet",
+                // PublishAot is set in the project file: a global -p:PublishAot would reach the netstandard2.0 generator too.
+                ["publish", project, "-c", "Release", "-r", "linux-x64", "-o", output, "-nologo"],
+                TimeSpan.FromMinutes(10));
+            Assert.True(publishExit == 0, "dotnet publish -p:PublishAot=true failed:\n" + publishLog);
+            string binary = Path.Combine(output, "AotPing");
+            Assert.True(File.Exists(binary), "no native binary in " + output);
+
+            string endpoint = Endpoints.Unique("aot");
+            using var server = Process.Start(new ProcessStartInfo(binary, ["serve", endpoint]) { RedirectStandardInput = true, RedirectStandardOutput = true, UseShellExecute = false })!;
+            try
+            {
+                Assert.Equal("READY", await server.StandardOutput.ReadLineAsync().WaitAsync(TimeSpan.FromSeconds(30)));
+                (int callExit, string callLog) = await RunAsync(binary, ["call", endpoint], TimeSpan.FromSeconds(60));
+                Assert.True(callExit == 0, callLog);
+                Assert.Contains("AOT OK", callLog);
+                Assert.Contains("add=42", callLog);
+            }
+            finally
+            {
+                server.StandardInput.Close();
+                if (!server.WaitForExit(10_000))
+                {
+                    server.Kill();
+                }
+
+                Endpoints.RemoveStale(endpoint);
+            }
+        }
+        finally
+        {
+            if (Directory.Exists(output))
+            {
+                Directory.Delete(output, recursive: true);
+            }
+        }
+    }
+
+    private static async Task<(int ExitCode, string Output)> RunAsync(string file, string[] arguments, TimeSpan timeout)
+    {
+        var info = new ProcessStartInfo(file, arguments) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        // A build started from inside `dotnet test` must not inherit the outer MSBuild's node settings.
+        foreach (string key in info.Environment.Keys.Where(k => k.StartsWith("MSBUILD", StringComparison.OrdinalIgnoreCase) || k.StartsWith("VSTEST", StringComparison.OrdinalIgnoreCase)).ToArray())
+        {
+            info.Environment.Remove(key);
+        }
+
+        using Process process = Process.Start(info)!;
+        Task<string> stdout = process.StandardOutput.ReadToEndAsync();
+        Task<string> stderr = process.StandardError.ReadToEndAsync();
+        using var cts = new CancellationTokenSource(timeout);
+        try
+        {
+            await process.WaitForExitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            process.Kill(entireProcessTree: true);
+            throw new TimeoutException($"{file} {string.Join(' ', arguments)} did not finish within {timeout}.");
+        }
+
+        return (process.ExitCode, await stdout + await stderr);
+    }
+}
