@@ -14,7 +14,6 @@ internal static class ServiceEmitter
     private const string Options = "global::OffloadRpc.Runtime.OffloadRpcSerializer.Options";
     private const string Serializer = "global::MessagePack.MessagePackSerializer";
     private const string GeneratedCode = "[global::System.CodeDom.Compiler.GeneratedCode(\"OffloadRpc.Generators\", \"1.0.0\")]";
-    private static readonly string[] s_tokenArgument = ["__call.CancellationToken"];
     private const string Hidden = "[global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]";
 
     public static string EmitProxy(ServiceModel service)
@@ -31,7 +30,7 @@ internal static class ServiceEmitter
                 w.Line();
                 using (w.Open($"public {service.ProxyName}(global::OffloadRpc.OffloadRpcConnection connection)"))
                 {
-                    w.Line("_connection = connection ?? throw new global::System.ArgumentNullException(nameof(connection));");
+                    w.Line("this._connection = connection ?? throw new global::System.ArgumentNullException(nameof(connection));");
                 }
 
                 foreach (MethodModel method in service.Methods)
@@ -50,32 +49,33 @@ internal static class ServiceEmitter
         string parameters = string.Join(", ", method.Parameters.Select(p => $"{p.Type} {p.Name}")
             .Concat(method.CancellationTokenName is null ? Enumerable.Empty<string>() : new[] { $"global::System.Threading.CancellationToken {method.CancellationTokenName}" }));
         string id = method.MethodId.ToString(CultureInfo.InvariantCulture);
+        string l = LocalPrefix(method);
         using (w.Open($"{method.ReturnType} {service.InterfaceType}.{method.Name}({parameters})"))
         {
-            w.Line($"{Builder} __request = {Builder}.Rent();");
+            w.Line($"{Builder} {l}request = {Builder}.Rent();");
             using (w.Open("try"))
             {
-                w.Line($"{Writer} __writer = new {Writer}(__request.Body);");
-                w.Line($"__writer.WriteArrayHeader({method.Parameters.Count.ToString(CultureInfo.InvariantCulture)});");
+                w.Line($"{Writer} {l}writer = new {Writer}({l}request.Body);");
+                w.Line($"{l}writer.WriteArrayHeader({method.Parameters.Count.ToString(CultureInfo.InvariantCulture)});");
                 foreach (ParameterModel parameter in method.Parameters)
                 {
-                    w.Line(WriteValue(parameter.Value, parameter.Name, "__request"));
+                    w.Line(WriteValue(parameter.Value, parameter.Name, l + "writer", l + "request"));
                 }
 
-                w.Line("__writer.Flush();");
+                w.Line($"{l}writer.Flush();");
             }
 
             using (w.Open("catch"))
             {
-                w.Line("__request.Discard();");
+                w.Line($"{l}request.Discard();");
                 w.Line("throw;");
             }
 
             w.Line();
             string token = method.CancellationTokenName ?? "default";
             string call = method.Result is null
-                ? $"global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(_connection, {id}, __request, {token})"
-                : $"global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<{method.Result.Type}>(_connection, {id}, __request, s_decode{id}, {token})";
+                ? $"global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, {id}, {l}request, {token})"
+                : $"global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<{method.Result.Type}>(this._connection, {id}, {l}request, s_decode{id}, {token})";
             bool isTask = method.Shape is ReturnShape.Task or ReturnShape.TaskOfT;
             w.Line($"return {call}{(isTask ? ".AsTask()" : string.Empty)};");
         }
@@ -85,12 +85,24 @@ internal static class ServiceEmitter
             w.Line();
             w.Line($"private static readonly global::OffloadRpc.Runtime.ReplyDecoder<{result.Type}> s_decode{id} = Decode{id};");
             w.Line();
-            using (w.Open($"private static {result.Type} Decode{id}(in global::OffloadRpc.Runtime.CallReply __reply)"))
+            using (w.Open($"private static {result.Type} Decode{id}(in global::OffloadRpc.Runtime.CallReply reply)"))
             {
-                w.Line($"{Reader} __reader = __reply.CreateReader();");
-                w.Line($"return {ReadValue(result, "__reply")};");
+                w.Line($"{Reader} reader = reply.CreateReader();");
+                w.Line($"return {ReadValue(result, "reader", "reply")};");
             }
         }
+    }
+
+    /// <summary>A prefix for generated locals that no parameter name of the method starts with.</summary>
+    private static string LocalPrefix(MethodModel method)
+    {
+        string prefix = "__";
+        while (method.Parameters.Any(p => p.Name.TrimStart('@').StartsWith(prefix, System.StringComparison.Ordinal)))
+        {
+            prefix += "_";
+        }
+
+        return prefix;
     }
 
     public static string EmitStub(ServiceModel service)
@@ -107,7 +119,7 @@ internal static class ServiceEmitter
                 w.Line();
                 using (w.Open($"public {service.StubName}({service.InterfaceType} implementation)"))
                 {
-                    w.Line("_implementation = implementation ?? throw new global::System.ArgumentNullException(nameof(implementation));");
+                    w.Line("this._implementation = implementation ?? throw new global::System.ArgumentNullException(nameof(implementation));");
                 }
 
                 w.Line();
@@ -142,54 +154,68 @@ internal static class ServiceEmitter
     private static void EmitStubMethod(IndentedWriter w, ServiceModel service, MethodModel method)
     {
         string id = method.MethodId.ToString(CultureInfo.InvariantCulture);
-        using (w.Open($"private async global::System.Threading.Tasks.ValueTask Invoke{id}(global::OffloadRpc.Runtime.ServerCall __call)"))
+        string l = LocalPrefix(method);
+        using (w.Open($"private async global::System.Threading.Tasks.ValueTask Invoke{id}(global::OffloadRpc.Runtime.ServerCall {l}call)"))
         {
             string outs = string.Concat(method.Parameters.Select(p => $", out {p.Type} {p.Name}"));
-            w.Line($"Decode{id}(__call{outs});");
+            w.Line($"Decode{id}({l}call{outs});");
             string arguments = string.Join(", ", method.Parameters.Select(p => p.Name)
-                .Concat(method.CancellationTokenName is null ? Enumerable.Empty<string>() : s_tokenArgument));
-            string invocation = $"_implementation.{method.Name}({arguments})";
+                .Concat(method.CancellationTokenName is null ? Enumerable.Empty<string>() : new[] { l + "call.CancellationToken" }));
+            string invocation = $"this._implementation.{method.Name}({arguments})";
             if (method.Result is null)
             {
                 w.Line($"await {invocation}.ConfigureAwait(false);");
-                w.Line($"__call.Reply({Builder}.Rent());");
+                w.Line($"{l}call.Reply({Builder}.Rent());");
             }
             else
             {
-                w.Line($"{method.Result.Type} __result = await {invocation}.ConfigureAwait(false);");
-                w.Line($"{Builder} __response = {Builder}.Rent();");
-                using (w.Open("try"))
-                {
-                    w.Line($"{Writer} __writer = new {Writer}(__response.Body);");
-                    w.Line(WriteValue(method.Result, "__result", "__response"));
-                    w.Line("__writer.Flush();");
-                }
-
-                using (w.Open("catch"))
-                {
-                    w.Line("__response.Discard();");
-                    w.Line("throw;");
-                }
-
-                w.Line();
-                w.Line("__call.Reply(__response);");
+                // The writer is a ref struct: it lives in Encode, not in this async method (C# before 13 forbids that).
+                w.Line($"{method.Result.Type} {l}result = await {invocation}.ConfigureAwait(false);");
+                w.Line($"{l}call.Reply(Encode{id}({l}result));");
             }
         }
 
         w.Line();
         string parameters = string.Concat(method.Parameters.Select(p => $", out {p.Type} {p.Name}"));
-        using (w.Open($"private static void Decode{id}(global::OffloadRpc.Runtime.ServerCall __call{parameters})"))
+        using (w.Open($"private static void Decode{id}(global::OffloadRpc.Runtime.ServerCall {l}call{parameters})"))
         {
-            w.Line($"{Reader} __reader = __call.CreateReader();");
+            w.Line($"{Reader} {l}reader = {l}call.CreateReader();");
             string count = method.Parameters.Count.ToString(CultureInfo.InvariantCulture);
-            using (w.Open($"if (__reader.ReadArrayHeader() != {count})"))
+            using (w.Open($"if ({l}reader.ReadArrayHeader() != {count})"))
             {
-                w.Line($"throw new global::OffloadRpc.ProtocolViolationException({Literal($"A call of {service.ServiceName}.{method.Name.TrimStart('@')} does not carry {count} arguments.")});");
+                w.Line($"throw new global::OffloadRpc.ProtocolViolationException({Literal($"A call of {service.ServiceName}.{method.Name.TrimStart('@')} does not carry its {count} argument(s).")});");
+            }
+
+            if (method.Parameters.Count > 0)
+            {
+                w.Line();
             }
 
             foreach (ParameterModel parameter in method.Parameters)
             {
-                w.Line($"{parameter.Name} = {ReadValue(parameter.Value, "__call")};");
+                w.Line($"{parameter.Name} = {ReadValue(parameter.Value, l + "reader", l + "call")};");
+            }
+        }
+
+        if (method.Result is { } result)
+        {
+            w.Line();
+            using (w.Open($"private static {Builder} Encode{id}({result.Type} result)"))
+            {
+                w.Line($"{Builder} response = {Builder}.Rent();");
+                using (w.Open("try"))
+                {
+                    w.Line($"{Writer} writer = new {Writer}(response.Body);");
+                    w.Line(WriteValue(result, "result", "writer", "response"));
+                    w.Line("writer.Flush();");
+                    w.Line("return response;");
+                }
+
+                using (w.Open("catch"))
+                {
+                    w.Line("response.Discard();");
+                    w.Line("throw;");
+                }
             }
         }
     }
@@ -230,30 +256,34 @@ internal static class ServiceEmitter
         return service.Namespace.Length == 0 ? w.Open("namespace OffloadRpc.Generated") : w.Open($"namespace {service.Namespace}");
     }
 
-    /// <summary>The statement that writes <paramref name="expression"/> into __writer (buffers go to <paramref name="builder"/>).</summary>
-    private static string WriteValue(ValueModel value, string expression, string builder) => value.Kind switch
+    /// <summary>The statement that writes <paramref name="expression"/> with <paramref name="writer"/> (buffers go to <paramref name="builder"/>).</summary>
+    private static string WriteValue(ValueModel value, string expression, string writer, string builder) => value.Kind switch
     {
-        ValueKind.Primitive => $"__writer.Write({expression});",
-        ValueKind.Enum => $"__writer.Write(({value.UnderlyingType}){expression});",
-        ValueKind.MessagePack => $"{Serializer}.Serialize(ref __writer, {expression}, {Options});",
-        ValueKind.ReadOnlyMemory or ValueKind.Memory => $"__writer.Write({builder}.AddBuffer<{value.ElementType}>({expression}));",
-        ValueKind.Array => $"__writer.Write({builder}.AddArray<{value.ElementType}>({expression}));",
-        _ => $"__writer.Write({builder}.AddSharedBuffer({expression}));",
+        ValueKind.Primitive => $"{writer}.Write({expression});",
+        ValueKind.Enum => $"{writer}.Write(({value.UnderlyingType}){expression});",
+        ValueKind.MessagePack => $"{Serializer}.Serialize(ref {writer}, {expression}, {Options});",
+        ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{writer}.Write({builder}.AddBuffer<{value.ElementType}>({expression}));",
+        ValueKind.Array => $"{writer}.Write({builder}.AddArray<{value.ElementType}>({expression}));",
+        _ => $"{writer}.Write({builder}.AddSharedBuffer({expression}));",
     };
 
-    /// <summary>The expression that reads a value from __reader (buffers from <paramref name="source"/>: a CallReply or a ServerCall).</summary>
-    private static string ReadValue(ValueModel value, string source)
+    /// <summary>
+    /// The expression that reads a value with <paramref name="reader"/>; buffers come from
+    /// <paramref name="source"/> (a CallReply on the client, a ServerCall on the server, which lends them in place).
+    /// </summary>
+    private static string ReadValue(ValueModel value, string reader, string source)
     {
         string bang = value.IsNullable ? string.Empty : "!";
+        bool server = source != "reply";
         return value.Kind switch
         {
-            ValueKind.Primitive => value.Primitive == "String" ? $"__reader.ReadString(){bang}" : $"__reader.Read{value.Primitive}()",
-            ValueKind.Enum => $"({value.Type})__reader.Read{value.Primitive}()",
-            ValueKind.MessagePack => $"{Serializer}.Deserialize<{value.Type}>(ref __reader, {Options}){bang}",
-            ValueKind.ReadOnlyMemory or ValueKind.Memory when source == "__call" => $"__call.GetMemory<{value.ElementType}>(__reader.ReadInt32())",
-            ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{source}.CopyArray<{value.ElementType}>(__reader.ReadInt32())",
-            ValueKind.Array => $"{source}.CopyArray<{value.ElementType}>(__reader.ReadInt32()){bang}",
-            _ => $"{source}.TakeSharedBuffer(__reader.ReadInt32()){bang}",
+            ValueKind.Primitive => value.Primitive == "String" ? $"{reader}.ReadString(){bang}" : $"{reader}.Read{value.Primitive}()",
+            ValueKind.Enum => $"({value.Type}){reader}.Read{value.Primitive}()",
+            ValueKind.MessagePack => $"{Serializer}.Deserialize<{value.Type}>(ref {reader}, {Options}){bang}",
+            ValueKind.ReadOnlyMemory or ValueKind.Memory when server => $"{source}.GetMemory<{value.ElementType}>({reader}.ReadInt32())",
+            ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32())",
+            ValueKind.Array => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32()){bang}",
+            _ => $"{source}.TakeSharedBuffer({reader}.ReadInt32()){bang}",
         };
     }
 

@@ -76,11 +76,17 @@ internal sealed class ServiceParser
         foreach (ISymbol member in service.GetMembers())
         {
             cancellationToken.ThrowIfCancellationRequested();
+            if (member.IsStatic && (member.IsAbstract || member.IsVirtual))
+            {
+                problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' declares static abstract or virtual member '{member.Name}'; such an interface cannot be implemented by a proxy", member.Locations.FirstOrDefault()));
+                continue;
+            }
+
             if (member is IMethodSymbol { MethodKind: MethodKind.Ordinary } method)
             {
                 if (method.IsStatic)
                 {
-                    continue; // static members are not part of the contract
+                    continue; // static members with a body are not part of the contract
                 }
 
                 MethodModel? model = ParseMethod(method, serviceName, problems);
@@ -119,8 +125,10 @@ internal sealed class ServiceParser
         }
 
         string baseName = service.Name.Length > 1 && service.Name[0] == 'I' && char.IsUpper(service.Name[1]) ? service.Name.Substring(1) : service.Name;
+        string metadataNamespace = service.ContainingNamespace.IsGlobalNamespace ? string.Empty : service.ContainingNamespace.ToDisplayString().Replace("@", string.Empty);
         return new ServiceModel(
             Namespace: service.ContainingNamespace.IsGlobalNamespace ? string.Empty : service.ContainingNamespace.ToDisplayString(),
+            HintPrefix: (metadataNamespace.Length == 0 ? string.Empty : metadataNamespace + ".") + service.MetadataName,
             InterfaceName: service.Name,
             InterfaceType: service.ToDisplayString(s_typeFormat),
             ServiceName: serviceName,
@@ -136,7 +144,7 @@ internal sealed class ServiceParser
     {
         ValueKind.ReadOnlyMemory or ValueKind.Memory or ValueKind.Array => "buffer<" + value.ElementType + ">",
         ValueKind.SharedBuffer => "lease",
-        _ => value.Type.Replace("?", string.Empty),
+        _ => value.WireType,
     };
 
     private MethodModel? ParseMethod(IMethodSymbol method, string serviceName, List<ContractProblem> problems)
@@ -220,10 +228,11 @@ internal sealed class ServiceParser
     private ValueModel? Classify(ITypeSymbol type, string what, Location? where, List<ContractProblem> problems)
     {
         string display = type.ToDisplayString(s_typeFormat);
+        string wire = type.ToDisplayString(s_wireFormat);
         bool nullable = type.NullableAnnotation == NullableAnnotation.Annotated && type.IsReferenceType;
         if (Same(type, _sharedBuffer))
         {
-            return new ValueModel(ValueKind.SharedBuffer, display, null, null, null, nullable);
+            return new ValueModel(ValueKind.SharedBuffer, display, wire, null, null, null, nullable);
         }
 
         if (type is INamedTypeSymbol named && named.IsGenericType && (Same(named.OriginalDefinition, _readOnlyMemory) || Same(named.OriginalDefinition, _memory)))
@@ -236,12 +245,12 @@ internal sealed class ServiceParser
             }
 
             ValueKind kind = Same(named.OriginalDefinition, _memory) ? ValueKind.Memory : ValueKind.ReadOnlyMemory;
-            return new ValueModel(kind, display, null, element.ToDisplayString(s_wireFormat), null, false);
+            return new ValueModel(kind, display, wire, null, element.ToDisplayString(s_wireFormat), null, false);
         }
 
         if (type is IArrayTypeSymbol { Rank: 1 } array && array.ElementType.IsUnmanagedType && array.ElementType.TypeKind != TypeKind.Pointer)
         {
-            return new ValueModel(ValueKind.Array, display, null, array.ElementType.ToDisplayString(s_wireFormat), null, nullable);
+            return new ValueModel(ValueKind.Array, display, wire, null, array.ElementType.ToDisplayString(s_wireFormat), null, nullable);
         }
 
         string? why = type switch
@@ -251,6 +260,7 @@ internal sealed class ServiceParser
             ITypeParameterSymbol => "an open type parameter has no wire format",
             INamedTypeSymbol { TypeKind: TypeKind.Delegate } => "delegates cannot cross a process boundary",
             IArrayTypeSymbol { Rank: > 1 } => "multi-dimensional arrays have no MessagePack format",
+            IDynamicTypeSymbol => "'dynamic' has no wire format; use a concrete type",
             _ => null,
         };
         if (why is not null)
@@ -261,15 +271,15 @@ internal sealed class ServiceParser
 
         if (type.TypeKind == TypeKind.Enum && type is INamedTypeSymbol { EnumUnderlyingType: { } underlying })
         {
-            return new ValueModel(ValueKind.Enum, display, PrimitiveSuffix(underlying.SpecialType), null, underlying.ToDisplayString(s_wireFormat), false);
+            return new ValueModel(ValueKind.Enum, display, wire, PrimitiveSuffix(underlying.SpecialType), null, underlying.ToDisplayString(s_wireFormat), false);
         }
 
         if (PrimitiveSuffix(type.SpecialType) is { } suffix)
         {
-            return new ValueModel(ValueKind.Primitive, display, suffix, null, null, nullable);
+            return new ValueModel(ValueKind.Primitive, display, wire, suffix, null, null, nullable);
         }
 
-        return new ValueModel(ValueKind.MessagePack, display, null, null, null, nullable);
+        return new ValueModel(ValueKind.MessagePack, display, wire, null, null, null, nullable);
     }
 
     private static string? PrimitiveSuffix(SpecialType type) => type switch

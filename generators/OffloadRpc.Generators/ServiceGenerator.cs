@@ -39,7 +39,7 @@ public sealed class ServiceGenerator : IIncrementalGenerator
 
         context.RegisterSourceOutput(valid, static (output, service) =>
         {
-            string prefix = (service.Namespace.Length == 0 ? string.Empty : service.Namespace + ".") + service.InterfaceName;
+            string prefix = service.HintPrefix;
             output.AddSource(prefix + ".Proxy.g.cs", ServiceEmitter.EmitProxy(service));
             output.AddSource(prefix + ".Stub.g.cs", ServiceEmitter.EmitStub(service));
             output.AddSource(prefix + ".Registration.g.cs", ServiceEmitter.EmitRegistration(service));

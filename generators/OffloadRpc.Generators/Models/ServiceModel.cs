@@ -6,6 +6,7 @@ namespace OffloadRpc.Generators.Models;
 /// </summary>
 internal sealed record ServiceModel(
     string Namespace,
+    string HintPrefix,
     string InterfaceName,
     string InterfaceType,
     string ServiceName,
@@ -65,4 +66,5 @@ internal enum ValueKind
 /// <param name="Primitive">For Primitive: the MessagePackReader method suffix (Int32, String, ...); for Enum: the underlying type's.</param>
 /// <param name="ElementType">For buffers of T: T, fully qualified.</param>
 /// <param name="IsNullable">The declared type allows null (reference types annotated with '?').</param>
-internal sealed record ValueModel(ValueKind Kind, string Type, string? Primitive, string? ElementType, string? UnderlyingType, bool IsNullable);
+/// <param name="WireType">The type as it affects the wire (Nullable&lt;T&gt; kept, reference nullability dropped): part of ids and the contract hash.</param>
+internal sealed record ValueModel(ValueKind Kind, string Type, string WireType, string? Primitive, string? ElementType, string? UnderlyingType, bool IsNullable);
