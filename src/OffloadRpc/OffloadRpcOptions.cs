@@ -33,6 +33,14 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public bool RunContinuationsAsynchronously { get; set; }
 
+    /// <summary>
+    /// Server: run service methods on the thread pool instead of inline on the connection's receive
+    /// thread. Inline (the default) has the lowest latency, but a method that computes synchronously
+    /// holds up the other calls of its connection, and their cancellation, until it returns or awaits.
+    /// Turn this on for CPU-heavy synchronous methods and concurrent calls on one connection.
+    /// </summary>
+    public bool DispatchToThreadPool { get; set; }
+
     internal TransportOptions ToTransportOptions() => new()
     {
         SpinBudget = SpinBudget,
@@ -43,5 +51,6 @@ public sealed class OffloadRpcOptions
         HandshakeTimeout = HandshakeTimeout,
         AllowedUserIds = AllowedUserIds.ToArray(),
         RunContinuationsAsynchronously = RunContinuationsAsynchronously,
+        DispatchToThreadPool = DispatchToThreadPool,
     };
 }

@@ -60,6 +60,7 @@ internal static class PeerProgram
         var allowed = new List<uint>();
         TimeSpan spin = TransportOptions.Default.SpinBudget;
         int slotCount = TransportOptions.Default.SlotCount;
+        bool dispatchToThreadPool = false;
         for (int i = 2; i < args.Length; i++)
         {
             switch (args[i])
@@ -80,13 +81,16 @@ internal static class PeerProgram
                 case "--slots":
                     slotCount = int.Parse(args[++i]);
                     break;
+                case "--thread-pool-dispatch":
+                    dispatchToThreadPool = true;
+                    break;
                 case "--no-sleep-slice":
                     SharedWait.SleepSliceMilliseconds = -1;
                     break;
             }
         }
 
-        return new TransportOptions { ProtocolVersion = version, AllowedUserIds = allowed, SpinBudget = spin, SlotCount = slotCount };
+        return new TransportOptions { ProtocolVersion = version, AllowedUserIds = allowed, SpinBudget = spin, SlotCount = slotCount, DispatchToThreadPool = dispatchToThreadPool };
     }
 
     private static async Task<int> ServeAsync(string endpoint, TransportOptions options, Dictionary<string, ulong> contracts, IRequestHandler handler)
@@ -182,6 +186,10 @@ internal sealed class PeerHandler : IRequestHandler
                 Span<byte> answer = stackalloc byte[8];
                 BinaryPrimitives.WriteInt64LittleEndian(answer, total);
                 call.Reply(answer);
+                return ValueTask.CompletedTask;
+            case PeerMethods.BlockSync:
+                Thread.Sleep(BinaryPrimitives.ReadInt32LittleEndian(call.Body));
+                call.Reply("blocked"u8);
                 return ValueTask.CompletedTask;
             case PeerMethods.BadReply:
                 call.Reply(default, new OutboundPayload[17]);

@@ -129,6 +129,34 @@ public sealed class ConcurrencyTests
         Assert.Equal(1 << 20, await waiting.WaitAsync(TimeSpan.FromSeconds(60)));
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task A_blocking_handler_holds_up_its_connection_only_when_dispatched_inline(bool threadPool)
+    {
+        await using RemoteServer server = threadPool ? RemoteServer.Start("dispatch-pool", "--thread-pool-dispatch") : RemoteServer.Start("dispatch-inline");
+        await using RpcConnection connection = await server.ConnectAsync(new TransportOptions { RunContinuationsAsynchronously = true });
+        byte[] body = new byte[4];
+        BinaryPrimitives.WriteInt32LittleEndian(body, 1500);
+        Task<string> blocked = Answer(connection.CallAsync(PeerMethods.BlockSync, body, default));
+        await Task.Delay(200); // the blocking call is being served
+        Task<string> echo = Answer(connection.CallAsync(PeerMethods.Echo, "quick"u8, default));
+        Task first = await Task.WhenAny(blocked, echo).WaitAsync(TimeSpan.FromSeconds(60));
+        await Task.WhenAll(blocked, echo).WaitAsync(TimeSpan.FromSeconds(60));
+
+        // Inline, the receive thread is inside the blocking handler: the echo waits behind it. On the
+        // thread pool, the receive thread takes the echo at once and it overtakes.
+        Assert.Same(threadPool ? echo : blocked, first);
+        Assert.Equal("blocked", await blocked);
+        Assert.Equal("quick", await echo);
+
+        static async Task<string> Answer(ValueTask<RpcReply> call)
+        {
+            using RpcReply reply = await call;
+            return System.Text.Encoding.UTF8.GetString(reply.Body);
+        }
+    }
+
     [Fact]
     public async Task One_server_serves_several_client_connections_at_once()
     {

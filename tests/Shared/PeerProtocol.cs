@@ -32,4 +32,7 @@ internal static class PeerMethods
 
     /// <summary>Tries to reply with 17 payloads (more than a message carries): the reply fails and the caller must get that as a fault.</summary>
     public const int BadReply = 10;
+
+    /// <summary>Blocks its thread for the body's i32 milliseconds (a CPU-bound handler), then replies.</summary>
+    public const int BlockSync = 11;
 }

@@ -310,6 +310,19 @@ internal sealed unsafe partial class RpcConnection
     {
         int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
         Volatile.Write(ref _servedCalls[index], call);
+        if (_options.DispatchToThreadPool)
+        {
+            // The receive thread goes straight back to the ring: calls overlap and cancels are seen
+            // while a handler computes, at the price of a thread-pool hand-off per call.
+            ThreadPool.UnsafeQueueUserWorkItem(static state => state.Connection.Invoke(state), call, preferLocal: false);
+            return;
+        }
+
+        Invoke(call);
+    }
+
+    private void Invoke(IncomingCall call)
+    {
         ValueTask task;
         try
         {

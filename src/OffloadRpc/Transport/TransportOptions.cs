@@ -42,6 +42,13 @@ internal sealed class TransportOptions
     /// </summary>
     public bool RunContinuationsAsynchronously { get; init; }
 
+    /// <summary>
+    /// Run request handlers on the thread pool instead of inline on the receive thread. Inline is
+    /// fastest (no hand-off) but a handler that computes synchronously holds up its connection's other
+    /// calls and their cancels until it returns or awaits.
+    /// </summary>
+    public bool DispatchToThreadPool { get; init; }
+
     /// <summary>For tests: the protocol version this side claims in the handshake.</summary>
     internal int ProtocolVersion { get; init; } = TransportProtocol.Version;
 
