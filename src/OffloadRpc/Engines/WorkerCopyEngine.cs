@@ -1,0 +1,279 @@
+namespace OffloadRpc.Engines;
+
+/// <summary>
+/// Software offload: dedicated copy threads fed by a lock-free bounded queue of descriptors. Large
+/// copies are cut into chunks so that every worker can take part. Idle workers spin for a bounded
+/// time and then park, so an idle engine costs no CPU.
+/// </summary>
+internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
+{
+    /// <summary>Copies are cut into pieces of this size so several workers share one large copy.</summary>
+    public const ulong ChunkBytes = 1 << 20;
+
+    private static readonly Lazy<WorkerCopyEngine> s_shared = new(() => new WorkerCopyEngine(Math.Clamp(Environment.ProcessorCount - 1, 1, 4)));
+
+    private readonly WorkQueue _queue = new(4096);
+    private readonly Thread[] _threads;
+    private readonly SemaphoreSlim _wake = new(0);
+    private readonly TimeSpan _spinBeforePark;
+    private int _sleepers;
+    private volatile bool _stopping;
+
+    public WorkerCopyEngine(int threads, TimeSpan? spinBeforePark = null)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(threads, 1);
+        _spinBeforePark = spinBeforePark ?? TimeSpan.FromMicroseconds(50);
+        _threads = new Thread[threads];
+        for (int i = 0; i < threads; i++)
+        {
+            _threads[i] = new Thread(Run) { IsBackground = true, Name = $"OffloadRpc copy worker {i}" };
+            _threads[i].Start();
+        }
+    }
+
+    /// <summary>The process-wide engine (one thread per core but one, at most four), started on first use.</summary>
+    public static WorkerCopyEngine Shared => s_shared.Value;
+
+    public static bool IsSharedCreated => s_shared.IsValueCreated;
+
+    public string Name => "worker";
+
+    public int ThreadCount => _threads.Length;
+
+    /// <summary>Workers currently parked (none spinning or copying): a free worker means Hybrid can split.</summary>
+    public int IdleWorkers => Volatile.Read(ref _sleepers);
+
+    public EngineAvailability Availability => new(true, $"{_threads.Length} dedicated copy thread(s), chunks of {ChunkBytes >> 20} MiB");
+
+    public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion)
+    {
+        ObjectDisposedException.ThrowIf(_stopping, this);
+        foreach (CopyDescriptor descriptor in batch)
+        {
+            if (Overlaps(descriptor))
+            {
+                // Chunks run in any order on any worker: an overlapping move is done whole, here, as memmove.
+                completion.Expect(1);
+                CpuCopyEngine.Execute(descriptor);
+                completion.Complete();
+            }
+        }
+
+        int chunks = 0;
+        foreach (CopyDescriptor descriptor in batch)
+        {
+            chunks += Overlaps(descriptor) ? 0 : (int)Math.Max(1, (descriptor.Length + ChunkBytes - 1) / ChunkBytes);
+        }
+
+        if (chunks == 0)
+        {
+            return;
+        }
+
+        completion.Expect(chunks);
+        foreach (CopyDescriptor descriptor in batch)
+        {
+            if (Overlaps(descriptor))
+            {
+                continue;
+            }
+
+            ulong offset = 0;
+            do
+            {
+                ulong length = Math.Min(ChunkBytes, descriptor.Length - offset);
+                CopyDescriptor chunk = descriptor;
+                chunk.Source += (nint)offset;
+                chunk.Destination += (nint)offset;
+                chunk.Length = length;
+                Enqueue(new WorkItem(chunk, completion));
+                offset += length;
+            }
+            while (offset < descriptor.Length);
+        }
+    }
+
+    private static unsafe bool Overlaps(in CopyDescriptor descriptor) =>
+        CopyRoutines.Overlap((byte*)descriptor.Source, (byte*)descriptor.Destination, (nuint)descriptor.Length);
+
+    private void Enqueue(in WorkItem item)
+    {
+        var spinner = new SpinWait();
+        while (!_queue.TryEnqueue(item))
+        {
+            // Queue full: the workers are behind; help them rather than wait.
+            if (_queue.TryDequeue(out WorkItem other))
+            {
+                Execute(other);
+            }
+            else
+            {
+                spinner.SpinOnce(sleep1Threshold: -1);
+            }
+        }
+
+        if (Volatile.Read(ref _sleepers) > 0)
+        {
+            _wake.Release();
+        }
+    }
+
+    private void Run()
+    {
+        long spinTicks = (long)(_spinBeforePark.TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
+        while (!_stopping)
+        {
+            if (_queue.TryDequeue(out WorkItem item))
+            {
+                Execute(item);
+                continue;
+            }
+
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
+            bool found = false;
+            while (System.Diagnostics.Stopwatch.GetTimestamp() - start < spinTicks)
+            {
+                if (_queue.HasItems)
+                {
+                    found = true;
+                    break;
+                }
+
+                Thread.SpinWait(1);
+            }
+
+            if (found)
+            {
+                continue;
+            }
+
+            Interlocked.Increment(ref _sleepers);
+            if (!_queue.HasItems && !_stopping)
+            {
+                _wake.Wait();
+            }
+
+            Interlocked.Decrement(ref _sleepers);
+        }
+    }
+
+    private static void Execute(in WorkItem item)
+    {
+        CpuCopyEngine.Execute(item.Descriptor);
+        item.Completion.Complete();
+    }
+
+    public void Dispose()
+    {
+        _stopping = true;
+        _wake.Release(_threads.Length);
+        foreach (Thread thread in _threads)
+        {
+            thread.Join();
+        }
+
+        _wake.Dispose();
+    }
+
+    private readonly record struct WorkItem(CopyDescriptor Descriptor, CopyCompletion Completion);
+
+    /// <summary>A bounded multi-producer, multi-consumer queue (Vyukov), in managed memory.</summary>
+    private sealed class WorkQueue
+    {
+        private readonly Cell[] _cells;
+        private readonly long _mask;
+        private long _enqueuePosition;
+        private long _dequeuePosition;
+
+        public WorkQueue(int capacity)
+        {
+            _cells = new Cell[capacity];
+            _mask = capacity - 1;
+            for (int i = 0; i < capacity; i++)
+            {
+                _cells[i].Sequence = i;
+            }
+        }
+
+        public bool HasItems => Volatile.Read(ref _cells[Volatile.Read(ref _dequeuePosition) & _mask].Sequence) == Volatile.Read(ref _dequeuePosition) + 1;
+
+        public bool TryEnqueue(in WorkItem item)
+        {
+            long position = Volatile.Read(ref _enqueuePosition);
+            while (true)
+            {
+                ref Cell cell = ref _cells[position & _mask];
+                long diff = Volatile.Read(ref cell.Sequence) - position;
+                if (diff == 0)
+                {
+                    long seen = Interlocked.CompareExchange(ref _enqueuePosition, position + 1, position);
+                    if (seen == position)
+                    {
+                        cell.Item = item;
+                        Volatile.Write(ref cell.Sequence, position + 1);
+                        return true;
+                    }
+
+                    position = seen;
+                }
+                else if (diff < 0)
+                {
+                    return false;
+                }
+                else
+                {
+                    position = Volatile.Read(ref _enqueuePosition);
+                }
+            }
+        }
+
+        public bool TryDequeue(out WorkItem item)
+        {
+            long position = Volatile.Read(ref _dequeuePosition);
+            while (true)
+            {
+                ref Cell cell = ref _cells[position & _mask];
+                long diff = Volatile.Read(ref cell.Sequence) - (position + 1);
+                if (diff == 0)
+                {
+                    long seen = Interlocked.CompareExchange(ref _dequeuePosition, position + 1, position);
+                    if (seen == position)
+                    {
+                        item = cell.Item;
+                        cell.Item = default;
+                        Volatile.Write(ref cell.Sequence, position + _mask + 1);
+                        return true;
+                    }
+
+                    position = seen;
+                }
+                else if (diff < 0)
+                {
+                    item = default;
+                    return false;
+                }
+                else
+                {
+                    position = Volatile.Read(ref _dequeuePosition);
+                }
+            }
+        }
+
+        private struct Cell
+        {
+            public long Sequence;
+            public WorkItem Item;
+        }
+    }
+}
+
+/// <summary>The engines of this machine, each with whether and why it can run.</summary>
+internal static class EngineCatalog
+{
+    public static IReadOnlyList<(string Name, EngineAvailability Availability)> Describe() =>
+    [
+        (CpuCopyEngine.Instance.Name, CpuCopyEngine.Instance.Availability),
+        ("worker", new EngineAvailability(true, $"{Math.Clamp(Environment.ProcessorCount - 1, 1, 4)} dedicated copy thread(s) on demand, chunks of {WorkerCopyEngine.ChunkBytes >> 20} MiB")),
+        ("dsa", new DsaCopyEngine().Availability),
+    ];
+}

@@ -1,0 +1,110 @@
+using CsCheck;
+using OffloadRpc.Engines;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>Every engine and copy routine against a reference copy, over random sizes, alignments and overlaps.</summary>
+public sealed unsafe class EngineTests
+{
+    private const int Arena = 3 << 20;
+
+    [Fact]
+    public void Non_temporal_and_temporal_copies_match_a_reference_at_any_size_and_alignment()
+    {
+        byte[] source = new byte[Arena];
+        Random.Shared.NextBytes(source);
+        byte[] destination = new byte[Arena];
+        byte[] expected = new byte[Arena];
+        Gen.Select(Gen.Int[0, (1 << 20) + 300], Gen.Int[0, 127], Gen.Int[0, 127], Gen.Bool)
+            .Sample((length, sourceOffset, destinationOffset, bypass) =>
+            {
+                Array.Clear(destination);
+                Array.Clear(expected);
+                Array.Copy(source, sourceOffset, expected, destinationOffset, length);
+                fixed (byte* s = source)
+                fixed (byte* d = destination)
+                {
+                    CopyRoutines.Copy(s + sourceOffset, d + destinationOffset, (nuint)length, bypass);
+                }
+
+                return destination.AsSpan().SequenceEqual(expected);
+            }, iter: 300, threads: 1);
+    }
+
+    [Fact]
+    public void Overlapping_copies_keep_memmove_semantics()
+    {
+        byte[] buffer = new byte[Arena];
+        Gen.Select(Gen.Int[0, 200_000], Gen.Int[0, 100_000], Gen.Int[0, 100_000], Gen.Bool)
+            .Sample((length, from, to, bypass) =>
+            {
+                Random.Shared.NextBytes(buffer);
+                byte[] expected = (byte[])buffer.Clone();
+                Array.Copy(expected, from, expected, to, length); // Array.Copy handles overlap like memmove
+                fixed (byte* b = buffer)
+                {
+                    CopyRoutines.Copy(b + from, b + to, (nuint)length, bypass);
+                }
+
+                return buffer.AsSpan().SequenceEqual(expected);
+            }, iter: 100, threads: 1);
+    }
+
+    [Fact]
+    public void The_worker_engine_completes_random_batches_exactly()
+    {
+        using var engine = new WorkerCopyEngine(threads: 2);
+        byte[] source = new byte[16 << 20];
+        Random.Shared.NextBytes(source);
+        byte[] destination = new byte[16 << 20];
+        using var completion = new CopyCompletion();
+        Gen.Int[1, 6].SelectMany(count => Gen.Select(Gen.Int[0, 2 << 20], Gen.Int[0, 63], Gen.Bool).Array[count])
+            .Sample(copies =>
+            {
+                Array.Clear(destination);
+                byte[] expected = new byte[destination.Length];
+                var batch = new CopyDescriptor[copies.Length];
+                long cursor = 0;
+                fixed (byte* s = source)
+                fixed (byte* d = destination)
+                {
+                    for (int i = 0; i < copies.Length; i++)
+                    {
+                        (int length, int skew, bool bypass) = copies[i];
+                        long at = cursor + skew;
+                        Array.Copy(source, at, expected, at, length);
+                        batch[i] = CopyDescriptor.Create((nint)(s + at), (nint)(d + at), (ulong)length, bypass ? CachePolicy.Bypass : CachePolicy.Inject);
+                        cursor = at + length;
+                    }
+
+                    engine.Submit(batch, completion);
+                    completion.Wait();
+                }
+
+                return completion.IsCompleted && destination.AsSpan().SequenceEqual(expected);
+            }, iter: 60, threads: 1);
+    }
+
+    [Fact]
+    public void Idle_workers_park_instead_of_spinning()
+    {
+        using var engine = new WorkerCopyEngine(threads: 2, spinBeforePark: TimeSpan.FromMicroseconds(10));
+        SpinWait.SpinUntil(() => engine.IdleWorkers == 2, TimeSpan.FromSeconds(30));
+        Assert.Equal(2, engine.IdleWorkers);
+    }
+
+    [Fact]
+    public void The_engine_catalog_names_every_engine_and_why_it_can_or_cannot_run()
+    {
+        var engines = EngineCatalog.Describe().ToDictionary(e => e.Name, e => e.Availability);
+        Assert.True(engines["cpu"].IsAvailable);
+        Assert.True(engines["worker"].IsAvailable);
+        Assert.False(string.IsNullOrWhiteSpace(engines["dsa"].Reason));
+        if (!Directory.Exists("/dev/dsa"))
+        {
+            Assert.False(engines["dsa"].IsAvailable);
+            Assert.Contains("/dev/dsa", engines["dsa"].Reason);
+        }
+    }
+}
