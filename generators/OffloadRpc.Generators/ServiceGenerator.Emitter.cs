@@ -59,7 +59,7 @@ internal static class ServiceEmitter
                 w.Line($"{l}writer.WriteArrayHeader({method.Parameters.Count.ToString(CultureInfo.InvariantCulture)});");
                 foreach (ParameterModel parameter in method.Parameters)
                 {
-                    w.Line(WriteValue(parameter.Value, parameter.Name, l + "writer", l + "request"));
+                    w.Line(WriteValue(parameter.Value, parameter.Name, l + "writer", l + "request", parameter.Transfer));
                 }
 
                 w.Line($"{l}writer.Flush();");
@@ -206,7 +206,7 @@ internal static class ServiceEmitter
                 using (w.Open("try"))
                 {
                     w.Line($"{Writer} writer = new {Writer}(response.Body);");
-                    w.Line(WriteValue(result, "result", "writer", "response"));
+                    w.Line(WriteValue(result, "result", "writer", "response", method.ResultTransfer));
                     w.Line("writer.Flush();");
                     w.Line("return response;");
                 }
@@ -257,15 +257,19 @@ internal static class ServiceEmitter
     }
 
     /// <summary>The statement that writes <paramref name="expression"/> with <paramref name="writer"/> (buffers go to <paramref name="builder"/>).</summary>
-    private static string WriteValue(ValueModel value, string expression, string writer, string builder) => value.Kind switch
+    private static string WriteValue(ValueModel value, string expression, string writer, string builder, string? transfer)
     {
-        ValueKind.Primitive => $"{writer}.Write({expression});",
-        ValueKind.Enum => $"{writer}.Write(({value.UnderlyingType}){expression});",
-        ValueKind.MessagePack => $"{Serializer}.Serialize(ref {writer}, {expression}, {Options});",
-        ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{writer}.Write({builder}.AddBuffer<{value.ElementType}>({expression}));",
-        ValueKind.Array => $"{writer}.Write({builder}.AddArray<{value.ElementType}>({expression}));",
-        _ => $"{writer}.Write({builder}.AddSharedBuffer({expression}));",
-    };
+        string mode = transfer is null ? string.Empty : ", " + transfer;
+        return value.Kind switch
+        {
+            ValueKind.Primitive => $"{writer}.Write({expression});",
+            ValueKind.Enum => $"{writer}.Write(({value.UnderlyingType}){expression});",
+            ValueKind.MessagePack => $"{Serializer}.Serialize(ref {writer}, {expression}, {Options});",
+            ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{writer}.Write({builder}.AddBuffer<{value.ElementType}>({expression}{mode}));",
+            ValueKind.Array => $"{writer}.Write({builder}.AddArray<{value.ElementType}>({expression}{mode}));",
+            _ => $"{writer}.Write({builder}.AddSharedBuffer({expression}));",
+        };
+    }
 
     /// <summary>
     /// The expression that reads a value with <paramref name="reader"/>; buffers come from

@@ -33,6 +33,7 @@ internal sealed class ServiceParser
     private readonly INamedTypeSymbol? _readOnlyMemory;
     private readonly INamedTypeSymbol? _memory;
     private readonly INamedTypeSymbol? _sharedBuffer;
+    private readonly INamedTypeSymbol? _transferAttribute;
 
     public ServiceParser(Compilation compilation)
     {
@@ -44,6 +45,7 @@ internal sealed class ServiceParser
         _readOnlyMemory = compilation.GetTypeByMetadataName("System.ReadOnlyMemory`1");
         _memory = compilation.GetTypeByMetadataName("System.Memory`1");
         _sharedBuffer = compilation.GetTypeByMetadataName("OffloadRpc.SharedBuffer");
+        _transferAttribute = compilation.GetTypeByMetadataName("OffloadRpc.TransferAttribute");
     }
 
     /// <summary>The model of <paramref name="service"/>, or null with the reasons in <paramref name="problems"/>.</summary>
@@ -204,7 +206,8 @@ internal sealed class ServiceParser
             ValueModel? value = Classify(parameter.Type, $"parameter '{parameter.Name}' of '{method.Name}'", at, problems);
             if (value is not null)
             {
-                parameters.Add(new ParameterModel(Escape(parameter.Name), parameter.Type.ToDisplayString(s_typeFormat), value));
+                string? transfer = IsCopiedBuffer(value) ? Transfer(parameter) ?? Transfer(method) : null;
+                parameters.Add(new ParameterModel(Escape(parameter.Name), parameter.Type.ToDisplayString(s_typeFormat), value, transfer));
             }
         }
 
@@ -221,7 +224,37 @@ internal sealed class ServiceParser
             ReturnType: method.ReturnType.ToDisplayString(s_typeFormat),
             Result: result,
             Parameters: parameters.ToEquatableArray(),
-            CancellationTokenName: cancellationTokenName);
+            CancellationTokenName: cancellationTokenName,
+            ResultTransfer: result is not null && IsCopiedBuffer(result) ? Transfer(method) : null);
+    }
+
+    private static bool IsCopiedBuffer(ValueModel value) => value.Kind is ValueKind.ReadOnlyMemory or ValueKind.Memory or ValueKind.Array;
+
+    /// <summary>The [Transfer(mode, cache)] on <paramref name="symbol"/> as emitted arguments, or null when absent or all Auto.</summary>
+    private string? Transfer(ISymbol symbol)
+    {
+        foreach (AttributeData attribute in symbol.GetAttributes())
+        {
+            if (!Same(attribute.AttributeClass, _transferAttribute))
+            {
+                continue;
+            }
+
+            int mode = attribute.ConstructorArguments.Length > 0 && attribute.ConstructorArguments[0].Value is int m ? m : 0;
+            int cache = attribute.ConstructorArguments.Length > 1 && attribute.ConstructorArguments[1].Value is int c ? c : 0;
+            if (mode == 0 && cache == 0)
+            {
+                return null;
+            }
+
+            string[] modes = ["Auto", "Copy", "Offload", "Pipelined", "Hybrid"];
+            string[] caches = ["Auto", "Inject", "Bypass"];
+            return mode < modes.Length && cache < caches.Length
+                ? $"global::OffloadRpc.TransferMode.{modes[mode]}, global::OffloadRpc.CachePolicy.{caches[cache]}"
+                : null;
+        }
+
+        return null;
     }
 
     /// <summary>How a parameter or result of type <paramref name="type"/> crosses, or null (with a problem) when it cannot.</summary>

@@ -16,7 +16,7 @@ namespace OffloadRpc.Benchmarks;
 /// </summary>
 internal static class TransportBenchmark
 {
-    private static readonly int[] ThroughputSizes = [1 << 20, 64 << 20, 256 << 20];
+    private static readonly int[] ThroughputSizes = [1 << 20, 16 << 20, 64 << 20, 256 << 20];
 
     public static async Task<int> RunAsync(bool quick, string? jsonPath)
     {
@@ -63,10 +63,15 @@ internal static class TransportBenchmark
                 Console.Write($"{Format(size)}: Span.CopyTo into shared memory ... ");
                 double floor = MemcpyGigabytesPerSecond(size, iterations);
                 Console.Write($"{floor:0.0} GB/s; OffloadRpc one-way ... ");
-                double gbps = await OneWayGigabytesPerSecondAsync(connection, size, iterations);
+                double gbps = await OneWayGigabytesPerSecondAsync(connection, size, iterations, TransferMode.Copy, CachePolicy.Inject);
                 Console.WriteLine($"{gbps:0.0} GB/s");
                 bool? met = size == 64 << 20 ? gbps >= 0.8 * floor : null;
-                rows.Add(new Row("one-way throughput", size, gbps, "GB/s", floor, "Span.CopyTo", gbps / floor, size == 64 << 20 ? ">= 0.8x floor" : string.Empty, met));
+                rows.Add(new Row("one-way copy+inject", size, gbps, "GB/s", floor, "Span.CopyTo", gbps / floor, size == 64 << 20 ? ">= 0.8x floor" : string.Empty, met));
+                foreach ((TransferMode mode, CachePolicy cache) in new[] { (TransferMode.Copy, CachePolicy.Bypass), (TransferMode.Offload, CachePolicy.Inject), (TransferMode.Hybrid, CachePolicy.Inject), (TransferMode.Hybrid, CachePolicy.Bypass), (TransferMode.Auto, CachePolicy.Auto) })
+                {
+                    double modeGbps = await OneWayGigabytesPerSecondAsync(connection, size, iterations, mode, cache);
+                    rows.Add(new Row($"one-way {mode.ToString().ToLowerInvariant()}+{cache.ToString().ToLowerInvariant()}", size, modeGbps, "GB/s", floor, "Span.CopyTo", modeGbps / floor, string.Empty, null));
+                }
             }
         }
         finally
@@ -124,7 +129,7 @@ internal static class TransportBenchmark
         return latencies;
     }
 
-    private static async Task<double> OneWayGigabytesPerSecondAsync(RpcConnection connection, int size, int iterations)
+    private static async Task<double> OneWayGigabytesPerSecondAsync(RpcConnection connection, int size, int iterations, TransferMode mode, CachePolicy cache)
     {
         byte[] payload = GC.AllocateUninitializedArray<byte>(size);
         Checksum64.Fill(payload, 1);
@@ -132,7 +137,7 @@ internal static class TransportBenchmark
         for (int i = -3; i < iterations; i++)
         {
             long start = Stopwatch.GetTimestamp();
-            using RpcReply reply = await connection.CallAsync(PeerMethods.Touch, default, [OutboundPayload.Copy(payload)]);
+            using RpcReply reply = await connection.CallAsync(PeerMethods.Touch, default, [OutboundPayload.Copy(payload, mode, cache)]);
             long elapsed = Stopwatch.GetTimestamp() - start;
             if (i >= 0)
             {
@@ -188,12 +193,12 @@ internal static class TransportBenchmark
     private static void PrintTable(List<Row> rows)
     {
         Console.WriteLine();
-        Console.WriteLine($"{"measure",-20} {"size",8} {"OffloadRpc",14} {"floor",14} {"floor is",-12} {"ratio",7}  target");
+        Console.WriteLine($"{"measure",-22} {"size",8} {"OffloadRpc",14} {"floor",14} {"floor is",-12} {"ratio",7}  target");
         Console.WriteLine(new string('-', 96));
         foreach (Row row in rows)
         {
             string verdict = row.TargetMet switch { true => "met", false => "MISSED", null => string.Empty };
-            Console.WriteLine($"{row.Measure,-20} {Format(row.Bytes),8} {row.Value,9:0.0} {row.Unit,-4} {row.Floor,9:0.0} {row.Unit,-4} {row.FloorName,-12} {row.Ratio,6:0.00}x  {row.Target} {verdict}");
+            Console.WriteLine($"{row.Measure,-22} {Format(row.Bytes),8} {row.Value,9:0.0} {row.Unit,-4} {row.Floor,9:0.0} {row.Unit,-4} {row.FloorName,-12} {row.Ratio,6:0.00}x  {row.Target} {verdict}");
         }
     }
 

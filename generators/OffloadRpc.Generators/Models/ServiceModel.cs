@@ -26,6 +26,7 @@ internal enum ReturnShape
     ValueTaskOfT,
 }
 
+/// <param name="ResultTransfer">The [Transfer] choice for a buffer result (from the method's attribute), as emitted arguments, or null for Auto.</param>
 internal sealed record MethodModel(
     string Name,
     int MethodId,
@@ -33,9 +34,11 @@ internal sealed record MethodModel(
     string ReturnType,
     ValueModel? Result,
     EquatableArray<ParameterModel> Parameters,
-    string? CancellationTokenName);
+    string? CancellationTokenName,
+    string? ResultTransfer);
 
-internal sealed record ParameterModel(string Name, string Type, ValueModel Value);
+/// <param name="Transfer">The [Transfer] choice for a buffer (parameter's, else the method's), as emitted arguments ("global::OffloadRpc.TransferMode.X, global::OffloadRpc.CachePolicy.Y"), or null for Auto.</param>
+internal sealed record ParameterModel(string Name, string Type, ValueModel Value, string? Transfer);
 
 /// <summary>How a value crosses: fast MessagePack primitives, MessagePack, an enum, or a buffer through the arena.</summary>
 internal enum ValueKind

@@ -42,12 +42,16 @@ public sealed class MessageBuilder
 
     /// <summary>Adds a buffer to copy into shared memory; returns its payload index.</summary>
     public int AddBuffer<T>(ReadOnlyMemory<T> buffer)
+        where T : unmanaged => AddBuffer(buffer, TransferMode.Auto, CachePolicy.Auto);
+
+    /// <summary>Adds a buffer to copy into shared memory in the given mode; returns its payload index.</summary>
+    public int AddBuffer<T>(ReadOnlyMemory<T> buffer, TransferMode mode, CachePolicy cache)
         where T : unmanaged
     {
         if (typeof(T) == typeof(byte))
         {
             ReadOnlyMemory<byte> bytes = System.Runtime.CompilerServices.Unsafe.As<ReadOnlyMemory<T>, ReadOnlyMemory<byte>>(ref buffer);
-            _payloads.Add(OutboundPayload.Copy(bytes));
+            _payloads.Add(OutboundPayload.Copy(bytes, mode, cache));
         }
         else
         {
@@ -56,7 +60,7 @@ public sealed class MessageBuilder
             _pins.Add(pin);
             unsafe
             {
-                _payloads.Add(OutboundPayload.Copy(new UnmanagedMemoryView((byte*)pin.Pointer, checked(buffer.Length * System.Runtime.CompilerServices.Unsafe.SizeOf<T>())).Memory));
+                _payloads.Add(OutboundPayload.Copy(new UnmanagedMemoryView((byte*)pin.Pointer, checked(buffer.Length * System.Runtime.CompilerServices.Unsafe.SizeOf<T>())).Memory, mode, cache));
             }
         }
 
@@ -66,6 +70,10 @@ public sealed class MessageBuilder
     /// <summary>Adds an array (null gives -1: no payload).</summary>
     public int AddArray<T>(T[]? array)
         where T : unmanaged => array is null ? -1 : AddBuffer<T>(array);
+
+    /// <summary>Adds an array in the given mode (null gives -1: no payload).</summary>
+    public int AddArray<T>(T[]? array, TransferMode mode, CachePolicy cache)
+        where T : unmanaged => array is null ? -1 : AddBuffer<T>(array, mode, cache);
 
     /// <summary>Adds a lease whose ownership moves with the message (null gives -1).</summary>
     public int AddSharedBuffer(SharedBuffer? lease)

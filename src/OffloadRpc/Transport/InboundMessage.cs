@@ -140,19 +140,26 @@ internal abstract class InboundMessage
 /// <summary>What a sender hands over for one payload: bytes to copy into the arena, or a lease to move.</summary>
 internal readonly struct OutboundPayload
 {
-    private OutboundPayload(ReadOnlyMemory<byte> data, SharedBuffer? lease)
+    private OutboundPayload(ReadOnlyMemory<byte> data, SharedBuffer? lease, TransferMode mode, CachePolicy cache)
     {
         Data = data;
         Lease = lease;
+        Mode = mode;
+        Cache = cache;
     }
 
     public ReadOnlyMemory<byte> Data { get; }
 
     public SharedBuffer? Lease { get; }
 
+    /// <summary>How the bytes are copied into shared memory (leases of this connection move without a copy).</summary>
+    public TransferMode Mode { get; }
+
+    public CachePolicy Cache { get; }
+
     public long Length => Lease?.Length ?? Data.Length;
 
-    public static OutboundPayload Copy(ReadOnlyMemory<byte> data) => new(data, null);
+    public static OutboundPayload Copy(ReadOnlyMemory<byte> data, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto) => new(data, null, mode, cache);
 
-    public static OutboundPayload Move(SharedBuffer lease) => new(default, lease ?? throw new ArgumentNullException(nameof(lease)));
+    public static OutboundPayload Move(SharedBuffer lease) => new(default, lease ?? throw new ArgumentNullException(nameof(lease)), TransferMode.Auto, CachePolicy.Auto);
 }

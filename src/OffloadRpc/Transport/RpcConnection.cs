@@ -126,7 +126,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             var owned = new OutboundPayload[payloads.Length];
             for (int i = 0; i < owned.Length; i++)
             {
-                owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray()) : payloads[i];
+                owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
             }
 
             return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, cancellationToken);
@@ -258,7 +258,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             int r = 0;
             if (bodyInPayload)
             {
-                refs[r++] = CopyIntoArena(body, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
+                refs[r++] = CopyIntoArena(body, TransferMode.Copy, CachePolicy.Auto, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
             }
 
             for (int i = 0; i < payloads.Length; i++)
@@ -267,7 +267,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
                 if (lease is null || lease.Host != this)
                 {
                     ReadOnlySpan<byte> data = lease is null ? payloads[i].Data.Span : lease.Span;
-                    refs[r++] = CopyIntoArena(data, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
+                    refs[r++] = CopyIntoArena(data, payloads[i].Mode, payloads[i].Cache, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
                     continue;
                 }
 
@@ -375,12 +375,17 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
     }
 
-    private PayloadRef CopyIntoArena(ReadOnlySpan<byte> data, SharedMemorySegment?[] allocated, Span<long> allocatedOffsets, ref int allocatedCount, CancellationToken cancellationToken)
+    private PayloadRef CopyIntoArena(ReadOnlySpan<byte> data, TransferMode mode, CachePolicy cache, SharedMemorySegment?[] allocated, Span<long> allocatedOffsets, ref int allocatedCount, CancellationToken cancellationToken)
     {
         ArenaBlock block = _arena.Allocate(data.Length, cancellationToken);
         allocatedOffsets[allocatedCount] = block.Offset;
         allocated[allocatedCount++] = block.Segment; // the arena took a mapping reference for us
-        data.CopyTo(new Span<byte>(block.Segment.Pointer(block.Offset, data.Length), data.Length));
+        byte* destination = block.Segment.Pointer(block.Offset, data.Length);
+        fixed (byte* source = data)
+        {
+            Engines.PayloadMover.Move(source, destination, data.Length, Engines.TransferPolicy.Resolve(data.Length, mode, cache));
+        }
+
         return new PayloadRef { SegmentId = block.Segment.Id, Flags = 0, Offset = block.Offset, Length = data.Length };
     }
 

@@ -78,7 +78,7 @@ namespace Sample.Imaging
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
                 __writer.WriteArrayHeader(2);
-                __writer.Write(__request.AddBuffer<byte>(batch));
+                __writer.Write(__request.AddBuffer<byte>(batch, global::OffloadRpc.TransferMode.Pipelined, global::OffloadRpc.CachePolicy.Bypass));
                 global::MessagePack.MessagePackSerializer.Serialize(ref __writer, options, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
                 __writer.Flush();
             }

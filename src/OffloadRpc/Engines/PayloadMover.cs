@@ -1,0 +1,47 @@
+namespace OffloadRpc.Engines;
+
+/// <summary>Moves one payload into shared memory following its <see cref="TransferPlan"/>.</summary>
+internal static unsafe class PayloadMover
+{
+    [ThreadStatic]
+    private static CopyCompletion? t_completion;
+
+    /// <summary>Copies <paramref name="length"/> bytes; returns once every byte is in place (and fenced).</summary>
+    public static void Move(byte* source, byte* destination, long length, in TransferPlan plan)
+    {
+        switch (plan.Mode)
+        {
+            case TransferMode.Offload:
+            {
+                // The copy runs on the worker threads; this thread waits without burning a core.
+                CopyCompletion completion = t_completion ??= new CopyCompletion();
+                WorkerCopyEngine.Shared.Submit([CopyDescriptor.Create((nint)source, (nint)destination, (ulong)length, plan.Cache)], completion);
+                completion.Wait();
+                break;
+            }
+
+            case TransferMode.Hybrid:
+            {
+                // The caller and the workers copy disjoint parts at once, split so they finish together
+                // (equal bandwidth per thread until calibration says otherwise).
+                WorkerCopyEngine engine = WorkerCopyEngine.Shared;
+                long share = length / (engine.ThreadCount + 1) & ~4095L;
+                CopyCompletion completion = t_completion ??= new CopyCompletion();
+                if (length - share > 0)
+                {
+                    engine.Submit([CopyDescriptor.Create((nint)(source + share), (nint)(destination + share), (ulong)(length - share), plan.Cache)], completion);
+                }
+
+                CopyRoutines.Copy(source, destination, (nuint)share, plan.BypassCache);
+                completion.Wait();
+                break;
+            }
+
+            default:
+                CopyRoutines.Copy(source, destination, (nuint)length, plan.BypassCache);
+                break;
+        }
+
+        TransferMetrics.Record(plan, length);
+    }
+}

@@ -1,0 +1,107 @@
+using System.Buffers.Binary;
+using System.Diagnostics.Metrics;
+using OffloadRpc.Engines;
+using OffloadRpc.Testing;
+using OffloadRpc.Tests.Infrastructure;
+using OffloadRpc.Transport;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>Every transfer mode and cache policy moves exactly the caller's bytes to the server process.</summary>
+public sealed class TransferModeTests : IAsyncLifetime
+{
+    private RemoteServer _server = null!;
+    private RpcConnection _connection = null!;
+
+    public async Task InitializeAsync()
+    {
+        _server = RemoteServer.Start("modes");
+        _connection = await _server.ConnectAsync();
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _connection.DisposeAsync();
+        await _server.DisposeAsync();
+    }
+
+    [Theory]
+    [InlineData(TransferMode.Copy, CachePolicy.Inject)]
+    [InlineData(TransferMode.Copy, CachePolicy.Bypass)]
+    [InlineData(TransferMode.Offload, CachePolicy.Inject)]
+    [InlineData(TransferMode.Offload, CachePolicy.Bypass)]
+    [InlineData(TransferMode.Hybrid, CachePolicy.Inject)]
+    [InlineData(TransferMode.Hybrid, CachePolicy.Bypass)]
+    [InlineData(TransferMode.Auto, CachePolicy.Auto)]
+    public async Task Each_mode_delivers_identical_bytes(TransferMode mode, CachePolicy cache)
+    {
+        foreach (int size in new[] { 0, 100, 5_000, (3 << 20) + 13, 40 << 20 })
+        {
+            byte[] payload = GC.AllocateUninitializedArray<byte>(size);
+            Checksum64.Fill(payload, (ulong)size * 7 + (ulong)mode);
+            // Unaligned source on purpose: slice off the first byte.
+            ReadOnlyMemory<byte> source = payload.AsMemory(size > 0 ? 1 : 0);
+            using RpcReply reply = await _connection.CallAsync(PeerMethods.Checksum, default, [OutboundPayload.Copy(source, mode, cache)]);
+            Assert.Equal(source.Length, BinaryPrimitives.ReadInt64LittleEndian(reply.Body[8..]));
+            Assert.Equal(Checksum64.Compute(source.Span), BinaryPrimitives.ReadUInt64LittleEndian(reply.Body[16..]));
+        }
+    }
+
+    [Fact]
+    public void Auto_copies_small_payloads_inline_splits_large_ones_and_bypasses_the_cache_above_it()
+    {
+        Assert.Equal(new TransferPlan(TransferMode.Copy, CachePolicy.Inject), TransferPolicy.Resolve(1 << 20, TransferMode.Auto, CachePolicy.Auto));
+        Assert.Equal(TransferMode.Hybrid, TransferPolicy.Resolve(16 << 20, TransferMode.Auto, CachePolicy.Auto).Mode);
+        Assert.Equal(CachePolicy.Bypass, TransferPolicy.Resolve(TransferPolicy.LastLevelCacheBytes + 1, TransferMode.Auto, CachePolicy.Auto).Cache);
+        Assert.Equal(CachePolicy.Inject, TransferPolicy.Resolve(TransferPolicy.LastLevelCacheBytes, TransferMode.Auto, CachePolicy.Auto).Cache);
+        Assert.Equal(new TransferPlan(TransferMode.Offload, CachePolicy.Bypass), TransferPolicy.Resolve(1 << 20, TransferMode.Offload, CachePolicy.Bypass));
+        Assert.Equal(TransferMode.Copy, TransferPolicy.Resolve(100, TransferMode.Hybrid, CachePolicy.Inject).Mode); // too small to share
+        Assert.True(TransferPolicy.LastLevelCacheBytes >= 1 << 20);
+    }
+
+    [Fact]
+    public async Task Decisions_and_bytes_per_mode_are_published_as_metrics()
+    {
+        var seen = new List<(string Instrument, long Value, string Mode, string Cache)>();
+        using var listener = new MeterListener();
+        listener.InstrumentPublished = (instrument, l) =>
+        {
+            if (instrument.Meter.Name == "OffloadRpc")
+            {
+                l.EnableMeasurementEvents(instrument);
+            }
+        };
+        listener.SetMeasurementEventCallback<long>((instrument, value, tags, _) =>
+        {
+            string mode = string.Empty, cache = string.Empty;
+            foreach (KeyValuePair<string, object?> tag in tags)
+            {
+                if (tag.Key == "mode")
+                {
+                    mode = (string)tag.Value!;
+                }
+                else if (tag.Key == "cache")
+                {
+                    cache = (string)tag.Value!;
+                }
+            }
+
+            lock (seen)
+            {
+                seen.Add((instrument.Name, value, mode, cache));
+            }
+        });
+        listener.Start();
+
+        using (RpcReply reply = await _connection.CallAsync(PeerMethods.Checksum, default, [OutboundPayload.Copy(new byte[2 << 20], TransferMode.Hybrid, CachePolicy.Bypass)]))
+        {
+        }
+
+        lock (seen)
+        {
+            Assert.Contains(seen, m => m.Instrument == "offloadrpc.transfer.bytes" && m.Value == 2 << 20 && m.Mode == "hybrid" && m.Cache == "bypass");
+            Assert.Contains(seen, m => m.Instrument == "offloadrpc.transfers" && m.Value == 1 && m.Mode == "hybrid" && m.Cache == "bypass");
+        }
+    }
+}
