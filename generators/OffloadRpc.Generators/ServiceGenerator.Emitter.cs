@@ -65,10 +65,11 @@ internal static class ServiceEmitter
                 w.Line($"{l}writer.Flush();");
             }
 
-            using (w.Open("catch"))
+            using (w.Open($"catch (global::System.Exception {l}exception)"))
             {
+                // Encoding failed: the call fails as a task, like any other failure of the call.
                 w.Line($"{l}request.Discard();");
-                w.Line("throw;");
+                w.Line($"return {FromException(method, l + "exception")};");
             }
 
             w.Line();
@@ -92,6 +93,14 @@ internal static class ServiceEmitter
             }
         }
     }
+
+    private static string FromException(MethodModel method, string exception) => method.Shape switch
+    {
+        ReturnShape.Task => $"global::System.Threading.Tasks.Task.FromException({exception})",
+        ReturnShape.ValueTask => $"global::System.Threading.Tasks.ValueTask.FromException({exception})",
+        ReturnShape.TaskOfT => $"global::System.Threading.Tasks.Task.FromException<{method.Result!.Type}>({exception})",
+        _ => $"global::System.Threading.Tasks.ValueTask.FromException<{method.Result!.Type}>({exception})",
+    };
 
     /// <summary>A prefix for generated locals that no parameter name of the method starts with.</summary>
     private static string LocalPrefix(MethodModel method)
@@ -277,7 +286,10 @@ internal static class ServiceEmitter
     /// </summary>
     private static string ReadValue(ValueModel value, string reader, string source)
     {
-        string bang = value.IsNullable ? string.Empty : "!";
+        // A non-nullable reference read as null means a broken or hostile peer: a typed error, not a null.
+        string bang = value.IsNullable || !value.IsReference
+            ? string.Empty
+            : $" ?? throw new global::OffloadRpc.ProtocolViolationException({Literal("The peer sent null for a non-nullable " + value.Type.Replace("global::", string.Empty) + ".")})";
         bool server = source != "reply";
         return value.Kind switch
         {

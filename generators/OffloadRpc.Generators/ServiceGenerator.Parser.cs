@@ -262,10 +262,11 @@ internal sealed class ServiceParser
     {
         string display = type.ToDisplayString(s_typeFormat);
         string wire = type.ToDisplayString(s_wireFormat);
-        bool nullable = type.NullableAnnotation == NullableAnnotation.Annotated && type.IsReferenceType;
+        // Oblivious (nullable-disabled) references may be null; only an explicit non-nullable one may not.
+        bool nullable = type.IsReferenceType && type.NullableAnnotation != NullableAnnotation.NotAnnotated;
         if (Same(type, _sharedBuffer))
         {
-            return new ValueModel(ValueKind.SharedBuffer, display, wire, null, null, null, nullable);
+            return new ValueModel(ValueKind.SharedBuffer, display, wire, null, null, null, nullable, type.IsReferenceType);
         }
 
         if (type is INamedTypeSymbol named && named.IsGenericType && (Same(named.OriginalDefinition, _readOnlyMemory) || Same(named.OriginalDefinition, _memory)))
@@ -278,12 +279,12 @@ internal sealed class ServiceParser
             }
 
             ValueKind kind = Same(named.OriginalDefinition, _memory) ? ValueKind.Memory : ValueKind.ReadOnlyMemory;
-            return new ValueModel(kind, display, wire, null, element.ToDisplayString(s_wireFormat), null, false);
+            return new ValueModel(kind, display, wire, null, element.ToDisplayString(s_wireFormat), null, false, false);
         }
 
         if (type is IArrayTypeSymbol { Rank: 1 } array && array.ElementType.IsUnmanagedType && array.ElementType.TypeKind != TypeKind.Pointer)
         {
-            return new ValueModel(ValueKind.Array, display, wire, null, array.ElementType.ToDisplayString(s_wireFormat), null, nullable);
+            return new ValueModel(ValueKind.Array, display, wire, null, array.ElementType.ToDisplayString(s_wireFormat), null, nullable, type.IsReferenceType);
         }
 
         string? why = type switch
@@ -304,15 +305,15 @@ internal sealed class ServiceParser
 
         if (type.TypeKind == TypeKind.Enum && type is INamedTypeSymbol { EnumUnderlyingType: { } underlying })
         {
-            return new ValueModel(ValueKind.Enum, display, wire, PrimitiveSuffix(underlying.SpecialType), null, underlying.ToDisplayString(s_wireFormat), false);
+            return new ValueModel(ValueKind.Enum, display, wire, PrimitiveSuffix(underlying.SpecialType), null, underlying.ToDisplayString(s_wireFormat), false, false);
         }
 
         if (PrimitiveSuffix(type.SpecialType) is { } suffix)
         {
-            return new ValueModel(ValueKind.Primitive, display, wire, suffix, null, null, nullable);
+            return new ValueModel(ValueKind.Primitive, display, wire, suffix, null, null, nullable, type.IsReferenceType);
         }
 
-        return new ValueModel(ValueKind.MessagePack, display, wire, null, null, null, nullable);
+        return new ValueModel(ValueKind.MessagePack, display, wire, null, null, null, nullable, type.IsReferenceType);
     }
 
     private static string? PrimitiveSuffix(SpecialType type) => type switch

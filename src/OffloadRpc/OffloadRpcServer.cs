@@ -43,7 +43,9 @@ public sealed class OffloadRpcServer : IAsyncDisposable
         }
 
         ServiceDescriptor<T> descriptor = ServiceRegistry.Find<T>()
-            ?? throw new InvalidOperationException($"{typeof(T).FullName} has no generated stub: mark it [OffloadService] and reference the OffloadRpc generator.");
+            ?? throw new InvalidOperationException(typeof(T).IsInterface
+                ? $"{typeof(T).FullName} has no generated stub: mark it [OffloadService] and reference the OffloadRpc generator."
+                : $"{typeof(T).FullName} is not a service interface: call Register<IYourService>(implementation) with the [OffloadService] interface as the type argument.");
         _dispatcher.Add(descriptor, descriptor.CreateStub(implementation));
     }
 

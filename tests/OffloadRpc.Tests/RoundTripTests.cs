@@ -211,5 +211,13 @@ public sealed class RoundTripTests : IAsyncLifetime
         long used = _connection.Arena.UsedBytes;
         await Assert.ThrowsAsync<ArgumentException>(async () => await _connection.CallAsync(PeerMethods.Checksum, default, new OutboundPayload[17]));
         Assert.Equal(used, _connection.Arena.UsedBytes);
+
+        // A lease handed to a call that fails is the call's: it is given back, not left to the caller.
+        SharedBuffer handed = _connection.Rent(4096);
+        var payloads = new OutboundPayload[17];
+        payloads[0] = OutboundPayload.Move(handed);
+        await Assert.ThrowsAsync<ArgumentException>(async () => await _connection.CallAsync(PeerMethods.Checksum, default, payloads));
+        Assert.False(handed.IsValid);
+        Assert.Equal(used, _connection.Arena.UsedBytes);
     }
 }

@@ -70,4 +70,5 @@ internal enum ValueKind
 /// <param name="ElementType">For buffers of T: T, fully qualified.</param>
 /// <param name="IsNullable">The declared type allows null (reference types annotated with '?').</param>
 /// <param name="WireType">The type as it affects the wire (Nullable&lt;T&gt; kept, reference nullability dropped): part of ids and the contract hash.</param>
-internal sealed record ValueModel(ValueKind Kind, string Type, string WireType, string? Primitive, string? ElementType, string? UnderlyingType, bool IsNullable);
+/// <param name="IsReference">A reference type: a non-nullable one read as null is a protocol violation.</param>
+internal sealed record ValueModel(ValueKind Kind, string Type, string WireType, string? Primitive, string? ElementType, string? UnderlyingType, bool IsNullable, bool IsReference);

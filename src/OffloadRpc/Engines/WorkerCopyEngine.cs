@@ -27,7 +27,7 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
         for (int i = 0; i < threads; i++)
         {
             _threads[i] = new Thread(Run) { IsBackground = true, Name = $"OffloadRpc copy worker {i}" };
-            _threads[i].Start();
+            _threads[i].UnsafeStart();
         }
     }
 

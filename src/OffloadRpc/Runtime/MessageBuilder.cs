@@ -87,8 +87,19 @@ public sealed class MessageBuilder
         return _payloads.Count - 1;
     }
 
-    /// <summary>Drops a builder whose message will not be sent (its encoding failed): unpins and clears it.</summary>
-    public void Discard() => Return();
+    /// <summary>
+    /// Drops a builder whose message will not be sent (its encoding failed): leases added to it were
+    /// handed over with the call, so they go back; then it is unpinned and cleared.
+    /// </summary>
+    public void Discard()
+    {
+        foreach (OutboundPayload payload in _payloads)
+        {
+            payload.Lease?.Dispose();
+        }
+
+        Return();
+    }
 
     internal ReadOnlySpan<byte> WrittenBody => _body.WrittenSpan;
 

@@ -13,6 +13,7 @@ public sealed class ServerCall
 {
     private readonly IncomingCall _call;
     private List<SharedBuffer>? _leases;
+    private List<SharedBuffer>? _moved;
 
     internal ServerCall(IncomingCall call) => _call = call;
 
@@ -49,8 +50,21 @@ public sealed class ServerCall
         return PayloadConversion.ToArray<T>(lease);
     }
 
-    /// <summary>Payload <paramref name="index"/> as a lease the implementation owns from now on (-1: null).</summary>
-    public SharedBuffer? TakeSharedBuffer(int index) => index < 0 ? null : Take(index);
+    /// <summary>
+    /// Payload <paramref name="index"/> as a lease the implementation owns from now on (-1: null). If the
+    /// call fails (its arguments do not decode, or the method throws) the lease goes back instead.
+    /// </summary>
+    public SharedBuffer? TakeSharedBuffer(int index)
+    {
+        if (index < 0)
+        {
+            return null;
+        }
+
+        SharedBuffer lease = Take(index);
+        (_moved ??= new List<SharedBuffer>(1)).Add(lease);
+        return lease;
+    }
 
     /// <summary>Sends the response built in <paramref name="response"/>.</summary>
     public void Reply(MessageBuilder response)
@@ -59,6 +73,16 @@ public sealed class ServerCall
         try
         {
             _call.Reply(response.WrittenBody, response.Payloads);
+        }
+        catch
+        {
+            // The method gave its result leases up by returning them: if they cannot be sent, they go back.
+            foreach (OutboundPayload payload in response.Payloads)
+            {
+                payload.Lease?.Dispose();
+            }
+
+            throw;
         }
         finally
         {
@@ -73,12 +97,26 @@ public sealed class ServerCall
             throw new ProtocolViolationException($"The request names payload {index} but carries {_call.PayloadCount}.");
         }
 
+        if (_call.IsPayloadTaken(index))
+        {
+            throw new ProtocolViolationException($"The request names payload {index} twice.");
+        }
+
         return _call.TakePayload(index);
     }
 
-    /// <summary>The method has completed: the memory it was lent goes back.</summary>
-    internal void Complete()
+    /// <summary>The method has completed: the memory it was lent goes back, and on failure the leases it was given too.</summary>
+    internal void Complete(bool faulted)
     {
+        if (faulted && _moved is not null)
+        {
+            foreach (SharedBuffer lease in _moved)
+            {
+                lease.Dispose(); // no-op when the method already disposed or passed it on
+            }
+        }
+
+        _moved = null;
         if (_leases is not null)
         {
             foreach (SharedBuffer lease in _leases)

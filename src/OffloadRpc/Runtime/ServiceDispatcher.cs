@@ -37,11 +37,12 @@ internal sealed class ServiceDispatcher : IRequestHandler
     {
         if (!_methods.TryGetValue(call.MethodId, out ServiceStub? stub))
         {
-            throw new InvalidOperationException($"No service registered on this server has method id {call.MethodId}.");
+            throw new ProtocolViolationException($"No service registered on this server has method id {call.MethodId}: the client and the server were built from different contracts.");
         }
 
         var serverCall = new ServerCall(call);
         ValueTask task;
+        OffloadCallContext? previous = OffloadCallContext.Current;
         OffloadCallContext.Current = new OffloadCallContext(call.Connection, call.CancellationToken);
         try
         {
@@ -49,17 +50,17 @@ internal sealed class ServiceDispatcher : IRequestHandler
         }
         catch
         {
-            serverCall.Complete();
+            serverCall.Complete(faulted: true);
             throw;
         }
         finally
         {
-            OffloadCallContext.Current = null; // the method's own continuations keep the context they captured
+            OffloadCallContext.Current = previous; // the method's own continuations keep the context they captured
         }
 
         if (task.IsCompletedSuccessfully)
         {
-            serverCall.Complete();
+            serverCall.Complete(faulted: false);
             return ValueTask.CompletedTask;
         }
 
@@ -68,13 +69,15 @@ internal sealed class ServiceDispatcher : IRequestHandler
 
     private static async ValueTask CompleteAfterAsync(ValueTask task, ServerCall call)
     {
+        bool faulted = true;
         try
         {
             await task.ConfigureAwait(false);
+            faulted = false;
         }
         finally
         {
-            call.Complete();
+            call.Complete(faulted);
         }
     }
 }

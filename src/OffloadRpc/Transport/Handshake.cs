@@ -19,7 +19,10 @@ internal static class Handshake
     public static Task<RpcConnection> ConnectAsync(string endpoint, TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, IRequestHandler? handler, CancellationToken cancellationToken)
     {
         string path = EndpointPath.Resolve(endpoint);
-        return Task.Run(() => Connect(path, options, contracts, handler, cancellationToken), cancellationToken);
+        using (ExecutionContext.SuppressFlow())
+        {
+            return Task.Run(() => Connect(path, options, contracts, handler, cancellationToken), cancellationToken);
+        }
     }
 
     private static RpcConnection Connect(string path, TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, IRequestHandler? handler, CancellationToken cancellationToken)

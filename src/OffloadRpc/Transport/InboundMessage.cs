@@ -53,6 +53,13 @@ internal abstract class InboundMessage
         return _payloads[index].Length;
     }
 
+    /// <summary>True when payload <paramref name="index"/> was already taken.</summary>
+    public bool IsPayloadTaken(int index)
+    {
+        ValidateIndex(index);
+        return _payloads[index].Taken;
+    }
+
     /// <summary>Takes payload <paramref name="index"/> as a lease; the caller disposes it. Once per payload.</summary>
     public SharedBuffer TakePayload(int index)
     {

@@ -122,6 +122,7 @@ internal sealed class IncomingCall : InboundMessage
     /// <summary>The caller cancelled <paramref name="callId"/>, or the connection is closing (null): cancel if this call is still the one being served.</summary>
     internal void Cancel(ulong? callId)
     {
+        CancellationTokenSource source;
         lock (_gate)
         {
             if (!_active || (callId is { } id && id != CallId))
@@ -129,14 +130,21 @@ internal sealed class IncomingCall : InboundMessage
                 return;
             }
 
-            try
-            {
-                (_cancellation ??= new CancellationTokenSource()).Cancel();
-            }
-            catch (AggregateException)
-            {
-                // A user callback registered on the token threw; the call itself decides what to answer.
-            }
+            source = _cancellation ??= new CancellationTokenSource();
+        }
+
+        // Outside the lock: user callbacks on the token run here and must not hold up Reset.
+        try
+        {
+            source.Cancel();
+        }
+        catch (AggregateException)
+        {
+            // A user callback registered on the token threw; the call itself decides what to answer.
+        }
+        catch (ObjectDisposedException)
+        {
+            // The call finished meanwhile.
         }
     }
 
@@ -147,12 +155,9 @@ internal sealed class IncomingCall : InboundMessage
         {
             _active = false;
             CallId = 0;
-            CancellationTokenSource? source = _cancellation;
-            if (source is not null && !source.TryReset())
-            {
-                source.Dispose();
-                _cancellation = null;
-            }
+            // Never reused: a token the method kept (background work, a stored context) must not fire for another call.
+            _cancellation?.Dispose();
+            _cancellation = null;
         }
 
         ResetMessage();

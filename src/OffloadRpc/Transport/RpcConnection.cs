@@ -94,8 +94,10 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         {
             _channel.SetReceiveTimeout(TimeSpan.Zero); // may throw (socket disposed by a cancelled connect): then nothing started
             Volatile.Write(ref _started, 1);
-            _socketThread.Start();
-            _receiveThread.Start();
+            // UnsafeStart: the threads must not capture the starting code's ExecutionContext (an
+            // OffloadCallContext of a call that connected onward would otherwise live on in them).
+            _socketThread.UnsafeStart();
+            _receiveThread.UnsafeStart();
         }
     }
 
@@ -110,11 +112,13 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
     {
         if (cancellationToken.IsCancellationRequested)
         {
+            DisposeLeases(payloads);
             return ValueTask.FromCanceled<RpcReply>(cancellationToken);
         }
 
         if (IsClosed)
         {
+            DisposeLeases(payloads);
             return ValueTask.FromException<RpcReply>(ClosedException());
         }
 
@@ -150,6 +154,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         catch (Exception ex)
         {
             call.AbortBeforeSend();
+            DisposeLeases(payloads); // a lease passed to a call is the call's, sent or not
             return ValueTask.FromException<RpcReply>(ex);
         }
 
@@ -173,6 +178,21 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
     /// the receive thread): when the ring is full the cancel waits in a queue flushed by later sends
     /// and by the receive thread.
     /// </summary>
+    /// <summary>Gives back the leases of a call that will not be sent (Dispose is a no-op on a lease already gone).</summary>
+    private static void DisposeLeases(ReadOnlySpan<OutboundPayload> payloads)
+    {
+        foreach (OutboundPayload payload in payloads)
+        {
+            try
+            {
+                payload.Lease?.Dispose();
+            }
+            catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+            {
+            }
+        }
+    }
+
     internal void TrySendCancel(ulong callId)
     {
         _pendingCancels.Enqueue(callId);

@@ -116,7 +116,7 @@ internal sealed class RpcListener : IAsyncDisposable
 
             // Handshake reads block (bounded by HandshakeTimeout); a thread of its own keeps slow or
             // silent clients from tying up the thread pool.
-            new Thread(() => Admit(client)) { IsBackground = true, Name = "OffloadRpc handshake" }.Start();
+            new Thread(() => Admit(client)) { IsBackground = true, Name = "OffloadRpc handshake" }.UnsafeStart();
         }
     }
 

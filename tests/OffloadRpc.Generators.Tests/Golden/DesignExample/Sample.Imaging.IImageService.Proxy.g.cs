@@ -26,10 +26,10 @@ namespace Sample.Imaging
                 __writer.Write(__request.AddArray<byte>(data));
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<byte[]>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<byte[]>(this._connection, 324153750, __request, s_decode324153750, ct);
@@ -40,7 +40,7 @@ namespace Sample.Imaging
         private static byte[] Decode324153750(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return reply.CopyArray<byte>(reader.ReadInt32())!;
+            return reply.CopyArray<byte>(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable byte[].");
         }
 
         global::System.Threading.Tasks.ValueTask<global::OffloadRpc.SharedBuffer> global::Sample.Imaging.IImageService.RenderAsync(int width, int height, global::System.Threading.CancellationToken ct)
@@ -54,10 +54,10 @@ namespace Sample.Imaging
                 __writer.Write(height);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<global::OffloadRpc.SharedBuffer>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::OffloadRpc.SharedBuffer>(this._connection, 720896971, __request, s_decode720896971, ct);
@@ -68,7 +68,7 @@ namespace Sample.Imaging
         private static global::OffloadRpc.SharedBuffer Decode720896971(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return reply.TakeSharedBuffer(reader.ReadInt32())!;
+            return reply.TakeSharedBuffer(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable OffloadRpc.SharedBuffer.");
         }
 
         global::System.Threading.Tasks.ValueTask<global::Sample.Imaging.Detection[]> global::Sample.Imaging.IImageService.DetectAsync(global::System.ReadOnlyMemory<byte> batch, global::Sample.Imaging.DetectOptions options, global::System.Threading.CancellationToken ct)
@@ -82,10 +82,10 @@ namespace Sample.Imaging
                 global::MessagePack.MessagePackSerializer.Serialize(ref __writer, options, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<global::Sample.Imaging.Detection[]>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::Sample.Imaging.Detection[]>(this._connection, 1263039390, __request, s_decode1263039390, ct);
@@ -96,7 +96,7 @@ namespace Sample.Imaging
         private static global::Sample.Imaging.Detection[] Decode1263039390(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Imaging.Detection[]>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Imaging.Detection[]>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable Sample.Imaging.Detection[].");
         }
 
         global::System.Threading.Tasks.ValueTask global::Sample.Imaging.IImageService.ProcessAsync(global::OffloadRpc.SharedBuffer frame, global::System.Threading.CancellationToken ct)
@@ -109,10 +109,10 @@ namespace Sample.Imaging
                 __writer.Write(__request.AddSharedBuffer(frame));
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 1351954364, __request, ct);
@@ -129,10 +129,10 @@ namespace Sample.Imaging
                 __writer.Write(b);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<int>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int>(this._connection, 1490050280, __request, s_decode1490050280, ct);
@@ -156,10 +156,10 @@ namespace Sample.Imaging
                 __writer.Write(__request.AddBuffer<byte>(frame));
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<ulong>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<ulong>(this._connection, 1681903504, __request, s_decode1681903504, ct);

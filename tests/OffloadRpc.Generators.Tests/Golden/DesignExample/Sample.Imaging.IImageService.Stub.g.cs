@@ -53,7 +53,7 @@ namespace Sample.Imaging
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Imaging.IImageService.EchoAsync does not carry its 1 argument(s).");
             }
 
-            data = __call.CopyArray<byte>(__reader.ReadInt32())!;
+            data = __call.CopyArray<byte>(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable byte[].");
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode324153750(byte[] result)
@@ -125,7 +125,7 @@ namespace Sample.Imaging
             }
 
             batch = __call.GetMemory<byte>(__reader.ReadInt32());
-            options = global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Imaging.DetectOptions>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            options = global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Imaging.DetectOptions>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable Sample.Imaging.DetectOptions.");
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode1263039390(global::Sample.Imaging.Detection[] result)
@@ -160,7 +160,7 @@ namespace Sample.Imaging
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Imaging.IImageService.ProcessAsync does not carry its 1 argument(s).");
             }
 
-            frame = __call.TakeSharedBuffer(__reader.ReadInt32())!;
+            frame = __call.TakeSharedBuffer(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable OffloadRpc.SharedBuffer.");
         }
 
         private async global::System.Threading.Tasks.ValueTask Invoke1490050280(global::OffloadRpc.Runtime.ServerCall __call)

@@ -25,10 +25,10 @@ namespace OffloadRpc.Generated
                 __writer.WriteArrayHeader(0);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 623844223, __request, cancellationToken);
@@ -43,10 +43,10 @@ namespace OffloadRpc.Generated
                 __writer.WriteArrayHeader(0);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<float[]>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<float[]>(this._connection, 667527112, __request, s_decode667527112, default);
@@ -57,7 +57,7 @@ namespace OffloadRpc.Generated
         private static float[] Decode667527112(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return reply.CopyArray<float>(reader.ReadInt32())!;
+            return reply.CopyArray<float>(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable float[].");
         }
 
         global::System.Threading.Tasks.Task<int> global::IGlobalCalculator.AddAsync(int a, int b)
@@ -71,10 +71,10 @@ namespace OffloadRpc.Generated
                 __writer.Write(b);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<int>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int>(this._connection, 853741005, __request, s_decode853741005, default).AsTask();

@@ -27,10 +27,10 @@ namespace Sample.Sink
                 global::MessagePack.MessagePackSerializer.Serialize(ref __writer, by, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<global::System.DateTime>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.DateTime>(this._connection, 420193125, __request, s_decode420193125, default).AsTask();
@@ -41,7 +41,7 @@ namespace Sample.Sink
         private static global::System.DateTime Decode420193125(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.DateTime>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.DateTime>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
         }
 
         global::System.Threading.Tasks.ValueTask<global::Sample.Sink.Channel> global::Sample.Sink.IKitchenSink.NextChannelAsync(global::Sample.Sink.Channel channel, global::Sample.Sink.Level level)
@@ -55,10 +55,10 @@ namespace Sample.Sink
                 __writer.Write((byte)level);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<global::Sample.Sink.Channel>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::Sample.Sink.Channel>(this._connection, 485972202, __request, s_decode485972202, default);
@@ -81,10 +81,10 @@ namespace Sample.Sink
                 __writer.WriteArrayHeader(0);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 561976780, __request, cancellationToken);
@@ -101,10 +101,10 @@ namespace Sample.Sink
                 __writer.Write(factor);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<double[]>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<double[]>(this._connection, 619346103, __request, s_decode619346103, default).AsTask();
@@ -115,7 +115,7 @@ namespace Sample.Sink
         private static double[] Decode619346103(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return reply.CopyArray<double>(reader.ReadInt32())!;
+            return reply.CopyArray<double>(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable double[].");
         }
 
         global::System.Threading.Tasks.Task global::Sample.Sink.IKitchenSink.DoNothingAsync()
@@ -127,10 +127,10 @@ namespace Sample.Sink
                 __writer.WriteArrayHeader(0);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 801540263, __request, default).AsTask();
@@ -147,10 +147,10 @@ namespace Sample.Sink
                 __writer.Write(__request.AddBuffer<int>(ints));
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<double>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<double>(this._connection, 802093341, __request, s_decode802093341, default);
@@ -174,10 +174,10 @@ namespace Sample.Sink
                 __writer.Write(length);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<global::OffloadRpc.SharedBuffer?>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::OffloadRpc.SharedBuffer?>(this._connection, 874497112, __request, s_decode874497112, default).AsTask();
@@ -203,10 +203,10 @@ namespace Sample.Sink
                 __writer.Write(@await);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<bool>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<bool>(this._connection, 897847365, __request, s_decode897847365, @default);
@@ -230,10 +230,10 @@ namespace Sample.Sink
                 __writer.Write(__request.AddArray<int>(values));
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<int[]?>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int[]?>(this._connection, 960466944, __request, s_decode960466944, default).AsTask();
@@ -257,10 +257,10 @@ namespace Sample.Sink
                 __writer.Write(count);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<global::System.Memory<short>>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.Memory<short>>(this._connection, 1045107197, __request, s_decode1045107197, default);
@@ -284,10 +284,10 @@ namespace Sample.Sink
                 __writer.Write(__request.AddBuffer<byte>(data));
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<global::System.ReadOnlyMemory<byte>>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.ReadOnlyMemory<byte>>(this._connection, 1370471249, __request, s_decode1370471249, default);
@@ -312,10 +312,10 @@ namespace Sample.Sink
                 __writer.Write(text);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<(int Count, string Text)>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<(int Count, string Text)>(this._connection, 1458818217, __request, s_decode1458818217, default).AsTask();
@@ -326,7 +326,7 @@ namespace Sample.Sink
         private static (int Count, string Text) Decode1458818217(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<(int Count, string Text)>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            return global::MessagePack.MessagePackSerializer.Deserialize<(int Count, string Text)>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
         }
 
         global::System.Threading.Tasks.Task<global::System.Collections.Generic.List<string>> global::Sample.Sink.IKitchenSink.SplitAsync(string text, char separator)
@@ -340,10 +340,10 @@ namespace Sample.Sink
                 __writer.Write(separator);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<global::System.Collections.Generic.List<string>>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.Collections.Generic.List<string>>(this._connection, 1625685404, __request, s_decode1625685404, default).AsTask();
@@ -354,7 +354,7 @@ namespace Sample.Sink
         private static global::System.Collections.Generic.List<string> Decode1625685404(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.Collections.Generic.List<string>>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.Collections.Generic.List<string>>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.List<string>.");
         }
 
         global::System.Threading.Tasks.Task<global::Sample.Sink.Point?> global::Sample.Sink.IKitchenSink.MoveAsync(global::Sample.Sink.Point point, global::Sample.Sink.Point? origin, global::System.Collections.Generic.Dictionary<string, int> counts)
@@ -369,10 +369,10 @@ namespace Sample.Sink
                 global::MessagePack.MessagePackSerializer.Serialize(ref __writer, counts, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<global::Sample.Sink.Point?>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::Sample.Sink.Point?>(this._connection, 1743152058, __request, s_decode1743152058, default).AsTask();
@@ -397,10 +397,10 @@ namespace Sample.Sink
                 __writer.Write(__request.AddSharedBuffer(second));
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.ValueTask.FromException<long>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<long>(this._connection, 1879692759, __request, s_decode1879692759, default);
@@ -425,10 +425,10 @@ namespace Sample.Sink
                 global::MessagePack.MessagePackSerializer.Serialize(ref __writer, b, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<decimal>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<decimal>(this._connection, 1884731671, __request, s_decode1884731671, default).AsTask();
@@ -439,7 +439,7 @@ namespace Sample.Sink
         private static decimal Decode1884731671(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            return global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
         }
 
         global::System.Threading.Tasks.Task<string?> global::Sample.Sink.IKitchenSink.FindAsync(string key)
@@ -452,10 +452,10 @@ namespace Sample.Sink
                 __writer.Write(key);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<string?>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<string?>(this._connection, 1912296331, __request, s_decode1912296331, default).AsTask();
@@ -481,10 +481,10 @@ namespace Sample.Sink
                 global::MessagePack.MessagePackSerializer.Serialize(ref __writer, fallback, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<int?>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int?>(this._connection, 1948145934, __request, s_decode1948145934, default).AsTask();
@@ -495,7 +495,7 @@ namespace Sample.Sink
         private static int? Decode1948145934(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<int?>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            return global::MessagePack.MessagePackSerializer.Deserialize<int?>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
         }
 
         global::System.Threading.Tasks.Task<string> global::Sample.Sink.IKitchenSink.ConcatAsync(string a, string? b)
@@ -509,10 +509,10 @@ namespace Sample.Sink
                 __writer.Write(b);
                 __writer.Flush();
             }
-            catch
+            catch (global::System.Exception __exception)
             {
                 __request.Discard();
-                throw;
+                return global::System.Threading.Tasks.Task.FromException<string>(__exception);
             }
 
             return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<string>(this._connection, 1972214419, __request, s_decode1972214419, default).AsTask();
@@ -523,7 +523,7 @@ namespace Sample.Sink
         private static string Decode1972214419(in global::OffloadRpc.Runtime.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return reader.ReadString()!;
+            return reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
         }
     }
 }

@@ -79,8 +79,8 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.ShiftAsync does not carry its 2 argument(s).");
             }
 
-            moment = global::MessagePack.MessagePackSerializer.Deserialize<global::System.DateTime>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
-            by = global::MessagePack.MessagePackSerializer.Deserialize<global::System.TimeSpan>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            moment = global::MessagePack.MessagePackSerializer.Deserialize<global::System.DateTime>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+            by = global::MessagePack.MessagePackSerializer.Deserialize<global::System.TimeSpan>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode420193125(global::System.DateTime result)
@@ -167,7 +167,7 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.ScaleAsync does not carry its 2 argument(s).");
             }
 
-            values = __call.CopyArray<double>(__reader.ReadInt32())!;
+            values = __call.CopyArray<double>(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable double[].");
             factor = __reader.ReadDouble();
         }
 
@@ -291,7 +291,7 @@ namespace Sample.Sink
             }
 
             @class = __reader.ReadInt32();
-            @event = __reader.ReadString()!;
+            @event = __reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
             @await = __reader.ReadInt32();
         }
 
@@ -433,7 +433,7 @@ namespace Sample.Sink
             }
 
             count = __reader.ReadInt32();
-            text = __reader.ReadString()!;
+            text = __reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode1458818217((int Count, string Text) result)
@@ -468,7 +468,7 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.SplitAsync does not carry its 2 argument(s).");
             }
 
-            text = __reader.ReadString()!;
+            text = __reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
             separator = __reader.ReadChar();
         }
 
@@ -504,9 +504,9 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.MoveAsync does not carry its 3 argument(s).");
             }
 
-            point = global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Sink.Point>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            point = global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Sink.Point>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable Sample.Sink.Point.");
             origin = global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Sink.Point?>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
-            counts = global::MessagePack.MessagePackSerializer.Deserialize<global::System.Collections.Generic.Dictionary<string, int>>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            counts = global::MessagePack.MessagePackSerializer.Deserialize<global::System.Collections.Generic.Dictionary<string, int>>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.Dictionary<string, int>.");
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode1743152058(global::Sample.Sink.Point? result)
@@ -541,7 +541,7 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.TotalLengthAsync does not carry its 2 argument(s).");
             }
 
-            first = __call.CopyArray<byte>(__reader.ReadInt32())!;
+            first = __call.CopyArray<byte>(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable byte[].");
             second = __call.TakeSharedBuffer(__reader.ReadInt32());
         }
 
@@ -577,8 +577,8 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.AddDecimalAsync does not carry its 2 argument(s).");
             }
 
-            a = global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
-            b = global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            a = global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+            b = global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode1884731671(decimal result)
@@ -613,7 +613,7 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.FindAsync does not carry its 1 argument(s).");
             }
 
-            key = __reader.ReadString()!;
+            key = __reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode1912296331(string? result)
@@ -648,9 +648,9 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.ParseAsync does not carry its 3 argument(s).");
             }
 
-            text = __reader.ReadString()!;
+            text = __reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
             strict = __reader.ReadBoolean();
-            fallback = global::MessagePack.MessagePackSerializer.Deserialize<long?>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options)!;
+            fallback = global::MessagePack.MessagePackSerializer.Deserialize<long?>(ref __reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
         }
 
         private static global::OffloadRpc.Runtime.MessageBuilder Encode1948145934(int? result)
@@ -685,7 +685,7 @@ namespace Sample.Sink
                 throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.ConcatAsync does not carry its 2 argument(s).");
             }
 
-            a = __reader.ReadString()!;
+            a = __reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
             b = __reader.ReadString();
         }
 
