@@ -73,6 +73,14 @@ internal static class Doctor
             string directory = EndpointPath.UserDirectory();
             return (Verdict.Ok, $"{directory} (mode {Convert.ToString((int)File.GetUnixFileMode(directory), 8)})");
         });
+        foreach ((string name, Engines.EngineAvailability availability) in Engines.EngineCatalog.Describe())
+        {
+            Add(findings, "engines", name, () => (availability.IsAvailable ? Verdict.Ok : Verdict.Note, (availability.IsAvailable ? "available: " : "unavailable: ") + availability.Reason));
+        }
+
+        Add(findings, "engines", "calibration", () => Engines.Calibration.Current is { } calibration
+            ? (Verdict.Ok, $"measured {calibration.MeasuredAt:u}; Auto uses it ({Engines.Calibration.StorePath})")
+            : (Verdict.Note, "none stored: Auto uses built-in rules; run `offloadrpc calibrate`"));
         Add(findings, "ipc", "loopback connection", LoopbackConnection);
 
         if (asJson)

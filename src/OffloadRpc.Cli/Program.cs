@@ -11,4 +11,10 @@ doctor.Options.Add(json);
 doctor.SetAction(parse => Doctor.Run(parse.GetValue(json)));
 root.Subcommands.Add(doctor);
 
+var quick = new Option<bool>("--quick") { Description = "Fewer repetitions: a rougher measurement in a few seconds." };
+var calibrate = new Command("calibrate", "Measure each copy engine, mode and cache policy per size on this machine; store the result for the Auto policy and print it.");
+calibrate.Options.Add(quick);
+calibrate.SetAction(parse => Calibrate.Run(parse.GetValue(quick)));
+root.Subcommands.Add(calibrate);
+
 return root.Parse(args).Invoke();

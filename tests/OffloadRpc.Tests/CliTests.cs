@@ -7,20 +7,62 @@ namespace OffloadRpc.Tests;
 /// <summary>The offloadrpc tool, run as a user would run it.</summary>
 public sealed class CliTests
 {
-    [Fact]
-    public async Task Doctor_checks_every_mechanism_for_real_and_reports_them_as_json()
+    private static async Task<(int ExitCode, string Output)> RunCliAsync(string? runtimeDirectory, params string[] arguments)
     {
         string here = AppContext.BaseDirectory.TrimEnd('/');
         string cli = Path.GetFullPath(Path.Combine(here, "..", "..", "..", "..", "..", "src", "OffloadRpc.Cli", "bin", Path.GetFileName(Path.GetDirectoryName(here))!, Path.GetFileName(here), "OffloadRpc.Cli.dll"));
         var info = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (string a in new[] { "exec", cli, "doctor", "--json" })
+        info.ArgumentList.Add("exec");
+        info.ArgumentList.Add(cli);
+        foreach (string a in arguments)
         {
             info.ArgumentList.Add(a);
         }
 
+        if (runtimeDirectory is not null)
+        {
+            info.Environment["XDG_RUNTIME_DIR"] = runtimeDirectory; // keep what the tool stores out of the real per-user directory
+        }
+
         using Process process = Process.Start(info)!;
-        string output = await process.StandardOutput.ReadToEndAsync();
-        await process.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(1));
+        Task<string> output = process.StandardOutput.ReadToEndAsync();
+        Task<string> errors = process.StandardError.ReadToEndAsync();
+        await process.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(3));
+        return (process.ExitCode, await output + await errors);
+    }
+
+    [Fact]
+    public async Task Calibrate_measures_every_mode_stores_the_result_and_doctor_reports_it()
+    {
+        string runtime = Directory.CreateTempSubdirectory("offloadrpc-xdg-").FullName;
+        try
+        {
+            (int exit, string output) = await RunCliAsync(runtime, "calibrate", "--quick");
+            Assert.True(exit == 0, output);
+            Assert.Contains("256 MiB", output);
+            Assert.Contains("stored in", output);
+
+            string stored = Assert.Single(Directory.GetFiles(Path.Combine(runtime, "offloadrpc"), "calibration-*.json"));
+            using (JsonDocument calibration = JsonDocument.Parse(await File.ReadAllTextAsync(stored)))
+            {
+                Assert.Equal(7, calibration.RootElement.GetProperty("points").GetArrayLength());
+                Assert.All(calibration.RootElement.GetProperty("points").EnumerateArray(), p => Assert.True(p.GetProperty("copy_inject_gbps").GetDouble() > 0));
+            }
+
+            (int doctorExit, string doctor) = await RunCliAsync(runtime, "doctor", "--json");
+            Assert.Equal(0, doctorExit);
+            Assert.Contains("Auto uses it", doctor);
+        }
+        finally
+        {
+            Directory.Delete(runtime, recursive: true);
+        }
+    }
+
+    [Fact]
+    public async Task Doctor_checks_every_mechanism_for_real_and_reports_them_as_json()
+    {
+        (int exitCode, string output) = await RunCliAsync(null, "doctor", "--json");
 
         using JsonDocument document = JsonDocument.Parse(output);
         var findings = document.RootElement.EnumerateArray().ToDictionary(f => f.GetProperty("check").GetString()!, f => (Verdict: f.GetProperty("verdict").GetString(), Detail: f.GetProperty("detail").GetString()));
@@ -29,6 +71,8 @@ public sealed class CliTests
         Assert.Contains("4 MiB echo verified", findings["loopback connection"].Detail);
         Assert.True(findings.ContainsKey("Intel DSA"));
         Assert.DoesNotContain(findings.Values, f => f.Verdict == "fail");
-        Assert.Equal(0, process.ExitCode);
+        Assert.Equal(0, exitCode);
+        Assert.Equal("ok", findings["cpu"].Verdict);
+        Assert.Equal("ok", findings["worker"].Verdict);
     }
 }

@@ -5,12 +5,12 @@ using Xunit;
 namespace OffloadRpc.Tests;
 
 /// <summary>Every engine and copy routine against a reference copy, over random sizes, alignments and overlaps.</summary>
-public sealed unsafe class EngineTests
+public sealed class EngineTests
 {
     private const int Arena = 3 << 20;
 
     [Fact]
-    public void Non_temporal_and_temporal_copies_match_a_reference_at_any_size_and_alignment()
+    public unsafe void Non_temporal_and_temporal_copies_match_a_reference_at_any_size_and_alignment()
     {
         byte[] source = new byte[Arena];
         Random.Shared.NextBytes(source);
@@ -33,7 +33,7 @@ public sealed unsafe class EngineTests
     }
 
     [Fact]
-    public void Overlapping_copies_keep_memmove_semantics()
+    public unsafe void Overlapping_copies_keep_memmove_semantics()
     {
         byte[] buffer = new byte[Arena];
         Gen.Select(Gen.Int[0, 200_000], Gen.Int[0, 100_000], Gen.Int[0, 100_000], Gen.Bool)
@@ -52,13 +52,13 @@ public sealed unsafe class EngineTests
     }
 
     [Fact]
-    public void The_worker_engine_completes_random_batches_exactly()
+    public unsafe void The_worker_engine_completes_random_batches_exactly()
     {
         using var engine = new WorkerCopyEngine(threads: 2);
         byte[] source = new byte[16 << 20];
         Random.Shared.NextBytes(source);
         byte[] destination = new byte[16 << 20];
-        using var completion = new CopyCompletion();
+        var completion = new CopyCompletion();
         Gen.Int[1, 6].SelectMany(count => Gen.Select(Gen.Int[0, 2 << 20], Gen.Int[0, 63], Gen.Bool).Array[count])
             .Sample(copies =>
             {
@@ -84,6 +84,41 @@ public sealed unsafe class EngineTests
 
                 return completion.IsCompleted && destination.AsSpan().SequenceEqual(expected);
             }, iter: 60, threads: 1);
+    }
+
+    [Fact]
+    public async Task Thousands_of_hand_offs_to_a_parking_worker_neither_hang_nor_return_early()
+    {
+        // No spinning: every submission has to wake a parked worker, and one completion record is
+        // reused throughout, so a lost wake-up hangs (the bound below fails the test) and a stale
+        // signal from the previous batch returns before the copy (the content check fails).
+        using var engine = new WorkerCopyEngine(threads: 1, spinBeforePark: TimeSpan.Zero);
+        await Task.Run(() => HandOffs(engine)).WaitAsync(TimeSpan.FromMinutes(2));
+    }
+
+    private static unsafe void HandOffs(WorkerCopyEngine engine)
+    {
+        var completion = new CopyCompletion();
+        {
+            byte[] source = new byte[64 << 10];
+            byte[] destination = new byte[64 << 10];
+            for (int i = 0; i < 5000; i++)
+            {
+                int length = 4096 + (i % 16) * 4096;
+                source.AsSpan(0, length).Fill((byte)i);
+                fixed (byte* s = source)
+                fixed (byte* d = destination)
+                {
+                    engine.Submit([CopyDescriptor.Create((nint)s, (nint)d, (ulong)length, i % 2 == 0 ? CachePolicy.Inject : CachePolicy.Bypass)], completion);
+                    completion.Wait();
+                }
+
+                if (destination[0] != (byte)i || destination[length - 1] != (byte)i)
+                {
+                    throw new Xunit.Sdk.XunitException($"batch {i} returned before its copy finished");
+                }
+            }
+        }
     }
 
     [Fact]

@@ -49,8 +49,33 @@ public sealed class TransferModeTests : IAsyncLifetime
     }
 
     [Fact]
+    public void A_calibration_makes_Auto_pick_the_fastest_measured_plan_within_the_constraints()
+    {
+        var calibration = new CalibrationResult("test", DateTimeOffset.UtcNow, 32 << 20, 1, 20, [
+            new CalibrationPoint(1 << 20, CopyInjectGbps: 50, CopyBypassGbps: 20, OffloadInjectGbps: 10, HybridInjectGbps: 30, HybridBypassGbps: 15),
+            new CalibrationPoint(64 << 20, CopyInjectGbps: 18, CopyBypassGbps: 22, OffloadInjectGbps: 17, HybridInjectGbps: 20, HybridBypassGbps: 26),
+        ]);
+        Assert.Equal(new TransferPlan(TransferMode.Copy, CachePolicy.Inject), calibration.Best(2 << 20, TransferMode.Auto, CachePolicy.Auto));
+        Assert.Equal(new TransferPlan(TransferMode.Hybrid, CachePolicy.Bypass), calibration.Best(100 << 20, TransferMode.Auto, CachePolicy.Auto));
+        Assert.Equal(new TransferPlan(TransferMode.Copy, CachePolicy.Bypass), calibration.Best(64 << 20, TransferMode.Copy, CachePolicy.Auto));
+        Assert.Equal(new TransferPlan(TransferMode.Hybrid, CachePolicy.Inject), calibration.Best(1 << 20, TransferMode.Auto, CachePolicy.Auto) with { Mode = TransferMode.Hybrid });
+        Assert.Equal(new TransferPlan(TransferMode.Offload, CachePolicy.Inject), calibration.Best(64 << 20, TransferMode.Offload, CachePolicy.Auto));
+
+        Calibration.Use(calibration);
+        try
+        {
+            Assert.Equal(new TransferPlan(TransferMode.Hybrid, CachePolicy.Bypass), TransferPolicy.Resolve(80 << 20, TransferMode.Auto, CachePolicy.Auto));
+        }
+        finally
+        {
+            Calibration.Use(null);
+        }
+    }
+
+    [Fact]
     public void Auto_copies_small_payloads_inline_splits_large_ones_and_bypasses_the_cache_above_it()
     {
+        Calibration.Use(null); // the built-in rules, whatever this machine has stored
         Assert.Equal(new TransferPlan(TransferMode.Copy, CachePolicy.Inject), TransferPolicy.Resolve(1 << 20, TransferMode.Auto, CachePolicy.Auto));
         Assert.Equal(TransferMode.Hybrid, TransferPolicy.Resolve(16 << 20, TransferMode.Auto, CachePolicy.Auto).Mode);
         Assert.Equal(CachePolicy.Bypass, TransferPolicy.Resolve(TransferPolicy.LastLevelCacheBytes + 1, TransferMode.Auto, CachePolicy.Auto).Cache);

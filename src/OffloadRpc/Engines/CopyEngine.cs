@@ -63,34 +63,35 @@ internal interface ICopyEngine
 
 /// <summary>
 /// The completion record of a batch: the descriptors still outstanding. The submitter polls
-/// <see cref="IsCompleted"/> or blocks in <see cref="Wait"/> (spin, then sleep).
+/// <see cref="IsCompleted"/> or blocks in <see cref="Wait"/> (spin, then sleep). Reusable: the
+/// condition is the count itself, never a latched signal that a previous batch could leave set.
 /// </summary>
-internal sealed class CopyCompletion : IDisposable
+internal sealed class CopyCompletion
 {
-    private readonly ManualResetEventSlim _done = new(initialState: true, spinCount: 0);
+    private readonly object _gate = new();
     private int _outstanding;
+    private int _waiting;
 
     public bool IsCompleted => Volatile.Read(ref _outstanding) == 0;
 
     /// <summary>Announces <paramref name="count"/> more descriptors before they are submitted.</summary>
-    public void Expect(int count)
-    {
-        if (Interlocked.Add(ref _outstanding, count) == count)
-        {
-            _done.Reset();
-        }
-    }
+    public void Expect(int count) => Interlocked.Add(ref _outstanding, count);
 
     /// <summary>Called by an engine as each descriptor finishes.</summary>
     public void Complete(int count = 1)
     {
-        if (Interlocked.Add(ref _outstanding, -count) == 0)
+        // Interlocked.Add is a full fence: the waiter either sees the count reach zero or has flagged
+        // itself before we read the flag (it flags with a fence, then re-checks the count).
+        if (Interlocked.Add(ref _outstanding, -count) == 0 && Volatile.Read(ref _waiting) != 0)
         {
-            _done.Set();
+            lock (_gate)
+            {
+                Monitor.PulseAll(_gate);
+            }
         }
     }
 
-    /// <summary>Spins briefly (a copy of a chunk takes microseconds), then sleeps until every descriptor finished.</summary>
+    /// <summary>Spins briefly (a chunk takes microseconds), then sleeps until every descriptor finished.</summary>
     public void Wait()
     {
         var spinner = new SpinWait();
@@ -99,13 +100,22 @@ internal sealed class CopyCompletion : IDisposable
             spinner.SpinOnce(sleep1Threshold: -1);
         }
 
-        if (!IsCompleted)
+        if (IsCompleted)
         {
-            _done.Wait();
+            return;
+        }
+
+        lock (_gate)
+        {
+            Interlocked.Exchange(ref _waiting, 1);
+            while (!IsCompleted)
+            {
+                Monitor.Wait(_gate, 50);
+            }
+
+            Volatile.Write(ref _waiting, 0);
         }
     }
-
-    public void Dispose() => _done.Dispose();
 }
 
 /// <summary>Copies inline on the submitting thread: temporal or non-temporal stores by the cache flag.</summary>

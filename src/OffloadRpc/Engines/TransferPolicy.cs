@@ -27,13 +27,19 @@ internal static class TransferPolicy
 
     public static TransferPlan Resolve(long length, TransferMode mode, CachePolicy cache)
     {
+        if (mode == TransferMode.Pipelined)
+        {
+            mode = TransferMode.Hybrid; // chunked delivery to the receiver is not built yet: move it as fast as possible
+        }
+
+        if ((mode == TransferMode.Auto || cache == CachePolicy.Auto) && length >= CopyRoutines.NonTemporalThreshold && Calibration.Current is { } calibration)
+        {
+            return calibration.Best(length, mode, cache); // measured on this machine: the fastest that fits the request
+        }
+
         if (mode == TransferMode.Auto)
         {
             mode = length < OffloadCrossoverBytes ? TransferMode.Copy : TransferMode.Hybrid;
-        }
-        else if (mode == TransferMode.Pipelined)
-        {
-            mode = TransferMode.Hybrid; // chunked delivery to the receiver is not built yet: move it as fast as possible
         }
 
         if (mode is TransferMode.Offload or TransferMode.Hybrid && length < CopyRoutines.NonTemporalThreshold)

@@ -10,6 +10,8 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     /// <summary>Copies are cut into pieces of this size so several workers share one large copy.</summary>
     public const ulong ChunkBytes = 1 << 20;
 
+    private const int ParkSliceMilliseconds = 100;
+
     private static readonly Lazy<WorkerCopyEngine> s_shared = new(() => new WorkerCopyEngine(Math.Clamp(Environment.ProcessorCount - 1, 1, 4)));
 
     private readonly WorkQueue _queue = new(4096);
@@ -112,6 +114,10 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
             }
         }
 
+        // Full fence between publishing the item and reading the sleeper count (a worker increments the
+        // count, then re-checks the queue): without it the two could miss each other (store-load
+        // reordering) and the item would wait for a worker that sleeps.
+        Interlocked.MemoryBarrier();
         if (Volatile.Read(ref _sleepers) > 0)
         {
             _wake.Release();
@@ -150,7 +156,7 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
             Interlocked.Increment(ref _sleepers);
             if (!_queue.HasItems && !_stopping)
             {
-                _wake.Wait();
+                _wake.Wait(ParkSliceMilliseconds); // a bounded park: a re-check now and then costs nothing measurable
             }
 
             Interlocked.Decrement(ref _sleepers);
