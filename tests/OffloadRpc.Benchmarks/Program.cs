@@ -17,7 +17,7 @@ if (args.Length >= 2 && args[0] == "--serve")
 
 if (args.Length >= 3 && args[0] == "--pingpong")
 {
-    return PingPong.RunPartner(int.Parse(args[1], CultureInfo.InvariantCulture), int.Parse(args[2], CultureInfo.InvariantCulture));
+    return OffloadRpc.Cli.PingPong.RunPartner(int.Parse(args[1], CultureInfo.InvariantCulture), int.Parse(args[2], CultureInfo.InvariantCulture));
 }
 
 if (Environment.GetEnvironmentVariable(BenchmarkProcess.ChildVariable) is not null)

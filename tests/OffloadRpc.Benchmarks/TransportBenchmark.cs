@@ -25,7 +25,7 @@ internal static class TransportBenchmark
         Console.WriteLine();
 
         Console.Write("floor: raw spin ping-pong between two processes ... ");
-        double[] pingPong = PingPong.Measure(quick ? 200 : 1000, 1000);
+        double[] pingPong = OffloadRpc.Cli.PingPong.Measure(quick ? 200 : 1000, 1000, (pid, fd) => BenchmarkProcess.StartSelf(["--pingpong", pid.ToString(CultureInfo.InvariantCulture), fd.ToString(CultureInfo.InvariantCulture)]));
         double pingPongP50 = Percentile(pingPong, 0.50);
         Console.WriteLine($"{pingPongP50:0} ns per round trip");
 

@@ -60,6 +60,44 @@ public sealed class CliTests
     }
 
     [Fact]
+    public async Task Bench_measures_every_mode_and_size_with_the_floors_and_writes_json_and_a_plot()
+    {
+        string directory = Directory.CreateTempSubdirectory("offloadrpc-bench-").FullName;
+        try
+        {
+            string json = Path.Combine(directory, "bench.json");
+            string png = Path.Combine(directory, "bench.png");
+            (int exit, string output) = await RunCliAsync(directory, "bench", "--quick", "--json", json, "--plot", png);
+            Assert.True(exit == 0, output);
+
+            using JsonDocument document = JsonDocument.Parse(await File.ReadAllTextAsync(json));
+            JsonElement[] rows = document.RootElement.EnumerateArray().ToArray();
+            Assert.Contains(rows, r => r.GetProperty("mode").GetString() == "floor-pingpong" && r.GetProperty("p50_us").GetDouble() > 0);
+            foreach (long size in new long[] { 64, 4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20 })
+            {
+                Assert.Contains(rows, r => r.GetProperty("mode").GetString() == "floor-memcpy" && r.GetProperty("bytes").GetInt64() == size);
+                foreach (string mode in new[] { "copy", "offload", "hybrid", "auto" })
+                {
+                    JsonElement row = Assert.Single(rows, r => r.GetProperty("mode").GetString() == mode && r.GetProperty("bytes").GetInt64() == size && (mode == "auto" || r.GetProperty("cache").GetString() == "inject"));
+                    foreach (string key in new[] { "p50_us", "p99_us", "gbps", "caller_cpu_us" })
+                    {
+                        Assert.True(row.GetProperty(key).GetDouble() >= 0);
+                    }
+
+                    Assert.True(row.GetProperty("p99_us").GetDouble() >= row.GetProperty("p50_us").GetDouble());
+                }
+            }
+
+            byte[] header = (await File.ReadAllBytesAsync(png))[..8];
+            Assert.Equal(new byte[] { 0x89, (byte)'P', (byte)'N', (byte)'G', 0x0D, 0x0A, 0x1A, 0x0A }, header);
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
+    [Fact]
     public async Task Doctor_checks_every_mechanism_for_real_and_reports_them_as_json()
     {
         (int exitCode, string output) = await RunCliAsync(null, "doctor", "--json");

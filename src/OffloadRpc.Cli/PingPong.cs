@@ -1,20 +1,25 @@
 using System.Diagnostics;
 using OffloadRpc.Interop;
 
-namespace OffloadRpc.Benchmarks;
+namespace OffloadRpc.Cli;
 
 /// <summary>
 /// The floor for a round trip: two processes hand a counter back and forth through one shared
 /// cache line each way, spinning, with nothing else in the path.
 /// </summary>
-internal static unsafe class PingPong
+internal static unsafe partial class PingPong
 {
+    [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = System.Runtime.InteropServices.StringMarshalling.Utf8)]
+    private static partial int Open(string path, int flags);
+
+    private const int O_RDWR = 2;
+
     private const int Size = 4096;
 
     /// <summary>Runs the partner side: echoes every ping until told to stop (ping = -1).</summary>
     public static int RunPartner(int parentPid, int fd)
     {
-        int local = Native.Open($"/proc/{parentPid}/fd/{fd}", Native.O_RDWR);
+        int local = Open($"/proc/{parentPid}/fd/{fd}", O_RDWR);
         if (local < 0)
         {
             Console.Error.WriteLine("cannot open the parent's memfd");
@@ -45,15 +50,15 @@ internal static unsafe class PingPong
         }
     }
 
-    /// <summary>Measures round trips; returns per-round-trip nanoseconds for each batch.</summary>
-    public static double[] Measure(int batches, int perBatch)
+    /// <summary>Measures round trips; returns per-round-trip nanoseconds for each batch. <paramref name="startPartner"/> starts <see cref="RunPartner"/> in another process, given this process's id and the memfd.</summary>
+    public static double[] Measure(int batches, int perBatch, Func<int, int, Process> startPartner)
     {
         int fd = LinuxNative.MemfdCreate("offloadrpc-pingpong", 0);
         LinuxNative.Ftruncate(fd, Size);
         byte* map = (byte*)LinuxNative.Mmap(0, Size, LinuxNative.PROT_READ | LinuxNative.PROT_WRITE, LinuxNative.MAP_SHARED, fd, 0);
         long* ping = (long*)map;
         long* pong = (long*)(map + 128);
-        using Process partner = BenchmarkProcess.StartSelf(["--pingpong", Environment.ProcessId.ToString(), fd.ToString()]);
+        using Process partner = startPartner(Environment.ProcessId, fd);
         try
         {
             var wait = Stopwatch.StartNew();
@@ -105,26 +110,3 @@ internal static unsafe class PingPong
     }
 }
 
-internal static class BenchmarkProcess
-{
-    public const string ChildVariable = "OFFLOADRPC_BENCHMARK_CHILD";
-
-    public static Process StartSelf(IEnumerable<string> arguments)
-    {
-        var info = new ProcessStartInfo { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardInput = true };
-        info.Environment[ChildVariable] = "1";
-        string self = typeof(BenchmarkProcess).Assembly.Location;
-        info.FileName = Environment.ProcessPath!;
-        if (Path.GetFileName(info.FileName) is "dotnet" or "dotnet.exe")
-        {
-            info.ArgumentList.Add(self); // running under the dotnet host
-        }
-
-        foreach (string a in arguments)
-        {
-            info.ArgumentList.Add(a);
-        }
-
-        return Process.Start(info)!;
-    }
-}
