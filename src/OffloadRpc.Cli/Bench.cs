@@ -19,7 +19,8 @@ internal sealed record BenchRow(
     [property: JsonPropertyName("p99_us")] double P99Microseconds,
     [property: JsonPropertyName("gbps")] double Gbps,
     [property: JsonPropertyName("caller_cpu_us")] double CallerCpuMicroseconds,
-    [property: JsonPropertyName("chosen")] string? Chosen);
+    [property: JsonPropertyName("chosen")] string? Chosen,
+    [property: JsonPropertyName("first_chunk_us")] double? FirstChunkMicroseconds = null);
 
 [JsonSerializable(typeof(List<BenchRow>))]
 [JsonSourceGenerationOptions(WriteIndented = true, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
@@ -46,6 +47,8 @@ internal static partial class Bench
         (TransferMode.Offload, CachePolicy.Bypass),
         (TransferMode.Hybrid, CachePolicy.Inject),
         (TransferMode.Hybrid, CachePolicy.Bypass),
+        (TransferMode.Pipelined, CachePolicy.Inject),
+        (TransferMode.Pipelined, CachePolicy.Bypass),
         (TransferMode.Auto, CachePolicy.Auto),
     ];
 
@@ -76,15 +79,11 @@ internal static partial class Bench
             Random.Shared.NextBytes(source);
             await AnsiConsole.Progress().AutoClear(true).StartAsync(async progress =>
             {
-                ProgressTask task = progress.AddTask("measuring", maxValue: Sizes.Length * Plans.Length);
+                ProgressTask task = progress.AddTask("measuring", maxValue: Sizes.Length);
                 foreach (long size in Sizes)
                 {
-                    foreach ((TransferMode mode, CachePolicy cache) in Plans)
-                    {
-                        await Task.Delay(5); // let the copy workers of the previous row park: each row starts from the same state
-                        rows.Add(await MeasureAsync(connection, source.AsMemory(0, (int)size), mode, cache, Iterations(size, quick)));
-                        task.Increment(1);
-                    }
+                    rows.AddRange(await MeasureAsync(connection, source.AsMemory(0, (int)size), Iterations(size, quick) / Plans.Length + 3));
+                    task.Increment(1);
                 }
             });
         }
@@ -115,44 +114,69 @@ internal static partial class Bench
 
     private static int Iterations(long size, bool quick) => (int)Math.Clamp((quick ? 1L << 30 : 4L << 30) / Math.Max(size, 4096), 5, quick ? 5_000 : 50_000);
 
-    private static async Task<BenchRow> MeasureAsync(RpcConnection connection, ReadOnlyMemory<byte> payload, TransferMode mode, CachePolicy cache, int iterations)
+    /// <summary>
+    /// Measures every plan at one size, interleaved in a shuffled order each round (call 1 of each plan,
+    /// then call 2 of each, ...), so that drift in the machine's load over time, and what one plan leaves
+    /// behind for the next, fall on every plan alike. GB/s is the payload over the median call time.
+    /// </summary>
+    private static async Task<BenchRow[]> MeasureAsync(RpcConnection connection, ReadOnlyMemory<byte> payload, int iterations)
     {
-        var latencies = new double[iterations];
-        double cpu = 0;
-        long started = 0;
-        for (int i = -Math.Min(iterations, 20); i < iterations; i++)
+        int plans = Plans.Length;
+        var latencies = new double[plans][];
+        var firstChunks = new double[plans][];
+        var cpu = new double[plans];
+        for (int p = 0; p < plans; p++)
         {
-            if (i == 0)
-            {
-                started = Stopwatch.GetTimestamp();
-            }
+            latencies[p] = new double[iterations];
+            firstChunks[p] = new double[iterations];
+        }
 
-            long start = Stopwatch.GetTimestamp();
-            long cpuStart = ThreadCpuNanoseconds();
-            ValueTask<RpcReply> call = connection.CallAsync(TouchMethod, default, [OutboundPayload.Copy(payload, mode, cache)]);
-            long cpuSpent = ThreadCpuNanoseconds() - cpuStart; // the caller's share: everything done before the call could be awaited
-            using (RpcReply reply = await call.ConfigureAwait(false))
+        var random = new Random(42);
+        int[] order = Enumerable.Range(0, plans).ToArray();
+        for (int i = -Math.Min(iterations, 10); i < iterations; i++)
+        {
+            random.Shuffle(order); // no plan always follows the same one: what a plan leaves behind (a woken worker, a cold block) falls on all alike
+            foreach (int p in order)
             {
-            }
+                (TransferMode mode, CachePolicy cache) = Plans[p];
+                long start = Stopwatch.GetTimestamp();
+                long cpuStart = ThreadCpuNanoseconds();
+                ValueTask<RpcReply> call = connection.CallAsync(TouchMethod, default, [OutboundPayload.Copy(payload, mode, cache)]);
+                long cpuSpent = ThreadCpuNanoseconds() - cpuStart; // the caller's share: everything done before the call could be awaited
+                long firstChunk;
+                using (RpcReply reply = await call.ConfigureAwait(false))
+                {
+                    firstChunk = BinaryPrimitives.ReadInt64LittleEndian(reply.Body[8..]); // the server's monotonic clock, the same as ours
+                }
 
-            if (i >= 0)
-            {
-                latencies[i] = Microseconds(Stopwatch.GetTimestamp() - start);
-                cpu += cpuSpent / 1000.0;
+                if (i >= 0)
+                {
+                    latencies[p][i] = Microseconds(Stopwatch.GetTimestamp() - start);
+                    firstChunks[p][i] = Microseconds(firstChunk - start);
+                    cpu[p] += cpuSpent / 1000.0;
+                }
             }
         }
 
-        double seconds = Stopwatch.GetElapsedTime(started).TotalSeconds;
-        TransferPlan chosen = TransferPolicy.Resolve(payload.Length, mode, cache);
-        return new BenchRow(
-            Name(mode),
-            Name(cache),
-            payload.Length,
-            Percentile(latencies, 0.5),
-            Percentile(latencies, 0.99),
-            payload.Length * (double)iterations / seconds / 1e9,
-            cpu / iterations,
-            mode == TransferMode.Auto ? $"{Name(chosen.Mode)}+{Name(chosen.Cache)}" : null);
+        var rows = new BenchRow[plans];
+        for (int p = 0; p < plans; p++)
+        {
+            (TransferMode mode, CachePolicy cache) = Plans[p];
+            TransferPlan chosen = TransferPolicy.Resolve(payload.Length, mode, cache);
+            double p50 = Percentile(latencies[p], 0.5);
+            rows[p] = new BenchRow(
+                Name(mode),
+                Name(cache),
+                payload.Length,
+                p50,
+                Percentile(latencies[p], 0.99),
+                payload.Length / (p50 / 1e6) / 1e9,
+                cpu[p] / iterations,
+                mode == TransferMode.Auto ? $"{Name(chosen.Mode)}+{Name(chosen.Cache)}" : null,
+                mode == TransferMode.Pipelined ? Percentile(firstChunks[p], 0.5) : null);
+        }
+
+        return rows;
     }
 
     private static unsafe (double P50, double P99, double Gbps) MemcpyFloor(long size, int iterations)
@@ -186,14 +210,14 @@ internal static partial class Bench
     private static void Print(List<BenchRow> rows)
     {
         var table = new Table().Border(TableBorder.Rounded).Title("[bold]OffloadRpc: one call per row, client -> server process[/]");
-        foreach (string column in new[] { "size", "mode", "cache", "p50 us", "p99 us", "GB/s", "caller CPU us", "Auto chose" })
+        foreach (string column in new[] { "size", "mode", "cache", "p50 us", "p99 us", "GB/s", "caller CPU us", "1st chunk us", "Auto chose" })
         {
             table.AddColumn(new TableColumn(column).RightAligned());
         }
 
         foreach (BenchRow row in rows)
         {
-            table.AddRow(Calibrate.Size(row.Bytes), row.Mode, row.Cache, F(row.P50Microseconds), F(row.P99Microseconds), row.Gbps == 0 ? "-" : F(row.Gbps), F(row.CallerCpuMicroseconds), row.Chosen ?? string.Empty);
+            table.AddRow(Calibrate.Size(row.Bytes), row.Mode, row.Cache, F(row.P50Microseconds), F(row.P99Microseconds), row.Gbps == 0 ? "-" : F(row.Gbps), F(row.CallerCpuMicroseconds), row.FirstChunkMicroseconds is { } first ? F(first) : string.Empty, row.Chosen ?? string.Empty);
         }
 
         AnsiConsole.Write(table);
@@ -236,15 +260,19 @@ internal static partial class Bench
         public ValueTask HandleAsync(IncomingCall call)
         {
             long total = 0;
+            long firstChunk = 0;
             for (int i = 0; i < call.PayloadCount; i++)
             {
-                using SharedBuffer lease = call.TakePayload(i);
+                call.WaitForPayloadBytes(i, 1); // a pipelined payload: the first chunk has landed
+                firstChunk = Stopwatch.GetTimestamp();
+                using SharedBuffer lease = call.TakePayload(i); // and now all of it
                 Span<byte> span = lease.Span;
                 total += span.Length == 0 ? 0 : span.Length + (span[0] & 0) + (span[^1] & 0);
             }
 
-            Span<byte> answer = stackalloc byte[8];
+            Span<byte> answer = stackalloc byte[16];
             BinaryPrimitives.WriteInt64LittleEndian(answer, total);
+            BinaryPrimitives.WriteInt64LittleEndian(answer[8..], firstChunk == 0 ? Stopwatch.GetTimestamp() : firstChunk);
             call.Reply(answer);
             return ValueTask.CompletedTask;
         }

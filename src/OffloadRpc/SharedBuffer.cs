@@ -22,13 +22,14 @@ public sealed unsafe class SharedBuffer : IDisposable
     private int _state; // 0 live, 1 disposed or moved
     private Manager? _manager;
 
-    internal SharedBuffer(ILeaseHost host, SharedMemorySegment segment, long offset, int length, bool ownedBySender)
+    internal SharedBuffer(ILeaseHost host, SharedMemorySegment segment, long offset, int length, bool ownedBySender, long? blockOffset = null)
     {
         _host = host;
         _segment = segment;
         _offset = offset;
         _length = length;
         IsOwnArena = ownedBySender;
+        BlockOffset = blockOffset ?? offset;
         _ = segment.Pointer(offset, length); // bounds check once; the segment reference is taken by the creator
     }
 
@@ -63,6 +64,12 @@ public sealed unsafe class SharedBuffer : IDisposable
     internal SharedMemorySegment Segment => _segment;
 
     internal long Offset => _offset;
+
+    /// <summary>Where the arena block starts: the data offset, except for a pipelined payload whose block starts with its progress header.</summary>
+    internal long BlockOffset { get; }
+
+    /// <summary>The block can be sent on as it is (a pipelined block cannot: its data does not start at the block).</summary>
+    internal bool CanMove => BlockOffset == _offset;
 
     /// <summary>The block belongs to the arena of the connection side that holds the lease (rented or returned), not to the peer.</summary>
     internal bool IsOwnArena { get; }

@@ -97,6 +97,21 @@ internal static class EvilClient
                 // A message wakes the server's receive thread, which drains releases after it.
                 _ = connection.CallAsync(1, "wake"u8, default).AsTask();
                 break;
+            case "pipelined-overrun":
+            {
+                // A pipelined payload whose progress claims more bytes than it announced.
+                unsafe
+                {
+                    SharedBuffer lease = connection.Rent(4096);
+                    var header = (PipelineHeader*)(lease.Segment.Base + lease.Offset);
+                    header->Total = 1024;
+                    header->BytesReady = 1 << 30;
+                    RawWriter.WriteMessage(connection, MessageKind.Request, 1, 0, [new PayloadRef { SegmentId = lease.Segment.Id, Flags = PayloadRef.Pipelined, Offset = lease.Offset, Length = 1024 }]);
+                }
+
+                break;
+            }
+
             case "unsealed-segment":
                 RawWriter.SendSegment(connection, 50, 1 << 20, 1 << 20, seals: 0);
                 break;

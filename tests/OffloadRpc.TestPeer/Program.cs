@@ -191,6 +191,31 @@ internal sealed class PeerHandler : IRequestHandler
                 Thread.Sleep(BinaryPrimitives.ReadInt32LittleEndian(call.Body));
                 call.Reply("blocked"u8);
                 return ValueTask.CompletedTask;
+            case PeerMethods.StreamChecksum:
+            {
+                using Stream stream = call.OpenPayloadStream(0);
+                byte[] all = new byte[stream.Length];
+                int read = stream.Read(all, 0, all.Length); // returns once the first chunk has landed
+                long firstRead = System.Diagnostics.Stopwatch.GetTimestamp();
+                while (read < all.Length)
+                {
+                    int n = stream.Read(all, read, all.Length - read);
+                    if (n == 0)
+                    {
+                        break;
+                    }
+
+                    read += n;
+                }
+
+                Span<byte> reply = stackalloc byte[24];
+                BinaryPrimitives.WriteUInt64LittleEndian(reply, Checksum64.Compute(all.AsSpan(0, read)));
+                BinaryPrimitives.WriteInt64LittleEndian(reply[8..], read);
+                BinaryPrimitives.WriteInt64LittleEndian(reply[16..], firstRead);
+                call.Reply(reply);
+                return ValueTask.CompletedTask;
+            }
+
             case PeerMethods.BadReply:
                 call.Reply(default, new OutboundPayload[17]);
                 return ValueTask.CompletedTask;

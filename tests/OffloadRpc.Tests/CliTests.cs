@@ -76,7 +76,8 @@ public sealed class CliTests
             foreach (long size in new long[] { 64, 4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20 })
             {
                 Assert.Contains(rows, r => r.GetProperty("mode").GetString() == "floor-memcpy" && r.GetProperty("bytes").GetInt64() == size);
-                foreach (string mode in new[] { "copy", "offload", "hybrid", "auto" })
+                Assert.Contains(rows, r => r.GetProperty("mode").GetString() == "pipelined" && r.GetProperty("bytes").GetInt64() == size && r.GetProperty("first_chunk_us").GetDouble() > 0);
+                foreach (string mode in new[] { "copy", "offload", "hybrid", "pipelined", "auto" })
                 {
                     JsonElement row = Assert.Single(rows, r => r.GetProperty("mode").GetString() == mode && r.GetProperty("bytes").GetInt64() == size && (mode == "auto" || r.GetProperty("cache").GetString() == "inject"));
                     foreach (string key in new[] { "p50_us", "p99_us", "gbps", "caller_cpu_us" })

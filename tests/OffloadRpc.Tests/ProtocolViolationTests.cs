@@ -24,6 +24,7 @@ public sealed class ProtocolViolationTests
     [InlineData("unsealed-segment", "segment 50 that is not sealed against resizing")]
     [InlineData("shrinkable-segment", "segment 50 that is not sealed against resizing")]
     [InlineData("missized-segment", "segment 50 of 1048576 bytes but announced 2097152")]
+    [InlineData("pipelined-overrun", "pipelined payload's progress")]
     public async Task A_malicious_client_is_disconnected_with_ProtocolViolationException_and_others_are_unaffected(string kind, string cause)
     {
         var failures = new ConcurrentQueue<Exception>();
@@ -102,6 +103,11 @@ internal sealed class InProcessServer : IAsyncDisposable, IRequestHandler
 
     public ValueTask HandleAsync(IncomingCall call)
     {
+        for (int i = 0; i < call.PayloadCount; i++)
+        {
+            using SharedBuffer payload = call.TakePayload(i); // a pipelined payload is followed to its end
+        }
+
         call.Reply(call.Body);
         return ValueTask.CompletedTask;
     }

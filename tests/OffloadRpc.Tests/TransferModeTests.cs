@@ -33,6 +33,8 @@ public sealed class TransferModeTests : IAsyncLifetime
     [InlineData(TransferMode.Offload, CachePolicy.Bypass)]
     [InlineData(TransferMode.Hybrid, CachePolicy.Inject)]
     [InlineData(TransferMode.Hybrid, CachePolicy.Bypass)]
+    [InlineData(TransferMode.Pipelined, CachePolicy.Inject)]
+    [InlineData(TransferMode.Pipelined, CachePolicy.Bypass)]
     [InlineData(TransferMode.Auto, CachePolicy.Auto)]
     public async Task Each_mode_delivers_identical_bytes(TransferMode mode, CachePolicy cache)
     {
@@ -46,6 +48,25 @@ public sealed class TransferModeTests : IAsyncLifetime
             Assert.Equal(source.Length, BinaryPrimitives.ReadInt64LittleEndian(reply.Body[8..]));
             Assert.Equal(Checksum64.Compute(source.Span), BinaryPrimitives.ReadUInt64LittleEndian(reply.Body[16..]));
         }
+    }
+
+    [Fact]
+    public async Task A_pipelined_payload_is_read_by_the_server_while_later_chunks_are_still_being_copied()
+    {
+        byte[] payload = GC.AllocateUninitializedArray<byte>(256 << 20);
+        Checksum64.Fill(payload, 12);
+        ValueTask<RpcReply> call = _connection.CallAsync(PeerMethods.StreamChecksum, default, [OutboundPayload.Copy(payload, TransferMode.Pipelined, CachePolicy.Bypass)]);
+        long copied = System.Diagnostics.Stopwatch.GetTimestamp(); // CallAsync returns once every chunk is written
+        using RpcReply reply = await call;
+        Assert.Equal(Checksum64.Compute(payload), BinaryPrimitives.ReadUInt64LittleEndian(reply.Body));
+        Assert.Equal(payload.Length, BinaryPrimitives.ReadInt64LittleEndian(reply.Body[8..]));
+        long firstRead = BinaryPrimitives.ReadInt64LittleEndian(reply.Body[16..]); // the server's clock: the same monotonic clock
+        Assert.True(firstRead < copied, "the server should have read its first chunk before the client finished copying 256 MiB");
+
+        // The same payload taken whole (not as a stream) waits for every byte.
+        using RpcReply whole = await _connection.CallAsync(PeerMethods.Checksum, default, [OutboundPayload.Copy(payload.AsMemory(0, 8 << 20), TransferMode.Pipelined, CachePolicy.Inject)]);
+        Assert.Equal(Checksum64.Compute(payload.AsSpan(0, 8 << 20)), BinaryPrimitives.ReadUInt64LittleEndian(whole.Body[16..]));
+        await Eventually.TrueAsync(() => _connection.Arena.UsedBytes == 0, "every pipelined block is back");
     }
 
     [Fact]

@@ -35,4 +35,7 @@ internal static class PeerMethods
 
     /// <summary>Blocks its thread for the body's i32 milliseconds (a CPU-bound handler), then replies.</summary>
     public const int BlockSync = 11;
+
+    /// <summary>Reads payload 0 as a stream as it arrives; replies (checksum u64, length i64, Stopwatch timestamp of the first read i64).</summary>
+    public const int StreamChecksum = 12;
 }

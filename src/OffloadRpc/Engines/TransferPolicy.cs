@@ -18,6 +18,9 @@ internal readonly record struct TransferPlan(TransferMode Mode, CachePolicy Cach
 internal static class TransferPolicy
 {
     /// <summary>Below this a hand-off to another thread costs more than the copy it saves.</summary>
+    /// <summary>The chunk a pipelined payload is written and published in.</summary>
+    public const long PipelineChunkBytes = 1 << 20;
+
     public const long OffloadCrossoverBytes = 4 << 20; // measured here: at 1 MiB a hand-off costs more than half the copy
 
     private static readonly Lazy<long> s_lastLevelCache = new(ReadLastLevelCacheBytes);
@@ -27,11 +30,6 @@ internal static class TransferPolicy
 
     public static TransferPlan Resolve(long length, TransferMode mode, CachePolicy cache)
     {
-        if (mode == TransferMode.Pipelined)
-        {
-            mode = TransferMode.Hybrid; // chunked delivery to the receiver is not built yet: move it as fast as possible
-        }
-
         if ((mode == TransferMode.Auto || cache == CachePolicy.Auto) && length >= CopyRoutines.NonTemporalThreshold && Calibration.Current is { } calibration)
         {
             return calibration.Best(length, mode, cache); // measured on this machine: the fastest that fits the request
@@ -45,6 +43,11 @@ internal static class TransferPolicy
         if (mode is TransferMode.Offload or TransferMode.Hybrid && length < CopyRoutines.NonTemporalThreshold)
         {
             mode = TransferMode.Copy; // nothing to share out
+        }
+
+        if (mode == TransferMode.Pipelined && length < 2 * PipelineChunkBytes)
+        {
+            mode = TransferMode.Copy; // a single chunk: nothing to overlap
         }
 
         if (cache == CachePolicy.Auto)

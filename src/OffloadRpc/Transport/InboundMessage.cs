@@ -14,6 +14,12 @@ internal struct ReceivedPayload
 
     /// <summary>Handed to user code as a lease; no longer ours to release.</summary>
     public bool Taken;
+
+    /// <summary>Still being written by the sender: <see cref="BlockOffset"/> holds its progress header.</summary>
+    public bool Pipelined;
+
+    /// <summary>Where the arena block starts (the release handle): <see cref="Offset"/>, or the header of a pipelined payload.</summary>
+    public long BlockOffset;
 }
 
 /// <summary>
@@ -60,7 +66,11 @@ internal abstract class InboundMessage
         return _payloads[index].Taken;
     }
 
-    /// <summary>Takes payload <paramref name="index"/> as a lease; the caller disposes it. Once per payload.</summary>
+    /// <summary>
+    /// Takes payload <paramref name="index"/> as a lease; the caller disposes it. Once per payload. A
+    /// pipelined payload is waited for until every byte has landed (use <see cref="OpenPayloadStream"/>
+    /// to start on the first chunk instead).
+    /// </summary>
     public SharedBuffer TakePayload(int index)
     {
         ValidateIndex(index);
@@ -70,9 +80,79 @@ internal abstract class InboundMessage
             throw new InvalidOperationException($"Payload {index} was already taken.");
         }
 
+        if (payload.Pipelined)
+        {
+            Progress(payload).WaitFor(payload.Length, CancellationToken.None);
+        }
+
         payload.Taken = true;
         // The mapping reference taken when the message was received moves to the lease.
-        return new SharedBuffer(Connection, payload.Segment, payload.Offset, payload.Length, payload.OwnArena);
+        return new SharedBuffer(Connection, payload.Segment, payload.Offset, payload.Length, payload.OwnArena, payload.BlockOffset);
+    }
+
+    /// <summary>Waits until the first <paramref name="bytes"/> of payload <paramref name="index"/> have landed (immediate for a payload that is not pipelined).</summary>
+    public void WaitForPayloadBytes(int index, long bytes, CancellationToken cancellationToken = default)
+    {
+        ValidateIndex(index);
+        if (_payloads[index].Pipelined && !_payloads[index].Taken)
+        {
+            Progress(_payloads[index]).WaitFor(bytes, cancellationToken);
+        }
+    }
+
+    /// <summary>True when payload <paramref name="index"/> is still arriving chunk by chunk.</summary>
+    public bool IsPipelined(int index)
+    {
+        ValidateIndex(index);
+        return _payloads[index].Pipelined;
+    }
+
+    /// <summary>
+    /// Takes payload <paramref name="index"/> as a read-only stream. For a pipelined payload a read
+    /// returns as soon as bytes land, so the reader starts on the first chunk while the rest moves.
+    /// Disposing the stream gives the block back.
+    /// </summary>
+    public unsafe Stream OpenPayloadStream(int index, CancellationToken cancellationToken = default)
+    {
+        ValidateIndex(index);
+        ref ReceivedPayload payload = ref _payloads[index];
+        if (payload.Taken)
+        {
+            throw new InvalidOperationException($"Payload {index} was already taken.");
+        }
+
+        if (!payload.Pipelined)
+        {
+            SharedBuffer lease = TakePayload(index);
+            return new LeaseStream(lease);
+        }
+
+        payload.Taken = true;
+        SharedMemorySegment segment = payload.Segment;
+        long blockOffset = payload.BlockOffset;
+        RpcConnection connection = Connection;
+        return new PipelinedPayloadStream(Progress(payload), segment.Pointer(payload.Offset, payload.Length), segment, () => connection.ReleaseReceivedBlock(segment, blockOffset, ownArena: false), cancellationToken);
+    }
+
+    private unsafe PipelinedPayload Progress(in ReceivedPayload payload) =>
+        new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length);
+
+    /// <summary>A complete payload as a stream over its lease.</summary>
+    private sealed unsafe class LeaseStream : UnmanagedMemoryStream
+    {
+        private readonly SharedBuffer _lease;
+
+        public LeaseStream(SharedBuffer lease)
+            : base(lease.Segment.Base + lease.Offset, lease.Length) // the lease keeps the mapping alive until the stream is disposed
+        {
+            _lease = lease;
+        }
+
+        protected override void Dispose(bool disposing)
+        {
+            base.Dispose(disposing);
+            _lease.Dispose();
+        }
     }
 
     private void ValidateIndex(int index)
@@ -109,7 +189,7 @@ internal abstract class InboundMessage
             {
                 try
                 {
-                    Connection.ReleaseReceivedBlock(payload.Segment, payload.Offset, payload.OwnArena);
+                    Connection.ReleaseReceivedBlock(payload.Segment, payload.BlockOffset, payload.OwnArena);
                 }
                 finally
                 {

@@ -11,6 +11,12 @@ internal enum BlockState : byte
 
     /// <summary>Sent to the peer, which releases it (or sends it back) when done.</summary>
     Lent = 2,
+
+    /// <summary>Sent to the peer (pipelined) while this side still writes later chunks into it.</summary>
+    LentWriting = 3,
+
+    /// <summary>The peer released it while this side was still writing: freed when the writing ends.</summary>
+    ReleasedWhileWriting = 4,
 }
 
 /// <summary>A block of the arena: where it lies and how large it is (rounded up to the block alignment).</summary>
@@ -258,7 +264,38 @@ internal sealed unsafe class PayloadArena
     }
 
     /// <summary>Marks a local block as sent to the peer (before the message that carries it is published).</summary>
-    public void MarkLent(int segmentId, long offset) => Transition(segmentId, offset, BlockState.Local, BlockState.Lent, out _);
+    public void MarkLent(int segmentId, long offset, bool stillWriting = false) =>
+        Transition(segmentId, offset, BlockState.Local, stillWriting ? BlockState.LentWriting : BlockState.Lent, out _);
+
+    /// <summary>
+    /// The last chunk of a pipelined block is written: it becomes an ordinary lent block, or is freed
+    /// if the peer already released it (a release never frees a block this side still writes into).
+    /// </summary>
+    public void FinishWriting(int segmentId, long offset)
+    {
+        lock (_lock)
+        {
+            if (_closed)
+            {
+                return;
+            }
+
+            ArenaSegment segment = _segments[segmentId] ?? throw new InvalidOperationException($"Segment {segmentId} is not in the {_name} arena.");
+            if (segment.TryTransition(offset, BlockState.LentWriting, BlockState.Lent, out _))
+            {
+                return;
+            }
+
+            long size = segment.Free(offset, BlockState.ReleasedWhileWriting) ?? throw new InvalidOperationException($"Block {segmentId}:{offset} of the {_name} arena was not being written.");
+            _usedBytes -= size;
+            _freeGeneration++;
+        }
+
+        if (Volatile.Read(ref _waiters) != 0)
+        {
+            _peer.WakeSpaceWaiters();
+        }
+    }
 
     /// <summary>Frees a block this process holds (a lease disposed, or a send that failed before publishing).</summary>
     public void FreeLocal(int segmentId, long offset, BlockState expected = BlockState.Local)
@@ -289,6 +326,11 @@ internal sealed unsafe class PayloadArena
         int segmentId = (int)(handle >> SegmentShift);
         long offset = (long)(handle & ((1UL << SegmentShift) - 1)) << OffsetShift;
         ArenaSegment? segment = segmentId is > 0 and <= MaxSegments ? _segments[segmentId] : null;
+        if (segment is not null && segment.TryTransition(offset, BlockState.LentWriting, BlockState.ReleasedWhileWriting, out _))
+        {
+            return; // still being written: freed by FinishWriting
+        }
+
         long? size = segment?.Free(offset, BlockState.Lent);
         if (size is null)
         {

@@ -162,6 +162,12 @@ internal sealed unsafe partial class RpcConnection
                 ReceivedPayload payload = Resolve(refs[i]);
                 if (i == 0 && bodyInPayload)
                 {
+                    if (payload.Pipelined)
+                    {
+                        target.AddPayload(payload); // released with the message
+                        throw Violation("a message body that is still being written");
+                    }
+
                     TakeBodyFromArena(target, header.MethodId, payload);
                 }
                 else
@@ -223,7 +229,7 @@ internal sealed unsafe partial class RpcConnection
         }
         finally
         {
-            ReleaseReceivedBlock(payload.Segment, payload.Offset, payload.OwnArena);
+            ReleaseReceivedBlock(payload.Segment, payload.BlockOffset, payload.OwnArena);
             payload.Segment.Release();
         }
     }
@@ -241,7 +247,7 @@ internal sealed unsafe partial class RpcConnection
             throw Violation($"a payload at unaligned offset {reference.Offset}");
         }
 
-        if ((reference.Flags & ~PayloadRef.ReceiverOwned) != 0)
+        if ((reference.Flags & ~(PayloadRef.ReceiverOwned | PayloadRef.Pipelined)) != 0 || reference.Flags == (PayloadRef.ReceiverOwned | PayloadRef.Pipelined))
         {
             throw Violation($"payload flags 0x{reference.Flags:x}");
         }
@@ -249,8 +255,11 @@ internal sealed unsafe partial class RpcConnection
         if ((reference.Flags & PayloadRef.ReceiverOwned) != 0)
         {
             ArenaBlock block = _arena.ReturnFromPeer(reference.SegmentId, reference.Offset, reference.Length);
-            return new ReceivedPayload { Segment = block.Segment, Offset = block.Offset, Length = (int)reference.Length, OwnArena = true };
+            return new ReceivedPayload { Segment = block.Segment, Offset = block.Offset, BlockOffset = block.Offset, Length = (int)reference.Length, OwnArena = true };
         }
+
+        bool pipelined = (reference.Flags & PayloadRef.Pipelined) != 0;
+        long header = pipelined ? PipelineHeader.Size : 0;
 
         int id = reference.SegmentId;
         SharedMemorySegment? segment = id > 0 && id <= PayloadArena.MaxSegments ? Volatile.Read(ref _peerSegments[id]) : null;
@@ -259,9 +268,9 @@ internal sealed unsafe partial class RpcConnection
             throw Violation($"a payload in segment {id}, which it never handed over");
         }
 
-        if (!segment.Contains(reference.Offset, reference.Length))
+        if (!segment.Contains(reference.Offset, header + reference.Length))
         {
-            throw Violation($"a payload [{reference.Offset}, +{reference.Length}) outside its {segment.Size}-byte segment {id}");
+            throw Violation($"a payload [{reference.Offset}, +{header + reference.Length}) outside its {segment.Size}-byte segment {id}");
         }
 
         if (!segment.TryAddReference())
@@ -269,7 +278,7 @@ internal sealed unsafe partial class RpcConnection
             throw Violation($"a payload in retired segment {id}");
         }
 
-        return new ReceivedPayload { Segment = segment, Offset = reference.Offset, Length = (int)reference.Length, OwnArena = false };
+        return new ReceivedPayload { Segment = segment, Offset = reference.Offset + header, BlockOffset = reference.Offset, Length = (int)reference.Length, OwnArena = false, Pipelined = pipelined };
     }
 
     private ProtocolViolationException Violation(string what) =>

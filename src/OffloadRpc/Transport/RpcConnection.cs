@@ -266,6 +266,8 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
 
         Span<PayloadRef> refs = stackalloc PayloadRef[TransportProtocol.MaxPayloadsPerMessage];
+        Span<DeferredCopy> deferred = stackalloc DeferredCopy[TransportProtocol.MaxPayloadsPerMessage];
+        int deferredCount = 0;
         // Blocks this send allocated (each with a mapping reference); freed if the send fails.
         Span<long> allocatedOffsets = stackalloc long[TransportProtocol.MaxPayloadsPerMessage];
         // Only messages with arena blocks need the array (a small call stays allocation- and pool-free).
@@ -278,16 +280,21 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             int r = 0;
             if (bodyInPayload)
             {
-                refs[r++] = CopyIntoArena(body, TransferMode.Copy, CachePolicy.Auto, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
+                refs[r++] = CopyIntoArena(body, TransferMode.Copy, CachePolicy.Auto, allocated!, allocatedOffsets, ref allocatedCount, ref deferred[0], out _, cancellationToken);
             }
 
             for (int i = 0; i < payloads.Length; i++)
             {
                 SharedBuffer? lease = payloads[i].Lease;
-                if (lease is null || lease.Host != this)
+                if (lease is null || lease.Host != this || !lease.CanMove)
                 {
                     ReadOnlySpan<byte> data = lease is null ? payloads[i].Data.Span : lease.Span;
-                    refs[r++] = CopyIntoArena(data, payloads[i].Mode, payloads[i].Cache, allocated!, allocatedOffsets, ref allocatedCount, cancellationToken);
+                    refs[r++] = CopyIntoArena(data, payloads[i].Mode, payloads[i].Cache, allocated!, allocatedOffsets, ref allocatedCount, ref deferred[deferredCount], out bool later, cancellationToken);
+                    if (later)
+                    {
+                        deferred[deferredCount++].PayloadIndex = i;
+                    }
+
                     continue;
                 }
 
@@ -314,7 +321,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             {
                 if ((refs[i].Flags & PayloadRef.ReceiverOwned) == 0)
                 {
-                    _arena.MarkLent(refs[i].SegmentId, refs[i].Offset);
+                    _arena.MarkLent(refs[i].SegmentId, refs[i].Offset, stillWriting: (refs[i].Flags & PayloadRef.Pipelined) != 0);
                 }
             }
 
@@ -335,6 +342,13 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
             _outbound.Messages.Publish(position);
             published = true;
             SharedWait.Wake(_outbound.ConsumerWake);
+
+            // Pipelined payloads: the receiver already has the message and follows the progress word.
+            for (int d = 0; d < deferredCount; d++)
+            {
+                OutboundPayload payload = payloads[deferred[d].PayloadIndex];
+                WritePipelined(payload.Lease is { } foreign ? foreign.Span : payload.Data.Span, deferred[d]);
+            }
         }
         finally
         {
@@ -395,18 +409,65 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
     }
 
-    private PayloadRef CopyIntoArena(ReadOnlySpan<byte> data, TransferMode mode, CachePolicy cache, SharedMemorySegment?[] allocated, Span<long> allocatedOffsets, ref int allocatedCount, CancellationToken cancellationToken)
+    private PayloadRef CopyIntoArena(ReadOnlySpan<byte> data, TransferMode mode, CachePolicy cache, SharedMemorySegment?[] allocated, Span<long> allocatedOffsets, ref int allocatedCount, ref DeferredCopy later, out bool deferred, CancellationToken cancellationToken)
     {
-        ArenaBlock block = _arena.Allocate(data.Length, cancellationToken);
+        Engines.TransferPlan plan = Engines.TransferPolicy.Resolve(data.Length, mode, cache);
+        deferred = plan.Mode == TransferMode.Pipelined;
+        long header = deferred ? PipelineHeader.Size : 0;
+        ArenaBlock block = _arena.Allocate(header + data.Length, cancellationToken);
         allocatedOffsets[allocatedCount] = block.Offset;
         allocated[allocatedCount++] = block.Segment; // the arena took a mapping reference for us
+        if (deferred)
+        {
+            // Written after the message is published, chunk by chunk (see WritePipelined).
+            var progress = (PipelineHeader*)block.Segment.Pointer(block.Offset, PipelineHeader.Size);
+            *progress = new PipelineHeader { Total = data.Length };
+            later = new DeferredCopy { SegmentId = block.Segment.Id, BlockOffset = block.Offset, Header = (nint)progress, Destination = (nint)(block.Segment.Pointer(block.Offset, header + data.Length) + header), Bypass = plan.BypassCache };
+            return new PayloadRef { SegmentId = block.Segment.Id, Flags = PayloadRef.Pipelined, Offset = block.Offset, Length = data.Length };
+        }
+
         byte* destination = block.Segment.Pointer(block.Offset, data.Length);
         fixed (byte* source = data)
         {
-            Engines.PayloadMover.Move(source, destination, data.Length, Engines.TransferPolicy.Resolve(data.Length, mode, cache));
+            Engines.PayloadMover.Move(source, destination, data.Length, plan);
         }
 
         return new PayloadRef { SegmentId = block.Segment.Id, Flags = 0, Offset = block.Offset, Length = data.Length };
+    }
+
+    /// <summary>A pipelined payload still to be written once its message is out.</summary>
+    private struct DeferredCopy
+    {
+        public int PayloadIndex;
+        public int SegmentId;
+        public long BlockOffset;
+        public nint Header;
+        public nint Destination;
+        public bool Bypass;
+    }
+
+    /// <summary>Writes a pipelined payload chunk by chunk, publishing the progress after each so the receiver can start.</summary>
+    private void WritePipelined(ReadOnlySpan<byte> data, in DeferredCopy copy)
+    {
+        var header = (PipelineHeader*)copy.Header;
+        fixed (byte* source = data)
+        {
+            long chunk = Engines.TransferPolicy.PipelineChunkBytes;
+            for (long done = 0; done < data.Length; done += chunk)
+            {
+                long length = Math.Min(chunk, data.Length - done);
+                Engines.CopyRoutines.Copy(source + done, (byte*)copy.Destination + done, (nuint)length, copy.Bypass);
+                Volatile.Write(ref header->BytesReady, done + length); // release: the bytes before it are in place
+                Interlocked.Increment(ref header->ChunksReady); // full fence before reading the waiter flag
+                if (Volatile.Read(ref header->ReceiverWaiting) != 0)
+                {
+                    Interop.LinuxNative.FutexWake(&header->ChunksReady, int.MaxValue);
+                }
+            }
+        }
+
+        Engines.TransferMetrics.Record(new Engines.TransferPlan(TransferMode.Pipelined, copy.Bypass ? CachePolicy.Bypass : CachePolicy.Inject), data.Length);
+        _arena.FinishWriting(copy.SegmentId, copy.BlockOffset);
     }
 
     private byte* ReserveSlot(out long position, CancellationToken cancellationToken)
@@ -465,7 +526,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         return new SharedBuffer(this, block.Segment, block.Offset, length, ownedBySender: true);
     }
 
-    void ILeaseHost.ReturnLease(SharedBuffer lease) => ReleaseReceivedBlock(lease.Segment, lease.Offset, lease.IsOwnArena);
+    void ILeaseHost.ReturnLease(SharedBuffer lease) => ReleaseReceivedBlock(lease.Segment, lease.BlockOffset, lease.IsOwnArena);
 
     /// <summary>Gives a block back: to our arena when it is ours, else to the peer through the release ring.</summary>
     internal void ReleaseReceivedBlock(SharedMemorySegment segment, long offset, bool ownArena)

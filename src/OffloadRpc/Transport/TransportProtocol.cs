@@ -81,6 +81,12 @@ internal struct PayloadRef
     /// <summary>The block belongs to the receiver of the message (a lease sent back), not to its sender.</summary>
     public const uint ReceiverOwned = 1;
 
+    /// <summary>
+    /// The payload is still being written when the message is published: the block starts with a
+    /// <see cref="PipelineHeader"/> whose progress the receiver follows; the data starts after it.
+    /// </summary>
+    public const uint Pipelined = 2;
+
     public int SegmentId;
     public uint Flags;
     public long Offset;
