@@ -276,6 +276,8 @@ internal static class ServiceEmitter
             ValueKind.MessagePack => $"{Serializer}.Serialize(ref {writer}, {expression}, {Options});",
             ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{writer}.Write({builder}.AddBuffer<{value.ElementType}>({expression}{mode}));",
             ValueKind.Array => $"{writer}.Write({builder}.AddArray<{value.ElementType}>({expression}{mode}));",
+            ValueKind.Stream => $"{writer}.Write({builder}.AddStream({expression}{mode}));",
+            ValueKind.Chunks => $"{writer}.Write({builder}.AddChunks({expression}{mode}));",
             _ => $"{writer}.Write({builder}.AddSharedBuffer({expression}));",
         };
     }
@@ -299,6 +301,8 @@ internal static class ServiceEmitter
             ValueKind.ReadOnlyMemory or ValueKind.Memory when server => $"{source}.GetMemory<{value.ElementType}>({reader}.ReadInt32())",
             ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32())",
             ValueKind.Array => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32()){bang}",
+            ValueKind.Stream => $"{source}.OpenStream({reader}.ReadInt32()){bang}",
+            ValueKind.Chunks => $"{source}.ReadChunks({reader}.ReadInt32()){bang}",
             _ => $"{source}.TakeSharedBuffer({reader}.ReadInt32()){bang}",
         };
     }

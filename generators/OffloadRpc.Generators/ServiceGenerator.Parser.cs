@@ -34,6 +34,8 @@ internal sealed class ServiceParser
     private readonly INamedTypeSymbol? _memory;
     private readonly INamedTypeSymbol? _sharedBuffer;
     private readonly INamedTypeSymbol? _transferAttribute;
+    private readonly INamedTypeSymbol? _stream;
+    private readonly INamedTypeSymbol? _asyncEnumerable;
 
     public ServiceParser(Compilation compilation)
     {
@@ -46,6 +48,8 @@ internal sealed class ServiceParser
         _memory = compilation.GetTypeByMetadataName("System.Memory`1");
         _sharedBuffer = compilation.GetTypeByMetadataName("OffloadRpc.SharedBuffer");
         _transferAttribute = compilation.GetTypeByMetadataName("OffloadRpc.TransferAttribute");
+        _stream = compilation.GetTypeByMetadataName("System.IO.Stream");
+        _asyncEnumerable = compilation.GetTypeByMetadataName("System.Collections.Generic.IAsyncEnumerable`1");
     }
 
     /// <summary>The model of <paramref name="service"/>, or null with the reasons in <paramref name="problems"/>.</summary>
@@ -174,6 +178,11 @@ internal sealed class ServiceParser
         {
             shape = Same(returnDefinition, _taskOfT) ? ReturnShape.TaskOfT : ReturnShape.ValueTaskOfT;
             result = Classify(returnType!.TypeArguments[0], $"the result of '{method.Name}'", where, problems);
+            if (result is { Kind: ValueKind.Stream or ValueKind.Chunks })
+            {
+                problems.Add(new ContractProblem("OFFRPC1002", $"The result of '{method.Name}' is a stream; streams go from client to server only: return a SharedBuffer or ReadOnlyMemory<byte>", where));
+                result = null;
+            }
         }
         else
         {
@@ -228,7 +237,7 @@ internal sealed class ServiceParser
             ResultTransfer: result is not null && IsCopiedBuffer(result) ? Transfer(method) : null);
     }
 
-    private static bool IsCopiedBuffer(ValueModel value) => value.Kind is ValueKind.ReadOnlyMemory or ValueKind.Memory or ValueKind.Array;
+    private static bool IsCopiedBuffer(ValueModel value) => value.Kind is ValueKind.ReadOnlyMemory or ValueKind.Memory or ValueKind.Array or ValueKind.Stream or ValueKind.Chunks;
 
     /// <summary>The [Transfer(mode, cache)] on <paramref name="symbol"/> as emitted arguments, or null when absent or all Auto.</summary>
     private string? Transfer(ISymbol symbol)
@@ -267,6 +276,17 @@ internal sealed class ServiceParser
         if (Same(type, _sharedBuffer))
         {
             return new ValueModel(ValueKind.SharedBuffer, display, wire, null, null, null, nullable, type.IsReferenceType);
+        }
+
+        if (Same(type, _stream))
+        {
+            return new ValueModel(ValueKind.Stream, display, "stream", null, null, null, nullable, true);
+        }
+
+        if (type is INamedTypeSymbol { IsGenericType: true } sequence && Same(sequence.OriginalDefinition, _asyncEnumerable)
+            && sequence.TypeArguments[0] is INamedTypeSymbol chunk && chunk.IsGenericType && Same(chunk.OriginalDefinition, _readOnlyMemory) && chunk.TypeArguments[0].SpecialType == SpecialType.System_Byte)
+        {
+            return new ValueModel(ValueKind.Chunks, display, "chunks", null, null, null, nullable, true);
         }
 
         if (type is INamedTypeSymbol named && named.IsGenericType && (Same(named.OriginalDefinition, _readOnlyMemory) || Same(named.OriginalDefinition, _memory)))

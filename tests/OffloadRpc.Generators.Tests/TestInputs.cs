@@ -102,6 +102,8 @@ internal static class TestInputs
         {
             Task<string> ConcatAsync(string a, string? b);
 
+            ValueTask<long> ConsumeAsync(System.IO.Stream data, [Transfer(TransferMode.Pipelined, CachePolicy.Bypass)] IAsyncEnumerable<ReadOnlyMemory<byte>> chunks, CancellationToken cancellationToken = default);
+
             Task<string?> FindAsync(string key);
 
             Task DoNothingAsync();

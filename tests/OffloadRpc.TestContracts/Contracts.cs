@@ -97,4 +97,9 @@ public interface IKitchenSink
     Task<string> WhoCalledAsync();
 
     Task<SharedBuffer?> MaybeLeaseAsync(int length);
+
+    /// <summary>Pipelined: the server starts reading before the client has finished copying. Returns checksum, length, first-read timestamp.</summary>
+    ValueTask<long[]> ConsumeStreamAsync(Stream data, CancellationToken cancellationToken = default);
+
+    ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks);
 }

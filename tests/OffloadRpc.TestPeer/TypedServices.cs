@@ -166,6 +166,39 @@ internal sealed class KitchenSink : IKitchenSink
         return $"{context.PeerProcessId}:{context.PeerUserId}";
     }
 
+    public async ValueTask<long[]> ConsumeStreamAsync(Stream data, CancellationToken cancellationToken = default)
+    {
+        byte[] all = new byte[data.Length];
+        int read = await data.ReadAsync(all, cancellationToken); // returns once the first chunk has landed
+        long firstRead = System.Diagnostics.Stopwatch.GetTimestamp();
+        while (read < all.Length)
+        {
+            int n = await data.ReadAsync(all.AsMemory(read), cancellationToken);
+            if (n == 0)
+            {
+                break;
+            }
+
+            read += n;
+        }
+
+        return [(long)Checksum64.Compute(all.AsSpan(0, read)), read, firstRead];
+    }
+
+    public async ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks)
+    {
+        long total = 0;
+        await foreach (ReadOnlyMemory<byte> chunk in chunks)
+        {
+            foreach (byte b in chunk.Span)
+            {
+                total += b == 7 ? 1 : 0;
+            }
+        }
+
+        return total;
+    }
+
     public Task<SharedBuffer?> MaybeLeaseAsync(int length)
     {
         if (length < 0)

@@ -123,6 +123,32 @@ public sealed class TypedServiceTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_Stream_parameter_is_pipelined_the_method_reads_it_while_it_is_still_arriving()
+    {
+        byte[] data = GC.AllocateUninitializedArray<byte>(128 << 20);
+        Checksum64.Fill(data, 77);
+        ValueTask<long[]> call = Sink.ConsumeStreamAsync(new MemoryStream(data, writable: false));
+        long copied = System.Diagnostics.Stopwatch.GetTimestamp(); // the proxy returns once every chunk is written
+        long[] result = await call;
+        Assert.Equal((long)Checksum64.Compute(data), result[0]);
+        Assert.Equal(data.Length, result[1]);
+        Assert.True(result[2] < copied, "the server method should have read its first chunk before the client finished copying");
+
+        byte[] sevens = new byte[3 << 20];
+        Array.Fill(sevens, (byte)7, 0, 1_000_000);
+        Assert.Equal(1_000_000, await Sink.CountBytesAsync(ChunksOf(sevens, 700_000)));
+
+        static async IAsyncEnumerable<ReadOnlyMemory<byte>> ChunksOf(byte[] data, int size)
+        {
+            for (int i = 0; i < data.Length; i += size)
+            {
+                await Task.Yield();
+                yield return data.AsMemory(i, Math.Min(size, data.Length - i));
+            }
+        }
+    }
+
+    [Fact]
     public async Task Cancellation_reaches_the_server_and_the_caller_gets_OperationCanceledException()
     {
         int before = await Sink.CancellationsObservedAsync();

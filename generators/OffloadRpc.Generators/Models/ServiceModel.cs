@@ -63,6 +63,12 @@ internal enum ValueKind
 
     /// <summary>SharedBuffer: ownership moves, no copy.</summary>
     SharedBuffer,
+
+    /// <summary>Stream: the server method starts at the first chunk and reads the rest as it lands (Pipelined).</summary>
+    Stream,
+
+    /// <summary>IAsyncEnumerable&lt;ReadOnlyMemory&lt;byte&gt;&gt;: like Stream, chunk by chunk.</summary>
+    Chunks,
 }
 
 /// <param name="Type">The fully qualified type, as written in emitted code.</param>

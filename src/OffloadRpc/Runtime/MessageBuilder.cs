@@ -19,6 +19,7 @@ public sealed class MessageBuilder
     private readonly ArrayBufferWriter<byte> _body = new(256);
     private readonly List<OutboundPayload> _payloads = new(4);
     private readonly List<MemoryHandle> _pins = new(4);
+    private readonly List<byte[]> _rented = new(1);
 
     private MessageBuilder()
     {
@@ -75,6 +76,63 @@ public sealed class MessageBuilder
     public int AddArray<T>(T[]? array, TransferMode mode, CachePolicy cache)
         where T : unmanaged => array is null ? -1 : AddBuffer<T>(array, mode, cache);
 
+    /// <summary>
+    /// Adds the rest of <paramref name="stream"/> (null gives -1). The client reads it whole (a Stream
+    /// has no span to copy from); the server receives it pipelined, so its method starts on the first
+    /// chunk. Auto means Pipelined here.
+    /// </summary>
+    public int AddStream(Stream? stream, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto)
+    {
+        if (stream is null)
+        {
+            return -1;
+        }
+
+        long remaining = stream.CanSeek ? Math.Max(0, stream.Length - stream.Position) : 0;
+        byte[] buffer = ArrayPool<byte>.Shared.Rent((int)Math.Clamp(remaining, 4096, TransportProtocol.MaxPayloadLength));
+        int length = 0;
+        while (true)
+        {
+            if (length == buffer.Length)
+            {
+                byte[] larger = ArrayPool<byte>.Shared.Rent(checked(buffer.Length * 2));
+                buffer.AsSpan(0, length).CopyTo(larger);
+                ArrayPool<byte>.Shared.Return(buffer);
+                buffer = larger;
+            }
+
+            int read = stream.Read(buffer, length, buffer.Length - length);
+            if (read == 0)
+            {
+                break;
+            }
+
+            length += read;
+        }
+
+        _rented.Add(buffer);
+        _payloads.Add(OutboundPayload.Copy(buffer.AsMemory(0, length), mode == TransferMode.Auto ? TransferMode.Pipelined : mode, cache));
+        return _payloads.Count - 1;
+    }
+
+    /// <summary>Adds the chunks of <paramref name="chunks"/> as one pipelined payload (null gives -1); enumerated here, on the calling thread.</summary>
+    public int AddChunks(IAsyncEnumerable<ReadOnlyMemory<byte>>? chunks, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto)
+    {
+        if (chunks is null)
+        {
+            return -1;
+        }
+
+        using var collected = new MemoryStream();
+        foreach (ReadOnlyMemory<byte> chunk in chunks.ToBlockingEnumerable())
+        {
+            collected.Write(chunk.Span);
+        }
+
+        collected.Position = 0;
+        return AddStream(collected, mode, cache);
+    }
+
     /// <summary>Adds a lease whose ownership moves with the message (null gives -1).</summary>
     public int AddSharedBuffer(SharedBuffer? lease)
     {
@@ -114,6 +172,12 @@ public sealed class MessageBuilder
         }
 
         _pins.Clear();
+        foreach (byte[] buffer in _rented)
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+        }
+
+        _rented.Clear();
         _payloads.Clear();
         if (_body.Capacity > 1 << 20)
         {

@@ -14,6 +14,7 @@ public sealed class ServerCall
     private readonly IncomingCall _call;
     private List<SharedBuffer>? _leases;
     private List<SharedBuffer>? _moved;
+    private List<Stream>? _streams;
 
     internal ServerCall(IncomingCall call) => _call = call;
 
@@ -66,6 +67,42 @@ public sealed class ServerCall
         return lease;
     }
 
+    /// <summary>
+    /// Payload <paramref name="index"/> as a read-only stream (-1: null). Reads return as bytes land:
+    /// with a pipelined payload the method reads chunk k while later chunks are still being copied.
+    /// The stream is closed when the call completes.
+    /// </summary>
+    public Stream? OpenStream(int index)
+    {
+        if (index < 0)
+        {
+            return null;
+        }
+
+        ValidatePayload(index);
+        Stream stream = _call.OpenPayloadStream(index, _call.CancellationToken);
+        (_streams ??= new List<Stream>(1)).Add(stream);
+        return stream;
+    }
+
+    /// <summary>Payload <paramref name="index"/> as chunks, each handed over as soon as it has landed (-1: null).</summary>
+    public IAsyncEnumerable<ReadOnlyMemory<byte>>? ReadChunks(int index) => OpenStream(index) is { } stream ? Chunks(stream) : null;
+
+    private static async IAsyncEnumerable<ReadOnlyMemory<byte>> Chunks(Stream stream)
+    {
+        byte[] buffer = new byte[(int)Math.Min(Engines.TransferPolicy.PipelineChunkBytes, Math.Max(stream.Length, 1))];
+        while (true)
+        {
+            int read = await stream.ReadAsync(buffer).ConfigureAwait(false);
+            if (read == 0)
+            {
+                yield break;
+            }
+
+            yield return buffer.AsMemory(0, read); // valid until the next chunk is asked for
+        }
+    }
+
     /// <summary>Sends the response built in <paramref name="response"/>.</summary>
     public void Reply(MessageBuilder response)
     {
@@ -92,6 +129,12 @@ public sealed class ServerCall
 
     private SharedBuffer Take(int index)
     {
+        ValidatePayload(index);
+        return _call.TakePayload(index);
+    }
+
+    private void ValidatePayload(int index)
+    {
         if ((uint)index >= (uint)_call.PayloadCount)
         {
             throw new ProtocolViolationException($"The request names payload {index} but carries {_call.PayloadCount}.");
@@ -101,8 +144,6 @@ public sealed class ServerCall
         {
             throw new ProtocolViolationException($"The request names payload {index} twice.");
         }
-
-        return _call.TakePayload(index);
     }
 
     /// <summary>The method has completed: the memory it was lent goes back, and on failure the leases it was given too.</summary>
@@ -117,6 +158,15 @@ public sealed class ServerCall
         }
 
         _moved = null;
+        if (_streams is not null)
+        {
+            foreach (Stream stream in _streams)
+            {
+                stream.Dispose();
+            }
+
+            _streams = null;
+        }
         if (_leases is not null)
         {
             foreach (SharedBuffer lease in _leases)

@@ -16,6 +16,34 @@ namespace Sample.Sink
             this._connection = connection ?? throw new global::System.ArgumentNullException(nameof(connection));
         }
 
+        global::System.Threading.Tasks.ValueTask<long> global::Sample.Sink.IKitchenSink.ConsumeAsync(global::System.IO.Stream data, global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks, global::System.Threading.CancellationToken cancellationToken)
+        {
+            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
+                __writer.WriteArrayHeader(2);
+                __writer.Write(__request.AddStream(data));
+                __writer.Write(__request.AddChunks(chunks, global::OffloadRpc.TransferMode.Pipelined, global::OffloadRpc.CachePolicy.Bypass));
+                __writer.Flush();
+            }
+            catch (global::System.Exception __exception)
+            {
+                __request.Discard();
+                return global::System.Threading.Tasks.ValueTask.FromException<long>(__exception);
+            }
+
+            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<long>(this._connection, 248194261, __request, s_decode248194261, cancellationToken);
+        }
+
+        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<long> s_decode248194261 = Decode248194261;
+
+        private static long Decode248194261(in global::OffloadRpc.Runtime.CallReply reply)
+        {
+            global::MessagePack.MessagePackReader reader = reply.CreateReader();
+            return reader.ReadInt64();
+        }
+
         global::System.Threading.Tasks.Task<global::System.DateTime> global::Sample.Sink.IKitchenSink.ShiftAsync(global::System.DateTime moment, global::System.TimeSpan by)
         {
             global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();

@@ -14,8 +14,8 @@ namespace Sample.Sink
         {
             global::OffloadRpc.Runtime.ServiceRegistry.Register(new global::OffloadRpc.Runtime.ServiceDescriptor<global::Sample.Sink.IKitchenSink>(
                 "Sample.Sink.IKitchenSink",
-                0x3509E587F0B73882UL,
-                new int[] { 420193125, 485972202, 561976780, 619346103, 801540263, 802093341, 874497112, 897847365, 960466944, 1045107197, 1370471249, 1458818217, 1625685404, 1743152058, 1879692759, 1884731671, 1912296331, 1948145934, 1972214419 },
+                0x58471C0AF800CBBEUL,
+                new int[] { 248194261, 420193125, 485972202, 561976780, 619346103, 801540263, 802093341, 874497112, 897847365, 960466944, 1045107197, 1370471249, 1458818217, 1625685404, 1743152058, 1879692759, 1884731671, 1912296331, 1948145934, 1972214419 },
                 static connection => new KitchenSinkProxy(connection),
                 static implementation => new KitchenSinkStub(implementation)));
         }

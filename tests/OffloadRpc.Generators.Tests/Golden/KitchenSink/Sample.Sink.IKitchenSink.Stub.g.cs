@@ -21,6 +21,8 @@ namespace Sample.Sink
         {
             switch (methodId)
             {
+                case 248194261:
+                    return Invoke248194261(serverCall);
                 case 420193125:
                     return Invoke420193125(serverCall);
                 case 485972202:
@@ -61,6 +63,42 @@ namespace Sample.Sink
                     return Invoke1972214419(serverCall);
                 default:
                     throw new global::System.InvalidOperationException("Sample.Sink.IKitchenSink has no method with id " + methodId.ToString(global::System.Globalization.CultureInfo.InvariantCulture) + ".");
+            }
+        }
+
+        private async global::System.Threading.Tasks.ValueTask Invoke248194261(global::OffloadRpc.Runtime.ServerCall __call)
+        {
+            Decode248194261(__call, out global::System.IO.Stream data, out global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks);
+            long __result = await this._implementation.ConsumeAsync(data, chunks, __call.CancellationToken).ConfigureAwait(false);
+            __call.Reply(Encode248194261(__result));
+        }
+
+        private static void Decode248194261(global::OffloadRpc.Runtime.ServerCall __call, out global::System.IO.Stream data, out global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks)
+        {
+            global::MessagePack.MessagePackReader __reader = __call.CreateReader();
+            if (__reader.ReadArrayHeader() != 2)
+            {
+                throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Sink.IKitchenSink.ConsumeAsync does not carry its 2 argument(s).");
+            }
+
+            data = __call.OpenStream(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.IO.Stream.");
+            chunks = __call.ReadChunks(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.IAsyncEnumerable<System.ReadOnlyMemory<byte>>.");
+        }
+
+        private static global::OffloadRpc.Runtime.MessageBuilder Encode248194261(long result)
+        {
+            global::OffloadRpc.Runtime.MessageBuilder response = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter writer = new global::MessagePack.MessagePackWriter(response.Body);
+                writer.Write(result);
+                writer.Flush();
+                return response;
+            }
+            catch
+            {
+                response.Discard();
+                throw;
             }
         }
 
