@@ -41,6 +41,9 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public bool DispatchToThreadPool { get; set; }
 
+    /// <summary>Chunk size of pipelined transfers (TransferMode.Pipelined, Stream parameters): the server starts once the first chunk has landed.</summary>
+    public long PipelineChunkBytes { get; set; } = Engines.TransferPolicy.PipelineChunkBytes;
+
     internal TransportOptions ToTransportOptions() => new()
     {
         SpinBudget = SpinBudget,
@@ -52,5 +55,6 @@ public sealed class OffloadRpcOptions
         AllowedUserIds = AllowedUserIds.ToArray(),
         RunContinuationsAsynchronously = RunContinuationsAsynchronously,
         DispatchToThreadPool = DispatchToThreadPool,
+        PipelineChunkBytes = Math.Clamp(PipelineChunkBytes, 4096, 256L << 20),
     };
 }

@@ -82,6 +82,9 @@ public sealed class TransferModeTests : IAsyncLifetime
         Assert.Equal(new TransferPlan(TransferMode.Hybrid, CachePolicy.Inject), calibration.Best(1 << 20, TransferMode.Auto, CachePolicy.Auto) with { Mode = TransferMode.Hybrid });
         Assert.Equal(new TransferPlan(TransferMode.Offload, CachePolicy.Inject), calibration.Best(64 << 20, TransferMode.Offload, CachePolicy.Auto));
 
+        // Hybrid splits by measured bandwidth: a caller twice as fast as one worker takes two thirds.
+        Assert.Equal(2.0 / 3, new CalibrationResult("t", DateTimeOffset.UtcNow, 1, 1, 0, [new CalibrationPoint(1 << 20, 40, 0, 20, 0, 0)]).CallerShare(1 << 20, 1), 3);
+
         Calibration.Use(calibration);
         try
         {

@@ -21,6 +21,19 @@ internal sealed record CalibrationPoint(long Bytes, double CopyInjectGbps, doubl
 /// <summary>A calibration of this machine: bandwidth per engine, mode and size, the LLC, and the offload's fixed cost.</summary>
 internal sealed record CalibrationResult(string Machine, DateTimeOffset MeasuredAt, long LastLevelCacheBytes, int Workers, double OffloadFixedCostMicroseconds, CalibrationPoint[] Points)
 {
+    /// <summary>
+    /// The part of a Hybrid copy of <paramref name="bytes"/> the caller should take so that it and
+    /// <paramref name="workers"/> copy threads finish together: in proportion to the bandwidth each
+    /// showed alone (inline copy versus a worker's offloaded copy) at the nearest calibrated size.
+    /// </summary>
+    public double CallerShare(long bytes, int workers)
+    {
+        CalibrationPoint nearest = Points.MinBy(p => Math.Abs(Math.Log(Math.Max(p.Bytes, 1)) - Math.Log(Math.Max(bytes, 1))))!;
+        double caller = Math.Max(nearest.CopyInjectGbps, 0.1);
+        double worker = Math.Max(nearest.OffloadInjectGbps, 0.1);
+        return Math.Clamp(caller / (caller + worker * workers), 0.1, 0.9);
+    }
+
     /// <summary>The fastest plan at the calibrated size nearest to <paramref name="bytes"/> (log scale), within the given constraints.</summary>
     public TransferPlan Best(long bytes, TransferMode mode, CachePolicy cache)
     {

@@ -22,10 +22,11 @@ internal static unsafe class PayloadMover
 
             case TransferMode.Hybrid:
             {
-                // The caller and the workers copy disjoint parts at once, split so they finish together
-                // (equal bandwidth per thread until calibration says otherwise).
+                // The caller and the workers copy disjoint parts at once, split by their measured bandwidth
+                // so that they finish together (equal shares until a calibration says otherwise).
                 WorkerCopyEngine engine = WorkerCopyEngine.Shared;
-                long share = length / (engine.ThreadCount + 1) & ~4095L;
+                double callerFraction = Calibration.Current?.CallerShare(length, engine.ThreadCount) ?? 1.0 / (engine.ThreadCount + 1);
+                long share = (long)(length * callerFraction) & ~4095L;
                 CopyCompletion completion = t_completion ??= new CopyCompletion();
                 if (length - share > 0)
                 {

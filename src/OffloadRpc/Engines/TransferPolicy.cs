@@ -28,7 +28,7 @@ internal static class TransferPolicy
     /// <summary>The last-level cache size from sysfs (32 MiB when not reported).</summary>
     public static long LastLevelCacheBytes => s_lastLevelCache.Value;
 
-    public static TransferPlan Resolve(long length, TransferMode mode, CachePolicy cache)
+    public static TransferPlan Resolve(long length, TransferMode mode, CachePolicy cache, long pipelineChunkBytes = PipelineChunkBytes)
     {
         if ((mode == TransferMode.Auto || cache == CachePolicy.Auto) && length >= CopyRoutines.NonTemporalThreshold && Calibration.Current is { } calibration)
         {
@@ -45,7 +45,7 @@ internal static class TransferPolicy
             mode = TransferMode.Copy; // nothing to share out
         }
 
-        if (mode == TransferMode.Pipelined && length < 2 * PipelineChunkBytes)
+        if (mode == TransferMode.Pipelined && length < 2 * pipelineChunkBytes)
         {
             mode = TransferMode.Copy; // a single chunk: nothing to overlap
         }

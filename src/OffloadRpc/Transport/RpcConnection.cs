@@ -411,7 +411,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
 
     private PayloadRef CopyIntoArena(ReadOnlySpan<byte> data, TransferMode mode, CachePolicy cache, SharedMemorySegment?[] allocated, Span<long> allocatedOffsets, ref int allocatedCount, ref DeferredCopy later, out bool deferred, CancellationToken cancellationToken)
     {
-        Engines.TransferPlan plan = Engines.TransferPolicy.Resolve(data.Length, mode, cache);
+        Engines.TransferPlan plan = Engines.TransferPolicy.Resolve(data.Length, mode, cache, _options.PipelineChunkBytes);
         deferred = plan.Mode == TransferMode.Pipelined;
         long header = deferred ? PipelineHeader.Size : 0;
         ArenaBlock block = _arena.Allocate(header + data.Length, cancellationToken);
@@ -452,7 +452,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         var header = (PipelineHeader*)copy.Header;
         fixed (byte* source = data)
         {
-            long chunk = Engines.TransferPolicy.PipelineChunkBytes;
+            long chunk = _options.PipelineChunkBytes;
             for (long done = 0; done < data.Length; done += chunk)
             {
                 long length = Math.Min(chunk, data.Length - done);

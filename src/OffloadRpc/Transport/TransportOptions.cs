@@ -27,6 +27,9 @@ internal sealed class TransportOptions
     /// <summary>The largest control area (both rings) a client may ask this server for.</summary>
     public long MaxPeerControlAreaBytes { get; init; } = 16L << 20;
 
+    /// <summary>The chunk size of a pipelined payload: the receiver can start once the first chunk has landed.</summary>
+    public long PipelineChunkBytes { get; init; } = Engines.TransferPolicy.PipelineChunkBytes;
+
     /// <summary>How long a send waits for arena space before it fails with <see cref="ArenaExhaustedException"/>.</summary>
     public TimeSpan ArenaWaitTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
