@@ -51,6 +51,44 @@ public sealed class TransferModeTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Offloaded_calls_return_before_their_copy_and_many_in_flight_all_arrive_intact()
+    {
+        // One thread starts 12 calls without awaiting: each hands its bytes to the copy workers and
+        // returns; the worker that finishes a copy publishes that request.
+        var payloads = new byte[12][];
+        var calls = new ValueTask<RpcReply>[12];
+        for (int i = 0; i < calls.Length; i++)
+        {
+            payloads[i] = GC.AllocateUninitializedArray<byte>((4 << 20) + i * 4096);
+            Checksum64.Fill(payloads[i], (ulong)i + 900);
+            calls[i] = _connection.CallAsync(PeerMethods.Checksum, default, [OutboundPayload.Copy(payloads[i], TransferMode.Offload, CachePolicy.Inject)]);
+        }
+
+        for (int i = 0; i < calls.Length; i++)
+        {
+            using RpcReply reply = await calls[i];
+            Assert.Equal(payloads[i].Length, BinaryPrimitives.ReadInt64LittleEndian(reply.Body[8..]));
+            Assert.Equal(Checksum64.Compute(payloads[i]), BinaryPrimitives.ReadUInt64LittleEndian(reply.Body[16..]));
+        }
+
+        // An offloaded request mixed with a lease and a small inline payload.
+        SharedBuffer lease = _connection.Rent(10_000);
+        Checksum64.Fill(lease.Span, 5);
+        ulong leaseSum = Checksum64.Compute(lease.Span);
+        byte[] big = new byte[6 << 20];
+        Checksum64.Fill(big, 6);
+        using (RpcReply mixed = await _connection.CallAsync(PeerMethods.Checksum, "mixed"u8, [OutboundPayload.Copy(big, TransferMode.Offload, CachePolicy.Bypass), OutboundPayload.Move(lease), OutboundPayload.Copy(new byte[100])]))
+        {
+            Assert.Equal(Checksum64.Compute(big), BinaryPrimitives.ReadUInt64LittleEndian(mixed.Body[16..]));
+            Assert.Equal(leaseSum, BinaryPrimitives.ReadUInt64LittleEndian(mixed.Body[32..]));
+            Assert.Equal(100, BinaryPrimitives.ReadInt64LittleEndian(mixed.Body[40..]));
+        }
+
+        Assert.False(lease.IsValid);
+        await Eventually.TrueAsync(() => _connection.Arena.UsedBytes == 0, "every offloaded block is back");
+    }
+
+    [Fact]
     public async Task A_pipelined_payload_is_read_by_the_server_while_later_chunks_are_still_being_copied()
     {
         byte[] payload = GC.AllocateUninitializedArray<byte>(256 << 20);

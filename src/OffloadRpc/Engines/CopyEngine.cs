@@ -71,18 +71,37 @@ internal sealed class CopyCompletion
     private readonly object _gate = new();
     private int _outstanding;
     private int _waiting;
+    private Action<object?>? _continuation;
+    private object? _continuationState;
 
     public bool IsCompleted => Volatile.Read(ref _outstanding) == 0;
 
     /// <summary>Announces <paramref name="count"/> more descriptors before they are submitted.</summary>
     public void Expect(int count) => Interlocked.Add(ref _outstanding, count);
 
+    /// <summary>Runs <paramref name="continuation"/> on the engine thread that completes the last descriptor. Register before submitting.</summary>
+    public void OnCompleted(Action<object?> continuation, object? state)
+    {
+        _continuationState = state;
+        Volatile.Write(ref _continuation, continuation);
+    }
+
     /// <summary>Called by an engine as each descriptor finishes.</summary>
     public void Complete(int count = 1)
     {
         // Interlocked.Add is a full fence: the waiter either sees the count reach zero or has flagged
         // itself before we read the flag (it flags with a fence, then re-checks the count).
-        if (Interlocked.Add(ref _outstanding, -count) == 0 && Volatile.Read(ref _waiting) != 0)
+        if (Interlocked.Add(ref _outstanding, -count) != 0)
+        {
+            return;
+        }
+
+        if (Interlocked.Exchange(ref _continuation, null) is { } continuation)
+        {
+            continuation(_continuationState);
+        }
+
+        if (Volatile.Read(ref _waiting) != 0)
         {
             lock (_gate)
             {

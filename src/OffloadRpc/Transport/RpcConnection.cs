@@ -149,7 +149,10 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
     {
         try
         {
-            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
+            if (!TrySendOffloaded(call, methodId, body, payloads, cancellationToken))
+            {
+                Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
+            }
         }
         catch (Exception ex)
         {

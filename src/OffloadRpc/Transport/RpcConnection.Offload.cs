@@ -1,0 +1,252 @@
+using System.Buffers;
+using System.Runtime.InteropServices;
+using OffloadRpc.Engines;
+
+namespace OffloadRpc.Transport;
+
+internal sealed unsafe partial class RpcConnection
+{
+    /// <summary>
+    /// Offload mode with the caller's thread free: the payload bytes are handed to the copy workers and
+    /// the call returns at once; the worker that finishes the last copy publishes the request. Many
+    /// calls in flight so overlap the copy of one with the service of another. The caller's buffer must
+    /// stay unchanged until the call's task completes, as with any asynchronous write.
+    /// Taken only for requests whose offloaded payloads are array-backed (they can be pinned for the
+    /// duration); anything else goes through <see cref="Send"/>, which offloads synchronously.
+    /// </summary>
+    private bool TrySendOffloaded(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        int offloaded = 0;
+        foreach (OutboundPayload payload in payloads)
+        {
+            if (payload.Lease is not null)
+            {
+                continue;
+            }
+
+            TransferPlan plan = TransferPolicy.Resolve(payload.Data.Length, payload.Mode, payload.Cache, _options.PipelineChunkBytes);
+            if (plan.Mode == TransferMode.Pipelined)
+            {
+                return false; // a mix with pipelined payloads: the synchronous path orders them
+            }
+
+            if (plan.Mode == TransferMode.Offload && payload.Data.Length >= CopyRoutines.NonTemporalThreshold && MemoryMarshal.TryGetArray(payload.Data, out ArraySegment<byte> _))
+            {
+                offloaded++;
+            }
+        }
+
+        int slotSize = Geometry.SlotSize;
+        if (offloaded == 0 || MessageHeader.Size + (long)payloads.Length * PayloadRef.Size + body.Length > slotSize)
+        {
+            return false; // nothing to offload, or a body that overflows the slot: the ordinary path
+        }
+
+        if (payloads.Length > TransportProtocol.MaxPayloadsPerMessage || MessageHeader.Size + payloads.Length * PayloadRef.Size > slotSize)
+        {
+            throw new ArgumentException($"A message carries at most {TransportProtocol.MaxPayloadsPerMessage} payloads.", nameof(payloads));
+        }
+
+        if (!_outbound.Segment.TryAddReference())
+        {
+            throw ClosedException();
+        }
+
+        var send = new OffloadedSend(this, call, methodId, body.ToArray(), payloads.Length);
+        bool submitted = false;
+        try
+        {
+            var descriptors = new CopyDescriptor[offloaded];
+            int d = 0;
+            for (int i = 0; i < payloads.Length; i++)
+            {
+                OutboundPayload payload = payloads[i];
+                SharedBuffer? lease = payload.Lease;
+                if (lease is not null && lease.Host == this && lease.CanMove)
+                {
+                    if (!lease.TryDetach())
+                    {
+                        throw new ObjectDisposedException(nameof(SharedBuffer), "A lease passed to a call was already disposed or passed on.");
+                    }
+
+                    send.Detached.Add(lease);
+                    send.Refs[i] = new PayloadRef { SegmentId = lease.Segment.Id, Flags = lease.IsOwnArena ? 0 : PayloadRef.ReceiverOwned, Offset = lease.Offset, Length = lease.Length };
+                    continue;
+                }
+
+                ReadOnlySpan<byte> data = lease is null ? payload.Data.Span : lease.Span;
+                TransferPlan plan = TransferPolicy.Resolve(data.Length, payload.Mode, payload.Cache, _options.PipelineChunkBytes);
+                ArenaBlock block = _arena.Allocate(data.Length, cancellationToken);
+                send.Allocated.Add((block.Segment, block.Offset));
+                byte* destination = block.Segment.Pointer(block.Offset, data.Length);
+                send.Refs[i] = new PayloadRef { SegmentId = block.Segment.Id, Offset = block.Offset, Length = data.Length };
+                if (lease is null && plan.Mode == TransferMode.Offload && data.Length >= CopyRoutines.NonTemporalThreshold && MemoryMarshal.TryGetArray(payload.Data, out ArraySegment<byte> _))
+                {
+                    MemoryHandle pin = payload.Data.Pin();
+                    send.Pins.Add(pin);
+                    descriptors[d++] = CopyDescriptor.Create((nint)pin.Pointer, (nint)destination, (ulong)data.Length, plan.Cache);
+                    TransferMetrics.Record(plan, data.Length);
+                }
+                else
+                {
+                    fixed (byte* source = data)
+                    {
+                        PayloadMover.Move(source, destination, data.Length, plan);
+                    }
+
+                    if (lease is not null)
+                    {
+                        send.Foreign.Add(lease); // copied from another connection: it goes back once the request is out
+                    }
+                }
+            }
+
+            send.Completion.OnCompleted(static s => ((OffloadedSend)s!).Publish(), send);
+            WorkerCopyEngine.Shared.Submit(descriptors.AsSpan(0, d), send.Completion);
+            submitted = true;
+            return true;
+        }
+        finally
+        {
+            if (!submitted)
+            {
+                send.Abandon(reattachLeases: true);
+            }
+        }
+    }
+
+    /// <summary>A request whose payloads the copy workers are still writing; published by the worker that finishes last.</summary>
+    private sealed class OffloadedSend
+    {
+        private readonly RpcConnection _connection;
+        private readonly PendingCall _call;
+        private readonly int _methodId;
+        private readonly byte[] _body;
+
+        public OffloadedSend(RpcConnection connection, PendingCall call, int methodId, byte[] body, int payloadCount)
+        {
+            _connection = connection;
+            _call = call;
+            _methodId = methodId;
+            _body = body;
+            Refs = new PayloadRef[payloadCount];
+        }
+
+        public PayloadRef[] Refs { get; }
+
+        public List<(SharedMemorySegment Segment, long Offset)> Allocated { get; } = new(2);
+
+        public List<MemoryHandle> Pins { get; } = new(1);
+
+        public List<SharedBuffer> Detached { get; } = new(1);
+
+        public List<SharedBuffer> Foreign { get; } = new(1);
+
+        public CopyCompletion Completion { get; } = new();
+
+        /// <summary>Runs on the copy worker that finished the last byte: reserve a slot, mark the blocks lent, publish.</summary>
+        public void Publish()
+        {
+            ReleasePins();
+            RpcConnection c = _connection;
+            try
+            {
+                byte* slot = c.ReserveSlot(out long position, CancellationToken.None);
+                foreach (PayloadRef reference in Refs)
+                {
+                    if ((reference.Flags & PayloadRef.ReceiverOwned) == 0)
+                    {
+                        c._arena.MarkLent(reference.SegmentId, reference.Offset);
+                    }
+                }
+
+                MessageHeader* header = (MessageHeader*)slot;
+                header->CallId = _call.CallId;
+                header->Kind = MessageKind.Request;
+                header->Flags = MessageFlags.None;
+                header->MethodId = _methodId;
+                header->BodyLength = _body.Length;
+                header->PayloadCount = (ushort)Refs.Length;
+                header->Reserved = 0;
+                Refs.AsSpan().CopyTo(new Span<PayloadRef>(slot + MessageHeader.Size, Refs.Length));
+                _body.CopyTo(new Span<byte>(slot + MessageHeader.Size + (Refs.Length * PayloadRef.Size), _body.Length));
+                c._outbound.Messages.Publish(position);
+                SharedWait.Wake(c._outbound.ConsumerWake);
+            }
+            catch (Exception ex)
+            {
+                // The caller has gone on: the call fails through its task, and nothing it handed over is lost.
+                Abandon(reattachLeases: true);
+                foreach (SharedBuffer lease in Detached)
+                {
+                    lease.Dispose();
+                }
+
+                _call.FailOnClose(ex is OffloadRpcException ? ex : new PeerDisconnectedException("The request could not be sent: " + ex.Message, ex));
+                return;
+            }
+
+            foreach ((SharedMemorySegment segment, long _) in Allocated)
+            {
+                segment.Release();
+            }
+
+            foreach (SharedBuffer lease in Detached)
+            {
+                lease.ReleaseDetachedMapping();
+            }
+
+            DisposeForeign();
+            c._outbound.Segment.Release();
+        }
+
+        /// <summary>The request will not be sent: free the blocks taken for it and undo the lease hand-over.</summary>
+        public void Abandon(bool reattachLeases)
+        {
+            ReleasePins();
+            foreach ((SharedMemorySegment segment, long offset) in Allocated)
+            {
+                _connection._arena.FreeLocal(segment.Id, offset);
+                segment.Release();
+            }
+
+            Allocated.Clear();
+            if (reattachLeases)
+            {
+                foreach (SharedBuffer lease in Detached)
+                {
+                    lease.Reattach();
+                }
+            }
+
+            DisposeForeign();
+            _connection._outbound.Segment.Release();
+        }
+
+        private void ReleasePins()
+        {
+            foreach (MemoryHandle pin in Pins)
+            {
+                pin.Dispose();
+            }
+
+            Pins.Clear();
+        }
+
+        private void DisposeForeign()
+        {
+            foreach (SharedBuffer lease in Foreign)
+            {
+                try
+                {
+                    lease.Dispose();
+                }
+                catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+                {
+                }
+            }
+
+            Foreign.Clear();
+        }
+    }
+}
