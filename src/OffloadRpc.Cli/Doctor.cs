@@ -35,7 +35,7 @@ internal static class Doctor
             bool enqcmd = flags.Split(' ').Contains("enqcmd");
             return (Verdict.Note, $"movdir64b {(movdir64b ? "yes" : "no")}, enqcmd {(enqcmd ? "yes" : "no")}");
         });
-        Add(findings, "cpu", "last-level cache", () => LastLevelCache() is { } llc ? (Verdict.Ok, llc) : (Verdict.Note, "not reported in sysfs"));
+        Add(findings, "cpu", "last-level cache", () => (Verdict.Ok, $"{Engines.TransferPolicy.LastLevelCacheBytes >> 20} MiB (from sysfs; 32 MiB assumed when not reported); Auto bypasses the cache above it"));
         Add(findings, "offload", "Intel DSA", () =>
         {
             if (!Directory.Exists("/dev/dsa"))
@@ -166,28 +166,6 @@ internal static class Doctor
     {
         string? line = File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith(name, StringComparison.Ordinal));
         return line?[(line.IndexOf(':') + 1)..].Trim();
-    }
-
-    private static string? LastLevelCache()
-    {
-        const string root = "/sys/devices/system/cpu/cpu0/cache";
-        if (!Directory.Exists(root))
-        {
-            return null;
-        }
-
-        (int Level, string Size)? best = null;
-        foreach (string index in Directory.GetDirectories(root, "index*"))
-        {
-            int level = int.Parse(File.ReadAllText(Path.Combine(index, "level")).Trim(), System.Globalization.CultureInfo.InvariantCulture);
-            string type = File.ReadAllText(Path.Combine(index, "type")).Trim();
-            if (type != "Instruction" && (best is null || level > best.Value.Level))
-            {
-                best = (level, File.ReadAllText(Path.Combine(index, "size")).Trim());
-            }
-        }
-
-        return best is null ? null : $"L{best.Value.Level} {best.Value.Size}";
     }
 
     private static string Limit(string name)
