@@ -125,14 +125,14 @@ public sealed class TypedServiceTests : IAsyncLifetime
     [Fact]
     public async Task A_Stream_parameter_is_pipelined_the_method_reads_it_while_it_is_still_arriving()
     {
-        byte[] data = GC.AllocateUninitializedArray<byte>(128 << 20);
+        byte[] data = GC.AllocateUninitializedArray<byte>(256 << 20);
         Checksum64.Fill(data, 77);
         ValueTask<long[]> call = Sink.ConsumeStreamAsync(new MemoryStream(data, writable: false));
         long copied = System.Diagnostics.Stopwatch.GetTimestamp(); // the proxy returns once every chunk is written
         long[] result = await call;
         Assert.Equal((long)Checksum64.Compute(data), result[0]);
         Assert.Equal(data.Length, result[1]);
-        Assert.True(result[2] < copied, "the server method should have read its first chunk before the client finished copying");
+        Assert.True(result[2] < copied, "the server method should have read its first chunk before the client finished copying 256 MiB");
 
         byte[] sevens = new byte[3 << 20];
         Array.Fill(sevens, (byte)7, 0, 1_000_000);
