@@ -19,7 +19,7 @@ public sealed class NativeAotTests
         string output = Path.Combine(Path.GetTempPath(), $"offloadrpc-aot-{Environment.ProcessId}");
         try
         {
-            (int publishExit, string publishLog) = await RunAsync(
+            (int publishExit, string publishLog) = await ProcessRunner.RunAsync(
                 Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet",
                 // PublishAot is set in the project file: a global -p:PublishAot would reach the netstandard2.0 generator too.
                 ["publish", project, "-c", "Release", "-r", "linux-x64", "-o", output, "-nologo"],
@@ -33,7 +33,7 @@ public sealed class NativeAotTests
             try
             {
                 Assert.Equal("READY", await server.StandardOutput.ReadLineAsync().WaitAsync(TimeSpan.FromSeconds(30)));
-                (int callExit, string callLog) = await RunAsync(binary, ["call", endpoint], TimeSpan.FromSeconds(60));
+                (int callExit, string callLog) = await ProcessRunner.RunAsync(binary, ["call", endpoint], TimeSpan.FromSeconds(60));
                 Assert.True(callExit == 0, callLog);
                 Assert.Contains("AOT OK", callLog);
                 Assert.Contains("add=42", callLog);
@@ -56,31 +56,5 @@ public sealed class NativeAotTests
                 Directory.Delete(output, recursive: true);
             }
         }
-    }
-
-    private static async Task<(int ExitCode, string Output)> RunAsync(string file, string[] arguments, TimeSpan timeout)
-    {
-        var info = new ProcessStartInfo(file, arguments) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        // A build started from inside `dotnet test` must not inherit the outer MSBuild's node settings.
-        foreach (string key in info.Environment.Keys.Where(k => k.StartsWith("MSBUILD", StringComparison.OrdinalIgnoreCase) || k.StartsWith("VSTEST", StringComparison.OrdinalIgnoreCase)).ToArray())
-        {
-            info.Environment.Remove(key);
-        }
-
-        using Process process = Process.Start(info)!;
-        Task<string> stdout = process.StandardOutput.ReadToEndAsync();
-        Task<string> stderr = process.StandardError.ReadToEndAsync();
-        using var cts = new CancellationTokenSource(timeout);
-        try
-        {
-            await process.WaitForExitAsync(cts.Token);
-        }
-        catch (OperationCanceledException)
-        {
-            process.Kill(entireProcessTree: true);
-            throw new TimeoutException($"{file} {string.Join(' ', arguments)} did not finish within {timeout}.");
-        }
-
-        return (process.ExitCode, await stdout + await stderr);
     }
 }

@@ -1,0 +1,33 @@
+using System.Diagnostics;
+
+namespace OffloadRpc.Tests.Infrastructure;
+
+/// <summary>Runs a tool (dotnet publish/pack, a published binary) to completion with a time bound.</summary>
+internal static class ProcessRunner
+{
+    public static async Task<(int ExitCode, string Output)> RunAsync(string file, string[] arguments, TimeSpan timeout)
+    {
+        var info = new ProcessStartInfo(file, arguments) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        // A build started from inside `dotnet test` must not inherit the outer MSBuild's node settings.
+        foreach (string key in info.Environment.Keys.Where(k => k.StartsWith("MSBUILD", StringComparison.OrdinalIgnoreCase) || k.StartsWith("VSTEST", StringComparison.OrdinalIgnoreCase)).ToArray())
+        {
+            info.Environment.Remove(key);
+        }
+
+        using Process process = Process.Start(info)!;
+        Task<string> stdout = process.StandardOutput.ReadToEndAsync();
+        Task<string> stderr = process.StandardError.ReadToEndAsync();
+        using var cts = new CancellationTokenSource(timeout);
+        try
+        {
+            await process.WaitForExitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            process.Kill(entireProcessTree: true);
+            throw new TimeoutException($"{file} {string.Join(' ', arguments)} did not finish within {timeout}.");
+        }
+
+        return (process.ExitCode, await stdout + await stderr);
+    }
+}
