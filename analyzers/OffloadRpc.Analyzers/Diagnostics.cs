@@ -12,7 +12,21 @@ public static class Diagnostics
     public const string MethodIdCollision = "OFFRPC1005";
     public const string CannotImplement = "OFFRPC1006";
 
+    public const string LargeCopy = "OFFRPC2001";
+    public const string InjectAboveCache = "OFFRPC2002";
+    public const string OffloadSmall = "OFFRPC2003";
+    public const string ByteArrayParameter = "OFFRPC2004";
+
     private const string ContractCategory = "OffloadRpc.Contract";
+    private const string TransferCategory = "OffloadRpc.Transfer";
+
+    public static readonly DiagnosticDescriptor LargeCopyRule = Advice(LargeCopy, "A large payload is copied by the calling thread", "'{0}' carries {1} bytes in Copy mode: the calling thread copies all of it before the call is sent; use Offload or Pipelined");
+
+    public static readonly DiagnosticDescriptor InjectAboveCacheRule = Advice(InjectAboveCache, "A payload larger than the last-level cache is written into the cache", "'{0}' carries {1} bytes with CachePolicy.Inject: the copy evicts the receiver's working set; use Bypass");
+
+    public static readonly DiagnosticDescriptor OffloadSmallRule = Advice(OffloadSmall, "A small payload is offloaded or bypasses the cache", "'{0}' carries only {1} bytes: an offload hand-off or non-temporal stores cost more than they save there; use Copy and Inject");
+
+    public static readonly DiagnosticDescriptor ByteArrayParameterRule = Advice(ByteArrayParameter, "A byte[] service parameter forces a copy", "'{0}' is a byte[]: the server gets a managed copy of every call's bytes; ReadOnlyMemory<byte> reads them in shared memory, and a rented SharedBuffer avoids the copy on the client too");
 
     public static readonly DiagnosticDescriptor ReturnTypeRule = Contract(ReturnType, "Service method must return Task, ValueTask, Task<T> or ValueTask<T>");
 
@@ -37,6 +51,16 @@ public static class Diagnostics
         CannotImplement => CannotImplementRule,
         _ => null,
     };
+
+    private static DiagnosticDescriptor Advice(string id, string title, string message) => new(
+        id,
+        title,
+        messageFormat: message,
+        category: TransferCategory,
+        defaultSeverity: DiagnosticSeverity.Warning,
+        isEnabledByDefault: true,
+        description: title + ".",
+        helpLinkUri: $"docs/diagnostics/{id}.md");
 
     private static DiagnosticDescriptor Contract(string id, string title) => new(
         id,

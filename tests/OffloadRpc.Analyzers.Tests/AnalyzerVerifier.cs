@@ -14,7 +14,7 @@ internal static class AnalyzerVerifier<TAnalyzer>
 {
     private static readonly Lazy<MetadataReference[]> s_references = new(LoadReferences);
 
-    public static async Task VerifyAsync(string source)
+    public static async Task VerifyAsync(string source, string? editorConfig = null)
     {
         var test = new CSharpAnalyzerTest<TAnalyzer, DefaultVerifier>
         {
@@ -22,6 +22,11 @@ internal static class AnalyzerVerifier<TAnalyzer>
             ReferenceAssemblies = new ReferenceAssemblies("net10.0"),
         };
         test.TestState.AdditionalReferences.AddRange(s_references.Value);
+        if (editorConfig is not null)
+        {
+            test.TestState.AnalyzerConfigFiles.Add(("/.editorconfig", "root = true\n\n[*]\n" + editorConfig));
+        }
+
         await test.RunAsync();
     }
 
