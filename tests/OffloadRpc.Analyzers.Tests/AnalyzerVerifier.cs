@@ -30,6 +30,23 @@ internal static class AnalyzerVerifier<TAnalyzer>
         await test.RunAsync();
     }
 
+    /// <summary>Verifies the diagnostics of <paramref name="source"/>, that <typeparamref name="TFix"/> turns it into <paramref name="fixedSource"/>, one by one and all at once (Fix All).</summary>
+    public static async Task VerifyFixAsync<TFix>(string source, string fixedSource)
+        where TFix : Microsoft.CodeAnalysis.CodeFixes.CodeFixProvider, new()
+    {
+        var test = new CSharpCodeFixTest<TAnalyzer, TFix, DefaultVerifier>
+        {
+            TestCode = source,
+            FixedCode = fixedSource,
+            ReferenceAssemblies = new ReferenceAssemblies("net10.0"),
+        };
+        test.TestState.AdditionalReferences.AddRange(s_references.Value);
+        test.FixedState.AdditionalReferences.AddRange(s_references.Value);
+        await test.RunAsync();
+    }
+
+    internal static MetadataReference[] References => s_references.Value;
+
     private static MetadataReference[] LoadReferences()
     {
         // <dotnet root>/shared/Microsoft.NETCore.App/<version>/ -> <dotnet root>/packs/Microsoft.NETCore.App.Ref/<version>/ref/net10.0/

@@ -8,7 +8,7 @@ namespace OffloadRpc.Tests;
 public sealed class PackageTests
 {
     [Fact]
-    public async Task The_package_carries_the_runtime_the_generator_and_the_analyzers()
+    public async Task The_package_carries_the_runtime_the_generator_the_analyzers_and_the_code_fixes()
     {
         string repository = Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "..", "..", "..", "..", ".."));
         string output = Directory.CreateTempSubdirectory("offloadrpc-pack-").FullName;
@@ -26,6 +26,7 @@ public sealed class PackageTests
             Assert.Contains("lib/net10.0/OffloadRpc.dll", entries);
             Assert.Contains("analyzers/dotnet/cs/OffloadRpc.Generators.dll", entries);
             Assert.Contains("analyzers/dotnet/cs/OffloadRpc.Analyzers.dll", entries);
+            Assert.Contains("analyzers/dotnet/cs/OffloadRpc.CodeFixes.dll", entries);
             Assert.DoesNotContain(entries, e => e.StartsWith("lib/", StringComparison.Ordinal) && e.Contains("Generators", StringComparison.Ordinal));
         }
         finally

@@ -1,0 +1,144 @@
+using System.Collections.Immutable;
+using System.Composition;
+using System.Linq;
+using System.Threading;
+using System.Threading.Tasks;
+using Microsoft.CodeAnalysis;
+using Microsoft.CodeAnalysis.CodeActions;
+using Microsoft.CodeAnalysis.CodeFixes;
+using Microsoft.CodeAnalysis.CSharp;
+using Microsoft.CodeAnalysis.CSharp.Syntax;
+using Microsoft.CodeAnalysis.Operations;
+using Microsoft.CodeAnalysis.Simplification;
+using OffloadRpc.Analyzers;
+
+namespace OffloadRpc.CodeFixes;
+
+/// <summary>
+/// Fixes OFFRPC2001-2003 by rewriting the [Transfer] attribute that decided the mode: on the
+/// parameter, else on the method (found through the call for a call-site diagnostic).
+/// </summary>
+[ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(TransferModeFix)), Shared]
+public sealed class TransferModeFix : CodeFixProvider
+{
+    public override ImmutableArray<string> FixableDiagnosticIds { get; } =
+        ImmutableArray.Create(Diagnostics.LargeCopy, Diagnostics.InjectAboveCache, Diagnostics.OffloadSmall);
+
+    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
+
+    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    {
+        SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
+        SemanticModel? model = await context.Document.GetSemanticModelAsync(context.CancellationToken).ConfigureAwait(false);
+        if (root is null || model is null)
+        {
+            return;
+        }
+
+        foreach (Diagnostic diagnostic in context.Diagnostics)
+        {
+            SyntaxNode node = root.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
+            IParameterSymbol? parameter = node.FirstAncestorOrSelf<ParameterSyntax>() is { } declared
+                ? model.GetDeclaredSymbol(declared, context.CancellationToken)
+                : (model.GetOperation(node, context.CancellationToken)?.Parent as IArgumentOperation)?.Parameter
+                  ?? (model.GetOperation(node.FirstAncestorOrSelf<ArgumentSyntax>() ?? node, context.CancellationToken) as IArgumentOperation)?.Parameter;
+            if (parameter is null || FindAttribute(parameter, context.CancellationToken) is not { } attribute)
+            {
+                continue;
+            }
+
+            (string? mode, string? cache, string title) = diagnostic.Id switch
+            {
+                Diagnostics.LargeCopy => ((string?)"Pipelined", (string?)null, "Transfer in Pipelined mode"),
+                Diagnostics.InjectAboveCache => (null, "Bypass", "Bypass the cache"),
+                _ => ("Copy", "Inject", "Copy inline into the cache"),
+            };
+
+            Document target = context.Document.Project.Solution.GetDocument(attribute.SyntaxTree) ?? context.Document;
+            context.RegisterCodeFix(
+                CodeAction.Create(title, ct => RewriteAsync(target, attribute, mode, cache, ct), equivalenceKey: diagnostic.Id),
+                diagnostic);
+        }
+    }
+
+    /// <summary>The [Transfer] syntax that decides the parameter's mode: its own, else its method's.</summary>
+    private static AttributeSyntax? FindAttribute(IParameterSymbol parameter, CancellationToken cancellationToken)
+    {
+        foreach (ISymbol owner in new ISymbol[] { parameter, parameter.ContainingSymbol })
+        {
+            foreach (AttributeData data in owner.GetAttributes())
+            {
+                if (data.AttributeClass?.ToDisplayString() == "OffloadRpc.TransferAttribute" && data.ApplicationSyntaxReference?.GetSyntax(cancellationToken) is AttributeSyntax syntax)
+                {
+                    return syntax;
+                }
+            }
+        }
+
+        return null;
+    }
+
+    private static async Task<Document> RewriteAsync(Document document, AttributeSyntax attribute, string? mode, string? cache, CancellationToken cancellationToken)
+    {
+        SyntaxNode? root = await document.GetSyntaxRootAsync(cancellationToken).ConfigureAwait(false);
+        if (root is null)
+        {
+            return document;
+        }
+
+        AttributeArgumentListSyntax arguments = attribute.ArgumentList ?? SyntaxFactory.AttributeArgumentList();
+        var positional = arguments.Arguments.Where(a => a.NameEquals is null).ToList();
+        var named = arguments.Arguments.Where(a => a.NameEquals is not null).ToList();
+        ExpressionSyntax modeExpression = positional.Count > 0 ? positional[0].Expression : Member("TransferMode", "Auto");
+        ExpressionSyntax cacheExpression = positional.Count > 1 ? positional[1].Expression : Member("CachePolicy", "Auto");
+        if (mode is not null)
+        {
+            modeExpression = Member("TransferMode", mode);
+        }
+
+        if (cache is not null)
+        {
+            cacheExpression = Member("CachePolicy", cache);
+        }
+
+        var rewritten = SyntaxFactory.SeparatedList(
+            new[] { SyntaxFactory.AttributeArgument(modeExpression), SyntaxFactory.AttributeArgument(cacheExpression) }.Concat(named));
+        AttributeSyntax replacement = attribute.WithArgumentList(arguments.WithArguments(rewritten));
+        return document.WithSyntaxRoot(root.ReplaceNode(attribute, replacement));
+    }
+
+    private static ExpressionSyntax Member(string type, string member) =>
+        SyntaxFactory.ParseExpression($"global::OffloadRpc.{type}.{member}").WithAdditionalAnnotations(Simplifier.Annotation);
+}
+
+/// <summary>Fixes OFFRPC2004: a byte[] service parameter becomes ReadOnlyMemory&lt;byte&gt; (read in place in shared memory on the server).</summary>
+[ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(ByteArrayParameterFix)), Shared]
+public sealed class ByteArrayParameterFix : CodeFixProvider
+{
+    public override ImmutableArray<string> FixableDiagnosticIds { get; } = ImmutableArray.Create(Diagnostics.ByteArrayParameter);
+
+    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
+
+    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    {
+        SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
+        foreach (Diagnostic diagnostic in context.Diagnostics)
+        {
+            if (root?.FindNode(diagnostic.Location.SourceSpan).FirstAncestorOrSelf<ParameterSyntax>() is not { Type: { } type } parameter)
+            {
+                continue;
+            }
+
+            context.RegisterCodeFix(
+                CodeAction.Create(
+                    "Take ReadOnlyMemory<byte>",
+                    _ =>
+                    {
+                        TypeSyntax memory = SyntaxFactory.ParseTypeName("global::System.ReadOnlyMemory<byte>").WithTriviaFrom(type).WithAdditionalAnnotations(Simplifier.Annotation);
+                        return Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(parameter, parameter.WithType(memory))));
+                    },
+                    equivalenceKey: Diagnostics.ByteArrayParameter),
+                diagnostic);
+        }
+    }
+}
