@@ -16,6 +16,7 @@ public static class Diagnostics
     public const string InjectAboveCache = "OFFRPC2002";
     public const string OffloadSmall = "OFFRPC2003";
     public const string ByteArrayParameter = "OFFRPC2004";
+    public const string UsedAfterMove = "OFFRPC2006";
 
     private const string ContractCategory = "OffloadRpc.Contract";
     private const string TransferCategory = "OffloadRpc.Transfer";
@@ -51,6 +52,8 @@ public static class Diagnostics
         CannotImplement => CannotImplementRule,
         _ => null,
     };
+
+    public static readonly DiagnosticDescriptor UsedAfterMoveRule = Advice(UsedAfterMove, "A SharedBuffer is used after its ownership moved to a call", "'{0}' was passed to a service call, which took ownership of it: using or disposing it afterwards touches a lease that is gone");
 
     private static DiagnosticDescriptor Advice(string id, string title, string message) => new(
         id,

@@ -142,3 +142,32 @@ public sealed class ByteArrayParameterFix : CodeFixProvider
         }
     }
 }
+
+/// <summary>Fixes OFFRPC2006 where the use is a Dispose call: the lease moved with the call, so the call is removed.</summary>
+[ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(MovedBufferDisposeFix)), Shared]
+public sealed class MovedBufferDisposeFix : CodeFixProvider
+{
+    public override ImmutableArray<string> FixableDiagnosticIds { get; } = ImmutableArray.Create(Diagnostics.UsedAfterMove);
+
+    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
+
+    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    {
+        SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
+        foreach (Diagnostic diagnostic in context.Diagnostics)
+        {
+            SyntaxNode? node = root?.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
+            if (node?.Parent is MemberAccessExpressionSyntax { Name.Identifier.ValueText: "Dispose" } access
+                && access.Parent is InvocationExpressionSyntax { ArgumentList.Arguments.Count: 0 } call
+                && call.Parent is ExpressionStatementSyntax statement)
+            {
+                context.RegisterCodeFix(
+                    CodeAction.Create(
+                        "Remove the Dispose of a lease that moved",
+                        _ => Task.FromResult(context.Document.WithSyntaxRoot(root!.RemoveNode(statement, SyntaxRemoveOptions.KeepNoTrivia)!)),
+                        equivalenceKey: Diagnostics.UsedAfterMove),
+                    diagnostic);
+            }
+        }
+    }
+}
