@@ -16,6 +16,7 @@ public static class Diagnostics
     public const string InjectAboveCache = "OFFRPC2002";
     public const string OffloadSmall = "OFFRPC2003";
     public const string ByteArrayParameter = "OFFRPC2004";
+    public const string WrittenInFlight = "OFFRPC2005";
     public const string UsedAfterMove = "OFFRPC2006";
 
     private const string ContractCategory = "OffloadRpc.Contract";
@@ -52,6 +53,8 @@ public static class Diagnostics
         CannotImplement => CannotImplementRule,
         _ => null,
     };
+
+    public static readonly DiagnosticDescriptor WrittenInFlightRule = Advice(WrittenInFlight, "A buffer is written while an Offload or Pipelined call may still be reading it", "'{0}' is written after it was passed to an Offload or Pipelined call that is not awaited yet: the copy engine may still be reading it");
 
     public static readonly DiagnosticDescriptor UsedAfterMoveRule = Advice(UsedAfterMove, "A SharedBuffer is used after its ownership moved to a call", "'{0}' was passed to a service call, which took ownership of it: using or disposing it afterwards touches a lease that is gone");
 

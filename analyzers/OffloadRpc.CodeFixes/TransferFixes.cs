@@ -171,3 +171,39 @@ public sealed class MovedBufferDisposeFix : CodeFixProvider
         }
     }
 }
+
+/// <summary>Fixes OFFRPC2005 by giving the call a copy of the buffer, so later writes cannot reach the bytes in flight.</summary>
+[ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(BufferInFlightFix)), Shared]
+public sealed class BufferInFlightFix : CodeFixProvider
+{
+    public override ImmutableArray<string> FixableDiagnosticIds { get; } = ImmutableArray.Create(Diagnostics.WrittenInFlight);
+
+    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
+
+    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    {
+        SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
+        SemanticModel? model = await context.Document.GetSemanticModelAsync(context.CancellationToken).ConfigureAwait(false);
+        foreach (Diagnostic diagnostic in context.Diagnostics)
+        {
+            if (root is null || model is null || diagnostic.AdditionalLocations.Count == 0
+                || root.FindNode(diagnostic.AdditionalLocations[0].SourceSpan, getInnermostNodeForTie: true).FirstAncestorOrSelf<ArgumentSyntax>() is not { } argument
+                || model.GetTypeInfo(argument.Expression, context.CancellationToken).Type is not { } type)
+            {
+                continue;
+            }
+
+            string source = argument.Expression is IdentifierNameSyntax or MemberAccessExpressionSyntax ? argument.Expression.ToString() : $"({argument.Expression})";
+            ExpressionSyntax copy = type is IArrayTypeSymbol
+                ? SyntaxFactory.ParseExpression($"({type.ToMinimalDisplayString(model, argument.SpanStart)}){source}.Clone()")
+                : SyntaxFactory.ParseExpression($"{source}.ToArray()");
+            copy = copy.WithAdditionalAnnotations(Simplifier.Annotation);
+            context.RegisterCodeFix(
+                CodeAction.Create(
+                    "Pass a copy of the buffer",
+                    _ => Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(argument.Expression, copy))),
+                    equivalenceKey: Diagnostics.WrittenInFlight),
+                diagnostic);
+        }
+    }
+}

@@ -1,0 +1,197 @@
+using System.Collections.Generic;
+using System.Collections.Immutable;
+using Microsoft.CodeAnalysis;
+using Microsoft.CodeAnalysis.Diagnostics;
+using Microsoft.CodeAnalysis.Operations;
+using OffloadRpc.Generators;
+
+namespace OffloadRpc.Analyzers;
+
+/// <summary>
+/// OFFRPC2005: a buffer written after it was passed to an Offload or Pipelined call and before that
+/// call was awaited — the copy engine may still be reading it. Per block: a statement that starts
+/// such a call without awaiting it, then the later statements up to one that awaits the call's task
+/// (all of them when the task is not kept), searched for element writes, Array.Fill/Clear and CopyTo
+/// into the buffer local. The call's argument travels as an additional location for the fix.
+/// </summary>
+[DiagnosticAnalyzer(LanguageNames.CSharp)]
+public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
+{
+    private const int Offload = 2;
+    private const int Pipelined = 3;
+
+    public override ImmutableArray<DiagnosticDescriptor> SupportedDiagnostics { get; } = ImmutableArray.Create(Diagnostics.WrittenInFlightRule);
+
+    public override void Initialize(AnalysisContext context)
+    {
+        context.EnableConcurrentExecution();
+        context.ConfigureGeneratedCodeAnalysis(GeneratedCodeAnalysisFlags.None);
+        context.RegisterCompilationStartAction(start =>
+        {
+            INamedTypeSymbol? service = start.Compilation.GetTypeByMetadataName(ServiceParser.OffloadServiceAttribute);
+            INamedTypeSymbol? transfer = start.Compilation.GetTypeByMetadataName("OffloadRpc.TransferAttribute");
+            if (service is null || transfer is null)
+            {
+                return;
+            }
+
+            start.RegisterOperationAction(c => AnalyzeBlock(c, service, transfer), OperationKind.Block);
+        });
+    }
+
+    private static void AnalyzeBlock(OperationAnalysisContext context, INamedTypeSymbol service, INamedTypeSymbol transfer)
+    {
+        var block = (IBlockOperation)context.Operation;
+        for (int s = 0; s < block.Operations.Length; s++)
+        {
+            IOperation statement = block.Operations[s];
+            foreach (IOperation descendant in statement.DescendantsAndSelf())
+            {
+                if (descendant is not IInvocationOperation invocation || !IsService(invocation.TargetMethod, service) || IsAwaited(invocation, statement))
+                {
+                    continue;
+                }
+
+                ILocalSymbol? task = TaskLocal(invocation);
+                foreach (IArgumentOperation argument in invocation.Arguments)
+                {
+                    if (argument.Parameter is not { } parameter || !InFlightMode(parameter, transfer) || Unwrap(argument.Value) is not ILocalReferenceOperation buffer)
+                    {
+                        continue;
+                    }
+
+                    for (int next = s + 1; next < block.Operations.Length; next++)
+                    {
+                        IOperation later = block.Operations[next];
+                        if (task is not null && Awaits(later, task))
+                        {
+                            break;
+                        }
+
+                        foreach (IOperation write in Writes(later, buffer.Local))
+                        {
+                            context.ReportDiagnostic(Diagnostic.Create(Diagnostics.WrittenInFlightRule, write.Syntax.GetLocation(), additionalLocations: [argument.Syntax.GetLocation()], buffer.Local.Name));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    private static IEnumerable<IOperation> Writes(IOperation operation, ILocalSymbol buffer)
+    {
+        foreach (IOperation node in operation.DescendantsAndSelf())
+        {
+            switch (node)
+            {
+                case IAssignmentOperation { Target: IArrayElementReferenceOperation element } when IsLocal(element.ArrayReference, buffer):
+                    yield return node;
+                    break;
+                case IInvocationOperation call when call.TargetMethod.Name is "Fill" or "Clear" && call.TargetMethod.ContainingType?.SpecialType == SpecialType.System_Array && call.Arguments.Length > 0 && IsLocal(call.Arguments[0].Value, buffer):
+                    yield return node;
+                    break;
+                case IInvocationOperation call when call.TargetMethod.Name == "CopyTo" && call.Arguments.Length > 0 && IsLocal(call.Arguments[0].Value, buffer):
+                    yield return node;
+                    break;
+            }
+        }
+    }
+
+    private static bool IsLocal(IOperation operation, ILocalSymbol local) =>
+        Unwrap(operation) is ILocalReferenceOperation reference && SymbolEqualityComparer.Default.Equals(reference.Local, local);
+
+    /// <summary>The local the call's task is stored in (`var t = service.X(...)`), if any.</summary>
+    private static ILocalSymbol? TaskLocal(IInvocationOperation invocation)
+    {
+        IOperation? parent = invocation.Parent;
+        while (parent is IConversionOperation)
+        {
+            parent = parent.Parent;
+        }
+
+        return parent switch
+        {
+            IVariableInitializerOperation { Parent: IVariableDeclaratorOperation declarator } => declarator.Symbol,
+            ISimpleAssignmentOperation { Target: ILocalReferenceOperation target } => target.Local,
+            _ => null,
+        };
+    }
+
+    private static bool Awaits(IOperation operation, ILocalSymbol task)
+    {
+        foreach (IOperation node in operation.DescendantsAndSelf())
+        {
+            if (node is IAwaitOperation awaited)
+            {
+                foreach (IOperation inner in awaited.Operation.DescendantsAndSelf())
+                {
+                    if (inner is ILocalReferenceOperation reference && SymbolEqualityComparer.Default.Equals(reference.Local, task))
+                    {
+                        return true;
+                    }
+                }
+            }
+        }
+
+        return false;
+    }
+
+    /// <summary>Awaited within its own statement (`await service.X(...)`, with or without ConfigureAwait).</summary>
+    private static bool IsAwaited(IOperation invocation, IOperation statement)
+    {
+        for (IOperation? parent = invocation.Parent; parent is not null && !ReferenceEquals(parent, statement.Parent); parent = parent.Parent)
+        {
+            if (parent is IAwaitOperation)
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+
+    private static bool InFlightMode(IParameterSymbol parameter, INamedTypeSymbol transfer)
+    {
+        foreach (ISymbol owner in new ISymbol[] { parameter, parameter.ContainingSymbol })
+        {
+            foreach (AttributeData attribute in owner.GetAttributes())
+            {
+                if (SymbolEqualityComparer.Default.Equals(attribute.AttributeClass, transfer))
+                {
+                    int mode = attribute.ConstructorArguments.Length > 0 && attribute.ConstructorArguments[0].Value is int m ? m : 0;
+                    return mode is Offload or Pipelined;
+                }
+            }
+        }
+
+        return false;
+    }
+
+    private static bool IsService(IMethodSymbol method, INamedTypeSymbol service)
+    {
+        if (method.ContainingType is not { TypeKind: TypeKind.Interface } type)
+        {
+            return false;
+        }
+
+        foreach (AttributeData data in type.GetAttributes())
+        {
+            if (SymbolEqualityComparer.Default.Equals(data.AttributeClass, service))
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+
+    private static IOperation Unwrap(IOperation value)
+    {
+        while (value is IConversionOperation conversion)
+        {
+            value = conversion.Operand;
+        }
+
+        return value;
+    }
+}
