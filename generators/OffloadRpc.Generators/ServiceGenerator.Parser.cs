@@ -333,7 +333,59 @@ internal sealed class ServiceParser
             return new ValueModel(ValueKind.Primitive, display, wire, suffix, null, null, nullable, type.IsReferenceType);
         }
 
+        if (NotSerializable(type) is { } plain)
+        {
+            problems.Add(new ContractProblem("OFFRPC1002", $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: MessagePack cannot serialize '{plain.ToDisplayString()}'; mark it [MessagePackObject] (with [Key] on its members) or use a supported type", where));
+            return null;
+        }
+
         return new ValueModel(ValueKind.MessagePack, display, wire, null, null, null, nullable, type.IsReferenceType);
+    }
+
+    /// <summary>
+    /// A type declared in this compilation or a library (not the BCL) that MessagePack's standard
+    /// resolver cannot handle: a class or struct with none of [MessagePackObject], [DataContract],
+    /// [MessagePackFormatter] or [Union]. Looks through arrays, nullables and generic arguments.
+    /// Lenient on purpose: anything from System.* passes, so a false alarm never blocks a build.
+    /// </summary>
+    private static ITypeSymbol? NotSerializable(ITypeSymbol type)
+    {
+        switch (type)
+        {
+            case IArrayTypeSymbol array:
+                return NotSerializable(array.ElementType);
+            case INamedTypeSymbol named:
+                foreach (ITypeSymbol argument in named.TypeArguments)
+                {
+                    if (NotSerializable(argument) is { } inner)
+                    {
+                        return inner;
+                    }
+                }
+
+                if (named.SpecialType != SpecialType.None || named.TypeKind is TypeKind.Enum or TypeKind.Interface or TypeKind.Error || named.IsTupleType)
+                {
+                    return null;
+                }
+
+                string space = named.ContainingNamespace?.ToDisplayString() ?? string.Empty;
+                if (space == "System" || space.StartsWith("System.", System.StringComparison.Ordinal) || space.StartsWith("MessagePack", System.StringComparison.Ordinal))
+                {
+                    return null;
+                }
+
+                foreach (AttributeData attribute in named.GetAttributes())
+                {
+                    if (attribute.AttributeClass?.Name is "MessagePackObjectAttribute" or "DataContractAttribute" or "MessagePackFormatterAttribute" or "UnionAttribute")
+                    {
+                        return null;
+                    }
+                }
+
+                return named.TypeKind is TypeKind.Class or TypeKind.Struct ? named : null;
+            default:
+                return null;
+        }
     }
 
     private static string? PrimitiveSuffix(SpecialType type) => type switch

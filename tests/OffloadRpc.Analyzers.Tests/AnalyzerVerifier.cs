@@ -58,6 +58,7 @@ internal static class AnalyzerVerifier<TAnalyzer>
         return Directory.GetFiles(refs, "*.dll")
             .Append(typeof(OffloadServiceAttribute).Assembly.Location)
             .Append(typeof(MessagePack.MessagePackSerializer).Assembly.Location)
+            .Append(typeof(MessagePack.MessagePackObjectAttribute).Assembly.Location)
             .Select(path => (MetadataReference)MetadataReference.CreateFromFile(path))
             .ToArray();
     }

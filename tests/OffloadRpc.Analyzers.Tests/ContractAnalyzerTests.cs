@@ -53,7 +53,14 @@ public sealed class ContractAnalyzerTests
             Task<int> SumAsync(Span<byte> {|OFFRPC1002:data|});
             Task RunAsync(Func<int, int> {|OFFRPC1002:callback|});
             Task SendAsync(ReadOnlyMemory<string> {|OFFRPC1002:names|});
+            Task StoreAsync(Plain {|OFFRPC1002:value|});
+            Task StoreMarkedAsync(Marked value);
         }
+
+        public sealed class Plain { public int X { get; set; } }
+
+        [MessagePack.MessagePackObject]
+        public sealed class Marked { [MessagePack.Key(0)] public int X { get; set; } }
         """);
 
     [Fact]

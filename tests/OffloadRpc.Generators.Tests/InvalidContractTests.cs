@@ -42,6 +42,8 @@ public sealed class InvalidContractTests
         { "nested in a class", "OFFRPC1006", "public static class Outer { [OffloadService] public interface IService { Task PingAsync(); } }" },
         { "inherits members", "OFFRPC1006", "public interface IBase { Task PingAsync(); } [OffloadService] public interface IService : IBase { Task PongAsync(); }" },
         { "two methods with one method id", "OFFRPC1005", "[OffloadService] public interface IService { Task SendAsync(byte[] data); Task SendAsync(ReadOnlyMemory<byte> data); }" },
+        { "a class MessagePack cannot serialize", "OFFRPC1002", "public sealed class Plain { public int X { get; set; } } [OffloadService] public interface IService { Task SendAsync(Plain value); }" },
+        { "a list of a class MessagePack cannot serialize", "OFFRPC1002", "public struct Point { public int X; } [OffloadService] public interface IService { Task<List<Point>> GetAsync(); }" },
         { "dynamic parameter", "OFFRPC1002", "[OffloadService] public interface IService { Task SendAsync(dynamic value); }" },
         { "static abstract member", "OFFRPC1006", "[OffloadService] public interface IService { Task PingAsync(); static abstract Task CreateAsync(); }" },
         { "one bad method among good ones", "OFFRPC1002", "[OffloadService] public interface IService { Task PingAsync(); Task<int> AddAsync(int a, int b); ValueTask<int> BadAsync(ref int a); }" },
