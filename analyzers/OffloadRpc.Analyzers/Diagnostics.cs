@@ -28,7 +28,13 @@ public static class Diagnostics
 
     public static readonly DiagnosticDescriptor OffloadSmallRule = Advice(OffloadSmall, "A small payload is offloaded or bypasses the cache", "'{0}' carries only {1} bytes: an offload hand-off or non-temporal stores cost more than they save there; use Copy and Inject");
 
-    public static readonly DiagnosticDescriptor ByteArrayParameterRule = Advice(ByteArrayParameter, "A byte[] service parameter forces a copy", "'{0}' is a byte[]: the server gets a managed copy of every call's bytes; ReadOnlyMemory<byte> reads them in shared memory, and a rented SharedBuffer avoids the copy on the client too");
+    public static readonly DiagnosticDescriptor ByteArrayParameterRule = Advice(ByteArrayParameter, "A byte[] parameter or a fresh copy where shared memory would avoid a copy", "{0}");
+
+    public static string ByteArrayParameterMessage(string name) =>
+        $"'{name}' is a byte[]: the server gets a managed copy of every call's bytes; ReadOnlyMemory<byte> reads them in shared memory, and a rented SharedBuffer avoids the copy on the client too";
+
+    public static string FreshCopyMessage(string name) =>
+        $"'{name}' is given a fresh copy (.ToArray()): the call copies the bytes into shared memory anyway; pass the buffer itself, or write it into a rented SharedBuffer";
 
     public static readonly DiagnosticDescriptor ReturnTypeRule = Contract(ReturnType, "Service method must return Task, ValueTask, Task<T> or ValueTask<T>");
 

@@ -60,7 +60,7 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
         {
             if (parameter.Type is IArrayTypeSymbol { ElementType.SpecialType: SpecialType.System_Byte })
             {
-                context.ReportDiagnostic(Diagnostic.Create(Diagnostics.ByteArrayParameterRule, parameter.Locations[0], parameter.Name));
+                context.ReportDiagnostic(Diagnostic.Create(Diagnostics.ByteArrayParameterRule, parameter.Locations[0], Diagnostics.ByteArrayParameterMessage(parameter.Name)));
             }
 
             if (IsBuffer(parameter.Type) && (ReadTransfer(parameter, transfer) ?? ReadTransfer(method, transfer)) is { ExpectedBytes: > 0 } declared)
@@ -82,6 +82,12 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
         (long threshold, long cache) = Thresholds(context.Options, invocation.Syntax.SyntaxTree);
         foreach (IArgumentOperation argument in invocation.Arguments)
         {
+            if (argument.Parameter is { } bufferParameter && IsBuffer(bufferParameter.Type) && Unwrap(argument.Value) is IInvocationOperation { TargetMethod.Name: "ToArray", Arguments.Length: 0 or 1 } copy
+                && (copy.Instance is not null || copy.Arguments.Length == 1))
+            {
+                context.ReportDiagnostic(Diagnostic.Create(Diagnostics.ByteArrayParameterRule, argument.Syntax.GetLocation(), Diagnostics.FreshCopyMessage(bufferParameter.Name)));
+            }
+
             if (argument.Parameter is not { } parameter || !IsBuffer(parameter.Type) || KnownSize(argument.Value) is not { } size)
             {
                 continue;
@@ -144,6 +150,16 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
         }
 
         return null;
+    }
+
+    private static IOperation Unwrap(IOperation value)
+    {
+        while (value is IConversionOperation conversion)
+        {
+            value = conversion.Operand;
+        }
+
+        return value;
     }
 
     /// <summary>The byte size of a buffer argument when the code fixes it: <c>new byte[N]</c> (or of any unmanaged T) with a constant N.</summary>

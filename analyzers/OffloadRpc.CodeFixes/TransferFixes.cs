@@ -122,9 +122,24 @@ public sealed class ByteArrayParameterFix : CodeFixProvider
     public override async Task RegisterCodeFixesAsync(CodeFixContext context)
     {
         SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
+        SemanticModel? model = await context.Document.GetSemanticModelAsync(context.CancellationToken).ConfigureAwait(false);
         foreach (Diagnostic diagnostic in context.Diagnostics)
         {
-            if (root?.FindNode(diagnostic.Location.SourceSpan).FirstAncestorOrSelf<ParameterSyntax>() is not { Type: { } type } parameter)
+            SyntaxNode? node = root?.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
+            if (node?.FirstAncestorOrSelf<ArgumentSyntax>() is { Expression: InvocationExpressionSyntax { Expression: MemberAccessExpressionSyntax { Name.Identifier.ValueText: "ToArray" } access, ArgumentList.Arguments.Count: 0 } } argument
+                && model?.GetTypeInfo(access.Expression, context.CancellationToken).Type is IArrayTypeSymbol or INamedTypeSymbol { Name: "Memory" or "ReadOnlyMemory" })
+            {
+                // A fresh copy of an array or a Memory: pass the buffer itself (the call copies it into shared memory anyway).
+                context.RegisterCodeFix(
+                    CodeAction.Create(
+                        "Pass the buffer without a copy",
+                        _ => Task.FromResult(context.Document.WithSyntaxRoot(root!.ReplaceNode(argument.Expression, access.Expression.WithTriviaFrom(argument.Expression)))),
+                        equivalenceKey: Diagnostics.ByteArrayParameter + ".ToArray"),
+                    diagnostic);
+                continue;
+            }
+
+            if (node?.FirstAncestorOrSelf<ParameterSyntax>() is not { Type: { } type } parameter)
             {
                 continue;
             }
@@ -135,7 +150,7 @@ public sealed class ByteArrayParameterFix : CodeFixProvider
                     _ =>
                     {
                         TypeSyntax memory = SyntaxFactory.ParseTypeName("global::System.ReadOnlyMemory<byte>").WithTriviaFrom(type).WithAdditionalAnnotations(Simplifier.Annotation);
-                        return Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(parameter, parameter.WithType(memory))));
+                        return Task.FromResult(context.Document.WithSyntaxRoot(root!.ReplaceNode(parameter, parameter.WithType(memory))));
                     },
                     equivalenceKey: Diagnostics.ByteArrayParameter),
                 diagnostic);

@@ -78,6 +78,33 @@ public sealed class CodeFixTests
         """);
 
     [Fact]
+    public Task OFFRPC2004_fix_passes_the_buffer_instead_of_a_fresh_copy() => Verify.VerifyFixAsync<ByteArrayParameterFix>(
+        Usings + """
+        [OffloadService]
+        public interface IService
+        {
+            Task SendAsync(ReadOnlyMemory<byte> frame);
+        }
+
+        public static class Caller
+        {
+            public static Task Run(IService service, ReadOnlyMemory<byte> frame) => service.SendAsync({|OFFRPC2004:frame.ToArray()|});
+        }
+        """,
+        Usings + """
+        [OffloadService]
+        public interface IService
+        {
+            Task SendAsync(ReadOnlyMemory<byte> frame);
+        }
+
+        public static class Caller
+        {
+            public static Task Run(IService service, ReadOnlyMemory<byte> frame) => service.SendAsync(frame);
+        }
+        """);
+
+    [Fact]
     public Task OFFRPC2004_fix_takes_ReadOnlyMemory_for_every_byte_array_parameter() => Verify.VerifyFixAsync<ByteArrayParameterFix>(
         Usings + """
         [OffloadService]
