@@ -47,7 +47,7 @@ public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
             IOperation statement = block.Operations[s];
             foreach (IOperation descendant in statement.DescendantsAndSelf())
             {
-                if (descendant is not IInvocationOperation invocation || !IsService(invocation.TargetMethod, service) || IsAwaited(invocation, statement))
+                if (descendant is not IInvocationOperation invocation || !ServiceSymbols.IsServiceMethod(invocation.TargetMethod, service) || IsAwaited(invocation, statement))
                 {
                     continue;
                 }
@@ -55,7 +55,7 @@ public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
                 ILocalSymbol? task = TaskLocal(invocation);
                 foreach (IArgumentOperation argument in invocation.Arguments)
                 {
-                    if (argument.Parameter is not { } parameter || !InFlightMode(parameter, transfer) || Unwrap(argument.Value) is not ILocalReferenceOperation buffer)
+                    if (argument.Parameter is not { } parameter || !InFlightMode(parameter, transfer) || ServiceSymbols.Unwrap(argument.Value) is not ILocalReferenceOperation buffer)
                     {
                         continue;
                     }
@@ -98,7 +98,7 @@ public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
     }
 
     private static bool IsLocal(IOperation operation, ILocalSymbol local) =>
-        Unwrap(operation) is ILocalReferenceOperation reference && SymbolEqualityComparer.Default.Equals(reference.Local, local);
+        ServiceSymbols.Unwrap(operation) is ILocalReferenceOperation reference && SymbolEqualityComparer.Default.Equals(reference.Local, local);
 
     /// <summary>The local the call's task is stored in (`var t = service.X(...)`), if any.</summary>
     private static ILocalSymbol? TaskLocal(IInvocationOperation invocation)
@@ -165,33 +165,5 @@ public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
         }
 
         return false;
-    }
-
-    private static bool IsService(IMethodSymbol method, INamedTypeSymbol service)
-    {
-        if (method.ContainingType is not { TypeKind: TypeKind.Interface } type)
-        {
-            return false;
-        }
-
-        foreach (AttributeData data in type.GetAttributes())
-        {
-            if (SymbolEqualityComparer.Default.Equals(data.AttributeClass, service))
-            {
-                return true;
-            }
-        }
-
-        return false;
-    }
-
-    private static IOperation Unwrap(IOperation value)
-    {
-        while (value is IConversionOperation conversion)
-        {
-            value = conversion.Operand;
-        }
-
-        return value;
     }
 }

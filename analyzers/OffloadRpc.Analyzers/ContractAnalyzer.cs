@@ -41,7 +41,7 @@ public sealed class ContractAnalyzer : DiagnosticAnalyzer
     private static void Analyze(SymbolAnalysisContext context, INamedTypeSymbol attribute, ServiceParser parser)
     {
         var type = (INamedTypeSymbol)context.Symbol;
-        if (type.TypeKind != TypeKind.Interface || !HasAttribute(type, attribute))
+        if (type.TypeKind != TypeKind.Interface || !ServiceSymbols.HasAttribute(type, attribute))
         {
             return;
         }
@@ -55,18 +55,5 @@ public sealed class ContractAnalyzer : DiagnosticAnalyzer
                 context.ReportDiagnostic(Diagnostic.Create(descriptor, problem.Location ?? type.Locations[0], problem.Message));
             }
         }
-    }
-
-    private static bool HasAttribute(INamedTypeSymbol type, INamedTypeSymbol attribute)
-    {
-        foreach (AttributeData data in type.GetAttributes())
-        {
-            if (SymbolEqualityComparer.Default.Equals(data.AttributeClass, attribute))
-            {
-                return true;
-            }
-        }
-
-        return false;
     }
 }

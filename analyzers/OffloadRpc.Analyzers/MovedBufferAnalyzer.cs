@@ -45,7 +45,7 @@ public sealed class MovedBufferAnalyzer : DiagnosticAnalyzer
             {
                 if (descendant is not IInvocationOperation invocation
                     || invocation.TargetMethod.ContainingType is not { TypeKind: TypeKind.Interface } type
-                    || !HasAttribute(type, service)
+                    || !ServiceSymbols.HasAttribute(type, service)
                     || InNestedBlock(invocation, block))
                 {
                     continue;
@@ -53,7 +53,7 @@ public sealed class MovedBufferAnalyzer : DiagnosticAnalyzer
 
                 foreach (IArgumentOperation argument in invocation.Arguments)
                 {
-                    if (!SymbolEqualityComparer.Default.Equals(argument.Parameter?.Type, sharedBuffer) || Unwrap(argument.Value) is not ILocalReferenceOperation moved)
+                    if (!SymbolEqualityComparer.Default.Equals(argument.Parameter?.Type, sharedBuffer) || ServiceSymbols.Unwrap(argument.Value) is not ILocalReferenceOperation moved)
                     {
                         continue;
                     }
@@ -97,29 +97,6 @@ public sealed class MovedBufferAnalyzer : DiagnosticAnalyzer
                 }
 
                 context.ReportDiagnostic(Diagnostic.Create(Diagnostics.UsedAfterMoveRule, reference.Syntax.GetLocation(), local.Name));
-            }
-        }
-
-        return false;
-    }
-
-    private static IOperation Unwrap(IOperation value)
-    {
-        while (value is IConversionOperation conversion)
-        {
-            value = conversion.Operand;
-        }
-
-        return value;
-    }
-
-    private static bool HasAttribute(INamedTypeSymbol type, INamedTypeSymbol attribute)
-    {
-        foreach (AttributeData data in type.GetAttributes())
-        {
-            if (SymbolEqualityComparer.Default.Equals(data.AttributeClass, attribute))
-            {
-                return true;
             }
         }
 

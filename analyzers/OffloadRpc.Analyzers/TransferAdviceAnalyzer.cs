@@ -50,7 +50,7 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
     private static void AnalyzeMethod(SymbolAnalysisContext context, INamedTypeSymbol service, INamedTypeSymbol transfer)
     {
         var method = (IMethodSymbol)context.Symbol;
-        if (!IsServiceMethod(method, service))
+        if (!ServiceSymbols.IsServiceMethod(method, service))
         {
             return;
         }
@@ -74,7 +74,7 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
     private static void AnalyzeCall(OperationAnalysisContext context, INamedTypeSymbol service, INamedTypeSymbol transfer)
     {
         var invocation = (IInvocationOperation)context.Operation;
-        if (!IsServiceMethod(invocation.TargetMethod, service))
+        if (!ServiceSymbols.IsServiceMethod(invocation.TargetMethod, service))
         {
             return;
         }
@@ -82,7 +82,7 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
         (long threshold, long cache) = Thresholds(context.Options, invocation.Syntax.SyntaxTree);
         foreach (IArgumentOperation argument in invocation.Arguments)
         {
-            if (argument.Parameter is { } bufferParameter && IsBuffer(bufferParameter.Type) && Unwrap(argument.Value) is IInvocationOperation { TargetMethod.Name: "ToArray", Arguments.Length: 0 or 1 } copy
+            if (argument.Parameter is { } bufferParameter && IsBuffer(bufferParameter.Type) && ServiceSymbols.Unwrap(argument.Value) is IInvocationOperation { TargetMethod.Name: "ToArray", Arguments.Length: 0 or 1 } copy
                 && (copy.Instance is not null || copy.Arguments.Length == 1))
             {
                 context.ReportDiagnostic(Diagnostic.Create(Diagnostics.ByteArrayParameterRule, argument.Syntax.GetLocation(), Diagnostics.FreshCopyMessage(bufferParameter.Name)));
@@ -152,16 +152,6 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
         return null;
     }
 
-    private static IOperation Unwrap(IOperation value)
-    {
-        while (value is IConversionOperation conversion)
-        {
-            value = conversion.Operand;
-        }
-
-        return value;
-    }
-
     /// <summary>The byte size of a buffer argument when the code fixes it: <c>new byte[N]</c> (or of any unmanaged T) with a constant N.</summary>
     private static long? KnownSize(IOperation value)
     {
@@ -192,24 +182,6 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
     private static bool IsBuffer(ITypeSymbol type) =>
         type is IArrayTypeSymbol { ElementType.IsUnmanagedType: true }
         || (type is INamedTypeSymbol { IsGenericType: true } named && named.ContainingNamespace?.ToDisplayString() == "System" && named.Name is "ReadOnlyMemory" or "Memory");
-
-    private static bool IsServiceMethod(IMethodSymbol method, INamedTypeSymbol service)
-    {
-        if (method.ContainingType is not { TypeKind: TypeKind.Interface } type)
-        {
-            return false;
-        }
-
-        foreach (AttributeData attribute in type.GetAttributes())
-        {
-            if (SymbolEqualityComparer.Default.Equals(attribute.AttributeClass, service))
-            {
-                return true;
-            }
-        }
-
-        return false;
-    }
 
     private static (long Threshold, long Cache) Thresholds(AnalyzerOptions options, SyntaxTree? tree)
     {
