@@ -10,11 +10,12 @@ public sealed class OffloadCallContext
 {
     private static readonly AsyncLocal<OffloadCallContext?> s_current = new();
     private readonly RpcConnection _connection;
+    private readonly Runtime.ServerCall _call;
 
-    internal OffloadCallContext(RpcConnection connection, CancellationToken cancellationToken)
+    internal OffloadCallContext(RpcConnection connection, Runtime.ServerCall call)
     {
         _connection = connection;
-        CancellationToken = cancellationToken;
+        _call = call;
     }
 
     /// <summary>The call being served on this logical thread, or null.</summary>
@@ -25,7 +26,8 @@ public sealed class OffloadCallContext
     }
 
     /// <summary>Fires when the caller cancels the call or disconnects.</summary>
-    public CancellationToken CancellationToken { get; }
+    /// <remarks>Created on first use (most calls never ask); read after the call completed it is a cancelled token.</remarks>
+    public CancellationToken CancellationToken => _call.CancellationToken;
 
     /// <summary>The calling process's id (from the kernel, SO_PEERCRED).</summary>
     public int PeerProcessId => _connection.Peer.ProcessId;
@@ -37,5 +39,5 @@ public sealed class OffloadCallContext
     /// Rents <paramref name="bytes"/> of shared memory from the calling connection, to fill in place
     /// and return from the method as a <see cref="SharedBuffer"/> without a copy.
     /// </summary>
-    public SharedBuffer Rent(int bytes) => _connection.Rent(bytes, CancellationToken);
+    public SharedBuffer Rent(int bytes) => _connection.Rent(bytes, CancellationToken.None);
 }

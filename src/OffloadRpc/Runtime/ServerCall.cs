@@ -18,8 +18,24 @@ public sealed class ServerCall
 
     internal ServerCall(IncomingCall call) => _call = call;
 
-    /// <summary>Fires when the caller cancels or disconnects.</summary>
-    public CancellationToken CancellationToken => _call.CancellationToken;
+    private readonly object _gate = new();
+    private bool _completed;
+    private CancellationToken? _token;
+
+    /// <summary>
+    /// Fires when the caller cancels or disconnects. Created on first use; asked for after the call
+    /// completed (the pooled request behind it may already serve another call) it is a cancelled token.
+    /// </summary>
+    public CancellationToken CancellationToken
+    {
+        get
+        {
+            lock (_gate)
+            {
+                return _completed ? new CancellationToken(canceled: true) : _token ??= _call.CancellationToken;
+            }
+        }
+    }
 
     /// <summary>A reader over the MessagePack body.</summary>
     public MessagePackReader CreateReader() => new(_call.BodyMemory);
@@ -149,6 +165,11 @@ public sealed class ServerCall
     /// <summary>The method has completed: the memory it was lent goes back, and on failure the leases it was given too.</summary>
     internal void Complete(bool faulted)
     {
+        lock (_gate)
+        {
+            _completed = true;
+        }
+
         if (faulted && _moved is not null)
         {
             foreach (SharedBuffer lease in _moved)

@@ -43,7 +43,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
         var serverCall = new ServerCall(call);
         ValueTask task;
         OffloadCallContext? previous = OffloadCallContext.Current;
-        OffloadCallContext.Current = new OffloadCallContext(call.Connection, call.CancellationToken);
+        OffloadCallContext.Current = new OffloadCallContext(call.Connection, serverCall);
         try
         {
             task = stub.InvokeAsync(call.MethodId, serverCall);
