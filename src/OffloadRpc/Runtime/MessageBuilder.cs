@@ -111,7 +111,7 @@ public sealed class MessageBuilder
         }
 
         _rented.Add(buffer);
-        _payloads.Add(OutboundPayload.Copy(buffer.AsMemory(0, length), mode == TransferMode.Auto ? TransferMode.Pipelined : mode, cache));
+        _payloads.Add(OutboundPayload.CopyTransient(buffer.AsMemory(0, length), mode == TransferMode.Auto ? TransferMode.Pipelined : mode, cache));
         return _payloads.Count - 1;
     }
 

@@ -12,7 +12,9 @@ internal sealed unsafe partial class RpcConnection
     /// calls in flight so overlap the copy of one with the service of another. The caller's buffer must
     /// stay unchanged until the call's task completes, as with any asynchronous write.
     /// Taken only for requests whose offloaded payloads are array-backed (they can be pinned for the
-    /// duration); anything else goes through <see cref="Send"/>, which offloads synchronously.
+    /// duration) and whose caller asked for Offload explicitly (Auto keeps the promise that the caller's
+    /// buffer is free when the call returns); anything else goes through <see cref="Send"/>, which
+    /// offloads synchronously.
     /// </summary>
     private bool TrySendOffloaded(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
     {
@@ -30,7 +32,7 @@ internal sealed unsafe partial class RpcConnection
                 return false; // a mix with pipelined payloads: the synchronous path orders them
             }
 
-            if (plan.Mode == TransferMode.Offload && payload.Data.Length >= CopyRoutines.NonTemporalThreshold && MemoryMarshal.TryGetArray(payload.Data, out ArraySegment<byte> _))
+            if (IsAsyncOffload(payload, plan))
             {
                 offloaded++;
             }
@@ -52,7 +54,7 @@ internal sealed unsafe partial class RpcConnection
             throw ClosedException();
         }
 
-        var send = new OffloadedSend(this, call, methodId, body.ToArray(), payloads.Length);
+        var send = new OffloadedSend(this, call, methodId, body.ToArray(), payloads.Length, cancellationToken);
         bool submitted = false;
         try
         {
@@ -80,7 +82,7 @@ internal sealed unsafe partial class RpcConnection
                 send.Allocated.Add((block.Segment, block.Offset));
                 byte* destination = block.Segment.Pointer(block.Offset, data.Length);
                 send.Refs[i] = new PayloadRef { SegmentId = block.Segment.Id, Offset = block.Offset, Length = data.Length };
-                if (lease is null && plan.Mode == TransferMode.Offload && data.Length >= CopyRoutines.NonTemporalThreshold && MemoryMarshal.TryGetArray(payload.Data, out ArraySegment<byte> _))
+                if (lease is null && IsAsyncOffload(payload, plan))
                 {
                     MemoryHandle pin = payload.Data.Pin();
                     send.Pins.Add(pin);
@@ -101,7 +103,8 @@ internal sealed unsafe partial class RpcConnection
                 }
             }
 
-            send.Completion.OnCompleted(static s => ((OffloadedSend)s!).Publish(), send);
+            // Publishing may wait for a ring slot: never on a copy worker (they serve every connection).
+            send.Completion.OnCompleted(static s => ThreadPool.UnsafeQueueUserWorkItem(static o => o.Publish(), (OffloadedSend)s!, preferLocal: false), send);
             WorkerCopyEngine.Shared.Submit(descriptors.AsSpan(0, d), send.Completion);
             submitted = true;
             return true;
@@ -115,20 +118,27 @@ internal sealed unsafe partial class RpcConnection
         }
     }
 
-    /// <summary>A request whose payloads the copy workers are still writing; published by the worker that finishes last.</summary>
+    /// <summary>Only a payload the caller explicitly offloaded, from an array it owns (pinnable for the duration), goes asynchronously.</summary>
+    private static bool IsAsyncOffload(in OutboundPayload payload, TransferPlan plan) =>
+        payload.Mode == TransferMode.Offload && plan.Mode == TransferMode.Offload && !payload.IsTransient
+        && payload.Data.Length >= CopyRoutines.NonTemporalThreshold && MemoryMarshal.TryGetArray(payload.Data, out ArraySegment<byte> _);
+
+    /// <summary>A request whose payloads the copy workers are still writing; published from the thread pool once they are done.</summary>
     private sealed class OffloadedSend
     {
         private readonly RpcConnection _connection;
         private readonly PendingCall _call;
         private readonly int _methodId;
         private readonly byte[] _body;
+        private readonly CancellationToken _cancellationToken;
 
-        public OffloadedSend(RpcConnection connection, PendingCall call, int methodId, byte[] body, int payloadCount)
+        public OffloadedSend(RpcConnection connection, PendingCall call, int methodId, byte[] body, int payloadCount, CancellationToken cancellationToken)
         {
             _connection = connection;
             _call = call;
             _methodId = methodId;
             _body = body;
+            _cancellationToken = cancellationToken;
             Refs = new PayloadRef[payloadCount];
         }
 
@@ -144,7 +154,7 @@ internal sealed unsafe partial class RpcConnection
 
         public CopyCompletion Completion { get; } = new();
 
-        /// <summary>Runs on the copy worker that finished the last byte: reserve a slot, mark the blocks lent, publish.</summary>
+        /// <summary>Runs on the thread pool once the last byte is in place: reserve a slot, mark the blocks lent, publish.</summary>
         public void Publish()
         {
             ReleasePins();
@@ -176,15 +186,31 @@ internal sealed unsafe partial class RpcConnection
             catch (Exception ex)
             {
                 // The caller has gone on: the call fails through its task, and nothing it handed over is lost.
-                Abandon(reattachLeases: true);
-                foreach (SharedBuffer lease in Detached)
+                // Nothing may escape from here (a thread-pool item): every step is guarded.
+                try
                 {
-                    lease.Dispose();
+                    Abandon(reattachLeases: true);
+                    foreach (SharedBuffer lease in Detached)
+                    {
+                        try
+                        {
+                            lease.Dispose();
+                        }
+                        catch (Exception disposeFailure) when (disposeFailure is OffloadRpcException or ObjectDisposedException or InvalidOperationException)
+                        {
+                        }
+                    }
+                }
+                catch (Exception cleanupFailure) when (cleanupFailure is OffloadRpcException or ObjectDisposedException or InvalidOperationException)
+                {
                 }
 
                 _call.FailOnClose(ex is OffloadRpcException ? ex : new PeerDisconnectedException("The request could not be sent: " + ex.Message, ex));
                 return;
             }
+
+            // Armed only now: a cancel sent before the request would reach the server first and be ignored.
+            _call.RegisterCancellation(_cancellationToken);
 
             foreach ((SharedMemorySegment segment, long _) in Allocated)
             {
