@@ -17,6 +17,9 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
 {
     private readonly SocketChannel _channel;
     private readonly TransportOptions _options;
+
+    /// <summary>How long a pipelined payload may make no progress before its sender counts as stuck.</summary>
+    internal TimeSpan StallTimeout => _options.ArenaWaitTimeout;
     private readonly ControlArea _outbound;
     private readonly ControlArea _inbound;
     private readonly PayloadArena _arena;
@@ -149,10 +152,12 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
     {
         try
         {
-            if (!TrySendOffloaded(call, methodId, body, payloads, cancellationToken))
+            if (TrySendOffloaded(call, methodId, body, payloads, cancellationToken))
             {
-                Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
+                return new ValueTask<RpcReply>(call, call.Version); // published (and cancellation armed) once the copy is done
             }
+
+            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
         }
         catch (Exception ex)
         {
