@@ -87,6 +87,38 @@ public sealed class EngineTests
     }
 
     [Fact]
+    public unsafe void A_batch_mixing_an_overlapping_move_and_queued_chunks_completes_only_after_both()
+    {
+        // The overlapping move runs inline on the submitter, before the chunks are queued: the batch's
+        // completion must not fire when that move finishes while the chunks still have to run.
+        using var engine = new WorkerCopyEngine(threads: 1);
+        byte[] scratch = new byte[1 << 20];
+        byte[] source = new byte[8 << 20];
+        Random.Shared.NextBytes(source);
+        byte[] destination = new byte[8 << 20];
+        var completion = new CopyCompletion();
+        bool copiedWhenCompleted = false;
+        fixed (byte* m = scratch)
+        fixed (byte* s = source)
+        fixed (byte* d = destination)
+        {
+            byte* dst = d;
+            byte* src = s;
+            completion.OnCompleted(_ => copiedWhenCompleted = new ReadOnlySpan<byte>(dst, destination.Length).SequenceEqual(new ReadOnlySpan<byte>(src, source.Length)), null);
+            CopyDescriptor[] batch =
+            [
+                CopyDescriptor.Create((nint)m, (nint)(m + 100), 1 << 19, CachePolicy.Inject),
+                CopyDescriptor.Create((nint)s, (nint)d, (ulong)source.Length, CachePolicy.Bypass),
+            ];
+            engine.Submit(batch, completion);
+            completion.Wait();
+        }
+
+        Assert.True(copiedWhenCompleted, "the completion fired before the queued chunks were copied");
+        Assert.True(destination.AsSpan().SequenceEqual(source));
+    }
+
+    [Fact]
     public async Task Thousands_of_hand_offs_to_a_parking_worker_neither_hang_nor_return_early()
     {
         // No spinning: every submission has to wake a parked worker, and one completion record is

@@ -50,21 +50,37 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion)
     {
         ObjectDisposedException.ThrowIf(_stopping, this);
+
+        // Everything the batch will complete is expected before any of it runs: completing an inline
+        // move first would otherwise let the completion fire while the chunks are still queued.
+        int inline = 0;
+        int chunks = 0;
+        foreach (CopyDescriptor descriptor in batch)
+        {
+            if (Overlaps(descriptor))
+            {
+                inline++;
+            }
+            else
+            {
+                chunks += (int)Math.Max(1, (descriptor.Length + ChunkBytes - 1) / ChunkBytes);
+            }
+        }
+
+        if (inline + chunks == 0)
+        {
+            return;
+        }
+
+        completion.Expect(inline + chunks);
         foreach (CopyDescriptor descriptor in batch)
         {
             if (Overlaps(descriptor))
             {
                 // Chunks run in any order on any worker: an overlapping move is done whole, here, as memmove.
-                completion.Expect(1);
                 CpuCopyEngine.Execute(descriptor);
                 completion.Complete();
             }
-        }
-
-        int chunks = 0;
-        foreach (CopyDescriptor descriptor in batch)
-        {
-            chunks += Overlaps(descriptor) ? 0 : (int)Math.Max(1, (descriptor.Length + ChunkBytes - 1) / ChunkBytes);
         }
 
         if (chunks == 0)
@@ -72,7 +88,6 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
             return;
         }
 
-        completion.Expect(chunks);
         foreach (CopyDescriptor descriptor in batch)
         {
             if (Overlaps(descriptor))
