@@ -30,9 +30,15 @@ internal static class TransferPolicy
 
     public static TransferPlan Resolve(long length, TransferMode mode, CachePolicy cache, long pipelineChunkBytes = PipelineChunkBytes)
     {
+        if (mode == TransferMode.Pipelined && length < 2 * pipelineChunkBytes)
+        {
+            mode = TransferMode.Copy; // a single chunk: nothing to overlap (whatever a calibration says)
+        }
+
         if ((mode == TransferMode.Auto || cache == CachePolicy.Auto) && length >= CopyRoutines.NonTemporalThreshold && Calibration.Current is { } calibration)
         {
-            return calibration.Best(length, mode, cache); // measured on this machine: the fastest that fits the request
+            TransferPlan measured = calibration.Best(length, mode, cache); // measured on this machine: the fastest that fits the request
+            return measured.Mode == TransferMode.Pipelined && length < 2 * pipelineChunkBytes ? new TransferPlan(TransferMode.Copy, measured.Cache) : measured;
         }
 
         if (mode == TransferMode.Auto)
@@ -43,11 +49,6 @@ internal static class TransferPolicy
         if (mode is TransferMode.Offload or TransferMode.Hybrid && length < CopyRoutines.NonTemporalThreshold)
         {
             mode = TransferMode.Copy; // nothing to share out
-        }
-
-        if (mode == TransferMode.Pipelined && length < 2 * pipelineChunkBytes)
-        {
-            mode = TransferMode.Copy; // a single chunk: nothing to overlap
         }
 
         if (cache == CachePolicy.Auto)
