@@ -112,6 +112,21 @@ internal static class EvilClient
                 break;
             }
 
+            case "pipelined-stall":
+            {
+                // A pipelined payload whose sender stays alive but stops writing after the first 4 KiB.
+                unsafe
+                {
+                    SharedBuffer lease = connection.Rent(64 << 10);
+                    var header = (PipelineHeader*)(lease.Segment.Base + lease.Offset);
+                    header->Total = 32 << 10;
+                    header->BytesReady = 4096;
+                    RawWriter.WriteMessage(connection, MessageKind.Request, 1, 0, [new PayloadRef { SegmentId = lease.Segment.Id, Flags = PayloadRef.Pipelined, Offset = lease.Offset, Length = 32 << 10 }]);
+                }
+
+                break;
+            }
+
             case "unsealed-segment":
                 RawWriter.SendSegment(connection, 50, 1 << 20, 1 << 20, seals: 0);
                 break;

@@ -45,6 +45,27 @@ public sealed class ProtocolViolationTests
         Assert.Single(server.Listener.Connections);
     }
 
+    [Fact]
+    public async Task A_client_that_stops_writing_a_pipelined_payload_is_disconnected_after_the_stall_timeout()
+    {
+        var failures = new ConcurrentQueue<Exception>();
+        await using var server = new InProcessServer(failures, new TransportOptions { ArenaWaitTimeout = TimeSpan.FromSeconds(1) });
+        await using RpcConnection good = await server.ConnectAsync();
+
+        // The evil process stays alive (no hang-up to notice): only the missing progress can end the wait.
+        await using PeerProcess evil = PeerProcess.Start(["evil-client", server.Endpoint, "pipelined-stall"]);
+        evil.WaitForLine("SENT");
+        string closed = evil.WaitForLine("CLOSED");
+        Assert.Contains("PeerDisconnectedException", closed);
+
+        await Eventually.TrueAsync(() => !failures.IsEmpty, "the server reports the stall");
+        ProtocolViolationException violation = Assert.IsType<ProtocolViolationException>(Assert.Single(failures));
+        Assert.Contains("stalled at 4096 of 32768 bytes", violation.Message);
+
+        using RpcReply reply = await good.CallAsync(1, "still here"u8, default);
+        Assert.True(reply.Body.SequenceEqual("still here"u8));
+    }
+
     [Theory]
     [InlineData("bad-offset-response")]
     [InlineData("corrupt-seq-response")]

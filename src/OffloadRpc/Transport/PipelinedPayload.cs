@@ -62,17 +62,37 @@ internal sealed unsafe class PipelinedPayload
             spinner.SpinOnce(sleep1Threshold: -1);
         }
 
+        // A live sender that stops writing would otherwise park us forever: no progress for the stall
+        // timeout (the arena wait timeout) ends the connection as a protocol violation.
+        TimeSpan stall = _connection.StallTimeout;
+        long stallTicks = stall == Timeout.InfiniteTimeSpan ? long.MaxValue : (long)(stall.TotalSeconds * Stopwatch.Frequency);
+        long lastKnown = _known;
+        long lastProgress = Stopwatch.GetTimestamp();
         while (true)
         {
             int chunks = Volatile.Read(ref _header->ChunksReady);
             Interlocked.Exchange(ref _header->ReceiverWaiting, 1);
-            if (Available() >= bytes)
+            long available = Available();
+            if (available >= bytes)
             {
                 return;
             }
 
             _connection.ThrowIfClosed();
             cancellationToken.ThrowIfCancellationRequested();
+            long now = Stopwatch.GetTimestamp();
+            if (available != lastKnown)
+            {
+                lastKnown = available;
+                lastProgress = now;
+            }
+            else if (now - lastProgress > stallTicks)
+            {
+                var violation = new ProtocolViolationException($"Protocol violation by peer process {_connection.Peer.ProcessId}: a pipelined payload stalled at {available} of {_length} bytes for {stall.TotalSeconds:0.#} s.");
+                _connection.Terminate(violation);
+                throw violation;
+            }
+
             LinuxNative.FutexWait(&_header->ChunksReady, chunks, 50);
         }
     }
@@ -125,12 +145,23 @@ internal sealed unsafe class PipelinedPayloadStream : Stream
             return 0;
         }
 
-        _progress.WaitFor(_position + 1, _cancellationToken);
-        long available = _progress.Available() - _position;
-        int count = (int)Math.Min(buffer.Length, available);
-        new ReadOnlySpan<byte>(_data + _position, count).CopyTo(buffer);
-        _position += count;
-        return count;
+        // A Dispose on another thread may drop the stream's own mapping reference mid-read: hold one
+        // for the read so the block cannot be unmapped under us.
+        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+
+        try
+        {
+            _progress.WaitFor(_position + 1, _cancellationToken);
+            long available = _progress.Available() - _position;
+            int count = (int)Math.Min(buffer.Length, available);
+            new ReadOnlySpan<byte>(_data + _position, count).CopyTo(buffer);
+            _position += count;
+            return count;
+        }
+        finally
+        {
+            _segment.Release();
+        }
     }
 
     public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) =>
