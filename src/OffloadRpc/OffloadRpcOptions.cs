@@ -17,7 +17,11 @@ public sealed class OffloadRpcOptions
     /// <summary>The most shared memory one direction of a connection may hold.</summary>
     public long MaxArenaBytes { get; set; } = 2L << 30;
 
-    /// <summary>How long a call waits for shared memory to be released before <see cref="ArenaExhaustedException"/>.</summary>
+    /// <summary>
+    /// How long a call waits for shared memory to be released before <see cref="ArenaExhaustedException"/>;
+    /// also how long a pipelined payload may make no progress before its sender is disconnected with
+    /// <see cref="ProtocolViolationException"/>.
+    /// </summary>
     public TimeSpan ArenaWaitTimeout { get; set; } = TimeSpan.FromSeconds(30);
 
     /// <summary>How long connecting and the handshake may take.</summary>
