@@ -127,6 +127,9 @@ public sealed class TransferModeTests : IAsyncLifetime
         try
         {
             Assert.Equal(new TransferPlan(TransferMode.Hybrid, CachePolicy.Bypass), TransferPolicy.Resolve(80 << 20, TransferMode.Auto, CachePolicy.Auto));
+            // A pipelined payload of a single chunk has nothing to overlap, calibration or not.
+            Assert.Equal(TransferMode.Copy, TransferPolicy.Resolve(1 << 20, TransferMode.Pipelined, CachePolicy.Auto).Mode);
+            Assert.Equal(TransferMode.Pipelined, TransferPolicy.Resolve(4 << 20, TransferMode.Pipelined, CachePolicy.Auto).Mode);
         }
         finally
         {
