@@ -95,10 +95,12 @@ public sealed class MessageBuilder
         {
             if (length == buffer.Length)
             {
-                byte[] larger = ArrayPool<byte>.Shared.Rent(checked(buffer.Length * 2));
-                buffer.AsSpan(0, length).CopyTo(larger);
-                ArrayPool<byte>.Shared.Return(buffer);
-                buffer = larger;
+                if (stream.CanSeek && stream.Position >= stream.Length)
+                {
+                    break; // filled exactly (pooled sizes are powers of two): no larger buffer, no copy
+                }
+
+                Grow(ref buffer, length, length + 1);
             }
 
             int read = stream.Read(buffer, length, buffer.Length - length);
@@ -110,9 +112,7 @@ public sealed class MessageBuilder
             length += read;
         }
 
-        _rented.Add(buffer);
-        _payloads.Add(OutboundPayload.CopyTransient(buffer.AsMemory(0, length), mode == TransferMode.Auto ? TransferMode.Pipelined : mode, cache));
-        return _payloads.Count - 1;
+        return AddPooled(buffer, length, mode, cache);
     }
 
     /// <summary>Adds the chunks of <paramref name="chunks"/> as one pipelined payload (null gives -1); enumerated here, on the calling thread.</summary>
@@ -123,14 +123,42 @@ public sealed class MessageBuilder
             return -1;
         }
 
-        using var collected = new MemoryStream();
+        byte[] buffer = ArrayPool<byte>.Shared.Rent(4096);
+        int length = 0;
         foreach (ReadOnlyMemory<byte> chunk in chunks.ToBlockingEnumerable())
         {
-            collected.Write(chunk.Span);
+            if (chunk.Length > buffer.Length - length)
+            {
+                Grow(ref buffer, length, checked(length + chunk.Length));
+            }
+
+            chunk.Span.CopyTo(buffer.AsSpan(length));
+            length += chunk.Length;
         }
 
-        collected.Position = 0;
-        return AddStream(collected, mode, cache);
+        return AddPooled(buffer, length, mode, cache);
+    }
+
+    /// <summary>Moves the first <paramref name="length"/> bytes into a pooled buffer of at least <paramref name="needed"/> (doubling).</summary>
+    private static void Grow(ref byte[] buffer, int length, int needed)
+    {
+        if (needed > TransportProtocol.MaxPayloadLength)
+        {
+            throw new ArgumentException($"A streamed argument is larger than the {TransportProtocol.MaxPayloadLength}-byte payload limit.");
+        }
+
+        byte[] larger = ArrayPool<byte>.Shared.Rent((int)Math.Min(Math.Max((long)buffer.Length * 2, needed), TransportProtocol.MaxPayloadLength));
+        buffer.AsSpan(0, length).CopyTo(larger);
+        ArrayPool<byte>.Shared.Return(buffer);
+        buffer = larger;
+    }
+
+    /// <summary>A pooled buffer the builder returns after the call: its bytes are copied before the call returns (Auto means Pipelined).</summary>
+    private int AddPooled(byte[] buffer, int length, TransferMode mode, CachePolicy cache)
+    {
+        _rented.Add(buffer);
+        _payloads.Add(OutboundPayload.CopyTransient(buffer.AsMemory(0, length), mode == TransferMode.Auto ? TransferMode.Pipelined : mode, cache));
+        return _payloads.Count - 1;
     }
 
     /// <summary>Adds a lease whose ownership moves with the message (null gives -1).</summary>
