@@ -96,12 +96,18 @@ internal static class Calibration
     {
         get
         {
+            // Read per payload by the Auto policy: after the first load, no lock (the flag is written after the value).
+            if (Volatile.Read(ref s_triedLoad))
+            {
+                return Volatile.Read(ref s_loaded);
+            }
+
             lock (s_lock)
             {
                 if (!s_triedLoad)
                 {
-                    s_triedLoad = true;
                     s_loaded = TryLoad();
+                    Volatile.Write(ref s_triedLoad, true);
                 }
 
                 return s_loaded;
@@ -136,8 +142,8 @@ internal static class Calibration
         File.Move(temporary, path, overwrite: true);
         lock (s_lock)
         {
-            s_loaded = result;
-            s_triedLoad = true;
+            Volatile.Write(ref s_loaded, result);
+            Volatile.Write(ref s_triedLoad, true);
         }
     }
 
@@ -146,8 +152,8 @@ internal static class Calibration
     {
         lock (s_lock)
         {
-            s_loaded = result;
-            s_triedLoad = true;
+            Volatile.Write(ref s_loaded, result);
+            Volatile.Write(ref s_triedLoad, true);
         }
     }
 
