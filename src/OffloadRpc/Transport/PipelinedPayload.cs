@@ -41,22 +41,24 @@ internal sealed unsafe class PipelinedPayload
         return ready;
     }
 
-    /// <summary>Waits until at least <paramref name="bytes"/> are in place.</summary>
-    public void WaitFor(long bytes, CancellationToken cancellationToken)
+    /// <summary>Waits until at least <paramref name="bytes"/> are in place; returns how many are (validated).</summary>
+    public long WaitFor(long bytes, CancellationToken cancellationToken)
     {
         bytes = Math.Min(bytes, _length);
-        if (Available() >= bytes)
+        long available = Available();
+        if (available >= bytes)
         {
-            return;
+            return available;
         }
 
         var spinner = new SpinWait();
         long spinUntil = Stopwatch.GetTimestamp() + Stopwatch.Frequency / 20_000; // 50 us
         while (Stopwatch.GetTimestamp() < spinUntil)
         {
-            if (Available() >= bytes)
+            available = Available();
+            if (available >= bytes)
             {
-                return;
+                return available;
             }
 
             spinner.SpinOnce(sleep1Threshold: -1);
@@ -72,10 +74,10 @@ internal sealed unsafe class PipelinedPayload
         {
             int chunks = Volatile.Read(ref _header->ChunksReady);
             Interlocked.Exchange(ref _header->ReceiverWaiting, 1);
-            long available = Available();
+            available = Available();
             if (available >= bytes)
             {
-                return;
+                return available;
             }
 
             _connection.ThrowIfClosed();
@@ -151,8 +153,7 @@ internal sealed unsafe class PipelinedPayloadStream : Stream
 
         try
         {
-            _progress.WaitFor(_position + 1, _cancellationToken);
-            long available = _progress.Available() - _position;
+            long available = _progress.WaitFor(_position + 1, _cancellationToken) - _position;
             int count = (int)Math.Min(buffer.Length, available);
             new ReadOnlySpan<byte>(_data + _position, count).CopyTo(buffer);
             _position += count;
