@@ -63,6 +63,7 @@ public sealed class ConcurrencyTests
 
         int[] results = await Task.WhenAll(calls).WaitAsync(TimeSpan.FromMinutes(2));
         Assert.Equal(200, results.Length);
+        Assert.All(results, length => Assert.Equal(0, length)); // each got its own (empty) Sleep reply, not another call's
     }
 
     [Fact]

@@ -17,10 +17,10 @@ internal readonly record struct TransferPlan(TransferMode Mode, CachePolicy Cach
 /// </summary>
 internal static class TransferPolicy
 {
-    /// <summary>Below this a hand-off to another thread costs more than the copy it saves.</summary>
     /// <summary>The chunk a pipelined payload is written and published in.</summary>
     public const long PipelineChunkBytes = 1 << 20;
 
+    /// <summary>Below this a hand-off to another thread costs more than the copy it saves.</summary>
     public const long OffloadCrossoverBytes = 4 << 20; // measured here: at 1 MiB a hand-off costs more than half the copy
 
     private static readonly Lazy<long> s_lastLevelCache = new(ReadLastLevelCacheBytes);

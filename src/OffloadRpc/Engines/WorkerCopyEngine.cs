@@ -36,8 +36,6 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     /// <summary>The process-wide engine (one thread per core but one, at most four), started on first use.</summary>
     public static WorkerCopyEngine Shared => s_shared.Value;
 
-    public static bool IsSharedCreated => s_shared.IsValueCreated;
-
     public string Name => "worker";
 
     public int ThreadCount => _threads.Length;

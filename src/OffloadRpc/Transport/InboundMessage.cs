@@ -100,13 +100,6 @@ internal abstract class InboundMessage
         }
     }
 
-    /// <summary>True when payload <paramref name="index"/> is still arriving chunk by chunk.</summary>
-    public bool IsPipelined(int index)
-    {
-        ValidateIndex(index);
-        return _payloads[index].Pipelined;
-    }
-
     /// <summary>
     /// Takes payload <paramref name="index"/> as a read-only stream. For a pipelined payload a read
     /// returns as soon as bytes land, so the reader starts on the first chunk while the rest moves.

@@ -181,11 +181,6 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         return new ValueTask<RpcReply>(call, call.Version);
     }
 
-    /// <summary>
-    /// Tells the server a call was cancelled. Never blocks the cancelling thread (it may be a timer or
-    /// the receive thread): when the ring is full the cancel waits in a queue flushed by later sends
-    /// and by the receive thread.
-    /// </summary>
     /// <summary>Gives back the leases of a call that will not be sent (Dispose is a no-op on a lease already gone).</summary>
     private static void DisposeLeases(ReadOnlySpan<OutboundPayload> payloads)
     {
@@ -201,6 +196,11 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
         }
     }
 
+    /// <summary>
+    /// Tells the server a call was cancelled. Never blocks the cancelling thread (it may be a timer or
+    /// the receive thread): when the ring is full the cancel waits in a queue flushed by later sends
+    /// and by the receive thread.
+    /// </summary>
     internal void TrySendCancel(ulong callId)
     {
         _pendingCancels.Enqueue(callId);
