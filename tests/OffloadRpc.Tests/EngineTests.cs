@@ -98,13 +98,20 @@ public sealed class EngineTests
         byte[] destination = new byte[8 << 20];
         var completion = new CopyCompletion();
         bool copiedWhenCompleted = false;
+        using var continuationRan = new ManualResetEventSlim();
         fixed (byte* m = scratch)
         fixed (byte* s = source)
         fixed (byte* d = destination)
         {
             byte* dst = d;
             byte* src = s;
-            completion.OnCompleted(_ => copiedWhenCompleted = new ReadOnlySpan<byte>(dst, destination.Length).SequenceEqual(new ReadOnlySpan<byte>(src, source.Length)), null);
+            completion.OnCompleted(
+                _ =>
+                {
+                    copiedWhenCompleted = new ReadOnlySpan<byte>(dst, destination.Length).SequenceEqual(new ReadOnlySpan<byte>(src, source.Length));
+                    continuationRan.Set();
+                },
+                null);
             CopyDescriptor[] batch =
             [
                 CopyDescriptor.Create((nint)m, (nint)(m + 100), 1 << 19, CachePolicy.Inject),
@@ -112,6 +119,9 @@ public sealed class EngineTests
             ];
             engine.Submit(batch, completion);
             completion.Wait();
+
+            // The waiter can see the count reach zero before the continuation that follows it has run.
+            Assert.True(continuationRan.Wait(TimeSpan.FromMinutes(1)), "the completion never fired");
         }
 
         Assert.True(copiedWhenCompleted, "the completion fired before the queued chunks were copied");
