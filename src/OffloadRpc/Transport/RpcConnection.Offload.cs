@@ -170,18 +170,7 @@ internal sealed unsafe partial class RpcConnection
                     }
                 }
 
-                MessageHeader* header = (MessageHeader*)slot;
-                header->CallId = _call.CallId;
-                header->Kind = MessageKind.Request;
-                header->Flags = MessageFlags.None;
-                header->MethodId = _methodId;
-                header->BodyLength = _body.Length;
-                header->PayloadCount = (ushort)Refs.Length;
-                header->Reserved = 0;
-                Refs.AsSpan().CopyTo(new Span<PayloadRef>(slot + MessageHeader.Size, Refs.Length));
-                _body.CopyTo(new Span<byte>(slot + MessageHeader.Size + (Refs.Length * PayloadRef.Size), _body.Length));
-                c._outbound.Messages.Publish(position);
-                SharedWait.Wake(c._outbound.ConsumerWake);
+                c.WriteAndPublish(slot, position, MessageKind.Request, _call.CallId, _methodId, MessageFlags.None, Refs, _body);
             }
             catch (Exception ex)
             {

@@ -225,16 +225,7 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
                 }
 
                 _pendingCancels.TryDequeue(out _);
-                MessageHeader* header = (MessageHeader*)slot;
-                header->CallId = callId;
-                header->Kind = MessageKind.Cancel;
-                header->Flags = MessageFlags.None;
-                header->MethodId = 0;
-                header->BodyLength = 0;
-                header->PayloadCount = 0;
-                header->Reserved = 0;
-                _outbound.Messages.Publish(position);
-                SharedWait.Wake(_outbound.ConsumerWake);
+                WriteAndPublish(slot, position, MessageKind.Cancel, callId, 0, MessageFlags.None, [], []);
             }
         }
         catch (ProtocolViolationException ex)
@@ -333,23 +324,8 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
                 }
             }
 
-            MessageHeader* header = (MessageHeader*)slot;
-            header->CallId = callId;
-            header->Kind = kind;
-            header->Flags = bodyInPayload ? MessageFlags.BodyInPayload : MessageFlags.None;
-            header->MethodId = methodId;
-            header->BodyLength = bodyInPayload ? 0 : body.Length;
-            header->PayloadCount = (ushort)r;
-            header->Reserved = 0;
-            refs[..r].CopyTo(new Span<PayloadRef>(slot + MessageHeader.Size, r));
-            if (!bodyInPayload)
-            {
-                body.CopyTo(new Span<byte>(slot + MessageHeader.Size + r * PayloadRef.Size, body.Length));
-            }
-
-            _outbound.Messages.Publish(position);
+            WriteAndPublish(slot, position, kind, callId, methodId, bodyInPayload ? MessageFlags.BodyInPayload : MessageFlags.None, refs[..r], bodyInPayload ? default : body);
             published = true;
-            SharedWait.Wake(_outbound.ConsumerWake);
 
             // Pipelined payloads: the receiver already has the message and follows the progress word.
             for (int d = 0; d < deferredCount; d++)
@@ -839,6 +815,22 @@ internal sealed unsafe partial class RpcConnection : IArenaPeer, ILeaseHost, IAs
     internal void WakePeerConsumer() => SharedWait.WakeUnconditionally(_outbound.ConsumerWake);
 
     /// <summary>Test hook: publishes a slot written by hand and wakes the peer.</summary>
+    /// <summary>The one place a message is laid out in a reserved slot: header, payload references, inline body; then published and the receiver woken.</summary>
+    private void WriteAndPublish(byte* slot, long position, MessageKind kind, ulong callId, int methodId, MessageFlags flags, ReadOnlySpan<PayloadRef> refs, ReadOnlySpan<byte> body)
+    {
+        MessageHeader* header = (MessageHeader*)slot;
+        header->CallId = callId;
+        header->Kind = kind;
+        header->Flags = flags;
+        header->MethodId = methodId;
+        header->BodyLength = body.Length;
+        header->PayloadCount = (ushort)refs.Length;
+        header->Reserved = 0;
+        refs.CopyTo(new Span<PayloadRef>(slot + MessageHeader.Size, refs.Length));
+        body.CopyTo(new Span<byte>(slot + MessageHeader.Size + (refs.Length * PayloadRef.Size), body.Length));
+        PublishRawSlot(position);
+    }
+
     internal void PublishRawSlot(long position)
     {
         _outbound.Messages.Publish(position);
