@@ -103,10 +103,10 @@ internal static class Handshake
             outbound.Segment.CloseDescriptor();
             foreach (ContractDescriptor contract in contracts)
             {
-                if (Mismatch(served.Select(s => new ContractDescriptor(s.Key, s.Value)).ToArray(), contract.Name, contract.Hash, "this client was built against", "the server implements") is { } mismatch)
+                if (served.TryGetValue(contract.Name, out ulong servedHash) && servedHash != contract.Hash)
                 {
                     inbound.Segment.Release();
-                    throw new ContractMismatchException(mismatch) { ServiceName = contract.Name };
+                    throw new ContractMismatchException(MismatchMessage(contract.Name, contract.Hash, "this client was built against", servedHash, "the server implements")) { ServiceName = contract.Name };
                 }
             }
 
@@ -324,12 +324,15 @@ internal static class Handshake
         {
             if (contract.Name == name && contract.Hash != hash)
             {
-                return $"Contract mismatch for '{name}': {clientSide} contract {hash:x16}, {serverSide} {contract.Hash:x16}. Rebuild both sides against the same interface.";
+                return MismatchMessage(name, hash, clientSide, contract.Hash, serverSide);
             }
         }
 
         return null;
     }
+
+    private static string MismatchMessage(string name, ulong hash, string clientSide, ulong servedHash, string serverSide) =>
+        $"Contract mismatch for '{name}': {clientSide} contract {hash:x16}, {serverSide} {servedHash:x16}. Rebuild both sides against the same interface.";
 
     private static byte[] EncodeHello(TransportOptions options, IReadOnlyList<ContractDescriptor> contracts) => EncodeContracts(options, contracts, withGeometry: true);
 
