@@ -20,7 +20,7 @@ public sealed unsafe class SharedBuffer : IDisposable
     private readonly long _offset;
     private readonly int _length;
     private int _state; // 0 live, 1 disposed or moved
-    private Manager? _manager;
+    private Manager<byte>? _manager;
 
     internal SharedBuffer(ILeaseHost host, SharedMemorySegment segment, long offset, int length, bool ownedBySender, long? blockOffset = null)
     {
@@ -42,7 +42,7 @@ public sealed unsafe class SharedBuffer : IDisposable
         get
         {
             ThrowIfGone();
-            return (_manager ??= new Manager(this)).Memory;
+            return (_manager ??= new Manager<byte>(this)).Memory;
         }
     }
 
@@ -110,7 +110,7 @@ public sealed unsafe class SharedBuffer : IDisposable
             throw new ProtocolViolationException($"A payload of {_length} bytes is not a whole number of {typeof(T).Name} ({size} bytes each).");
         }
 
-        return new TypedManager<T>(this).Memory;
+        return new Manager<T>(this).Memory;
     }
 
     /// <summary>Undoes <see cref="TryDetach"/> when the send that detached the lease failed.</summary>
@@ -129,45 +129,24 @@ public sealed unsafe class SharedBuffer : IDisposable
 
     public override string ToString() => $"SharedBuffer({_length} bytes, segment {_segment.Id} +{_offset}{(IsValid ? string.Empty : ", gone")})";
 
-    private sealed class TypedManager<T> : MemoryManager<T>
+    private sealed class Manager<T> : MemoryManager<T>
         where T : unmanaged
-    {
-        private readonly SharedBuffer _owner;
-
-        public TypedManager(SharedBuffer owner) => _owner = owner;
-
-        public override Span<T> GetSpan() => System.Runtime.InteropServices.MemoryMarshal.Cast<byte, T>(_owner.Span);
-
-        public override MemoryHandle Pin(int elementIndex = 0)
-        {
-            _owner.ThrowIfGone();
-            ObjectDisposedException.ThrowIf(!_owner._segment.TryAddReference(), _owner);
-            return new MemoryHandle(_owner._segment.Base + _owner._offset + ((long)elementIndex * System.Runtime.CompilerServices.Unsafe.SizeOf<T>()), default, this);
-        }
-
-        public override void Unpin() => _owner._segment.Release();
-
-        protected override void Dispose(bool disposing)
-        {
-        }
-    }
-
-    private sealed class Manager : MemoryManager<byte>
     {
         private readonly SharedBuffer _owner;
 
         public Manager(SharedBuffer owner) => _owner = owner;
 
-        public override Span<byte> GetSpan() => _owner.Span;
+        public override Span<T> GetSpan() => System.Runtime.InteropServices.MemoryMarshal.Cast<byte, T>(_owner.Span);
 
         /// <summary>Pins keep the mapping alive (not the lease): I/O on a pinned Memory cannot outlive the memory.</summary>
         public override MemoryHandle Pin(int elementIndex = 0)
         {
             _owner.ThrowIfGone();
-            ArgumentOutOfRangeException.ThrowIfGreaterThan((uint)elementIndex, (uint)_owner._length, nameof(elementIndex));
+            int size = System.Runtime.CompilerServices.Unsafe.SizeOf<T>();
+            ArgumentOutOfRangeException.ThrowIfGreaterThan((uint)elementIndex, (uint)(_owner._length / size), nameof(elementIndex));
             ObjectDisposedException.ThrowIf(!_owner._segment.TryAddReference(), _owner);
 
-            return new MemoryHandle(_owner._segment.Base + _owner._offset + elementIndex, default, this);
+            return new MemoryHandle(_owner._segment.Base + _owner._offset + ((long)elementIndex * size), default, this);
         }
 
         public override void Unpin() => _owner._segment.Release();
