@@ -202,6 +202,28 @@ public sealed class RoundTripTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_received_lease_keeps_its_bytes_after_its_connection_is_disposed()
+    {
+        byte[] body = new byte[12];
+        BinaryPrimitives.WriteInt32LittleEndian(body, 1 << 20);
+        BinaryPrimitives.WriteUInt64LittleEndian(body.AsSpan(4), 77);
+        byte[] expected = new byte[1 << 20];
+        Checksum64.Fill(expected, 77);
+
+        SharedBuffer lease;
+        await using (RpcConnection connection = await _server.ConnectAsync())
+        {
+            using RpcReply reply = await connection.CallAsync(PeerMethods.RentAndReturn, body, default);
+            lease = reply.TakePayload(0);
+        }
+
+        // The connection and its arena are gone; the mapping the lease holds is not.
+        Assert.True(lease.Span.SequenceEqual(expected));
+        lease.Dispose(); // giving it back to a closed connection is quiet
+        Assert.False(lease.IsValid);
+    }
+
+    [Fact]
     public async Task A_disposed_lease_cannot_be_sent_and_the_failed_send_loses_nothing()
     {
         SharedBuffer lease = _connection.Rent(64);
