@@ -16,6 +16,24 @@ internal static unsafe partial class PingPong
 
     private const int Size = 4096;
 
+    private const int PartnerReadyCpuOffset = 256;
+
+    private const int PartnerDoneCpuOffset = 264;
+
+    private const int CLOCK_PROCESS_CPUTIME_ID = 2;
+
+    [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "clock_gettime")]
+    private static partial int ClockGetTime(int clock, out Timespec time);
+
+    private struct Timespec
+    {
+        public long Seconds;
+        public long Nanoseconds;
+    }
+
+    /// <summary>This process's CPU time (all threads) in nanoseconds.</summary>
+    public static long ProcessCpuNanoseconds() => ClockGetTime(CLOCK_PROCESS_CPUTIME_ID, out Timespec t) == 0 ? (t.Seconds * 1_000_000_000) + t.Nanoseconds : 0;
+
     /// <summary>Runs the partner side: echoes every ping until told to stop (ping = -1).</summary>
     public static int RunPartner(int parentPid, int fd)
     {
@@ -29,6 +47,7 @@ internal static unsafe partial class PingPong
         byte* map = (byte*)LinuxNative.Mmap(0, Size, LinuxNative.PROT_READ | LinuxNative.PROT_WRITE, LinuxNative.MAP_SHARED, local, 0);
         long* ping = (long*)map;
         long* pong = (long*)(map + 128);
+        *(long*)(map + PartnerReadyCpuOffset) = ProcessCpuNanoseconds(); // published by the release write below
         Volatile.Write(ref *pong, -2); // ready
         long last = 0;
         while (true)
@@ -42,6 +61,7 @@ internal static unsafe partial class PingPong
 
             if (value < 0)
             {
+                Volatile.Write(ref *(long*)(map + PartnerDoneCpuOffset), ProcessCpuNanoseconds()); // read by Measure once this process has exited
                 return 0;
             }
 
@@ -51,8 +71,16 @@ internal static unsafe partial class PingPong
     }
 
     /// <summary>Measures round trips; returns per-round-trip nanoseconds for each batch. <paramref name="startPartner"/> starts <see cref="RunPartner"/> in another process, given this process's id and the memfd.</summary>
-    public static double[] Measure(int batches, int perBatch, Func<int, int, Process> startPartner)
+    public static double[] Measure(int batches, int perBatch, Func<int, int, Process> startPartner) => Measure(batches, perBatch, startPartner, out _);
+
+    /// <summary>
+    /// As <see cref="Measure(int, int, Func{int, int, Process})"/>; also gives the CPU time both processes
+    /// spent from the partner's start signal to its stop (warm-up batches included), and the number of
+    /// round trips in that span. The partner's part is -1 if it did not report it.
+    /// </summary>
+    public static double[] Measure(int batches, int perBatch, Func<int, int, Process> startPartner, out PingPongCpu cpu)
     {
+        cpu = new PingPongCpu(0, -1, 0);
         int fd = LinuxNative.MemfdCreate("offloadrpc-pingpong", 0);
         LinuxNative.Ftruncate(fd, Size);
         byte* map = (byte*)LinuxNative.Mmap(0, Size, LinuxNative.PROT_READ | LinuxNative.PROT_WRITE, LinuxNative.MAP_SHARED, fd, 0);
@@ -73,6 +101,7 @@ internal static unsafe partial class PingPong
             }
 
             long counter = 0;
+            long clientCpuStart = ProcessCpuNanoseconds();
             var results = new double[batches];
             for (int b = -10; b < batches; b++)
             {
@@ -94,7 +123,15 @@ internal static unsafe partial class PingPong
             }
 
             Volatile.Write(ref *ping, -1);
-            partner.WaitForExit(10_000);
+            long clientCpu = ProcessCpuNanoseconds() - clientCpuStart;
+            long partnerCpu = -1;
+            if (partner.WaitForExit(10_000) && partner.ExitCode == 0)
+            {
+                partnerCpu = Volatile.Read(ref *(long*)(map + PartnerDoneCpuOffset)) - Volatile.Read(ref *(long*)(map + PartnerReadyCpuOffset));
+            }
+
+            cpu = new PingPongCpu(clientCpu, partnerCpu, counter);
+
             return results;
         }
         finally
@@ -110,3 +147,5 @@ internal static unsafe partial class PingPong
     }
 }
 
+/// <summary>CPU time of both ping-pong processes over <see cref="RoundTrips"/> round trips (nanoseconds; the partner's is -1 if unknown).</summary>
+internal readonly record struct PingPongCpu(long ClientNanoseconds, long PartnerNanoseconds, long RoundTrips);
