@@ -1,0 +1,119 @@
+using System.Globalization;
+using OffloadRpc;
+using OffloadRpc.Cli;
+using OffloadRpc.PeerBench;
+using Spectre.Console;
+
+// The peer benchmark:
+//   dotnet run -c Release --project tests/OffloadRpc.PeerBench -- [--quick] [--json FILE] [--plot FILE.png]
+// With no role argument this is the client: it starts one server process per system, checks every
+// system's results against a local reference, then measures. --serve and --pingpong-partner are the
+// roles of the processes it starts.
+if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
+{
+    switch (args)
+    {
+        case ["--serve", string kind, string endpoint]:
+            return await Servers.RunAsync(kind, endpoint);
+        case ["--pingpong-partner", string pid, string fd]:
+            return PingPong.RunPartner(int.Parse(pid, CultureInfo.InvariantCulture), int.Parse(fd, CultureInfo.InvariantCulture));
+        default:
+            Console.Error.WriteLine($"Started as a child ({ServerProcess.RoleVariable} is set) with unexpected arguments: {string.Join(' ', args)}");
+            return 2;
+    }
+}
+
+const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]";
+Settings settings = Settings.Full;
+string? json = null;
+string? plot = null;
+for (int i = 0; i < args.Length; i++)
+{
+    switch (args[i])
+    {
+        case "--quick":
+            settings = Settings.QuickRun with { Systems = settings.Systems };
+            break;
+        case "--json" when i + 1 < args.Length:
+            json = args[++i];
+            break;
+        case "--plot" when i + 1 < args.Length:
+            plot = args[++i];
+            break;
+        case "--systems" when i + 1 < args.Length:
+            string[] systems = args[++i].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            if (systems.FirstOrDefault(s => !Settings.AllSystems.Contains(s)) is { } unknown)
+            {
+                Console.Error.WriteLine($"unknown system '{unknown}'; the systems are {string.Join(", ", Settings.AllSystems)}");
+                return 2;
+            }
+
+            settings = settings with { Systems = systems };
+            break;
+        case "--sizes" when i + 1 < args.Length:
+            long[] sizes = args[++i].Split(',', StringSplitOptions.RemoveEmptyEntries).Select(s => long.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out long n) ? n : -1).ToArray();
+            if (sizes.Length == 0 || sizes.Any(n => n is < 1 or > 1L << 30))
+            {
+                Console.Error.WriteLine("--sizes takes a comma-separated list of byte counts from 1 to 1073741824");
+                return 2;
+            }
+
+            settings = settings with { Sizes = sizes };
+            break;
+        case "--cell-ms" when i + 1 < args.Length && int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int cellMs) && cellMs > 0:
+            i++;
+            settings = settings with { Cell = TimeSpan.FromMilliseconds(cellMs), CellWarmup = TimeSpan.FromMilliseconds(cellMs / 5.0), SystemWarmup = TimeSpan.FromMilliseconds(cellMs * 2) };
+            break;
+        case "--spin-us" when i + 1 < args.Length && int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int spinMicroseconds):
+            i++;
+            settings = settings with { SpinBudget = TimeSpan.FromMicroseconds(spinMicroseconds) };
+            break;
+        case "-h" or "--help":
+            Console.WriteLine(Usage);
+            return 0;
+        default:
+            Console.Error.WriteLine($"unknown or incomplete argument '{args[i]}'; {Usage}");
+            return 2;
+    }
+}
+
+if (Console.IsOutputRedirected && AnsiConsole.Profile.Width < 160)
+{
+    AnsiConsole.Profile.Width = 160; // a log file has no terminal width: one line per row
+}
+
+AnsiConsole.MarkupLine($"[bold]OffloadRpc peer benchmark[/] ({(settings.Quick ? "quick" : "full")} run): {Markup.Escape(Runner.Describe(settings))}");
+var clock = System.Diagnostics.Stopwatch.StartNew();
+List<ResultRow> rows;
+try
+{
+    await using var runner = new Runner(settings);
+    rows = await runner.RunAsync();
+}
+catch (Exception ex)
+{
+    AnsiConsole.MarkupLine($"[red]FAILED[/] {Markup.Escape(ex.GetType().Name)}: {Markup.Escape(ex.Message)}");
+    if (ex is not (OffloadRpcException or TimeoutException or InvalidDataException))
+    {
+        Console.Error.WriteLine(ex);
+    }
+
+    return 1;
+}
+
+Report.Table(rows, "one call at a time, client process -> server process, same machine");
+Report.Targets(rows);
+AnsiConsole.MarkupLine($"measured in {clock.Elapsed.TotalSeconds:0} s");
+if (json is not null)
+{
+    await Report.WriteJsonAsync(rows, json);
+    AnsiConsole.MarkupLine($"wrote {Markup.Escape(json)}");
+}
+
+if (plot is not null)
+{
+    Report.Plot(rows, plot);
+    AnsiConsole.MarkupLine($"wrote {Markup.Escape(plot)}");
+}
+
+return 0;

@@ -1,0 +1,190 @@
+using System.Net.Sockets;
+using Grpc.Core;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using OffloadRpc.PeerBench.Grpc;
+using StreamJsonRpc;
+
+namespace OffloadRpc.PeerBench;
+
+/// <summary>
+/// The server process of each system: serves the three operations, prints <c>READY</c> on stdout,
+/// and serves until its stdin closes (the client closes it, or dies).
+/// </summary>
+internal static class Servers
+{
+    /// <summary>
+    /// HTTP/2 flow-control window per stream for gRPC, both sides: the largest SocketsHttpHandler
+    /// accepts (16 MiB), instead of 64 KiB (client) and 768 KiB (Kestrel), so that a large message does
+    /// not stop for a window update every few hundred KiB.
+    /// </summary>
+    public const int Http2WindowBytes = 16 << 20;
+
+    public static async Task<int> RunAsync(string kind, string endpoint)
+    {
+        switch (kind)
+        {
+            case "offloadrpc":
+            {
+                TimeSpan? spin = double.TryParse(Environment.GetEnvironmentVariable(ServerProcess.SpinVariable), System.Globalization.CultureInfo.InvariantCulture, out double microseconds) ? TimeSpan.FromMicroseconds(microseconds) : null;
+                await using var server = new OffloadRpcServer(endpoint, OffloadOptions(spin));
+                server.Register<IPeerBenchService>(new OffloadService());
+                server.ConnectionFailed += ex => Console.Error.WriteLine($"peerbench server: a client failed: {ex.GetType().Name}: {ex.Message}");
+                await server.StartAsync();
+                return await ServeUntilStdinClosesAsync();
+            }
+
+            case "grpc":
+            {
+                WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+                builder.Logging.ClearProviders();
+                builder.Logging.AddConsole(o => o.LogToStandardErrorThreshold = LogLevel.Warning).SetMinimumLevel(LogLevel.Warning);
+                builder.WebHost.ConfigureKestrel(kestrel =>
+                {
+                    kestrel.ListenUnixSocket(endpoint, listen => listen.Protocols = HttpProtocols.Http2);
+                    kestrel.Limits.MaxRequestBodySize = null;
+                    kestrel.Limits.Http2.InitialConnectionWindowSize = 2 * Http2WindowBytes;
+                    kestrel.Limits.Http2.InitialStreamWindowSize = Http2WindowBytes;
+                });
+                builder.Services.AddGrpc(options =>
+                {
+                    options.MaxReceiveMessageSize = null; // default 4 MB
+                    options.MaxSendMessageSize = null;
+                });
+                await using WebApplication app = builder.Build();
+                app.MapGrpcService<GrpcService>();
+                await app.StartAsync();
+                try
+                {
+                    return await ServeUntilStdinClosesAsync();
+                }
+                finally
+                {
+                    await app.StopAsync();
+                    File.Delete(endpoint);
+                }
+            }
+
+            case "streamjsonrpc":
+            {
+                using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                listener.Bind(new UnixDomainSocketEndPoint(endpoint));
+                listener.Listen();
+                _ = Task.Run(async () =>
+                {
+                    while (true)
+                    {
+                        Socket socket;
+                        try
+                        {
+                            socket = await listener.AcceptAsync();
+                        }
+                        catch (Exception ex) when (ex is SocketException or ObjectDisposedException)
+                        {
+                            return; // shutting down
+                        }
+
+                        var stream = new NetworkStream(socket, ownsSocket: true);
+                        var rpc = new JsonRpc(new LengthHeaderMessageHandler(stream, stream, new MessagePackFormatter()), new JsonRpcService());
+                        rpc.StartListening();
+                    }
+                });
+                try
+                {
+                    return await ServeUntilStdinClosesAsync();
+                }
+                finally
+                {
+                    File.Delete(endpoint);
+                }
+            }
+
+            default:
+                Console.Error.WriteLine($"unknown server kind '{kind}'");
+                return 2;
+        }
+    }
+
+    /// <summary>Default options, but for the spin budget when the run sets one (<c>--spin-us</c>).</summary>
+    public static OffloadRpcOptions OffloadOptions(TimeSpan? spinBudget) => spinBudget is { } spin ? new OffloadRpcOptions { SpinBudget = spin } : new OffloadRpcOptions();
+
+    private static async Task<int> ServeUntilStdinClosesAsync()
+    {
+        Console.WriteLine($"READY {Environment.ProcessId}");
+        await Task.Run(() => Console.In.ReadToEnd());
+        return 0;
+    }
+
+    /// <summary>The <c>touch</c> operation: reads the first and the last byte (the sum can never be 511, so the reads cannot be dropped) and returns the length.</summary>
+    public static long Touch(ReadOnlySpan<byte> data) => data.Length > 0 && data[0] + data[^1] == 511 ? -1 : data.Length;
+
+    private sealed class OffloadService : IPeerBenchService
+    {
+        public ValueTask<int> AddAsync(int a, int b) => new(a + b);
+
+        public ValueTask<ulong> ChecksumAsync(ReadOnlyMemory<byte> data) => new(PayloadChecksum.Compute(data.Span));
+
+        public ValueTask<long> TouchAsync(ReadOnlyMemory<byte> data) => new(Touch(data.Span));
+
+        public ValueTask<ulong> ChecksumSharedAsync(SharedBuffer data)
+        {
+            using (data)
+            {
+                return new(PayloadChecksum.Compute(data.Span));
+            }
+        }
+
+        public ValueTask<long> TouchSharedAsync(SharedBuffer data)
+        {
+            using (data)
+            {
+                return new(Touch(data.Span));
+            }
+        }
+
+        public ValueTask<ulong> ChecksumCopyInjectAsync(ReadOnlyMemory<byte> data) => ChecksumAsync(data);
+
+        public ValueTask<long> TouchCopyInjectAsync(ReadOnlyMemory<byte> data) => TouchAsync(data);
+
+        public ValueTask<ulong> ChecksumCopyBypassAsync(ReadOnlyMemory<byte> data) => ChecksumAsync(data);
+
+        public ValueTask<long> TouchCopyBypassAsync(ReadOnlyMemory<byte> data) => TouchAsync(data);
+
+        public ValueTask<ulong> ChecksumOffloadInjectAsync(ReadOnlyMemory<byte> data) => ChecksumAsync(data);
+
+        public ValueTask<long> TouchOffloadInjectAsync(ReadOnlyMemory<byte> data) => TouchAsync(data);
+
+        public ValueTask<ulong> ChecksumOffloadBypassAsync(ReadOnlyMemory<byte> data) => ChecksumAsync(data);
+
+        public ValueTask<long> TouchOffloadBypassAsync(ReadOnlyMemory<byte> data) => TouchAsync(data);
+
+        public ValueTask<ulong> ChecksumHybridInjectAsync(ReadOnlyMemory<byte> data) => ChecksumAsync(data);
+
+        public ValueTask<long> TouchHybridInjectAsync(ReadOnlyMemory<byte> data) => TouchAsync(data);
+
+        public ValueTask<ulong> ChecksumHybridBypassAsync(ReadOnlyMemory<byte> data) => ChecksumAsync(data);
+
+        public ValueTask<long> TouchHybridBypassAsync(ReadOnlyMemory<byte> data) => TouchAsync(data);
+    }
+
+    private sealed class GrpcService : PeerBench.Grpc.PeerBench.PeerBenchBase
+    {
+        public override Task<AddReply> Add(AddRequest request, ServerCallContext context) => Task.FromResult(new AddReply { Sum = request.A + request.B });
+
+        public override Task<ChecksumReply> Checksum(PayloadRequest request, ServerCallContext context) => Task.FromResult(new ChecksumReply { Checksum = PayloadChecksum.Compute(request.Data.Span) });
+
+        public override Task<TouchReply> Touch(PayloadRequest request, ServerCallContext context) => Task.FromResult(new TouchReply { Length = Servers.Touch(request.Data.Span) });
+    }
+
+    /// <summary>The StreamJsonRpc target: what MessagePack gives a <c>bin</c> argument is a byte[].</summary>
+    private sealed class JsonRpcService : IPeerBenchJsonRpc
+    {
+        public Task<int> AddAsync(int a, int b) => Task.FromResult(a + b);
+
+        public Task<ulong> ChecksumAsync(byte[] data) => Task.FromResult(PayloadChecksum.Compute(data));
+
+        public Task<long> TouchAsync(byte[] data) => Task.FromResult(Touch(data));
+    }
+}
