@@ -1,0 +1,116 @@
+using System.Diagnostics;
+using System.Text.Json;
+using OffloadRpc.PeerBench;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>
+/// The peer benchmark (tests/OffloadRpc.PeerBench), run as a user runs it but with two small sizes
+/// and short cells: gRPC, StreamJsonRpc and OffloadRpc servers in their own processes. The benchmark
+/// checks every system's every result against a local checksum (and once more with a byte changed),
+/// so a zero exit means the bytes really moved; this test checks the rows it writes.
+/// </summary>
+public sealed class PeerBenchTests
+{
+    private static readonly string[] Systems = ["grpc-uds", "streamjsonrpc-uds", "offloadrpc-auto", "offloadrpc-best", "offloadrpc-zero-copy"];
+
+    [Fact]
+    public async Task Every_system_answers_every_operation_correctly_and_gets_a_row_with_its_cpu_time()
+    {
+        string directory = Directory.CreateTempSubdirectory("offloadrpc-peerbench-").FullName;
+        try
+        {
+            string json = Path.Combine(directory, "peers.json");
+            string png = Path.Combine(directory, "peers.png");
+            (int exit, string output) = await RunAsync("--systems", string.Join(',', Systems) + ",floor-memcpy", "--sizes", "64,1048576", "--cell-ms", "30", "--json", json, "--plot", png);
+            Assert.True(exit == 0, output);
+            Assert.Contains("Targets", output);
+
+            using JsonDocument document = JsonDocument.Parse(await File.ReadAllTextAsync(json));
+            JsonElement[] rows = document.RootElement.EnumerateArray().ToArray();
+            foreach (string system in Systems)
+            {
+                JsonElement add = Assert.Single(rows, r => r.GetProperty("system").GetString() == system && r.GetProperty("op").GetString() == "add");
+                Assert.True(add.GetProperty("p50_us").GetDouble() > 0);
+                foreach (string op in new[] { "checksum", "touch" })
+                {
+                    foreach (long size in new long[] { 64, 1 << 20 })
+                    {
+                        JsonElement row = Assert.Single(rows, r => r.GetProperty("system").GetString() == system && r.GetProperty("op").GetString() == op && r.GetProperty("bytes").GetInt64() == size);
+                        double p50 = row.GetProperty("p50_us").GetDouble();
+                        Assert.True(p50 > 0 && row.GetProperty("p99_us").GetDouble() >= p50, row.ToString());
+                        Assert.True(row.GetProperty("gbps").GetDouble() > 0, row.ToString());
+                        Assert.True(row.GetProperty("calls_per_s").GetDouble() > 0, row.ToString());
+                        Assert.True(row.GetProperty("client_cpu_us").GetDouble() > 0, row.ToString());
+                        Assert.True(row.GetProperty("server_cpu_us").GetDouble() > 0, row.ToString());
+                        Assert.Equal(system.StartsWith("offloadrpc", StringComparison.Ordinal), row.TryGetProperty("mode", out _));
+                    }
+                }
+            }
+
+            Assert.Equal(2, rows.Count(r => r.GetProperty("system").GetString() == "floor-memcpy"));
+            Assert.True(new FileInfo(png).Length > 10_000);
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
+    [Fact]
+    public async Task A_bad_argument_is_a_clear_error()
+    {
+        (int exit, string output) = await RunAsync("--systems", "grpc-tcp");
+        Assert.Equal(2, exit);
+        Assert.Contains("unknown system 'grpc-tcp'", output);
+    }
+
+    [Fact]
+    public void The_checksum_covers_every_byte_and_its_position_and_is_the_same_in_pieces()
+    {
+        byte[] data = new byte[100_003];
+        new Random(7).NextBytes(data);
+        ulong whole = PayloadChecksum.Compute(data);
+
+        var pieces = default(PayloadChecksum);
+        var random = new Random(8);
+        for (int position = 0; position < data.Length;)
+        {
+            int length = Math.Min(data.Length - position, random.Next(0, 70));
+            pieces.Append(data.AsSpan(position, length));
+            position += length;
+        }
+
+        Assert.Equal(whole, pieces.Finish());
+        Assert.NotEqual(whole, PayloadChecksum.Compute(data.AsSpan(0, data.Length - 1)));
+        foreach (int position in new[] { 0, 31, 32, 50_000, data.Length - 1 })
+        {
+            data[position] ^= 1;
+            Assert.NotEqual(whole, PayloadChecksum.Compute(data));
+            data[position] ^= 1;
+        }
+
+        (data[8], data[16]) = (data[16], data[8]); // the same bytes in another order
+        Assert.NotEqual(whole, PayloadChecksum.Compute(data));
+    }
+
+    private static async Task<(int ExitCode, string Output)> RunAsync(params string[] arguments)
+    {
+        string here = AppContext.BaseDirectory.TrimEnd('/');
+        string bench = Path.GetFullPath(Path.Combine(here, "..", "..", "..", "..", "OffloadRpc.PeerBench", "bin", Path.GetFileName(Path.GetDirectoryName(here))!, Path.GetFileName(here), "OffloadRpc.PeerBench.dll"));
+        var info = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") ?? "dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        info.ArgumentList.Add("exec");
+        info.ArgumentList.Add(bench);
+        foreach (string argument in arguments)
+        {
+            info.ArgumentList.Add(argument);
+        }
+
+        using Process process = Process.Start(info)!;
+        Task<string> output = process.StandardOutput.ReadToEndAsync();
+        Task<string> errors = process.StandardError.ReadToEndAsync();
+        await process.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(3));
+        return (process.ExitCode, await output + await errors);
+    }
+}
