@@ -77,6 +77,16 @@ for (int i = 0; i < args.Length; i++)
     }
 }
 
+// Output files are checked before a run of minutes, not after it.
+foreach (string? output in new[] { json, plot })
+{
+    if (output is not null && Path.GetDirectoryName(Path.GetFullPath(output)) is { } directory && !Directory.Exists(directory))
+    {
+        Console.Error.WriteLine($"the directory of '{output}' ({directory}) does not exist");
+        return 2;
+    }
+}
+
 if (Console.IsOutputRedirected && AnsiConsole.Profile.Width < 160)
 {
     AnsiConsole.Profile.Width = 160; // a log file has no terminal width: one line per row

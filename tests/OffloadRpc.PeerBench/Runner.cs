@@ -59,16 +59,23 @@ internal sealed class Runner : IAsyncDisposable
     public static string Describe(Settings settings) =>
         $"{Environment.ProcessorCount} cores, .NET {Environment.Version}, sizes {string.Join(", ", settings.Sizes.Select(Report.Size))}, {settings.Cell.TotalSeconds:0.##} s per cell";
 
+    /// <summary>
+    /// Every cell is measured in <see cref="Rounds"/> rounds of half its time, far apart in time (the
+    /// whole matrix, then the whole matrix again), and the rounds' calls are pooled: a burst of load
+    /// from elsewhere on a shared machine then hits part of every cell instead of all of a few.
+    /// </summary>
+    private const int Rounds = 2;
+
     public async Task<List<ResultRow>> RunAsync()
     {
-        var rows = new List<ResultRow>();
         bool Wants(string system) => _settings.Systems.Contains(system);
-
+        var pingPong = new List<(double[] RoundTrips, PingPongCpu Cpu)>();
         if (Wants("floor-pingpong"))
         {
-            rows.Add(PingPongFloor());
+            pingPong.Add(PingPongFloor());
         }
 
+        var rows = new List<ResultRow>();
         if (Wants("floor-memcpy"))
         {
             rows.AddRange(_settings.Sizes.Select(MemcpyFloor));
@@ -87,37 +94,83 @@ internal sealed class Runner : IAsyncDisposable
             }
         }
 
-        int cells = _clients.Count * (1 + (2 * _settings.Sizes.Length));
-        await AnsiConsole.Progress().AutoClear(true).HideCompleted(true).StartAsync(async progress =>
+        var cells = new List<(PeerClient Client, ProcessCpu ServerCpu, Op Op, int Length, ulong Expected)>();
+        foreach ((PeerClient client, ProcessCpu serverCpu) in _clients)
         {
-            ProgressTask task = progress.AddTask("measuring", maxValue: cells);
-            foreach ((PeerClient client, ProcessCpu serverCpu) in _clients)
-            {
-                rows.Add(await MeasureCellAsync(client, serverCpu, Op.Add, 0, (ulong)(0 + 1)));
-                task.Increment(1);
-            }
+            cells.Add((client, serverCpu, Op.Add, 0, 0 + 1));
+        }
 
-            foreach (Op op in new[] { Op.Checksum, Op.Touch })
+        foreach (Op op in new[] { Op.Checksum, Op.Touch })
+        {
+            foreach (long size in _settings.Sizes)
             {
-                foreach (long size in _settings.Sizes)
+                int length = (int)size;
+                ulong expected = op == Op.Checksum ? PayloadChecksum.Compute(_source.AsSpan(0, length)) : (ulong)length;
+                foreach ((PeerClient client, ProcessCpu serverCpu) in _clients)
                 {
-                    int length = (int)size;
-                    ulong expected = op == Op.Checksum ? PayloadChecksum.Compute(_source.AsSpan(0, length)) : (ulong)length;
-                    foreach ((PeerClient client, ProcessCpu serverCpu) in _clients)
-                    {
-                        task.Description = $"{op.ToString().ToLowerInvariant()} {Report.Size(size)} {client.System}";
-                        await VerifyAsync(client, op, length, expected);
-                        if (client is FixedModePeerClient best)
-                        {
-                            await SelectBestModeAsync(best, op, length, expected);
-                        }
-
-                        rows.Add(await MeasureCellAsync(client, serverCpu, op, length, expected));
-                        task.Increment(1);
-                    }
+                    cells.Add((client, serverCpu, op, length, expected));
                 }
             }
-        });
+        }
+
+        var samples = new CellSample[cells.Count];
+        var bestModes = new int[cells.Count];
+        async Task MeasureAllAsync(Action<string> report)
+        {
+            for (int round = 0; round < Rounds; round++)
+            {
+                for (int c = 0; c < cells.Count; c++)
+                {
+                    (PeerClient client, ProcessCpu serverCpu, Op op, int length, ulong expected) = cells[c];
+                    report($"round {round + 1}/{Rounds}: {op.ToString().ToLowerInvariant()} {(op == Op.Add ? string.Empty : Report.Size(length) + " ")}{client.System}");
+                    if (round == 0 && op != Op.Add)
+                    {
+                        await VerifyAsync(client, op, length, expected);
+                        if (client is FixedModePeerClient selecting)
+                        {
+                            await SelectBestModeAsync(selecting, op, length, expected);
+                            bestModes[c] = selecting.Selected;
+                        }
+                    }
+
+                    if (client is FixedModePeerClient best)
+                    {
+                        best.Selected = bestModes[c];
+                    }
+
+                    samples[c] = await MeasureCellAsync(client, serverCpu, op, length, expected, samples[c]);
+                }
+            }
+        }
+
+        if (Console.IsOutputRedirected)
+        {
+            await MeasureAllAsync(_ => { }); // a log gets the table, not redraws (each would preempt a spinning thread on two cores)
+        }
+        else
+        {
+            await AnsiConsole.Progress().AutoClear(true).HideCompleted(true).StartAsync(async progress =>
+            {
+                ProgressTask task = progress.AddTask("measuring", maxValue: cells.Count * Rounds);
+                await MeasureAllAsync(description =>
+                {
+                    task.Description = description;
+                    task.Increment(1);
+                });
+            });
+        }
+
+        if (Wants("floor-pingpong"))
+        {
+            pingPong.Add(PingPongFloor()); // and once more at the end: the floor drifts with the machine as the systems do
+            rows.Insert(0, PingPongRow(pingPong));
+        }
+
+        for (int c = 0; c < cells.Count; c++)
+        {
+            (PeerClient client, _, Op op, int length, _) = cells[c];
+            rows.Add(samples[c].ToRow(client, op, length));
+        }
 
         return rows;
     }
@@ -260,7 +313,8 @@ internal sealed class Runner : IAsyncDisposable
         client.Selected = Enumerable.Range(0, modes).MinBy(m => Percentile(times[m], 0.5));
     }
 
-    private async Task<ResultRow> MeasureCellAsync(PeerClient client, ProcessCpu serverCpu, Op op, int length, ulong expected)
+    /// <summary>Measures one cell for half its time (see <see cref="Rounds"/>), adding to what earlier rounds measured.</summary>
+    private async Task<CellSample> MeasureCellAsync(PeerClient client, ProcessCpu serverCpu, Op op, int length, ulong expected, CellSample? earlier)
     {
         Collect(); // what the previous cell left on the heap is not this cell's cost
 
@@ -270,15 +324,17 @@ internal sealed class Runner : IAsyncDisposable
             await CheckAsync(client, op, length, expected);
         }
 
-        var latencies = new double[_settings.MaxCalls];
+        int minCalls = (_settings.MinCalls + Rounds - 1) / Rounds;
+        int maxCalls = _settings.MaxCalls / Rounds;
+        var latencies = new double[maxCalls];
         long excludedTicksStart = client.ExcludedTicks;
         long excludedCpuStart = client.ExcludedCpuNanoseconds;
         long clientCpuStart = ProcessCpu.Self.Nanoseconds;
         long serverCpuStart = serverCpu.Nanoseconds;
         long begin = Stopwatch.GetTimestamp();
-        long deadline = begin + (long)(_settings.Cell.TotalSeconds * Stopwatch.Frequency);
+        long deadline = begin + (long)(_settings.Cell.TotalSeconds / Rounds * Stopwatch.Frequency);
         int calls = 0;
-        while (calls < _settings.MinCalls || (calls < _settings.MaxCalls && Stopwatch.GetTimestamp() < deadline))
+        while (calls < minCalls || (calls < maxCalls && Stopwatch.GetTimestamp() < deadline))
         {
             long excluded = client.ExcludedTicks;
             long start = Stopwatch.GetTimestamp();
@@ -292,30 +348,60 @@ internal sealed class Runner : IAsyncDisposable
             latencies[calls++] = Math.Max(1, ticks) * 1e6 / Stopwatch.Frequency;
         }
 
-        long wallTicks = Stopwatch.GetTimestamp() - begin - (client.ExcludedTicks - excludedTicksStart);
-        double clientCpu = ProcessCpu.Self.Nanoseconds - clientCpuStart - (client.ExcludedCpuNanoseconds - excludedCpuStart);
-        double serverCpuSpent = serverCpu.Nanoseconds - serverCpuStart;
-
-        double[] measured = latencies[..calls];
-        double p50 = Percentile(measured, 0.5);
-        long bytes = op == Op.Add ? 8 : length;
-        return new ResultRow(
-            client.System,
-            op.ToString().ToLowerInvariant(),
-            bytes,
-            p50,
-            Percentile(measured, 0.99),
-            op == Op.Add ? 0 : bytes / p50 / 1e3,
-            calls / (wallTicks / (double)Stopwatch.Frequency),
-            clientCpu / calls / 1e3,
-            serverCpuSpent / calls / 1e3,
-            client.Mode(op, length),
-            calls);
+        var sample = new CellSample(
+            latencies[..calls],
+            Stopwatch.GetTimestamp() - begin - (client.ExcludedTicks - excludedTicksStart),
+            ProcessCpu.Self.Nanoseconds - clientCpuStart - (client.ExcludedCpuNanoseconds - excludedCpuStart),
+            serverCpu.Nanoseconds - serverCpuStart,
+            client.Mode(op, length));
+        return earlier is null ? sample : earlier.Merge(sample);
     }
 
-    private ResultRow PingPongFloor()
+    /// <summary>What the rounds of one cell measured: every call's latency, wall time, both processes' CPU time.</summary>
+    private sealed record CellSample(double[] Latencies, long WallTicks, long ClientCpuNanoseconds, long ServerCpuNanoseconds, string? Mode)
     {
-        double[] roundTrips = PingPong.Measure(_settings.PingPongBatches, 1000, (pid, fd) => ServerProcess.StartPartner(pid, fd), out PingPongCpu cpu);
+        public CellSample Merge(CellSample other) => new(
+            [.. Latencies, .. other.Latencies],
+            WallTicks + other.WallTicks,
+            ClientCpuNanoseconds + other.ClientCpuNanoseconds,
+            ServerCpuNanoseconds + other.ServerCpuNanoseconds,
+            Mode);
+
+        public ResultRow ToRow(PeerClient client, Op op, int length)
+        {
+            int calls = Latencies.Length;
+            double p50 = Percentile(Latencies, 0.5);
+            long bytes = op == Op.Add ? 8 : length;
+            return new ResultRow(
+                client.System,
+                op.ToString().ToLowerInvariant(),
+                bytes,
+                p50,
+                Percentile(Latencies, 0.99),
+                op == Op.Add ? 0 : bytes / p50 / 1e3,
+                calls / (WallTicks / (double)Stopwatch.Frequency),
+                ClientCpuNanoseconds / (double)calls / 1e3,
+                ServerCpuNanoseconds / (double)calls / 1e3,
+                Mode,
+                calls);
+        }
+    }
+
+    private (double[] RoundTrips, PingPongCpu Cpu) PingPongFloor()
+    {
+        double[] roundTrips = PingPong.Measure((_settings.PingPongBatches + 1) / 2, 1000, (pid, fd) => ServerProcess.StartPartner(pid, fd), out PingPongCpu cpu);
+        return (roundTrips, cpu);
+    }
+
+    private static ResultRow PingPongRow(List<(double[] RoundTrips, PingPongCpu Cpu)> runs)
+    {
+        double[] roundTrips = runs.SelectMany(r => r.RoundTrips).ToArray();
+        long trips = runs.Sum(r => r.Cpu.RoundTrips);
+        if (runs.Any(r => r.Cpu.PartnerNanoseconds < 0))
+        {
+            throw new InvalidOperationException("The ping-pong partner process did not exit cleanly, so its CPU time is unknown.");
+        }
+
         double p50 = Percentile(roundTrips, 0.5) / 1000;
         return new ResultRow(
             "floor-pingpong",
@@ -325,10 +411,10 @@ internal sealed class Runner : IAsyncDisposable
             Percentile(roundTrips, 0.99) / 1000,
             0,
             1e6 / p50,
-            cpu.ClientNanoseconds / (double)cpu.RoundTrips / 1e3,
-            cpu.PartnerNanoseconds < 0 ? double.NaN : cpu.PartnerNanoseconds / (double)cpu.RoundTrips / 1e3,
+            runs.Sum(r => r.Cpu.ClientNanoseconds) / (double)trips / 1e3,
+            runs.Sum(r => r.Cpu.PartnerNanoseconds) / (double)trips / 1e3,
             "per-round-trip means of 1000-hand-off batches",
-            (int)cpu.RoundTrips);
+            (int)trips);
     }
 
     /// <summary>Span.CopyTo from the client's array into pre-faulted shared memory: the copy every copying transfer makes at least once.</summary>

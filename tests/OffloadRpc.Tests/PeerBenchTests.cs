@@ -64,6 +64,11 @@ public sealed class PeerBenchTests
         (int exit, string output) = await RunAsync("--systems", "grpc-tcp");
         Assert.Equal(2, exit);
         Assert.Contains("unknown system 'grpc-tcp'", output);
+
+        // An output path that cannot be written is refused before minutes of measuring, not after.
+        (exit, output) = await RunAsync("--quick", "--json", "/nonexistent-offloadrpc-dir/peers.json");
+        Assert.Equal(2, exit);
+        Assert.Contains("does not exist", output);
     }
 
     [Fact]
