@@ -187,7 +187,7 @@ internal static class Report
         {
             for (int decade = (int)Math.Floor(yLogValues.Min()); decade <= (int)Math.Ceiling(yLogValues.Max()); decade++)
             {
-                y.AddMajor(decade, Math.Pow(10, decade).ToString(decade < 0 ? "0." + new string('0', -decade - 1) + "1" : "#,0", CultureInfo.InvariantCulture));
+                y.AddMajor(decade, decade < 0 ? "0." + new string('0', -decade - 1) + "1" : Math.Pow(10, decade).ToString("#,0", CultureInfo.InvariantCulture));
             }
         }
 
