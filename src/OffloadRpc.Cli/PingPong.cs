@@ -12,6 +12,9 @@ internal static unsafe partial class PingPong
     [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = System.Runtime.InteropServices.StringMarshalling.Utf8)]
     private static partial int Open(string path, int flags);
 
+    [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "getppid")]
+    private static partial int GetParentProcessId();
+
     private const int O_RDWR = 2;
 
     private const int Size = 4096;
@@ -50,14 +53,22 @@ internal static unsafe partial class PingPong
         *(long*)(map + PartnerReadyCpuOffset) = ProcessCpuNanoseconds(); // published by the release write below
         Volatile.Write(ref *pong, -2); // ready
         long last = 0;
+        long idle = 0;
         while (true)
         {
             long value = Volatile.Read(ref *ping);
             if (value == last)
             {
                 Thread.SpinWait(1);
+                if ((++idle & 0xF_FFFF) == 0 && GetParentProcessId() != parentPid)
+                {
+                    return 1; // the measuring process died without saying stop: do not spin forever
+                }
+
                 continue;
             }
+
+            idle = 0;
 
             if (value < 0)
             {

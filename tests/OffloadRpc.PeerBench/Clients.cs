@@ -70,7 +70,7 @@ internal sealed class GrpcPeerClient : PeerClient
                     throw;
                 }
             },
-            InitialHttp2StreamWindowSize = Servers.Http2WindowBytes,
+            InitialHttp2StreamWindowSize = Servers.ClientWindowBytes,
             EnableMultipleHttp2Connections = true,
         };
         _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
@@ -214,7 +214,20 @@ internal sealed class FixedModePeerClient(OffloadRpcConnection connection, byte[
         };
     }
 
-    public override string? Mode(Op op, int length) => op == Op.Add ? null : AutoPeerClient.Name(Modes[Selected].Mode, Modes[Selected].Cache);
+    /// <summary>The declared mode, and what it resolves to at this size when that differs (Offload and Hybrid copy inline below 4 KiB).</summary>
+    public override string? Mode(Op op, int length)
+    {
+        if (op == Op.Add)
+        {
+            return null;
+        }
+
+        (TransferMode mode, CachePolicy cache) = Modes[Selected];
+        Engines.TransferPlan plan = Engines.TransferPolicy.Resolve(length, mode, cache);
+        string declared = AutoPeerClient.Name(mode, cache);
+        string runs = AutoPeerClient.Name(plan.Mode, plan.Cache);
+        return declared == runs ? declared : $"{declared} (runs as {runs})";
+    }
 }
 
 /// <summary>

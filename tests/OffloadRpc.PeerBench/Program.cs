@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Runtime.InteropServices;
 using OffloadRpc;
 using OffloadRpc.Cli;
 using OffloadRpc.PeerBench;
@@ -24,7 +25,7 @@ if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
 }
 
 const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]";
-Settings settings = Settings.Full;
+Settings settings = args.Contains("--quick") ? Settings.QuickRun : Settings.Full; // first, so that options given before it still apply
 string? json = null;
 string? plot = null;
 for (int i = 0; i < args.Length; i++)
@@ -32,7 +33,6 @@ for (int i = 0; i < args.Length; i++)
     switch (args[i])
     {
         case "--quick":
-            settings = Settings.QuickRun with { Systems = settings.Systems };
             break;
         case "--json" when i + 1 < args.Length:
             json = args[++i];
@@ -60,11 +60,14 @@ for (int i = 0; i < args.Length; i++)
 
             settings = settings with { Sizes = sizes };
             break;
-        case "--cell-ms" when i + 1 < args.Length && int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int cellMs) && cellMs > 0:
+        case "--cell-ms" or "--spin-us" when i + 1 >= args.Length || !int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int number) || (args[i] == "--cell-ms" && number == 0):
+            Console.Error.WriteLine($"{args[i]} takes a whole number{(args[i] == "--cell-ms" ? " of milliseconds above 0" : " of microseconds (0: never spin)")}; {Usage}");
+            return 2;
+        case "--cell-ms" when int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int cellMs):
             i++;
             settings = settings with { Cell = TimeSpan.FromMilliseconds(cellMs), CellWarmup = TimeSpan.FromMilliseconds(cellMs / 5.0), SystemWarmup = TimeSpan.FromMilliseconds(cellMs * 2) };
             break;
-        case "--spin-us" when i + 1 < args.Length && int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int spinMicroseconds):
+        case "--spin-us" when int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int spinMicroseconds):
             i++;
             settings = settings with { SpinBudget = TimeSpan.FromMicroseconds(spinMicroseconds) };
             break;
@@ -98,6 +101,9 @@ List<ResultRow> rows;
 try
 {
     await using var runner = new Runner(settings);
+    // Ctrl+C or SIGTERM: the servers and the socket directory go with us (the default action then ends the process).
+    using PosixSignalRegistration interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, _ => runner.Abort("interrupted"));
+    using PosixSignalRegistration terminate = PosixSignalRegistration.Create(PosixSignal.SIGTERM, _ => runner.Abort("terminated"));
     rows = await runner.RunAsync();
 }
 catch (Exception ex)

@@ -17,7 +17,8 @@ internal sealed record ResultRow(
     [property: JsonPropertyName("client_cpu_us")] double ClientCpuMicroseconds,
     [property: JsonPropertyName("server_cpu_us")] double ServerCpuMicroseconds,
     [property: JsonPropertyName("mode")] string? Mode = null,
-    [property: JsonPropertyName("calls")] int Calls = 0);
+    [property: JsonPropertyName("calls")] int Calls = 0,
+    [property: JsonPropertyName("excluded_write_us")] double? ExcludedWriteMicroseconds = null);
 
 [JsonSerializable(typeof(List<ResultRow>))]
 [JsonSourceGenerationOptions(WriteIndented = true, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]

@@ -26,7 +26,7 @@ internal sealed record Settings(
 
     public static readonly string[] AllSystems = ["grpc-uds", "streamjsonrpc-uds", "offloadrpc-auto", "offloadrpc-best", "offloadrpc-zero-copy", "floor-pingpong", "floor-memcpy"];
 
-    public static Settings Full { get; } = new(false, FullSizes, AllSystems, TimeSpan.FromSeconds(1.5), TimeSpan.FromSeconds(0.25), TimeSpan.FromSeconds(4), 10, 300_000, 1000);
+    public static Settings Full { get; } = new(false, FullSizes, AllSystems, TimeSpan.FromSeconds(1.5), TimeSpan.FromSeconds(0.25), TimeSpan.FromSeconds(4), 20, 300_000, 1000);
 
     public static Settings QuickRun { get; } = new(true, QuickSizes, AllSystems, TimeSpan.FromSeconds(0.4), TimeSpan.FromSeconds(0.1), TimeSpan.FromSeconds(1.5), 5, 50_000, 200);
 }
@@ -49,8 +49,17 @@ internal sealed class Runner : IAsyncDisposable
     private OffloadRpcConnection? _offload;
     private string? _socketDirectory;
 
+    /// <summary>No call may take longer: a server that stops answering ends the run with an error instead of hanging it.</summary>
+    private static readonly TimeSpan CallTimeout = TimeSpan.FromMinutes(2);
+
+    private readonly Timer _watchdog;
+    private long _lastProgress = Stopwatch.GetTimestamp();
+    private volatile string _current = "starting the servers";
+    private int _aborted;
+
     public Runner(Settings settings)
     {
+        _watchdog = new Timer(_ => CheckProgress(), null, TimeSpan.FromSeconds(5), TimeSpan.FromSeconds(5));
         _settings = settings;
         _source = GC.AllocateUninitializedArray<byte>((int)Math.Max(settings.Sizes.Max(), WarmUpLengths.Max()), pinned: true);
         new Random(20261125).NextBytes(_source);
@@ -122,15 +131,17 @@ internal sealed class Runner : IAsyncDisposable
                 for (int c = 0; c < cells.Count; c++)
                 {
                     (PeerClient client, ProcessCpu serverCpu, Op op, int length, ulong expected) = cells[c];
-                    report($"round {round + 1}/{Rounds}: {op.ToString().ToLowerInvariant()} {(op == Op.Add ? string.Empty : Report.Size(length) + " ")}{client.System}");
+                    _current = $"round {round + 1}/{Rounds}: {op.ToString().ToLowerInvariant()} {(op == Op.Add ? string.Empty : Report.Size(length) + " ")}{client.System}";
+                    report(_current);
                     if (round == 0 && op != Op.Add)
                     {
-                        await VerifyAsync(client, op, length, expected);
                         if (client is FixedModePeerClient selecting)
                         {
                             await SelectBestModeAsync(selecting, op, length, expected);
                             bestModes[c] = selecting.Selected;
                         }
+
+                        await VerifyAsync(client, op, length, expected); // in the mode that will be measured
                     }
 
                     if (client is FixedModePeerClient best)
@@ -224,10 +235,12 @@ internal sealed class Runner : IAsyncDisposable
     /// </summary>
     private async Task WarmUpAsync(PeerClient client, TimeSpan duration)
     {
+        _current = $"warming up {client.System}";
         foreach (long size in _settings.Sizes)
         {
             await client.InvokeAsync(Op.Checksum, (int)size);
             await client.InvokeAsync(Op.Touch, (int)size);
+            Volatile.Write(ref _lastProgress, Stopwatch.GetTimestamp());
         }
 
         var clock = Stopwatch.StartNew();
@@ -244,15 +257,25 @@ internal sealed class Runner : IAsyncDisposable
 
             await client.InvokeAsync(Op.Checksum, length);
             await client.InvokeAsync(Op.Touch, length);
+            Volatile.Write(ref _lastProgress, Stopwatch.GetTimestamp());
             i++;
         }
         while (clock.Elapsed < duration || i < 30);
     }
 
-    /// <summary>Checks the result against the local reference, then again with one byte of the payload changed (restored after).</summary>
+    /// <summary>
+    /// Checks the result against the local reference, then again with one byte of the payload changed
+    /// (restored after). A <c>touch</c> answers with the length whatever the bytes, so before a touch
+    /// cell the same system, in the same mode, also checksums the payload: the bytes of that path moved.
+    /// </summary>
     private async Task VerifyAsync(PeerClient client, Op op, int length, ulong expected)
     {
         await CheckAsync(client, op, length, expected);
+        if (op == Op.Touch)
+        {
+            await VerifyAsync(client, Op.Checksum, length, PayloadChecksum.Compute(_source.AsSpan(0, length)));
+        }
+
         if (length > 0)
         {
             int position = length / 2;
@@ -269,9 +292,10 @@ internal sealed class Runner : IAsyncDisposable
         }
     }
 
-    private static async Task CheckAsync(PeerClient client, Op op, int length, ulong expected)
+    private async Task CheckAsync(PeerClient client, Op op, int length, ulong expected)
     {
         ulong result = await client.InvokeAsync(op, length);
+        Volatile.Write(ref _lastProgress, Stopwatch.GetTimestamp());
         if (result != expected)
         {
             throw new InvalidDataException($"{client.System} {op} of {length} bytes returned {result:x16}, expected {expected:x16}: the server did not see the bytes that were sent.");
@@ -307,6 +331,7 @@ internal sealed class Runner : IAsyncDisposable
                     long start = Stopwatch.GetTimestamp();
                     ulong result = await client.InvokeAsync(op, length);
                     times[m].Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds);
+                    Volatile.Write(ref _lastProgress, Stopwatch.GetTimestamp());
                     if (result != expected)
                     {
                         throw new InvalidDataException($"{client.System} ({client.Mode(op, length)}) {op} of {length} bytes returned {result:x16}, expected {expected:x16}.");
@@ -351,25 +376,29 @@ internal sealed class Runner : IAsyncDisposable
             }
 
             latencies[calls++] = Math.Max(1, ticks) * 1e6 / Stopwatch.Frequency;
+            Volatile.Write(ref _lastProgress, start);
         }
 
+        long excludedTicks = client.ExcludedTicks - excludedTicksStart;
         var sample = new CellSample(
             latencies[..calls],
-            Stopwatch.GetTimestamp() - begin - (client.ExcludedTicks - excludedTicksStart),
+            Stopwatch.GetTimestamp() - begin - excludedTicks,
             ProcessCpu.Self.Nanoseconds - clientCpuStart - (client.ExcludedCpuNanoseconds - excludedCpuStart),
             serverCpu.Nanoseconds - serverCpuStart,
+            excludedTicks,
             client.Mode(op, length));
         return earlier is null ? sample : earlier.Merge(sample);
     }
 
     /// <summary>What the rounds of one cell measured: every call's latency, wall time, both processes' CPU time.</summary>
-    private sealed record CellSample(double[] Latencies, long WallTicks, long ClientCpuNanoseconds, long ServerCpuNanoseconds, string? Mode)
+    private sealed record CellSample(double[] Latencies, long WallTicks, long ClientCpuNanoseconds, long ServerCpuNanoseconds, long ExcludedTicks, string? Mode)
     {
         public CellSample Merge(CellSample other) => new(
             [.. Latencies, .. other.Latencies],
             WallTicks + other.WallTicks,
             ClientCpuNanoseconds + other.ClientCpuNanoseconds,
             ServerCpuNanoseconds + other.ServerCpuNanoseconds,
+            ExcludedTicks + other.ExcludedTicks,
             Mode);
 
         public ResultRow ToRow(PeerClient client, Op op, int length)
@@ -388,7 +417,8 @@ internal sealed class Runner : IAsyncDisposable
                 ClientCpuNanoseconds / (double)calls / 1e3,
                 ServerCpuNanoseconds / (double)calls / 1e3,
                 Mode,
-                calls);
+                calls,
+                ExcludedTicks > 0 ? ExcludedTicks * 1e6 / Stopwatch.Frequency / calls : null);
         }
     }
 
@@ -432,8 +462,16 @@ internal sealed class Runner : IAsyncDisposable
             ReadOnlySpan<byte> source = _source.AsSpan(0, (int)size);
             int iterations = (int)Math.Clamp((_settings.Quick ? 1L << 30 : 4L << 30) / Math.Max(size, 4096), 5, _settings.MaxCalls);
             var times = new double[iterations];
+            long cpuStart = 0;
+            long begin = 0;
             for (int i = -3; i < iterations; i++)
             {
+                if (i == 0)
+                {
+                    cpuStart = ProcessCpu.ThreadNanoseconds;
+                    begin = Stopwatch.GetTimestamp();
+                }
+
                 long start = Stopwatch.GetTimestamp();
                 source.CopyTo(target);
                 if (i >= 0)
@@ -442,8 +480,10 @@ internal sealed class Runner : IAsyncDisposable
                 }
             }
 
+            double seconds = (Stopwatch.GetTimestamp() - begin) / (double)Stopwatch.Frequency;
+            double cpu = (ProcessCpu.ThreadNanoseconds - cpuStart) / (double)iterations / 1e3;
             double p50 = Percentile(times, 0.5);
-            return new ResultRow("floor-memcpy", "copy", size, p50, Percentile(times, 0.99), size / p50 / 1e3, 1e6 / p50, p50, 0, "Span.CopyTo", iterations);
+            return new ResultRow("floor-memcpy", "copy", size, p50, Percentile(times, 0.99), size / p50 / 1e3, iterations / seconds, cpu, 0, "Span.CopyTo, one thread", iterations);
         }
         finally
         {
@@ -465,26 +505,87 @@ internal sealed class Runner : IAsyncDisposable
         return sorted[Math.Min(sorted.Length - 1, (int)(p * sorted.Length))];
     }
 
+    /// <summary>
+    /// Stops everything at once: the servers are killed and the socket directory removed. For Ctrl+C,
+    /// SIGTERM and the watchdog; safe to call more than once and from any thread.
+    /// </summary>
+    public void Abort(string reason)
+    {
+        if (Interlocked.Exchange(ref _aborted, 1) != 0)
+        {
+            return;
+        }
+
+        Console.Error.WriteLine($"peer benchmark stopped: {reason}");
+        foreach (ServerProcess server in _servers.ToArray())
+        {
+            server.Kill();
+        }
+
+        DeleteSocketDirectory();
+    }
+
+    private void CheckProgress()
+    {
+        if (Stopwatch.GetElapsedTime(Interlocked.Read(ref _lastProgress)) > CallTimeout)
+        {
+            Abort($"no call completed for {CallTimeout.TotalMinutes:0} minutes ({_current}); the servers were killed");
+            Environment.Exit(3);
+        }
+    }
+
+    private void DeleteSocketDirectory()
+    {
+        try
+        {
+            if (_socketDirectory is not null && Directory.Exists(_socketDirectory))
+            {
+                Directory.Delete(_socketDirectory, recursive: true);
+            }
+        }
+        catch (IOException)
+        {
+        }
+    }
+
+    /// <summary>Closes the clients, then stops the servers and removes the socket directory, whatever fails on the way.</summary>
     public async ValueTask DisposeAsync()
     {
-        foreach ((PeerClient client, _) in _clients)
+        await _watchdog.DisposeAsync();
+        try
         {
-            await client.DisposeAsync();
-        }
+            foreach ((PeerClient client, _) in _clients)
+            {
+                try
+                {
+                    await client.DisposeAsync();
+                }
+                catch (Exception ex)
+                {
+                    Console.Error.WriteLine($"closing the {client.System} client failed: {ex.Message}");
+                }
+            }
 
-        if (_offload is not null)
-        {
-            await _offload.DisposeAsync();
+            if (_offload is not null)
+            {
+                try
+                {
+                    await _offload.DisposeAsync();
+                }
+                catch (Exception ex)
+                {
+                    Console.Error.WriteLine($"closing the OffloadRpc connection failed: {ex.Message}");
+                }
+            }
         }
-
-        foreach (ServerProcess server in _servers)
+        finally
         {
-            await server.DisposeAsync();
-        }
+            foreach (ServerProcess server in _servers)
+            {
+                await server.DisposeAsync();
+            }
 
-        if (_socketDirectory is not null && Directory.Exists(_socketDirectory))
-        {
-            Directory.Delete(_socketDirectory, recursive: true);
+            DeleteSocketDirectory();
         }
     }
 }

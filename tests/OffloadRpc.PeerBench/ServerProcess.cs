@@ -83,6 +83,19 @@ internal sealed class ServerProcess : IAsyncDisposable
         return Process.Start(start) ?? throw new InvalidOperationException($"Could not start {processPath}.");
     }
 
+    /// <summary>Kills the server at once (the run is being abandoned).</summary>
+    public void Kill()
+    {
+        try
+        {
+            _process.Kill(entireProcessTree: true);
+        }
+        catch (Exception ex) when (ex is InvalidOperationException or System.ComponentModel.Win32Exception)
+        {
+            // already gone
+        }
+    }
+
     /// <summary>Closes the server's stdin (its signal to stop) and waits; kills it after 10 s.</summary>
     public async ValueTask DisposeAsync()
     {
