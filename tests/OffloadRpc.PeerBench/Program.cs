@@ -109,7 +109,7 @@ try
 catch (Exception ex)
 {
     AnsiConsole.MarkupLine($"[red]FAILED[/] {Markup.Escape(ex.GetType().Name)}: {Markup.Escape(ex.Message)}");
-    if (ex is not (OffloadRpcException or TimeoutException or InvalidDataException))
+    if (ex is not (OffloadRpcException or TimeoutException or InvalidDataException or PeerFailedException))
     {
         Console.Error.WriteLine(ex);
     }

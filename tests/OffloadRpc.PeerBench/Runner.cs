@@ -133,23 +133,30 @@ internal sealed class Runner : IAsyncDisposable
                     (PeerClient client, ProcessCpu serverCpu, Op op, int length, ulong expected) = cells[c];
                     _current = $"round {round + 1}/{Rounds}: {op.ToString().ToLowerInvariant()} {(op == Op.Add ? string.Empty : Report.Size(length) + " ")}{client.System}";
                     report(_current);
-                    if (round == 0 && op != Op.Add)
+                    try
                     {
-                        if (client is FixedModePeerClient selecting)
+                        if (round == 0 && op != Op.Add)
                         {
-                            await SelectBestModeAsync(selecting, op, length, expected);
-                            bestModes[c] = selecting.Selected;
+                            if (client is FixedModePeerClient selecting)
+                            {
+                                await SelectBestModeAsync(selecting, op, length, expected);
+                                bestModes[c] = selecting.Selected;
+                            }
+
+                            await VerifyAsync(client, op, length, expected); // in the mode that will be measured
                         }
 
-                        await VerifyAsync(client, op, length, expected); // in the mode that will be measured
-                    }
+                        if (client is FixedModePeerClient best)
+                        {
+                            best.Selected = bestModes[c];
+                        }
 
-                    if (client is FixedModePeerClient best)
+                        samples[c] = await MeasureCellAsync(client, serverCpu, op, length, expected, samples[c]);
+                    }
+                    catch (Exception ex) when (ex is not InvalidDataException)
                     {
-                        best.Selected = bestModes[c];
+                        throw new PeerFailedException($"{client.System} failed during {_current}: {ex.GetType().Name}: {ex.Message}", ex);
                     }
-
-                    samples[c] = await MeasureCellAsync(client, serverCpu, op, length, expected, samples[c]);
                 }
             }
         }
@@ -589,3 +596,6 @@ internal sealed class Runner : IAsyncDisposable
         }
     }
 }
+
+/// <summary>A system failed while it was being measured (its server died, its connection broke): the message names the system and the cell.</summary>
+internal sealed class PeerFailedException(string message, Exception inner) : Exception(message, inner);
