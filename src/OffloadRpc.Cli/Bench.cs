@@ -140,9 +140,9 @@ internal static partial class Bench
             {
                 (TransferMode mode, CachePolicy cache) = Plans[p];
                 long start = Stopwatch.GetTimestamp();
-                long cpuStart = ThreadCpuNanoseconds();
+                long cpuStart = ProcessCpu.ThreadNanoseconds;
                 ValueTask<RpcReply> call = connection.CallAsync(TouchMethod, default, [OutboundPayload.Copy(payload, mode, cache)]);
-                long cpuSpent = ThreadCpuNanoseconds() - cpuStart; // the caller's share: everything done before the call could be awaited
+                long cpuSpent = ProcessCpu.ThreadNanoseconds - cpuStart; // the caller's share: everything done before the call could be awaited
                 long firstChunk;
                 using (RpcReply reply = await call.ConfigureAwait(false))
                 {
@@ -293,15 +293,6 @@ internal static partial class Bench
 
         return Process.Start(info)!;
     }
-
-    private static long ThreadCpuNanoseconds()
-    {
-        Span<long> timespec = stackalloc long[2];
-        return ClockGetTime(3 /* CLOCK_THREAD_CPUTIME_ID */, ref MemoryMarshal.GetReference(timespec)) == 0 ? timespec[0] * 1_000_000_000 + timespec[1] : 0;
-    }
-
-    [LibraryImport("libc", EntryPoint = "clock_gettime")]
-    private static partial int ClockGetTime(int clock, ref long timespec);
 
     /// <summary>Stopwatch ticks as microseconds, at least one tick (TimeSpan's 100 ns resolution would turn a 64-byte copy into zero).</summary>
     private static double Microseconds(long ticks) => Math.Max(1, ticks) * 1e6 / Stopwatch.Frequency;

@@ -23,19 +23,6 @@ internal static unsafe partial class PingPong
 
     private const int PartnerDoneCpuOffset = 264;
 
-    private const int CLOCK_PROCESS_CPUTIME_ID = 2;
-
-    [System.Runtime.InteropServices.LibraryImport("libc", EntryPoint = "clock_gettime")]
-    private static partial int ClockGetTime(int clock, out Timespec time);
-
-    private struct Timespec
-    {
-        public long Seconds;
-        public long Nanoseconds;
-    }
-
-    /// <summary>This process's CPU time (all threads) in nanoseconds.</summary>
-    public static long ProcessCpuNanoseconds() => ClockGetTime(CLOCK_PROCESS_CPUTIME_ID, out Timespec t) == 0 ? (t.Seconds * 1_000_000_000) + t.Nanoseconds : 0;
 
     /// <summary>Runs the partner side: echoes every ping until told to stop (ping = -1).</summary>
     public static int RunPartner(int parentPid, int fd)
@@ -50,7 +37,6 @@ internal static unsafe partial class PingPong
         byte* map = (byte*)LinuxNative.Mmap(0, Size, LinuxNative.PROT_READ | LinuxNative.PROT_WRITE, LinuxNative.MAP_SHARED, local, 0);
         long* ping = (long*)map;
         long* pong = (long*)(map + 128);
-        *(long*)(map + PartnerReadyCpuOffset) = ProcessCpuNanoseconds(); // published by the release write below
         Volatile.Write(ref *pong, -2); // ready
         long last = 0;
         long idle = 0;
@@ -69,10 +55,15 @@ internal static unsafe partial class PingPong
             }
 
             idle = 0;
+            if (last == 0)
+            {
+                *(long*)(map + PartnerReadyCpuOffset) = ProcessCpu.Self.Nanoseconds; // the measured span starts with the first ping, on both sides
+            }
+
 
             if (value < 0)
             {
-                Volatile.Write(ref *(long*)(map + PartnerDoneCpuOffset), ProcessCpuNanoseconds()); // read by Measure once this process has exited
+                Volatile.Write(ref *(long*)(map + PartnerDoneCpuOffset), ProcessCpu.Self.Nanoseconds); // read by Measure once this process has exited
                 return 0;
             }
 
@@ -112,7 +103,7 @@ internal static unsafe partial class PingPong
             }
 
             long counter = 0;
-            long clientCpuStart = ProcessCpuNanoseconds();
+            long clientCpuStart = ProcessCpu.Self.Nanoseconds;
             var results = new double[batches];
             for (int b = -10; b < batches; b++)
             {
@@ -134,7 +125,7 @@ internal static unsafe partial class PingPong
             }
 
             Volatile.Write(ref *ping, -1);
-            long clientCpu = ProcessCpuNanoseconds() - clientCpuStart;
+            long clientCpu = ProcessCpu.Self.Nanoseconds - clientCpuStart;
             long partnerCpu = -1;
             if (partner.WaitForExit(10_000) && partner.ExitCode == 0)
             {

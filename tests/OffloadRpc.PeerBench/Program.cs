@@ -60,16 +60,18 @@ for (int i = 0; i < args.Length; i++)
 
             settings = settings with { Sizes = sizes };
             break;
-        case "--cell-ms" or "--spin-us" when i + 1 >= args.Length || !int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int number) || (args[i] == "--cell-ms" && number == 0):
-            Console.Error.WriteLine($"{args[i]} takes a whole number{(args[i] == "--cell-ms" ? " of milliseconds above 0" : " of microseconds (0: never spin)")}; {Usage}");
-            return 2;
-        case "--cell-ms" when int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int cellMs):
+        case "--cell-ms" or "--spin-us":
+            bool cell = args[i] == "--cell-ms";
+            if (i + 1 >= args.Length || !int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int number) || (cell && number == 0))
+            {
+                Console.Error.WriteLine($"{args[i]} takes a whole number {(cell ? "of milliseconds above 0" : "of microseconds (0: never spin)")}; {Usage}");
+                return 2;
+            }
+
             i++;
-            settings = settings with { Cell = TimeSpan.FromMilliseconds(cellMs), CellWarmup = TimeSpan.FromMilliseconds(cellMs / 5.0), SystemWarmup = TimeSpan.FromMilliseconds(cellMs * 2) };
-            break;
-        case "--spin-us" when int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int spinMicroseconds):
-            i++;
-            settings = settings with { SpinBudget = TimeSpan.FromMicroseconds(spinMicroseconds) };
+            settings = cell
+                ? settings with { Cell = TimeSpan.FromMilliseconds(number), CellWarmup = TimeSpan.FromMilliseconds(number / 5.0), SystemWarmup = TimeSpan.FromMilliseconds(number * 2) }
+                : settings with { SpinBudget = TimeSpan.FromMicroseconds(number) };
             break;
         case "-h" or "--help":
             Console.WriteLine(Usage);

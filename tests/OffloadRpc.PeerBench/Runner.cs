@@ -90,7 +90,9 @@ internal sealed class Runner : IAsyncDisposable
             rows.AddRange(_settings.Sizes.Select(MemcpyFloor));
         }
 
+        Volatile.Write(ref _lastProgress, Stopwatch.GetTimestamp()); // the floors are done
         await StartSystemsAsync();
+        Volatile.Write(ref _lastProgress, Stopwatch.GetTimestamp());
 
         // Two rounds: the second catches the tier-1 compiles the first one queued. On two cores a
         // JIT thread still compiling (in the client or any server) takes a core from the two threads
@@ -550,8 +552,9 @@ internal sealed class Runner : IAsyncDisposable
                 Directory.Delete(_socketDirectory, recursive: true);
             }
         }
-        catch (IOException)
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
         {
+            Console.Error.WriteLine($"could not remove {_socketDirectory}: {ex.Message}");
         }
     }
 

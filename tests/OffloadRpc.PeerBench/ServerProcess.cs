@@ -34,6 +34,7 @@ internal sealed class ServerProcess : IAsyncDisposable
             {
                 if (line.StartsWith("READY", StringComparison.Ordinal))
                 {
+                    _ = server._process.StandardOutput.ReadToEndAsync(CancellationToken.None); // keep draining: a full pipe would block the server
                     return server;
                 }
             }
@@ -88,9 +89,9 @@ internal sealed class ServerProcess : IAsyncDisposable
     {
         try
         {
-            _process.Kill(entireProcessTree: true);
+            _process.Kill(); // a server starts no processes of its own
         }
-        catch (Exception ex) when (ex is InvalidOperationException or System.ComponentModel.Win32Exception)
+        catch (Exception ex) when (ex is InvalidOperationException or System.ComponentModel.Win32Exception or NotSupportedException)
         {
             // already gone
         }

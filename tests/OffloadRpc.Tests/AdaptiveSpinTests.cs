@@ -36,6 +36,11 @@ public sealed class AdaptiveSpinTests
         var spin = new AdaptiveSpin(TimeSpan.FromMicroseconds(50));
         spin.OnBlocked(Ticks(3_000)); // a producer writing 64 MiB between calls: spinning through it would burn a core
         Assert.InRange(spin.BudgetTicks, Ticks(25) - 1, Ticks(25) + 1);
+
+        // Just past four budgets plus the largest wake-up allowed for (450 us): a quiet peer, not a slow wake.
+        var quiet = new AdaptiveSpin(TimeSpan.FromMicroseconds(50));
+        quiet.OnBlocked(Ticks(600));
+        Assert.InRange(quiet.BudgetTicks, Ticks(25) - 1, Ticks(25) + 1);
     }
 
     [Fact]

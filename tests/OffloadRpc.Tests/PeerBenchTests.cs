@@ -115,7 +115,16 @@ public sealed class PeerBenchTests
         using Process process = Process.Start(info)!;
         Task<string> output = process.StandardOutput.ReadToEndAsync();
         Task<string> errors = process.StandardError.ReadToEndAsync();
-        await process.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(3));
+        try
+        {
+            await process.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(3));
+        }
+        catch (TimeoutException)
+        {
+            process.Kill(entireProcessTree: true); // its servers too: a spinning leftover would starve the next tests
+            throw;
+        }
+
         return (process.ExitCode, await output + await errors);
     }
 }

@@ -121,9 +121,10 @@ internal sealed class AdaptiveSpin
     /// What a wake-up itself may take: a sleep that ends within this much (plus four budgets) counts
     /// as short. On a VM, waking a futex sleeper whose vCPU went idle takes 100-200 us; without the
     /// allowance such sleeps read as "the peer is idle", the budget shrank to its minimum and stayed
-    /// there, and every call paid a wake-up (1 MiB calls of 35 us took 165 us).
+    /// there, and every call paid a wake-up (1 MiB calls of 35 us took 165 us). Not more: a peer that
+    /// is quiet for longer than a wake-up explains should not keep a waiter spinning its full budget.
     /// </summary>
-    private static readonly long WakeAllowanceTicks = Stopwatch.Frequency / 1000;
+    private static readonly long WakeAllowanceTicks = Stopwatch.Frequency / 4000; // 250 us
 
     private readonly long _maxTicks;
     private readonly long _minTicks;

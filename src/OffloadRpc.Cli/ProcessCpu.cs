@@ -1,11 +1,12 @@
 using System.Runtime.InteropServices;
 
-namespace OffloadRpc.PeerBench;
+namespace OffloadRpc.Cli;
 
 /// <summary>
 /// CPU time of a whole process (every thread), in nanoseconds: this process's, or another's through
-/// its CPU-time clock (<c>clock_getcpuclockid</c>), so the client reads the server's CPU time at the
-/// start and the end of a cell without asking the server (which would add a call to what is measured).
+/// its CPU-time clock (<c>clock_getcpuclockid</c>), so a benchmark client reads its server's CPU time
+/// at the start and the end of a cell without asking the server (which would add a call to what is
+/// measured). Shared by the CLI's bench and ping-pong floor and the peer benchmark (linked there).
 /// </summary>
 internal sealed partial class ProcessCpu
 {
