@@ -98,6 +98,9 @@ public interface IKitchenSink
 
     Task<SharedBuffer?> MaybeLeaseAsync(int length);
 
+    /// <summary>Reads the lease, then throws without disposing it (the runtime must give it back).</summary>
+    Task<int> RejectAsync(SharedBuffer frame);
+
     /// <summary>Pipelined: the server starts reading before the client has finished copying. Returns checksum, length, first-read timestamp.</summary>
     ValueTask<long[]> ConsumeStreamAsync(Stream data, CancellationToken cancellationToken = default);
 

@@ -199,6 +199,12 @@ internal sealed class KitchenSink : IKitchenSink
         return total;
     }
 
+    public async Task<int> RejectAsync(SharedBuffer frame)
+    {
+        await Task.Yield(); // off the receive thread first: the give-back must not depend on a synchronous throw
+        throw new InvalidOperationException($"rejected a frame of {frame.Length} bytes starting with {frame.Span[0]}");
+    }
+
     public Task<SharedBuffer?> MaybeLeaseAsync(int length)
     {
         if (length < 0)

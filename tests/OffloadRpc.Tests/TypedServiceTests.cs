@@ -149,6 +149,24 @@ public sealed class TypedServiceTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_lease_whose_method_throws_without_disposing_it_goes_back_to_the_client()
+    {
+        // An arena with room for two 3 MiB leases: if a rejected lease were not given back, the third
+        // Rent would wait for space and fail after ArenaWaitTimeout.
+        var options = new OffloadRpcOptions { SegmentSize = 4 << 20, MaxArenaBytes = 8 << 20, ArenaWaitTimeout = TimeSpan.FromSeconds(10) };
+        await using OffloadRpcConnection small = await OffloadRpcConnection.ConnectAsync(_endpoint, options);
+        IKitchenSink sink = small.GetService<IKitchenSink>();
+        for (int i = 0; i < 8; i++)
+        {
+            SharedBuffer lease = small.Rent(3 << 20);
+            lease.Span.Fill((byte)(i + 1));
+            var ex = await Assert.ThrowsAsync<RemoteInvocationException>(() => sink.RejectAsync(lease));
+            Assert.Equal($"rejected a frame of {3 << 20} bytes starting with {i + 1}", ex.RemoteMessage);
+            Assert.False(lease.IsValid); // it moved with the call
+        }
+    }
+
+    [Fact]
     public async Task Cancellation_reaches_the_server_and_the_caller_gets_OperationCanceledException()
     {
         int before = await Sink.CancellationsObservedAsync();
