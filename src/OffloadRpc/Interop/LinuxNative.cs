@@ -43,7 +43,7 @@ internal static unsafe partial class LinuxNative
     public const int EAGAIN = 11;
     public const int ETIMEDOUT = 110;
 
-    private const long SYS_futex = 202;
+    private static readonly long s_sysFutex = LinuxAbi.Current.SysFutex;
     private const int FUTEX_WAIT = 0;
     private const int FUTEX_WAKE = 1;
 
@@ -125,17 +125,17 @@ internal static unsafe partial class LinuxNative
     {
         if (timeoutMilliseconds < 0)
         {
-            return (int)Syscall6(SYS_futex, (nint)word, FUTEX_WAIT, expected, 0, 0, 0);
+            return (int)Syscall6(s_sysFutex, (nint)word, FUTEX_WAIT, expected, 0, 0, 0);
         }
 
         long* timespec = stackalloc long[2];
         timespec[0] = timeoutMilliseconds / 1000;
         timespec[1] = (timeoutMilliseconds % 1000) * 1_000_000L;
-        return (int)Syscall6(SYS_futex, (nint)word, FUTEX_WAIT, expected, (nint)timespec, 0, 0);
+        return (int)Syscall6(s_sysFutex, (nint)word, FUTEX_WAIT, expected, (nint)timespec, 0, 0);
     }
 
     /// <summary>Wakes up to <paramref name="count"/> waiters on a shared futex word; returns how many woke.</summary>
-    public static int FutexWake(int* word, int count) => (int)Syscall6(SYS_futex, (nint)word, FUTEX_WAKE, count, 0, 0, 0);
+    public static int FutexWake(int* word, int count) => (int)Syscall6(s_sysFutex, (nint)word, FUTEX_WAKE, count, 0, 0, 0);
 
     /// <summary>Sends all of <paramref name="data"/> with <paramref name="fds"/> attached to its first byte.</summary>
     /// <returns>0, or the errno of the failure.</returns>

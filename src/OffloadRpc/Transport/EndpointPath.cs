@@ -77,7 +77,7 @@ internal static partial class EndpointPath
     [System.Runtime.Versioning.SupportedOSPlatform("linux")]
     private static unsafe void Verify(string directory, uint uid)
     {
-        // struct stat on x86-64/aarch64 glibc: st_mode at 24, st_uid at 28 (x86-64) — read through lstat so a link is seen as a link.
+        // struct stat, read through lstat so that a link is seen as a link; its offsets are per architecture (LinuxAbi).
         byte* stat = stackalloc byte[256];
         if (Lstat(directory, stat) != 0)
         {
@@ -85,13 +85,9 @@ internal static partial class EndpointPath
             throw new OffloadRpcException($"Cannot inspect the socket directory {directory}: {Marshal.GetPInvokeErrorMessage(errno)}.");
         }
 
-        // struct stat: x86-64 has st_nlink (8 bytes) before st_mode; the generic layout (arm64) has st_mode first.
-        (int modeOffset, int uidOffset) = RuntimeInformation.ProcessArchitecture switch
-        {
-            Architecture.X64 => (24, 28),
-            Architecture.Arm64 => (16, 24),
-            var other => throw new PlatformNotSupportedException($"OffloadRpc does not know struct stat on {other}."),
-        };
+        Interop.LinuxAbi abi = Interop.LinuxAbi.Current;
+        int modeOffset = abi.StatModeOffset;
+        int uidOffset = abi.StatUidOffset;
         uint mode = *(uint*)(stat + modeOffset);
         uint owner = *(uint*)(stat + uidOffset);
         const uint S_IFMT = 0xF000;
