@@ -40,4 +40,7 @@ public sealed class OffloadCallContext
     /// and return from the method as a <see cref="SharedBuffer"/> without a copy.
     /// </summary>
     public SharedBuffer Rent(int bytes) => _connection.Rent(bytes, CancellationToken.None);
+
+    /// <summary>As <see cref="Rent(int)"/>, giving up with <see cref="OperationCanceledException"/> when <paramref name="cancellationToken"/> fires while the arena is full.</summary>
+    public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => _connection.Rent(bytes, cancellationToken);
 }

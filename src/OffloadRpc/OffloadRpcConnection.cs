@@ -66,7 +66,16 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     /// Rents exactly <paramref name="bytes"/> of this connection's shared memory. Write into it in place
     /// and pass it to a call: ownership moves to the server without a copy.
     /// </summary>
-    public SharedBuffer Rent(int bytes) => Transport.Rent(bytes);
+    /// <remarks>When the arena is full this waits for the server to give memory back, up to <see cref="OffloadRpcOptions.ArenaWaitTimeout"/>.</remarks>
+    /// <exception cref="ArenaExhaustedException">The arena stayed full past its timeout, or <paramref name="bytes"/> can never fit.</exception>
+    public SharedBuffer Rent(int bytes) => Transport.Rent(bytes, CancellationToken.None);
+
+    /// <summary>
+    /// Rents exactly <paramref name="bytes"/> of this connection's shared memory, as <see cref="Rent(int)"/>,
+    /// giving up with <see cref="OperationCanceledException"/> when <paramref name="cancellationToken"/>
+    /// fires while the arena is full.
+    /// </summary>
+    public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => Transport.Rent(bytes, cancellationToken);
 
     public ValueTask DisposeAsync() => Transport.DisposeAsync();
 

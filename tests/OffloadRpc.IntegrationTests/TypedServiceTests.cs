@@ -33,6 +33,24 @@ public sealed class TypedServiceTests : IAsyncLifetime
     private IKitchenSink Sink => _connection.GetService<IKitchenSink>();
 
     [Fact]
+    public async Task Rent_with_a_token_gives_up_when_the_arena_stays_full_and_works_again_once_space_comes_back()
+    {
+        await using OffloadRpcConnection small = await OffloadRpcConnection.ConnectAsync(_endpoint, new OffloadRpcOptions { SegmentSize = 1 << 20, MaxArenaBytes = 1 << 20, ArenaWaitTimeout = TimeSpan.FromSeconds(20) });
+        SharedBuffer held = small.Rent(1 << 20);
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(200));
+        Assert.ThrowsAny<OperationCanceledException>(() => small.Rent(1 << 20, cts.Token)); // long before the 20 s arena timeout
+        held.Dispose();
+        using (SharedBuffer next = small.Rent(1 << 20, CancellationToken.None))
+        {
+            Assert.Equal(1 << 20, next.Length);
+        }
+
+        byte[] data = new byte[4096]; // the arena is free again: a call through it works
+        Checksum64.Fill(data, 7);
+        Assert.Equal(Checksum64.Compute(data), await small.GetService<IImageService>().ChecksumAsync(data));
+    }
+
+    [Fact]
     public async Task The_design_example_works_across_processes()
     {
         Assert.Equal(5, await Images.AddAsync(2, 3));

@@ -34,8 +34,6 @@ internal readonly struct ArenaBlock
     public long Offset { get; }
 
     public long Capacity { get; }
-
-    public ulong Handle => PayloadArena.MakeHandle(Segment.Id, Offset);
 }
 
 /// <summary>
@@ -163,7 +161,9 @@ internal sealed unsafe class PayloadArena
                 return true;
             }
 
-            long segmentSize = Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1));
+            // Rounded to 2 MiB, but never past the arena's limit: a block that fits the limit must be able to get a segment.
+            long segmentSize = Math.Min(Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1)), MaxBytes);
+            Debug.Assert(segmentSize >= size, "Allocate refuses blocks larger than MaxBytes before it gets here.");
             if (_totalBytes + segmentSize > MaxBytes)
             {
                 RetireFreeSegmentsLocked(_totalBytes + segmentSize - MaxBytes);
@@ -176,14 +176,16 @@ internal sealed unsafe class PayloadArena
             }
 
             ArenaSegment segment = AddSegmentLocked(segmentSize);
-            return segment.TryCarve(size, out block) && Account(size);
-        }
-    }
+            bool carved = segment.TryCarve(size, out block);
+            Debug.Assert(carved, "A new segment is at least as large as the block it was added for.");
+            if (!carved)
+            {
+                return false;
+            }
 
-    private bool Account(long size)
-    {
-        _usedBytes += size;
-        return true;
+            _usedBytes += size;
+            return true;
+        }
     }
 
     private bool TryCarveLocked(long size, out ArenaBlock block)
