@@ -73,12 +73,10 @@ internal static class Doctor
             string directory = EndpointPath.UserDirectory();
             return (Verdict.Ok, $"{directory} (mode {Convert.ToString((int)File.GetUnixFileMode(directory), 8)})");
         });
-        foreach (Engines.ICopyEngine engine in Engines.EngineCatalog.Engines())
+        foreach ((string name, Engines.EngineAvailability availability) in Engines.EngineCatalog.Describe())
         {
-            Add(findings, "engines", engine.Name, () => (Verdict.Ok, engine.Description));
+            Add(findings, "engines", name, () => (availability.IsAvailable ? Verdict.Ok : Verdict.Note, (availability.IsAvailable ? "available: " : "unavailable: ") + availability.Reason));
         }
-
-        Add(findings, "engines", "dsa", () => (Verdict.Note, Engines.EngineCatalog.Dsa().Detail)); // a note either way: no DSA engine is offered
 
         Add(findings, "engines", "calibration", () => Engines.Calibration.Current is { } calibration
             ? (Verdict.Ok, $"measured {calibration.MeasuredAt:u}; Auto uses it ({Engines.Calibration.StorePath})")

@@ -43,18 +43,19 @@ internal struct CopyDescriptor
     };
 }
 
+/// <summary>Whether an engine can run here, and why not.</summary>
+internal readonly record struct EngineAvailability(bool IsAvailable, string Reason);
+
 /// <summary>
 /// A copy engine: takes batches of descriptors and reports completion through a completion record
-/// the submitter polls or waits on. The CPU engine copies inline, the worker engine on dedicated
-/// threads. Every engine that exists can run; hardware that is not driven (Intel DSA) is only probed
-/// (<see cref="DsaProbe"/>).
+/// the submitter polls or waits on. The CPU engine copies inline; the worker engine on dedicated
+/// threads; the hardware engine (Intel DSA) would write descriptors to a work queue.
 /// </summary>
 internal interface ICopyEngine
 {
     string Name { get; }
 
-    /// <summary>How it copies, for <c>offloadrpc doctor</c>.</summary>
-    string Description { get; }
+    EngineAvailability Availability { get; }
 
     /// <summary>Submits <paramref name="batch"/>; <paramref name="completion"/> counts each descriptor down as it finishes.</summary>
     void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion);
@@ -143,7 +144,7 @@ internal sealed unsafe class CpuCopyEngine : ICopyEngine
 
     public string Name => "cpu";
 
-    public string Description => $"inline on the calling thread; non-temporal stores: {CopyRoutines.NonTemporalFlavor}";
+    public EngineAvailability Availability => new(true, $"inline on the calling thread; non-temporal stores: {CopyRoutines.NonTemporalFlavor}");
 
     public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion)
     {
@@ -159,33 +160,27 @@ internal sealed unsafe class CpuCopyEngine : ICopyEngine
         CopyRoutines.Copy((byte*)descriptor.Source, (byte*)descriptor.Destination, (nuint)descriptor.Length, (descriptor.Flags & CopyFlags.CacheInject) == 0);
 }
 
-/// <summary>
-/// Intel DSA: detected, never faked. OffloadRpc has no DSA engine: submitting descriptors to an idxd
-/// work queue could not be tested on the machines this project runs on (AMD, no /dev/dsa), so it is not
-/// offered; this probe only says whether the hardware is there, for <c>offloadrpc doctor</c>.
-/// </summary>
-internal static class DsaProbe
+/// <summary>The hardware engine's place: Intel DSA through an idxd user work queue. Detected, never faked.</summary>
+internal sealed class DsaCopyEngine : ICopyEngine
 {
-    public const string DeviceDirectory = "/dev/dsa";
+    public string Name => "dsa";
 
-    /// <summary>Whether <paramref name="deviceDirectory"/> holds idxd user work queues, and what that means for copies here.</summary>
-    public static HardwareProbe Detect(string deviceDirectory = DeviceDirectory)
+    public EngineAvailability Availability
     {
-        if (!Directory.Exists(deviceDirectory))
+        get
         {
-            return new(false, $"absent: no {deviceDirectory} (no Intel DSA device, or the idxd driver exposes no user work queue); copies use the cpu and worker engines");
-        }
+            if (!Directory.Exists("/dev/dsa"))
+            {
+                return new(false, "no /dev/dsa: no Intel DSA device, or the idxd driver exposes no user work queue");
+            }
 
-        string[] queues = Directory.GetFileSystemEntries(deviceDirectory, "wq*");
-        if (queues.Length == 0)
-        {
-            return new(false, $"absent: {deviceDirectory} has no work queue (configure one with accel-config); copies use the cpu and worker engines");
+            string[] queues = Directory.GetFileSystemEntries("/dev/dsa", "wq*");
+            return queues.Length == 0
+                ? new(false, "/dev/dsa has no work queue (configure one with accel-config)")
+                : new(false, $"work queues present ({string.Join(", ", queues.Select(Path.GetFileName))}) but descriptor submission is not implemented yet");
         }
-
-        Array.Sort(queues, StringComparer.Ordinal);
-        return new(true, $"present ({string.Join(", ", queues.Select(Path.GetFileName))}), but this OffloadRpc does not submit to DSA; copies use the cpu and worker engines");
     }
-}
 
-/// <summary>What a hardware probe found.</summary>
-internal readonly record struct HardwareProbe(bool IsPresent, string Detail);
+    public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion) =>
+        throw new PlatformNotSupportedException("The Intel DSA engine is not available: " + Availability.Reason);
+}

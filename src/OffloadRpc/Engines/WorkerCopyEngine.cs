@@ -43,7 +43,7 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     /// <summary>Workers currently parked (none spinning or copying): a free worker means Hybrid can split.</summary>
     public int IdleWorkers => Volatile.Read(ref _sleepers);
 
-    public string Description => $"{_threads.Length} dedicated copy thread(s), chunks of {ChunkBytes >> 20} MiB";
+    public EngineAvailability Availability => new(true, $"{_threads.Length} dedicated copy thread(s), chunks of {ChunkBytes >> 20} MiB");
 
     public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion)
     {
@@ -286,11 +286,13 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     }
 }
 
-/// <summary>The engines this process copies with (each can run), and the hardware it probes but does not drive.</summary>
+/// <summary>The engines of this machine, each with whether and why it can run.</summary>
 internal static class EngineCatalog
 {
-    /// <summary>The engines, by name; the worker engine is the process-wide one (its threads start on first use).</summary>
-    public static IReadOnlyList<ICopyEngine> Engines() => [CpuCopyEngine.Instance, WorkerCopyEngine.Shared];
-
-    public static HardwareProbe Dsa() => DsaProbe.Detect();
+    public static IReadOnlyList<(string Name, EngineAvailability Availability)> Describe() =>
+    [
+        (CpuCopyEngine.Instance.Name, CpuCopyEngine.Instance.Availability),
+        ("worker", new EngineAvailability(true, $"{Math.Clamp(Environment.ProcessorCount - 1, 1, 4)} dedicated copy thread(s) on demand, chunks of {WorkerCopyEngine.ChunkBytes >> 20} MiB")),
+        ("dsa", new DsaCopyEngine().Availability),
+    ];
 }
