@@ -17,9 +17,6 @@ namespace OffloadRpc.Analyzers;
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
 public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
 {
-    private const int Offload = 2;
-    private const int Pipelined = 3;
-
     public override ImmutableArray<DiagnosticDescriptor> SupportedDiagnostics { get; } = ImmutableArray.Create(Diagnostics.WrittenInFlightRule);
 
     public override void Initialize(AnalysisContext context)
@@ -29,7 +26,7 @@ public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
         context.RegisterCompilationStartAction(start =>
         {
             INamedTypeSymbol? service = start.Compilation.GetTypeByMetadataName(ServiceParser.OffloadServiceAttribute);
-            INamedTypeSymbol? transfer = start.Compilation.GetTypeByMetadataName("OffloadRpc.TransferAttribute");
+            INamedTypeSymbol? transfer = start.Compilation.GetTypeByMetadataName(TransferAttributeReader.AttributeMetadataName);
             if (service is null || transfer is null)
             {
                 return;
@@ -150,20 +147,7 @@ public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
         return false;
     }
 
-    private static bool InFlightMode(IParameterSymbol parameter, INamedTypeSymbol transfer)
-    {
-        foreach (ISymbol owner in new ISymbol[] { parameter, parameter.ContainingSymbol })
-        {
-            foreach (AttributeData attribute in owner.GetAttributes())
-            {
-                if (SymbolEqualityComparer.Default.Equals(attribute.AttributeClass, transfer))
-                {
-                    int mode = attribute.ConstructorArguments.Length > 0 && attribute.ConstructorArguments[0].Value is int m ? m : 0;
-                    return mode is Offload or Pipelined;
-                }
-            }
-        }
-
-        return false;
-    }
+    /// <summary>A mode in which the bytes are still being read after the call returned its task.</summary>
+    private static bool InFlightMode(IParameterSymbol parameter, INamedTypeSymbol transfer) =>
+        TransferAttributeReader.ReadDeciding(parameter, transfer) is { Mode: TransferMode.Offload or TransferMode.Pipelined };
 }

@@ -50,10 +50,7 @@ public sealed class ContractAnalyzer : DiagnosticAnalyzer
         parser.Parse(type, problems, context.CancellationToken);
         foreach (ContractProblem problem in problems)
         {
-            if (Diagnostics.ForId(problem.Id) is { } descriptor)
-            {
-                context.ReportDiagnostic(Diagnostic.Create(descriptor, problem.Location ?? type.Locations[0], problem.Message));
-            }
+            context.ReportDiagnostic(Diagnostic.Create(problem.Descriptor, problem.Location ?? type.Locations[0], problem.Message));
         }
     }
 }

@@ -2,9 +2,21 @@ using Microsoft.CodeAnalysis;
 
 namespace OffloadRpc.Analyzers;
 
-/// <summary>Every OffloadRpc diagnostic: ids (OFFRPC1xxx contract shape, OFFRPC2xxx transfer advice), titles, help links.</summary>
-public static class Diagnostics
+/// <summary>
+/// Every OffloadRpc diagnostic: ids (OFFRPC1xxx contract shape, OFFRPC2xxx transfer advice), titles,
+/// help links. Public in the analyzers; the generator compiles this file in too (internal there), so
+/// its parser reports these descriptors themselves and none can be lost between parser and analyzer.
+/// </summary>
+#if BUILDING_GENERATOR
+internal
+#else
+public
+#endif
+static class Diagnostics
 {
+    /// <summary>Where each diagnostic's page lives: <c>{HelpLinkBase}{id}.md</c>, an absolute URL an IDE can open from a package.</summary>
+    public const string HelpLinkBase = "https://github.com/offloadrpc/offloadrpc/blob/main/docs/diagnostics/";
+
     public const string ReturnType = "OFFRPC1001";
     public const string CannotCross = "OFFRPC1002";
     public const string CancellationTokenNotLast = "OFFRPC1003";
@@ -48,18 +60,6 @@ public static class Diagnostics
 
     public static readonly DiagnosticDescriptor CannotImplementRule = Contract(CannotImplement, "Service interface cannot be implemented by a proxy");
 
-    /// <summary>The descriptor of a contract problem the shared parser reported.</summary>
-    public static DiagnosticDescriptor? ForId(string id) => id switch
-    {
-        ReturnType => ReturnTypeRule,
-        CannotCross => CannotCrossRule,
-        CancellationTokenNotLast => CancellationTokenNotLastRule,
-        GenericMethod => GenericMethodRule,
-        MethodIdCollision => MethodIdCollisionRule,
-        CannotImplement => CannotImplementRule,
-        _ => null,
-    };
-
     public static readonly DiagnosticDescriptor WrittenInFlightRule = Advice(WrittenInFlight, "A buffer is written while an Offload or Pipelined call may still be reading it", "'{0}' is written after it was passed to an Offload or Pipelined call that is not awaited yet: the copy engine may still be reading it");
 
     public static readonly DiagnosticDescriptor UsedAfterMoveRule = Advice(UsedAfterMove, "A SharedBuffer is used after its ownership moved to a call", "'{0}' was passed to a service call, which took ownership of it: using or disposing it afterwards touches a lease that is gone");
@@ -72,7 +72,7 @@ public static class Diagnostics
         defaultSeverity: DiagnosticSeverity.Warning,
         isEnabledByDefault: true,
         description: title + ".",
-        helpLinkUri: $"docs/diagnostics/{id}.md");
+        helpLinkUri: HelpLinkBase + id + ".md");
 
     private static DiagnosticDescriptor Contract(string id, string title) => new(
         id,
@@ -82,5 +82,5 @@ public static class Diagnostics
         defaultSeverity: DiagnosticSeverity.Error,
         isEnabledByDefault: true,
         description: title + ". The generator emits nothing for such an interface, so this is the error to fix.",
-        helpLinkUri: $"docs/diagnostics/{id}.md");
+        helpLinkUri: HelpLinkBase + id + ".md");
 }

@@ -11,6 +11,7 @@ using Microsoft.CodeAnalysis.CSharp.Syntax;
 using Microsoft.CodeAnalysis.Operations;
 using Microsoft.CodeAnalysis.Simplification;
 using OffloadRpc.Analyzers;
+using OffloadRpc.Generators;
 
 namespace OffloadRpc.CodeFixes;
 
@@ -42,16 +43,16 @@ public sealed class TransferModeFix : CodeFixProvider
                 ? model.GetDeclaredSymbol(declared, context.CancellationToken)
                 : (model.GetOperation(node, context.CancellationToken)?.Parent as IArgumentOperation)?.Parameter
                   ?? (model.GetOperation(node.FirstAncestorOrSelf<ArgumentSyntax>() ?? node, context.CancellationToken) as IArgumentOperation)?.Parameter;
-            if (parameter is null || FindAttribute(parameter, context.CancellationToken) is not { } attribute)
+            if (parameter is null || FindAttribute(parameter, model.Compilation, context.CancellationToken) is not { } attribute)
             {
                 continue;
             }
 
             (string? mode, string? cache, string title) = diagnostic.Id switch
             {
-                Diagnostics.LargeCopy => ((string?)"Pipelined", (string?)null, "Transfer in Pipelined mode"),
-                Diagnostics.InjectAboveCache => (null, "Bypass", "Bypass the cache"),
-                _ => ("Copy", "Inject", "Copy inline into the cache"),
+                Diagnostics.LargeCopy => ((string?)nameof(TransferMode.Pipelined), (string?)null, "Transfer in Pipelined mode"),
+                Diagnostics.InjectAboveCache => (null, nameof(CachePolicy.Bypass), "Bypass the cache"),
+                _ => (nameof(TransferMode.Copy), nameof(CachePolicy.Inject), "Copy inline into the cache"),
             };
 
             Document target = context.Document.Project.Solution.GetDocument(attribute.SyntaxTree) ?? context.Document;
@@ -62,21 +63,9 @@ public sealed class TransferModeFix : CodeFixProvider
     }
 
     /// <summary>The [Transfer] syntax that decides the parameter's mode: its own, else its method's.</summary>
-    private static AttributeSyntax? FindAttribute(IParameterSymbol parameter, CancellationToken cancellationToken)
-    {
-        foreach (ISymbol owner in new ISymbol[] { parameter, parameter.ContainingSymbol })
-        {
-            foreach (AttributeData data in owner.GetAttributes())
-            {
-                if (data.AttributeClass?.ToDisplayString() == "OffloadRpc.TransferAttribute" && data.ApplicationSyntaxReference?.GetSyntax(cancellationToken) is AttributeSyntax syntax)
-                {
-                    return syntax;
-                }
-            }
-        }
-
-        return null;
-    }
+    private static AttributeSyntax? FindAttribute(IParameterSymbol parameter, Compilation compilation, CancellationToken cancellationToken) =>
+        TransferAttributeReader.FindDeciding(parameter, compilation.GetTypeByMetadataName(TransferAttributeReader.AttributeMetadataName))
+            ?.ApplicationSyntaxReference?.GetSyntax(cancellationToken) as AttributeSyntax;
 
     private static async Task<Document> RewriteAsync(Document document, AttributeSyntax attribute, string? mode, string? cache, CancellationToken cancellationToken)
     {
@@ -89,16 +78,16 @@ public sealed class TransferModeFix : CodeFixProvider
         AttributeArgumentListSyntax arguments = attribute.ArgumentList ?? SyntaxFactory.AttributeArgumentList();
         var positional = arguments.Arguments.Where(a => a.NameEquals is null).ToList();
         var named = arguments.Arguments.Where(a => a.NameEquals is not null).ToList();
-        ExpressionSyntax modeExpression = positional.Count > 0 ? positional[0].Expression : Member("TransferMode", "Auto");
-        ExpressionSyntax cacheExpression = positional.Count > 1 ? positional[1].Expression : Member("CachePolicy", "Auto");
+        ExpressionSyntax modeExpression = positional.Count > 0 ? positional[0].Expression : Member(nameof(TransferMode), nameof(TransferMode.Auto));
+        ExpressionSyntax cacheExpression = positional.Count > 1 ? positional[1].Expression : Member(nameof(CachePolicy), nameof(CachePolicy.Auto));
         if (mode is not null)
         {
-            modeExpression = Member("TransferMode", mode);
+            modeExpression = Member(nameof(TransferMode), mode);
         }
 
         if (cache is not null)
         {
-            cacheExpression = Member("CachePolicy", cache);
+            cacheExpression = Member(nameof(CachePolicy), cache);
         }
 
         var rewritten = SyntaxFactory.SeparatedList(

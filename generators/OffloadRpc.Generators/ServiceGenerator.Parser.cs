@@ -4,12 +4,13 @@ using System.Text;
 using System.Threading;
 using Microsoft.CodeAnalysis;
 using Microsoft.CodeAnalysis.CSharp;
+using OffloadRpc.Analyzers;
 using OffloadRpc.Generators.Models;
 
 namespace OffloadRpc.Generators;
 
-/// <summary>A reason a service contract cannot work, with the diagnostic id the analyzers report it under.</summary>
-internal readonly record struct ContractProblem(string Id, string Message, Location? Location);
+/// <summary>A reason a service contract cannot work, with the descriptor the analyzers report it under.</summary>
+internal readonly record struct ContractProblem(DiagnosticDescriptor Descriptor, string Message, Location? Location);
 
 /// <summary>
 /// Turns an [OffloadService] interface into a <see cref="ServiceModel"/>, or reports why it cannot
@@ -47,7 +48,7 @@ internal sealed class ServiceParser
         _readOnlyMemory = compilation.GetTypeByMetadataName("System.ReadOnlyMemory`1");
         _memory = compilation.GetTypeByMetadataName("System.Memory`1");
         _sharedBuffer = compilation.GetTypeByMetadataName("OffloadRpc.SharedBuffer");
-        _transferAttribute = compilation.GetTypeByMetadataName("OffloadRpc.TransferAttribute");
+        _transferAttribute = compilation.GetTypeByMetadataName(TransferAttributeReader.AttributeMetadataName);
         _stream = compilation.GetTypeByMetadataName("System.IO.Stream");
         _asyncEnumerable = compilation.GetTypeByMetadataName("System.Collections.Generic.IAsyncEnumerable`1");
     }
@@ -63,17 +64,17 @@ internal sealed class ServiceParser
 
         if (service.IsGenericType)
         {
-            problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' is generic; a service contract must be a closed, non-generic interface", where));
+            problems.Add(new ContractProblem(Diagnostics.CannotImplementRule, $"[OffloadService] interface '{service.Name}' is generic; a service contract must be a closed, non-generic interface", where));
         }
 
         if (service.ContainingType is not null)
         {
-            problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' is nested in a type; declare it at namespace level so its proxy and stub can be generated beside it", where));
+            problems.Add(new ContractProblem(Diagnostics.CannotImplementRule, $"[OffloadService] interface '{service.Name}' is nested in a type; declare it at namespace level so its proxy and stub can be generated beside it", where));
         }
 
         if (service.AllInterfaces.Any(i => i.GetMembers().Length > 0))
         {
-            problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' inherits members from another interface; declare every method on the service interface itself", where));
+            problems.Add(new ContractProblem(Diagnostics.CannotImplementRule, $"[OffloadService] interface '{service.Name}' inherits members from another interface; declare every method on the service interface itself", where));
         }
 
         string serviceName = service.ToDisplayString(SymbolDisplayFormat.FullyQualifiedFormat).Replace("global::", string.Empty);
@@ -84,7 +85,7 @@ internal sealed class ServiceParser
             cancellationToken.ThrowIfCancellationRequested();
             if (member.IsStatic && (member.IsAbstract || member.IsVirtual))
             {
-                problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' declares static abstract or virtual member '{member.Name}'; such an interface cannot be implemented by a proxy", member.Locations.FirstOrDefault()));
+                problems.Add(new ContractProblem(Diagnostics.CannotImplementRule, $"[OffloadService] interface '{service.Name}' declares static abstract or virtual member '{member.Name}'; such an interface cannot be implemented by a proxy", member.Locations.FirstOrDefault()));
                 continue;
             }
 
@@ -103,7 +104,7 @@ internal sealed class ServiceParser
 
                 if (ids.TryGetValue(model.MethodId, out string? other))
                 {
-                    problems.Add(new ContractProblem("OFFRPC1005", $"Methods '{other}' and '{method.Name}' of '{service.Name}' map to the same method id {model.MethodId}; rename one of them", method.Locations.FirstOrDefault()));
+                    problems.Add(new ContractProblem(Diagnostics.MethodIdCollisionRule, $"Methods '{other}' and '{method.Name}' of '{service.Name}' map to the same method id {model.MethodId}; rename one of them", method.Locations.FirstOrDefault()));
                     continue;
                 }
 
@@ -112,7 +113,7 @@ internal sealed class ServiceParser
             }
             else if (member is IPropertySymbol or IEventSymbol)
             {
-                problems.Add(new ContractProblem("OFFRPC1006", $"[OffloadService] interface '{service.Name}' declares {(member is IPropertySymbol ? "property" : "event")} '{member.Name}'; a service contract may only declare methods", member.Locations.FirstOrDefault()));
+                problems.Add(new ContractProblem(Diagnostics.CannotImplementRule, $"[OffloadService] interface '{service.Name}' declares {(member is IPropertySymbol ? "property" : "event")} '{member.Name}'; a service contract may only declare methods", member.Locations.FirstOrDefault()));
             }
         }
 
@@ -159,7 +160,7 @@ internal sealed class ServiceParser
         int before = problems.Count;
         if (method.IsGenericMethod)
         {
-            problems.Add(new ContractProblem("OFFRPC1004", $"Service method '{method.Name}' is generic; service methods cannot have type parameters", where));
+            problems.Add(new ContractProblem(Diagnostics.GenericMethodRule, $"Service method '{method.Name}' is generic; service methods cannot have type parameters", where));
         }
 
         ReturnShape shape = default;
@@ -180,13 +181,13 @@ internal sealed class ServiceParser
             result = Classify(returnType!.TypeArguments[0], $"the result of '{method.Name}'", where, problems);
             if (result is { Kind: ValueKind.Stream or ValueKind.Chunks })
             {
-                problems.Add(new ContractProblem("OFFRPC1002", $"The result of '{method.Name}' is a stream; streams go from client to server only: return a SharedBuffer or ReadOnlyMemory<byte>", where));
+                problems.Add(new ContractProblem(Diagnostics.CannotCrossRule, $"The result of '{method.Name}' is a stream; streams go from client to server only: return a SharedBuffer or ReadOnlyMemory<byte>", where));
                 result = null;
             }
         }
         else
         {
-            problems.Add(new ContractProblem("OFFRPC1001", $"Service method '{method.Name}' returns '{method.ReturnType.ToDisplayString()}'; it must return Task, ValueTask, Task<T> or ValueTask<T>", where));
+            problems.Add(new ContractProblem(Diagnostics.ReturnTypeRule, $"Service method '{method.Name}' returns '{method.ReturnType.ToDisplayString()}'; it must return Task, ValueTask, Task<T> or ValueTask<T>", where));
         }
 
         var parameters = new List<ParameterModel>();
@@ -199,7 +200,7 @@ internal sealed class ServiceParser
             {
                 if (i != method.Parameters.Length - 1)
                 {
-                    problems.Add(new ContractProblem("OFFRPC1003", $"In '{method.Name}', the CancellationToken '{parameter.Name}' must be the last parameter", at));
+                    problems.Add(new ContractProblem(Diagnostics.CancellationTokenNotLastRule, $"In '{method.Name}', the CancellationToken '{parameter.Name}' must be the last parameter", at));
                 }
 
                 cancellationTokenName = Escape(parameter.Name);
@@ -208,7 +209,7 @@ internal sealed class ServiceParser
 
             if (parameter.RefKind != RefKind.None)
             {
-                problems.Add(new ContractProblem("OFFRPC1002", $"Parameter '{parameter.Name}' of '{method.Name}' is passed by {parameter.RefKind.ToString().ToLowerInvariant()}; values cross the process boundary by value only", at));
+                problems.Add(new ContractProblem(Diagnostics.CannotCrossRule, $"Parameter '{parameter.Name}' of '{method.Name}' is passed by {parameter.RefKind.ToString().ToLowerInvariant()}; values cross the process boundary by value only", at));
                 continue;
             }
 
@@ -239,32 +240,12 @@ internal sealed class ServiceParser
 
     private static bool IsCopiedBuffer(ValueModel value) => value.Kind is ValueKind.ReadOnlyMemory or ValueKind.Memory or ValueKind.Array or ValueKind.Stream or ValueKind.Chunks;
 
-    /// <summary>The [Transfer(mode, cache)] on <paramref name="symbol"/> as emitted arguments, or null when absent or all Auto.</summary>
-    private string? Transfer(ISymbol symbol)
-    {
-        foreach (AttributeData attribute in symbol.GetAttributes())
-        {
-            if (!Same(attribute.AttributeClass, _transferAttribute))
-            {
-                continue;
-            }
-
-            int mode = attribute.ConstructorArguments.Length > 0 && attribute.ConstructorArguments[0].Value is int m ? m : 0;
-            int cache = attribute.ConstructorArguments.Length > 1 && attribute.ConstructorArguments[1].Value is int c ? c : 0;
-            if (mode == 0 && cache == 0)
-            {
-                return null;
-            }
-
-            string[] modes = ["Auto", "Copy", "Offload", "Pipelined", "Hybrid"];
-            string[] caches = ["Auto", "Inject", "Bypass"];
-            return mode < modes.Length && cache < caches.Length
-                ? $"global::OffloadRpc.TransferMode.{modes[mode]}, global::OffloadRpc.CachePolicy.{caches[cache]}"
-                : null;
-        }
-
-        return null;
-    }
+    /// <summary>The [Transfer(mode, cache)] on <paramref name="symbol"/> as emitted arguments, or null when absent, all Auto or not a defined value.</summary>
+    private string? Transfer(ISymbol symbol) =>
+        TransferAttributeReader.Read(symbol, _transferAttribute) is { IsAuto: false } choice
+        && System.Enum.IsDefined(typeof(TransferMode), choice.Mode) && System.Enum.IsDefined(typeof(CachePolicy), choice.Cache)
+            ? $"global::OffloadRpc.{nameof(TransferMode)}.{choice.Mode}, global::OffloadRpc.{nameof(CachePolicy)}.{choice.Cache}"
+            : null;
 
     /// <summary>How a parameter or result of type <paramref name="type"/> crosses, or null (with a problem) when it cannot.</summary>
     private ValueModel? Classify(ITypeSymbol type, string what, Location? where, List<ContractProblem> problems)
@@ -294,7 +275,7 @@ internal sealed class ServiceParser
             ITypeSymbol element = named.TypeArguments[0];
             if (!element.IsUnmanagedType)
             {
-                problems.Add(new ContractProblem("OFFRPC1002", $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: buffers must hold an unmanaged element type", where));
+                problems.Add(new ContractProblem(Diagnostics.CannotCrossRule, $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: buffers must hold an unmanaged element type", where));
                 return null;
             }
 
@@ -319,7 +300,7 @@ internal sealed class ServiceParser
         };
         if (why is not null)
         {
-            problems.Add(new ContractProblem("OFFRPC1002", $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: {why}", where));
+            problems.Add(new ContractProblem(Diagnostics.CannotCrossRule, $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: {why}", where));
             return null;
         }
 
@@ -335,7 +316,7 @@ internal sealed class ServiceParser
 
         if (NotSerializable(type) is { } plain)
         {
-            problems.Add(new ContractProblem("OFFRPC1002", $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: MessagePack cannot serialize '{plain.ToDisplayString()}'; mark it [MessagePackObject] (with [Key] on its members) or use a supported type", where));
+            problems.Add(new ContractProblem(Diagnostics.CannotCrossRule, $"The type of {what}, '{type.ToDisplayString()}', cannot cross the process boundary: MessagePack cannot serialize '{plain.ToDisplayString()}'; mark it [MessagePackObject] (with [Key] on its members) or use a supported type", where));
             return null;
         }
 

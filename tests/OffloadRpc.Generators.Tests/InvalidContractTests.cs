@@ -85,7 +85,7 @@ public sealed class InvalidContractTests
         ServiceModel? model = new ServiceParser(compilation).Parse(service, problems, CancellationToken.None);
 
         Assert.Null(model);
-        Assert.True(problems.Any(p => p.Id == problemId), $"'{why}': expected a {problemId} problem, got: {string.Join("; ", problems.Select(p => p.Id + " " + p.Message))}");
+        Assert.True(problems.Any(p => p.Descriptor.Id == problemId), $"'{why}': expected a {problemId} problem, got: {string.Join("; ", problems.Select(p => p.Descriptor.Id + " " + p.Message))}");
     }
 
     [Fact]

@@ -13,7 +13,7 @@ namespace OffloadRpc.Engines;
 internal static unsafe class CopyRoutines
 {
     /// <summary>Below this, non-temporal stores are not worth the alignment work and the fence.</summary>
-    public const int NonTemporalThreshold = 4096;
+    public const int NonTemporalThreshold = TransferThresholds.NonTemporalBytes;
 
     /// <summary>Which vector width the non-temporal path uses on this CPU ("AVX-512", "AVX2" or "scalar").</summary>
     public static string NonTemporalFlavor => Avx512F.IsSupported ? "AVX-512" : Avx.IsSupported ? "AVX2" : Sse2.IsSupported ? "SSE2" : "scalar";

@@ -18,10 +18,10 @@ internal readonly record struct TransferPlan(TransferMode Mode, CachePolicy Cach
 internal static class TransferPolicy
 {
     /// <summary>The chunk a pipelined payload is written and published in.</summary>
-    public const long PipelineChunkBytes = 1 << 20;
+    public const long PipelineChunkBytes = TransferThresholds.PipelineChunkBytes;
 
     /// <summary>Below this a hand-off to another thread costs more than the copy it saves.</summary>
-    public const long OffloadCrossoverBytes = 4 << 20; // measured here: at 1 MiB a hand-off costs more than half the copy
+    public const long OffloadCrossoverBytes = TransferThresholds.OffloadCrossoverBytes;
 
     private static readonly Lazy<long> s_lastLevelCache = new(ReadLastLevelCacheBytes);
 
@@ -83,11 +83,11 @@ internal static class TransferPolicy
                 best = bytes;
             }
 
-            return best > 0 ? best : 32L << 20;
+            return best > 0 ? best : TransferThresholds.DefaultLastLevelCacheBytes;
         }
         catch (Exception ex) when (ex is IOException or UnauthorizedAccessException or FormatException)
         {
-            return 32L << 20;
+            return TransferThresholds.DefaultLastLevelCacheBytes;
         }
     }
 }
