@@ -52,13 +52,6 @@ internal abstract class InboundMessage
 
     public int PayloadCount => _payloadCount;
 
-    /// <summary>Length of payload <paramref name="index"/> without taking it.</summary>
-    public int PayloadLength(int index)
-    {
-        ValidateIndex(index);
-        return _payloads[index].Length;
-    }
-
     /// <summary>True when payload <paramref name="index"/> was already taken.</summary>
     public bool IsPayloadTaken(int index)
     {

@@ -34,8 +34,6 @@ internal readonly struct ArenaBlock
     public long Offset { get; }
 
     public long Capacity { get; }
-
-    public ulong Handle => PayloadArena.MakeHandle(Segment.Id, Offset);
 }
 
 /// <summary>
@@ -155,34 +153,35 @@ internal sealed unsafe class PayloadArena
 
     private bool TryAllocateLocked(long size, out ArenaBlock block)
     {
+        ThrowIfClosedLocked();
+        _peer.DrainReleases(this);
+        if (TryCarveLocked(size, out block))
         {
-            ThrowIfClosedLocked();
-            _peer.DrainReleases(this);
-            if (TryCarveLocked(size, out block))
-            {
-                return true;
-            }
-
-            long segmentSize = Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1));
-            if (_totalBytes + segmentSize > MaxBytes)
-            {
-                RetireFreeSegmentsLocked(_totalBytes + segmentSize - MaxBytes);
-            }
-
-            if (_totalBytes + segmentSize > MaxBytes || _nextSegmentId > MaxSegments && !HasFreeSegmentIdLocked())
-            {
-                block = default;
-                return false;
-            }
-
-            ArenaSegment segment = AddSegmentLocked(segmentSize);
-            return segment.TryCarve(size, out block) && Account(size);
+            return true;
         }
-    }
 
-    private bool Account(long size)
-    {
+        long segmentSize = Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1));
+        if (_totalBytes + segmentSize > MaxBytes)
+        {
+            RetireFreeSegmentsLocked(_totalBytes + segmentSize - MaxBytes);
+        }
+
+        if (_totalBytes + segmentSize > MaxBytes || _nextSegmentId > MaxSegments && !HasFreeSegmentIdLocked())
+        {
+            block = default;
+            return false;
+        }
+
+        ArenaSegment segment = AddSegmentLocked(segmentSize);
+        if (!segment.TryCarve(size, out block))
+        {
+            // A fresh segment is at least as large as the rounded request: carving it cannot fail.
+            Debug.Fail($"A new {segmentSize}-byte segment could not hold a {size}-byte block.");
+            return false;
+        }
+
         _usedBytes += size;
+        Debug.Assert(_usedBytes <= _totalBytes, "more bytes in use than the segments hold");
         return true;
     }
 
