@@ -36,16 +36,7 @@ internal static class Doctor
             return (Verdict.Note, $"movdir64b {(movdir64b ? "yes" : "no")}, enqcmd {(enqcmd ? "yes" : "no")}");
         });
         Add(findings, "cpu", "last-level cache", () => (Verdict.Ok, $"{Engines.TransferPolicy.LastLevelCacheBytes >> 20} MiB (from sysfs; 32 MiB assumed when not reported); Auto bypasses the cache above it"));
-        Add(findings, "offload", "Intel DSA", () =>
-        {
-            if (!Directory.Exists("/dev/dsa"))
-            {
-                return (Verdict.Note, "absent: no /dev/dsa (no DSA device, or the idxd driver has no user work queue); the hardware engine is unavailable");
-            }
-
-            string[] queues = Directory.GetFileSystemEntries("/dev/dsa");
-            return (Verdict.Ok, queues.Length == 0 ? "/dev/dsa exists but has no work queue" : string.Join(", ", queues.Select(Path.GetFileName)));
-        });
+        Add(findings, "offload", "Intel DSA", () => (Verdict.Note, Engines.DsaDetection.Describe()));
         Add(findings, "memory", "/dev/shm", () =>
         {
             var drive = new DriveInfo("/dev/shm");
@@ -73,9 +64,9 @@ internal static class Doctor
             string directory = EndpointPath.UserDirectory();
             return (Verdict.Ok, $"{directory} (mode {Convert.ToString((int)File.GetUnixFileMode(directory), 8)})");
         });
-        foreach ((string name, Engines.EngineAvailability availability) in Engines.EngineCatalog.Describe())
+        foreach ((string name, string description) in Engines.EngineCatalog.Describe())
         {
-            Add(findings, "engines", name, () => (availability.IsAvailable ? Verdict.Ok : Verdict.Note, (availability.IsAvailable ? "available: " : "unavailable: ") + availability.Reason));
+            Add(findings, "engines", name, () => (Verdict.Ok, description));
         }
 
         Add(findings, "engines", "calibration", () => Engines.Calibration.Current is { } calibration

@@ -2,7 +2,7 @@ using System.Runtime.InteropServices;
 
 namespace OffloadRpc.Engines;
 
-/// <summary>Flags of a copy descriptor (the DSA meaning of the cache-control bit).</summary>
+/// <summary>Flags of a copy descriptor (the bit has the meaning of the DSA descriptor's cache-control flag).</summary>
 [Flags]
 internal enum CopyFlags : uint
 {
@@ -14,7 +14,7 @@ internal enum CopyFlags : uint
 
 /// <summary>
 /// One copy, laid out like an Intel DSA descriptor (64 bytes: flags, completion address, source,
-/// destination, size), so that software engines and the hardware engine take the same batches.
+/// destination, size), so that a hardware engine could take the same batches as the software ones.
 /// </summary>
 [StructLayout(LayoutKind.Explicit, Size = 64)]
 internal struct CopyDescriptor
@@ -43,19 +43,17 @@ internal struct CopyDescriptor
     };
 }
 
-/// <summary>Whether an engine can run here, and why not.</summary>
-internal readonly record struct EngineAvailability(bool IsAvailable, string Reason);
-
 /// <summary>
 /// A copy engine: takes batches of descriptors and reports completion through a completion record
 /// the submitter polls or waits on. The CPU engine copies inline; the worker engine on dedicated
-/// threads; the hardware engine (Intel DSA) would write descriptors to a work queue.
+/// threads. A hardware engine (Intel DSA) is only detected (see <see cref="DsaDetection"/>).
 /// </summary>
 internal interface ICopyEngine
 {
     string Name { get; }
 
-    EngineAvailability Availability { get; }
+    /// <summary>What the engine runs on here (threads, store flavour), for the engine listing.</summary>
+    string Description { get; }
 
     /// <summary>Submits <paramref name="batch"/>; <paramref name="completion"/> counts each descriptor down as it finishes.</summary>
     void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion);
@@ -144,7 +142,7 @@ internal sealed unsafe class CpuCopyEngine : ICopyEngine
 
     public string Name => "cpu";
 
-    public EngineAvailability Availability => new(true, $"inline on the calling thread; non-temporal stores: {CopyRoutines.NonTemporalFlavor}");
+    public string Description => $"inline on the calling thread; non-temporal stores: {CopyRoutines.NonTemporalFlavor}";
 
     public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion)
     {
@@ -160,27 +158,46 @@ internal sealed unsafe class CpuCopyEngine : ICopyEngine
         CopyRoutines.Copy((byte*)descriptor.Source, (byte*)descriptor.Destination, (nuint)descriptor.Length, (descriptor.Flags & CopyFlags.CacheInject) == 0);
 }
 
-/// <summary>The hardware engine's place: Intel DSA through an idxd user work queue. Detected, never faked.</summary>
-internal sealed class DsaCopyEngine : ICopyEngine
+/// <summary>
+/// Whether an Intel DSA (idxd) user work queue exists here. Detection only: OffloadRpc has no DSA
+/// engine, so the answer is always "absent" with the reason, and a machine that has the device says
+/// so (the engine list never holds an engine that cannot run).
+/// </summary>
+internal static class DsaDetection
 {
-    public string Name => "dsa";
+    private const string DeviceDirectory = "/dev/dsa";
 
-    public EngineAvailability Availability
+    /// <summary>Why there is no DSA engine on this machine: no Intel CPU, no idxd work queue, or no submission path in OffloadRpc.</summary>
+    public static string Describe() => Describe(CpuVendor(), Directory.Exists(DeviceDirectory) ? Directory.GetFileSystemEntries(DeviceDirectory, "wq*") : null);
+
+    /// <summary>The reason for a CPU vendor string and the work queues found (null: no device directory).</summary>
+    internal static string Describe(string? vendor, string[]? workQueues)
     {
-        get
+        if (vendor is not null && vendor != "GenuineIntel")
         {
-            if (!Directory.Exists("/dev/dsa"))
-            {
-                return new(false, "no /dev/dsa: no Intel DSA device, or the idxd driver exposes no user work queue");
-            }
-
-            string[] queues = Directory.GetFileSystemEntries("/dev/dsa", "wq*");
-            return queues.Length == 0
-                ? new(false, "/dev/dsa has no work queue (configure one with accel-config)")
-                : new(false, $"work queues present ({string.Join(", ", queues.Select(Path.GetFileName))}) but descriptor submission is not implemented yet");
+            return $"absent: not an Intel CPU ({vendor}); DSA is an Intel accelerator";
         }
+
+        if (workQueues is null)
+        {
+            return $"absent: no {DeviceDirectory} (no DSA device, or the idxd driver exposes no user work queue)";
+        }
+
+        return workQueues.Length == 0
+            ? $"absent: {DeviceDirectory} has no work queue (configure one with accel-config)"
+            : $"absent: work queues present ({string.Join(", ", workQueues.Select(Path.GetFileName))}) but OffloadRpc has no DSA submission path";
     }
 
-    public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion) =>
-        throw new PlatformNotSupportedException("The Intel DSA engine is not available: " + Availability.Reason);
+    private static string? CpuVendor()
+    {
+        try
+        {
+            string? line = File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("vendor_id", StringComparison.Ordinal));
+            return line?[(line.IndexOf(':') + 1)..].Trim();
+        }
+        catch (IOException)
+        {
+            return null;
+        }
+    }
 }

@@ -12,7 +12,7 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
 
     private const int ParkSliceMilliseconds = 100;
 
-    private static readonly Lazy<WorkerCopyEngine> s_shared = new(() => new WorkerCopyEngine(Math.Clamp(Environment.ProcessorCount - 1, 1, 4)));
+    private static readonly Lazy<WorkerCopyEngine> s_shared = new(() => new WorkerCopyEngine(DefaultThreads));
 
     private readonly WorkQueue _queue = new(4096);
     private readonly Thread[] _threads;
@@ -43,7 +43,12 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     /// <summary>Workers currently parked (none spinning or copying): a free worker means Hybrid can split.</summary>
     public int IdleWorkers => Volatile.Read(ref _sleepers);
 
-    public EngineAvailability Availability => new(true, $"{_threads.Length} dedicated copy thread(s), chunks of {ChunkBytes >> 20} MiB");
+    public string Description => Describe(_threads.Length, "");
+
+    /// <summary>The shared engine's default thread count (one per core but one, at most four).</summary>
+    internal static int DefaultThreads => Math.Clamp(Environment.ProcessorCount - 1, 1, 4);
+
+    internal static string Describe(int threads, string when) => $"{threads} dedicated copy thread(s){when}, chunks of {ChunkBytes >> 20} MiB";
 
     public void Submit(ReadOnlySpan<CopyDescriptor> batch, CopyCompletion completion)
     {
@@ -286,13 +291,13 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     }
 }
 
-/// <summary>The engines of this machine, each with whether and why it can run.</summary>
+/// <summary>The engines of this machine, each with what it runs on. Every engine listed can run.</summary>
 internal static class EngineCatalog
 {
-    public static IReadOnlyList<(string Name, EngineAvailability Availability)> Describe() =>
+    /// <remarks>The worker engine is described without starting the shared one (its threads start on first use).</remarks>
+    public static IReadOnlyList<(string Name, string Description)> Describe() =>
     [
-        (CpuCopyEngine.Instance.Name, CpuCopyEngine.Instance.Availability),
-        ("worker", new EngineAvailability(true, $"{Math.Clamp(Environment.ProcessorCount - 1, 1, 4)} dedicated copy thread(s) on demand, chunks of {WorkerCopyEngine.ChunkBytes >> 20} MiB")),
-        ("dsa", new DsaCopyEngine().Availability),
+        (CpuCopyEngine.Instance.Name, CpuCopyEngine.Instance.Description),
+        ("worker", WorkerCopyEngine.Describe(WorkerCopyEngine.DefaultThreads, " on demand")),
     ];
 }

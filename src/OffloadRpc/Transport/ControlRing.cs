@@ -40,8 +40,6 @@ internal sealed unsafe class ControlRing
 
     public long Capacity { get; }
 
-    public long ConsumedCount => _head.Value;
-
     private long* Sequence(long position) => (long*)(_slots + (position & _mask) * SlotSize);
 
     /// <summary>Sets every slot's sequence to its index; only on a ring nobody uses yet.</summary>

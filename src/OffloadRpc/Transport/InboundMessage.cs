@@ -52,13 +52,6 @@ internal abstract class InboundMessage
 
     public int PayloadCount => _payloadCount;
 
-    /// <summary>Length of payload <paramref name="index"/> without taking it.</summary>
-    public int PayloadLength(int index)
-    {
-        ValidateIndex(index);
-        return _payloads[index].Length;
-    }
-
     /// <summary>True when payload <paramref name="index"/> was already taken.</summary>
     public bool IsPayloadTaken(int index)
     {
@@ -215,38 +208,4 @@ internal abstract class InboundMessage
             ArrayPool<byte>.Shared.Return(_body);
         }
     }
-}
-
-/// <summary>What a sender hands over for one payload: bytes to copy into the arena, or a lease to move.</summary>
-internal readonly struct OutboundPayload
-{
-    private OutboundPayload(ReadOnlyMemory<byte> data, SharedBuffer? lease, TransferMode mode, CachePolicy cache, bool transient = false)
-    {
-        Data = data;
-        Lease = lease;
-        Mode = mode;
-        Cache = cache;
-        IsTransient = transient;
-    }
-
-    /// <summary>The bytes live in a buffer that goes back to a pool when the call returns: they must be copied before it does.</summary>
-    public bool IsTransient { get; }
-
-    public ReadOnlyMemory<byte> Data { get; }
-
-    public SharedBuffer? Lease { get; }
-
-    /// <summary>How the bytes are copied into shared memory (leases of this connection move without a copy).</summary>
-    public TransferMode Mode { get; }
-
-    public CachePolicy Cache { get; }
-
-    public long Length => Lease?.Length ?? Data.Length;
-
-    public static OutboundPayload Copy(ReadOnlyMemory<byte> data, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto) => new(data, null, mode, cache);
-
-    /// <summary>Bytes in a pooled buffer the caller takes back when the call returns (never copied asynchronously).</summary>
-    public static OutboundPayload CopyTransient(ReadOnlyMemory<byte> data, TransferMode mode, CachePolicy cache) => new(data, null, mode, cache, transient: true);
-
-    public static OutboundPayload Move(SharedBuffer lease) => new(default, lease ?? throw new ArgumentNullException(nameof(lease)), TransferMode.Auto, CachePolicy.Auto);
 }

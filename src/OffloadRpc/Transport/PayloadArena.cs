@@ -153,39 +153,38 @@ internal sealed unsafe class PayloadArena
 
     private bool TryAllocateLocked(long size, out ArenaBlock block)
     {
+        ThrowIfClosedLocked();
+        _peer.DrainReleases(this);
+        if (TryCarveLocked(size, out block))
         {
-            ThrowIfClosedLocked();
-            _peer.DrainReleases(this);
-            if (TryCarveLocked(size, out block))
-            {
-                return true;
-            }
-
-            // Rounded to 2 MiB, but never past the arena's limit: a block that fits the limit must be able to get a segment.
-            long segmentSize = Math.Min(Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1)), MaxBytes);
-            Debug.Assert(segmentSize >= size, "Allocate refuses blocks larger than MaxBytes before it gets here.");
-            if (_totalBytes + segmentSize > MaxBytes)
-            {
-                RetireFreeSegmentsLocked(_totalBytes + segmentSize - MaxBytes);
-            }
-
-            if (_totalBytes + segmentSize > MaxBytes || _nextSegmentId > MaxSegments && !HasFreeSegmentIdLocked())
-            {
-                block = default;
-                return false;
-            }
-
-            ArenaSegment segment = AddSegmentLocked(segmentSize);
-            bool carved = segment.TryCarve(size, out block);
-            Debug.Assert(carved, "A new segment is at least as large as the block it was added for.");
-            if (!carved)
-            {
-                return false;
-            }
-
-            _usedBytes += size;
             return true;
         }
+
+        // Rounded to 2 MiB, but never past the arena's limit: a block that fits the limit must be able to get a segment.
+        long segmentSize = Math.Min(Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1)), MaxBytes);
+        Debug.Assert(segmentSize >= size, "Allocate refuses blocks larger than MaxBytes before it gets here.");
+        if (_totalBytes + segmentSize > MaxBytes)
+        {
+            RetireFreeSegmentsLocked(_totalBytes + segmentSize - MaxBytes);
+        }
+
+        if (_totalBytes + segmentSize > MaxBytes || _nextSegmentId > MaxSegments && !HasFreeSegmentIdLocked())
+        {
+            block = default;
+            return false;
+        }
+
+        ArenaSegment segment = AddSegmentLocked(segmentSize);
+        if (!segment.TryCarve(size, out block))
+        {
+            // A fresh segment is at least as large as the rounded request: carving it cannot fail.
+            Debug.Fail($"A new {segmentSize}-byte segment could not hold a {size}-byte block.");
+            return false;
+        }
+
+        _usedBytes += size;
+        Debug.Assert(_usedBytes <= _totalBytes, "more bytes in use than the segments hold");
+        return true;
     }
 
     private bool TryCarveLocked(long size, out ArenaBlock block)

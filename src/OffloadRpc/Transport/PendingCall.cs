@@ -264,12 +264,6 @@ internal readonly struct RpcReply : IDisposable
         }
     }
 
-    public int PayloadLength(int index)
-    {
-        _call.ThrowIfReplyGone(_version);
-        return _call.PayloadLength(index);
-    }
-
     public SharedBuffer TakePayload(int index)
     {
         _call.ThrowIfReplyGone(_version);
@@ -303,8 +297,6 @@ internal sealed class PendingCallTable
             _entries[i] = new PendingCall(connection, this, i, runContinuationsAsynchronously);
         }
     }
-
-    public int Capacity => _entries.Length;
 
     public PendingCall? TryClaim()
     {

@@ -34,8 +34,6 @@ internal sealed class SocketChannel : IDisposable
         }
     }
 
-    public Socket Socket => _socket;
-
     /// <summary>
     /// Takes a reference on the socket handle for the duration of a raw call, so that a concurrent
     /// Dispose cannot close the descriptor (and the process reuse its number) under the call.

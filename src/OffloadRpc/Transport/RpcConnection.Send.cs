@@ -1,0 +1,337 @@
+using System.Diagnostics;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>The sending half of a connection: calls, cancels, and every message through <see cref="OutboundMessage"/>.</summary>
+internal sealed partial class RpcConnection
+{
+    /// <summary>How many bytes a pipelined payload writes between two progress updates.</summary>
+    internal long PipelineChunkBytes => _options.PipelineChunkBytes;
+
+    // ------------------------------------------------------------------ calls (client side)
+
+    /// <summary>
+    /// Sends a request and returns its reply. The body and payload bytes are copied into shared memory
+    /// before this returns, so the caller may reuse its buffers at once; leases passed with
+    /// <see cref="OutboundPayload.Move"/> belong to the peer afterwards.
+    /// </summary>
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            DisposeLeases(payloads);
+            return ValueTask.FromCanceled<RpcReply>(cancellationToken);
+        }
+
+        if (IsClosed)
+        {
+            DisposeLeases(payloads);
+            return ValueTask.FromException<RpcReply>(ClosedException());
+        }
+
+        PendingCall? call = _calls.TryClaim();
+        if (call is null)
+        {
+            // Slow path (every entry in flight): keep the promise that the caller's buffers are free
+            // on return by copying their bytes now; leases move as they are.
+            var owned = new OutboundPayload[payloads.Length];
+            for (int i = 0; i < owned.Length; i++)
+            {
+                owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
+            }
+
+            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, cancellationToken);
+        }
+
+        return StartCall(call, methodId, body, payloads, cancellationToken);
+    }
+
+    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, CancellationToken cancellationToken) =>
+        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, cancellationToken);
+
+    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, CancellationToken cancellationToken) =>
+        StartCall(call, methodId, body, payloads, cancellationToken);
+
+    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        try
+        {
+            if (TrySendOffloaded(call, methodId, body, payloads, cancellationToken))
+            {
+                return new ValueTask<RpcReply>(call, call.Version); // published (and cancellation armed) once the copy is done
+            }
+
+            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
+        }
+        catch (Exception ex)
+        {
+            call.AbortBeforeSend();
+            DisposeLeases(payloads); // a lease passed to a call is the call's, sent or not
+            return ValueTask.FromException<RpcReply>(ex);
+        }
+
+        // The request is out. If the connection closed meanwhile, the receive thread's sweep may have
+        // run before our entry was in flight: fail it here (FailOnClose is idempotent).
+        Interlocked.MemoryBarrier();
+        if (IsClosed)
+        {
+            call.FailOnClose(ClosedException());
+        }
+        else
+        {
+            call.RegisterCancellation(cancellationToken);
+        }
+
+        return new ValueTask<RpcReply>(call, call.Version);
+    }
+
+    /// <summary>Gives back the leases of a call that will not be sent (Dispose is a no-op on a lease already gone).</summary>
+    private static void DisposeLeases(ReadOnlySpan<OutboundPayload> payloads)
+    {
+        foreach (OutboundPayload payload in payloads)
+        {
+            try
+            {
+                payload.Lease?.Dispose();
+            }
+            catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+            {
+            }
+        }
+    }
+
+    /// <summary>
+    /// Tells the server a call was cancelled. Never blocks the cancelling thread (it may be a timer or
+    /// the receive thread): when the ring is full the cancel waits in a queue flushed by later sends
+    /// and by the receive thread.
+    /// </summary>
+    internal void TrySendCancel(ulong callId)
+    {
+        _pendingCancels.Enqueue(callId);
+        FlushPendingCancels();
+    }
+
+    private unsafe void FlushPendingCancels()
+    {
+        if (IsClosed || !_outbound.Segment.TryAddReference())
+        {
+            return;
+        }
+
+        try
+        {
+            while (_pendingCancels.TryPeek(out ulong callId))
+            {
+                byte* slot = _outbound.Messages.TryReserve(out long position);
+                if (slot is null)
+                {
+                    return;
+                }
+
+                _pendingCancels.TryDequeue(out _);
+                WriteAndPublish(slot, position, MessageKind.Cancel, callId, 0, MessageFlags.None, [], []);
+            }
+        }
+        catch (ProtocolViolationException ex)
+        {
+            Terminate(ex);
+        }
+        finally
+        {
+            _outbound.Segment.Release();
+        }
+    }
+
+    // ------------------------------------------------------------------ sending
+
+    /// <summary>
+    /// Sends one message (request, response or fault): payload bytes into the arena, leases detached,
+    /// then a ring slot reserved, filled and published, all through one <see cref="OutboundMessage"/>.
+    /// Nothing is lost on failure: blocks are freed and leases restored.
+    /// </summary>
+    internal void Send(MessageKind kind, ulong callId, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        bool bodyInArena = MessageHeader.Size + (long)payloads.Length * PayloadRef.Size + body.Length > Geometry.SlotSize;
+        ThrowIfTooManyPayloads(payloads.Length + (bodyInArena ? 1 : 0), nameof(payloads));
+        if (!_pendingCancels.IsEmpty)
+        {
+            FlushPendingCancels();
+        }
+
+        OutboundMessage message = OutboundMessage.Begin(this, kind, callId, methodId);
+        try
+        {
+            message.AddBody(body, bodyInArena, keepInlineCopy: false, cancellationToken);
+            foreach (ref readonly OutboundPayload payload in payloads)
+            {
+                message.Add(payload, allowAsync: false, cancellationToken);
+            }
+        }
+        catch
+        {
+            message.Abandon(disposeLeases: false);
+            throw;
+        }
+
+        message.Commit(bodyInArena ? default : body, cancellationToken);
+    }
+
+    private void ThrowIfTooManyPayloads(int references, string parameter)
+    {
+        if (references > TransportProtocol.MaxPayloadsPerMessage || MessageHeader.Size + references * PayloadRef.Size > Geometry.SlotSize)
+        {
+            throw new ArgumentException($"A message carries at most {TransportProtocol.MaxPayloadsPerMessage} payloads (its body counts as one when it exceeds the slot).", parameter);
+        }
+    }
+
+    /// <summary>
+    /// Offload mode with the caller's thread free: the payload bytes are handed to the copy workers and
+    /// the call returns at once; the request is published from the thread pool once they are done.
+    /// Many calls in flight so overlap the copy of one with the service of another. The caller's buffer
+    /// must stay unchanged until the call's task completes, as with any asynchronous write. Taken only
+    /// for requests with an inline body, no pipelined payload, and at least one payload the caller
+    /// explicitly offloaded from an array (Auto keeps the promise that the caller's buffer is free when
+    /// the call returns); anything else goes through <see cref="Send"/>, which offloads synchronously.
+    /// </summary>
+    private bool TrySendOffloaded(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        if (!HasAsyncOffload(body.Length, payloads))
+        {
+            return false;
+        }
+
+        ThrowIfTooManyPayloads(payloads.Length, nameof(payloads));
+        OutboundMessage message = OutboundMessage.Begin(this, MessageKind.Request, call.CallId, methodId);
+        try
+        {
+            message.AddBody(body, inArena: false, keepInlineCopy: true, cancellationToken);
+            foreach (ref readonly OutboundPayload payload in payloads)
+            {
+                message.Add(payload, allowAsync: true, cancellationToken);
+            }
+
+            message.CommitWhenCopied(call, cancellationToken);
+        }
+        catch
+        {
+            message.Abandon(disposeLeases: false);
+            throw;
+        }
+
+        return true;
+    }
+
+    /// <summary>Whether a request goes the asynchronous offload way (see <see cref="TrySendOffloaded"/>); allocation-free.</summary>
+    private bool HasAsyncOffload(int bodyLength, ReadOnlySpan<OutboundPayload> payloads)
+    {
+        if (payloads.IsEmpty || MessageHeader.Size + (long)payloads.Length * PayloadRef.Size + bodyLength > Geometry.SlotSize)
+        {
+            return false; // nothing to offload, or a body that overflows the slot: the ordinary path
+        }
+
+        bool any = false;
+        foreach (ref readonly OutboundPayload payload in payloads)
+        {
+            if (payload.Lease is not null)
+            {
+                continue;
+            }
+
+            Engines.TransferPlan plan = Engines.TransferPolicy.Resolve(payload.Data.Length, payload.Mode, payload.Cache, _options.PipelineChunkBytes);
+            if (plan.Mode == TransferMode.Pipelined)
+            {
+                return false; // a mix with pipelined payloads: the synchronous path orders them
+            }
+
+            any |= OutboundMessage.IsAsyncOffload(payload.Data, payload.Mode, payload.IsTransient, plan);
+        }
+
+        return any;
+    }
+
+    /// <summary>Reserves the next outbound slot, waiting (bounded by close and cancellation) while the ring is full.</summary>
+    internal unsafe byte* ReserveSlot(out long position, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            ThrowIfClosed();
+            byte* slot;
+            try
+            {
+                slot = _outbound.Messages.TryReserve(out position);
+            }
+            catch (ProtocolViolationException ex)
+            {
+                Terminate(ex);
+                throw;
+            }
+
+            if (slot is not null)
+            {
+                return slot;
+            }
+
+            var condition = new RingHasSpace(this, _outbound.Messages, cancellationToken);
+            SharedWait.Wait(ref condition, _outbound.MessageProducerWake, _sendSpin, singleWaiter: false);
+            cancellationToken.ThrowIfCancellationRequested();
+        }
+    }
+
+    private readonly struct RingHasSpace : IWaitCondition
+    {
+        private readonly RpcConnection _connection;
+        private readonly ControlRing _ring;
+        private readonly CancellationToken _cancellationToken;
+
+        public RingHasSpace(RpcConnection connection, ControlRing ring, CancellationToken cancellationToken)
+        {
+            _connection = connection;
+            _ring = ring;
+            _cancellationToken = cancellationToken;
+        }
+
+        public bool IsSatisfied() => _ring.HasFreeSlot();
+
+        public bool IsAbandoned() => _connection.IsClosed || _cancellationToken.IsCancellationRequested;
+    }
+
+    // ------------------------------------------------------------------ hooks for the protocol-violation tests
+
+    /// <summary>This side's outbound control area (messages go into its ring; tests write raw, possibly corrupt, slots).</summary>
+    internal ControlArea OutboundArea => _outbound;
+
+    /// <summary>Test hook: the socket, to send raw frames.</summary>
+    internal SocketChannel Channel => _channel;
+
+    /// <summary>Test hook: reserves the next outbound slot without writing it.</summary>
+    internal unsafe byte* ReserveRawSlot(out long position) => ReserveSlot(out position, CancellationToken.None);
+
+    /// <summary>Test hook: wakes the peer's receive thread without publishing anything.</summary>
+    internal unsafe void WakePeerConsumer() => SharedWait.WakeUnconditionally(_outbound.ConsumerWake);
+
+    /// <summary>The one place a message is laid out in a reserved slot: header, payload references, inline body; then published and the receiver woken.</summary>
+    internal unsafe void WriteAndPublish(byte* slot, long position, MessageKind kind, ulong callId, int methodId, MessageFlags flags, ReadOnlySpan<PayloadRef> refs, ReadOnlySpan<byte> body)
+    {
+        Debug.Assert(refs.Length <= TransportProtocol.MaxPayloadsPerMessage, "more payload references than a message carries");
+        Debug.Assert(MessageHeader.Size + (refs.Length * PayloadRef.Size) + body.Length <= Geometry.SlotSize, "a message larger than its slot");
+        Debug.Assert(((flags & MessageFlags.BodyInPayload) == 0) || (body.IsEmpty && refs.Length > 0), "a body-in-arena message carries its body as the first reference");
+        MessageHeader* header = (MessageHeader*)slot;
+        header->CallId = callId;
+        header->Kind = kind;
+        header->Flags = flags;
+        header->MethodId = methodId;
+        header->BodyLength = body.Length;
+        header->PayloadCount = (ushort)refs.Length;
+        header->Reserved = 0;
+        refs.CopyTo(new Span<PayloadRef>(slot + MessageHeader.Size, refs.Length));
+        body.CopyTo(new Span<byte>(slot + MessageHeader.Size + (refs.Length * PayloadRef.Size), body.Length));
+        PublishRawSlot(position);
+    }
+
+    /// <summary>Publishes a reserved slot and wakes the peer (test hook: a slot written by hand).</summary>
+    internal unsafe void PublishRawSlot(long position)
+    {
+        _outbound.Messages.Publish(position);
+        SharedWait.Wake(_outbound.ConsumerWake);
+    }
+}
