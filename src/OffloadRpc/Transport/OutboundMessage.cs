@@ -49,7 +49,7 @@ internal readonly struct OutboundPayload
 /// <see cref="Commit"/> (reserve a slot, mark the blocks lent, write, publish, then the pipelined
 /// copies) or <see cref="Abandon"/> (free the blocks, reattach or dispose the leases, unpin). An
 /// asynchronous offload hands the copies to the workers (<see cref="CommitWhenCopied"/>) and commits
-/// from the thread pool. Pooled per thread: a small call allocates nothing.
+/// from the thread pool. Pooled per thread (the synchronous path): a small call allocates nothing.
 /// </para>
 /// </summary>
 internal sealed class OutboundMessage : IThreadPoolWorkItem
@@ -83,6 +83,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
     private int _methodId;
     private PendingCall? _call;
     private CancellationToken _callCancellation;
+    private bool _handedToWorkers;
 
     private OutboundMessage()
     {
@@ -326,6 +327,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         Debug.Assert(_copyCount > 0 && (_flags & MessageFlags.BodyInPayload) == 0 && _deferredCount == 0, "only inline-body requests with offloaded copies go asynchronously");
         _call = call;
         _callCancellation = cancellationToken;
+        _handedToWorkers = true;
         CopyCompletion completion = _completion ??= new CopyCompletion();
         completion.OnCompleted(static s => ThreadPool.UnsafeQueueUserWorkItem((OutboundMessage)s!, preferLocal: false), this);
         WorkerCopyEngine.Shared.Submit(_copies.AsSpan(0, _copyCount), completion);
@@ -439,7 +441,13 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         _call = null;
         _callCancellation = default;
         connection.OutboundArea.Segment.Release();
-        t_spare ??= this;
+
+        // A message the copy workers had is not reused: the submitting thread may still be leaving
+        // Submit (reading the descriptors) when the last copy completes and the message commits.
+        if (!_handedToWorkers)
+        {
+            t_spare ??= this;
+        }
     }
 
     /// <summary>A pipelined payload still to be written once its message is out.</summary>

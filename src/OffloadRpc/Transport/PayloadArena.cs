@@ -311,6 +311,7 @@ internal sealed unsafe class PayloadArena
             ArenaSegment segment = _segments[segmentId] ?? throw new InvalidOperationException($"Segment {segmentId} is not in the {_name} arena.");
             long size = segment.Free(offset, expected) ?? throw new InvalidOperationException($"No {expected} block at {segmentId}:{offset} in the {_name} arena.");
             _usedBytes -= size;
+            Debug.Assert(_usedBytes >= 0, "more bytes freed than allocated");
             _freeGeneration++;
         }
 
@@ -324,6 +325,7 @@ internal sealed unsafe class PayloadArena
     /// <exception cref="ProtocolViolationException">The handle names no block lent to the peer.</exception>
     public void ReleaseFromPeerLocked(ulong handle)
     {
+        Debug.Assert(Monitor.IsEntered(_lock), "releases are drained under the arena lock");
         int segmentId = (int)(handle >> SegmentShift);
         long offset = (long)(handle & ((1UL << SegmentShift) - 1)) << OffsetShift;
         ArenaSegment? segment = segmentId is > 0 and <= MaxSegments ? _segments[segmentId] : null;

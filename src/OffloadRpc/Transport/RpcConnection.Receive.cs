@@ -1,3 +1,5 @@
+using System.Diagnostics;
+
 namespace OffloadRpc.Transport;
 
 internal sealed partial class RpcConnection
@@ -291,6 +293,7 @@ internal sealed partial class RpcConnection
     /// </summary>
     private IncomingCall RentIncomingCall()
     {
+        Debug.Assert(Thread.CurrentThread == _receiveThread, "the spare served call is the receive thread's");
         IncomingCall? spare = _spareIncomingCall;
         if (spare is not null)
         {

@@ -73,6 +73,7 @@ internal sealed partial class RpcConnection
     /// <summary>Posts releases that found the ring full (receive thread only).</summary>
     private unsafe void FlushOverflowReleases()
     {
+        Debug.Assert(Thread.CurrentThread == _receiveThread, "overflow releases are posted by the receive thread only");
         while (_overflowReleases.TryPeek(out ulong handle))
         {
             byte* slot = _outbound.Releases.TryReserve(out long position);
