@@ -1,9 +1,4 @@
 using System.Collections.Generic;
-using System.Collections.Immutable;
-using Microsoft.CodeAnalysis;
-using Microsoft.CodeAnalysis.Diagnostics;
-using Microsoft.CodeAnalysis.Operations;
-using OffloadRpc.Generators;
 
 namespace OffloadRpc.Analyzers;
 
@@ -15,26 +10,12 @@ namespace OffloadRpc.Analyzers;
 /// into the buffer local. The call's argument travels as an additional location for the fix.
 /// </summary>
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
-public sealed class BufferInFlightAnalyzer : DiagnosticAnalyzer
+public sealed class BufferInFlightAnalyzer : OffloadRpcAnalyzer
 {
     public override ImmutableArray<DiagnosticDescriptor> SupportedDiagnostics { get; } = ImmutableArray.Create(Diagnostics.WrittenInFlightRule);
 
-    public override void Initialize(AnalysisContext context)
-    {
-        context.EnableConcurrentExecution();
-        context.ConfigureGeneratedCodeAnalysis(GeneratedCodeAnalysisFlags.None);
-        context.RegisterCompilationStartAction(start =>
-        {
-            INamedTypeSymbol? service = start.Compilation.GetTypeByMetadataName(ServiceParser.OffloadServiceAttribute);
-            INamedTypeSymbol? transfer = start.Compilation.GetTypeByMetadataName(TransferAttributeReader.AttributeMetadataName);
-            if (service is null || transfer is null)
-            {
-                return;
-            }
-
-            start.RegisterOperationAction(c => AnalyzeBlock(c, service, transfer), OperationKind.Block);
-        });
-    }
+    private protected override void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types) =>
+        context.RegisterOperationAction(c => AnalyzeBlock(c, types.ServiceAttribute, types.TransferAttribute), OperationKind.Block);
 
     private static void AnalyzeBlock(OperationAnalysisContext context, INamedTypeSymbol service, INamedTypeSymbol transfer)
     {

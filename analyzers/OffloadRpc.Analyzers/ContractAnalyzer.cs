@@ -1,8 +1,4 @@
 using System.Collections.Generic;
-using System.Collections.Immutable;
-using Microsoft.CodeAnalysis;
-using Microsoft.CodeAnalysis.Diagnostics;
-using OffloadRpc.Generators;
 
 namespace OffloadRpc.Analyzers;
 
@@ -11,7 +7,7 @@ namespace OffloadRpc.Analyzers;
 /// Runs the generator's own parser, so the analyzer reports exactly why the generator emitted nothing.
 /// </summary>
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
-public sealed class ContractAnalyzer : DiagnosticAnalyzer
+public sealed class ContractAnalyzer : OffloadRpcAnalyzer
 {
     public override ImmutableArray<DiagnosticDescriptor> SupportedDiagnostics { get; } = ImmutableArray.Create(
         Diagnostics.ReturnTypeRule,
@@ -21,21 +17,10 @@ public sealed class ContractAnalyzer : DiagnosticAnalyzer
         Diagnostics.MethodIdCollisionRule,
         Diagnostics.CannotImplementRule);
 
-    public override void Initialize(AnalysisContext context)
+    private protected override void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types)
     {
-        context.EnableConcurrentExecution();
-        context.ConfigureGeneratedCodeAnalysis(GeneratedCodeAnalysisFlags.None);
-        context.RegisterCompilationStartAction(start =>
-        {
-            INamedTypeSymbol? attribute = start.Compilation.GetTypeByMetadataName(ServiceParser.OffloadServiceAttribute);
-            if (attribute is null)
-            {
-                return; // OffloadRpc is not referenced
-            }
-
-            var parser = new ServiceParser(start.Compilation);
-            start.RegisterSymbolAction(symbolContext => Analyze(symbolContext, attribute, parser), SymbolKind.NamedType);
-        });
+        var parser = new ServiceParser(context.Compilation);
+        context.RegisterSymbolAction(symbolContext => Analyze(symbolContext, types.ServiceAttribute, parser), SymbolKind.NamedType);
     }
 
     private static void Analyze(SymbolAnalysisContext context, INamedTypeSymbol attribute, ServiceParser parser)

@@ -1,9 +1,3 @@
-using System.Collections.Immutable;
-using Microsoft.CodeAnalysis;
-using Microsoft.CodeAnalysis.Diagnostics;
-using Microsoft.CodeAnalysis.Operations;
-using OffloadRpc.Generators;
-
 namespace OffloadRpc.Analyzers;
 
 /// <summary>
@@ -13,28 +7,13 @@ namespace OffloadRpc.Analyzers;
 /// implicit dispose is fine (disposing a moved lease does nothing).
 /// </summary>
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
-public sealed class MovedBufferAnalyzer : DiagnosticAnalyzer
+public sealed class MovedBufferAnalyzer : OffloadRpcAnalyzer
 {
     public override ImmutableArray<DiagnosticDescriptor> SupportedDiagnostics { get; } = ImmutableArray.Create(Diagnostics.UsedAfterMoveRule);
 
-    public override void Initialize(AnalysisContext context)
-    {
-        context.EnableConcurrentExecution();
-        context.ConfigureGeneratedCodeAnalysis(GeneratedCodeAnalysisFlags.None);
-        context.RegisterCompilationStartAction(start =>
-        {
-            INamedTypeSymbol? service = start.Compilation.GetTypeByMetadataName(ServiceParser.OffloadServiceAttribute);
-            INamedTypeSymbol? sharedBuffer = start.Compilation.GetTypeByMetadataName("OffloadRpc.SharedBuffer");
-            if (service is null || sharedBuffer is null)
-            {
-                return;
-            }
-
-            // Per block (diagnostics stay local to what was analyzed): each statement that moves a local
-            // lease into a service call, then the statements after it in the same block.
-            start.RegisterOperationAction(c => AnalyzeBlock(c, service, sharedBuffer), OperationKind.Block);
-        });
-    }
+    /// <summary>Per block (diagnostics stay local to what was analyzed): each statement that moves a local lease into a service call, then the statements after it in the same block.</summary>
+    private protected override void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types) =>
+        context.RegisterOperationAction(c => AnalyzeBlock(c, types.ServiceAttribute, types.SharedBuffer), OperationKind.Block);
 
     private static void AnalyzeBlock(OperationAnalysisContext context, INamedTypeSymbol service, INamedTypeSymbol sharedBuffer)
     {

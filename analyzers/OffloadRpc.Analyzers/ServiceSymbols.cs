@@ -1,6 +1,3 @@
-using Microsoft.CodeAnalysis;
-using Microsoft.CodeAnalysis.Operations;
-
 namespace OffloadRpc.Analyzers;
 
 /// <summary>What every OffloadRpc analyzer asks of symbols and operations.</summary>
@@ -33,4 +30,42 @@ internal static class ServiceSymbols
 
         return value;
     }
+}
+
+/// <summary>The OffloadRpc types the analyzers look for, resolved once per compilation.</summary>
+internal sealed record OffloadRpcTypes(INamedTypeSymbol ServiceAttribute, INamedTypeSymbol TransferAttribute, INamedTypeSymbol SharedBuffer)
+{
+    /// <summary>The types, or null when the compilation does not reference OffloadRpc.</summary>
+    public static OffloadRpcTypes? Resolve(Compilation compilation) =>
+        compilation.GetTypeByMetadataName(ServiceParser.OffloadServiceAttribute) is { } service
+        && compilation.GetTypeByMetadataName(TransferAttributeReader.AttributeMetadataName) is { } transfer
+        && compilation.GetTypeByMetadataName("OffloadRpc.SharedBuffer") is { } sharedBuffer
+            ? new OffloadRpcTypes(service, transfer, sharedBuffer)
+            : null;
+}
+
+/// <summary>
+/// What every OffloadRpc analyzer does the same way: concurrent, not on generated code, and only in
+/// compilations that reference OffloadRpc, with its types resolved once.
+/// </summary>
+public abstract class OffloadRpcAnalyzer : DiagnosticAnalyzer
+{
+    private protected OffloadRpcAnalyzer()
+    {
+    }
+
+    public sealed override void Initialize(AnalysisContext context)
+    {
+        context.EnableConcurrentExecution();
+        context.ConfigureGeneratedCodeAnalysis(GeneratedCodeAnalysisFlags.None);
+        context.RegisterCompilationStartAction(start =>
+        {
+            if (OffloadRpcTypes.Resolve(start.Compilation) is { } types)
+            {
+                OnCompilationStart(start, types);
+            }
+        });
+    }
+
+    private protected abstract void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types);
 }

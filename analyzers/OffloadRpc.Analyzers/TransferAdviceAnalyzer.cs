@@ -1,10 +1,5 @@
 using System;
-using System.Collections.Immutable;
 using System.Globalization;
-using Microsoft.CodeAnalysis;
-using Microsoft.CodeAnalysis.Diagnostics;
-using Microsoft.CodeAnalysis.Operations;
-using OffloadRpc.Generators;
 
 namespace OffloadRpc.Analyzers;
 
@@ -17,7 +12,7 @@ namespace OffloadRpc.Analyzers;
 /// assumed last-level cache, 32 MiB).
 /// </summary>
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
-public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
+public sealed class TransferAdviceAnalyzer : OffloadRpcAnalyzer
 {
     /// <summary>The size from which Copy is advised against and below which Offload/Pipelined/Bypass are: where the runtime's Auto stops copying on the caller.</summary>
     public const long DefaultOffloadThreshold = TransferThresholds.OffloadCrossoverBytes;
@@ -31,22 +26,10 @@ public sealed class TransferAdviceAnalyzer : DiagnosticAnalyzer
         Diagnostics.OffloadSmallRule,
         Diagnostics.ByteArrayParameterRule);
 
-    public override void Initialize(AnalysisContext context)
+    private protected override void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types)
     {
-        context.EnableConcurrentExecution();
-        context.ConfigureGeneratedCodeAnalysis(GeneratedCodeAnalysisFlags.None);
-        context.RegisterCompilationStartAction(start =>
-        {
-            INamedTypeSymbol? service = start.Compilation.GetTypeByMetadataName(ServiceParser.OffloadServiceAttribute);
-            INamedTypeSymbol? transfer = start.Compilation.GetTypeByMetadataName(TransferAttributeReader.AttributeMetadataName);
-            if (service is null || transfer is null)
-            {
-                return;
-            }
-
-            start.RegisterSymbolAction(c => AnalyzeMethod(c, service, transfer), SymbolKind.Method);
-            start.RegisterOperationAction(c => AnalyzeCall(c, service, transfer), OperationKind.Invocation);
-        });
+        context.RegisterSymbolAction(c => AnalyzeMethod(c, types.ServiceAttribute, types.TransferAttribute), SymbolKind.Method);
+        context.RegisterOperationAction(c => AnalyzeCall(c, types.ServiceAttribute, types.TransferAttribute), OperationKind.Invocation);
     }
 
     /// <summary>Declaration site: byte[] parameters, and [Transfer] choices that contradict their own ExpectedBytes.</summary>

@@ -15,19 +15,16 @@ using OffloadRpc.Generators;
 
 namespace OffloadRpc.CodeFixes;
 
-/// <summary>
-/// Fixes OFFRPC2001-2003 by rewriting the [Transfer] attribute that decided the mode: on the
-/// parameter, else on the method (found through the call for a call-site diagnostic).
-/// </summary>
-[ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(TransferModeFix)), Shared]
-public sealed class TransferModeFix : CodeFixProvider
+/// <summary>What every OffloadRpc fix does the same way: Fix All in batches, one registration per diagnostic with the document's root and semantic model.</summary>
+public abstract class OffloadRpcFix : CodeFixProvider
 {
-    public override ImmutableArray<string> FixableDiagnosticIds { get; } =
-        ImmutableArray.Create(Diagnostics.LargeCopy, Diagnostics.InjectAboveCache, Diagnostics.OffloadSmall);
+    private protected OffloadRpcFix()
+    {
+    }
 
-    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
+    public sealed override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
 
-    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    public sealed override async Task RegisterCodeFixesAsync(CodeFixContext context)
     {
         SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
         SemanticModel? model = await context.Document.GetSemanticModelAsync(context.CancellationToken).ConfigureAwait(false);
@@ -38,28 +35,47 @@ public sealed class TransferModeFix : CodeFixProvider
 
         foreach (Diagnostic diagnostic in context.Diagnostics)
         {
-            SyntaxNode node = root.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
-            IParameterSymbol? parameter = node.FirstAncestorOrSelf<ParameterSyntax>() is { } declared
-                ? model.GetDeclaredSymbol(declared, context.CancellationToken)
-                : (model.GetOperation(node, context.CancellationToken)?.Parent as IArgumentOperation)?.Parameter
-                  ?? (model.GetOperation(node.FirstAncestorOrSelf<ArgumentSyntax>() ?? node, context.CancellationToken) as IArgumentOperation)?.Parameter;
-            if (parameter is null || FindAttribute(parameter, model.Compilation, context.CancellationToken) is not { } attribute)
-            {
-                continue;
-            }
-
-            (string? mode, string? cache, string title) = diagnostic.Id switch
-            {
-                Diagnostics.LargeCopy => ((string?)nameof(TransferMode.Pipelined), (string?)null, "Transfer in Pipelined mode"),
-                Diagnostics.InjectAboveCache => (null, nameof(CachePolicy.Bypass), "Bypass the cache"),
-                _ => (nameof(TransferMode.Copy), nameof(CachePolicy.Inject), "Copy inline into the cache"),
-            };
-
-            Document target = context.Document.Project.Solution.GetDocument(attribute.SyntaxTree) ?? context.Document;
-            context.RegisterCodeFix(
-                CodeAction.Create(title, ct => RewriteAsync(target, attribute, mode, cache, ct), equivalenceKey: diagnostic.Id),
-                diagnostic);
+            Register(context, root, model, diagnostic);
         }
+    }
+
+    /// <summary>Registers the fix for <paramref name="diagnostic"/>, if it has one here.</summary>
+    private protected abstract void Register(CodeFixContext context, SyntaxNode root, SemanticModel model, Diagnostic diagnostic);
+}
+
+/// <summary>
+/// Fixes OFFRPC2001-2003 by rewriting the [Transfer] attribute that decided the mode: on the
+/// parameter, else on the method (found through the call for a call-site diagnostic).
+/// </summary>
+[ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(TransferModeFix)), Shared]
+public sealed class TransferModeFix : OffloadRpcFix
+{
+    public override ImmutableArray<string> FixableDiagnosticIds { get; } =
+        ImmutableArray.Create(Diagnostics.LargeCopy, Diagnostics.InjectAboveCache, Diagnostics.OffloadSmall);
+
+    private protected override void Register(CodeFixContext context, SyntaxNode root, SemanticModel model, Diagnostic diagnostic)
+    {
+        SyntaxNode node = root.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
+        IParameterSymbol? parameter = node.FirstAncestorOrSelf<ParameterSyntax>() is { } declared
+            ? model.GetDeclaredSymbol(declared, context.CancellationToken)
+            : (model.GetOperation(node, context.CancellationToken)?.Parent as IArgumentOperation)?.Parameter
+              ?? (model.GetOperation(node.FirstAncestorOrSelf<ArgumentSyntax>() ?? node, context.CancellationToken) as IArgumentOperation)?.Parameter;
+        if (parameter is null || FindAttribute(parameter, model.Compilation, context.CancellationToken) is not { } attribute)
+        {
+            return;
+        }
+
+        (string? mode, string? cache, string title) = diagnostic.Id switch
+        {
+            Diagnostics.LargeCopy => ((string?)nameof(TransferMode.Pipelined), (string?)null, "Transfer in Pipelined mode"),
+            Diagnostics.InjectAboveCache => (null, nameof(CachePolicy.Bypass), "Bypass the cache"),
+            _ => (nameof(TransferMode.Copy), nameof(CachePolicy.Inject), "Copy inline into the cache"),
+        };
+
+        Document target = context.Document.Project.Solution.GetDocument(attribute.SyntaxTree) ?? context.Document;
+        context.RegisterCodeFix(
+            CodeAction.Create(title, ct => RewriteAsync(target, attribute, mode, cache, ct), equivalenceKey: diagnostic.Id),
+            diagnostic);
     }
 
     /// <summary>The [Transfer] syntax that decides the parameter's mode: its own, else its method's.</summary>
@@ -102,112 +118,92 @@ public sealed class TransferModeFix : CodeFixProvider
 
 /// <summary>Fixes OFFRPC2004: a byte[] service parameter becomes ReadOnlyMemory&lt;byte&gt; (read in place in shared memory on the server).</summary>
 [ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(ByteArrayParameterFix)), Shared]
-public sealed class ByteArrayParameterFix : CodeFixProvider
+public sealed class ByteArrayParameterFix : OffloadRpcFix
 {
     public override ImmutableArray<string> FixableDiagnosticIds { get; } = ImmutableArray.Create(Diagnostics.ByteArrayParameter);
 
-    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
-
-    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    private protected override void Register(CodeFixContext context, SyntaxNode root, SemanticModel model, Diagnostic diagnostic)
     {
-        SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
-        SemanticModel? model = await context.Document.GetSemanticModelAsync(context.CancellationToken).ConfigureAwait(false);
-        foreach (Diagnostic diagnostic in context.Diagnostics)
+        SyntaxNode node = root.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
+        if (node.FirstAncestorOrSelf<ArgumentSyntax>() is { Expression: InvocationExpressionSyntax { Expression: MemberAccessExpressionSyntax { Name.Identifier.ValueText: "ToArray" } access, ArgumentList.Arguments.Count: 0 } } argument
+            && model.GetTypeInfo(access.Expression, context.CancellationToken).Type is IArrayTypeSymbol or INamedTypeSymbol { Name: "Memory" or "ReadOnlyMemory" })
         {
-            SyntaxNode? node = root?.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
-            if (node?.FirstAncestorOrSelf<ArgumentSyntax>() is { Expression: InvocationExpressionSyntax { Expression: MemberAccessExpressionSyntax { Name.Identifier.ValueText: "ToArray" } access, ArgumentList.Arguments.Count: 0 } } argument
-                && model?.GetTypeInfo(access.Expression, context.CancellationToken).Type is IArrayTypeSymbol or INamedTypeSymbol { Name: "Memory" or "ReadOnlyMemory" })
-            {
-                // A fresh copy of an array or a Memory: pass the buffer itself (the call copies it into shared memory anyway).
-                context.RegisterCodeFix(
-                    CodeAction.Create(
-                        "Pass the buffer without a copy",
-                        _ => Task.FromResult(context.Document.WithSyntaxRoot(root!.ReplaceNode(argument.Expression, access.Expression.WithTriviaFrom(argument.Expression)))),
-                        equivalenceKey: Diagnostics.ByteArrayParameter + ".ToArray"),
-                    diagnostic);
-                continue;
-            }
-
-            if (node?.FirstAncestorOrSelf<ParameterSyntax>() is not { Type: { } type } parameter)
-            {
-                continue;
-            }
-
+            // A fresh copy of an array or a Memory: pass the buffer itself (the call copies it into shared memory anyway).
             context.RegisterCodeFix(
                 CodeAction.Create(
-                    "Take ReadOnlyMemory<byte>",
-                    _ =>
-                    {
-                        TypeSyntax memory = SyntaxFactory.ParseTypeName("global::System.ReadOnlyMemory<byte>").WithTriviaFrom(type).WithAdditionalAnnotations(Simplifier.Annotation);
-                        return Task.FromResult(context.Document.WithSyntaxRoot(root!.ReplaceNode(parameter, parameter.WithType(memory))));
-                    },
-                    equivalenceKey: Diagnostics.ByteArrayParameter),
+                    "Pass the buffer without a copy",
+                    _ => Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(argument.Expression, access.Expression.WithTriviaFrom(argument.Expression)))),
+                    equivalenceKey: Diagnostics.ByteArrayParameter + ".ToArray"),
                 diagnostic);
+            return;
         }
+
+        if (node.FirstAncestorOrSelf<ParameterSyntax>() is not { Type: { } type } parameter)
+        {
+            return;
+        }
+
+        context.RegisterCodeFix(
+            CodeAction.Create(
+                "Take ReadOnlyMemory<byte>",
+                _ =>
+                {
+                    TypeSyntax memory = SyntaxFactory.ParseTypeName("global::System.ReadOnlyMemory<byte>").WithTriviaFrom(type).WithAdditionalAnnotations(Simplifier.Annotation);
+                    return Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(parameter, parameter.WithType(memory))));
+                },
+                equivalenceKey: Diagnostics.ByteArrayParameter),
+            diagnostic);
     }
 }
 
 /// <summary>Fixes OFFRPC2006 where the use is a Dispose call: the lease moved with the call, so the call is removed.</summary>
 [ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(MovedBufferDisposeFix)), Shared]
-public sealed class MovedBufferDisposeFix : CodeFixProvider
+public sealed class MovedBufferDisposeFix : OffloadRpcFix
 {
     public override ImmutableArray<string> FixableDiagnosticIds { get; } = ImmutableArray.Create(Diagnostics.UsedAfterMove);
 
-    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
-
-    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    private protected override void Register(CodeFixContext context, SyntaxNode root, SemanticModel model, Diagnostic diagnostic)
     {
-        SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
-        foreach (Diagnostic diagnostic in context.Diagnostics)
+        SyntaxNode node = root.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
+        if (node.Parent is MemberAccessExpressionSyntax { Name.Identifier.ValueText: "Dispose" } access
+            && access.Parent is InvocationExpressionSyntax { ArgumentList.Arguments.Count: 0 } call
+            && call.Parent is ExpressionStatementSyntax statement)
         {
-            SyntaxNode? node = root?.FindNode(diagnostic.Location.SourceSpan, getInnermostNodeForTie: true);
-            if (node?.Parent is MemberAccessExpressionSyntax { Name.Identifier.ValueText: "Dispose" } access
-                && access.Parent is InvocationExpressionSyntax { ArgumentList.Arguments.Count: 0 } call
-                && call.Parent is ExpressionStatementSyntax statement)
-            {
-                context.RegisterCodeFix(
-                    CodeAction.Create(
-                        "Remove the Dispose of a lease that moved",
-                        _ => Task.FromResult(context.Document.WithSyntaxRoot(root!.RemoveNode(statement, SyntaxRemoveOptions.KeepNoTrivia)!)),
-                        equivalenceKey: Diagnostics.UsedAfterMove),
-                    diagnostic);
-            }
+            context.RegisterCodeFix(
+                CodeAction.Create(
+                    "Remove the Dispose of a lease that moved",
+                    _ => Task.FromResult(context.Document.WithSyntaxRoot(root.RemoveNode(statement, SyntaxRemoveOptions.KeepNoTrivia)!)),
+                    equivalenceKey: Diagnostics.UsedAfterMove),
+                diagnostic);
         }
     }
 }
 
 /// <summary>Fixes OFFRPC2005 by giving the call a copy of the buffer, so later writes cannot reach the bytes in flight.</summary>
 [ExportCodeFixProvider(LanguageNames.CSharp, Name = nameof(BufferInFlightFix)), Shared]
-public sealed class BufferInFlightFix : CodeFixProvider
+public sealed class BufferInFlightFix : OffloadRpcFix
 {
     public override ImmutableArray<string> FixableDiagnosticIds { get; } = ImmutableArray.Create(Diagnostics.WrittenInFlight);
 
-    public override FixAllProvider GetFixAllProvider() => WellKnownFixAllProviders.BatchFixer;
-
-    public override async Task RegisterCodeFixesAsync(CodeFixContext context)
+    private protected override void Register(CodeFixContext context, SyntaxNode root, SemanticModel model, Diagnostic diagnostic)
     {
-        SyntaxNode? root = await context.Document.GetSyntaxRootAsync(context.CancellationToken).ConfigureAwait(false);
-        SemanticModel? model = await context.Document.GetSemanticModelAsync(context.CancellationToken).ConfigureAwait(false);
-        foreach (Diagnostic diagnostic in context.Diagnostics)
+        if (diagnostic.AdditionalLocations.Count == 0
+            || root.FindNode(diagnostic.AdditionalLocations[0].SourceSpan, getInnermostNodeForTie: true).FirstAncestorOrSelf<ArgumentSyntax>() is not { } argument
+            || model.GetTypeInfo(argument.Expression, context.CancellationToken).Type is not { } type)
         {
-            if (root is null || model is null || diagnostic.AdditionalLocations.Count == 0
-                || root.FindNode(diagnostic.AdditionalLocations[0].SourceSpan, getInnermostNodeForTie: true).FirstAncestorOrSelf<ArgumentSyntax>() is not { } argument
-                || model.GetTypeInfo(argument.Expression, context.CancellationToken).Type is not { } type)
-            {
-                continue;
-            }
-
-            string source = argument.Expression is IdentifierNameSyntax or MemberAccessExpressionSyntax ? argument.Expression.ToString() : $"({argument.Expression})";
-            ExpressionSyntax copy = type is IArrayTypeSymbol
-                ? SyntaxFactory.ParseExpression($"({type.ToMinimalDisplayString(model, argument.SpanStart)}){source}.Clone()")
-                : SyntaxFactory.ParseExpression($"{source}.ToArray()");
-            copy = copy.WithAdditionalAnnotations(Simplifier.Annotation);
-            context.RegisterCodeFix(
-                CodeAction.Create(
-                    "Pass a copy of the buffer",
-                    _ => Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(argument.Expression, copy))),
-                    equivalenceKey: Diagnostics.WrittenInFlight),
-                diagnostic);
+            return;
         }
+
+        string source = argument.Expression is IdentifierNameSyntax or MemberAccessExpressionSyntax ? argument.Expression.ToString() : $"({argument.Expression})";
+        ExpressionSyntax copy = type is IArrayTypeSymbol
+            ? SyntaxFactory.ParseExpression($"({type.ToMinimalDisplayString(model, argument.SpanStart)}){source}.Clone()")
+            : SyntaxFactory.ParseExpression($"{source}.ToArray()");
+        copy = copy.WithAdditionalAnnotations(Simplifier.Annotation);
+        context.RegisterCodeFix(
+            CodeAction.Create(
+                "Pass a copy of the buffer",
+                _ => Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(argument.Expression, copy))),
+                equivalenceKey: Diagnostics.WrittenInFlight),
+            diagnostic);
     }
 }

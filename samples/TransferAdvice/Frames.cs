@@ -21,7 +21,7 @@ public static class Uploader
 {
     public static async Task StreamFramesAsync(IFrameSink sink, OffloadRpcConnection connection)
     {
-        byte[] frame = new byte[1 << 20];
+        byte[] frame = new byte[16 << 20];                                              // large enough to offload (a 1 MiB one would be OFFRPC2003)
         Task pending = sink.StreamAsync(frame);
         frame[0] = 1;                                                                   // OFFRPC2005: the workers may still be copying it
         await pending;

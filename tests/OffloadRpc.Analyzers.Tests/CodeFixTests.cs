@@ -42,6 +42,43 @@ public sealed class CodeFixTests
         """);
 
     [Fact]
+    public Task OFFRPC2001_fix_rewrites_the_methods_attribute_for_a_local_of_known_size() => Verify.VerifyFixAsync<TransferModeFix>(
+        Usings + """
+        [OffloadService]
+        public interface IService
+        {
+            [Transfer(TransferMode.Copy)]
+            Task SendAsync(ReadOnlyMemory<byte> data);
+        }
+
+        public static class Caller
+        {
+            public static Task Run(IService service)
+            {
+                var big = new byte[64 * 1024 * 1024];
+                return service.SendAsync({|OFFRPC2001:big|});
+            }
+        }
+        """,
+        Usings + """
+        [OffloadService]
+        public interface IService
+        {
+            [Transfer(TransferMode.Pipelined, CachePolicy.Auto)]
+            Task SendAsync(ReadOnlyMemory<byte> data);
+        }
+
+        public static class Caller
+        {
+            public static Task Run(IService service)
+            {
+                var big = new byte[64 * 1024 * 1024];
+                return service.SendAsync(big);
+            }
+        }
+        """);
+
+    [Fact]
     public Task OFFRPC2002_fix_bypasses_the_cache_and_keeps_ExpectedBytes() => Verify.VerifyFixAsync<TransferModeFix>(
         Usings + """
         [OffloadService]
