@@ -1,4 +1,4 @@
-using OffloadRpc.Transport;
+using OffloadRpc.Internal;
 
 namespace OffloadRpc;
 
@@ -9,14 +9,9 @@ namespace OffloadRpc;
 public sealed class OffloadCallContext
 {
     private static readonly AsyncLocal<OffloadCallContext?> s_current = new();
-    private readonly RpcConnection _connection;
-    private readonly Runtime.ServerCall _call;
+    private readonly ServerCall _call;
 
-    internal OffloadCallContext(RpcConnection connection, Runtime.ServerCall call)
-    {
-        _connection = connection;
-        _call = call;
-    }
+    internal OffloadCallContext(ServerCall call) => _call = call;
 
     /// <summary>The call being served on this logical thread, or null.</summary>
     public static OffloadCallContext? Current
@@ -30,17 +25,17 @@ public sealed class OffloadCallContext
     public CancellationToken CancellationToken => _call.CancellationToken;
 
     /// <summary>The calling process's id (from the kernel, SO_PEERCRED).</summary>
-    public int PeerProcessId => _connection.Peer.ProcessId;
+    public int PeerProcessId => _call.Inbound.PeerProcessId;
 
     /// <summary>The calling process's user id (from the kernel, SO_PEERCRED).</summary>
-    public uint PeerUserId => _connection.Peer.UserId;
+    public uint PeerUserId => _call.Inbound.PeerUserId;
 
     /// <summary>
     /// Rents <paramref name="bytes"/> of shared memory from the calling connection, to fill in place
     /// and return from the method as a <see cref="SharedBuffer"/> without a copy.
     /// </summary>
-    public SharedBuffer Rent(int bytes) => _connection.Rent(bytes, CancellationToken.None);
+    public SharedBuffer Rent(int bytes) => _call.Inbound.Rent(bytes, CancellationToken.None);
 
     /// <summary>As <see cref="Rent(int)"/>, giving up with <see cref="OperationCanceledException"/> when <paramref name="cancellationToken"/> fires while the arena is full.</summary>
-    public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => _connection.Rent(bytes, cancellationToken);
+    public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => _call.Inbound.Rent(bytes, cancellationToken);
 }

@@ -1,5 +1,5 @@
 using System.Collections.Concurrent;
-using OffloadRpc.Runtime;
+using OffloadRpc.Internal;
 using OffloadRpc.Transport;
 
 namespace OffloadRpc;
@@ -12,9 +12,16 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
 {
     private readonly ConcurrentDictionary<Type, object> _proxies = new();
 
-    private OffloadRpcConnection(RpcConnection transport) => Transport = transport;
+    private OffloadRpcConnection(RpcConnection transport, OffloadRpcOptions options)
+    {
+        Transport = transport;
+        Invoker = new SharedMemoryInvoker(transport, options.CreateSerializerOptions());
+    }
 
     internal RpcConnection Transport { get; }
+
+    /// <summary>What the generated proxies of this connection call.</summary>
+    internal CallInvoker Invoker { get; }
 
     /// <summary>The server process's id.</summary>
     public int PeerProcessId => Transport.Peer.ProcessId;
@@ -32,8 +39,9 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     /// </summary>
     public static async Task<OffloadRpcConnection> ConnectAsync(string endpoint, OffloadRpcOptions? options = null, CancellationToken cancellationToken = default)
     {
-        RpcConnection transport = await Handshake.ConnectAsync(endpoint, (options ?? new OffloadRpcOptions()).ToTransportOptions(), ServiceRegistry.Contracts(), null, cancellationToken).ConfigureAwait(false);
-        return new OffloadRpcConnection(transport);
+        options ??= new OffloadRpcOptions();
+        RpcConnection transport = await Handshake.ConnectAsync(endpoint, options.ToTransportOptions(), ServiceRegistry.Contracts(), null, cancellationToken).ConfigureAwait(false);
+        return new OffloadRpcConnection(transport, options);
     }
 
     /// <summary>The generated proxy of service <typeparamref name="T"/> on this connection.</summary>
@@ -59,7 +67,7 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
             throw new ContractMismatchException($"Contract mismatch for {descriptor.Name}: this client was built against {descriptor.ContractHash:x16}, the server implements {served:x16}.") { ServiceName = descriptor.Name };
         }
 
-        return (T)_proxies.GetOrAdd(typeof(T), _ => descriptor.CreateProxy(this));
+        return (T)_proxies.GetOrAdd(typeof(T), _ => descriptor.CreateProxy(Invoker));
     }
 
     /// <summary>

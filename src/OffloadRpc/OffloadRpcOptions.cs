@@ -1,3 +1,5 @@
+using MessagePack;
+using MessagePack.Resolvers;
 using OffloadRpc.Transport;
 
 namespace OffloadRpc;
@@ -47,6 +49,24 @@ public sealed class OffloadRpcOptions
 
     /// <summary>Chunk size of pipelined transfers (TransferMode.Pipelined, Stream parameters): the server starts once the first chunk has landed.</summary>
     public long PipelineChunkBytes { get; set; } = Engines.TransferPolicy.PipelineChunkBytes;
+
+    /// <summary>
+    /// MessagePack formatters to use ahead of the standard ones for this connection or server, for
+    /// example a resolver generated ahead of time (mpc) for NativeAOT: there MessagePack 2.x cannot
+    /// build formatters for [MessagePackObject] types, enums inside other types or generic collections
+    /// with dynamic code. Primitives, strings, top-level enums and buffers never go through a resolver.
+    /// Data from the peer is always read with MessagePack's untrusted-data security.
+    /// </summary>
+    public IFormatterResolver? MessagePackResolver { get; set; }
+
+    private static readonly MessagePackSerializerOptions s_standardSerializerOptions =
+        MessagePackSerializerOptions.Standard.WithSecurity(MessagePackSecurity.UntrustedData);
+
+    internal MessagePackSerializerOptions CreateSerializerOptions() => MessagePackResolver is { } resolver
+        ? MessagePackSerializerOptions.Standard
+            .WithResolver(CompositeResolver.Create(resolver, StandardResolver.Instance))
+            .WithSecurity(MessagePackSecurity.UntrustedData)
+        : s_standardSerializerOptions;
 
     internal TransportOptions ToTransportOptions() => new()
     {

@@ -1,4 +1,4 @@
-using OffloadRpc.Runtime;
+using OffloadRpc.Internal;
 using OffloadRpc.Transport;
 
 namespace OffloadRpc;
@@ -12,7 +12,7 @@ public sealed class OffloadRpcServer : IAsyncDisposable
 {
     private readonly string _endpoint;
     private readonly OffloadRpcOptions _options;
-    private readonly ServiceDispatcher _dispatcher = new();
+    private readonly ServiceDispatcher _dispatcher;
     private RpcListener? _listener;
 
     /// <param name="endpoint">An endpoint name (its socket lives in the per-user directory) or a socket path (with a '/').</param>
@@ -21,6 +21,7 @@ public sealed class OffloadRpcServer : IAsyncDisposable
         ArgumentException.ThrowIfNullOrWhiteSpace(endpoint);
         _endpoint = endpoint;
         _options = options ?? new OffloadRpcOptions();
+        _dispatcher = new ServiceDispatcher(_options.CreateSerializerOptions());
     }
 
     /// <summary>The socket path clients connect to (known once started).</summary>

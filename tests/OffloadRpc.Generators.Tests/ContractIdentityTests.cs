@@ -162,14 +162,18 @@ public sealed partial class ContractIdentityTests
         Assert.True(hash.Success && ids.Success, "Unexpected registration source:\n" + text);
         return (
             ulong.Parse(hash.Groups[1].Value, NumberStyles.HexNumber, CultureInfo.InvariantCulture),
-            ids.Groups[1].Value.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
-                .Select(id => int.Parse(id, CultureInfo.InvariantCulture))
+            MethodIdPattern().Matches(ids.Groups[1].Value)
+                .Select(id => int.Parse(id.Groups[1].Value, CultureInfo.InvariantCulture))
                 .ToArray());
     }
 
     [GeneratedRegex(@"\b0x([0-9A-F]{16})UL\b")]
     private static partial Regex HashPattern();
 
-    [GeneratedRegex(@"new int\[\] \{([^}]*)\}")]
+    /// <summary>The registration's list of the proxy's method descriptors (each named by its id).</summary>
+    [GeneratedRegex(@"MethodDescriptor\[\] \{([^}]*)\}")]
     private static partial Regex IdsPattern();
+
+    [GeneratedRegex(@"\.Method([0-9]+)\b")]
+    private static partial Regex MethodIdPattern();
 }

@@ -16,7 +16,7 @@ internal interface IRequestHandler
 }
 
 /// <summary>A request being served: its body, payloads, cancellation, and the way to answer it. Pooled per connection.</summary>
-internal sealed class IncomingCall : InboundMessage
+internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
 {
     private const int NotReplied = 0;
     private const int Replying = 1;
@@ -45,6 +45,12 @@ internal sealed class IncomingCall : InboundMessage
             }
         }
     }
+
+    int Internal.IInboundCall.PeerProcessId => Connection.Peer.ProcessId;
+
+    uint Internal.IInboundCall.PeerUserId => Connection.Peer.UserId;
+
+    SharedBuffer Internal.IInboundCall.Rent(int bytes, CancellationToken cancellationToken) => Connection.Rent(bytes, cancellationToken);
 
     public bool HasReplied => Volatile.Read(ref _replyState) == Replied;
 

@@ -16,7 +16,7 @@ namespace OffloadRpc.Transport;
 /// response ring's slots.
 /// </para>
 /// </summary>
-internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
+internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, IReplySource
 {
     public const int IndexBits = 20;
 
@@ -225,13 +225,33 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>
     internal void MarkFree() => Interlocked.Exchange(ref _state, StateFree);
 }
 
+/// <summary>
+/// Where a reply's body and payloads live until it is disposed: a pending call of a shared-memory
+/// connection, or another transport's reply. <c>version</c> tells a reply from a later one that reuses the source.
+/// </summary>
+internal interface IReplySource
+{
+    ReadOnlySpan<byte> Body { get; }
+
+    ReadOnlyMemory<byte> BodyMemory { get; }
+
+    int PayloadCount { get; }
+
+    SharedBuffer TakePayload(int index);
+
+    /// <summary>Throws <see cref="ObjectDisposedException"/> when the reply of <paramref name="version"/> was disposed.</summary>
+    void ThrowIfReplyGone(short version);
+
+    void DisposeReply(short version);
+}
+
 /// <summary>The reply to a call: its body and payloads. Dispose it to recycle the call's entry.</summary>
 internal readonly struct RpcReply : IDisposable
 {
-    private readonly PendingCall _call;
+    private readonly IReplySource _call;
     private readonly short _version;
 
-    public RpcReply(PendingCall call, short version)
+    public RpcReply(IReplySource call, short version)
     {
         _call = call;
         _version = version;

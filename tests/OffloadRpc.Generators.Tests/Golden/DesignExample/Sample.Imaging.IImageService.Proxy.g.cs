@@ -9,16 +9,16 @@ namespace Sample.Imaging
     [global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]
     public sealed class ImageServiceProxy : global::Sample.Imaging.IImageService
     {
-        private readonly global::OffloadRpc.OffloadRpcConnection _connection;
+        private readonly global::OffloadRpc.Internal.CallInvoker _invoker;
 
-        public ImageServiceProxy(global::OffloadRpc.OffloadRpcConnection connection)
+        public ImageServiceProxy(global::OffloadRpc.Internal.CallInvoker invoker)
         {
-            this._connection = connection ?? throw new global::System.ArgumentNullException(nameof(connection));
+            this._invoker = invoker ?? throw new global::System.ArgumentNullException(nameof(invoker));
         }
 
         global::System.Threading.Tasks.ValueTask<byte[]> global::Sample.Imaging.IImageService.EchoAsync(byte[] data, global::System.Threading.CancellationToken ct)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -32,12 +32,12 @@ namespace Sample.Imaging
                 return global::System.Threading.Tasks.ValueTask.FromException<byte[]>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<byte[]>(this._connection, 324153750, __request, s_decode324153750, ct);
+            return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method324153750, __request, ct);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<byte[]> s_decode324153750 = Decode324153750;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<byte[]> Method324153750 = new global::OffloadRpc.Internal.MethodDescriptor<byte[]>("Sample.Imaging.IImageService", "EchoAsync", 324153750, Decode324153750);
 
-        private static byte[] Decode324153750(in global::OffloadRpc.Runtime.CallReply reply)
+        private static byte[] Decode324153750(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.CopyArray<byte>(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable byte[].");
@@ -45,7 +45,7 @@ namespace Sample.Imaging
 
         global::System.Threading.Tasks.ValueTask<global::OffloadRpc.SharedBuffer> global::Sample.Imaging.IImageService.RenderAsync(int width, int height, global::System.Threading.CancellationToken ct)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -60,12 +60,12 @@ namespace Sample.Imaging
                 return global::System.Threading.Tasks.ValueTask.FromException<global::OffloadRpc.SharedBuffer>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::OffloadRpc.SharedBuffer>(this._connection, 720896971, __request, s_decode720896971, ct);
+            return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method720896971, __request, ct);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::OffloadRpc.SharedBuffer> s_decode720896971 = Decode720896971;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer> Method720896971 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer>("Sample.Imaging.IImageService", "RenderAsync", 720896971, Decode720896971);
 
-        private static global::OffloadRpc.SharedBuffer Decode720896971(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::OffloadRpc.SharedBuffer Decode720896971(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.TakeSharedBuffer(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable OffloadRpc.SharedBuffer.");
@@ -73,13 +73,13 @@ namespace Sample.Imaging
 
         global::System.Threading.Tasks.ValueTask<global::Sample.Imaging.Detection[]> global::Sample.Imaging.IImageService.DetectAsync(global::System.ReadOnlyMemory<byte> batch, global::Sample.Imaging.DetectOptions options, global::System.Threading.CancellationToken ct)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
                 __writer.WriteArrayHeader(2);
                 __writer.Write(__request.AddBuffer<byte>(batch, global::OffloadRpc.TransferMode.Pipelined, global::OffloadRpc.CachePolicy.Bypass));
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, options, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, options, this._invoker.SerializerOptions);
                 __writer.Flush();
             }
             catch (global::System.Exception __exception)
@@ -88,20 +88,20 @@ namespace Sample.Imaging
                 return global::System.Threading.Tasks.ValueTask.FromException<global::Sample.Imaging.Detection[]>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::Sample.Imaging.Detection[]>(this._connection, 1263039390, __request, s_decode1263039390, ct);
+            return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1263039390, __request, ct);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::Sample.Imaging.Detection[]> s_decode1263039390 = Decode1263039390;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Imaging.Detection[]> Method1263039390 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Imaging.Detection[]>("Sample.Imaging.IImageService", "DetectAsync", 1263039390, Decode1263039390);
 
-        private static global::Sample.Imaging.Detection[] Decode1263039390(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::Sample.Imaging.Detection[] Decode1263039390(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Imaging.Detection[]>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable Sample.Imaging.Detection[].");
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Imaging.Detection[]>(ref reader, reply.SerializerOptions) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable Sample.Imaging.Detection[].");
         }
 
         global::System.Threading.Tasks.ValueTask global::Sample.Imaging.IImageService.ProcessAsync(global::OffloadRpc.SharedBuffer frame, global::System.Threading.CancellationToken ct)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -115,12 +115,14 @@ namespace Sample.Imaging
                 return global::System.Threading.Tasks.ValueTask.FromException(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 1351954364, __request, ct);
+            return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1351954364, __request, ct);
         }
+
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method1351954364 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Imaging.IImageService", "ProcessAsync", 1351954364);
 
         global::System.Threading.Tasks.ValueTask<int> global::Sample.Imaging.IImageService.AddAsync(int a, int b, global::System.Threading.CancellationToken ct)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -135,12 +137,12 @@ namespace Sample.Imaging
                 return global::System.Threading.Tasks.ValueTask.FromException<int>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int>(this._connection, 1490050280, __request, s_decode1490050280, ct);
+            return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1490050280, __request, ct);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<int> s_decode1490050280 = Decode1490050280;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method1490050280 = new global::OffloadRpc.Internal.MethodDescriptor<int>("Sample.Imaging.IImageService", "AddAsync", 1490050280, Decode1490050280);
 
-        private static int Decode1490050280(in global::OffloadRpc.Runtime.CallReply reply)
+        private static int Decode1490050280(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadInt32();
@@ -148,7 +150,7 @@ namespace Sample.Imaging
 
         global::System.Threading.Tasks.ValueTask<ulong> global::Sample.Imaging.IImageService.ChecksumAsync(global::System.ReadOnlyMemory<byte> frame, global::System.Threading.CancellationToken ct)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -162,12 +164,12 @@ namespace Sample.Imaging
                 return global::System.Threading.Tasks.ValueTask.FromException<ulong>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<ulong>(this._connection, 1681903504, __request, s_decode1681903504, ct);
+            return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1681903504, __request, ct);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<ulong> s_decode1681903504 = Decode1681903504;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<ulong> Method1681903504 = new global::OffloadRpc.Internal.MethodDescriptor<ulong>("Sample.Imaging.IImageService", "ChecksumAsync", 1681903504, Decode1681903504);
 
-        private static ulong Decode1681903504(in global::OffloadRpc.Runtime.CallReply reply)
+        private static ulong Decode1681903504(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadUInt64();

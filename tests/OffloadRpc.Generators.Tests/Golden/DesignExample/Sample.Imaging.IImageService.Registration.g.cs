@@ -12,11 +12,11 @@ namespace Sample.Imaging
         [global::System.Runtime.CompilerServices.ModuleInitializer]
         internal static void Register()
         {
-            global::OffloadRpc.Runtime.ServiceRegistry.Register(new global::OffloadRpc.Runtime.ServiceDescriptor<global::Sample.Imaging.IImageService>(
+            global::OffloadRpc.Internal.ServiceRegistry.Register(new global::OffloadRpc.Internal.ServiceDescriptor<global::Sample.Imaging.IImageService>(
                 "Sample.Imaging.IImageService",
                 0xBC8627EB18BB3C0DUL,
-                new int[] { 324153750, 720896971, 1263039390, 1351954364, 1490050280, 1681903504 },
-                static connection => new ImageServiceProxy(connection),
+                new global::OffloadRpc.Internal.MethodDescriptor[] { global::Sample.Imaging.ImageServiceProxy.Method324153750, global::Sample.Imaging.ImageServiceProxy.Method720896971, global::Sample.Imaging.ImageServiceProxy.Method1263039390, global::Sample.Imaging.ImageServiceProxy.Method1351954364, global::Sample.Imaging.ImageServiceProxy.Method1490050280, global::Sample.Imaging.ImageServiceProxy.Method1681903504 },
+                static invoker => new ImageServiceProxy(invoker),
                 static implementation => new ImageServiceStub(implementation)));
         }
     }

@@ -9,16 +9,16 @@ namespace OffloadRpc.Generated
     [global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]
     internal sealed class GlobalCalculatorProxy : global::IGlobalCalculator
     {
-        private readonly global::OffloadRpc.OffloadRpcConnection _connection;
+        private readonly global::OffloadRpc.Internal.CallInvoker _invoker;
 
-        public GlobalCalculatorProxy(global::OffloadRpc.OffloadRpcConnection connection)
+        public GlobalCalculatorProxy(global::OffloadRpc.Internal.CallInvoker invoker)
         {
-            this._connection = connection ?? throw new global::System.ArgumentNullException(nameof(connection));
+            this._invoker = invoker ?? throw new global::System.ArgumentNullException(nameof(invoker));
         }
 
         global::System.Threading.Tasks.ValueTask global::IGlobalCalculator.ClearAsync(global::System.Threading.CancellationToken cancellationToken)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -31,12 +31,14 @@ namespace OffloadRpc.Generated
                 return global::System.Threading.Tasks.ValueTask.FromException(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 623844223, __request, cancellationToken);
+            return this._invoker.InvokeAsync(global::OffloadRpc.Generated.GlobalCalculatorProxy.Method623844223, __request, cancellationToken);
         }
+
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method623844223 = new global::OffloadRpc.Internal.MethodDescriptor("IGlobalCalculator", "ClearAsync", 623844223);
 
         global::System.Threading.Tasks.ValueTask<float[]> global::IGlobalCalculator.HistoryAsync()
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -49,12 +51,12 @@ namespace OffloadRpc.Generated
                 return global::System.Threading.Tasks.ValueTask.FromException<float[]>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<float[]>(this._connection, 667527112, __request, s_decode667527112, default);
+            return this._invoker.InvokeAsync(global::OffloadRpc.Generated.GlobalCalculatorProxy.Method667527112, __request, default);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<float[]> s_decode667527112 = Decode667527112;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<float[]> Method667527112 = new global::OffloadRpc.Internal.MethodDescriptor<float[]>("IGlobalCalculator", "HistoryAsync", 667527112, Decode667527112);
 
-        private static float[] Decode667527112(in global::OffloadRpc.Runtime.CallReply reply)
+        private static float[] Decode667527112(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.CopyArray<float>(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable float[].");
@@ -62,7 +64,7 @@ namespace OffloadRpc.Generated
 
         global::System.Threading.Tasks.Task<int> global::IGlobalCalculator.AddAsync(int a, int b)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -77,12 +79,12 @@ namespace OffloadRpc.Generated
                 return global::System.Threading.Tasks.Task.FromException<int>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int>(this._connection, 853741005, __request, s_decode853741005, default).AsTask();
+            return this._invoker.InvokeAsync(global::OffloadRpc.Generated.GlobalCalculatorProxy.Method853741005, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<int> s_decode853741005 = Decode853741005;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method853741005 = new global::OffloadRpc.Internal.MethodDescriptor<int>("IGlobalCalculator", "AddAsync", 853741005, Decode853741005);
 
-        private static int Decode853741005(in global::OffloadRpc.Runtime.CallReply reply)
+        private static int Decode853741005(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadInt32();

@@ -12,11 +12,11 @@ namespace OffloadRpc.Generated
         [global::System.Runtime.CompilerServices.ModuleInitializer]
         internal static void Register()
         {
-            global::OffloadRpc.Runtime.ServiceRegistry.Register(new global::OffloadRpc.Runtime.ServiceDescriptor<global::IGlobalCalculator>(
+            global::OffloadRpc.Internal.ServiceRegistry.Register(new global::OffloadRpc.Internal.ServiceDescriptor<global::IGlobalCalculator>(
                 "IGlobalCalculator",
                 0x8C93FA5C1B2FAFAFUL,
-                new int[] { 623844223, 667527112, 853741005 },
-                static connection => new GlobalCalculatorProxy(connection),
+                new global::OffloadRpc.Internal.MethodDescriptor[] { global::OffloadRpc.Generated.GlobalCalculatorProxy.Method623844223, global::OffloadRpc.Generated.GlobalCalculatorProxy.Method667527112, global::OffloadRpc.Generated.GlobalCalculatorProxy.Method853741005 },
+                static invoker => new GlobalCalculatorProxy(invoker),
                 static implementation => new GlobalCalculatorStub(implementation)));
         }
     }

@@ -9,16 +9,16 @@ namespace Sample.Sink
     [global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]
     public sealed class KitchenSinkProxy : global::Sample.Sink.IKitchenSink
     {
-        private readonly global::OffloadRpc.OffloadRpcConnection _connection;
+        private readonly global::OffloadRpc.Internal.CallInvoker _invoker;
 
-        public KitchenSinkProxy(global::OffloadRpc.OffloadRpcConnection connection)
+        public KitchenSinkProxy(global::OffloadRpc.Internal.CallInvoker invoker)
         {
-            this._connection = connection ?? throw new global::System.ArgumentNullException(nameof(connection));
+            this._invoker = invoker ?? throw new global::System.ArgumentNullException(nameof(invoker));
         }
 
         global::System.Threading.Tasks.ValueTask<long> global::Sample.Sink.IKitchenSink.ConsumeAsync(global::System.IO.Stream data, global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks, global::System.Threading.CancellationToken cancellationToken)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -33,12 +33,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException<long>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<long>(this._connection, 248194261, __request, s_decode248194261, cancellationToken);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method248194261, __request, cancellationToken);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<long> s_decode248194261 = Decode248194261;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method248194261 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Sink.IKitchenSink", "ConsumeAsync", 248194261, Decode248194261);
 
-        private static long Decode248194261(in global::OffloadRpc.Runtime.CallReply reply)
+        private static long Decode248194261(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadInt64();
@@ -46,13 +46,13 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.Task<global::System.DateTime> global::Sample.Sink.IKitchenSink.ShiftAsync(global::System.DateTime moment, global::System.TimeSpan by)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
                 __writer.WriteArrayHeader(2);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, moment, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, by, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, moment, this._invoker.SerializerOptions);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, by, this._invoker.SerializerOptions);
                 __writer.Flush();
             }
             catch (global::System.Exception __exception)
@@ -61,20 +61,20 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<global::System.DateTime>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.DateTime>(this._connection, 420193125, __request, s_decode420193125, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method420193125, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::System.DateTime> s_decode420193125 = Decode420193125;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.DateTime> Method420193125 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.DateTime>("Sample.Sink.IKitchenSink", "ShiftAsync", 420193125, Decode420193125);
 
-        private static global::System.DateTime Decode420193125(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::System.DateTime Decode420193125(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.DateTime>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.DateTime>(ref reader, reply.SerializerOptions);
         }
 
         global::System.Threading.Tasks.ValueTask<global::Sample.Sink.Channel> global::Sample.Sink.IKitchenSink.NextChannelAsync(global::Sample.Sink.Channel channel, global::Sample.Sink.Level level)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -89,12 +89,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException<global::Sample.Sink.Channel>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::Sample.Sink.Channel>(this._connection, 485972202, __request, s_decode485972202, default);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method485972202, __request, default);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::Sample.Sink.Channel> s_decode485972202 = Decode485972202;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Channel> Method485972202 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Channel>("Sample.Sink.IKitchenSink", "NextChannelAsync", 485972202, Decode485972202);
 
-        private static global::Sample.Sink.Channel Decode485972202(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::Sample.Sink.Channel Decode485972202(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return (global::Sample.Sink.Channel)reader.ReadInt32();
@@ -102,7 +102,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.ValueTask global::Sample.Sink.IKitchenSink.ResetAsync(global::System.Threading.CancellationToken cancellationToken)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -115,12 +115,14 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 561976780, __request, cancellationToken);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method561976780, __request, cancellationToken);
         }
+
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method561976780 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Sink.IKitchenSink", "ResetAsync", 561976780);
 
         global::System.Threading.Tasks.Task<double[]> global::Sample.Sink.IKitchenSink.ScaleAsync(double[] values, double factor)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -135,12 +137,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<double[]>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<double[]>(this._connection, 619346103, __request, s_decode619346103, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method619346103, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<double[]> s_decode619346103 = Decode619346103;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double[]> Method619346103 = new global::OffloadRpc.Internal.MethodDescriptor<double[]>("Sample.Sink.IKitchenSink", "ScaleAsync", 619346103, Decode619346103);
 
-        private static double[] Decode619346103(in global::OffloadRpc.Runtime.CallReply reply)
+        private static double[] Decode619346103(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.CopyArray<double>(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable double[].");
@@ -148,7 +150,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.Task global::Sample.Sink.IKitchenSink.DoNothingAsync()
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -161,12 +163,14 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync(this._connection, 801540263, __request, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method801540263, __request, default).AsTask();
         }
+
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method801540263 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Sink.IKitchenSink", "DoNothingAsync", 801540263);
 
         global::System.Threading.Tasks.ValueTask<double> global::Sample.Sink.IKitchenSink.SumAsync(global::System.ReadOnlyMemory<float> floats, global::System.Memory<int> ints)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -181,12 +185,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException<double>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<double>(this._connection, 802093341, __request, s_decode802093341, default);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method802093341, __request, default);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<double> s_decode802093341 = Decode802093341;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double> Method802093341 = new global::OffloadRpc.Internal.MethodDescriptor<double>("Sample.Sink.IKitchenSink", "SumAsync", 802093341, Decode802093341);
 
-        private static double Decode802093341(in global::OffloadRpc.Runtime.CallReply reply)
+        private static double Decode802093341(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadDouble();
@@ -194,7 +198,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.Task<global::OffloadRpc.SharedBuffer?> global::Sample.Sink.IKitchenSink.MaybeLeaseAsync(int length)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -208,12 +212,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<global::OffloadRpc.SharedBuffer?>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::OffloadRpc.SharedBuffer?>(this._connection, 874497112, __request, s_decode874497112, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method874497112, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::OffloadRpc.SharedBuffer?> s_decode874497112 = Decode874497112;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer?> Method874497112 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer?>("Sample.Sink.IKitchenSink", "MaybeLeaseAsync", 874497112, Decode874497112);
 
-        private static global::OffloadRpc.SharedBuffer? Decode874497112(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::OffloadRpc.SharedBuffer? Decode874497112(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.TakeSharedBuffer(reader.ReadInt32());
@@ -221,7 +225,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.ValueTask<bool> global::Sample.Sink.IKitchenSink.@checked(int @class, string @event, int @await, global::System.Threading.CancellationToken @default)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -237,12 +241,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException<bool>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<bool>(this._connection, 897847365, __request, s_decode897847365, @default);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method897847365, __request, @default);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<bool> s_decode897847365 = Decode897847365;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<bool> Method897847365 = new global::OffloadRpc.Internal.MethodDescriptor<bool>("Sample.Sink.IKitchenSink", "checked", 897847365, Decode897847365);
 
-        private static bool Decode897847365(in global::OffloadRpc.Runtime.CallReply reply)
+        private static bool Decode897847365(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadBoolean();
@@ -250,7 +254,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.Task<int[]?> global::Sample.Sink.IKitchenSink.MaybeAsync(int[]? values)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -264,12 +268,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<int[]?>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int[]?>(this._connection, 960466944, __request, s_decode960466944, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method960466944, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<int[]?> s_decode960466944 = Decode960466944;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int[]?> Method960466944 = new global::OffloadRpc.Internal.MethodDescriptor<int[]?>("Sample.Sink.IKitchenSink", "MaybeAsync", 960466944, Decode960466944);
 
-        private static int[]? Decode960466944(in global::OffloadRpc.Runtime.CallReply reply)
+        private static int[]? Decode960466944(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.CopyArray<int>(reader.ReadInt32());
@@ -277,7 +281,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.ValueTask<global::System.Memory<short>> global::Sample.Sink.IKitchenSink.ShortsAsync(int count)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -291,12 +295,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException<global::System.Memory<short>>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.Memory<short>>(this._connection, 1045107197, __request, s_decode1045107197, default);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1045107197, __request, default);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::System.Memory<short>> s_decode1045107197 = Decode1045107197;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.Memory<short>> Method1045107197 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.Memory<short>>("Sample.Sink.IKitchenSink", "ShortsAsync", 1045107197, Decode1045107197);
 
-        private static global::System.Memory<short> Decode1045107197(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::System.Memory<short> Decode1045107197(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.CopyArray<short>(reader.ReadInt32());
@@ -304,7 +308,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.ValueTask<global::System.ReadOnlyMemory<byte>> global::Sample.Sink.IKitchenSink.ReverseAsync(global::System.ReadOnlyMemory<byte> data)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -318,12 +322,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException<global::System.ReadOnlyMemory<byte>>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.ReadOnlyMemory<byte>>(this._connection, 1370471249, __request, s_decode1370471249, default);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1370471249, __request, default);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::System.ReadOnlyMemory<byte>> s_decode1370471249 = Decode1370471249;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method1370471249 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Sink.IKitchenSink", "ReverseAsync", 1370471249, Decode1370471249);
 
-        private static global::System.ReadOnlyMemory<byte> Decode1370471249(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::System.ReadOnlyMemory<byte> Decode1370471249(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reply.CopyArray<byte>(reader.ReadInt32());
@@ -331,7 +335,7 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.Task<(int Count, string Text)> global::Sample.Sink.IKitchenSink.TupleAsync(int count, string text)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -346,20 +350,20 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<(int Count, string Text)>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<(int Count, string Text)>(this._connection, 1458818217, __request, s_decode1458818217, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1458818217, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<(int Count, string Text)> s_decode1458818217 = Decode1458818217;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<(int Count, string Text)> Method1458818217 = new global::OffloadRpc.Internal.MethodDescriptor<(int Count, string Text)>("Sample.Sink.IKitchenSink", "TupleAsync", 1458818217, Decode1458818217);
 
-        private static (int Count, string Text) Decode1458818217(in global::OffloadRpc.Runtime.CallReply reply)
+        private static (int Count, string Text) Decode1458818217(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<(int Count, string Text)>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+            return global::MessagePack.MessagePackSerializer.Deserialize<(int Count, string Text)>(ref reader, reply.SerializerOptions);
         }
 
         global::System.Threading.Tasks.Task<global::System.Collections.Generic.List<string>> global::Sample.Sink.IKitchenSink.SplitAsync(string text, char separator)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -374,27 +378,27 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<global::System.Collections.Generic.List<string>>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::System.Collections.Generic.List<string>>(this._connection, 1625685404, __request, s_decode1625685404, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1625685404, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::System.Collections.Generic.List<string>> s_decode1625685404 = Decode1625685404;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.Collections.Generic.List<string>> Method1625685404 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.Collections.Generic.List<string>>("Sample.Sink.IKitchenSink", "SplitAsync", 1625685404, Decode1625685404);
 
-        private static global::System.Collections.Generic.List<string> Decode1625685404(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::System.Collections.Generic.List<string> Decode1625685404(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.Collections.Generic.List<string>>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.List<string>.");
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::System.Collections.Generic.List<string>>(ref reader, reply.SerializerOptions) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.List<string>.");
         }
 
         global::System.Threading.Tasks.Task<global::Sample.Sink.Point?> global::Sample.Sink.IKitchenSink.MoveAsync(global::Sample.Sink.Point point, global::Sample.Sink.Point? origin, global::System.Collections.Generic.Dictionary<string, int> counts)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
                 __writer.WriteArrayHeader(3);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, point, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, origin, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, counts, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, point, this._invoker.SerializerOptions);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, origin, this._invoker.SerializerOptions);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, counts, this._invoker.SerializerOptions);
                 __writer.Flush();
             }
             catch (global::System.Exception __exception)
@@ -403,20 +407,20 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<global::Sample.Sink.Point?>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<global::Sample.Sink.Point?>(this._connection, 1743152058, __request, s_decode1743152058, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1743152058, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<global::Sample.Sink.Point?> s_decode1743152058 = Decode1743152058;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Point?> Method1743152058 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Point?>("Sample.Sink.IKitchenSink", "MoveAsync", 1743152058, Decode1743152058);
 
-        private static global::Sample.Sink.Point? Decode1743152058(in global::OffloadRpc.Runtime.CallReply reply)
+        private static global::Sample.Sink.Point? Decode1743152058(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Sink.Point?>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Sink.Point?>(ref reader, reply.SerializerOptions);
         }
 
         global::System.Threading.Tasks.ValueTask<long> global::Sample.Sink.IKitchenSink.TotalLengthAsync(byte[] first, global::OffloadRpc.SharedBuffer? second)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -431,12 +435,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.ValueTask.FromException<long>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<long>(this._connection, 1879692759, __request, s_decode1879692759, default);
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1879692759, __request, default);
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<long> s_decode1879692759 = Decode1879692759;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method1879692759 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Sink.IKitchenSink", "TotalLengthAsync", 1879692759, Decode1879692759);
 
-        private static long Decode1879692759(in global::OffloadRpc.Runtime.CallReply reply)
+        private static long Decode1879692759(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadInt64();
@@ -444,13 +448,13 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.Task<decimal> global::Sample.Sink.IKitchenSink.AddDecimalAsync(decimal a, decimal b)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
                 __writer.WriteArrayHeader(2);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, a, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, b, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, a, this._invoker.SerializerOptions);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, b, this._invoker.SerializerOptions);
                 __writer.Flush();
             }
             catch (global::System.Exception __exception)
@@ -459,20 +463,20 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<decimal>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<decimal>(this._connection, 1884731671, __request, s_decode1884731671, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1884731671, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<decimal> s_decode1884731671 = Decode1884731671;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<decimal> Method1884731671 = new global::OffloadRpc.Internal.MethodDescriptor<decimal>("Sample.Sink.IKitchenSink", "AddDecimalAsync", 1884731671, Decode1884731671);
 
-        private static decimal Decode1884731671(in global::OffloadRpc.Runtime.CallReply reply)
+        private static decimal Decode1884731671(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+            return global::MessagePack.MessagePackSerializer.Deserialize<decimal>(ref reader, reply.SerializerOptions);
         }
 
         global::System.Threading.Tasks.Task<string?> global::Sample.Sink.IKitchenSink.FindAsync(string key)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -486,12 +490,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<string?>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<string?>(this._connection, 1912296331, __request, s_decode1912296331, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1912296331, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<string?> s_decode1912296331 = Decode1912296331;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<string?> Method1912296331 = new global::OffloadRpc.Internal.MethodDescriptor<string?>("Sample.Sink.IKitchenSink", "FindAsync", 1912296331, Decode1912296331);
 
-        private static string? Decode1912296331(in global::OffloadRpc.Runtime.CallReply reply)
+        private static string? Decode1912296331(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadString();
@@ -499,14 +503,14 @@ namespace Sample.Sink
 
         global::System.Threading.Tasks.Task<int?> global::Sample.Sink.IKitchenSink.ParseAsync(string text, bool strict, long? fallback)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
                 __writer.WriteArrayHeader(3);
                 __writer.Write(text);
                 __writer.Write(strict);
-                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, fallback, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+                global::MessagePack.MessagePackSerializer.Serialize(ref __writer, fallback, this._invoker.SerializerOptions);
                 __writer.Flush();
             }
             catch (global::System.Exception __exception)
@@ -515,20 +519,20 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<int?>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<int?>(this._connection, 1948145934, __request, s_decode1948145934, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1948145934, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<int?> s_decode1948145934 = Decode1948145934;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int?> Method1948145934 = new global::OffloadRpc.Internal.MethodDescriptor<int?>("Sample.Sink.IKitchenSink", "ParseAsync", 1948145934, Decode1948145934);
 
-        private static int? Decode1948145934(in global::OffloadRpc.Runtime.CallReply reply)
+        private static int? Decode1948145934(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
-            return global::MessagePack.MessagePackSerializer.Deserialize<int?>(ref reader, global::OffloadRpc.Runtime.OffloadRpcSerializer.Options);
+            return global::MessagePack.MessagePackSerializer.Deserialize<int?>(ref reader, reply.SerializerOptions);
         }
 
         global::System.Threading.Tasks.Task<string> global::Sample.Sink.IKitchenSink.ConcatAsync(string a, string? b)
         {
-            global::OffloadRpc.Runtime.MessageBuilder __request = global::OffloadRpc.Runtime.MessageBuilder.Rent();
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
             {
                 global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
@@ -543,12 +547,12 @@ namespace Sample.Sink
                 return global::System.Threading.Tasks.Task.FromException<string>(__exception);
             }
 
-            return global::OffloadRpc.Runtime.ClientInvoker.InvokeAsync<string>(this._connection, 1972214419, __request, s_decode1972214419, default).AsTask();
+            return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1972214419, __request, default).AsTask();
         }
 
-        private static readonly global::OffloadRpc.Runtime.ReplyDecoder<string> s_decode1972214419 = Decode1972214419;
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<string> Method1972214419 = new global::OffloadRpc.Internal.MethodDescriptor<string>("Sample.Sink.IKitchenSink", "ConcatAsync", 1972214419, Decode1972214419);
 
-        private static string Decode1972214419(in global::OffloadRpc.Runtime.CallReply reply)
+        private static string Decode1972214419(in global::OffloadRpc.Internal.CallReply reply)
         {
             global::MessagePack.MessagePackReader reader = reply.CreateReader();
             return reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");

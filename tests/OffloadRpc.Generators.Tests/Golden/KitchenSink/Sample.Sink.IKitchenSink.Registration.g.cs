@@ -12,11 +12,11 @@ namespace Sample.Sink
         [global::System.Runtime.CompilerServices.ModuleInitializer]
         internal static void Register()
         {
-            global::OffloadRpc.Runtime.ServiceRegistry.Register(new global::OffloadRpc.Runtime.ServiceDescriptor<global::Sample.Sink.IKitchenSink>(
+            global::OffloadRpc.Internal.ServiceRegistry.Register(new global::OffloadRpc.Internal.ServiceDescriptor<global::Sample.Sink.IKitchenSink>(
                 "Sample.Sink.IKitchenSink",
                 0x58471C0AF800CBBEUL,
-                new int[] { 248194261, 420193125, 485972202, 561976780, 619346103, 801540263, 802093341, 874497112, 897847365, 960466944, 1045107197, 1370471249, 1458818217, 1625685404, 1743152058, 1879692759, 1884731671, 1912296331, 1948145934, 1972214419 },
-                static connection => new KitchenSinkProxy(connection),
+                new global::OffloadRpc.Internal.MethodDescriptor[] { global::Sample.Sink.KitchenSinkProxy.Method248194261, global::Sample.Sink.KitchenSinkProxy.Method420193125, global::Sample.Sink.KitchenSinkProxy.Method485972202, global::Sample.Sink.KitchenSinkProxy.Method561976780, global::Sample.Sink.KitchenSinkProxy.Method619346103, global::Sample.Sink.KitchenSinkProxy.Method801540263, global::Sample.Sink.KitchenSinkProxy.Method802093341, global::Sample.Sink.KitchenSinkProxy.Method874497112, global::Sample.Sink.KitchenSinkProxy.Method897847365, global::Sample.Sink.KitchenSinkProxy.Method960466944, global::Sample.Sink.KitchenSinkProxy.Method1045107197, global::Sample.Sink.KitchenSinkProxy.Method1370471249, global::Sample.Sink.KitchenSinkProxy.Method1458818217, global::Sample.Sink.KitchenSinkProxy.Method1625685404, global::Sample.Sink.KitchenSinkProxy.Method1743152058, global::Sample.Sink.KitchenSinkProxy.Method1879692759, global::Sample.Sink.KitchenSinkProxy.Method1884731671, global::Sample.Sink.KitchenSinkProxy.Method1912296331, global::Sample.Sink.KitchenSinkProxy.Method1948145934, global::Sample.Sink.KitchenSinkProxy.Method1972214419 },
+                static invoker => new KitchenSinkProxy(invoker),
                 static implementation => new KitchenSinkStub(implementation)));
         }
     }

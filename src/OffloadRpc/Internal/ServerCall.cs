@@ -2,7 +2,7 @@ using System.ComponentModel;
 using MessagePack;
 using OffloadRpc.Transport;
 
-namespace OffloadRpc.Runtime;
+namespace OffloadRpc.Internal;
 
 /// <summary>
 /// A call as the generated stub sees it: the MessagePack body, the payloads (memory that points into
@@ -11,12 +11,25 @@ namespace OffloadRpc.Runtime;
 [EditorBrowsable(EditorBrowsableState.Never)]
 public sealed class ServerCall
 {
-    private readonly IncomingCall _call;
+    private readonly IInboundCall _call;
     private List<SharedBuffer>? _leases;
     private List<SharedBuffer>? _moved;
     private List<Stream>? _streams;
 
-    internal ServerCall(IncomingCall call) => _call = call;
+    internal ServerCall(IInboundCall call, MethodDescriptor method, MessagePackSerializerOptions serializerOptions)
+    {
+        _call = call;
+        Method = method;
+        SerializerOptions = serializerOptions;
+    }
+
+    /// <summary>The method being served.</summary>
+    public MethodDescriptor Method { get; }
+
+    /// <summary>The options of the server the call came to (<see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
+    public MessagePackSerializerOptions SerializerOptions { get; }
+
+    internal IInboundCall Inbound => _call;
 
     private readonly object _gate = new();
     private bool _completed;
@@ -123,6 +136,12 @@ public sealed class ServerCall
     public void Reply(MessageBuilder response)
     {
         ArgumentNullException.ThrowIfNull(response);
+        if (response.HasDeferredPayloads)
+        {
+            response.Discard();
+            throw new InvalidOperationException("A response cannot carry a stream or an async enumerable argument.");
+        }
+
         try
         {
             _call.Reply(response.WrittenBody, response.Payloads);
@@ -198,4 +217,35 @@ public sealed class ServerCall
             _leases = null;
         }
     }
+}
+
+/// <summary>
+/// A request as the server side of a transport delivers it to <see cref="ServerCall"/>: body, payloads
+/// as leases or streams, cancellation, the caller, and the one way to answer.
+/// </summary>
+internal interface IInboundCall
+{
+    int MethodId { get; }
+
+    ReadOnlyMemory<byte> BodyMemory { get; }
+
+    int PayloadCount { get; }
+
+    /// <summary>Fires when the caller cancels the call or disconnects.</summary>
+    CancellationToken CancellationToken { get; }
+
+    int PeerProcessId { get; }
+
+    uint PeerUserId { get; }
+
+    bool IsPayloadTaken(int index);
+
+    SharedBuffer TakePayload(int index);
+
+    Stream OpenPayloadStream(int index, CancellationToken cancellationToken);
+
+    /// <summary>Shared memory of the calling connection, to fill in place and return without a copy.</summary>
+    SharedBuffer Rent(int bytes, CancellationToken cancellationToken);
+
+    void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads);
 }

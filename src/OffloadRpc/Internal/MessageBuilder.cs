@@ -3,7 +3,7 @@ using System.ComponentModel;
 using System.Runtime.InteropServices;
 using OffloadRpc.Transport;
 
-namespace OffloadRpc.Runtime;
+namespace OffloadRpc.Internal;
 
 /// <summary>
 /// The body (MessagePack) and buffers of one outgoing request or response, built by generated code.
@@ -20,6 +20,7 @@ public sealed class MessageBuilder
     private readonly List<OutboundPayload> _payloads = new(4);
     private readonly List<MemoryHandle> _pins = new(4);
     private readonly List<byte[]> _rented = new(1);
+    private List<DeferredPayload>? _deferred;
 
     private MessageBuilder()
     {
@@ -77,66 +78,112 @@ public sealed class MessageBuilder
         where T : unmanaged => array is null ? -1 : AddBuffer<T>(array, mode, cache);
 
     /// <summary>
-    /// Adds the rest of <paramref name="stream"/> (null gives -1). The client reads it whole (a Stream
-    /// has no span to copy from); the server receives it pipelined, so its method starts on the first
-    /// chunk. Auto means Pipelined here.
+    /// Adds the rest of <paramref name="stream"/> (null gives -1). The client reads it whole, asynchronously,
+    /// before the request is sent (a Stream has no span to copy from); the server receives it pipelined,
+    /// so its method starts on the first chunk. Auto means Pipelined here.
     /// </summary>
-    public int AddStream(Stream? stream, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto)
+    public int AddStream(Stream? stream, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto) =>
+        stream is null ? -1 : AddDeferred(new DeferredPayload(_payloads.Count, stream, null, mode, cache));
+
+    /// <summary>
+    /// Adds the chunks of <paramref name="chunks"/> as one pipelined payload (null gives -1). They are
+    /// enumerated asynchronously before the request is sent; Auto means Pipelined here.
+    /// </summary>
+    public int AddChunks(IAsyncEnumerable<ReadOnlyMemory<byte>>? chunks, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto) =>
+        chunks is null ? -1 : AddDeferred(new DeferredPayload(_payloads.Count, null, chunks, mode, cache));
+
+    private int AddDeferred(DeferredPayload deferred)
     {
-        if (stream is null)
+        _payloads.Add(default); // filled in by GatherAsync
+        (_deferred ??= new List<DeferredPayload>(1)).Add(deferred);
+        return deferred.Index;
+    }
+
+    /// <summary>Stream or async-enumerable arguments still to be read (<see cref="GatherAsync"/>) before the request can be sent.</summary>
+    internal bool HasDeferredPayloads => _deferred is { Count: > 0 };
+
+    /// <summary>Reads every deferred argument into a pooled buffer, without blocking a thread.</summary>
+    internal async ValueTask GatherAsync(CancellationToken cancellationToken)
+    {
+        if (_deferred is null)
         {
-            return -1;
+            return;
         }
 
+        foreach (DeferredPayload deferred in _deferred)
+        {
+            (byte[] buffer, int length) = deferred.Stream is { } stream
+                ? await ReadWholeAsync(stream, cancellationToken).ConfigureAwait(false)
+                : await ConcatenateAsync(deferred.Chunks!, cancellationToken).ConfigureAwait(false);
+            _rented.Add(buffer);
+            TransferMode mode = deferred.Mode == TransferMode.Auto ? TransferMode.Pipelined : deferred.Mode;
+            _payloads[deferred.Index] = OutboundPayload.CopyTransient(buffer.AsMemory(0, length), mode, deferred.Cache);
+        }
+
+        _deferred.Clear();
+    }
+
+    private static async ValueTask<(byte[] Buffer, int Length)> ReadWholeAsync(Stream stream, CancellationToken cancellationToken)
+    {
         long remaining = stream.CanSeek ? Math.Max(0, stream.Length - stream.Position) : 0;
         byte[] buffer = ArrayPool<byte>.Shared.Rent((int)Math.Clamp(remaining, 4096, TransportProtocol.MaxPayloadLength));
         int length = 0;
-        while (true)
+        try
         {
-            if (length == buffer.Length)
+            while (true)
             {
-                if (stream.CanSeek && stream.Position >= stream.Length)
+                if (length == buffer.Length)
                 {
-                    break; // filled exactly (pooled sizes are powers of two): no larger buffer, no copy
+                    if (stream.CanSeek && stream.Position >= stream.Length)
+                    {
+                        break; // filled exactly (pooled sizes are powers of two): no larger buffer, no copy
+                    }
+
+                    Grow(ref buffer, length, length + 1);
                 }
 
-                Grow(ref buffer, length, length + 1);
-            }
+                int read = await stream.ReadAsync(buffer.AsMemory(length), cancellationToken).ConfigureAwait(false);
+                if (read == 0)
+                {
+                    break;
+                }
 
-            int read = stream.Read(buffer, length, buffer.Length - length);
-            if (read == 0)
-            {
-                break;
+                length += read;
             }
-
-            length += read;
+        }
+        catch
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+            throw;
         }
 
-        return AddPooled(buffer, length, mode, cache);
+        return (buffer, length);
     }
 
-    /// <summary>Adds the chunks of <paramref name="chunks"/> as one pipelined payload (null gives -1); enumerated here, on the calling thread.</summary>
-    public int AddChunks(IAsyncEnumerable<ReadOnlyMemory<byte>>? chunks, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto)
+    private static async ValueTask<(byte[] Buffer, int Length)> ConcatenateAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks, CancellationToken cancellationToken)
     {
-        if (chunks is null)
-        {
-            return -1;
-        }
-
         byte[] buffer = ArrayPool<byte>.Shared.Rent(4096);
         int length = 0;
-        foreach (ReadOnlyMemory<byte> chunk in chunks.ToBlockingEnumerable())
+        try
         {
-            if (chunk.Length > buffer.Length - length)
+            await foreach (ReadOnlyMemory<byte> chunk in chunks.WithCancellation(cancellationToken).ConfigureAwait(false))
             {
-                Grow(ref buffer, length, checked(length + chunk.Length));
-            }
+                if (chunk.Length > buffer.Length - length)
+                {
+                    Grow(ref buffer, length, checked(length + chunk.Length));
+                }
 
-            chunk.Span.CopyTo(buffer.AsSpan(length));
-            length += chunk.Length;
+                chunk.Span.CopyTo(buffer.AsSpan(length));
+                length += chunk.Length;
+            }
+        }
+        catch
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+            throw;
         }
 
-        return AddPooled(buffer, length, mode, cache);
+        return (buffer, length);
     }
 
     /// <summary>Moves the first <paramref name="length"/> bytes into a pooled buffer of at least <paramref name="needed"/> (doubling).</summary>
@@ -151,14 +198,6 @@ public sealed class MessageBuilder
         buffer.AsSpan(0, length).CopyTo(larger);
         ArrayPool<byte>.Shared.Return(buffer);
         buffer = larger;
-    }
-
-    /// <summary>A pooled buffer the builder returns after the call: its bytes are copied before the call returns (Auto means Pipelined).</summary>
-    private int AddPooled(byte[] buffer, int length, TransferMode mode, CachePolicy cache)
-    {
-        _rented.Add(buffer);
-        _payloads.Add(OutboundPayload.CopyTransient(buffer.AsMemory(0, length), mode == TransferMode.Auto ? TransferMode.Pipelined : mode, cache));
-        return _payloads.Count - 1;
     }
 
     /// <summary>Adds a lease whose ownership moves with the message (null gives -1).</summary>
@@ -207,6 +246,7 @@ public sealed class MessageBuilder
 
         _rented.Clear();
         _payloads.Clear();
+        _deferred?.Clear();
         if (_body.Capacity > 1 << 20)
         {
             t_cached = null; // let an unusually large body go
@@ -216,6 +256,8 @@ public sealed class MessageBuilder
         _body.ResetWrittenCount();
         t_cached = this;
     }
+
+    private readonly record struct DeferredPayload(int Index, Stream? Stream, IAsyncEnumerable<ReadOnlyMemory<byte>>? Chunks, TransferMode Mode, CachePolicy Cache);
 
     /// <summary>A byte view of pinned memory, valid while the pin is held (until the transport has copied it).</summary>
     private sealed unsafe class UnmanagedMemoryView : MemoryManager<byte>

@@ -1,12 +1,15 @@
 using OffloadRpc.Transport;
 
-namespace OffloadRpc.Runtime;
+namespace OffloadRpc.Internal;
 
 /// <summary>Routes each request to the stub of the service that owns its method id, with <see cref="OffloadCallContext.Current"/> set.</summary>
 internal sealed class ServiceDispatcher : IRequestHandler
 {
-    private readonly Dictionary<int, ServiceStub> _methods = new();
+    private readonly Dictionary<int, (ServiceStub Stub, MethodDescriptor Method)> _methods = new();
     private readonly List<ContractDescriptor> _contracts = new();
+    private readonly MessagePack.MessagePackSerializerOptions _serializerOptions;
+
+    public ServiceDispatcher(MessagePack.MessagePackSerializerOptions serializerOptions) => _serializerOptions = serializerOptions;
 
     public IReadOnlyList<ContractDescriptor> Contracts => _contracts;
 
@@ -17,36 +20,39 @@ internal sealed class ServiceDispatcher : IRequestHandler
             throw new InvalidOperationException($"{descriptor.Name} is already registered.");
         }
 
-        foreach (int id in descriptor.MethodIds)
+        foreach (MethodDescriptor method in descriptor.Methods)
         {
-            if (_methods.ContainsKey(id))
+            if (_methods.ContainsKey(method.Id))
             {
-                throw new InvalidOperationException($"Method id {id} of {descriptor.Name} collides with a method of another registered service; rename one of the methods.");
+                throw new InvalidOperationException($"Method id {method.Id} ({method.Name}) of {descriptor.Name} collides with a method of another registered service; rename one of the methods.");
             }
         }
 
-        foreach (int id in descriptor.MethodIds)
+        foreach (MethodDescriptor method in descriptor.Methods)
         {
-            _methods.Add(id, stub);
+            _methods.Add(method.Id, (stub, method));
         }
 
         _contracts.Add(new ContractDescriptor(descriptor.Name, descriptor.ContractHash));
     }
 
-    public ValueTask HandleAsync(IncomingCall call)
+    public ValueTask HandleAsync(IncomingCall call) => DispatchAsync(call);
+
+    /// <summary>Serves one request of any transport.</summary>
+    public ValueTask DispatchAsync(IInboundCall call)
     {
-        if (!_methods.TryGetValue(call.MethodId, out ServiceStub? stub))
+        if (!_methods.TryGetValue(call.MethodId, out (ServiceStub Stub, MethodDescriptor Method) target))
         {
             throw new ProtocolViolationException($"No service registered on this server has method id {call.MethodId}: the client and the server were built from different contracts.");
         }
 
-        var serverCall = new ServerCall(call);
+        var serverCall = new ServerCall(call, target.Method, _serializerOptions);
         ValueTask task;
         OffloadCallContext? previous = OffloadCallContext.Current;
-        OffloadCallContext.Current = new OffloadCallContext(call.Connection, serverCall);
+        OffloadCallContext.Current = new OffloadCallContext(serverCall);
         try
         {
-            task = stub.InvokeAsync(call.MethodId, serverCall);
+            task = target.Stub.InvokeAsync(call.MethodId, serverCall);
         }
         catch
         {

@@ -1,7 +1,7 @@
 using System.ComponentModel;
 using OffloadRpc.Transport;
 
-namespace OffloadRpc.Runtime;
+namespace OffloadRpc.Internal;
 
 /// <summary>
 /// What the generator knows about one service: its name, contract hash, method ids, and how to make
@@ -10,11 +10,13 @@ namespace OffloadRpc.Runtime;
 [EditorBrowsable(EditorBrowsableState.Never)]
 public abstract class ServiceDescriptor
 {
-    private protected ServiceDescriptor(string name, ulong contractHash, int[] methodIds)
+    private protected ServiceDescriptor(string name, ulong contractHash, MethodDescriptor[] methods)
     {
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        ArgumentNullException.ThrowIfNull(methods);
         Name = name;
         ContractHash = contractHash;
-        MethodIds = methodIds;
+        Methods = methods;
     }
 
     /// <summary>The interface's full name; the key both sides compare.</summary>
@@ -23,8 +25,8 @@ public abstract class ServiceDescriptor
     /// <summary>A hash of every method's name, parameter and return types: equal on both sides or the connection is refused.</summary>
     public ulong ContractHash { get; }
 
-    /// <summary>The stable id of each method, from its signature.</summary>
-    public IReadOnlyList<int> MethodIds { get; }
+    /// <summary>The service's methods, each with its stable id (from its signature).</summary>
+    public IReadOnlyList<MethodDescriptor> Methods { get; }
 }
 
 /// <summary>The descriptor of service <typeparamref name="TService"/>.</summary>
@@ -32,17 +34,17 @@ public abstract class ServiceDescriptor
 public sealed class ServiceDescriptor<TService> : ServiceDescriptor
     where TService : class
 {
-    private readonly Func<OffloadRpcConnection, TService> _createProxy;
+    private readonly Func<CallInvoker, TService> _createProxy;
     private readonly Func<TService, ServiceStub> _createStub;
 
-    public ServiceDescriptor(string name, ulong contractHash, int[] methodIds, Func<OffloadRpcConnection, TService> createProxy, Func<TService, ServiceStub> createStub)
-        : base(name, contractHash, methodIds)
+    public ServiceDescriptor(string name, ulong contractHash, MethodDescriptor[] methods, Func<CallInvoker, TService> createProxy, Func<TService, ServiceStub> createStub)
+        : base(name, contractHash, methods)
     {
-        _createProxy = createProxy;
-        _createStub = createStub;
+        _createProxy = createProxy ?? throw new ArgumentNullException(nameof(createProxy));
+        _createStub = createStub ?? throw new ArgumentNullException(nameof(createStub));
     }
 
-    internal TService CreateProxy(OffloadRpcConnection connection) => _createProxy(connection);
+    internal TService CreateProxy(CallInvoker invoker) => _createProxy(invoker);
 
     internal ServiceStub CreateStub(TService implementation) => _createStub(implementation);
 }

@@ -1,6 +1,6 @@
 using System.ComponentModel;
 
-namespace OffloadRpc.Runtime;
+namespace OffloadRpc.Internal;
 
 /// <summary>A generated server stub: decodes a call, invokes the implementation, encodes the result.</summary>
 [EditorBrowsable(EditorBrowsableState.Never)]

@@ -1,0 +1,223 @@
+using System.ComponentModel;
+using System.Runtime.CompilerServices;
+using MessagePack;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc.Internal;
+
+/// <summary>
+/// What a generated proxy calls: request out, reply in, payloads as leases. The proxy never sees the
+/// transport; the shared-memory connection is one implementation, and a transport to another host
+/// is another, without a change to the emitted code. Only this assembly can implement it.
+/// </summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public abstract class CallInvoker
+{
+    private protected CallInvoker(MessagePackSerializerOptions serializerOptions) => SerializerOptions = serializerOptions;
+
+    /// <summary>The options generated code serializes MessagePack arguments with (per connection: <see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
+    public MessagePackSerializerOptions SerializerOptions { get; }
+
+    /// <summary>Calls <paramref name="method"/>, which has no result. Takes <paramref name="request"/> over, whatever happens.</summary>
+    public ValueTask InvokeAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(method);
+        ArgumentNullException.ThrowIfNull(request);
+        return request.HasDeferredPayloads
+            ? GatherThenAwaitAsync(method, request, cancellationToken)
+            : AwaitAsync(Send(method, request, cancellationToken));
+    }
+
+    /// <summary>Calls <paramref name="method"/> and decodes its result. Takes <paramref name="request"/> over, whatever happens.</summary>
+    public ValueTask<T> InvokeAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(method);
+        ArgumentNullException.ThrowIfNull(request);
+        return request.HasDeferredPayloads
+            ? GatherThenAwaitAsync(method, request, cancellationToken)
+            : AwaitAsync(Send(method, request, cancellationToken), method.Decoder);
+    }
+
+    /// <summary>
+    /// Sends the request. Before it returns, everything the request holds has been copied or moved
+    /// (the builder is reused at once); the reply arrives through the returned task.
+    /// </summary>
+    internal abstract ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken);
+
+    private ValueTask<RpcReply> Send(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return SendAsync(method, request, cancellationToken);
+        }
+        catch (Exception exception)
+        {
+            return ValueTask.FromException<RpcReply>(exception); // a failed call is a failed task, never a throw from the proxy
+        }
+        finally
+        {
+            request.Return();
+        }
+    }
+
+    /// <summary>Stream and async-enumerable arguments are read asynchronously first; then the request goes as any other.</summary>
+    private async ValueTask<RpcReply> GatherThenSendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await request.GatherAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch
+        {
+            request.Discard();
+            throw;
+        }
+
+        return await Send(method, request, cancellationToken).ConfigureAwait(false);
+    }
+
+    private async ValueTask GatherThenAwaitAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        using RpcReply reply = await GatherThenSendAsync(method, request, cancellationToken).ConfigureAwait(false);
+    }
+
+    private async ValueTask<T> GatherThenAwaitAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        using RpcReply reply = await GatherThenSendAsync(method, request, cancellationToken).ConfigureAwait(false);
+        return method.Decoder(new CallReply(reply, SerializerOptions));
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private static async ValueTask AwaitAsync(ValueTask<RpcReply> pending)
+    {
+        using RpcReply reply = await pending.ConfigureAwait(false);
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<T> AwaitAsync<T>(ValueTask<RpcReply> pending, ReplyDecoder<T> decoder)
+    {
+        using RpcReply reply = await pending.ConfigureAwait(false);
+        return decoder(new CallReply(reply, SerializerOptions));
+    }
+}
+
+/// <summary>The invoker of a shared-memory connection: the request's body and payloads go through the connection's rings and arena.</summary>
+internal sealed class SharedMemoryInvoker : CallInvoker
+{
+    private readonly RpcConnection _connection;
+
+    public SharedMemoryInvoker(RpcConnection connection, MessagePackSerializerOptions serializerOptions)
+        : base(serializerOptions) => _connection = connection;
+
+    internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
+        _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, cancellationToken);
+}
+
+/// <summary>
+/// One method of a service contract, created once per method by generated code: its names and
+/// stable id, for routing, telemetry and other transports (<see cref="FullName"/> is gRPC's form).
+/// </summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public class MethodDescriptor
+{
+    public MethodDescriptor(string serviceName, string name, int id)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(serviceName);
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        ServiceName = serviceName;
+        Name = name;
+        Id = id;
+        FullName = "/" + serviceName + "/" + name;
+    }
+
+    /// <summary>The service interface's full name.</summary>
+    public string ServiceName { get; }
+
+    /// <summary>The method's name as declared.</summary>
+    public string Name { get; }
+
+    /// <summary>The method's stable id (a hash of its signature; both sides compute it).</summary>
+    public int Id { get; }
+
+    /// <summary><c>/ServiceName/Name</c>.</summary>
+    public string FullName { get; }
+
+    public override string ToString() => FullName;
+}
+
+/// <summary>A method with a result, and the generated code that decodes it from a reply.</summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public sealed class MethodDescriptor<TResult> : MethodDescriptor
+{
+    public MethodDescriptor(string serviceName, string name, int id, ReplyDecoder<TResult> decoder)
+        : base(serviceName, name, id) => Decoder = decoder ?? throw new ArgumentNullException(nameof(decoder));
+
+    /// <summary>Decodes the reply into the result.</summary>
+    public ReplyDecoder<TResult> Decoder { get; }
+}
+
+/// <summary>Decodes a reply into the method's return value (generated per method).</summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public delegate T ReplyDecoder<T>(in CallReply reply);
+
+/// <summary>A reply as the generated decoder sees it: the MessagePack body and the payloads.</summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public readonly struct CallReply
+{
+    private readonly RpcReply _reply;
+
+    internal CallReply(RpcReply reply, MessagePackSerializerOptions serializerOptions)
+    {
+        _reply = reply;
+        SerializerOptions = serializerOptions;
+    }
+
+    /// <summary>The options of the connection the reply came on.</summary>
+    public MessagePackSerializerOptions SerializerOptions { get; }
+
+    /// <summary>A reader over the MessagePack body.</summary>
+    public MessagePackReader CreateReader() => new(_reply.BodyMemory);
+
+    /// <summary>Copies payload <paramref name="index"/> out of shared memory into a new array (-1: null).</summary>
+    public T[]? CopyArray<T>(int index)
+        where T : unmanaged
+    {
+        if (index < 0)
+        {
+            return null;
+        }
+
+        using SharedBuffer lease = Take(index);
+        return PayloadConversion.ToArray<T>(lease);
+    }
+
+    /// <summary>Takes payload <paramref name="index"/> as a lease the caller owns (-1: null).</summary>
+    public SharedBuffer? TakeSharedBuffer(int index) => index < 0 ? null : Take(index);
+
+    private SharedBuffer Take(int index)
+    {
+        if ((uint)index >= (uint)_reply.PayloadCount)
+        {
+            throw new ProtocolViolationException($"The reply names payload {index} but carries {_reply.PayloadCount}.");
+        }
+
+        return _reply.TakePayload(index);
+    }
+}
+
+internal static class PayloadConversion
+{
+    public static T[] ToArray<T>(SharedBuffer lease)
+        where T : unmanaged
+    {
+        int size = Unsafe.SizeOf<T>();
+        if (lease.Length % size != 0)
+        {
+            throw new ProtocolViolationException($"A payload of {lease.Length} bytes is not a whole number of {typeof(T).Name} ({size} bytes each).");
+        }
+
+        T[] array = GC.AllocateUninitializedArray<T>(lease.Length / size);
+        lease.Span.CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(array.AsSpan()));
+        return array;
+    }
+}
