@@ -167,6 +167,86 @@ public sealed class TypedServiceTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task An_async_enumerable_argument_is_gathered_without_blocking_a_single_threaded_callers_context()
+    {
+        // The chunks' continuations need the caller's one thread: enumerating them synchronously on
+        // that thread (ToBlockingEnumerable) would deadlock; gathering them asynchronously does not.
+        byte[] sevens = new byte[1 << 20];
+        Array.Fill(sevens, (byte)7, 0, 300_000);
+        using var context = new SingleThreadContext();
+        Task<long> call = context.Run(() => Sink.CountBytesAsync(ChunksOnContext(sevens, 64 << 10)).AsTask());
+        Assert.Equal(300_000, await call.WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Equal(0, await Images.AddAsync(0, 0)); // and the connection is fine afterwards
+
+        static async IAsyncEnumerable<ReadOnlyMemory<byte>> ChunksOnContext(byte[] data, int size)
+        {
+            for (int i = 0; i < data.Length; i += size)
+            {
+                await Task.Delay(1); // resumes through the captured single-threaded context
+                Assert.IsType<SingleThreadContext.Context>(SynchronizationContext.Current);
+                yield return data.AsMemory(i, Math.Min(size, data.Length - i));
+            }
+        }
+    }
+
+    [Fact]
+    public async Task Cancelling_while_an_async_enumerable_argument_is_still_being_gathered_ends_the_call_with_OperationCanceledException()
+    {
+        using var cts = new CancellationTokenSource();
+        var started = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        ValueTask<long> call = Sink.CountBytesAsync(Endless(started));
+        await started.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.False(call.IsCompleted); // nothing is sent before the chunks end
+        await cts.CancelAsync();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await call.AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+        Assert.Equal(5, await Images.AddAsync(2, 3));
+
+        // The method has no token of its own: the enumerable's cancellation is what ends it here.
+        async IAsyncEnumerable<ReadOnlyMemory<byte>> Endless(TaskCompletionSource first)
+        {
+            yield return new byte[16];
+            first.TrySetResult();
+            await Task.Delay(Timeout.Infinite, cts.Token);
+            yield return new byte[16];
+        }
+    }
+
+    [Fact]
+    public async Task A_MessagePack_resolver_on_the_options_applies_to_that_connection_only()
+    {
+        var options = new OffloadRpcOptions { MessagePackResolver = new ShoutingResolver() };
+        await using OffloadRpcConnection shouting = await OffloadRpcConnection.ConnectAsync(_endpoint, options);
+        byte[] batch = new byte[4096];
+        Array.Fill(batch, (byte)250);
+        var detect = new DetectOptions { Threshold = 0.5f, Label = "bright", Classes = [1] };
+
+        Detection[] loud = await shouting.GetService<IImageService>().DetectAsync(batch, detect);
+        Detection[] plain = await Images.DetectAsync(batch, detect);
+
+        Assert.Equal(4, loud.Length);
+        Assert.All(loud, d => Assert.Equal("BRIGHT", d.Label)); // written by this connection's formatter
+        Assert.All(plain, d => Assert.Equal("bright", d.Label)); // the other connection never saw it
+        Assert.Equal("bright", detect.Label);
+    }
+
+    /// <summary>Writes DetectOptions with an upper-cased label: its effect is visible in what the server returns.</summary>
+    private sealed class ShoutingResolver : MessagePack.IFormatterResolver
+    {
+        public MessagePack.Formatters.IMessagePackFormatter<T>? GetFormatter<T>() =>
+            typeof(T) == typeof(DetectOptions) ? (MessagePack.Formatters.IMessagePackFormatter<T>)(object)new ShoutingFormatter() : null;
+
+        private sealed class ShoutingFormatter : MessagePack.Formatters.IMessagePackFormatter<DetectOptions>
+        {
+            public void Serialize(ref MessagePack.MessagePackWriter writer, DetectOptions value, MessagePack.MessagePackSerializerOptions options) =>
+                MessagePack.Resolvers.StandardResolver.Instance.GetFormatter<DetectOptions>()!.Serialize(
+                    ref writer, new DetectOptions { Threshold = value.Threshold, Label = value.Label?.ToUpperInvariant(), Classes = value.Classes }, options);
+
+            public DetectOptions Deserialize(ref MessagePack.MessagePackReader reader, MessagePack.MessagePackSerializerOptions options) =>
+                MessagePack.Resolvers.StandardResolver.Instance.GetFormatter<DetectOptions>()!.Deserialize(ref reader, options);
+        }
+    }
+
+    [Fact]
     public async Task A_lease_whose_method_throws_without_disposing_it_goes_back_to_the_client()
     {
         // An arena with room for two 3 MiB leases: if a rejected lease were not given back, the third
