@@ -183,7 +183,10 @@ internal static class ServiceEmitter
             {
                 // The writer is a ref struct: it lives in Encode, not in this async method (C# before 13 forbids that).
                 w.Line($"{method.Result.Type} {l}result = await {invocation}.ConfigureAwait(false);");
-                w.Line($"{l}call.Reply(Encode{id}({l}result, {l}call.SerializerOptions));");
+                // Only a MessagePack-serialized result touches the serializer options: a contract of primitives,
+                // strings and buffers never builds them, which keeps NativeAOT free of MessagePack's dynamic code.
+                string options = method.Result.Kind == ValueKind.MessagePack ? $", {l}call.SerializerOptions" : string.Empty;
+                w.Line($"{l}call.Reply(Encode{id}({l}result{options}));");
             }
         }
 
@@ -212,7 +215,8 @@ internal static class ServiceEmitter
         if (method.Result is { } result)
         {
             w.Line();
-            using (w.Open($"private static {Builder} Encode{id}({result.Type} result, global::MessagePack.MessagePackSerializerOptions options)"))
+            string options = result.Kind == ValueKind.MessagePack ? ", global::MessagePack.MessagePackSerializerOptions options" : string.Empty;
+            using (w.Open($"private static {Builder} Encode{id}({result.Type} result{options})"))
             {
                 w.Line($"{Builder} response = {Builder}.Rent();");
                 using (w.Open("try"))

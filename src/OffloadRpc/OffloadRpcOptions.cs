@@ -1,5 +1,4 @@
 using MessagePack;
-using MessagePack.Resolvers;
 using OffloadRpc.Transport;
 
 namespace OffloadRpc;
@@ -51,22 +50,17 @@ public sealed class OffloadRpcOptions
     public long PipelineChunkBytes { get; set; } = Engines.TransferPolicy.PipelineChunkBytes;
 
     /// <summary>
-    /// MessagePack formatters to use ahead of the standard ones for this connection or server, for
-    /// example a resolver generated ahead of time (mpc) for NativeAOT: there MessagePack 2.x cannot
-    /// build formatters for [MessagePackObject] types, enums inside other types or generic collections
-    /// with dynamic code. Primitives, strings, top-level enums and buffers never go through a resolver.
-    /// Data from the peer is always read with MessagePack's untrusted-data security.
+    /// The MessagePack resolver of this connection or server, in place of MessagePack's standard one
+    /// (null: the standard one). For NativeAOT, pass a resolver generated ahead of time (mpc): there
+    /// MessagePack 2.x cannot build formatters for [MessagePackObject] types, enums inside other types
+    /// or generic collections with dynamic code. To add formatters to the standard set under the JIT,
+    /// pass <c>CompositeResolver.Create(yours, StandardResolver.Instance)</c>. Primitives, strings,
+    /// top-level enums and buffers never go through a resolver. Data from the peer is always read with
+    /// MessagePack's untrusted-data security.
     /// </summary>
     public IFormatterResolver? MessagePackResolver { get; set; }
 
-    private static readonly MessagePackSerializerOptions s_standardSerializerOptions =
-        MessagePackSerializerOptions.Standard.WithSecurity(MessagePackSecurity.UntrustedData);
-
-    internal MessagePackSerializerOptions CreateSerializerOptions() => MessagePackResolver is { } resolver
-        ? MessagePackSerializerOptions.Standard
-            .WithResolver(CompositeResolver.Create(resolver, StandardResolver.Instance))
-            .WithSecurity(MessagePackSecurity.UntrustedData)
-        : s_standardSerializerOptions;
+    internal Internal.SerializerOptionsSource CreateSerializerOptions() => new(MessagePackResolver);
 
     internal TransportOptions ToTransportOptions() => new()
     {

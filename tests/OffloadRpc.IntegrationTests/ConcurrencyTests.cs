@@ -136,7 +136,10 @@ public sealed class ConcurrencyTests
     public async Task A_blocking_handler_holds_up_its_connection_only_when_dispatched_inline(bool threadPool)
     {
         await using RemoteServer server = threadPool ? RemoteServer.Start("dispatch-pool", "--thread-pool-dispatch") : RemoteServer.Start("dispatch-inline");
-        await using RpcConnection connection = await server.ConnectAsync(new TransportOptions { RunContinuationsAsynchronously = true });
+        // Continuations inline on the client's receive thread: each reply's task completes in the order
+        // the replies arrive, so "which finished first" is the server's order, not the thread pool's
+        // (inline, the two replies are microseconds apart and pooled continuations could swap them).
+        await using RpcConnection connection = await server.ConnectAsync(new TransportOptions { RunContinuationsAsynchronously = false });
         byte[] body = new byte[4];
         BinaryPrimitives.WriteInt32LittleEndian(body, 1500);
         Task<string> blocked = Answer(connection.CallAsync(PeerMethods.BlockSync, body, default));

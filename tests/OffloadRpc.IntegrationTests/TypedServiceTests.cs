@@ -214,7 +214,7 @@ public sealed class TypedServiceTests : IAsyncLifetime
     [Fact]
     public async Task A_MessagePack_resolver_on_the_options_applies_to_that_connection_only()
     {
-        var options = new OffloadRpcOptions { MessagePackResolver = new ShoutingResolver() };
+        var options = new OffloadRpcOptions { MessagePackResolver = MessagePack.Resolvers.CompositeResolver.Create(new ShoutingResolver(), MessagePack.Resolvers.StandardResolver.Instance) };
         await using OffloadRpcConnection shouting = await OffloadRpcConnection.ConnectAsync(_endpoint, options);
         byte[] batch = new byte[4096];
         Array.Fill(batch, (byte)250);

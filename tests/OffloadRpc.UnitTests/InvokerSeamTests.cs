@@ -91,14 +91,14 @@ public sealed class InvokerSeamTests : IDisposable
 /// </summary>
 internal sealed class LoopbackInvoker : CallInvoker, ILeaseHost, IDisposable
 {
-    private readonly ServiceDispatcher _dispatcher = new(MessagePackSerializerOptions.Standard.WithSecurity(MessagePackSecurity.UntrustedData));
+    private readonly ServiceDispatcher _dispatcher = new(new SerializerOptionsSource(resolver: null));
     private readonly SharedMemorySegment _segment = SharedMemorySegment.Create(0, 16 << 20, "offloadrpc-loopback", populate: false);
     private readonly object _gate = new();
     private long _next;
     private int _leasesOut;
 
     public LoopbackInvoker(object implementation)
-        : base(MessagePackSerializerOptions.Standard.WithSecurity(MessagePackSecurity.UntrustedData))
+        : base(new SerializerOptionsSource(resolver: null))
     {
         if (implementation is IImageService images)
         {

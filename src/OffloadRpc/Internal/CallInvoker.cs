@@ -13,10 +13,12 @@ namespace OffloadRpc.Internal;
 [EditorBrowsable(EditorBrowsableState.Never)]
 public abstract class CallInvoker
 {
-    private protected CallInvoker(MessagePackSerializerOptions serializerOptions) => SerializerOptions = serializerOptions;
+    private readonly SerializerOptionsSource _serializerOptions;
+
+    private protected CallInvoker(SerializerOptionsSource serializerOptions) => _serializerOptions = serializerOptions;
 
     /// <summary>The options generated code serializes MessagePack arguments with (per connection: <see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
-    public MessagePackSerializerOptions SerializerOptions { get; }
+    public MessagePackSerializerOptions SerializerOptions => _serializerOptions.Options;
 
     /// <summary>Calls <paramref name="method"/>, which has no result. Takes <paramref name="request"/> over, whatever happens.</summary>
     public ValueTask InvokeAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
@@ -84,7 +86,7 @@ public abstract class CallInvoker
     private async ValueTask<T> GatherThenAwaitAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
     {
         using RpcReply reply = await GatherThenSendAsync(method, request, cancellationToken).ConfigureAwait(false);
-        return method.Decoder(new CallReply(reply, SerializerOptions));
+        return method.Decoder(new CallReply(reply, _serializerOptions));
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -97,7 +99,7 @@ public abstract class CallInvoker
     private async ValueTask<T> AwaitAsync<T>(ValueTask<RpcReply> pending, ReplyDecoder<T> decoder)
     {
         using RpcReply reply = await pending.ConfigureAwait(false);
-        return decoder(new CallReply(reply, SerializerOptions));
+        return decoder(new CallReply(reply, _serializerOptions));
     }
 }
 
@@ -106,7 +108,7 @@ internal sealed class SharedMemoryInvoker : CallInvoker
 {
     private readonly RpcConnection _connection;
 
-    public SharedMemoryInvoker(RpcConnection connection, MessagePackSerializerOptions serializerOptions)
+    public SharedMemoryInvoker(RpcConnection connection, SerializerOptionsSource serializerOptions)
         : base(serializerOptions) => _connection = connection;
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
@@ -166,14 +168,16 @@ public readonly struct CallReply
 {
     private readonly RpcReply _reply;
 
-    internal CallReply(RpcReply reply, MessagePackSerializerOptions serializerOptions)
+    private readonly SerializerOptionsSource _serializerOptions;
+
+    internal CallReply(RpcReply reply, SerializerOptionsSource serializerOptions)
     {
         _reply = reply;
-        SerializerOptions = serializerOptions;
+        _serializerOptions = serializerOptions;
     }
 
     /// <summary>The options of the connection the reply came on.</summary>
-    public MessagePackSerializerOptions SerializerOptions { get; }
+    public MessagePackSerializerOptions SerializerOptions => _serializerOptions.Options;
 
     /// <summary>A reader over the MessagePack body.</summary>
     public MessagePackReader CreateReader() => new(_reply.BodyMemory);

@@ -16,18 +16,20 @@ public sealed class ServerCall
     private List<SharedBuffer>? _moved;
     private List<Stream>? _streams;
 
-    internal ServerCall(IInboundCall call, MethodDescriptor method, MessagePackSerializerOptions serializerOptions)
+    private readonly SerializerOptionsSource _serializerOptions;
+
+    internal ServerCall(IInboundCall call, MethodDescriptor method, SerializerOptionsSource serializerOptions)
     {
         _call = call;
         Method = method;
-        SerializerOptions = serializerOptions;
+        _serializerOptions = serializerOptions;
     }
 
     /// <summary>The method being served.</summary>
     public MethodDescriptor Method { get; }
 
     /// <summary>The options of the server the call came to (<see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
-    public MessagePackSerializerOptions SerializerOptions { get; }
+    public MessagePackSerializerOptions SerializerOptions => _serializerOptions.Options;
 
     internal IInboundCall Inbound => _call;
 

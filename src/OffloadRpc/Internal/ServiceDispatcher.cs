@@ -7,9 +7,9 @@ internal sealed class ServiceDispatcher : IRequestHandler
 {
     private readonly Dictionary<int, (ServiceStub Stub, MethodDescriptor Method)> _methods = new();
     private readonly List<ContractDescriptor> _contracts = new();
-    private readonly MessagePack.MessagePackSerializerOptions _serializerOptions;
+    private readonly SerializerOptionsSource _serializerOptions;
 
-    public ServiceDispatcher(MessagePack.MessagePackSerializerOptions serializerOptions) => _serializerOptions = serializerOptions;
+    public ServiceDispatcher(SerializerOptionsSource serializerOptions) => _serializerOptions = serializerOptions;
 
     public IReadOnlyList<ContractDescriptor> Contracts => _contracts;
 

@@ -42,7 +42,7 @@ namespace Sample.Imaging
         {
             Decode324153750(__call, out byte[] data);
             byte[] __result = await this._implementation.EchoAsync(data, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode324153750(__result, __call.SerializerOptions));
+            __call.Reply(Encode324153750(__result));
         }
 
         private static void Decode324153750(global::OffloadRpc.Internal.ServerCall __call, out byte[] data)
@@ -56,7 +56,7 @@ namespace Sample.Imaging
             data = __call.CopyArray<byte>(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable byte[].");
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode324153750(byte[] result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode324153750(byte[] result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -77,7 +77,7 @@ namespace Sample.Imaging
         {
             Decode720896971(__call, out int width, out int height);
             global::OffloadRpc.SharedBuffer __result = await this._implementation.RenderAsync(width, height, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode720896971(__result, __call.SerializerOptions));
+            __call.Reply(Encode720896971(__result));
         }
 
         private static void Decode720896971(global::OffloadRpc.Internal.ServerCall __call, out int width, out int height)
@@ -92,7 +92,7 @@ namespace Sample.Imaging
             height = __reader.ReadInt32();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode720896971(global::OffloadRpc.SharedBuffer result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode720896971(global::OffloadRpc.SharedBuffer result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -167,7 +167,7 @@ namespace Sample.Imaging
         {
             Decode1490050280(__call, out int a, out int b);
             int __result = await this._implementation.AddAsync(a, b, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode1490050280(__result, __call.SerializerOptions));
+            __call.Reply(Encode1490050280(__result));
         }
 
         private static void Decode1490050280(global::OffloadRpc.Internal.ServerCall __call, out int a, out int b)
@@ -182,7 +182,7 @@ namespace Sample.Imaging
             b = __reader.ReadInt32();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode1490050280(int result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode1490050280(int result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -203,7 +203,7 @@ namespace Sample.Imaging
         {
             Decode1681903504(__call, out global::System.ReadOnlyMemory<byte> frame);
             ulong __result = await this._implementation.ChecksumAsync(frame, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode1681903504(__result, __call.SerializerOptions));
+            __call.Reply(Encode1681903504(__result));
         }
 
         private static void Decode1681903504(global::OffloadRpc.Internal.ServerCall __call, out global::System.ReadOnlyMemory<byte> frame)
@@ -217,7 +217,7 @@ namespace Sample.Imaging
             frame = __call.GetMemory<byte>(__reader.ReadInt32());
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode1681903504(ulong result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode1681903504(ulong result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try

@@ -52,7 +52,7 @@ namespace OffloadRpc.Generated
         {
             Decode667527112(__call);
             float[] __result = await this._implementation.HistoryAsync().ConfigureAwait(false);
-            __call.Reply(Encode667527112(__result, __call.SerializerOptions));
+            __call.Reply(Encode667527112(__result));
         }
 
         private static void Decode667527112(global::OffloadRpc.Internal.ServerCall __call)
@@ -64,7 +64,7 @@ namespace OffloadRpc.Generated
             }
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode667527112(float[] result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode667527112(float[] result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -85,7 +85,7 @@ namespace OffloadRpc.Generated
         {
             Decode853741005(__call, out int a, out int b);
             int __result = await this._implementation.AddAsync(a, b).ConfigureAwait(false);
-            __call.Reply(Encode853741005(__result, __call.SerializerOptions));
+            __call.Reply(Encode853741005(__result));
         }
 
         private static void Decode853741005(global::OffloadRpc.Internal.ServerCall __call, out int a, out int b)
@@ -100,7 +100,7 @@ namespace OffloadRpc.Generated
             b = __reader.ReadInt32();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode853741005(int result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode853741005(int result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try

@@ -70,7 +70,7 @@ namespace Sample.Sink
         {
             Decode248194261(__call, out global::System.IO.Stream data, out global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks);
             long __result = await this._implementation.ConsumeAsync(data, chunks, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode248194261(__result, __call.SerializerOptions));
+            __call.Reply(Encode248194261(__result));
         }
 
         private static void Decode248194261(global::OffloadRpc.Internal.ServerCall __call, out global::System.IO.Stream data, out global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks)
@@ -85,7 +85,7 @@ namespace Sample.Sink
             chunks = __call.ReadChunks(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.IAsyncEnumerable<System.ReadOnlyMemory<byte>>.");
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode248194261(long result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode248194261(long result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -142,7 +142,7 @@ namespace Sample.Sink
         {
             Decode485972202(__call, out global::Sample.Sink.Channel channel, out global::Sample.Sink.Level level);
             global::Sample.Sink.Channel __result = await this._implementation.NextChannelAsync(channel, level).ConfigureAwait(false);
-            __call.Reply(Encode485972202(__result, __call.SerializerOptions));
+            __call.Reply(Encode485972202(__result));
         }
 
         private static void Decode485972202(global::OffloadRpc.Internal.ServerCall __call, out global::Sample.Sink.Channel channel, out global::Sample.Sink.Level level)
@@ -157,7 +157,7 @@ namespace Sample.Sink
             level = (global::Sample.Sink.Level)__reader.ReadByte();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode485972202(global::Sample.Sink.Channel result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode485972202(global::Sample.Sink.Channel result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -194,7 +194,7 @@ namespace Sample.Sink
         {
             Decode619346103(__call, out double[] values, out double factor);
             double[] __result = await this._implementation.ScaleAsync(values, factor).ConfigureAwait(false);
-            __call.Reply(Encode619346103(__result, __call.SerializerOptions));
+            __call.Reply(Encode619346103(__result));
         }
 
         private static void Decode619346103(global::OffloadRpc.Internal.ServerCall __call, out double[] values, out double factor)
@@ -209,7 +209,7 @@ namespace Sample.Sink
             factor = __reader.ReadDouble();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode619346103(double[] result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode619346103(double[] result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -246,7 +246,7 @@ namespace Sample.Sink
         {
             Decode802093341(__call, out global::System.ReadOnlyMemory<float> floats, out global::System.Memory<int> ints);
             double __result = await this._implementation.SumAsync(floats, ints).ConfigureAwait(false);
-            __call.Reply(Encode802093341(__result, __call.SerializerOptions));
+            __call.Reply(Encode802093341(__result));
         }
 
         private static void Decode802093341(global::OffloadRpc.Internal.ServerCall __call, out global::System.ReadOnlyMemory<float> floats, out global::System.Memory<int> ints)
@@ -261,7 +261,7 @@ namespace Sample.Sink
             ints = __call.GetMemory<int>(__reader.ReadInt32());
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode802093341(double result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode802093341(double result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -282,7 +282,7 @@ namespace Sample.Sink
         {
             Decode874497112(__call, out int length);
             global::OffloadRpc.SharedBuffer? __result = await this._implementation.MaybeLeaseAsync(length).ConfigureAwait(false);
-            __call.Reply(Encode874497112(__result, __call.SerializerOptions));
+            __call.Reply(Encode874497112(__result));
         }
 
         private static void Decode874497112(global::OffloadRpc.Internal.ServerCall __call, out int length)
@@ -296,7 +296,7 @@ namespace Sample.Sink
             length = __reader.ReadInt32();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode874497112(global::OffloadRpc.SharedBuffer? result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode874497112(global::OffloadRpc.SharedBuffer? result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -317,7 +317,7 @@ namespace Sample.Sink
         {
             Decode897847365(__call, out int @class, out string @event, out int @await);
             bool __result = await this._implementation.@checked(@class, @event, @await, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode897847365(__result, __call.SerializerOptions));
+            __call.Reply(Encode897847365(__result));
         }
 
         private static void Decode897847365(global::OffloadRpc.Internal.ServerCall __call, out int @class, out string @event, out int @await)
@@ -333,7 +333,7 @@ namespace Sample.Sink
             @await = __reader.ReadInt32();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode897847365(bool result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode897847365(bool result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -354,7 +354,7 @@ namespace Sample.Sink
         {
             Decode960466944(__call, out int[]? values);
             int[]? __result = await this._implementation.MaybeAsync(values).ConfigureAwait(false);
-            __call.Reply(Encode960466944(__result, __call.SerializerOptions));
+            __call.Reply(Encode960466944(__result));
         }
 
         private static void Decode960466944(global::OffloadRpc.Internal.ServerCall __call, out int[]? values)
@@ -368,7 +368,7 @@ namespace Sample.Sink
             values = __call.CopyArray<int>(__reader.ReadInt32());
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode960466944(int[]? result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode960466944(int[]? result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -389,7 +389,7 @@ namespace Sample.Sink
         {
             Decode1045107197(__call, out int count);
             global::System.Memory<short> __result = await this._implementation.ShortsAsync(count).ConfigureAwait(false);
-            __call.Reply(Encode1045107197(__result, __call.SerializerOptions));
+            __call.Reply(Encode1045107197(__result));
         }
 
         private static void Decode1045107197(global::OffloadRpc.Internal.ServerCall __call, out int count)
@@ -403,7 +403,7 @@ namespace Sample.Sink
             count = __reader.ReadInt32();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode1045107197(global::System.Memory<short> result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode1045107197(global::System.Memory<short> result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -424,7 +424,7 @@ namespace Sample.Sink
         {
             Decode1370471249(__call, out global::System.ReadOnlyMemory<byte> data);
             global::System.ReadOnlyMemory<byte> __result = await this._implementation.ReverseAsync(data).ConfigureAwait(false);
-            __call.Reply(Encode1370471249(__result, __call.SerializerOptions));
+            __call.Reply(Encode1370471249(__result));
         }
 
         private static void Decode1370471249(global::OffloadRpc.Internal.ServerCall __call, out global::System.ReadOnlyMemory<byte> data)
@@ -438,7 +438,7 @@ namespace Sample.Sink
             data = __call.GetMemory<byte>(__reader.ReadInt32());
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode1370471249(global::System.ReadOnlyMemory<byte> result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode1370471249(global::System.ReadOnlyMemory<byte> result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -568,7 +568,7 @@ namespace Sample.Sink
         {
             Decode1879692759(__call, out byte[] first, out global::OffloadRpc.SharedBuffer? second);
             long __result = await this._implementation.TotalLengthAsync(first, second).ConfigureAwait(false);
-            __call.Reply(Encode1879692759(__result, __call.SerializerOptions));
+            __call.Reply(Encode1879692759(__result));
         }
 
         private static void Decode1879692759(global::OffloadRpc.Internal.ServerCall __call, out byte[] first, out global::OffloadRpc.SharedBuffer? second)
@@ -583,7 +583,7 @@ namespace Sample.Sink
             second = __call.TakeSharedBuffer(__reader.ReadInt32());
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode1879692759(long result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode1879692759(long result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -640,7 +640,7 @@ namespace Sample.Sink
         {
             Decode1912296331(__call, out string key);
             string? __result = await this._implementation.FindAsync(key).ConfigureAwait(false);
-            __call.Reply(Encode1912296331(__result, __call.SerializerOptions));
+            __call.Reply(Encode1912296331(__result));
         }
 
         private static void Decode1912296331(global::OffloadRpc.Internal.ServerCall __call, out string key)
@@ -654,7 +654,7 @@ namespace Sample.Sink
             key = __reader.ReadString() ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable string.");
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode1912296331(string? result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode1912296331(string? result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
@@ -712,7 +712,7 @@ namespace Sample.Sink
         {
             Decode1972214419(__call, out string a, out string? b);
             string __result = await this._implementation.ConcatAsync(a, b).ConfigureAwait(false);
-            __call.Reply(Encode1972214419(__result, __call.SerializerOptions));
+            __call.Reply(Encode1972214419(__result));
         }
 
         private static void Decode1972214419(global::OffloadRpc.Internal.ServerCall __call, out string a, out string? b)
@@ -727,7 +727,7 @@ namespace Sample.Sink
             b = __reader.ReadString();
         }
 
-        private static global::OffloadRpc.Internal.MessageBuilder Encode1972214419(string result, global::MessagePack.MessagePackSerializerOptions options)
+        private static global::OffloadRpc.Internal.MessageBuilder Encode1972214419(string result)
         {
             global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
             try
