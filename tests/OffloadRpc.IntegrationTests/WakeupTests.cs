@@ -15,8 +15,6 @@ public sealed class WakeupTests
     [Fact]
     public async Task Ring_with_four_producers_and_one_consumer_loses_and_duplicates_nothing()
     {
-        int previousSlice = SharedWait.SleepSliceMilliseconds;
-        SharedWait.SleepSliceMilliseconds = -1;
         ControlArea area = ControlArea.Create(new RingGeometry(256, 8, 8), "ring-test");
         try
         {
@@ -39,7 +37,6 @@ public sealed class WakeupTests
         }
         finally
         {
-            SharedWait.SleepSliceMilliseconds = previousSlice;
             area.Segment.Release();
         }
     }
@@ -55,7 +52,7 @@ public sealed class WakeupTests
             while ((slot = ring.TryReserve(out position)) is null)
             {
                 var space = new Space(ring);
-                SharedWait.Wait(ref space, area.MessageProducerWake, spin, singleWaiter: false);
+                SharedWait.Wait(ref space, area.MessageProducerWake, spin, singleWaiter: false, sleepSliceMilliseconds: -1);
             }
 
             *(int*)(slot + 8) = producer;
@@ -75,7 +72,7 @@ public sealed class WakeupTests
             byte* slot;
             while ((slot = ring.TryPeek()) is null)
             {
-                SharedWait.Wait(ref ready, area.ConsumerWake, noSpin, singleWaiter: true);
+                SharedWait.Wait(ref ready, area.ConsumerWake, noSpin, singleWaiter: true, sleepSliceMilliseconds: -1);
             }
 
             int producer = *(int*)(slot + 8);
@@ -104,32 +101,23 @@ public sealed class WakeupTests
     [Fact]
     public async Task Cross_process_calls_with_futex_only_wakeups_all_complete()
     {
-        int previousSlice = SharedWait.SleepSliceMilliseconds;
-        SharedWait.SleepSliceMilliseconds = -1;
-        try
+        await using RemoteServer server = RemoteServer.Start("wakeup", "--spin-us", "0", "--no-sleep-slice", "--slots", "4");
+        await using RpcConnection connection = await server.ConnectAsync(new TransportOptions { SpinBudget = TimeSpan.Zero, SlotCount = 4, RunContinuationsAsynchronously = true, SleepSliceMilliseconds = -1 });
+        const int Callers = 6;
+        const int Calls = 3_000;
+        var done = new int[Callers];
+        await Task.WhenAll(Enumerable.Range(0, Callers).Select(c => Task.Run(async () =>
         {
-            await using RemoteServer server = RemoteServer.Start("wakeup", "--spin-us", "0", "--no-sleep-slice", "--slots", "4");
-            await using RpcConnection connection = await server.ConnectAsync(new TransportOptions { SpinBudget = TimeSpan.Zero, SlotCount = 4, RunContinuationsAsynchronously = true });
-            const int Callers = 6;
-            const int Calls = 3_000;
-            var done = new int[Callers];
-            await Task.WhenAll(Enumerable.Range(0, Callers).Select(c => Task.Run(async () =>
+            byte[] body = new byte[8];
+            for (int i = 0; i < Calls; i++)
             {
-                byte[] body = new byte[8];
-                for (int i = 0; i < Calls; i++)
-                {
-                    BinaryPrimitives.WriteInt32LittleEndian(body, c);
-                    BinaryPrimitives.WriteInt32LittleEndian(body.AsSpan(4), i);
-                    using RpcReply reply = await connection.CallAsync(Testing.PeerMethods.Echo, body, default);
-                    Assert.True(reply.Body.SequenceEqual(body));
-                    done[c]++;
-                }
-            }))).WaitAsync(TimeSpan.FromMinutes(4));
-            Assert.All(done, n => Assert.Equal(Calls, n));
-        }
-        finally
-        {
-            SharedWait.SleepSliceMilliseconds = previousSlice;
-        }
+                BinaryPrimitives.WriteInt32LittleEndian(body, c);
+                BinaryPrimitives.WriteInt32LittleEndian(body.AsSpan(4), i);
+                using RpcReply reply = await connection.CallAsync(Testing.PeerMethods.Echo, body, default);
+                Assert.True(reply.Body.SequenceEqual(body));
+                done[c]++;
+            }
+        }))).WaitAsync(TimeSpan.FromMinutes(4));
+        Assert.All(done, n => Assert.Equal(Calls, n));
     }
 }

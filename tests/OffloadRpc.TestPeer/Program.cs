@@ -61,6 +61,7 @@ internal static class PeerProgram
         TimeSpan spin = TransportOptions.Default.SpinBudget;
         int slotCount = TransportOptions.Default.SlotCount;
         bool dispatchToThreadPool = false;
+        int sleepSlice = SharedWait.DefaultSleepSliceMilliseconds;
         for (int i = 2; i < args.Length; i++)
         {
             switch (args[i])
@@ -85,12 +86,12 @@ internal static class PeerProgram
                     dispatchToThreadPool = true;
                     break;
                 case "--no-sleep-slice":
-                    SharedWait.SleepSliceMilliseconds = -1;
+                    sleepSlice = -1;
                     break;
             }
         }
 
-        return new TransportOptions { ProtocolVersion = version, AllowedUserIds = allowed, SpinBudget = spin, SlotCount = slotCount, DispatchToThreadPool = dispatchToThreadPool };
+        return new TransportOptions { ProtocolVersion = version, AllowedUserIds = allowed, SpinBudget = spin, SlotCount = slotCount, DispatchToThreadPool = dispatchToThreadPool, SleepSliceMilliseconds = sleepSlice };
     }
 
     private static async Task<int> ServeAsync(string endpoint, TransportOptions options, Dictionary<string, ulong> contracts, IRequestHandler handler)

@@ -167,8 +167,41 @@ public sealed class EngineTests
     public void Idle_workers_park_instead_of_spinning()
     {
         using var engine = new WorkerCopyEngine(threads: 2, spinBeforePark: TimeSpan.FromMicroseconds(10));
-        SpinWait.SpinUntil(() => engine.IdleWorkers == 2, TimeSpan.FromSeconds(30));
-        Assert.Equal(2, engine.IdleWorkers);
+        SpinWait.SpinUntil(() => engine.AllParked, TimeSpan.FromSeconds(30));
+        Assert.True(engine.AllParked);
+    }
+
+    [Fact]
+    public async Task Callers_that_help_the_workers_copy_every_chunk_exactly_once()
+    {
+        // Several submitters run queued chunks themselves while the workers take the rest: every copy
+        // must complete with its own bytes, none twice (a chunk run twice would still look right, so each
+        // copy's source changes right after its completion and the destination is checked afterwards).
+        using var engine = new WorkerCopyEngine(threads: 1, spinBeforePark: TimeSpan.Zero);
+        const int Length = (int)(3 * WorkerCopyEngine.ChunkBytes) + 4096;
+        await Task.WhenAll(Enumerable.Range(0, 4).Select(t => Task.Factory.StartNew(() =>
+        {
+            byte[] source = new byte[Length];
+            byte[] destination = new byte[Length];
+            var completion = new CopyCompletion();
+            for (int i = 0; i < 40; i++)
+            {
+                byte tag = (byte)((t * 40) + i);
+                Array.Fill(source, tag);
+                unsafe
+                {
+                    fixed (byte* s = source)
+                    fixed (byte* d = destination)
+                    {
+                        engine.Submit([CopyDescriptor.Create((nint)s, (nint)d, Length, CachePolicy.Inject)], completion);
+                        engine.HelpUntil(completion, help: i % 2 == 0);
+                    }
+                }
+
+                Array.Fill(source, (byte)0xEE);
+                Assert.True(destination.AsSpan().IndexOfAnyExcept(tag) < 0, $"copy {t}/{i} is incomplete or was run late");
+            }
+        }, TaskCreationOptions.LongRunning)));
     }
 
     [Fact]

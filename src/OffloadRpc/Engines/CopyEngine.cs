@@ -1,4 +1,6 @@
+using System.Diagnostics;
 using System.Runtime.InteropServices;
+using OffloadRpc.Transport;
 
 namespace OffloadRpc.Engines;
 
@@ -61,14 +63,16 @@ internal interface ICopyEngine
 
 /// <summary>
 /// The completion record of a batch: the descriptors still outstanding. The submitter polls
-/// <see cref="IsCompleted"/> or blocks in <see cref="Wait"/> (spin, then sleep). Reusable: the
-/// condition is the count itself, never a latched signal that a previous batch could leave set.
+/// <see cref="IsCompleted"/> or blocks in <see cref="Wait"/> (<see cref="SharedWait"/>: spin, then a
+/// futex sleep on a word of its own). Reusable: the condition is the count itself, never a latched
+/// signal that a previous batch could leave set.
 /// </summary>
 internal sealed class CopyCompletion
 {
-    private readonly object _gate = new();
+    /// <summary>The futex word, on a pinned cache line of its own (the pinned heap never moves it).</summary>
+    private readonly int[] _word = GC.AllocateArray<int>(16, pinned: true);
+    private readonly AdaptiveSpin _spin = new(TimeSpan.FromMicroseconds(50));
     private int _outstanding;
-    private int _waiting;
     private Action<object?>? _continuation;
     private object? _continuationState;
 
@@ -85,11 +89,12 @@ internal sealed class CopyCompletion
     }
 
     /// <summary>Called by an engine as each descriptor finishes.</summary>
-    public void Complete(int count = 1)
+    public unsafe void Complete(int count = 1)
     {
-        // Interlocked.Add is a full fence: the waiter either sees the count reach zero or has flagged
-        // itself before we read the flag (it flags with a fence, then re-checks the count).
-        if (Interlocked.Add(ref _outstanding, -count) != 0)
+        // Interlocked.Add is a full fence before the wake reads the word (Dekker with the waiter's arm).
+        int remaining = Interlocked.Add(ref _outstanding, -count);
+        Debug.Assert(remaining >= 0, "more descriptors completed than were expected");
+        if (remaining != 0)
         {
             return;
         }
@@ -99,39 +104,27 @@ internal sealed class CopyCompletion
             continuation(_continuationState);
         }
 
-        if (Volatile.Read(ref _waiting) != 0)
+        fixed (int* word = _word)
         {
-            lock (_gate)
-            {
-                Monitor.PulseAll(_gate);
-            }
+            SharedWait.Wake(word);
         }
     }
 
-    /// <summary>Spins briefly (a chunk takes microseconds), then sleeps until every descriptor finished.</summary>
-    public void Wait()
+    /// <summary>Blocks until every descriptor finished: spins briefly (a chunk takes microseconds), then sleeps.</summary>
+    public unsafe void Wait()
     {
-        var spinner = new SpinWait();
-        for (int i = 0; i < 200 && !IsCompleted; i++)
+        var done = new Done(this);
+        fixed (int* word = _word)
         {
-            spinner.SpinOnce(sleep1Threshold: -1);
+            SharedWait.Wait(ref done, word, _spin, singleWaiter: true);
         }
+    }
 
-        if (IsCompleted)
-        {
-            return;
-        }
+    private readonly struct Done(CopyCompletion completion) : IWaitCondition
+    {
+        public bool IsSatisfied() => completion.IsCompleted;
 
-        lock (_gate)
-        {
-            Interlocked.Exchange(ref _waiting, 1);
-            while (!IsCompleted)
-            {
-                Monitor.Wait(_gate, 50);
-            }
-
-            Volatile.Write(ref _waiting, 0);
-        }
+        public bool IsAbandoned() => false;
     }
 }
 

@@ -13,10 +13,13 @@ internal static unsafe class PayloadMover
         {
             case TransferMode.Offload:
             {
-                // The copy runs on the worker threads; this thread waits without burning a core.
+                // The copy runs on the worker threads; this thread waits without burning a core (or, when the
+                // workers are parked, copies queued chunks itself instead of waiting for their wake-up).
                 CopyCompletion completion = t_completion ??= new CopyCompletion();
-                WorkerCopyEngine.Shared.Submit([CopyDescriptor.Create((nint)source, (nint)destination, (ulong)length, plan.Cache)], completion);
-                completion.Wait();
+                WorkerCopyEngine engine = WorkerCopyEngine.Shared;
+                bool parked = engine.AllParked;
+                engine.Submit([CopyDescriptor.Create((nint)source, (nint)destination, (ulong)length, plan.Cache)], completion);
+                engine.HelpUntil(completion, help: parked);
                 break;
             }
 
@@ -28,13 +31,14 @@ internal static unsafe class PayloadMover
                 double callerFraction = Calibration.Current?.CallerShare(length, engine.ThreadCount) ?? 1.0 / (engine.ThreadCount + 1);
                 long share = (long)(length * callerFraction) & ~4095L;
                 CopyCompletion completion = t_completion ??= new CopyCompletion();
+                bool parked = engine.AllParked;
                 if (length - share > 0)
                 {
                     engine.Submit([CopyDescriptor.Create((nint)(source + share), (nint)(destination + share), (ulong)(length - share), plan.Cache)], completion);
                 }
 
                 CopyRoutines.Copy(source, destination, (nuint)share, plan.BypassCache);
-                completion.Wait();
+                engine.HelpUntil(completion, help: parked);
                 break;
             }
 

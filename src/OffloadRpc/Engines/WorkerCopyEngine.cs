@@ -1,9 +1,14 @@
+using OffloadRpc.Transport;
+
 namespace OffloadRpc.Engines;
 
 /// <summary>
 /// Software offload: dedicated copy threads fed by a lock-free bounded queue of descriptors. Large
-/// copies are cut into chunks so that every worker can take part. Idle workers spin for a bounded
-/// time and then park, so an idle engine costs no CPU.
+/// copies are cut into chunks so that every worker can take part. An idle worker spins for a bounded
+/// time after its last chunk (when <see cref="SpinGate"/> gives it a place: steady traffic then costs
+/// no wake-up per call) and then parks on a futex word, so an idle engine costs no CPU. A submitter
+/// that will wait for its copy anyway runs queued chunks itself while the workers are still waking up
+/// (<see cref="HelpUntil"/>).
 /// </summary>
 internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
 {
@@ -12,19 +17,22 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
 
     private const int ParkSliceMilliseconds = 100;
 
+    /// <summary>The workers' futex word, on a pinned cache line of its own.</summary>
+    private readonly int[] _park = GC.AllocateArray<int>(16, pinned: true);
+    private readonly AdaptiveSpin _noAdaptation = new(TimeSpan.Zero);
+
     private static readonly Lazy<WorkerCopyEngine> s_shared = new(() => new WorkerCopyEngine(DefaultThreads));
 
     private readonly WorkQueue _queue = new(4096);
     private readonly Thread[] _threads;
-    private readonly SemaphoreSlim _wake = new(0);
-    private readonly TimeSpan _spinBeforePark;
+    private readonly long _spinTicks;
     private int _sleepers;
     private volatile bool _stopping;
 
     public WorkerCopyEngine(int threads, TimeSpan? spinBeforePark = null)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(threads, 1);
-        _spinBeforePark = spinBeforePark ?? TimeSpan.FromMicroseconds(50);
+        _spinTicks = (long)((spinBeforePark ?? TimeSpan.FromMicroseconds(50)).TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
         _threads = new Thread[threads];
         for (int i = 0; i < threads; i++)
         {
@@ -40,8 +48,23 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
 
     public int ThreadCount => _threads.Length;
 
-    /// <summary>Workers currently parked (none spinning or copying): a free worker means Hybrid can split.</summary>
-    public int IdleWorkers => Volatile.Read(ref _sleepers);
+    /// <summary>True when every worker is parked (none spinning or copying): a chunk submitted now waits for a futex wake-up.</summary>
+    public bool AllParked => Volatile.Read(ref _sleepers) == _threads.Length;
+
+    /// <summary>
+    /// Waits for <paramref name="completion"/>, first running queued chunks on this thread when
+    /// <paramref name="help"/> (the workers were parked when the copy was submitted: rather than wait the
+    /// ~40-150 us their wake-up takes on a VM, the caller copies; a worker that wakes takes what is left).
+    /// </summary>
+    public void HelpUntil(CopyCompletion completion, bool help)
+    {
+        while (help && !completion.IsCompleted && _queue.TryDequeue(out WorkItem item))
+        {
+            Execute(item);
+        }
+
+        completion.Wait();
+    }
 
     public string Description => Describe(_threads.Length, "");
 
@@ -132,19 +155,24 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
             }
         }
 
-        // Full fence between publishing the item and reading the sleeper count (a worker increments the
-        // count, then re-checks the queue): without it the two could miss each other (store-load
-        // reordering) and the item would wait for a worker that sleeps.
+        // Full fence between publishing the item and reading the park word (a worker arms the word,
+        // then re-checks the queue): without it the two could miss each other (store-load reordering)
+        // and the item would wait for a worker that sleeps.
         Interlocked.MemoryBarrier();
-        if (Volatile.Read(ref _sleepers) > 0)
+        WakeWorkers();
+    }
+
+    private unsafe void WakeWorkers()
+    {
+        fixed (int* word = _park)
         {
-            _wake.Release();
+            SharedWait.Wake(word);
         }
     }
 
-    private void Run()
+    private unsafe void Run()
     {
-        long spinTicks = (long)(_spinBeforePark.TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
+        var hasWork = new HasWork(this);
         while (!_stopping)
         {
             if (_queue.TryDequeue(out WorkItem item))
@@ -153,32 +181,26 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
                 continue;
             }
 
-            long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            bool found = false;
-            while (System.Diagnostics.Stopwatch.GetTimestamp() - start < spinTicks)
-            {
-                if (_queue.HasItems)
-                {
-                    found = true;
-                    break;
-                }
-
-                Thread.SpinWait(1);
-            }
-
-            if (found)
+            if (SharedWait.Spin(ref hasWork, _spinTicks) != SharedWait.SpinOutcome.BudgetSpent)
             {
                 continue;
             }
 
             Interlocked.Increment(ref _sleepers);
-            if (!_queue.HasItems && !_stopping)
+            fixed (int* word = _park)
             {
-                _wake.Wait(ParkSliceMilliseconds); // a bounded park: a re-check now and then costs nothing measurable
+                SharedWait.Sleep(ref hasWork, word, _noAdaptation, singleWaiter: false, ParkSliceMilliseconds);
             }
 
             Interlocked.Decrement(ref _sleepers);
         }
+    }
+
+    private readonly struct HasWork(WorkerCopyEngine engine) : IWaitCondition
+    {
+        public bool IsSatisfied() => engine._queue.HasItems;
+
+        public bool IsAbandoned() => engine._stopping;
     }
 
     private static void Execute(in WorkItem item)
@@ -190,13 +212,11 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
     public void Dispose()
     {
         _stopping = true;
-        _wake.Release(_threads.Length);
+        WakeWorkers();
         foreach (Thread thread in _threads)
         {
             thread.Join();
         }
-
-        _wake.Dispose();
     }
 
     private readonly record struct WorkItem(CopyDescriptor Descriptor, CopyCompletion Completion);

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Threading.Tasks.Sources;
 
 namespace OffloadRpc.Transport;
@@ -35,6 +36,9 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
     private int _responseClaimed;
     private int _callerReleased;
     private ulong _generation;
+    private long _sentAt; // 0 while not in flight
+    private int _latencyClass;
+    private bool _countedFast;
 
     public PendingCall(RpcConnection connection, PendingCallTable table, int index, bool runContinuationsAsynchronously)
         : base(connection)
@@ -75,9 +79,32 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
         }
     }
 
+    /// <summary>
+    /// The request is about to go out: from now on a reply may arrive on the poller, which spins for it
+    /// when calls of this method usually answer within the spin budget.
+    /// </summary>
+    public void BeginFlight(int methodId, long now)
+    {
+        Debug.Assert(now != 0, "0 means not in flight");
+        _latencyClass = PendingCallTable.LatencyClassOf(methodId);
+        _countedFast = _table.EnterFlight(_latencyClass);
+        Volatile.Write(ref _sentAt, now);
+    }
+
+    /// <summary>The reply came, or never will: once per call, with how long it took when it came.</summary>
+    private void EndFlight(bool answered)
+    {
+        long sentAt = Interlocked.Exchange(ref _sentAt, 0);
+        if (sentAt != 0)
+        {
+            _table.LeaveFlight(_latencyClass, answered ? Stopwatch.GetTimestamp() - sentAt : -1, _countedFast);
+        }
+    }
+
     /// <summary>The request could not be sent: give the entry back as if nothing happened.</summary>
     public void AbortBeforeSend()
     {
+        EndFlight(answered: false);
         _holds = 0;
         Recycle();
     }
@@ -109,6 +136,7 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
     /// <summary>Completes with the response the receive thread has copied into this message (after <see cref="TryClaimResponse"/>).</summary>
     public void CompleteWithResponse()
     {
+        EndFlight(answered: true);
         if (Interlocked.CompareExchange(ref _state, StateCompleted, StateInFlight) == StateInFlight)
         {
             _core.SetResult(new RpcReply(this, _core.Version));
@@ -124,6 +152,7 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
     /// <summary>Completes with a remote fault (after <see cref="TryClaimResponse"/>).</summary>
     public void CompleteWithException(Exception exception)
     {
+        EndFlight(answered: true);
         ReleaseUntakenPayloads();
         if (Interlocked.CompareExchange(ref _state, StateFailed, StateInFlight) == StateInFlight)
         {
@@ -141,6 +170,8 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
         {
             return;
         }
+
+        EndFlight(answered: false);
 
         if (Interlocked.CompareExchange(ref _state, StateFailed, StateInFlight) == StateInFlight)
         {
@@ -304,17 +335,62 @@ internal sealed class PendingCallTable
     private readonly int _mask;
     private readonly object _waitLock = new();
     private readonly Queue<TaskCompletionSource> _waiters = new();
+    private readonly long[] _latency = new long[LatencyClasses];
+    private readonly long _fastTicks;
     private int _cursor;
     private int _waiterCount;
+    private int _fastInFlight;
     private volatile bool _closed;
 
-    public PendingCallTable(RpcConnection connection, int capacity, bool runContinuationsAsynchronously)
+    /// <summary>Methods are told apart for the spin decision by their id modulo this (collisions only share an estimate).</summary>
+    private const int LatencyClasses = 64;
+
+    /// <param name="spinBudget">Calls whose replies usually come within this are "fast": the poller spins while one is in flight.</param>
+    public PendingCallTable(RpcConnection connection, int capacity, bool runContinuationsAsynchronously, TimeSpan spinBudget)
     {
+        _fastTicks = (long)(spinBudget.TotalSeconds * Stopwatch.Frequency);
         _entries = new PendingCall[capacity];
         _mask = capacity - 1;
         for (int i = 0; i < capacity; i++)
         {
             _entries[i] = new PendingCall(connection, this, i, runContinuationsAsynchronously);
+        }
+    }
+
+    /// <summary>Calls in flight whose method usually answers within the spin budget.</summary>
+    public int FastCallsInFlight => Volatile.Read(ref _fastInFlight);
+
+    public static int LatencyClassOf(int methodId) => methodId & (LatencyClasses - 1);
+
+    /// <summary>A call of <paramref name="latencyClass"/> goes out; true when it counts as fast.</summary>
+    public bool EnterFlight(int latencyClass)
+    {
+        if (Volatile.Read(ref _latency[latencyClass]) >= _fastTicks)
+        {
+            return false;
+        }
+
+        Interlocked.Increment(ref _fastInFlight);
+        return true;
+    }
+
+    /// <summary>
+    /// A call's flight ended; <paramref name="latencyTicks"/> (negative: unanswered) moves its class's
+    /// estimate, so one slow method (an offloaded copy, a long computation) never keeps the poller
+    /// from spinning for the fast ones, and a method that turned slow stops being spun for.
+    /// </summary>
+    public void LeaveFlight(int latencyClass, long latencyTicks, bool countedFast)
+    {
+        if (countedFast)
+        {
+            int remaining = Interlocked.Decrement(ref _fastInFlight);
+            Debug.Assert(remaining >= 0, "more fast calls left the flight than entered it");
+        }
+
+        if (latencyTicks >= 0)
+        {
+            long estimate = Volatile.Read(ref _latency[latencyClass]);
+            Volatile.Write(ref _latency[latencyClass], estimate + ((latencyTicks - estimate) / 4)); // racing updates may lose one sample: harmless
         }
     }
 

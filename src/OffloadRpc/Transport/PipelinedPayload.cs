@@ -5,18 +5,30 @@ namespace OffloadRpc.Transport;
 
 /// <summary>
 /// The receiving side of a pipelined payload: follows the sender's progress in the block header,
-/// validating every read (progress only grows and never passes the announced length), and waits
-/// for more bytes by spinning briefly, then sleeping on the header's futex word. A wait ends when the
-/// bytes arrive, the connection closes or the caller cancels: never a hang on a dead sender.
+/// validating every read (progress only grows and never passes the announced length), and waits for
+/// more bytes with <see cref="SharedWait"/> on the header's futex word, blocking
+/// (<see cref="WaitFor"/>) or not (<see cref="WaitForAsync"/>). A wait ends when the bytes arrive, the
+/// connection closes, the caller cancels, or the sender makes no progress for the stall timeout (a
+/// protocol violation): never a hang on a dead or stuck sender.
 /// </summary>
-internal sealed unsafe class PipelinedPayload
+internal sealed class PipelinedPayload : IAsyncWaitCondition
 {
+    /// <summary>How often a sleeping reader re-checks for a stalled sender.</summary>
+    private const int StallCheckMilliseconds = 50;
+
     private readonly RpcConnection _connection;
-    private readonly PipelineHeader* _header;
+    private readonly unsafe PipelineHeader* _header;
     private readonly long _length;
     private long _known;
 
-    public PipelinedPayload(RpcConnection connection, byte* header, long length)
+    // The wait in progress (one reader at a time, as for any stream).
+    private long _target;
+    private long _progressAt;
+    private long _progressSeen;
+    private bool _stalled;
+    private CancellationToken _cancellationToken;
+
+    public unsafe PipelinedPayload(RpcConnection connection, byte* header, long length)
     {
         _connection = connection;
         _header = (PipelineHeader*)header;
@@ -26,7 +38,7 @@ internal sealed unsafe class PipelinedPayload
     public long Length => _length;
 
     /// <summary>Bytes known to be in place right now (validated).</summary>
-    public long Available()
+    public unsafe long Available()
     {
         long total = Volatile.Read(ref _header->Total);
         long ready = Volatile.Read(ref _header->BytesReady);
@@ -41,62 +53,106 @@ internal sealed unsafe class PipelinedPayload
         return ready;
     }
 
-    /// <summary>Waits until at least <paramref name="bytes"/> are in place; returns how many are (validated).</summary>
+    /// <summary>Waits until at least <paramref name="bytes"/> are in place, blocking; returns how many are (validated).</summary>
     public long WaitFor(long bytes, CancellationToken cancellationToken)
     {
-        bytes = Math.Min(bytes, _length);
-        long available = Available();
-        if (available >= bytes)
+        if (Begin(bytes, cancellationToken))
         {
-            return available;
+            return _known;
         }
 
-        var spinner = new SpinWait();
-        long spinUntil = Stopwatch.GetTimestamp() + Stopwatch.Frequency / 20_000; // 50 us
-        while (Stopwatch.GetTimestamp() < spinUntil)
-        {
-            available = Available();
-            if (available >= bytes)
-            {
-                return available;
-            }
+        var condition = new Blocking(this);
+        return End(SharedWait.Wait(ref condition, _connection.PipelineSpin, StallCheckMilliseconds));
+    }
 
-            spinner.SpinOnce(sleep1Threshold: -1);
+    /// <summary>Waits until at least <paramref name="bytes"/> are in place without blocking a thread; returns how many are (validated).</summary>
+    public ValueTask<long> WaitForAsync(long bytes, CancellationToken cancellationToken)
+    {
+        if (Begin(bytes, cancellationToken))
+        {
+            return new ValueTask<long>(_known);
         }
 
-        // A live sender that stops writing would otherwise park us forever: no progress for the stall
-        // timeout (the arena wait timeout) ends the connection as a protocol violation.
+        return AwaitAsync(SharedWait.WaitAsync(this, StallCheckMilliseconds, cancellationToken));
+
+        async ValueTask<long> AwaitAsync(ValueTask<bool> wait) => End(await wait.ConfigureAwait(false));
+    }
+
+    /// <summary>Starts a wait; true when nothing needs waiting for.</summary>
+    private bool Begin(long bytes, CancellationToken cancellationToken)
+    {
+        _target = Math.Min(bytes, _length);
+        if (Available() >= _target)
+        {
+            return true;
+        }
+
+        _cancellationToken = cancellationToken;
+        _progressAt = Stopwatch.GetTimestamp();
+        _progressSeen = _known;
+        _stalled = false;
+        return false;
+    }
+
+    private long End(bool satisfied)
+    {
+        if (satisfied)
+        {
+            return _known;
+        }
+
+        if (_stalled)
+        {
+            TimeSpan stall = _connection.StallTimeout;
+            var violation = new ProtocolViolationException($"Protocol violation by peer process {_connection.Peer.ProcessId}: a pipelined payload stalled at {_known} of {_length} bytes for {stall.TotalSeconds:0.#} s.");
+            _connection.Terminate(violation);
+            throw violation;
+        }
+
+        _connection.ThrowIfClosed();
+        _cancellationToken.ThrowIfCancellationRequested();
+        throw new InvalidOperationException("A pipelined wait ended without its bytes, a close, a cancellation or a stall.");
+    }
+
+    public bool IsSatisfied() => Available() >= _target;
+
+    /// <summary>Closed, cancelled, or no progress for the stall timeout (a live sender that stopped writing would otherwise park us forever).</summary>
+    public bool IsAbandoned()
+    {
+        if (_connection.IsClosed || _cancellationToken.IsCancellationRequested)
+        {
+            return true;
+        }
+
+        long now = Stopwatch.GetTimestamp();
+        if (_known != _progressSeen)
+        {
+            _progressSeen = _known;
+            _progressAt = now;
+            return false;
+        }
+
         TimeSpan stall = _connection.StallTimeout;
-        long stallTicks = stall == Timeout.InfiniteTimeSpan ? long.MaxValue : (long)(stall.TotalSeconds * Stopwatch.Frequency);
-        long lastKnown = _known;
-        long lastProgress = Stopwatch.GetTimestamp();
-        while (true)
-        {
-            int chunks = Volatile.Read(ref _header->ChunksReady);
-            Interlocked.Exchange(ref _header->ReceiverWaiting, 1);
-            available = Available();
-            if (available >= bytes)
-            {
-                return available;
-            }
+        _stalled = stall != Timeout.InfiniteTimeSpan && now - _progressAt > (long)(stall.TotalSeconds * Stopwatch.Frequency);
+        return _stalled;
+    }
 
-            _connection.ThrowIfClosed();
-            cancellationToken.ThrowIfCancellationRequested();
-            long now = Stopwatch.GetTimestamp();
-            if (available != lastKnown)
-            {
-                lastKnown = available;
-                lastProgress = now;
-            }
-            else if (now - lastProgress > stallTicks)
-            {
-                var violation = new ProtocolViolationException($"Protocol violation by peer process {_connection.Peer.ProcessId}: a pipelined payload stalled at {available} of {_length} bytes for {stall.TotalSeconds:0.#} s.");
-                _connection.Terminate(violation);
-                throw violation;
-            }
+    /// <summary>The sender bumps <see cref="PipelineHeader.ChunksReady"/> per chunk and wakes it when <see cref="PipelineHeader.ReceiverWaiting"/> is set.</summary>
+    public unsafe void Arm(out int* word, out int expected)
+    {
+        expected = Volatile.Read(ref _header->ChunksReady);
+        Interlocked.Exchange(ref _header->ReceiverWaiting, 1);
+        word = &_header->ChunksReady;
+    }
 
-            LinuxNative.FutexWait(&_header->ChunksReady, chunks, 50);
-        }
+    /// <summary>The blocking form of the same condition (a struct for <see cref="SharedWait.Wait{TCondition}(ref TCondition, AdaptiveSpin, int)"/>).</summary>
+    private readonly unsafe struct Blocking(PipelinedPayload payload) : IArmedWaitCondition
+    {
+        public bool IsSatisfied() => payload.IsSatisfied();
+
+        public bool IsAbandoned() => payload.IsAbandoned();
+
+        public void Arm(out int* word, out int expected) => payload.Arm(out word, out expected);
     }
 }
 
@@ -104,17 +160,17 @@ internal sealed unsafe class PipelinedPayload
 /// A pipelined payload as a read-only stream: a read returns as soon as some bytes have landed, so the
 /// reader works on chunk k while chunk k+1 is still being copied. Disposing it gives the block back.
 /// </summary>
-internal sealed unsafe class PipelinedPayloadStream : Stream
+internal sealed class PipelinedPayloadStream : Stream
 {
     private readonly PipelinedPayload _progress;
-    private readonly byte* _data;
+    private readonly unsafe byte* _data;
     private readonly SharedMemorySegment _segment;
     private readonly Action _release;
     private readonly CancellationToken _cancellationToken;
     private long _position;
     private int _disposed;
 
-    public PipelinedPayloadStream(PipelinedPayload progress, byte* data, SharedMemorySegment segment, Action release, CancellationToken cancellationToken)
+    public unsafe PipelinedPayloadStream(PipelinedPayload progress, byte* data, SharedMemorySegment segment, Action release, CancellationToken cancellationToken)
     {
         _progress = progress;
         _data = data;
@@ -154,10 +210,7 @@ internal sealed unsafe class PipelinedPayloadStream : Stream
         try
         {
             long available = _progress.WaitFor(_position + 1, _cancellationToken) - _position;
-            int count = (int)Math.Min(buffer.Length, available);
-            new ReadOnlySpan<byte>(_data + _position, count).CopyTo(buffer);
-            _position += count;
-            return count;
+            return CopyOut(buffer, available);
         }
         finally
         {
@@ -165,11 +218,42 @@ internal sealed unsafe class PipelinedPayloadStream : Stream
         }
     }
 
-    public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) =>
-        ValueTask.FromResult(Read(buffer.Span));
+    /// <summary>Returns as soon as some bytes have landed, waiting without a thread (the process's poller watches the chunk word).</summary>
+    public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (buffer.IsEmpty || _position >= _progress.Length)
+        {
+            return 0;
+        }
+
+        // As in Read: a reference for the read, across the await, so the block cannot be unmapped under it.
+        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+        try
+        {
+            using CancellationTokenSource? linked = cancellationToken.CanBeCanceled && _cancellationToken.CanBeCanceled
+                ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _cancellationToken)
+                : null;
+            CancellationToken token = linked?.Token ?? (cancellationToken.CanBeCanceled ? cancellationToken : _cancellationToken);
+            long available = await _progress.WaitForAsync(_position + 1, token).ConfigureAwait(false) - _position;
+            return CopyOut(buffer.Span, available);
+        }
+        finally
+        {
+            _segment.Release();
+        }
+    }
 
     public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
-        Task.FromResult(Read(buffer.AsSpan(offset, count)));
+        ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
+
+    private unsafe int CopyOut(Span<byte> buffer, long available)
+    {
+        int count = (int)Math.Min(buffer.Length, available);
+        new ReadOnlySpan<byte>(_data + _position, count).CopyTo(buffer);
+        _position += count;
+        return count;
+    }
 
     public override void Flush()
     {

@@ -7,68 +7,101 @@ internal sealed partial class RpcConnection
     /// <summary>Largest message body accepted out of the arena (bodies are small arguments; payloads travel separately).</summary>
     public const int MaxBodyLength = 64 << 20;
 
-    private unsafe void ReceiveLoop()
+    /// <summary>The most messages one poll consumes before the poller turns to its other connections.</summary>
+    private const int MessagesPerPoll = 64;
+
+    private Thread? _receiveThread; // the poller's thread, set on its first poll of this connection
+
+    /// <summary>
+    /// Consumes what the inbound rings hold (a bounded batch) and the connection's housekeeping
+    /// (releases from the peer, releases and cancels that found our rings full). Runs on the poller.
+    /// </summary>
+    private unsafe PollResult PollInbound(long now)
     {
+        if (IsClosed)
+        {
+            return PollResult.Finished;
+        }
+
+        _receiveThread ??= Thread.CurrentThread;
+        Debug.Assert(_receiveThread == Thread.CurrentThread, "a connection stays on one poller");
+        bool worked = false;
         try
         {
             ControlRing ring = _inbound.Messages;
-            var ready = new InboundReady(this);
-            while (!IsClosed)
+            int processed = 0;
+            byte* slot;
+            while (processed < MessagesPerPoll && (slot = ring.TryPeek()) is not null)
             {
-                byte* slot = ring.TryPeek();
-                if (slot is not null)
-                {
-                    ProcessMessage(slot);
-                    continue;
-                }
+                ProcessMessage(slot);
+                processed++;
+            }
 
-                if (_inbound.Releases.HasMessage())
-                {
-                    _arena.DrainUnderLock(_drainReleases);
-                }
+            if (processed > 0)
+            {
+                _spin.OnArrival(now);
+                worked = true;
+            }
 
-                if (!_overflowReleases.IsEmpty)
-                {
-                    FlushOverflowReleases();
-                }
+            if (_inbound.Releases.HasMessage())
+            {
+                _arena.DrainUnderLock(_drainReleases);
+                worked = true;
+            }
 
-                if (!_pendingCancels.IsEmpty)
-                {
-                    FlushPendingCancels();
-                }
+            if (!_overflowReleases.IsEmpty && _outbound.Releases.HasFreeSlot())
+            {
+                FlushOverflowReleases();
+                worked = true;
+            }
 
-                SharedWait.Wait(ref ready, _inbound.ConsumerWake, _receiveSpin, singleWaiter: true);
+            if (!_pendingCancels.IsEmpty)
+            {
+                FlushPendingCancels();
             }
         }
         catch (ProtocolViolationException ex)
         {
             Terminate(ex);
+            return PollResult.Finished;
         }
         catch (Exception ex)
         {
-            Terminate(IsClosed ? ex : new OffloadRpcException("The receive thread failed: " + ex.Message, ex));
+            Terminate(IsClosed ? ex : new OffloadRpcException("The receiver failed: " + ex.Message, ex));
+            return PollResult.Finished;
         }
-        finally
-        {
-            // The socket thread may still be mapping a segment; let it finish so nothing is left mapped.
-            _socketExited.Task.Wait();
-            ReleaseResources(TerminalException!);
-            _receiveExited.TrySetResult();
-        }
+
+        return IsClosed ? PollResult.Finished : worked ? PollResult.Worked : PollResult.Idle;
     }
 
-    private readonly struct InboundReady : IWaitCondition
+    /// <summary>The connection's inbound side as the poller sees it.</summary>
+    private sealed unsafe class InboundSource : PollSource
     {
         private readonly RpcConnection _connection;
 
-        public InboundReady(RpcConnection connection) => _connection = connection;
+        public InboundSource(RpcConnection connection) => _connection = connection;
 
-        public bool IsSatisfied() =>
-            _connection._inbound.Messages.HasMessage()
-            || _connection._inbound.Releases.HasMessage()
-            || (!_connection._overflowReleases.IsEmpty && _connection._outbound.Releases.HasFreeSlot());
+        /// <summary>
+        /// Releases that found the peer's release ring full wait for it to drain, which the peer does not
+        /// signal on our word: re-check them every millisecond (rare: the ring has thousands of entries).
+        /// </summary>
+        public override int SleepSliceMilliseconds => _connection._overflowReleases.IsEmpty ? _connection._options.SleepSliceMilliseconds : 1;
 
-        public bool IsAbandoned() => _connection.IsClosed;
+        public override PollResult Poll(long now) => _connection.PollInbound(now);
+
+        public override void Arm(out int* word, out int expected)
+        {
+            word = _connection._inbound.ConsumerWake;
+            expected = 1;
+            Interlocked.Exchange(ref *word, 1);
+        }
+
+        public override void Disarm() => Volatile.Write(ref *_connection._inbound.ConsumerWake, 0);
+
+        public override long SpinUntil(long now) => _connection._spin.SpinUntil(now, _connection._calls.FastCallsInFlight);
+
+        /// <summary>The poller has dropped the connection: it never reads the inbound area again.</summary>
+        public override void OnRemoved() => _connection.PartStopped();
     }
 
     /// <summary>Reads one published slot: header once into a local, every field validated before use.</summary>

@@ -105,7 +105,7 @@ internal sealed partial class RpcConnection
         try
         {
             var condition = new SpaceReleased(this, arena, freeGeneration, deadline, cancellationToken);
-            SharedWait.Wait(ref condition, _inbound.ReleaseConsumerWake, _arenaSpin, singleWaiter: false);
+            SharedWait.Wait(ref condition, _inbound.ReleaseConsumerWake, _arenaSpin, singleWaiter: false, _options.SleepSliceMilliseconds);
         }
         finally
         {

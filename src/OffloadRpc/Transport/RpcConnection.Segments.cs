@@ -86,7 +86,7 @@ internal sealed partial class RpcConnection
         }
         finally
         {
-            _socketExited.TrySetResult();
+            PartStopped();
         }
     }
 

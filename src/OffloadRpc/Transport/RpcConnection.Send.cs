@@ -54,6 +54,9 @@ internal sealed partial class RpcConnection
 
     private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
     {
+        long now = Stopwatch.GetTimestamp();
+        call.BeginFlight(methodId, now);
+        _spin.OnSend(now);
         try
         {
             if (TrySendOffloaded(call, methodId, body, payloads, cancellationToken))
@@ -272,7 +275,7 @@ internal sealed partial class RpcConnection
             }
 
             var condition = new RingHasSpace(this, _outbound.Messages, cancellationToken);
-            SharedWait.Wait(ref condition, _outbound.MessageProducerWake, _sendSpin, singleWaiter: false);
+            SharedWait.Wait(ref condition, _outbound.MessageProducerWake, _sendSpin, singleWaiter: false, _options.SleepSliceMilliseconds);
             cancellationToken.ThrowIfCancellationRequested();
         }
     }

@@ -8,9 +8,10 @@ namespace OffloadRpc.Transport;
 /// One end of a connection: the message-level API the generated proxies and stubs call.
 /// <para>
 /// Per direction there is a control area (message ring + release ring, created by the sender) and a
-/// payload arena (segments created by the sender). Any number of threads send; one receive thread
-/// per connection consumes the inbound ring, completes calls and runs request handlers; one socket
-/// thread maps segments the peer hands over and notices the peer's death (end of stream).
+/// payload arena (segments created by the sender). Any number of threads send; the process's poller
+/// (<see cref="Poller"/>, one thread for many connections) consumes the inbound ring, completes calls
+/// and runs request handlers; one socket thread maps segments the peer hands over and notices the
+/// peer's death (end of stream).
 /// </para>
 /// </summary>
 internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisposable
@@ -20,6 +21,9 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
 
     /// <summary>How long a pipelined payload may make no progress before its sender counts as stuck.</summary>
     internal TimeSpan StallTimeout => _options.ArenaWaitTimeout;
+
+    /// <summary>The spin budget of readers waiting for a pipelined payload's next chunk.</summary>
+    internal AdaptiveSpin PipelineSpin { get; }
     private readonly ControlArea _outbound;
     private readonly ControlArea _inbound;
     private readonly PayloadArena _arena;
@@ -30,13 +34,13 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     private readonly ConcurrentQueue<IncomingCall> _incomingPool = new();
     private readonly ConcurrentQueue<ulong> _overflowReleases = new();
     private readonly ConcurrentQueue<ulong> _pendingCancels = new();
-    private readonly AdaptiveSpin _receiveSpin;
+    private readonly SpinPolicy _spin;
     private readonly AdaptiveSpin _sendSpin;
     private readonly AdaptiveSpin _arenaSpin;
-    private readonly Thread _receiveThread;
+    private readonly InboundSource _receiver;
     private readonly Thread _socketThread;
-    private readonly TaskCompletionSource _receiveExited = new(TaskCreationOptions.RunContinuationsAsynchronously);
-    private readonly TaskCompletionSource _socketExited = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private int _partsRunning = 2; // the receiver and the socket loop; the last to stop gives the memory back
     private readonly object _announceLock = new();
     private readonly Action<PayloadArena> _drainReleases;
     private IncomingCall? _spareIncomingCall; // receive thread only
@@ -56,14 +60,15 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         _handler = handler;
         Role = role;
         Geometry = outbound.Geometry;
-        _receiveSpin = new AdaptiveSpin(options.SpinBudget);
         _sendSpin = new AdaptiveSpin(options.SpinBudget);
         _arenaSpin = new AdaptiveSpin(options.SpinBudget);
+        PipelineSpin = new AdaptiveSpin(options.SpinBudget);
         _arena = new PayloadArena(this, options.SegmentSize, options.MaxArenaBytes, options.ArenaWaitTimeout, $"{role}-{Environment.ProcessId}");
-        _calls = new PendingCallTable(this, Geometry.SlotCount, options.RunContinuationsAsynchronously);
+        _calls = new PendingCallTable(this, Geometry.SlotCount, options.RunContinuationsAsynchronously, options.SpinBudget);
+        _spin = new SpinPolicy(options.SpinBudget);
         _servedCalls = new IncomingCall?[Geometry.SlotCount];
         _drainReleases = DrainReleases;
-        _receiveThread = new Thread(ReceiveLoop) { IsBackground = true, Name = $"OffloadRpc receive ({role})" };
+        _receiver = new InboundSource(this);
         _socketThread = new Thread(SocketLoop) { IsBackground = true, Name = $"OffloadRpc socket ({role})" };
     }
 
@@ -85,8 +90,8 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     /// <summary>Why the connection closed; null while it is open.</summary>
     public Exception? TerminalException => Volatile.Read(ref _terminal);
 
-    /// <summary>Completes when both connection threads have exited and the connection's memory is given back.</summary>
-    public Task Completion => Task.WhenAll(_receiveExited.Task, _socketExited.Task);
+    /// <summary>Completes when the receiver and the socket loop have stopped and the connection's memory is given back.</summary>
+    public Task Completion => _completion.Task;
 
     /// <summary>Raised once, from a connection thread, after the connection closed.</summary>
     public event Action<RpcConnection, Exception>? Closed;
@@ -97,10 +102,11 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         {
             _channel.SetReceiveTimeout(TimeSpan.Zero); // may throw (socket disposed by a cancelled connect): then nothing started
             Volatile.Write(ref _started, 1);
-            // UnsafeStart: the threads must not capture the starting code's ExecutionContext (an
-            // OffloadCallContext of a call that connected onward would otherwise live on in them).
+            // UnsafeStart: the thread must not capture the starting code's ExecutionContext (an
+            // OffloadCallContext of a call that connected onward would otherwise live on in it).
+            // The poller's thread was started the same way.
             _socketThread.UnsafeStart();
-            _receiveThread.UnsafeStart();
+            PollerGroup.Add(_receiver);
         }
     }
 
@@ -155,20 +161,31 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         {
             // Never started: nothing else will release the resources.
             ReleaseResources(reason);
-            _receiveExited.TrySetResult();
-            _socketExited.TrySetResult();
+            _completion.TrySetResult();
         }
     }
 
     /// <summary>
-    /// Closes the connection and completes once its threads have exited and its memory is given back.
-    /// Safe to await from a continuation running on the receive thread: awaiting yields the thread,
-    /// which then exits and completes the wait.
+    /// Closes the connection and completes once its receiver and socket loop have stopped and its
+    /// memory is given back. Safe to await from a continuation running on the poller: awaiting yields
+    /// the thread, which then drops the connection and completes the wait.
     /// </summary>
     public ValueTask DisposeAsync()
     {
         Terminate(new ObjectDisposedException(nameof(RpcConnection)));
         return ConnectionAsync.DisposeAfterAsync(Completion, _channel);
+    }
+
+    /// <summary>The receiver or the socket loop has stopped; the last of the two gives the connection's memory back.</summary>
+    private void PartStopped()
+    {
+        int running = Interlocked.Decrement(ref _partsRunning);
+        Debug.Assert(running >= 0, "a connection part stopped twice");
+        if (running == 0)
+        {
+            ReleaseResources(TerminalException!);
+            _completion.TrySetResult();
+        }
     }
 
     private void ReleaseResources(Exception reason)

@@ -8,12 +8,25 @@ internal interface IWaitCondition
 {
     bool IsSatisfied();
 
-    /// <summary>The wait is pointless now (connection closed, call cancelled).</summary>
+    /// <summary>The wait is pointless now (connection closed, call cancelled, timed out).</summary>
     bool IsAbandoned();
 }
 
+/// <summary>A condition that arms its own futex word, for a protocol other than "store 1, sleep while it is 1".</summary>
+internal unsafe interface IArmedWaitCondition : IWaitCondition
+{
+    /// <summary>
+    /// Publishes that a waiter sleeps (with a full fence, before <see cref="IWaitCondition.IsSatisfied"/>
+    /// is checked again) and names the futex word and the value it holds while nothing changed.
+    /// </summary>
+    void Arm(out int* word, out int expected);
+}
+
 /// <summary>
-/// Spins for a bounded, adaptive budget, then sleeps on a futex word in shared memory.
+/// The one wait primitive: spin for a bounded, adaptive budget (only while this process has a core to
+/// spare, see <see cref="SpinGate"/>), then sleep on a futex word. <see cref="Wait{TCondition}"/> blocks
+/// the calling thread; <see cref="WaitAsync"/> parks nothing but a registration with the process's
+/// <see cref="Poller"/>, which sleeps on many words at once.
 /// <para>
 /// No lost wake-ups: a waiter stores 1 into the word with a full fence and only then re-checks its
 /// condition; a waker makes the condition true with a full fence and only then reads the word.
@@ -24,15 +37,16 @@ internal interface IWaitCondition
 internal static unsafe class SharedWait
 {
     /// <summary>
-    /// How long one futex sleep lasts before the waiter re-checks for abandonment (a safety net: close
-    /// wakes waiters explicitly). The lost-wake-up stress test sets it to -1 (sleep until woken), so
-    /// that a lost wake-up would hang instead of being hidden by the re-check.
+    /// How long one futex sleep lasts by default before the waiter re-checks for abandonment (a safety
+    /// net: close and cancellation wake waiters explicitly). -1: sleep until woken (the lost-wake-up
+    /// tests use it, so that a lost wake-up would hang instead of being hidden by the re-check).
     /// </summary>
-    public static int SleepSliceMilliseconds { get; set; } = 200;
+    public const int DefaultSleepSliceMilliseconds = 200;
 
-    /// <summary>Waits until <paramref name="condition"/> holds (true) or is abandoned (false).</summary>
+    /// <summary>Waits until <paramref name="condition"/> holds (true) or is abandoned (false), sleeping on <paramref name="word"/>.</summary>
     /// <param name="singleWaiter">Only one thread ever waits on <paramref name="word"/>, so it may clear it itself.</param>
-    public static bool Wait<TCondition>(ref TCondition condition, int* word, AdaptiveSpin spin, bool singleWaiter)
+    /// <param name="sleepSliceMilliseconds">The longest single futex sleep; -1: until woken.</param>
+    public static bool Wait<TCondition>(ref TCondition condition, int* word, AdaptiveSpin spin, bool singleWaiter, int sleepSliceMilliseconds = DefaultSleepSliceMilliseconds)
         where TCondition : struct, IWaitCondition
     {
         if (condition.IsSatisfied())
@@ -40,45 +54,50 @@ internal static unsafe class SharedWait
             return true;
         }
 
-        long budget = spin.BudgetTicks;
-        if (budget > 0)
+        return Spin(ref condition, spin.BudgetTicks) switch
         {
-            long start = Stopwatch.GetTimestamp();
-            int iteration = 0;
-            while (true)
-            {
-                if (condition.IsSatisfied())
-                {
-                    return true;
-                }
+            SpinOutcome.Satisfied => true,
+            SpinOutcome.Abandoned => false,
+            _ => Sleep(ref condition, word, spin, singleWaiter, sleepSliceMilliseconds),
+        };
+    }
 
-                if ((++iteration & 31) == 0)
-                {
-                    if (condition.IsAbandoned())
-                    {
-                        return false;
-                    }
-
-                    if (Stopwatch.GetTimestamp() - start > budget)
-                    {
-                        break;
-                    }
-                }
-
-                Thread.SpinWait(1);
-            }
+    /// <summary>Waits until <paramref name="condition"/> holds (true) or is abandoned (false), sleeping on the word it arms.</summary>
+    public static bool Wait<TCondition>(ref TCondition condition, AdaptiveSpin spin, int sleepSliceMilliseconds)
+        where TCondition : struct, IArmedWaitCondition
+    {
+        if (condition.IsSatisfied())
+        {
+            return true;
         }
 
+        return Spin(ref condition, spin.BudgetTicks) switch
+        {
+            SpinOutcome.Satisfied => true,
+            SpinOutcome.Abandoned => false,
+            _ => Sleep(ref condition, spin, sleepSliceMilliseconds),
+        };
+    }
+
+    /// <summary>The second half of a wait, after the spin: sleeps on <paramref name="word"/> (store 1, sleep while it is 1).</summary>
+    public static bool Sleep<TCondition>(ref TCondition condition, int* word, AdaptiveSpin spin, bool singleWaiter, int sleepSliceMilliseconds)
+        where TCondition : struct, IWaitCondition
+    {
+        var armed = new FlagArmed<TCondition>(condition, word, singleWaiter);
+        bool satisfied = Sleep(ref armed, spin, sleepSliceMilliseconds);
+        condition = armed.Condition; // a condition may keep state (a deadline, progress seen)
+        return satisfied;
+    }
+
+    /// <summary>The second half of a wait, after the spin: sleeps on the word the condition arms until it holds or is abandoned.</summary>
+    public static bool Sleep<TCondition>(ref TCondition condition, AdaptiveSpin spin, int sleepSliceMilliseconds)
+        where TCondition : struct, IArmedWaitCondition
+    {
         while (true)
         {
-            Interlocked.Exchange(ref *word, 1);
+            condition.Arm(out int* word, out int expected);
             if (condition.IsSatisfied())
             {
-                if (singleWaiter)
-                {
-                    Volatile.Write(ref *word, 0);
-                }
-
                 return true;
             }
 
@@ -88,8 +107,133 @@ internal static unsafe class SharedWait
             }
 
             long sleptAt = Stopwatch.GetTimestamp();
-            LinuxNative.FutexWait(word, 1, SleepSliceMilliseconds);
+            LinuxNative.FutexWait(word, expected, sleepSliceMilliseconds);
             spin.OnBlocked(Stopwatch.GetTimestamp() - sleptAt);
+        }
+    }
+
+    /// <summary>The common protocol: a waiter stores 1 into the word and sleeps while it holds 1; a waker clears it and wakes.</summary>
+    private struct FlagArmed<TCondition> : IArmedWaitCondition
+        where TCondition : struct, IWaitCondition
+    {
+        public TCondition Condition;
+        private readonly int* _word;
+        private readonly bool _singleWaiter;
+        private bool _armed;
+
+        public FlagArmed(TCondition condition, int* word, bool singleWaiter)
+        {
+            Condition = condition;
+            _word = word;
+            _singleWaiter = singleWaiter;
+        }
+
+        public bool IsSatisfied()
+        {
+            if (!Condition.IsSatisfied())
+            {
+                return false;
+            }
+
+            if (_armed && _singleWaiter)
+            {
+                Volatile.Write(ref *_word, 0); // nobody else sleeps here: spare the waker its syscall
+            }
+
+            return true;
+        }
+
+        public bool IsAbandoned() => Condition.IsAbandoned();
+
+        public void Arm(out int* word, out int expected)
+        {
+            _armed = true;
+            Interlocked.Exchange(ref *_word, 1);
+            word = _word;
+            expected = 1;
+        }
+    }
+
+    /// <summary>
+    /// Waits without a thread: the condition is checked at once, then by the process's poller, which
+    /// sleeps on <paramref name="word"/> (with <paramref name="expected"/>, armed by the condition) and
+    /// every other registered word at once. Completes with true when the condition holds, false when it
+    /// is abandoned; continuations run on the thread pool.
+    /// </summary>
+    /// <param name="word">The futex word; it must stay mapped until the returned task completes.</param>
+    public static ValueTask<bool> WaitAsync(IAsyncWaitCondition condition, int sleepSliceMilliseconds = DefaultSleepSliceMilliseconds, CancellationToken cancellationToken = default)
+    {
+        if (condition.IsSatisfied())
+        {
+            return new ValueTask<bool>(true);
+        }
+
+        if (condition.IsAbandoned())
+        {
+            return new ValueTask<bool>(false);
+        }
+
+        return AsyncWait.Start(condition, sleepSliceMilliseconds, cancellationToken);
+    }
+
+    internal enum SpinOutcome
+    {
+        Satisfied,
+        Abandoned,
+        BudgetSpent,
+    }
+
+    /// <summary>
+    /// The one spin loop: polls <paramref name="condition"/> until it holds, is abandoned, or the budget
+    /// is spent; only while <see cref="SpinGate"/> admits this thread, and yielding the core now and then
+    /// so that a runnable thread that needs it (the peer, another caller) is not starved by our spin.
+    /// </summary>
+    public static SpinOutcome Spin<TCondition>(ref TCondition condition, long budgetTicks)
+        where TCondition : struct, IWaitCondition
+    {
+        if (budgetTicks <= 0 || !SpinGate.TryEnter())
+        {
+            return SpinOutcome.BudgetSpent;
+        }
+
+        try
+        {
+            long start = Stopwatch.GetTimestamp();
+            long nextYield = start + SpinGate.YieldIntervalTicks;
+            int iteration = 0;
+            while (true)
+            {
+                if (condition.IsSatisfied())
+                {
+                    return SpinOutcome.Satisfied;
+                }
+
+                if ((++iteration & 31) == 0)
+                {
+                    if (condition.IsAbandoned())
+                    {
+                        return SpinOutcome.Abandoned;
+                    }
+
+                    long now = Stopwatch.GetTimestamp();
+                    if (now - start > budgetTicks)
+                    {
+                        return SpinOutcome.BudgetSpent;
+                    }
+
+                    if (now >= nextYield)
+                    {
+                        SpinGate.YieldCore();
+                        nextYield = now + SpinGate.YieldIntervalTicks;
+                    }
+                }
+
+                Thread.SpinWait(1);
+            }
+        }
+        finally
+        {
+            SpinGate.Exit();
         }
     }
 

@@ -52,6 +52,13 @@ internal sealed class TransportOptions
     /// </summary>
     public bool DispatchToThreadPool { get; init; }
 
+    /// <summary>
+    /// The longest single futex sleep of this connection's waiters before they re-check their condition
+    /// (a safety net: closing and cancelling wake them explicitly); -1: sleep until woken. The lost-wake-up
+    /// tests use -1, so that a lost wake-up hangs instead of being hidden by the re-check.
+    /// </summary>
+    internal int SleepSliceMilliseconds { get; init; } = SharedWait.DefaultSleepSliceMilliseconds;
+
     /// <summary>For tests: the protocol version this side claims in the handshake.</summary>
     internal int ProtocolVersion { get; init; } = TransportProtocol.Version;
 

@@ -1,0 +1,394 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using OffloadRpc.Interop;
+
+namespace OffloadRpc.Transport;
+
+/// <summary>What <see cref="PollSource.Poll"/> did.</summary>
+internal enum PollResult
+{
+    /// <summary>Nothing was ready.</summary>
+    Idle,
+
+    /// <summary>It did some work (the poller polls again at once).</summary>
+    Worked,
+
+    /// <summary>It is done: the poller drops it and calls <see cref="PollSource.OnRemoved"/>.</summary>
+    Finished,
+}
+
+/// <summary>
+/// Something a <see cref="Poller"/> watches: a futex word in (shared) memory that wakers wake after
+/// making work available, a cheap poll that does the work, and a wish to be spun for.
+/// </summary>
+internal abstract unsafe class PollSource
+{
+    private int _removeRequested;
+
+    /// <summary>The poller it is registered with (set by <see cref="Poller.Add"/>).</summary>
+    internal Poller? Owner { get; set; }
+
+    internal bool RemoveRequested => Volatile.Read(ref _removeRequested) != 0;
+
+    /// <summary>Asks the poller to drop this source (any thread); <see cref="OnRemoved"/> follows on the poller's thread.</summary>
+    public void RequestRemoval()
+    {
+        Volatile.Write(ref _removeRequested, 1);
+        Owner?.Ring();
+    }
+
+    /// <summary>Makes a recycled source registrable again.</summary>
+    protected void ResetRemoval() => Volatile.Write(ref _removeRequested, 0);
+
+    /// <summary>Poller thread: does the work that is ready, a bounded amount of it (other sources wait meanwhile).</summary>
+    public abstract PollResult Poll(long now);
+
+    /// <summary>
+    /// Poller thread, before it sleeps: publishes "the poller sleeps" where wakers look (with a full
+    /// fence) and names the futex word and the value to sleep on. The poller polls once more after
+    /// arming every source, so a waker that came before the arm is seen then.
+    /// </summary>
+    public abstract void Arm(out int* word, out int expected);
+
+    /// <summary>Poller thread, after a sleep: takes back the arm so wakers skip the wake syscall while the poller is awake.</summary>
+    public virtual void Disarm()
+    {
+    }
+
+    /// <summary>Until when (a <see cref="Stopwatch"/> timestamp) the poller should keep spinning for this source; 0: not at all.</summary>
+    public virtual long SpinUntil(long now) => 0;
+
+    /// <summary>The longest the poller may sleep without polling this source again (ms; -1: until woken).</summary>
+    public virtual int SleepSliceMilliseconds => -1;
+
+    /// <summary>Poller thread: the source has left the poller; its word will not be touched again.</summary>
+    public abstract void OnRemoved();
+}
+
+/// <summary>
+/// One thread that watches many sources (connections' inbound rings, asynchronous waits): it polls
+/// them all, spins while some source expects work within its budget (and <see cref="SpinGate"/> gives it
+/// a place), and otherwise sleeps on all their futex words at once with futex_waitv. A server with a
+/// hundred clients so holds one thread, not one per connection, and an idle one sleeps.
+/// </summary>
+internal sealed unsafe class Poller
+{
+    /// <summary>One futex_waitv call takes 128 words; one is the poller's own doorbell.</summary>
+    public const int MaxSources = LinuxNative.FutexWaitvMax - 1;
+
+    private readonly Thread _thread;
+    private readonly object _gate = new();
+    private readonly List<PollSource> _added = new();
+    private readonly int* _doorbell;
+    private readonly LinuxNative.FutexWaiter* _waiters;
+    private PollSource[] _sources = new PollSource[8];
+    private int _count;
+    private int _registered;
+    private int _changes;
+    private bool _waitvMissing;
+
+    public Poller(string name)
+    {
+        _doorbell = (int*)NativeMemory.AlignedAlloc(64, 64);
+        *_doorbell = 0;
+        _waiters = (LinuxNative.FutexWaiter*)NativeMemory.AlignedAlloc((nuint)(sizeof(LinuxNative.FutexWaiter) * LinuxNative.FutexWaitvMax), 64);
+        _thread = new Thread(Run) { IsBackground = true, Name = name };
+        _thread.UnsafeStart(); // no captured ExecutionContext: the poller serves every caller
+    }
+
+    /// <summary>Sources registered (including ones about to be added or removed).</summary>
+    public int Registered => Volatile.Read(ref _registered);
+
+    /// <summary>True on the poller's own thread.</summary>
+    public bool IsPollerThread => Thread.CurrentThread == _thread;
+
+    /// <summary>Registers a source; false when the poller is full.</summary>
+    public bool TryAdd(PollSource source)
+    {
+        lock (_gate)
+        {
+            if (_registered >= MaxSources)
+            {
+                return false;
+            }
+
+            _registered++;
+            source.Owner = this;
+            _added.Add(source);
+        }
+
+        Ring();
+        return true;
+    }
+
+    /// <summary>Wakes the poller to look at its registrations (after an add, a removal request or a cancellation).</summary>
+    public void Ring()
+    {
+        Interlocked.Exchange(ref _changes, 1); // full fence before the doorbell is read (Dekker with Park)
+        SharedWait.Wake(_doorbell);
+    }
+
+    private void Run()
+    {
+        long idleSince = Stopwatch.GetTimestamp();
+        while (true)
+        {
+            if (Volatile.Read(ref _changes) != 0)
+            {
+                ApplyChanges();
+            }
+
+            long now = Stopwatch.GetTimestamp();
+            if (PollAll(now))
+            {
+                idleSince = now;
+                continue;
+            }
+
+            if (SpinWhileExpected(now))
+            {
+                continue;
+            }
+
+            Park();
+        }
+    }
+
+    /// <summary>Polls every source once; true when one did some work (or finished).</summary>
+    private bool PollAll(long now)
+    {
+        bool worked = false;
+        PollSource[] sources = _sources;
+        for (int i = 0; i < _count; i++)
+        {
+            PollSource source = sources[i];
+            PollResult result;
+            try
+            {
+                result = source.RemoveRequested ? PollResult.Finished : source.Poll(now);
+            }
+            catch (Exception ex)
+            {
+                // A source must handle its own failures; one that does not is dropped, never the poller.
+                Trace.TraceError($"OffloadRpc: a poll source failed and was dropped: {ex}");
+                result = PollResult.Finished;
+            }
+
+            if (result == PollResult.Worked)
+            {
+                worked = true;
+            }
+            else if (result == PollResult.Finished)
+            {
+                RemoveAt(i--);
+                worked = true;
+            }
+        }
+
+        return worked;
+    }
+
+    /// <summary>
+    /// Spins (polling everything) while some source expects work soon and the process has a core to spare.
+    /// True when work turned up; false when the poller should sleep.
+    /// </summary>
+    private bool SpinWhileExpected(long now)
+    {
+        long until = 0;
+        PollSource[] sources = _sources;
+        for (int i = 0; i < _count; i++)
+        {
+            until = Math.Max(until, sources[i].SpinUntil(now));
+        }
+
+        if (until <= now || !SpinGate.TryEnter())
+        {
+            return false;
+        }
+
+        try
+        {
+            long nextYield = now + SpinGate.YieldIntervalTicks;
+            while (true)
+            {
+                for (int i = 0; i < 8; i++)
+                {
+                    Thread.SpinWait(1);
+                }
+
+                if (Volatile.Read(ref _changes) != 0)
+                {
+                    return true;
+                }
+
+                now = Stopwatch.GetTimestamp();
+                if (PollAll(now))
+                {
+                    return true;
+                }
+
+                if (now > until)
+                {
+                    return false;
+                }
+
+                if (now >= nextYield)
+                {
+                    SpinGate.YieldCore();
+                    nextYield = now + SpinGate.YieldIntervalTicks;
+                }
+            }
+        }
+        finally
+        {
+            SpinGate.Exit();
+        }
+    }
+
+    /// <summary>Arms every source and the doorbell, polls once more, then sleeps on all the words at once.</summary>
+    private void Park()
+    {
+        int slice = -1;
+        Interlocked.Exchange(ref *_doorbell, 1);
+        _waiters[0] = LinuxNative.FutexWaiter.For(_doorbell, 1);
+        PollSource[] sources = _sources;
+        for (int i = 0; i < _count; i++)
+        {
+            sources[i].Arm(out int* word, out int expected);
+            _waiters[i + 1] = LinuxNative.FutexWaiter.For(word, expected);
+            int sourceSlice = sources[i].SleepSliceMilliseconds;
+            if (sourceSlice >= 0 && (slice < 0 || sourceSlice < slice))
+            {
+                slice = sourceSlice;
+            }
+        }
+
+        // The arms are published (each with a full fence): whatever a waker did before them is visible now.
+        if (Volatile.Read(ref _changes) == 0 && !PollAll(Stopwatch.GetTimestamp()))
+        {
+            Sleep(_count + 1, slice);
+        }
+
+        Volatile.Write(ref *_doorbell, 0);
+        sources = _sources;
+        for (int i = 0; i < _count; i++)
+        {
+            sources[i].Disarm();
+        }
+    }
+
+    private void Sleep(int words, int slice)
+    {
+        if (!_waitvMissing)
+        {
+            int result = LinuxNative.FutexWaitv(_waiters, words, slice);
+            if (result != -LinuxNative.ENOSYS)
+            {
+                return;
+            }
+
+            // A kernel older than 5.16: no futex_waitv. Sleep on the doorbell in short slices instead.
+            _waitvMissing = true;
+            Trace.TraceWarning("OffloadRpc: futex_waitv is not available (Linux < 5.16); the poller falls back to 1 ms polling while idle.");
+        }
+
+        LinuxNative.FutexWait(_doorbell, 1, slice < 0 ? 1 : Math.Min(slice, 1));
+    }
+
+    private void ApplyChanges()
+    {
+        Volatile.Write(ref _changes, 0);
+        Interlocked.MemoryBarrier();
+        lock (_gate)
+        {
+            foreach (PollSource source in _added)
+            {
+                if (_count == _sources.Length)
+                {
+                    Array.Resize(ref _sources, _sources.Length * 2);
+                }
+
+                _sources[_count++] = source;
+            }
+
+            _added.Clear();
+        }
+
+        for (int i = 0; i < _count; i++)
+        {
+            if (_sources[i].RemoveRequested)
+            {
+                RemoveAt(i--);
+            }
+        }
+    }
+
+    private void RemoveAt(int index)
+    {
+        PollSource source = _sources[index];
+        _sources[index] = _sources[--_count];
+        _sources[_count] = null!;
+        lock (_gate)
+        {
+            _registered--;
+        }
+
+        try
+        {
+            source.OnRemoved();
+        }
+        catch (Exception ex)
+        {
+            Trace.TraceError($"OffloadRpc: a poll source failed on removal: {ex}");
+        }
+    }
+}
+
+/// <summary>
+/// The process's pollers: sources go to the least loaded one, and a new poller starts only when every
+/// one holds <see cref="Poller.MaxSources"/> sources (or <see cref="EnsureThreads"/> asks for more).
+/// </summary>
+internal static class PollerGroup
+{
+    private static readonly object s_gate = new();
+    private static Poller[] s_pollers = [];
+
+    /// <summary>Poller threads running in this process.</summary>
+    public static int ThreadCount => Volatile.Read(ref s_pollers).Length;
+
+    /// <summary>Starts pollers until there are at least <paramref name="count"/>.</summary>
+    public static void EnsureThreads(int count)
+    {
+        lock (s_gate)
+        {
+            while (s_pollers.Length < count)
+            {
+                s_pollers = [.. s_pollers, new Poller($"OffloadRpc poller {s_pollers.Length + 1}")];
+            }
+        }
+    }
+
+    /// <summary>Registers <paramref name="source"/> with the least loaded poller, starting one when all are full.</summary>
+    public static void Add(PollSource source)
+    {
+        lock (s_gate)
+        {
+            Poller? best = null;
+            foreach (Poller poller in s_pollers)
+            {
+                if (best is null || poller.Registered < best.Registered)
+                {
+                    best = poller;
+                }
+            }
+
+            if (best is null || !best.TryAdd(source))
+            {
+                var poller = new Poller($"OffloadRpc poller {s_pollers.Length + 1}");
+                s_pollers = [.. s_pollers, poller];
+                bool added = poller.TryAdd(source);
+                Debug.Assert(added, "a new poller has room");
+            }
+        }
+    }
+}
