@@ -10,48 +10,28 @@ namespace OffloadRpc.Analyzers;
 /// into the buffer local. The call's argument travels as an additional location for the fix.
 /// </summary>
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
-public sealed class BufferInFlightAnalyzer : OffloadRpcAnalyzer
+public sealed class BufferInFlightAnalyzer : PassedLocalAnalyzer
 {
     public override ImmutableArray<DiagnosticDescriptor> SupportedDiagnostics { get; } = ImmutableArray.Create(Diagnostics.WrittenInFlightRule);
 
-    private protected override void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types) =>
-        context.RegisterOperationAction(c => AnalyzeBlock(c, types.ServiceAttribute, types.TransferAttribute), OperationKind.Block);
+    /// <summary>A buffer passed in Offload or Pipelined mode to a call that its own statement does not await.</summary>
+    private protected override bool Follows(PassedLocal passed, OffloadRpcTypes types) =>
+        !IsAwaited(passed.Call, passed.Statement) && InFlightMode(passed.Parameter, types.TransferAttribute);
 
-    private static void AnalyzeBlock(OperationAnalysisContext context, INamedTypeSymbol service, INamedTypeSymbol transfer)
+    /// <summary>Writes to the buffer up to the statement that awaits the call's task (all later statements when the task is not kept).</summary>
+    private protected override void AnalyzeAfter(OperationAnalysisContext context, PassedLocal passed)
     {
-        var block = (IBlockOperation)context.Operation;
-        for (int s = 0; s < block.Operations.Length; s++)
+        ILocalSymbol? task = TaskLocal(passed.Call);
+        foreach (IOperation later in passed.LaterStatements())
         {
-            IOperation statement = block.Operations[s];
-            foreach (IOperation descendant in statement.DescendantsAndSelf())
+            if (task is not null && Awaits(later, task))
             {
-                if (descendant is not IInvocationOperation invocation || !ServiceSymbols.IsServiceMethod(invocation.TargetMethod, service) || IsAwaited(invocation, statement))
-                {
-                    continue;
-                }
+                break;
+            }
 
-                ILocalSymbol? task = TaskLocal(invocation);
-                foreach (IArgumentOperation argument in invocation.Arguments)
-                {
-                    if (argument.Parameter is not { } parameter || !InFlightMode(parameter, transfer) || ServiceSymbols.Unwrap(argument.Value) is not ILocalReferenceOperation buffer)
-                    {
-                        continue;
-                    }
-
-                    for (int next = s + 1; next < block.Operations.Length; next++)
-                    {
-                        IOperation later = block.Operations[next];
-                        if (task is not null && Awaits(later, task))
-                        {
-                            break;
-                        }
-
-                        foreach (IOperation write in Writes(later, buffer.Local))
-                        {
-                            context.ReportDiagnostic(Diagnostic.Create(Diagnostics.WrittenInFlightRule, write.Syntax.GetLocation(), additionalLocations: [argument.Syntax.GetLocation()], buffer.Local.Name));
-                        }
-                    }
-                }
+            foreach (IOperation write in Writes(later, passed.Local))
+            {
+                context.ReportDiagnostic(Diagnostic.Create(Diagnostics.WrittenInFlightRule, write.Syntax.GetLocation(), additionalLocations: [passed.Argument.Syntax.GetLocation()], passed.Local.Name));
             }
         }
     }

@@ -7,44 +7,22 @@ namespace OffloadRpc.Analyzers;
 /// implicit dispose is fine (disposing a moved lease does nothing).
 /// </summary>
 [DiagnosticAnalyzer(LanguageNames.CSharp)]
-public sealed class MovedBufferAnalyzer : OffloadRpcAnalyzer
+public sealed class MovedBufferAnalyzer : PassedLocalAnalyzer
 {
     public override ImmutableArray<DiagnosticDescriptor> SupportedDiagnostics { get; } = ImmutableArray.Create(Diagnostics.UsedAfterMoveRule);
 
-    /// <summary>Per block (diagnostics stay local to what was analyzed): each statement that moves a local lease into a service call, then the statements after it in the same block.</summary>
-    private protected override void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types) =>
-        context.RegisterOperationAction(c => AnalyzeBlock(c, types.ServiceAttribute, types.SharedBuffer), OperationKind.Block);
+    /// <summary>A SharedBuffer moved by a call of this block itself, not of a block nested in it.</summary>
+    private protected override bool Follows(PassedLocal passed, OffloadRpcTypes types) =>
+        SymbolEqualityComparer.Default.Equals(passed.Parameter.Type, types.SharedBuffer) && !InNestedBlock(passed.Call, passed.Block);
 
-    private static void AnalyzeBlock(OperationAnalysisContext context, INamedTypeSymbol service, INamedTypeSymbol sharedBuffer)
+    /// <summary>Uses of the lease, up to a reassignment of the local.</summary>
+    private protected override void AnalyzeAfter(OperationAnalysisContext context, PassedLocal passed)
     {
-        var block = (IBlockOperation)context.Operation;
-        for (int s = 0; s < block.Operations.Length; s++)
+        foreach (IOperation later in passed.LaterStatements())
         {
-            foreach (IOperation descendant in block.Operations[s].DescendantsAndSelf())
+            if (Scan(later, passed.Local, context))
             {
-                if (descendant is not IInvocationOperation invocation
-                    || invocation.TargetMethod.ContainingType is not { TypeKind: TypeKind.Interface } type
-                    || !ServiceSymbols.HasAttribute(type, service)
-                    || InNestedBlock(invocation, block))
-                {
-                    continue;
-                }
-
-                foreach (IArgumentOperation argument in invocation.Arguments)
-                {
-                    if (!SymbolEqualityComparer.Default.Equals(argument.Parameter?.Type, sharedBuffer) || ServiceSymbols.Unwrap(argument.Value) is not ILocalReferenceOperation moved)
-                    {
-                        continue;
-                    }
-
-                    for (int next = s + 1; next < block.Operations.Length; next++)
-                    {
-                        if (Scan(block.Operations[next], moved.Local, context))
-                        {
-                            break;
-                        }
-                    }
-                }
+                break;
             }
         }
     }

@@ -1,3 +1,4 @@
+using System;
 using System.Collections.Immutable;
 using System.Composition;
 using System.Linq;
@@ -41,6 +42,12 @@ public abstract class OffloadRpcFix : CodeFixProvider
 
     /// <summary>Registers the fix for <paramref name="diagnostic"/>, if it has one here.</summary>
     private protected abstract void Register(CodeFixContext context, SyntaxNode root, SemanticModel model, Diagnostic diagnostic);
+
+    /// <summary>Offers a fix that gives this document a new root; <paramref name="rewrite"/> runs only when the fix is applied.</summary>
+    private protected static void Offer(CodeFixContext context, Diagnostic diagnostic, string title, string equivalenceKey, Func<SyntaxNode> rewrite) =>
+        context.RegisterCodeFix(
+            CodeAction.Create(title, _ => Task.FromResult(context.Document.WithSyntaxRoot(rewrite())), equivalenceKey: equivalenceKey),
+            diagnostic);
 }
 
 /// <summary>
@@ -129,12 +136,7 @@ public sealed class ByteArrayParameterFix : OffloadRpcFix
             && model.GetTypeInfo(access.Expression, context.CancellationToken).Type is IArrayTypeSymbol or INamedTypeSymbol { Name: "Memory" or "ReadOnlyMemory" })
         {
             // A fresh copy of an array or a Memory: pass the buffer itself (the call copies it into shared memory anyway).
-            context.RegisterCodeFix(
-                CodeAction.Create(
-                    "Pass the buffer without a copy",
-                    _ => Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(argument.Expression, access.Expression.WithTriviaFrom(argument.Expression)))),
-                    equivalenceKey: Diagnostics.ByteArrayParameter + ".ToArray"),
-                diagnostic);
+            Offer(context, diagnostic, "Pass the buffer without a copy", Diagnostics.ByteArrayParameter + ".ToArray", () => root.ReplaceNode(argument.Expression, access.Expression.WithTriviaFrom(argument.Expression)));
             return;
         }
 
@@ -143,16 +145,11 @@ public sealed class ByteArrayParameterFix : OffloadRpcFix
             return;
         }
 
-        context.RegisterCodeFix(
-            CodeAction.Create(
-                "Take ReadOnlyMemory<byte>",
-                _ =>
-                {
-                    TypeSyntax memory = SyntaxFactory.ParseTypeName("global::System.ReadOnlyMemory<byte>").WithTriviaFrom(type).WithAdditionalAnnotations(Simplifier.Annotation);
-                    return Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(parameter, parameter.WithType(memory))));
-                },
-                equivalenceKey: Diagnostics.ByteArrayParameter),
-            diagnostic);
+        Offer(context, diagnostic, "Take ReadOnlyMemory<byte>", Diagnostics.ByteArrayParameter, () =>
+        {
+            TypeSyntax memory = SyntaxFactory.ParseTypeName("global::System.ReadOnlyMemory<byte>").WithTriviaFrom(type).WithAdditionalAnnotations(Simplifier.Annotation);
+            return root.ReplaceNode(parameter, parameter.WithType(memory));
+        });
     }
 }
 
@@ -169,12 +166,7 @@ public sealed class MovedBufferDisposeFix : OffloadRpcFix
             && access.Parent is InvocationExpressionSyntax { ArgumentList.Arguments.Count: 0 } call
             && call.Parent is ExpressionStatementSyntax statement)
         {
-            context.RegisterCodeFix(
-                CodeAction.Create(
-                    "Remove the Dispose of a lease that moved",
-                    _ => Task.FromResult(context.Document.WithSyntaxRoot(root.RemoveNode(statement, SyntaxRemoveOptions.KeepNoTrivia)!)),
-                    equivalenceKey: Diagnostics.UsedAfterMove),
-                diagnostic);
+            Offer(context, diagnostic, "Remove the Dispose of a lease that moved", Diagnostics.UsedAfterMove, () => root.RemoveNode(statement, SyntaxRemoveOptions.KeepNoTrivia)!);
         }
     }
 }
@@ -199,11 +191,6 @@ public sealed class BufferInFlightFix : OffloadRpcFix
             ? SyntaxFactory.ParseExpression($"({type.ToMinimalDisplayString(model, argument.SpanStart)}){source}.Clone()")
             : SyntaxFactory.ParseExpression($"{source}.ToArray()");
         copy = copy.WithAdditionalAnnotations(Simplifier.Annotation);
-        context.RegisterCodeFix(
-            CodeAction.Create(
-                "Pass a copy of the buffer",
-                _ => Task.FromResult(context.Document.WithSyntaxRoot(root.ReplaceNode(argument.Expression, copy))),
-                equivalenceKey: Diagnostics.WrittenInFlight),
-            diagnostic);
+        Offer(context, diagnostic, "Pass a copy of the buffer", Diagnostics.WrittenInFlight, () => root.ReplaceNode(argument.Expression, copy));
     }
 }

@@ -72,7 +72,7 @@ internal static class Doctor
         Add(findings, "engines", "calibration", () => Engines.Calibration.Current is { } calibration
             ? (Verdict.Ok, $"measured {calibration.MeasuredAt:u}; Auto uses it ({Engines.Calibration.StorePath})")
             : (Verdict.Note, "none stored: Auto uses built-in rules; run `offloadrpc calibrate`"));
-        Add(findings, "ipc", "loopback connection", LoopbackConnection);
+        Add(findings, "ipc", "loopback connection", () => LoopbackConnectionAsync().GetAwaiter().GetResult());
 
         if (asJson)
         {
@@ -111,36 +111,22 @@ internal static class Doctor
     }
 
     /// <summary>A real server and client in this process: handshake, SCM_RIGHTS segment hand-over, futex wake-ups, a 4 MiB payload checked byte for byte.</summary>
-    private static (Verdict, string) LoopbackConnection()
+    private static async Task<(Verdict, string)> LoopbackConnectionAsync()
     {
         string endpoint = $"doctor-{Environment.ProcessId}";
-        var listener = new RpcListener(endpoint, new TransportOptions(), [], _ => new EchoHandler());
-        try
-        {
-            listener.Start();
-            RpcConnection connection = Handshake.ConnectAsync(endpoint, new TransportOptions(), [], null, CancellationToken.None).GetAwaiter().GetResult();
-            try
-            {
-                byte[] payload = new byte[4 << 20];
-                Random.Shared.NextBytes(payload);
-                var watch = Stopwatch.StartNew();
-                using RpcReply reply = connection.CallAsync(1, "doctor"u8, [OutboundPayload.Copy(payload)]).AsTask().GetAwaiter().GetResult();
-                watch.Stop();
-                using SharedBuffer back = reply.TakePayload(0);
-                bool same = back.Span.SequenceEqual(payload) && reply.Body.SequenceEqual("doctor"u8);
-                return same
-                    ? (Verdict.Ok, $"handshake, SO_PEERCRED (uid {connection.Peer.UserId}), SCM_RIGHTS segment hand-over and a 4 MiB echo verified ({watch.Elapsed.TotalMilliseconds:0.0} ms incl. first-touch)")
-                    : (Verdict.Fail, "the echoed payload differs");
-            }
-            finally
-            {
-                connection.DisposeAsync().AsTask().GetAwaiter().GetResult();
-            }
-        }
-        finally
-        {
-            listener.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        }
+        await using var listener = new RpcListener(endpoint, new TransportOptions(), [], _ => new EchoHandler());
+        listener.Start();
+        await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, new TransportOptions(), [], null, CancellationToken.None);
+        byte[] payload = new byte[4 << 20];
+        Random.Shared.NextBytes(payload);
+        var watch = Stopwatch.StartNew();
+        using RpcReply reply = await connection.CallAsync(1, "doctor"u8, [OutboundPayload.Copy(payload)]);
+        watch.Stop();
+        using SharedBuffer back = reply.TakePayload(0);
+        bool same = back.Span.SequenceEqual(payload) && reply.Body.SequenceEqual("doctor"u8);
+        return same
+            ? (Verdict.Ok, $"handshake, SO_PEERCRED (uid {connection.Peer.UserId}), SCM_RIGHTS segment hand-over and a 4 MiB echo verified ({watch.Elapsed.TotalMilliseconds:0.0} ms incl. first-touch)")
+            : (Verdict.Fail, "the echoed payload differs");
     }
 
     private sealed class EchoHandler : IRequestHandler
