@@ -32,17 +32,18 @@ public sealed class OffloadRpcOptions
     public IList<uint> AllowedUserIds { get; } = new List<uint>();
 
     /// <summary>
-    /// Run await continuations of calls on the thread pool instead of inline on the connection's
-    /// receive thread. Inline is faster; turn this on if code after an await blocks synchronously
-    /// on another call of the same connection.
+    /// Run await continuations of calls on the thread pool instead of inline on the poller thread that
+    /// received the reply (one thread per process watches every connection). Inline is faster; turn
+    /// this on if code after an await blocks synchronously, computes for long, or waits on another call.
     /// </summary>
     public bool RunContinuationsAsynchronously { get; set; }
 
     /// <summary>
-    /// Server: run service methods on the thread pool instead of inline on the connection's receive
-    /// thread. Inline (the default) has the lowest latency, but a method that computes synchronously
-    /// holds up the other calls of its connection, and their cancellation, until it returns or awaits.
-    /// Turn this on for CPU-heavy synchronous methods and concurrent calls on one connection.
+    /// Server: run service methods on the thread pool instead of inline on the poller thread (one thread
+    /// per process watches every connection's requests). Inline (the default) has the lowest latency,
+    /// but a method that computes synchronously holds up every connection of that poller, and their
+    /// cancellations, until it returns or awaits. Turn this on for CPU-heavy synchronous methods and for
+    /// concurrent calls. Calls whose payload is still arriving (Pipelined) always go to the thread pool.
     /// </summary>
     public bool DispatchToThreadPool { get; set; }
 

@@ -162,6 +162,31 @@ public sealed class ConcurrencyTests
     }
 
     [Fact]
+    public async Task A_method_that_blocks_inline_moves_to_the_thread_pool_by_itself()
+    {
+        // Inline dispatch runs handlers on the poller, which serves every connection of the process: a
+        // method whose synchronous part takes long must not keep doing that. After one slow call (served
+        // inline: nothing was known yet) the next runs on the thread pool, and a quick call overtakes it.
+        await using RemoteServer server = RemoteServer.Start("dispatch-learns");
+        await using RpcConnection connection = await server.ConnectAsync(new TransportOptions { RunContinuationsAsynchronously = false });
+        byte[] body = new byte[4];
+        BinaryPrimitives.WriteInt32LittleEndian(body, 300);
+        using (RpcReply first = await connection.CallAsync(PeerMethods.BlockSync, body, default).AsTask().WaitAsync(TimeSpan.FromSeconds(60)))
+        {
+            Assert.Equal("blocked", System.Text.Encoding.UTF8.GetString(first.Body));
+        }
+
+        BinaryPrimitives.WriteInt32LittleEndian(body, 1500);
+        Task<RpcReply> blocked = connection.CallAsync(PeerMethods.BlockSync, body, default).AsTask();
+        await Task.Delay(200);
+        using RpcReply echo = await connection.CallAsync(PeerMethods.Echo, "quick"u8, default).AsTask().WaitAsync(TimeSpan.FromSeconds(60));
+        Assert.Equal("quick", System.Text.Encoding.UTF8.GetString(echo.Body));
+        Assert.False(blocked.IsCompleted, "the quick call should have overtaken the blocking one");
+        using RpcReply late = await blocked.WaitAsync(TimeSpan.FromSeconds(60));
+        Assert.Equal("blocked", System.Text.Encoding.UTF8.GetString(late.Body));
+    }
+
+    [Fact]
     public async Task One_server_serves_several_client_connections_at_once()
     {
         await using RemoteServer server = RemoteServer.Start("many");

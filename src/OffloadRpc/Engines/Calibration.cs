@@ -231,7 +231,7 @@ internal static class Calibration
 
     /// <summary>
     /// The median time of one call, timed in an await loop: after the first await the loop runs on the
-    /// connection's receive thread, as a real caller's continuation does, with no blocking wake-up per call.
+    /// connection's poller thread, as a real caller's continuation does, with no blocking wake-up per call.
     /// </summary>
     private static async Task<double> MedianCallSecondsAsync(RpcConnection connection, ReadOnlyMemory<byte> payload, TransferMode mode, CachePolicy cache, int iterations)
     {

@@ -189,7 +189,8 @@ internal sealed class WorkerCopyEngine : ICopyEngine, IDisposable
             Interlocked.Increment(ref _sleepers);
             fixed (int* word = _park)
             {
-                SharedWait.Sleep(ref hasWork, word, _noAdaptation, singleWaiter: false, ParkSliceMilliseconds);
+                var parked = new SharedWait.FlagArmed<HasWork>(hasWork, word, singleWaiter: false);
+                SharedWait.Sleep(ref parked, _noAdaptation, ParkSliceMilliseconds);
             }
 
             Interlocked.Decrement(ref _sleepers);

@@ -184,16 +184,7 @@ public readonly struct CallReply
 
     /// <summary>Copies payload <paramref name="index"/> out of shared memory into a new array (-1: null).</summary>
     public T[]? CopyArray<T>(int index)
-        where T : unmanaged
-    {
-        if (index < 0)
-        {
-            return null;
-        }
-
-        using SharedBuffer lease = Take(index);
-        return PayloadConversion.ToArray<T>(lease);
-    }
+        where T : unmanaged => index < 0 ? null : PayloadConversion.CopyOut<T>(Take(index));
 
     /// <summary>Takes payload <paramref name="index"/> as a lease the caller owns (-1: null).</summary>
     public SharedBuffer? TakeSharedBuffer(int index) => index < 0 ? null : Take(index);
@@ -211,9 +202,11 @@ public readonly struct CallReply
 
 internal static class PayloadConversion
 {
-    public static T[] ToArray<T>(SharedBuffer lease)
+    /// <summary>Copies a lease's bytes into a new array of <typeparamref name="T"/> and gives the lease back.</summary>
+    public static T[] CopyOut<T>(SharedBuffer lease)
         where T : unmanaged
     {
+        using SharedBuffer owned = lease;
         int size = Unsafe.SizeOf<T>();
         if (lease.Length % size != 0)
         {

@@ -71,16 +71,7 @@ public sealed class ServerCall
 
     /// <summary>Payload <paramref name="index"/> copied into a new array (-1: null).</summary>
     public T[]? CopyArray<T>(int index)
-        where T : unmanaged
-    {
-        if (index < 0)
-        {
-            return null;
-        }
-
-        using SharedBuffer lease = Take(index);
-        return PayloadConversion.ToArray<T>(lease);
-    }
+        where T : unmanaged => index < 0 ? null : PayloadConversion.CopyOut<T>(Take(index));
 
     /// <summary>
     /// Payload <paramref name="index"/> as a lease the implementation owns from now on (-1: null). If the

@@ -5,10 +5,6 @@ namespace OffloadRpc.Interop;
 /// <summary>Waiting on many things with one thread: futex_waitv over many futex words, and epoll over many sockets.</summary>
 internal static unsafe partial class LinuxNative
 {
-    public const int ENOSYS = 38;
-    public const int EBADF = 9;
-    public const int ENOENT = 2;
-
     /// <summary>The most words one futex_waitv call takes (FUTEX_WAITV_MAX).</summary>
     public const int FutexWaitvMax = 128;
 

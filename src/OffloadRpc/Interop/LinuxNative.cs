@@ -42,6 +42,7 @@ internal static unsafe partial class LinuxNative
     public const int EINTR = 4;
     public const int EAGAIN = 11;
     public const int ETIMEDOUT = 110;
+    public const int ENOSYS = 38;
 
     private static readonly long s_sysFutex = LinuxAbi.Current.SysFutex;
     private const int FUTEX_WAIT = 0;

@@ -7,7 +7,7 @@ namespace OffloadRpc.Transport;
 /// in that direction and mapped by both:
 /// <code>
 ///   0    header: magic, version, geometry (informational; the handshake is authoritative)
-///   64   consumer wake word   (the receiving side's receive thread sleeps here)
+///   64   consumer wake word   (the receiving side's poller sleeps here)
 ///   128  message-producer wake word (senders waiting for a free message slot)
 ///   192  release-producer wake word (receivers of payloads waiting to post a release)
 ///   256  release-consumer wake word (the arena owner waiting for space)

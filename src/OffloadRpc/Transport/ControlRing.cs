@@ -24,7 +24,7 @@ internal sealed unsafe class ControlRing
     // Producer state (this process only). Padded away from the consumer's head.
     private PaddedLong _tail;
 
-    // Consumer state (the receive thread only).
+    // Consumer state (the receiver only).
     private PaddedLong _head;
 
     public ControlRing(byte* slots, int slotSize, int slotCount, string name)

@@ -149,7 +149,7 @@ internal abstract class InboundMessage
         }
     }
 
-    /// <summary>Room for a body of <paramref name="length"/> bytes (the receive thread fills it).</summary>
+    /// <summary>Room for a body of <paramref name="length"/> bytes (the receiver fills it).</summary>
     internal Span<byte> PrepareBody(int methodId, int length)
     {
         MethodId = methodId;
@@ -163,7 +163,14 @@ internal abstract class InboundMessage
         return _body.AsSpan(0, length);
     }
 
-    internal void AddPayload(in ReceivedPayload payload) => _payloads[_payloadCount++] = payload;
+    internal void AddPayload(in ReceivedPayload payload)
+    {
+        _payloads[_payloadCount++] = payload;
+        HasPipelinedPayload |= payload.Pipelined;
+    }
+
+    /// <summary>A payload of this message is still being written by the sender (taking it whole waits for the rest).</summary>
+    public bool HasPipelinedPayload { get; private set; }
 
     /// <summary>Gives back every payload nobody took: lent blocks to the peer, our own blocks to our arena. Never throws.</summary>
     internal void ReleaseUntakenPayloads()
@@ -187,6 +194,7 @@ internal abstract class InboundMessage
         }
 
         _payloadCount = 0;
+        HasPipelinedPayload = false;
     }
 
     /// <summary>Clears the message for reuse.</summary>

@@ -10,7 +10,7 @@ internal interface IRequestHandler
     /// <summary>
     /// Handles one request. Reply with <see cref="IncomingCall.Reply"/>; a handler that returns without
     /// replying sends an empty response, one that throws sends the exception as a fault. Runs on the
-    /// connection's receive thread until its first await.
+    /// connection's receiver (on the process's poller thread) until its first await.
     /// </summary>
     ValueTask HandleAsync(IncomingCall call);
 }

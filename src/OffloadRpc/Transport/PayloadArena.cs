@@ -45,7 +45,7 @@ internal readonly struct ArenaBlock
 /// any message refers to it) up to <see cref="MaxBytes"/>, reuses freed space, and retires wholly
 /// free segments only when it needs room for a larger one. When it is full the caller drains the
 /// peer's release ring itself and waits on the release wake word, so progress never depends on
-/// the receive thread.
+/// the receiver.
 /// </para>
 /// </summary>
 internal sealed unsafe class PayloadArena
@@ -344,7 +344,7 @@ internal sealed unsafe class PayloadArena
         _freeGeneration++;
     }
 
-    /// <summary>Runs <paramref name="drain"/> under the arena lock (the receive thread's share of release draining).</summary>
+    /// <summary>Runs <paramref name="drain"/> under the arena lock (the receiver's share of release draining).</summary>
     public void DrainUnderLock(Action<PayloadArena> drain)
     {
         long before;
@@ -359,7 +359,7 @@ internal sealed unsafe class PayloadArena
             drain(this);
         }
 
-        // The receive thread drained what a waiting allocator was waiting for: tell it.
+        // The receiver drained what a waiting allocator was waiting for: tell it.
         if (FreeGeneration != before && Volatile.Read(ref _waiters) != 0)
         {
             _peer.WakeSpaceWaiters();

@@ -9,7 +9,7 @@ namespace OffloadRpc.Transport;
 /// tells a current response from a forged one.
 /// <para>
 /// An entry is recycled when two holds are dropped. The response hold belongs to the receive side:
-/// it is dropped exactly once, by whoever claims the response (the receive thread when it arrives, or
+/// it is dropped exactly once, by whoever claims the response (the receiver when it arrives, or
 /// the close sweep when it never will). The caller hold belongs to the caller: it is dropped when the
 /// caller disposes the reply or observes an exception, and it also owns the cancellation
 /// registration, so a cancellation callback can never run against a recycled entry. A cancelled call
@@ -122,7 +122,7 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
     }
 
     /// <summary>
-    /// The receive thread claims the response for this entry. False when the id is not this entry's
+    /// The receiver claims the response for this entry. False when the id is not this entry's
     /// current call or a response was already claimed (a duplicate): a protocol violation.
     /// </summary>
     public bool TryClaimResponse(ulong callId)
@@ -133,7 +133,7 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
             && Interlocked.Exchange(ref _responseClaimed, 1) == 0;
     }
 
-    /// <summary>Completes with the response the receive thread has copied into this message (after <see cref="TryClaimResponse"/>).</summary>
+    /// <summary>Completes with the response the receiver has copied into this message (after <see cref="TryClaimResponse"/>).</summary>
     public void CompleteWithResponse()
     {
         EndFlight(answered: true);

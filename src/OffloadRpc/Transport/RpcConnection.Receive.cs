@@ -320,13 +320,13 @@ internal sealed partial class RpcConnection
     // ------------------------------------------------------------------ serving requests
 
     /// <summary>
-    /// A served call object for the next request. The receive thread keeps one spare to itself, so
-    /// a handler that completes synchronously (on the receive thread) recycles its call without
+    /// A served call object for the next request. The receiver keeps one spare to itself, so
+    /// a handler that completes synchronously (on the receiver) recycles its call without
     /// touching the shared pool.
     /// </summary>
     private IncomingCall RentIncomingCall()
     {
-        Debug.Assert(Thread.CurrentThread == _receiveThread, "the spare served call is the receive thread's");
+        Debug.Assert(Thread.CurrentThread == _receiveThread, "the spare served call is the receiver's");
         IncomingCall? spare = _spareIncomingCall;
         if (spare is not null)
         {
@@ -349,14 +349,26 @@ internal sealed partial class RpcConnection
         }
     }
 
+    /// <summary>
+    /// A method whose synchronous part (until it returns or first awaits) usually takes longer than this
+    /// runs on the thread pool even when inline dispatch is asked for: inline, it would hold up every
+    /// connection of the poller, not only its own.
+    /// </summary>
+    private static readonly long InlineLimitTicks = Stopwatch.Frequency / 10_000; // 100 us
+
+    /// <summary>Smoothed cost of each method class's synchronous part, in ticks (method id modulo the table size).</summary>
+    private readonly long[] _handlerCost = new long[64];
+
     private void Dispatch(IncomingCall call)
     {
         int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
         Volatile.Write(ref _servedCalls[index], call);
-        if (_options.DispatchToThreadPool)
+        if (_options.DispatchToThreadPool || call.HasPipelinedPayload || Volatile.Read(ref _handlerCost[call.MethodId & (_handlerCost.Length - 1)]) > InlineLimitTicks)
         {
-            // The receive thread goes straight back to the ring: calls overlap and cancels are seen
-            // while a handler computes, at the price of a thread-pool hand-off per call.
+            // The poller goes straight back to the rings: calls overlap and cancels are seen while a
+            // handler computes, at the price of a thread-pool hand-off per call. A call whose payload is
+            // still landing always goes this way: taking it whole waits for its last chunk, which must
+            // not hold up the poller's other connections (the hand-off is nothing next to a 2 MiB+ copy).
             ThreadPool.UnsafeQueueUserWorkItem(static state => state.Connection.Invoke(state), call, preferLocal: false);
             return;
         }
@@ -367,6 +379,8 @@ internal sealed partial class RpcConnection
     private void Invoke(IncomingCall call)
     {
         ValueTask task;
+        long started = Stopwatch.GetTimestamp();
+        ref long cost = ref _handlerCost[call.MethodId & (_handlerCost.Length - 1)];
         try
         {
             task = _handler!.HandleAsync(call);
@@ -375,6 +389,12 @@ internal sealed partial class RpcConnection
         {
             FinishCall(call, ex);
             return;
+        }
+        finally
+        {
+            // Measured wherever it runs, so a method that turned fast comes back inline. Racing updates may lose a sample: harmless.
+            long estimate = Volatile.Read(ref cost);
+            Volatile.Write(ref cost, estimate + ((Stopwatch.GetTimestamp() - started - estimate) / 4));
         }
 
         if (task.IsCompleted)

@@ -47,7 +47,7 @@ internal sealed partial class RpcConnection
             byte* slot = ring.TryReserve(out long position);
             if (slot is null)
             {
-                _overflowReleases.Enqueue(handle); // the receive thread posts it once the ring drains
+                _overflowReleases.Enqueue(handle); // the receiver posts it once the ring drains
                 SharedWait.Wake(_outbound.ConsumerWake);
                 return;
             }
@@ -57,7 +57,7 @@ internal sealed partial class RpcConnection
             SharedWait.Wake(_outbound.ReleaseConsumerWake); // an allocator waiting for space
             if (!ring.IsFree(position + ring.Capacity / 2))
             {
-                SharedWait.Wake(_outbound.ConsumerWake); // half full: have the owner's receive thread drain it
+                SharedWait.Wake(_outbound.ConsumerWake); // half full: have the owner's receiver drain it
             }
         }
         catch (ProtocolViolationException ex)
@@ -70,10 +70,10 @@ internal sealed partial class RpcConnection
         }
     }
 
-    /// <summary>Posts releases that found the ring full (receive thread only).</summary>
+    /// <summary>Posts releases that found the ring full (the receiver only).</summary>
     private unsafe void FlushOverflowReleases()
     {
-        Debug.Assert(Thread.CurrentThread == _receiveThread, "overflow releases are posted by the receive thread only");
+        Debug.Assert(Thread.CurrentThread == _receiveThread, "overflow releases are posted by the receiver only");
         while (_overflowReleases.TryPeek(out ulong handle))
         {
             byte* slot = _outbound.Releases.TryReserve(out long position);
@@ -123,26 +123,11 @@ internal sealed partial class RpcConnection
         }
     }
 
-    private readonly struct SpaceReleased : IWaitCondition
+    private readonly struct SpaceReleased(RpcConnection connection, PayloadArena arena, long generation, long deadline, CancellationToken cancellationToken) : IWaitCondition
     {
-        private readonly RpcConnection _connection;
-        private readonly PayloadArena _arena;
-        private readonly long _generation;
-        private readonly long _deadline;
-        private readonly CancellationToken _cancellationToken;
+        public bool IsSatisfied() => arena.FreeGeneration != generation || connection._inbound.Releases.HasMessage();
 
-        public SpaceReleased(RpcConnection connection, PayloadArena arena, long generation, long deadline, CancellationToken cancellationToken)
-        {
-            _connection = connection;
-            _arena = arena;
-            _generation = generation;
-            _deadline = deadline;
-            _cancellationToken = cancellationToken;
-        }
-
-        public bool IsSatisfied() => _arena.FreeGeneration != _generation || _connection._inbound.Releases.HasMessage();
-
-        public bool IsAbandoned() => _connection.IsClosed || _cancellationToken.IsCancellationRequested || Stopwatch.GetTimestamp() > _deadline;
+        public bool IsAbandoned() => connection.IsClosed || cancellationToken.IsCancellationRequested || Stopwatch.GetTimestamp() > deadline;
     }
 
     void IArenaPeer.DrainReleases(PayloadArena arena) => DrainReleases(arena);

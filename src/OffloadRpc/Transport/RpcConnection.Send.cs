@@ -73,7 +73,7 @@ internal sealed partial class RpcConnection
             return ValueTask.FromException<RpcReply>(ex);
         }
 
-        // The request is out. If the connection closed meanwhile, the receive thread's sweep may have
+        // The request is out. If the connection closed meanwhile, the receiver's sweep may have
         // run before our entry was in flight: fail it here (FailOnClose is idempotent).
         Interlocked.MemoryBarrier();
         if (IsClosed)
@@ -105,8 +105,8 @@ internal sealed partial class RpcConnection
 
     /// <summary>
     /// Tells the server a call was cancelled. Never blocks the cancelling thread (it may be a timer or
-    /// the receive thread): when the ring is full the cancel waits in a queue flushed by later sends
-    /// and by the receive thread.
+    /// the receiver): when the ring is full the cancel waits in a queue flushed by later sends
+    /// and by the receiver.
     /// </summary>
     internal void TrySendCancel(ulong callId)
     {
@@ -280,22 +280,11 @@ internal sealed partial class RpcConnection
         }
     }
 
-    private readonly struct RingHasSpace : IWaitCondition
+    private readonly struct RingHasSpace(RpcConnection connection, ControlRing ring, CancellationToken cancellationToken) : IWaitCondition
     {
-        private readonly RpcConnection _connection;
-        private readonly ControlRing _ring;
-        private readonly CancellationToken _cancellationToken;
+        public bool IsSatisfied() => ring.HasFreeSlot();
 
-        public RingHasSpace(RpcConnection connection, ControlRing ring, CancellationToken cancellationToken)
-        {
-            _connection = connection;
-            _ring = ring;
-            _cancellationToken = cancellationToken;
-        }
-
-        public bool IsSatisfied() => _ring.HasFreeSlot();
-
-        public bool IsAbandoned() => _connection.IsClosed || _cancellationToken.IsCancellationRequested;
+        public bool IsAbandoned() => connection.IsClosed || cancellationToken.IsCancellationRequested;
     }
 
     // ------------------------------------------------------------------ hooks for the protocol-violation tests
@@ -309,7 +298,7 @@ internal sealed partial class RpcConnection
     /// <summary>Test hook: reserves the next outbound slot without writing it.</summary>
     internal unsafe byte* ReserveRawSlot(out long position) => ReserveSlot(out position, CancellationToken.None);
 
-    /// <summary>Test hook: wakes the peer's receive thread without publishing anything.</summary>
+    /// <summary>Test hook: wakes the peer's receiver without publishing anything.</summary>
     internal unsafe void WakePeerConsumer() => SharedWait.WakeUnconditionally(_outbound.ConsumerWake);
 
     /// <summary>The one place a message is laid out in a reserved slot: header, payload references, inline body; then published and the receiver woken.</summary>

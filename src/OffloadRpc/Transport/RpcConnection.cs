@@ -43,7 +43,7 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     private int _partsRunning = 2; // the receiver and the socket loop; the last to stop gives the memory back
     private readonly object _announceLock = new();
     private readonly Action<PayloadArena> _drainReleases;
-    private IncomingCall? _spareIncomingCall; // receive thread only
+    private IncomingCall? _spareIncomingCall; // the receiver only
     private long _announcesSent;
     private long _announcesAcknowledged;
     private Exception? _terminal;

@@ -49,17 +49,10 @@ internal static unsafe class SharedWait
     public static bool Wait<TCondition>(ref TCondition condition, int* word, AdaptiveSpin spin, bool singleWaiter, int sleepSliceMilliseconds = DefaultSleepSliceMilliseconds)
         where TCondition : struct, IWaitCondition
     {
-        if (condition.IsSatisfied())
-        {
-            return true;
-        }
-
-        return Spin(ref condition, spin.BudgetTicks) switch
-        {
-            SpinOutcome.Satisfied => true,
-            SpinOutcome.Abandoned => false,
-            _ => Sleep(ref condition, word, spin, singleWaiter, sleepSliceMilliseconds),
-        };
+        var armed = new FlagArmed<TCondition>(condition, word, singleWaiter);
+        bool satisfied = Wait(ref armed, spin, sleepSliceMilliseconds);
+        condition = armed.Condition; // a condition may keep state (a deadline, progress seen)
+        return satisfied;
     }
 
     /// <summary>Waits until <paramref name="condition"/> holds (true) or is abandoned (false), sleeping on the word it arms.</summary>
@@ -77,16 +70,6 @@ internal static unsafe class SharedWait
             SpinOutcome.Abandoned => false,
             _ => Sleep(ref condition, spin, sleepSliceMilliseconds),
         };
-    }
-
-    /// <summary>The second half of a wait, after the spin: sleeps on <paramref name="word"/> (store 1, sleep while it is 1).</summary>
-    public static bool Sleep<TCondition>(ref TCondition condition, int* word, AdaptiveSpin spin, bool singleWaiter, int sleepSliceMilliseconds)
-        where TCondition : struct, IWaitCondition
-    {
-        var armed = new FlagArmed<TCondition>(condition, word, singleWaiter);
-        bool satisfied = Sleep(ref armed, spin, sleepSliceMilliseconds);
-        condition = armed.Condition; // a condition may keep state (a deadline, progress seen)
-        return satisfied;
     }
 
     /// <summary>The second half of a wait, after the spin: sleeps on the word the condition arms until it holds or is abandoned.</summary>
@@ -113,7 +96,7 @@ internal static unsafe class SharedWait
     }
 
     /// <summary>The common protocol: a waiter stores 1 into the word and sleeps while it holds 1; a waker clears it and wakes.</summary>
-    private struct FlagArmed<TCondition> : IArmedWaitCondition
+    internal struct FlagArmed<TCondition> : IArmedWaitCondition
         where TCondition : struct, IWaitCondition
     {
         public TCondition Condition;

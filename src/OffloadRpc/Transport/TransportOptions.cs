@@ -40,13 +40,13 @@ internal sealed class TransportOptions
     public IReadOnlyCollection<uint> AllowedUserIds { get; init; } = [];
 
     /// <summary>
-    /// Run await continuations of calls on the thread pool instead of inline on the receive thread.
+    /// Run await continuations of calls on the thread pool instead of inline on the receiver.
     /// Inline is faster; turn this on if continuations block synchronously on other calls.
     /// </summary>
     public bool RunContinuationsAsynchronously { get; init; }
 
     /// <summary>
-    /// Run request handlers on the thread pool instead of inline on the receive thread. Inline is
+    /// Run request handlers on the thread pool instead of inline on the receiver. Inline is
     /// fastest (no hand-off) but a handler that computes synchronously holds up its connection's other
     /// calls and their cancels until it returns or awaits.
     /// </summary>
