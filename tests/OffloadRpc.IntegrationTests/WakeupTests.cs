@@ -40,7 +40,7 @@ public sealed class WakeupTests
         finally
         {
             SharedWait.SleepSliceMilliseconds = previousSlice;
-            area.Segment.Release();
+            area.Dispose();
         }
     }
 
