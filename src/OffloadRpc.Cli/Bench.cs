@@ -203,7 +203,7 @@ internal static partial class Bench
         }
         finally
         {
-            destination.Release();
+            destination.Dispose();
         }
     }
 

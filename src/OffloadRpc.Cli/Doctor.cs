@@ -47,13 +47,13 @@ internal static class Doctor
             SharedMemorySegment segment = SharedMemorySegment.Create(0, 1 << 20, "offloadrpc-doctor", populate: false);
             try
             {
-                int seals = LinuxNative.Fcntl(segment.FileDescriptor, LinuxNative.F_GET_SEALS, 0);
+                int seals = LinuxNative.Fcntl(segment.Descriptor, LinuxNative.F_GET_SEALS, 0);
                 bool sealed_ = (seals & SharedMemorySegment.RequiredSeals) == SharedMemorySegment.RequiredSeals;
                 return (sealed_ ? Verdict.Ok : Verdict.Fail, $"1 MiB memfd created and mapped, seals 0x{seals:x}{(sealed_ ? " (shrink and grow sealed)" : " — sealing does not work")}");
             }
             finally
             {
-                segment.Release();
+                segment.Dispose();
             }
         });
         Add(findings, "memory", "max map count", () => (Verdict.Ok, File.ReadAllText("/proc/sys/vm/max_map_count").Trim() + " mappings per process"));

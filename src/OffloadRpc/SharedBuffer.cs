@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Diagnostics;
 using OffloadRpc.Transport;
 
 namespace OffloadRpc;
@@ -30,6 +31,7 @@ public sealed unsafe class SharedBuffer : IDisposable
         _length = length;
         IsOwnArena = ownedBySender;
         BlockOffset = blockOffset ?? offset;
+        Debug.Assert(segment.IsMapped, "the creator hands the lease a mapping reference it took");
         _ = segment.Pointer(offset, length); // bounds check once; the segment reference is taken by the creator
     }
 
@@ -138,7 +140,12 @@ public sealed unsafe class SharedBuffer : IDisposable
 
         public override Span<T> GetSpan() => System.Runtime.InteropServices.MemoryMarshal.Cast<byte, T>(_owner.Span);
 
-        /// <summary>Pins keep the mapping alive (not the lease): I/O on a pinned Memory cannot outlive the memory.</summary>
+        /// <summary>
+        /// Pins keep the mapping alive (not the lease): I/O on a pinned Memory cannot outlive the memory.
+        /// The pin's reference is added while the live lease holds its own, so it succeeds even after
+        /// the connection (the segment's owner) is gone; it fails only if a concurrent Dispose of the
+        /// lease dropped the last reference first.
+        /// </summary>
         public override MemoryHandle Pin(int elementIndex = 0)
         {
             _owner.ThrowIfGone();

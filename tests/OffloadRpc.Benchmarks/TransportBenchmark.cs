@@ -172,7 +172,7 @@ internal static class TransportBenchmark
         }
         finally
         {
-            destination.Release();
+            destination.Dispose();
         }
     }
 

@@ -37,7 +37,7 @@ public sealed class WakeupTests
         }
         finally
         {
-            area.Segment.Release();
+            area.Dispose();
         }
     }
 

@@ -496,7 +496,7 @@ internal sealed class Runner : IAsyncDisposable
         }
         finally
         {
-            destination.Release();
+            destination.Dispose();
         }
     }
 

@@ -40,7 +40,7 @@ internal static unsafe class RawWriter
     /// <summary>Hands over a memfd with the given seals (or none) as segment <paramref name="id"/>.</summary>
     public static void SendSegment(RpcConnection connection, int id, long size, long announcedSize, int seals)
     {
-        int fd = LinuxNative.MemfdCreate("evil", LinuxNative.MFD_CLOEXEC | LinuxNative.MFD_ALLOW_SEALING);
+        using SafeMemfdHandle fd = LinuxNative.MemfdCreateHandle("evil", LinuxNative.MFD_CLOEXEC | LinuxNative.MFD_ALLOW_SEALING);
         LinuxNative.Ftruncate(fd, size);
         if (seals != 0)
         {
@@ -50,8 +50,7 @@ internal static unsafe class RawWriter
         Span<byte> frame = stackalloc byte[12];
         BinaryPrimitives.WriteInt32LittleEndian(frame, id);
         BinaryPrimitives.WriteInt64LittleEndian(frame[4..], announcedSize);
-        connection.Channel.Send(FrameType.AddSegment, frame, [fd]);
-        LinuxNative.Close(fd);
+        connection.Channel.Send(FrameType.AddSegment, frame, fd);
     }
 }
 

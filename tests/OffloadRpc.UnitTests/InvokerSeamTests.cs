@@ -177,7 +177,7 @@ internal sealed class LoopbackInvoker : CallInvoker, ILeaseHost, IDisposable
         }
     }
 
-    public void Dispose() => _segment.Release();
+    public void Dispose() => _segment.Dispose();
 
     /// <summary>One request on the server side of the loopback, and the reply it produces.</summary>
     private sealed class LoopbackCall(LoopbackInvoker owner, int methodId, byte[] body, SharedBuffer?[] payloads, CancellationToken cancellationToken) : IInboundCall, IReplySource

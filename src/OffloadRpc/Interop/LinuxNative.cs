@@ -51,22 +51,38 @@ internal static unsafe partial class LinuxNative
     [LibraryImport(Libc, EntryPoint = "memfd_create", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     public static partial int MemfdCreate(string name, uint flags);
 
+    /// <summary>memfd_create, the descriptor owned by a handle from the moment it exists (an invalid handle on failure).</summary>
+    [LibraryImport(Libc, EntryPoint = "memfd_create", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial SafeMemfdHandle MemfdCreateHandle(string name, uint flags);
+
     [LibraryImport(Libc, EntryPoint = "fcntl", SetLastError = true)]
     public static partial int Fcntl(int fd, int cmd, int arg);
+
+    // The SafeMemfdHandle overloads hold a reference on the handle across the call (the marshaller's
+    // DangerousAddRef/DangerousRelease): a concurrent Dispose cannot close the descriptor under it.
+
+    [LibraryImport(Libc, EntryPoint = "fcntl", SetLastError = true)]
+    public static partial int Fcntl(SafeMemfdHandle fd, int cmd, int arg);
 
     [LibraryImport(Libc, EntryPoint = "ftruncate", SetLastError = true)]
     public static partial int Ftruncate(int fd, long length);
 
+    [LibraryImport(Libc, EntryPoint = "ftruncate", SetLastError = true)]
+    public static partial int Ftruncate(SafeMemfdHandle fd, long length);
+
     [LibraryImport(Libc, EntryPoint = "lseek", SetLastError = true)]
     public static partial long Lseek(int fd, long offset, int whence);
+
+    [LibraryImport(Libc, EntryPoint = "lseek", SetLastError = true)]
+    public static partial long Lseek(SafeMemfdHandle fd, long offset, int whence);
 
     public const long TMPFS_MAGIC = 0x0102_1994;
 
     [LibraryImport(Libc, EntryPoint = "fstatfs", SetLastError = true)]
-    private static partial int Fstatfs(int fd, byte* buffer);
+    private static partial int Fstatfs(SafeMemfdHandle fd, byte* buffer);
 
     /// <summary>f_type of the file system holding <paramref name="fd"/> (the first field of struct statfs), or -1.</summary>
-    public static long FileSystemType(int fd)
+    public static long FileSystemType(SafeMemfdHandle fd)
     {
         byte* buffer = stackalloc byte[256];
         return Fstatfs(fd, buffer) == 0 ? *(long*)buffer : -1;
@@ -77,6 +93,9 @@ internal static unsafe partial class LinuxNative
 
     [LibraryImport(Libc, EntryPoint = "mmap", SetLastError = true)]
     public static partial nint Mmap(nint addr, nuint length, int prot, int flags, int fd, long offset);
+
+    [LibraryImport(Libc, EntryPoint = "mmap", SetLastError = true)]
+    public static partial nint Mmap(nint addr, nuint length, int prot, int flags, SafeMemfdHandle fd, long offset);
 
     [LibraryImport(Libc, EntryPoint = "munmap", SetLastError = true)]
     public static partial int Munmap(nint addr, nuint length);

@@ -14,9 +14,10 @@ namespace OffloadRpc.Transport;
 ///   4096 message slots   [slotCount x slotSize]
 ///   ...  release slots   [releaseSlotCount x 16]
 /// </code>
-/// Each word sits on its own cache line.
+/// Each word sits on its own cache line. The area owns its segment (the owner's reference on the
+/// mapping); the pointers it hands out are valid while that, or another reference, is held.
 /// </summary>
-internal sealed unsafe class ControlArea
+internal sealed unsafe class ControlArea : IDisposable
 {
     public const ulong Magic = 0x4145_5241_4350_5252; // "RRPCARAE"
     public const int HeaderSize = 4096;
@@ -65,17 +66,28 @@ internal sealed unsafe class ControlArea
     {
         long size = (RequiredSize(geometry) + 4095) & ~4095L;
         SharedMemorySegment segment = SharedMemorySegment.Create(id: 0, size, name, populate: true);
-        byte* b = segment.Base;
-        *(ulong*)b = Magic;
-        *(int*)(b + 8) = TransportProtocol.Version;
-        *(int*)(b + 12) = geometry.SlotSize;
-        *(int*)(b + 16) = geometry.SlotCount;
-        *(int*)(b + 20) = geometry.ReleaseSlotCount;
-        var area = new ControlArea(segment, geometry);
-        area.Messages.InitializeSequences();
-        area.Releases.InitializeSequences();
-        return area;
+        try
+        {
+            byte* b = segment.Base;
+            *(ulong*)b = Magic;
+            *(int*)(b + 8) = TransportProtocol.Version;
+            *(int*)(b + 12) = geometry.SlotSize;
+            *(int*)(b + 16) = geometry.SlotCount;
+            *(int*)(b + 20) = geometry.ReleaseSlotCount;
+            var area = new ControlArea(segment, geometry);
+            area.Messages.InitializeSequences();
+            area.Releases.InitializeSequences();
+            return area;
+        }
+        catch
+        {
+            segment.Dispose();
+            throw;
+        }
     }
+
+    /// <summary>Drops the owner's reference on the segment (and closes its memfd if still open); idempotent.</summary>
+    public void Dispose() => Segment.Dispose();
 }
 
 /// <summary>The shape of a connection's rings; both sides use the same, fixed at the handshake.</summary>

@@ -30,6 +30,7 @@ internal static class Handshake
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         SocketChannel? channel = null;
         ControlArea? outbound = null;
+        ControlArea? inbound = null;
         bool ownedByConnection = false;
         using CancellationTokenRegistration registration = cancellationToken.Register(static s => ((Socket)s!).Dispose(), socket);
         try
@@ -48,33 +49,28 @@ internal static class Handshake
             PeerInfo peer = CheckPeer(channel, options, "server");
 
             outbound = ControlArea.Create(options.Geometry, "offloadrpc-client-control");
-            channel.Send(FrameType.Hello, EncodeHello(options, contracts), [outbound.Segment.FileDescriptor]);
+            channel.Send(FrameType.Hello, EncodeHello(options, contracts), outbound.Segment.Descriptor);
 
-            Span<int> fds = stackalloc int[LinuxNative.MaxFdsPerMessage];
-            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, fds, out int fdCount))
+            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors))
             {
                 throw new PeerDisconnectedException($"The server at {path} closed the connection during the handshake.");
             }
 
-            if (type == FrameType.Reject)
-            {
-                SocketChannel.CloseAll(fds, fdCount);
-                throw DecodeReject(payload, path);
-            }
-
-            if (type != FrameType.Welcome || fdCount != 1)
-            {
-                SocketChannel.CloseAll(fds, fdCount);
-                throw new ProtocolViolationException($"The server at {path} answered the handshake with frame {(int)type} and {fdCount} descriptors.");
-            }
-
-            int welcomeFd = fds[0];
-            bool valid;
             var served = new Dictionary<string, ulong>(StringComparer.Ordinal);
-            try
+            using (descriptors) // whatever is not taken below is closed here, on every path
             {
+                if (type == FrameType.Reject)
+                {
+                    throw DecodeReject(payload, path);
+                }
+
+                if (type != FrameType.Welcome || descriptors.Count != 1)
+                {
+                    throw new ProtocolViolationException($"The server at {path} answered the handshake with frame {(int)type} and {descriptors.Count} descriptors.");
+                }
+
                 var reader = new FrameReader(payload, "Welcome");
-                valid = reader.ReadUInt32() == TransportProtocol.HelloMagic && reader.ReadInt32() == options.ProtocolVersion;
+                bool valid = reader.ReadUInt32() == TransportProtocol.HelloMagic && reader.ReadInt32() == options.ProtocolVersion;
                 int count = valid ? reader.ReadUInt16() : 0;
                 if (count > MaxContracts)
                 {
@@ -86,32 +82,27 @@ internal static class Handshake
                     string name = reader.ReadString(MaxContractName);
                     served[name] = reader.ReadUInt64();
                 }
-            }
-            catch
-            {
-                LinuxNative.Close(welcomeFd);
-                throw;
+
+                if (!valid)
+                {
+                    throw new ProtocolViolationException($"The server at {path} answered with a Welcome of another protocol.");
+                }
+
+                inbound = MapControlArea(descriptors.Take(0), options.Geometry, options); // owns the descriptor from here
             }
 
-            if (!valid)
-            {
-                LinuxNative.Close(welcomeFd);
-                throw new ProtocolViolationException($"The server at {path} answered with a Welcome of another protocol.");
-            }
-
-            ControlArea inbound = MapControlArea(welcomeFd, options.Geometry, options); // owns the descriptor
             outbound.Segment.CloseDescriptor();
             foreach (ContractDescriptor contract in contracts)
             {
                 if (served.TryGetValue(contract.Name, out ulong servedHash) && servedHash != contract.Hash)
                 {
-                    inbound.Segment.Release();
                     throw new ContractMismatchException(MismatchMessage(contract.Name, contract.Hash, "this client was built against", servedHash, "the server implements")) { ServiceName = contract.Name };
                 }
             }
 
             var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "client") { PeerContracts = served };
             outbound = null; // the connection owns both areas and the channel now
+            inbound = null;
             channel = null;
             ownedByConnection = true;
             StartOrRelease(connection);
@@ -119,8 +110,9 @@ internal static class Handshake
         }
         catch (Exception ex)
         {
-            // Until the connection exists this method owns the socket and the outbound area; after, the connection does.
-            outbound?.Segment.Release();
+            // Until the connection exists this method owns the socket and both areas; after, the connection does.
+            outbound?.Dispose();
+            inbound?.Dispose();
             if (channel is not null)
             {
                 channel.Dispose();
@@ -165,23 +157,20 @@ internal static class Handshake
                 throw;
             }
 
-            Span<int> fds = stackalloc int[LinuxNative.MaxFdsPerMessage];
-            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, fds, out int fdCount))
+            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors))
             {
                 throw new PeerDisconnectedException("The client closed the connection before its Hello.");
             }
 
-            if (type != FrameType.Hello || fdCount != 1)
-            {
-                SocketChannel.CloseAll(fds, fdCount);
-                TrySendReject(channel, RejectReason.Malformed, "expected Hello with one descriptor", null);
-                throw new ProtocolViolationException($"Client process {peer.ProcessId} opened with frame {(int)type} and {fdCount} descriptors instead of Hello.");
-            }
-
-            int fd = fds[0];
             IReadOnlyDictionary<string, ulong> peerContracts;
             try
             {
+                if (type != FrameType.Hello || descriptors.Count != 1)
+                {
+                    TrySendReject(channel, RejectReason.Malformed, "expected Hello with one descriptor", null);
+                    throw new ProtocolViolationException($"Client process {peer.ProcessId} opened with frame {(int)type} and {descriptors.Count} descriptors instead of Hello.");
+                }
+
                 var reader = new FrameReader(payload, "Hello");
                 if (reader.ReadUInt32() != TransportProtocol.HelloMagic)
                 {
@@ -233,11 +222,9 @@ internal static class Handshake
                     throw new ProtocolViolationException($"Client process {peer.ProcessId} asked for {tooLarge}.");
                 }
 
-                int handedOver = fd;
-                fd = -1; // MapControlArea owns it from here, whether it succeeds or not
-                inbound = MapControlArea(handedOver, geometry, options);
+                inbound = MapControlArea(descriptors.Take(0), geometry, options); // owns the descriptor from here, whether it succeeds or not
                 outbound = ControlArea.Create(geometry, "offloadrpc-server-control");
-                channel.Send(FrameType.Welcome, EncodeContracts(options, served, withGeometry: false), [outbound.Segment.FileDescriptor]);
+                channel.Send(FrameType.Welcome, EncodeContracts(options, served, withGeometry: false), outbound.Segment.Descriptor);
                 outbound.Segment.CloseDescriptor();
                 var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "server") { PeerContracts = peerContracts };
                 inbound = null; // owned by the connection now
@@ -248,16 +235,13 @@ internal static class Handshake
             }
             finally
             {
-                if (fd >= 0)
-                {
-                    LinuxNative.Close(fd);
-                }
+                descriptors.Dispose(); // closes the descriptor unless MapControlArea took it
             }
         }
         catch
         {
-            inbound?.Segment.Release();
-            outbound?.Segment.Release();
+            inbound?.Dispose();
+            outbound?.Dispose();
             if (!ownedByConnection)
             {
                 channel.Dispose();
@@ -294,11 +278,11 @@ internal static class Handshake
         return new PeerInfo(pid, uid, gid);
     }
 
-    private static ControlArea MapControlArea(int fd, RingGeometry geometry, TransportOptions options)
+    /// <summary>Maps the peer's control area; owns <paramref name="descriptor"/> whether it succeeds or not.</summary>
+    private static ControlArea MapControlArea(SafeMemfdHandle descriptor, RingGeometry geometry, TransportOptions options)
     {
         long size = (ControlArea.RequiredSize(geometry) + 4095) & ~4095L;
-        SharedMemorySegment segment = SharedMemorySegment.MapPeer(0, fd, size, options.MaxPeerSegmentBytes);
-        segment.CloseDescriptor();
+        SharedMemorySegment segment = SharedMemorySegment.MapPeer(0, descriptor, size, options.MaxPeerSegmentBytes); // closes the descriptor
         try
         {
             unsafe
@@ -313,7 +297,7 @@ internal static class Handshake
         }
         catch
         {
-            segment.Release();
+            segment.Dispose();
             throw;
         }
     }

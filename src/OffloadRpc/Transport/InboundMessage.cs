@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Diagnostics;
 
 namespace OffloadRpc.Transport;
 
@@ -80,6 +81,7 @@ internal abstract class InboundMessage
 
         payload.Taken = true;
         // The mapping reference taken when the message was received moves to the lease.
+        Debug.Assert(payload.Segment.IsMapped, "a received payload holds a mapping reference until it is taken or released");
         return new SharedBuffer(Connection, payload.Segment, payload.Offset, payload.Length, payload.OwnArena, payload.BlockOffset);
     }
 

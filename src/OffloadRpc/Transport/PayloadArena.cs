@@ -146,7 +146,9 @@ internal sealed unsafe class PayloadArena
                 return false;
             }
 
-            block.Segment.TryAddReference(); // under the lock: Close cannot unmap it first
+            // Under the lock, with the arena open: the arena still holds the owner's reference, so this cannot fail.
+            bool referenced = block.Segment.TryAddReference();
+            Debug.Assert(referenced, "an open arena's segment is mapped");
             return true;
         }
     }
@@ -232,11 +234,11 @@ internal sealed unsafe class PayloadArena
         }
         catch
         {
-            memory.Release();
+            memory.Dispose();
             throw;
         }
 
-        memory.CloseDescriptor();
+        memory.CloseDescriptor(); // the peer has its own copy of the descriptor now; the mapping is all this side needs
         var segment = new ArenaSegment(memory);
         _segments[id] = segment;
         if (id == _nextSegmentId)
@@ -259,7 +261,7 @@ internal sealed unsafe class PayloadArena
                 _totalBytes -= segment.Memory.Size;
                 needed -= segment.Memory.Size;
                 _peer.RetireSegment(segment.Memory.Id);
-                segment.Memory.Release();
+                segment.Memory.Dispose(); // the arena's reference; no block is out, but a pin may still hold the mapping
             }
         }
     }
@@ -379,7 +381,9 @@ internal sealed unsafe class PayloadArena
                 throw new ProtocolViolationException($"The peer sent back block {segmentId}:{offset} (+{length}), which was not lent to it.");
             }
 
-            segment.Memory.TryAddReference(); // for the receiver of the message, under the lock so Close cannot unmap first
+            // For the receiver of the message; under the lock with the arena open, so the arena's own reference is still held.
+            bool referenced = segment.Memory.TryAddReference();
+            Debug.Assert(referenced, "an open arena's segment is mapped");
             return new ArenaBlock(segment.Memory, offset, capacity);
         }
     }
@@ -406,7 +410,7 @@ internal sealed unsafe class PayloadArena
         }
     }
 
-    /// <summary>Drops the arena's own references to its segments; leases still alive keep their mapping.</summary>
+    /// <summary>Drops the arena's own (owner's) references to its segments; leases still alive keep their mapping.</summary>
     public void Close()
     {
         lock (_lock)
@@ -419,7 +423,7 @@ internal sealed unsafe class PayloadArena
             _closed = true;
             for (int i = 1; i < _nextSegmentId; i++)
             {
-                _segments[i]?.Memory.Release();
+                _segments[i]?.Memory.Dispose();
                 _segments[i] = null;
             }
 

@@ -170,8 +170,10 @@ internal sealed class PipelinedPayloadStream : Stream
     private long _position;
     private int _disposed;
 
+    /// <summary>Takes over a mapping reference on <paramref name="segment"/> (the received payload's), given back by Dispose.</summary>
     public unsafe PipelinedPayloadStream(PipelinedPayload progress, byte* data, SharedMemorySegment segment, Action release, CancellationToken cancellationToken)
     {
+        Debug.Assert(segment.IsMapped, "the stream is handed a live mapping reference");
         _progress = progress;
         _data = data;
         _segment = segment;
@@ -204,7 +206,9 @@ internal sealed class PipelinedPayloadStream : Stream
         }
 
         // A Dispose on another thread may drop the stream's own mapping reference mid-read: hold one
-        // for the read so the block cannot be unmapped under us.
+        // for the read so the block cannot be unmapped under us. It is added while the stream's own is
+        // held (or while the connection still owns the segment), which SafeHandle allows even after the
+        // owner disposed; it fails only when a racing Dispose dropped the very last reference.
         ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
 
         try

@@ -18,7 +18,7 @@ internal sealed partial class RpcConnection
             expected = ++_announcesSent;
         }
 
-        _channel.Send(FrameType.AddSegment, frame, [segment.FileDescriptor]);
+        _channel.Send(FrameType.AddSegment, frame, segment.Descriptor);
         long deadline = _options.HandshakeTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : Stopwatch.GetTimestamp() + (long)(_options.HandshakeTimeout.TotalSeconds * Stopwatch.Frequency);
         lock (_announceLock)
         {
@@ -54,25 +54,19 @@ internal sealed partial class RpcConnection
 
     private void SocketLoop()
     {
-        Span<int> fds = stackalloc int[Interop.LinuxNative.MaxFdsPerMessage];
         try
         {
             while (true)
             {
-                if (!_channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, fds, out int fdCount))
+                if (!_channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors))
                 {
                     Terminate(new PeerDisconnectedException($"The peer process {Peer.ProcessId} closed the connection (it exited or died)."));
                     return;
                 }
 
-                int consumed = 0;
-                try
+                using (descriptors)
                 {
-                    HandleFrame(type, payload, fds[..fdCount], ref consumed);
-                }
-                finally
-                {
-                    SocketChannel.CloseAll(fds[consumed..], fdCount - consumed);
+                    HandleFrame(type, payload, descriptors); // takes the descriptors it keeps; the rest are closed here
                 }
             }
         }
@@ -90,16 +84,16 @@ internal sealed partial class RpcConnection
         }
     }
 
-    /// <summary>Handles one socket frame; <paramref name="consumed"/> counts the descriptors it took ownership of (set before ownership moves).</summary>
-    private void HandleFrame(FrameType type, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds, ref int consumed)
+    /// <summary>Handles one socket frame, taking from <paramref name="fds"/> the descriptors it keeps.</summary>
+    private void HandleFrame(FrameType type, ReadOnlySpan<byte> payload, in ReceivedDescriptors fds)
     {
         switch (type)
         {
             case FrameType.AddSegment:
             {
-                if (payload.Length != 12 || fds.Length != 1)
+                if (payload.Length != 12 || fds.Count != 1)
                 {
-                    throw Violation($"a segment hand-over of {payload.Length} bytes with {fds.Length} descriptors");
+                    throw Violation($"a segment hand-over of {payload.Length} bytes with {fds.Count} descriptors");
                 }
 
                 int id = BinaryPrimitives.ReadInt32LittleEndian(payload);
@@ -109,10 +103,9 @@ internal sealed partial class RpcConnection
                     throw Violation($"segment id {id}, which is out of range or in use");
                 }
 
-                consumed = 1; // MapPeer owns the descriptor from here, whether it succeeds or not
-                SharedMemorySegment segment = SharedMemorySegment.MapPeer(id, fds[0], size, _options.MaxPeerSegmentBytes);
-                segment.CloseDescriptor();
-                Volatile.Write(ref _peerSegments[id], segment);
+                // MapPeer owns the descriptor from here, whether it succeeds or not, and closes it once mapped.
+                SharedMemorySegment segment = SharedMemorySegment.MapPeer(id, fds.Take(0), size, _options.MaxPeerSegmentBytes);
+                Volatile.Write(ref _peerSegments[id], segment); // the connection owns it now: RemoveSegment or ReleaseResources disposes it
                 Span<byte> ack = stackalloc byte[4];
                 BinaryPrimitives.WriteInt32LittleEndian(ack, id);
                 _channel.Send(FrameType.SegmentMapped, ack);
@@ -120,7 +113,7 @@ internal sealed partial class RpcConnection
             }
 
             case FrameType.SegmentMapped:
-                if (payload.Length != 4 || fds.Length != 0)
+                if (payload.Length != 4 || fds.Count != 0)
                 {
                     throw Violation("a malformed segment acknowledgement");
                 }
@@ -137,12 +130,12 @@ internal sealed partial class RpcConnection
             {
                 int id = payload.Length == 4 ? BinaryPrimitives.ReadInt32LittleEndian(payload) : -1;
                 SharedMemorySegment? segment = id > 0 && id <= PayloadArena.MaxSegments ? Interlocked.Exchange(ref _peerSegments[id], null) : null;
-                if (segment is null || fds.Length != 0)
+                if (segment is null || fds.Count != 0)
                 {
                     throw Violation($"the removal of unknown segment {id}");
                 }
 
-                segment.Release();
+                segment.Dispose(); // the connection's (owner's) reference; payloads still held keep the mapping
                 return;
             }
 

@@ -138,6 +138,8 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         }
 
         Interlocked.Exchange(ref _closed, 1);
+        // The receive thread may release the areas as soon as it sees the connection closed: a wake
+        // word is touched only under a reference, and not at all once the areas are gone.
         if (_inbound.Segment.TryAddReference())
         {
             SharedWait.WakeUnconditionally(_inbound.ConsumerWake);
@@ -196,14 +198,16 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
             Volatile.Read(ref _servedCalls[i])?.Cancel(null);
         }
 
+        // The connection's (owner's) references: leases and payloads still held keep their mappings.
+        Debug.Assert(Volatile.Read(ref _started) == 0 || Volatile.Read(ref _partsRunning) == 0, "neither the socket loop nor the receiver touches a segment after the resources are released");
         _arena.Close();
         for (int i = 0; i < _peerSegments.Length; i++)
         {
-            Interlocked.Exchange(ref _peerSegments[i], null)?.Release();
+            Interlocked.Exchange(ref _peerSegments[i], null)?.Dispose();
         }
 
-        _inbound.Segment.Release();
-        _outbound.Segment.Release();
+        _inbound.Dispose();
+        _outbound.Dispose();
         try
         {
             Closed?.Invoke(this, reason);

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Runtime.InteropServices;
 using OffloadRpc.Interop;
 
@@ -5,75 +6,93 @@ namespace OffloadRpc.Transport;
 
 /// <summary>
 /// One anonymous memfd mapped shared. Owns the pointer arithmetic: every access goes through
-/// <see cref="Pointer"/>, which checks bounds. The mapping is reference counted so that leases
-/// handed to user code keep it alive after its connection closes; the last release unmaps it.
+/// <see cref="Pointer"/>, which checks bounds.
+/// <para>
+/// The memfd is owned by a <see cref="SafeMemfdHandle"/> (kept open only until it has been passed to
+/// the peer), the mapping by a <see cref="SafeMappingHandle"/> whose own reference count is the
+/// mapping's lifetime. The owner (the arena, the connection, the handshake, the caller of
+/// <see cref="Create"/>) holds the handle's own reference and drops it with <see cref="Dispose"/>.
+/// Every other holder (a lease, a pin, a message in flight, a payload being received, a thread
+/// touching a wake word) takes one with <see cref="TryAddReference"/> and gives it back with
+/// <see cref="Release"/>. A reference can be added while any is held, so leases handed to user code
+/// keep the mapping, and can still be pinned, after their connection closes; the last one unmaps.
+/// </para>
 /// </summary>
-internal sealed unsafe class SharedMemorySegment
+internal sealed unsafe class SharedMemorySegment : IDisposable
 {
     /// <summary>The seals a receiver requires before it maps a peer's segment.</summary>
     public const int RequiredSeals = LinuxNative.F_SEAL_SHRINK | LinuxNative.F_SEAL_GROW;
 
-    private static long s_mappedBytes;
-    private static long s_liveSegments;
-
+    private readonly SafeMappingHandle _mapping;
     private readonly byte* _base;
-    private int _fd;
-    private int _references = 1;
+    private SafeMemfdHandle? _descriptor;
+    private int _disposed;
 
-    private SharedMemorySegment(int id, int fd, byte* address, long size)
+    private SharedMemorySegment(int id, SafeMemfdHandle? descriptor, SafeMappingHandle mapping)
     {
+        Debug.Assert(!mapping.IsInvalid && !mapping.IsClosed, "a segment is made over a live mapping");
+        Debug.Assert(descriptor is null || !descriptor.IsInvalid, "a segment keeps a valid memfd or none");
         Id = id;
-        _fd = fd;
-        _base = address;
-        Size = size;
-        Interlocked.Add(ref s_mappedBytes, size);
-        Interlocked.Increment(ref s_liveSegments);
+        _descriptor = descriptor;
+        _mapping = mapping;
+        _base = (byte*)mapping.DangerousGetHandle(); // valid for as long as a reference is held
+        Size = (long)mapping.ByteLength;
     }
 
     /// <summary>Bytes of shared memory this process has mapped right now, over all connections.</summary>
-    public static long MappedBytes => Volatile.Read(ref s_mappedBytes);
+    public static long MappedBytes => SafeMappingHandle.MappedBytes;
 
     /// <summary>How many segments this process has mapped right now.</summary>
-    public static long LiveSegments => Volatile.Read(ref s_liveSegments);
+    public static long LiveSegments => SafeMappingHandle.LiveMappings;
 
     public int Id { get; }
 
     public long Size { get; }
 
-    /// <summary>The memfd, kept open so it can be passed to the peer; -1 once closed.</summary>
-    public int FileDescriptor => _fd;
+    /// <summary>The memfd, to pass to the peer; throws once <see cref="CloseDescriptor"/> closed it (a peer's segment never has one).</summary>
+    public SafeMemfdHandle Descriptor =>
+        Volatile.Read(ref _descriptor) ?? throw new ObjectDisposedException(nameof(SharedMemorySegment), $"The memfd of segment {Id} is closed.");
 
-    public byte* Base => _base;
+    /// <summary>False once the last reference is gone and the memory is unmapped.</summary>
+    public bool IsMapped => !_mapping.IsClosed;
+
+    public byte* Base
+    {
+        get
+        {
+            Debug.Assert(IsMapped, "a pointer is formed only under a reference");
+            return _base;
+        }
+    }
 
     /// <summary>Creates a sealed memfd of <paramref name="size"/> bytes and maps it read-write.</summary>
     public static SharedMemorySegment Create(int id, long size, string name, bool populate)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(size);
 
-        int fd = LinuxNative.MemfdCreate(name, LinuxNative.MFD_CLOEXEC | LinuxNative.MFD_ALLOW_SEALING);
-        if (fd < 0)
-        {
-            throw Failure("memfd_create");
-        }
-
+        SafeMemfdHandle descriptor = LinuxNative.MemfdCreateHandle(name, LinuxNative.MFD_CLOEXEC | LinuxNative.MFD_ALLOW_SEALING);
         try
         {
-            if (LinuxNative.Ftruncate(fd, size) != 0)
+            if (descriptor.IsInvalid)
+            {
+                throw Failure("memfd_create");
+            }
+
+            if (LinuxNative.Ftruncate(descriptor, size) != 0)
             {
                 throw Failure("ftruncate");
             }
 
-            if (LinuxNative.Fcntl(fd, LinuxNative.F_ADD_SEALS, RequiredSeals | LinuxNative.F_SEAL_SEAL) != 0)
+            if (LinuxNative.Fcntl(descriptor, LinuxNative.F_ADD_SEALS, RequiredSeals | LinuxNative.F_SEAL_SEAL) != 0)
             {
                 throw Failure("fcntl(F_ADD_SEALS)");
             }
 
-            byte* address = Map(fd, size, populate);
-            return new SharedMemorySegment(id, fd, address, size);
+            return new SharedMemorySegment(id, descriptor, Map(descriptor, size, populate));
         }
         catch
         {
-            LinuxNative.Close(fd);
+            descriptor.Dispose();
             throw;
         }
     }
@@ -81,13 +100,14 @@ internal sealed unsafe class SharedMemorySegment
     /// <summary>
     /// Maps a segment received from the peer after checking that it cannot shrink or grow under us
     /// (a shrink would turn our reads into SIGBUS) and that its size is the announced one.
-    /// Takes ownership of <paramref name="fd"/> whether it succeeds or not.
+    /// Takes ownership of <paramref name="descriptor"/> whether it succeeds or not, and closes it: a
+    /// peer's segment is never passed on, the mapping is all that is kept.
     /// </summary>
-    public static SharedMemorySegment MapPeer(int id, int fd, long expectedSize, long maxSize)
+    public static SharedMemorySegment MapPeer(int id, SafeMemfdHandle descriptor, long expectedSize, long maxSize)
     {
-        try
+        using (descriptor)
         {
-            int seals = LinuxNative.Fcntl(fd, LinuxNative.F_GET_SEALS, 0);
+            int seals = LinuxNative.Fcntl(descriptor, LinuxNative.F_GET_SEALS, 0);
             if (seals < 0)
             {
                 throw new ProtocolViolationException($"Peer sent segment {id} that is not a sealable memfd (F_GET_SEALS failed, errno {Marshal.GetLastPInvokeError()}).");
@@ -99,38 +119,33 @@ internal sealed unsafe class SharedMemorySegment
             }
 
             // Only ordinary shared memory (tmpfs/shmem): a hugetlbfs memfd could fault with SIGBUS when its pool runs dry.
-            long filesystem = LinuxNative.FileSystemType(fd);
+            long filesystem = LinuxNative.FileSystemType(descriptor);
             if (filesystem != LinuxNative.TMPFS_MAGIC)
             {
                 throw new ProtocolViolationException($"Peer sent segment {id} that is not anonymous shared memory (file system 0x{filesystem:x}).");
             }
 
-            long actual = LinuxNative.Lseek(fd, 0, LinuxNative.SEEK_END);
+            long actual = LinuxNative.Lseek(descriptor, 0, LinuxNative.SEEK_END);
             if (actual != expectedSize || expectedSize <= 0 || expectedSize > maxSize)
             {
                 throw new ProtocolViolationException($"Peer sent segment {id} of {actual} bytes but announced {expectedSize} (limit {maxSize}).");
             }
 
-            byte* address = Map(fd, expectedSize, populate: false);
-            return new SharedMemorySegment(id, fd, address, expectedSize);
-        }
-        catch
-        {
-            LinuxNative.Close(fd);
-            throw;
+            return new SharedMemorySegment(id, descriptor: null, Map(descriptor, expectedSize, populate: false));
         }
     }
 
-    private static byte* Map(int fd, long size, bool populate)
+    private static SafeMappingHandle Map(SafeMemfdHandle descriptor, long size, bool populate)
     {
-        int flags = LinuxNative.MAP_SHARED | (populate ? LinuxNative.MAP_POPULATE : 0);
-        nint address = LinuxNative.Mmap(0, (nuint)size, LinuxNative.PROT_READ | LinuxNative.PROT_WRITE, flags, fd, 0);
-        if (address == LinuxNative.MAP_FAILED)
+        SafeMappingHandle mapping = SafeMappingHandle.Map(descriptor, size, populate);
+        if (mapping.IsInvalid)
         {
-            throw Failure("mmap");
+            OffloadRpcException failure = Failure("mmap"); // reads errno before anything else runs
+            mapping.Dispose();
+            throw failure;
         }
 
-        return (byte*)address;
+        return mapping;
     }
 
     private static OffloadRpcException Failure(string call)
@@ -150,51 +165,71 @@ internal sealed unsafe class SharedMemorySegment
             throw new ArgumentOutOfRangeException(nameof(offset), $"[{offset}, +{length}) is outside segment {Id} of {Size} bytes.");
         }
 
+        Debug.Assert(IsMapped, "a pointer is formed only under a reference");
         return _base + offset;
     }
 
-    /// <summary>Takes another reference; false when the segment is already unmapped.</summary>
+    /// <summary>
+    /// Takes a reference for a holder other than the owner; give it back with <see cref="Release"/>.
+    /// Succeeds while any reference is held (the owner's or another holder's); false once the last one
+    /// is gone and the segment is unmapped or being unmapped.
+    /// </summary>
     public bool TryAddReference()
     {
-        int current = Volatile.Read(ref _references);
-        while (current > 0)
+        bool added = false;
+        try
         {
-            int seen = Interlocked.CompareExchange(ref _references, current + 1, current);
-            if (seen == current)
-            {
-                return true;
-            }
-
-            current = seen;
+            _mapping.DangerousAddRef(ref added);
+        }
+        catch (ObjectDisposedException)
+        {
+            Debug.Assert(!added, "a failed DangerousAddRef added nothing");
         }
 
-        return false;
+        return added;
     }
 
-    /// <summary>Drops a reference; the last one unmaps the segment and closes its memfd.</summary>
+    /// <summary>
+    /// Gives back a reference taken with <see cref="TryAddReference"/>; the last one unmaps the segment.
+    /// Never the owner's (that is <see cref="Dispose"/>).
+    /// </summary>
+    /// <exception cref="InvalidOperationException">No reference was left to give back.</exception>
     public void Release()
     {
-        int remaining = Interlocked.Decrement(ref _references);
-        if (remaining == 0)
+        try
         {
-            CloseDescriptor();
-            LinuxNative.Munmap((nint)_base, (nuint)Size);
-            Interlocked.Add(ref s_mappedBytes, -Size);
-            Interlocked.Decrement(ref s_liveSegments);
+            _mapping.DangerousRelease();
         }
-        else if (remaining < 0)
+        catch (ObjectDisposedException ex)
         {
-            throw new InvalidOperationException($"Segment {Id} released more often than referenced.");
+            throw new InvalidOperationException($"Segment {Id} released more often than referenced.", ex);
+        }
+    }
+
+    /// <summary>
+    /// The owner lets go: closes the memfd if it is still open and drops the owner's reference (the
+    /// mapping handle's own). The mapping stays while other holders have references. Idempotent.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The segment was already unmapped: a holder released once too often, taking the owner's reference.</exception>
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+
+        CloseDescriptor();
+        try
+        {
+            _mapping.Dispose();
+        }
+        catch (ObjectDisposedException ex)
+        {
+            // The handle's finalizer finds it closed and leaves it (SafeMappingHandle.Dispose(bool)).
+            throw new InvalidOperationException($"Segment {Id} was unmapped before its owner let go: a reference was released more often than taken.", ex);
         }
     }
 
     /// <summary>Closes the memfd once it has been passed on; the mapping stays.</summary>
-    public void CloseDescriptor()
-    {
-        int fd = Interlocked.Exchange(ref _fd, -1);
-        if (fd >= 0)
-        {
-            LinuxNative.Close(fd);
-        }
-    }
+    public void CloseDescriptor() => Interlocked.Exchange(ref _descriptor, null)?.Dispose();
 }

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Diagnostics;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using OffloadRpc.Interop;
@@ -7,7 +8,8 @@ namespace OffloadRpc.Transport;
 
 /// <summary>
 /// Length-prefixed frames over a connected Unix stream socket, with file descriptors attached
-/// (SCM_RIGHTS). Frame: u32 payload length, u16 type, u16 reserved, payload. One reader thread;
+/// (SCM_RIGHTS) and owned by <see cref="SafeMemfdHandle"/>s on both ends. Frame: u32 payload length,
+/// u16 type, u16 reserved, payload. One reader thread;
 /// senders are serialized by a lock (frames are rare: handshake and segment hand-over).
 /// </summary>
 internal sealed class SocketChannel : IDisposable
@@ -55,19 +57,24 @@ internal sealed class SocketChannel : IDisposable
 
     private void ReleaseDescriptor() => _socket.SafeHandle.DangerousRelease();
 
-    /// <summary>Sends one frame, with <paramref name="fds"/> attached. Throws <see cref="PeerDisconnectedException"/> when the peer is gone.</summary>
-    public void Send(FrameType type, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default)
+    /// <summary>
+    /// Sends one frame, with <paramref name="descriptor"/> attached (the peer receives a duplicate; this
+    /// side keeps its own). Throws <see cref="PeerDisconnectedException"/> when the peer is gone.
+    /// </summary>
+    public void Send(FrameType type, ReadOnlySpan<byte> payload, SafeMemfdHandle? descriptor = null)
     {
         if (payload.Length > MaxFrameLength)
         {
             throw new ArgumentOutOfRangeException(nameof(payload), "Frame too large.");
         }
 
+        Debug.Assert(descriptor is null || !descriptor.IsInvalid, "only a valid descriptor is passed to the peer");
         Span<byte> frame = stackalloc byte[HeaderSize + payload.Length];
         BinaryPrimitives.WriteUInt32LittleEndian(frame, (uint)payload.Length);
         BinaryPrimitives.WriteUInt16LittleEndian(frame[4..], (ushort)type);
         BinaryPrimitives.WriteUInt16LittleEndian(frame[6..], 0);
         payload.CopyTo(frame[HeaderSize..]);
+        Span<int> fds = stackalloc int[1];
         lock (_sendLock)
         {
             ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
@@ -75,13 +82,27 @@ internal sealed class SocketChannel : IDisposable
             bool acquired = TryAcquireDescriptor(out int fd);
             ObjectDisposedException.ThrowIf(!acquired, this);
 
+            bool passing = false;
             int errno;
             try
             {
-                errno = LinuxNative.SendWithFds(fd, frame, fds);
+                if (descriptor is not null)
+                {
+                    // A reference for the syscall: a concurrent Dispose of the handle cannot close the
+                    // number (and the process reuse it for something else) while sendmsg copies it.
+                    descriptor.DangerousAddRef(ref passing);
+                    fds[0] = (int)descriptor.DangerousGetHandle();
+                }
+
+                errno = LinuxNative.SendWithFds(fd, frame, passing ? fds : default);
             }
             finally
             {
+                if (passing)
+                {
+                    descriptor!.DangerousRelease();
+                }
+
                 ReleaseDescriptor();
             }
 
@@ -93,45 +114,57 @@ internal sealed class SocketChannel : IDisposable
     }
 
     /// <summary>
-    /// Reads one frame. The returned payload is valid until the next call. File descriptors that came
-    /// with it are in <paramref name="fds"/>; the caller owns (and must close) them.
+    /// Reads one frame. The returned payload is valid until the next call. Descriptors that came with it
+    /// are in <paramref name="descriptors"/>, owned by handles: the caller takes those it keeps and
+    /// disposes the rest. On false or an exception none is left open.
     /// </summary>
     /// <returns>False at end of stream (the peer closed its socket or died).</returns>
     /// <exception cref="ProtocolViolationException">A malformed frame.</exception>
-    public bool TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, Span<int> fds, out int fdCount)
+    public bool TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors)
     {
         type = 0;
         payload = default;
-        fdCount = 0;
-        if (!ReadExactly(_receiveBuffer.AsSpan(0, HeaderSize), fds, ref fdCount))
+        descriptors = default;
+        SafeMemfdHandle?[]? handles = null;
+        int count = 0;
+        try
         {
-            return false;
-        }
+            if (!ReadExactly(_receiveBuffer.AsSpan(0, HeaderSize), ref handles, ref count))
+            {
+                new ReceivedDescriptors(handles, count).Dispose();
+                return false;
+            }
 
-        uint length = BinaryPrimitives.ReadUInt32LittleEndian(_receiveBuffer);
-        type = (FrameType)BinaryPrimitives.ReadUInt16LittleEndian(_receiveBuffer.AsSpan(4));
-        if (length > MaxFrameLength)
+            uint length = BinaryPrimitives.ReadUInt32LittleEndian(_receiveBuffer);
+            type = (FrameType)BinaryPrimitives.ReadUInt16LittleEndian(_receiveBuffer.AsSpan(4));
+            if (length > MaxFrameLength)
+            {
+                throw new ProtocolViolationException($"The peer sent a socket frame of {length} bytes (limit {MaxFrameLength}).");
+            }
+
+            if (!ReadExactly(_receiveBuffer.AsSpan(HeaderSize, (int)length), ref handles, ref count))
+            {
+                throw new PeerDisconnectedException("The peer closed its socket in the middle of a frame.");
+            }
+
+            payload = _receiveBuffer.AsSpan(HeaderSize, (int)length);
+            descriptors = new ReceivedDescriptors(handles, count);
+            return true;
+        }
+        catch
         {
-            CloseAll(fds, fdCount);
-            throw new ProtocolViolationException($"The peer sent a socket frame of {length} bytes (limit {MaxFrameLength}).");
+            new ReceivedDescriptors(handles, count).Dispose();
+            throw;
         }
-
-        if (!ReadExactly(_receiveBuffer.AsSpan(HeaderSize, (int)length), fds, ref fdCount))
-        {
-            CloseAll(fds, fdCount);
-            throw new PeerDisconnectedException("The peer closed its socket in the middle of a frame.");
-        }
-
-        payload = _receiveBuffer.AsSpan(HeaderSize, (int)length);
-        return true;
     }
 
-    private bool ReadExactly(Span<byte> buffer, Span<int> fds, ref int fdCount)
+    /// <summary>Reads all of <paramref name="buffer"/>; descriptors that arrive on the way are wrapped in handles as soon as recvmsg returns them.</summary>
+    private bool ReadExactly(Span<byte> buffer, ref SafeMemfdHandle?[]? handles, ref int count)
     {
+        Span<int> raw = stackalloc int[LinuxNative.MaxFdsPerMessage];
         int read = 0;
         while (read < buffer.Length)
         {
-            Span<int> more = fdCount < fds.Length ? fds[fdCount..] : Span<int>.Empty;
             if (!TryAcquireDescriptor(out int fd))
             {
                 return false;
@@ -142,18 +175,26 @@ internal sealed class SocketChannel : IDisposable
             bool truncated;
             try
             {
-                n = LinuxNative.ReceiveWithFds(fd, buffer[read..], more, out received, out truncated);
+                n = LinuxNative.ReceiveWithFds(fd, buffer[read..], raw[..(LinuxNative.MaxFdsPerMessage - count)], out received, out truncated);
             }
             finally
             {
                 ReleaseDescriptor();
             }
 
-            fdCount += received;
+            // Owned by handles from here on: whatever happens next, the caller's cleanup closes them.
+            Debug.Assert(count + received <= LinuxNative.MaxFdsPerMessage, "recvmsg stores no more descriptors than it was given room for");
+            if (received > 0)
+            {
+                handles ??= new SafeMemfdHandle?[LinuxNative.MaxFdsPerMessage];
+                for (int i = 0; i < received; i++)
+                {
+                    handles[count++] = new SafeMemfdHandle(raw[i]);
+                }
+            }
+
             if (truncated)
             {
-                CloseAll(fds, fdCount);
-                fdCount = 0;
                 throw new ProtocolViolationException("The peer sent more file descriptors than a frame may carry.");
             }
 
@@ -181,14 +222,6 @@ internal sealed class SocketChannel : IDisposable
         }
 
         return true;
-    }
-
-    public static void CloseAll(ReadOnlySpan<int> fds, int count)
-    {
-        for (int i = 0; i < count; i++)
-        {
-            LinuxNative.Close(fds[i]);
-        }
     }
 
     /// <summary>Sets SO_RCVTIMEO so that handshake reads cannot hang; zero restores blocking reads.</summary>
