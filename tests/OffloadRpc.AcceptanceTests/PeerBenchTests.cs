@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json;
-using OffloadRpc.PeerBench;
+using OffloadRpc.Cli;
 using Xunit;
 
 namespace OffloadRpc.Tests;
