@@ -37,6 +37,12 @@ bench.SetAction((parse, _) =>
 {
     if (parse.GetResult(clients) is null && parse.GetValue(idleClients) is null)
     {
+        if (new Option[] { idleProcesses, windowMs, warmUpMs }.FirstOrDefault(o => parse.GetResult(o) is not null) is { } stray)
+        {
+            Console.Error.WriteLine($"{stray.Name} goes with --clients or --idle-clients");
+            return Task.FromResult(2);
+        }
+
         return Bench.RunAsync(parse.GetValue(quick), parse.GetValue(json), parse.GetValue(plot));
     }
 
