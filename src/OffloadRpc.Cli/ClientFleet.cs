@@ -54,7 +54,8 @@ internal sealed class ClientFleet : IAsyncDisposable
                 fleet._children.Add(new Child(ChildProcesses.Start(info)));
             }
 
-            await AllAsync(fleet._children.Select(c => fleet.ExpectAsync(c, "READY", "connecting", StepTimeout)));
+            TimeSpan startup = StepTimeout + TimeSpan.FromSeconds(count); // many runtimes starting at once on few cores
+            await AllAsync(fleet._children.Select(c => fleet.ExpectAsync(c, "READY", "connecting", startup)));
             foreach (Child child in fleet._children)
             {
                 child.Cpu = ProcessCpu.Of(child.Process.Id);
