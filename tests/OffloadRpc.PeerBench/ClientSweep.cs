@@ -8,6 +8,9 @@ internal sealed record SweepSettings(int[] Clients, string[] Systems, long[] Siz
 {
     public static readonly int[] DefaultClients = [1, 2, 4, 8, 16];
 
+    /// <summary>The client counts measured: one client first, always (the ratios are to it), then the others given.</summary>
+    public int[] Sweep => [1, .. Clients.Where(n => n != 1).Distinct()];
+
     /// <summary>
     /// The systems a client process can be of. <c>offloadrpc-best</c> picks its mode per cell and
     /// <c>offloadrpc-zero-copy</c> takes the producer's write out of its time, neither of which a
@@ -34,7 +37,7 @@ internal sealed class ClientSweep : IAsyncDisposable
     public ClientSweep(SweepSettings settings) => _settings = settings;
 
     public static string Describe(SweepSettings s) =>
-        $"{Environment.ProcessorCount} cores, .NET {Environment.Version}, client processes {string.Join(", ", s.Clients)} per system, add and checksum {string.Join(", ", s.Sizes.Select(Report.Size))}, {s.WarmUp.TotalSeconds:0.#} s warm-up and {s.Window.TotalSeconds:0.#} s window per cell";
+        $"{Environment.ProcessorCount} cores, .NET {Environment.Version}, client processes {string.Join(", ", s.Sweep)} per system, add and checksum {string.Join(", ", s.Sizes.Select(Report.Size))}, {s.WarmUp.TotalSeconds:0.#} s warm-up and {s.Window.TotalSeconds:0.#} s window per cell";
 
     public async Task<List<ClientsRow>> RunAsync()
     {
@@ -53,8 +56,7 @@ internal sealed class ClientSweep : IAsyncDisposable
         (string Op, long Bytes)[] operations = [("add", 8), .. _settings.Sizes.Select(size => ($"checksum:{size}", size))];
         var rows = new List<ClientsRow>();
         var oneClient = new Dictionary<(string, string), ClientsRow>();
-        int[] sweep = [1, .. _settings.Clients.Where(n => n != 1).Distinct()];
-        foreach (int clients in sweep)
+        foreach (int clients in _settings.Sweep)
         {
             foreach ((string system, ServerProcess server, string endpoint) in _servers)
             {
