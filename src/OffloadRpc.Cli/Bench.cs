@@ -245,7 +245,10 @@ internal static partial class Bench
         plot.SavePng(path, 1000, 600);
     }
 
-    /// <summary>The server side: reads the first and the last byte of each payload and answers (moving the bytes is what is measured).</summary>
+    /// <summary>
+    /// The server side: reads the first and the last byte of each payload and answers (moving the bytes
+    /// is what is measured); the calls of <c>--clients</c> go to <see cref="BenchClients.Serve"/>.
+    /// </summary>
     public static async Task<int> ServeAsync(string endpoint)
     {
         await using var listener = new RpcListener(endpoint, new TransportOptions(), [], _ => new TouchHandler());
@@ -259,6 +262,12 @@ internal static partial class Bench
     {
         public ValueTask HandleAsync(IncomingCall call)
         {
+            if (call.MethodId is BenchClients.SmallMethod or BenchClients.ChecksumMethod)
+            {
+                BenchClients.Serve(call);
+                return ValueTask.CompletedTask;
+            }
+
             long total = 0;
             long firstChunk = 0;
             for (int i = 0; i < call.PayloadCount; i++)
@@ -278,7 +287,10 @@ internal static partial class Bench
         }
     }
 
-    private static Process StartSelf(params string[] arguments)
+    private static Process StartSelf(params string[] arguments) => Process.Start(SelfStartInfo(arguments))!;
+
+    /// <summary>This tool started again with a hidden subcommand (the server, the ping-pong partner, a client of <c>--clients</c>), stdin and stdout redirected.</summary>
+    internal static ProcessStartInfo SelfStartInfo(params string[] arguments)
     {
         var info = new ProcessStartInfo { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardInput = true, FileName = Environment.ProcessPath! };
         if (Path.GetFileName(info.FileName) is "dotnet")
@@ -291,7 +303,7 @@ internal static partial class Bench
             info.ArgumentList.Add(argument);
         }
 
-        return Process.Start(info)!;
+        return info;
     }
 
     /// <summary>Stopwatch ticks as microseconds, at least one tick (TimeSpan's 100 ns resolution would turn a 64-byte copy into zero).</summary>

@@ -99,6 +99,66 @@ public sealed class CliTests
         }
     }
 
+    /// <summary>
+    /// <c>bench --clients 1,2 --idle-clients 3</c> with short windows: one server, one and then two
+    /// client processes, and three idle ones. The machine is shared, so no figure is judged by its
+    /// size: only that every figure is there and that the figures agree with each other.
+    /// </summary>
+    [Fact]
+    public async Task Bench_with_clients_measures_every_client_process_and_the_server_and_writes_json()
+    {
+        string directory = Directory.CreateTempSubdirectory("offloadrpc-bench-clients-").FullName;
+        try
+        {
+            string json = Path.Combine(directory, "clients.json");
+            var clock = Stopwatch.StartNew();
+            (int exit, string output) = await RunCliAsync(directory, "bench", "--clients", "1,2", "--idle-clients", "3", "--window-ms", "500", "--warmup-ms", "300", "--json", json);
+            Assert.True(exit == 0, output);
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"took {clock.Elapsed}");
+            Assert.Contains("server threads by name", output);
+
+            using JsonDocument document = JsonDocument.Parse(await File.ReadAllTextAsync(json));
+            JsonElement[] rows = document.RootElement.EnumerateArray().ToArray();
+            Assert.Equal(5, rows.Length);
+            foreach (int clients in new[] { 1, 2 })
+            {
+                foreach ((string op, long bytes) in new[] { ("small", 64L), ("checksum", 1L << 20) })
+                {
+                    JsonElement row = Assert.Single(rows, r => r.GetProperty("clients").GetInt32() == clients && r.GetProperty("op").GetString() == op);
+                    ClientsRowChecks.Check(row, clients, bytes);
+                }
+            }
+
+            foreach (string op in new[] { "small", "checksum" })
+            {
+                ClientsRowChecks.CheckRatio(rows.Where(r => r.GetProperty("op").GetString() == op).ToArray());
+            }
+
+            JsonElement idle = Assert.Single(rows, r => r.GetProperty("op").GetString() == "idle");
+            Assert.Equal(3, idle.GetProperty("clients").GetInt32());
+            Assert.Equal(3, idle.GetProperty("processes").GetInt32());
+            Assert.True(idle.GetProperty("server_cpu_pct").GetDouble() >= 0);
+            Assert.True(idle.GetProperty("server_threads").GetInt32() > 0);
+            int named = idle.GetProperty("server_thread_names").EnumerateObject().Sum(n => n.Value.GetInt32());
+            Assert.InRange(named, 1, idle.GetProperty("server_threads").GetInt32() + 3); // counted at other instants: a thread-pool thread may come or go
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
+    [Fact]
+    public async Task Bench_with_clients_refuses_a_bad_list_before_starting_anything()
+    {
+        (int exit, string output) = await RunCliAsync(null, "bench", "--clients", "1,0");
+        Assert.Equal(2, exit);
+        Assert.Contains("--clients takes", output);
+        (exit, output) = await RunCliAsync(null, "bench", "--idle-processes", "2");
+        Assert.Equal(2, exit); // not a plain bench run of minutes
+        Assert.Contains("--idle-processes", output);
+    }
+
     [Fact]
     public async Task Doctor_checks_every_mechanism_for_real_and_reports_them_as_json()
     {

@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json;
-using OffloadRpc.PeerBench;
+using OffloadRpc.Cli;
 using Xunit;
 
 namespace OffloadRpc.Tests;
@@ -58,12 +58,56 @@ public sealed class PeerBenchTests
         }
     }
 
+    /// <summary>
+    /// <c>--clients 1,2</c> with short windows: per system one server and one, then two client
+    /// processes; every client checks every reply, so a zero exit means every call was right. The
+    /// figures are only checked for being there and agreeing with each other (a shared machine).
+    /// </summary>
+    [Fact]
+    public async Task With_clients_every_system_gets_a_row_per_client_count_with_every_process_cpu_time()
+    {
+        string directory = Directory.CreateTempSubdirectory("offloadrpc-peerbench-clients-").FullName;
+        try
+        {
+            string json = Path.Combine(directory, "clients.json");
+            var clock = Stopwatch.StartNew();
+            (int exit, string output) = await RunAsync("--clients", "1,2", "--window-ms", "400", "--warmup-ms", "300", "--json", json);
+            Assert.True(exit == 0, output);
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"took {clock.Elapsed}");
+
+            using JsonDocument document = JsonDocument.Parse(await File.ReadAllTextAsync(json));
+            JsonElement[] rows = document.RootElement.EnumerateArray().ToArray();
+            Assert.Equal(3 * 2 * 2, rows.Length);
+            foreach (string system in new[] { "grpc-uds", "streamjsonrpc-uds", "offloadrpc-auto" })
+            {
+                foreach ((string op, long bytes) in new[] { ("add", 8L), ("checksum", 1L << 20) })
+                {
+                    JsonElement[] cells = rows.Where(r => r.GetProperty("system").GetString() == system && r.GetProperty("op").GetString() == op).ToArray();
+                    foreach (int clients in new[] { 1, 2 })
+                    {
+                        ClientsRowChecks.Check(Assert.Single(cells, r => r.GetProperty("clients").GetInt32() == clients), clients, bytes);
+                    }
+
+                    ClientsRowChecks.CheckRatio(cells);
+                }
+            }
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
     [Fact]
     public async Task A_bad_argument_is_a_clear_error()
     {
         (int exit, string output) = await RunAsync("--systems", "grpc-tcp");
         Assert.Equal(2, exit);
         Assert.Contains("unknown system 'grpc-tcp'", output);
+
+        (exit, output) = await RunAsync("--clients", "1,2", "--systems", "offloadrpc-best");
+        Assert.Equal(2, exit);
+        Assert.Contains("not 'offloadrpc-best'", output);
 
         // An output path that cannot be written is refused before minutes of measuring, not after.
         (exit, output) = await RunAsync("--quick", "--json", "/nonexistent-offloadrpc-dir/peers.json");

@@ -16,6 +16,8 @@ if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
     {
         case ["--serve", string kind, string endpoint]:
             return await Servers.RunAsync(kind, endpoint);
+        case ["--client", string system, string endpoint, string sizes]:
+            return await ClientSweep.RunClientAsync(system, endpoint, sizes);
         case ["--pingpong-partner", string pid, string fd]:
             return PingPong.RunPartner(int.Parse(pid, CultureInfo.InvariantCulture), int.Parse(fd, CultureInfo.InvariantCulture));
         default:
@@ -24,15 +26,53 @@ if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
     }
 }
 
-const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]";
+const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]\n"
+    + "       OffloadRpc.PeerBench --clients [1,2,4,8,16] [--quick] [--json FILE] [--systems a,b,...] [--sizes 1048576,...] [--window-ms N] [--warmup-ms N] [--spin-us N]";
 Settings settings = args.Contains("--quick") ? Settings.QuickRun : Settings.Full; // first, so that options given before it still apply
 string? json = null;
 string? plot = null;
+int[]? clients = null; // --clients: N client processes per system against one server per system
+bool systemsGiven = false;
+bool sizesGiven = false;
+int? windowMs = null;
+int? warmUpMs = null;
 for (int i = 0; i < args.Length; i++)
 {
     switch (args[i])
     {
         case "--quick":
+            break;
+        case "--clients":
+            clients = SweepSettings.DefaultClients;
+            if (i + 1 < args.Length && !args[i + 1].StartsWith("--", StringComparison.Ordinal))
+            {
+                clients = args[++i].Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(n => int.TryParse(n, NumberStyles.None, CultureInfo.InvariantCulture, out int v) ? v : -1).ToArray();
+                if (clients.Length == 0 || clients.Any(n => n is < 1 or > 256))
+                {
+                    Console.Error.WriteLine("--clients takes a comma-separated list of client counts from 1 to 256 (e.g. 1,2,4,8,16), or nothing for that list");
+                    return 2;
+                }
+            }
+
+            break;
+        case "--window-ms" or "--warmup-ms":
+            bool isWindow = args[i] == "--window-ms";
+            if (i + 1 >= args.Length || !int.TryParse(args[i + 1], NumberStyles.None, CultureInfo.InvariantCulture, out int ms) || (isWindow && ms < 100))
+            {
+                Console.Error.WriteLine($"{args[i]} takes a whole number of milliseconds{(isWindow ? ", at least 100" : string.Empty)}; {Usage}");
+                return 2;
+            }
+
+            i++;
+            if (isWindow)
+            {
+                windowMs = ms;
+            }
+            else
+            {
+                warmUpMs = ms;
+            }
+
             break;
         case "--json" when i + 1 < args.Length:
             json = args[++i];
@@ -49,6 +89,7 @@ for (int i = 0; i < args.Length; i++)
             }
 
             settings = settings with { Systems = systems };
+            systemsGiven = true;
             break;
         case "--sizes" when i + 1 < args.Length:
             long[] sizes = args[++i].Split(',', StringSplitOptions.RemoveEmptyEntries).Select(s => long.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out long n) ? n : -1).ToArray();
@@ -59,6 +100,7 @@ for (int i = 0; i < args.Length; i++)
             }
 
             settings = settings with { Sizes = sizes };
+            sizesGiven = true;
             break;
         case "--cell-ms" or "--spin-us":
             bool cell = args[i] == "--cell-ms";
@@ -92,9 +134,40 @@ foreach (string? output in new[] { json, plot })
     }
 }
 
-if (Console.IsOutputRedirected && AnsiConsole.Profile.Width < 160)
+if (Console.IsOutputRedirected && AnsiConsole.Profile.Width < (clients is null ? 160 : 220))
 {
-    AnsiConsole.Profile.Width = 160; // a log file has no terminal width: one line per row
+    AnsiConsole.Profile.Width = clients is null ? 160 : 220; // a log file has no terminal width: one line per row
+}
+
+if (clients is not null)
+{
+    string[] systems = systemsGiven ? settings.Systems : SweepSettings.SweepSystems;
+    if (systems.FirstOrDefault(s => !SweepSettings.SweepSystems.Contains(s)) is { } other)
+    {
+        Console.Error.WriteLine($"--clients measures {string.Join(", ", SweepSettings.SweepSystems)}; not '{other}'");
+        return 2;
+    }
+
+    if (plot is not null)
+    {
+        Console.Error.WriteLine("--plot draws the one-client run; with --clients write --json instead");
+        return 2;
+    }
+
+    var sweepSettings = new SweepSettings(
+        clients,
+        systems,
+        sizesGiven ? settings.Sizes : [1 << 20],
+        TimeSpan.FromMilliseconds(warmUpMs ?? (settings.Quick ? 1000 : 2000)),
+        TimeSpan.FromMilliseconds(windowMs ?? (settings.Quick ? 2000 : 5000)),
+        settings.SpinBudget);
+    return await SweepAsync(sweepSettings, json);
+}
+
+if (windowMs is not null || warmUpMs is not null)
+{
+    Console.Error.WriteLine("--window-ms and --warmup-ms go with --clients (the one-client run takes --cell-ms)");
+    return 2;
 }
 
 AnsiConsole.MarkupLine($"[bold]OffloadRpc peer benchmark[/] ({(settings.Quick ? "quick" : "full")} run): {Markup.Escape(Runner.Describe(settings))}");
@@ -135,3 +208,36 @@ if (plot is not null)
 }
 
 return 0;
+
+// --clients: the many-clients sweep, its table and JSON.
+static async Task<int> SweepAsync(SweepSettings settings, string? json)
+{
+    AnsiConsole.MarkupLine($"[bold]OffloadRpc peer benchmark, many clients[/]: {Markup.Escape(ClientSweep.Describe(settings))}");
+    var clock = System.Diagnostics.Stopwatch.StartNew();
+    List<ClientsRow> rows;
+    await using (var sweep = new ClientSweep(settings))
+    {
+        // Ctrl+C, SIGTERM or SIGHUP: every client process and server goes with us.
+        using IDisposable signals = ChildProcesses.KillOnSignals(_ => sweep.Abort());
+        try
+        {
+            rows = await sweep.RunAsync();
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            sweep.Abort(); // a failed run waits for nobody
+            AnsiConsole.MarkupLine($"[red]FAILED[/] {Markup.Escape(ex.GetType().Name)}: {Markup.Escape(ex.Message)}");
+            return 1;
+        }
+    }
+
+    ClientsReport.Table(rows, "N client processes -> one server process per system, closed loop, one call in flight per client");
+    AnsiConsole.MarkupLine($"measured in {clock.Elapsed.TotalSeconds:0} s");
+    if (json is not null)
+    {
+        await ClientsReport.WriteJsonAsync(rows, json);
+        AnsiConsole.MarkupLine($"wrote {Markup.Escape(json)}");
+    }
+
+    return 0;
+}

@@ -21,6 +21,9 @@ internal sealed class ServerProcess : IAsyncDisposable
 
     public int ProcessId => _process.Id;
 
+    /// <summary>Completes when the server process exits.</summary>
+    public Task Exited => _process.WaitForExitAsync();
+
     /// <summary>Passes <see cref="Settings.SpinBudget"/> to an OffloadRpc server (in microseconds).</summary>
     public const string SpinVariable = "OFFLOADRPC_PEERBENCH_SPIN_US";
 
@@ -57,7 +60,11 @@ internal sealed class ServerProcess : IAsyncDisposable
     public static Process StartPartner(int parentProcessId, int fd) =>
         Start(["--pingpong-partner", parentProcessId.ToString(CultureInfo.InvariantCulture), fd.ToString(CultureInfo.InvariantCulture)]);
 
-    private static Process Start(IEnumerable<string> arguments, TimeSpan? spinBudget = null)
+    private static Process Start(IEnumerable<string> arguments, TimeSpan? spinBudget = null) =>
+        Process.Start(StartInfo(arguments, spinBudget)) ?? throw new InvalidOperationException($"Could not start {Environment.ProcessPath}.");
+
+    /// <summary>This program started again as a child (a server, the ping-pong partner, a client process of <c>--clients</c>).</summary>
+    public static ProcessStartInfo StartInfo(IEnumerable<string> arguments, TimeSpan? spinBudget = null)
     {
         string processPath = Environment.ProcessPath ?? throw new InvalidOperationException("The path of this process's executable is unknown.");
         var start = new ProcessStartInfo(processPath)
@@ -81,7 +88,8 @@ internal sealed class ServerProcess : IAsyncDisposable
         {
             start.Environment[SpinVariable] = spin.TotalMicroseconds.ToString(CultureInfo.InvariantCulture);
         }
-        return Process.Start(start) ?? throw new InvalidOperationException($"Could not start {processPath}.");
+
+        return start;
     }
 
     /// <summary>Kills the server at once (the run is being abandoned).</summary>

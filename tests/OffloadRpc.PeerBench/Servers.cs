@@ -4,6 +4,7 @@ using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
+using OffloadRpc.Cli;
 using OffloadRpc.PeerBench.Grpc;
 using StreamJsonRpc;
 

@@ -3,14 +3,15 @@ using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 
-namespace OffloadRpc.PeerBench;
+namespace OffloadRpc.Cli;
 
 /// <summary>
 /// The <c>checksum</c> operation's 64-bit checksum: Fletcher-style sums over 64-bit little-endian
 /// words in four lanes (a sum of the words and a sum of the running sums, so every byte counts and
 /// so does its position), then the tail bytes and the length. Vectorised so that it runs at memory
 /// bandwidth: the benchmark measures moving the bytes, and every system's server runs this same code.
-/// Incremental, so a server that reads a stream in pieces of any size gets the same value.
+/// Incremental, so a server that reads a stream in pieces of any size gets the same value. The
+/// servers of <c>offloadrpc bench --clients</c> use it too; the peer benchmark links this file.
 /// </summary>
 internal struct PayloadChecksum
 {
