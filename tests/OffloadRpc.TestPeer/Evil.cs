@@ -50,7 +50,7 @@ internal static unsafe class RawWriter
         Span<byte> frame = stackalloc byte[12];
         BinaryPrimitives.WriteInt32LittleEndian(frame, id);
         BinaryPrimitives.WriteInt64LittleEndian(frame[4..], announcedSize);
-        connection.Channel.Send(FrameType.AddSegment, frame, fd);
+        connection.Channel.Send(FrameType.AddSegment, frame, fd, TimeSpan.FromSeconds(10));
     }
 }
 

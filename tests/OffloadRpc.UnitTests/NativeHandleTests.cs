@@ -200,11 +200,11 @@ public sealed partial class NativeHandleTests
         using SharedMemorySegment segment = SharedMemorySegment.Create(0, Size, name, populate: false);
         Assert.Equal(1, CountDescriptorsOf(name));
 
-        sender.Send(FrameType.AddSegment, [1, 2, 3], segment.Descriptor);
-        sender.Send(FrameType.AddSegment, [4], segment.Descriptor);
+        sender.Send(FrameType.AddSegment, [1, 2, 3], segment.Descriptor, TimeSpan.FromSeconds(5));
+        sender.Send(FrameType.AddSegment, [4], segment.Descriptor, TimeSpan.FromSeconds(5));
         Assert.Equal(1, CountDescriptorsOf(name)); // the sender keeps its own; the copies are in flight
 
-        Assert.True(receiver.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors first));
+        Assert.Equal(FrameStatus.Frame, receiver.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors first));
         Assert.Equal(FrameType.AddSegment, type);
         Assert.Equal(3, payload.Length);
         Assert.Equal(1, first.Count);
@@ -213,7 +213,7 @@ public sealed partial class NativeHandleTests
         Assert.Throws<InvalidOperationException>(() => first.Take(0));
         Assert.Equal(MemfdLink(name), LinkTarget((int)taken.DangerousGetHandle()));
 
-        Assert.True(receiver.TryReceive(out _, out _, out ReceivedDescriptors second));
+        Assert.Equal(FrameStatus.Frame, receiver.TryReceive(out _, out _, out ReceivedDescriptors second));
         Assert.Equal(3, CountDescriptorsOf(name)); // the sender's, the taken one, the second frame's
         second.Dispose(); // nobody took it
         Assert.Equal(2, CountDescriptorsOf(name));
@@ -222,6 +222,46 @@ public sealed partial class NativeHandleTests
         segment.CloseDescriptor();
         Assert.Equal(0, CountDescriptorsOf(name));
         Assert.True(segment.IsMapped);
+    }
+
+    [Fact]
+    public unsafe void Descriptors_of_a_frame_the_peer_never_finishes_are_closed_at_end_of_stream()
+    {
+        // A peer sends one byte of a frame header with descriptors attached and hangs up: the reader keeps
+        // them while it waits for the rest (a read never blocks), and closes them when the stream ends.
+        (Socket left, Socket right) = CreateSocketPair();
+        using var receiver = new SocketChannel(right);
+        string name = Unique("partial");
+        using SharedMemorySegment segment = SharedMemorySegment.Create(0, Size, name, populate: false);
+        int fd = (int)segment.Descriptor.DangerousGetHandle();
+        Assert.Equal(1, LinuxNative.SendSome((int)left.SafeHandle.DangerousGetHandle(), [4], [fd, fd, fd]));
+
+        Assert.Equal(FrameStatus.WouldBlock, receiver.TryReceive(out _, out _, out _));
+        Assert.Equal(4, CountDescriptorsOf(name)); // ours and the three in the partial frame
+
+        left.Dispose();
+        Assert.Equal(FrameStatus.EndOfStream, receiver.TryReceive(out _, out _, out _));
+        Assert.Equal(1, CountDescriptorsOf(name));
+    }
+
+    [Fact]
+    public void A_send_to_a_peer_that_stops_reading_ends_at_its_deadline()
+    {
+        (Socket left, Socket right) = CreateSocketPair();
+        using var sender = new SocketChannel(left);
+        using (right)
+        {
+            byte[] frame = new byte[SocketChannel.MaxFrameLength];
+            var started = System.Diagnostics.Stopwatch.StartNew();
+            Assert.Throws<TimeoutException>((Action)(() =>
+            {
+                while (true)
+                {
+                    sender.Send(FrameType.RemoveSegment, frame, descriptor: null, TimeSpan.FromMilliseconds(200));
+                }
+            }));
+            Assert.True(started.Elapsed < TimeSpan.FromSeconds(30));
+        }
     }
 
     [MethodImpl(MethodImplOptions.NoInlining)]

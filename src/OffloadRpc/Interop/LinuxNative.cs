@@ -38,6 +38,7 @@ internal static unsafe partial class LinuxNative
     public const int MSG_NOSIGNAL = 0x4000;
     public const int MSG_CMSG_CLOEXEC = 0x40000000;
     public const int MSG_CTRUNC = 0x08;
+    public const int MSG_DONTWAIT = 0x40;
 
     public const int EINTR = 4;
     public const int EAGAIN = 11;
@@ -157,9 +158,12 @@ internal static unsafe partial class LinuxNative
     /// <summary>Wakes up to <paramref name="count"/> waiters on a shared futex word; returns how many woke.</summary>
     public static int FutexWake(int* word, int count) => (int)Syscall6(s_sysFutex, (nint)word, FUTEX_WAKE, count, 0, 0, 0);
 
-    /// <summary>Sends all of <paramref name="data"/> with <paramref name="fds"/> attached to its first byte.</summary>
-    /// <returns>0, or the errno of the failure.</returns>
-    public static int SendWithFds(int socket, ReadOnlySpan<byte> data, ReadOnlySpan<int> fds)
+    /// <summary>
+    /// Sends what the socket buffer takes of <paramref name="data"/> without blocking, with
+    /// <paramref name="fds"/> attached to its first byte (pass them only with a frame's first byte).
+    /// </summary>
+    /// <returns>Bytes sent (0 only for empty data), or -errno (-EAGAIN: the buffer is full, wait for POLLOUT).</returns>
+    public static int SendSome(int socket, ReadOnlySpan<byte> data, ReadOnlySpan<int> fds)
     {
         if (fds.Length > MaxFdsPerMessage)
         {
@@ -169,50 +173,65 @@ internal static unsafe partial class LinuxNative
         byte* control = stackalloc byte[ControlBufferSize];
         fixed (byte* bytes = data)
         {
-            int sent = 0;
-            while (sent < data.Length || (sent == 0 && data.Length == 0))
+            IoVec iov = new() { Base = bytes, Length = (nuint)data.Length };
+            MsgHdr msg = new() { Iov = &iov, IovLength = 1 };
+            if (fds.Length > 0)
             {
-                IoVec iov = new() { Base = bytes + sent, Length = (nuint)(data.Length - sent) };
-                MsgHdr msg = new() { Iov = &iov, IovLength = 1 };
-                if (sent == 0 && fds.Length > 0)
-                {
-                    new Span<byte>(control, ControlBufferSize).Clear();
-                    *(nuint*)control = (nuint)(CmsgHeaderSize + fds.Length * sizeof(int));
-                    *(int*)(control + 8) = SOL_SOCKET;
-                    *(int*)(control + 12) = SCM_RIGHTS;
-                    fds.CopyTo(new Span<int>(control + CmsgHeaderSize, fds.Length));
-                    msg.Control = control;
-                    msg.ControlLength = (nuint)(CmsgHeaderSize + fds.Length * sizeof(int));
-                }
-
-                nint n = SendMsg(socket, &msg, MSG_NOSIGNAL);
-                if (n < 0)
-                {
-                    int errno = Marshal.GetLastPInvokeError();
-                    if (errno == EINTR)
-                    {
-                        continue;
-                    }
-
-                    return errno;
-                }
-
-                sent += (int)n;
-                if (data.Length == 0)
-                {
-                    break;
-                }
+                new Span<byte>(control, ControlBufferSize).Clear();
+                *(nuint*)control = (nuint)(CmsgHeaderSize + fds.Length * sizeof(int));
+                *(int*)(control + 8) = SOL_SOCKET;
+                *(int*)(control + 12) = SCM_RIGHTS;
+                fds.CopyTo(new Span<int>(control + CmsgHeaderSize, fds.Length));
+                msg.Control = control;
+                msg.ControlLength = (nuint)(CmsgHeaderSize + fds.Length * sizeof(int));
             }
 
-            return 0;
+            while (true)
+            {
+                nint n = SendMsg(socket, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n >= 0)
+                {
+                    return (int)n;
+                }
+
+                int errno = Marshal.GetLastPInvokeError();
+                if (errno != EINTR)
+                {
+                    return -errno;
+                }
+            }
         }
+    }
+
+    public const short POLLIN = 0x001;
+    public const short POLLOUT = 0x004;
+
+    [LibraryImport(Libc, EntryPoint = "poll", SetLastError = true)]
+    private static partial int PollRaw(void* fds, nuint count, int timeoutMilliseconds);
+
+    /// <summary>Waits up to <paramref name="timeoutMilliseconds"/> for <paramref name="events"/> on one descriptor.</summary>
+    /// <returns>The events that occurred (0 on timeout), or -errno.</returns>
+    public static int Poll(int fd, short events, int timeoutMilliseconds)
+    {
+        // struct pollfd { int fd; short events; short revents; }
+        int* pollfd = stackalloc int[2];
+        pollfd[0] = fd;
+        pollfd[1] = (ushort)events;
+        int n = PollRaw(pollfd, 1, timeoutMilliseconds);
+        if (n < 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            return errno == EINTR ? 0 : -errno;
+        }
+
+        return n == 0 ? 0 : (ushort)(pollfd[1] >> 16);
     }
 
     /// <summary>
     /// Receives up to <paramref name="buffer"/>.Length bytes; file descriptors that arrive with them are
     /// stored in <paramref name="fds"/> (close-on-exec) and counted in <paramref name="fdCount"/>.
     /// </summary>
-    /// <returns>Bytes read (0 at end of stream), or -errno.</returns>
+    /// <returns>Bytes read (0 at end of stream), or -errno (-EAGAIN: nothing to read now; the socket never blocks).</returns>
     public static int ReceiveWithFds(int socket, Span<byte> buffer, Span<int> fds, out int fdCount, out bool truncated)
     {
         fdCount = 0;
@@ -224,7 +243,7 @@ internal static unsafe partial class LinuxNative
             {
                 IoVec iov = new() { Base = bytes, Length = (nuint)buffer.Length };
                 MsgHdr msg = new() { Iov = &iov, IovLength = 1, Control = control, ControlLength = ControlBufferSize };
-                nint n = RecvMsg(socket, &msg, MSG_CMSG_CLOEXEC);
+                nint n = RecvMsg(socket, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
                 if (n < 0)
                 {
                     int errno = Marshal.GetLastPInvokeError();

@@ -9,35 +9,37 @@ namespace OffloadRpc.Transport;
 /// The rendezvous: over a freshly connected Unix socket both sides check each other's uid
 /// (SO_PEERCRED), the client sends Hello (protocol version, ring geometry, contract hashes, and its
 /// control-area memfd), the server answers Welcome (its control-area memfd) or Reject (why).
-/// Every read has a timeout, every field a bound; a mismatch is an exception on both sides.
+/// The whole handshake has one deadline, every field a bound; a mismatch is an exception on both sides.
+/// Neither side blocks a thread: reads wait in the process's <see cref="SocketReactor"/>.
 /// </summary>
 internal static class Handshake
 {
     private const int MaxContracts = 256;
     private const int MaxContractName = 512;
 
-    public static Task<RpcConnection> ConnectAsync(string endpoint, TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, IRequestHandler? handler, CancellationToken cancellationToken)
+    /// <summary>
+    /// The client's half: connects, checks the server's uid, sends Hello and reads Welcome, all without
+    /// blocking a thread and all within <see cref="TransportOptions.HandshakeTimeout"/> (one deadline for
+    /// the whole handshake, not one per read).
+    /// </summary>
+    public static async Task<RpcConnection> ConnectAsync(string endpoint, TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, IRequestHandler? handler, CancellationToken cancellationToken)
     {
         string path = EndpointPath.Resolve(endpoint);
-        using (ExecutionContext.SuppressFlow())
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        if (options.HandshakeTimeout != Timeout.InfiniteTimeSpan)
         {
-            return Task.Run(() => Connect(path, options, contracts, handler, cancellationToken), cancellationToken);
+            deadline.CancelAfter(options.HandshakeTimeout);
         }
-    }
 
-    private static RpcConnection Connect(string path, TransportOptions options, IReadOnlyList<ContractDescriptor> contracts, IRequestHandler? handler, CancellationToken cancellationToken)
-    {
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         SocketChannel? channel = null;
         ControlArea? outbound = null;
         ControlArea? inbound = null;
-        bool ownedByConnection = false;
-        using CancellationTokenRegistration registration = cancellationToken.Register(static s => ((Socket)s!).Dispose(), socket);
         try
         {
             try
             {
-                socket.Connect(new UnixDomainSocketEndPoint(path));
+                await socket.ConnectAsync(new UnixDomainSocketEndPoint(path), deadline.Token).ConfigureAwait(false);
             }
             catch (SocketException ex) when (ex.SocketErrorCode is SocketError.AddressNotAvailable or SocketError.ConnectionRefused or SocketError.AccessDenied)
             {
@@ -45,50 +47,21 @@ internal static class Handshake
             }
 
             channel = new SocketChannel(socket);
-            channel.SetReceiveTimeout(options.HandshakeTimeout);
             PeerInfo peer = CheckPeer(channel, options, "server");
 
             outbound = ControlArea.Create(options.Geometry, "offloadrpc-client-control");
-            channel.Send(FrameType.Hello, EncodeHello(options, contracts), outbound.Segment.Descriptor);
+            channel.Send(FrameType.Hello, EncodeHello(options, contracts), outbound.Segment.Descriptor, options.HandshakeTimeout);
 
-            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors))
+            Dictionary<string, ulong> served;
+            using (var welcome = new FrameHolder()) // descriptors not taken are closed here, on every path
             {
-                throw new PeerDisconnectedException($"The server at {path} closed the connection during the handshake.");
-            }
-
-            var served = new Dictionary<string, ulong>(StringComparer.Ordinal);
-            using (descriptors) // whatever is not taken below is closed here, on every path
-            {
-                if (type == FrameType.Reject)
+                if (!await channel.ReceiveAsync(welcome, deadline.Token).ConfigureAwait(false))
                 {
-                    throw DecodeReject(payload, path);
+                    throw new PeerDisconnectedException($"The server at {path} closed the connection during the handshake.");
                 }
 
-                if (type != FrameType.Welcome || descriptors.Count != 1)
-                {
-                    throw new ProtocolViolationException($"The server at {path} answered the handshake with frame {(int)type} and {descriptors.Count} descriptors.");
-                }
-
-                var reader = new FrameReader(payload, "Welcome");
-                bool valid = reader.ReadUInt32() == TransportProtocol.HelloMagic && reader.ReadInt32() == options.ProtocolVersion;
-                int count = valid ? reader.ReadUInt16() : 0;
-                if (count > MaxContracts)
-                {
-                    throw new ProtocolViolationException($"The server at {path} listed {count} services (limit {MaxContracts}).");
-                }
-
-                for (int i = 0; i < count; i++)
-                {
-                    string name = reader.ReadString(MaxContractName);
-                    served[name] = reader.ReadUInt64();
-                }
-
-                if (!valid)
-                {
-                    throw new ProtocolViolationException($"The server at {path} answered with a Welcome of another protocol.");
-                }
-
-                inbound = MapControlArea(descriptors.Take(0), options.Geometry, options); // owns the descriptor from here
+                served = ReadWelcome(welcome, path, options);
+                inbound = MapControlArea(welcome.Descriptors.Take(0), options.Geometry, options); // owns the descriptor from here
             }
 
             outbound.Segment.CloseDescriptor();
@@ -104,8 +77,7 @@ internal static class Handshake
             outbound = null; // the connection owns both areas and the channel now
             inbound = null;
             channel = null;
-            ownedByConnection = true;
-            StartOrRelease(connection);
+            await StartOrReleaseAsync(connection).ConfigureAwait(false);
             return connection;
         }
         catch (Exception ex)
@@ -117,7 +89,7 @@ internal static class Handshake
             {
                 channel.Dispose();
             }
-            else if (!ownedByConnection)
+            else
             {
                 socket.Dispose();
             }
@@ -127,25 +99,73 @@ internal static class Handshake
                 throw new OperationCanceledException("Connecting was cancelled.", ex, cancellationToken);
             }
 
-            if (ex is TimeoutException)
+            if (deadline.IsCancellationRequested && ex is OperationCanceledException or TimeoutException)
             {
                 throw new PeerDisconnectedException($"The server at {path} did not complete the handshake within {options.HandshakeTimeout.TotalSeconds:0.#} s.", ex);
+            }
+
+            if (ex is TimeoutException)
+            {
+                throw new PeerDisconnectedException($"The server at {path} did not read the handshake within {options.HandshakeTimeout.TotalSeconds:0.#} s.", ex);
             }
 
             throw;
         }
     }
 
-    /// <summary>The server's half, run for each accepted socket.</summary>
-    public static RpcConnection Accept(Socket socket, TransportOptions options, IReadOnlyList<ContractDescriptor> served, IRequestHandler handler)
+    /// <summary>Reads a Welcome (or a Reject) frame: the services the server implements.</summary>
+    private static Dictionary<string, ulong> ReadWelcome(FrameHolder frame, string path, TransportOptions options)
+    {
+        if (frame.Type == FrameType.Reject)
+        {
+            throw DecodeReject(frame.Payload, path);
+        }
+
+        if (frame.Type != FrameType.Welcome || frame.Descriptors.Count != 1)
+        {
+            throw new ProtocolViolationException($"The server at {path} answered the handshake with frame {(int)frame.Type} and {frame.Descriptors.Count} descriptors.");
+        }
+
+        var served = new Dictionary<string, ulong>(StringComparer.Ordinal);
+        var reader = new FrameReader(frame.Payload, "Welcome");
+        bool valid = reader.ReadUInt32() == TransportProtocol.HelloMagic && reader.ReadInt32() == options.ProtocolVersion;
+        if (!valid)
+        {
+            throw new ProtocolViolationException($"The server at {path} answered with a Welcome of another protocol.");
+        }
+
+        int count = reader.ReadUInt16();
+        if (count > MaxContracts)
+        {
+            throw new ProtocolViolationException($"The server at {path} listed {count} services (limit {MaxContracts}).");
+        }
+
+        for (int i = 0; i < count; i++)
+        {
+            string name = reader.ReadString(MaxContractName);
+            served[name] = reader.ReadUInt64();
+        }
+
+        return served;
+    }
+
+    /// <summary>
+    /// The server's half, for each accepted socket: without a thread of its own, and within one
+    /// <see cref="TransportOptions.HandshakeTimeout"/> for the whole handshake (a client that trickles
+    /// its Hello a byte at a time is dropped on time).
+    /// </summary>
+    public static async Task<RpcConnection> AcceptAsync(Socket socket, TransportOptions options, IReadOnlyList<ContractDescriptor> served, IRequestHandler handler, CancellationToken cancellationToken)
     {
         var channel = new SocketChannel(socket);
-        ControlArea? inbound = null;
-        ControlArea? outbound = null;
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        if (options.HandshakeTimeout != Timeout.InfiniteTimeSpan)
+        {
+            deadline.CancelAfter(options.HandshakeTimeout);
+        }
+
         bool ownedByConnection = false;
         try
         {
-            channel.SetReceiveTimeout(options.HandshakeTimeout);
             PeerInfo peer;
             try
             {
@@ -157,91 +177,29 @@ internal static class Handshake
                 throw;
             }
 
-            if (!channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors))
+            using var hello = new FrameHolder(); // closes the descriptor unless MapControlArea took it
+            bool received;
+            try
+            {
+                received = await channel.ReceiveAsync(hello, deadline.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException ex) when (!cancellationToken.IsCancellationRequested)
+            {
+                throw new TimeoutException($"Client process {peer.ProcessId} did not complete its Hello within {options.HandshakeTimeout.TotalSeconds:0.#} s.", ex);
+            }
+
+            if (!received)
             {
                 throw new PeerDisconnectedException("The client closed the connection before its Hello.");
             }
 
-            IReadOnlyDictionary<string, ulong> peerContracts;
-            try
-            {
-                if (type != FrameType.Hello || descriptors.Count != 1)
-                {
-                    TrySendReject(channel, RejectReason.Malformed, "expected Hello with one descriptor", null);
-                    throw new ProtocolViolationException($"Client process {peer.ProcessId} opened with frame {(int)type} and {descriptors.Count} descriptors instead of Hello.");
-                }
-
-                var reader = new FrameReader(payload, "Hello");
-                if (reader.ReadUInt32() != TransportProtocol.HelloMagic)
-                {
-                    throw new ProtocolViolationException($"Client process {peer.ProcessId} is not an OffloadRpc client (bad magic).");
-                }
-
-                int version = reader.ReadInt32();
-                if (version != options.ProtocolVersion)
-                {
-                    string message = $"Protocol version mismatch: the client (process {peer.ProcessId}) speaks version {version}, this server speaks {options.ProtocolVersion}.";
-                    TrySendReject(channel, RejectReason.VersionMismatch, message, null);
-                    throw new ContractMismatchException(message);
-                }
-
-                var geometry = new RingGeometry(reader.ReadInt32(), reader.ReadInt32(), reader.ReadInt32());
-                if (geometry.Validate() is { } problem)
-                {
-                    TrySendReject(channel, RejectReason.BadGeometry, problem, null);
-                    throw new ProtocolViolationException($"Client process {peer.ProcessId} asked for unusable rings: {problem}.");
-                }
-
-                int contractCount = reader.ReadUInt16();
-                if (contractCount > MaxContracts)
-                {
-                    throw new ProtocolViolationException($"Client process {peer.ProcessId} sent {contractCount} contracts (limit {MaxContracts}).");
-                }
-
-                // The client lists every service compiled into it; those this server also serves must match.
-                var clientContracts = new Dictionary<string, ulong>(StringComparer.Ordinal);
-                for (int i = 0; i < contractCount; i++)
-                {
-                    string name = reader.ReadString(MaxContractName);
-                    ulong hash = reader.ReadUInt64();
-                    clientContracts[name] = hash;
-                    string? mismatch = Mismatch(served, name, hash, "the client was built against", "the server implements");
-                    if (mismatch is not null)
-                    {
-                        TrySendReject(channel, RejectReason.ContractMismatch, mismatch, name);
-                        throw new ContractMismatchException(mismatch) { ServiceName = name };
-                    }
-                }
-
-                peerContracts = clientContracts;
-
-                if (ControlArea.RequiredSize(geometry) > options.MaxPeerControlAreaBytes)
-                {
-                    string tooLarge = $"rings of {ControlArea.RequiredSize(geometry)} bytes exceed this server's limit of {options.MaxPeerControlAreaBytes}";
-                    TrySendReject(channel, RejectReason.BadGeometry, tooLarge, null);
-                    throw new ProtocolViolationException($"Client process {peer.ProcessId} asked for {tooLarge}.");
-                }
-
-                inbound = MapControlArea(descriptors.Take(0), geometry, options); // owns the descriptor from here, whether it succeeds or not
-                outbound = ControlArea.Create(geometry, "offloadrpc-server-control");
-                channel.Send(FrameType.Welcome, EncodeContracts(options, served, withGeometry: false), outbound.Segment.Descriptor);
-                outbound.Segment.CloseDescriptor();
-                var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "server") { PeerContracts = peerContracts };
-                inbound = null; // owned by the connection now
-                outbound = null;
-                ownedByConnection = true;
-                StartOrRelease(connection);
-                return connection;
-            }
-            finally
-            {
-                descriptors.Dispose(); // closes the descriptor unless MapControlArea took it
-            }
+            RpcConnection connection = Admit(channel, hello, peer, options, served, handler);
+            ownedByConnection = true;
+            await StartOrReleaseAsync(connection).ConfigureAwait(false);
+            return connection;
         }
         catch
         {
-            inbound?.Dispose();
-            outbound?.Dispose();
             if (!ownedByConnection)
             {
                 channel.Dispose();
@@ -251,8 +209,87 @@ internal static class Handshake
         }
     }
 
-    /// <summary>Starts the connection's threads; if that fails the connection releases everything it owns.</summary>
-    private static void StartOrRelease(RpcConnection connection)
+    /// <summary>Checks a Hello, maps the client's control area, answers Welcome and builds the connection (or rejects, and throws why).</summary>
+    private static RpcConnection Admit(SocketChannel channel, FrameHolder hello, PeerInfo peer, TransportOptions options, IReadOnlyList<ContractDescriptor> served, IRequestHandler handler)
+    {
+        ControlArea? inbound = null;
+        ControlArea? outbound = null;
+        try
+        {
+            if (hello.Type != FrameType.Hello || hello.Descriptors.Count != 1)
+            {
+                TrySendReject(channel, RejectReason.Malformed, "expected Hello with one descriptor", null);
+                throw new ProtocolViolationException($"Client process {peer.ProcessId} opened with frame {(int)hello.Type} and {hello.Descriptors.Count} descriptors instead of Hello.");
+            }
+
+            var reader = new FrameReader(hello.Payload, "Hello");
+            if (reader.ReadUInt32() != TransportProtocol.HelloMagic)
+            {
+                throw new ProtocolViolationException($"Client process {peer.ProcessId} is not an OffloadRpc client (bad magic).");
+            }
+
+            int version = reader.ReadInt32();
+            if (version != options.ProtocolVersion)
+            {
+                string message = $"Protocol version mismatch: the client (process {peer.ProcessId}) speaks version {version}, this server speaks {options.ProtocolVersion}.";
+                TrySendReject(channel, RejectReason.VersionMismatch, message, null);
+                throw new ContractMismatchException(message);
+            }
+
+            var geometry = new RingGeometry(reader.ReadInt32(), reader.ReadInt32(), reader.ReadInt32());
+            if (geometry.Validate() is { } problem)
+            {
+                TrySendReject(channel, RejectReason.BadGeometry, problem, null);
+                throw new ProtocolViolationException($"Client process {peer.ProcessId} asked for unusable rings: {problem}.");
+            }
+
+            int contractCount = reader.ReadUInt16();
+            if (contractCount > MaxContracts)
+            {
+                throw new ProtocolViolationException($"Client process {peer.ProcessId} sent {contractCount} contracts (limit {MaxContracts}).");
+            }
+
+            // The client lists every service compiled into it; those this server also serves must match.
+            var clientContracts = new Dictionary<string, ulong>(StringComparer.Ordinal);
+            for (int i = 0; i < contractCount; i++)
+            {
+                string name = reader.ReadString(MaxContractName);
+                ulong hash = reader.ReadUInt64();
+                clientContracts[name] = hash;
+                string? mismatch = Mismatch(served, name, hash, "the client was built against", "the server implements");
+                if (mismatch is not null)
+                {
+                    TrySendReject(channel, RejectReason.ContractMismatch, mismatch, name);
+                    throw new ContractMismatchException(mismatch) { ServiceName = name };
+                }
+            }
+
+            if (ControlArea.RequiredSize(geometry) > options.MaxPeerControlAreaBytes)
+            {
+                string tooLarge = $"rings of {ControlArea.RequiredSize(geometry)} bytes exceed this server's limit of {options.MaxPeerControlAreaBytes}";
+                TrySendReject(channel, RejectReason.BadGeometry, tooLarge, null);
+                throw new ProtocolViolationException($"Client process {peer.ProcessId} asked for {tooLarge}.");
+            }
+
+            inbound = MapControlArea(hello.Descriptors.Take(0), geometry, options); // owns the descriptor from here, whether it succeeds or not
+            outbound = ControlArea.Create(geometry, "offloadrpc-server-control");
+            channel.Send(FrameType.Welcome, EncodeContracts(options, served, withGeometry: false), outbound.Segment.Descriptor, options.HandshakeTimeout);
+            outbound.Segment.CloseDescriptor();
+            var connection = new RpcConnection(channel, options, outbound, inbound, peer, handler, "server") { PeerContracts = clientContracts };
+            inbound = null; // owned by the connection now
+            outbound = null;
+            return connection;
+        }
+        catch
+        {
+            inbound?.Dispose();
+            outbound?.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Starts the connection; if that fails the connection releases everything it owns.</summary>
+    private static async ValueTask StartOrReleaseAsync(RpcConnection connection)
     {
         try
         {
@@ -261,7 +298,7 @@ internal static class Handshake
         catch (Exception ex)
         {
             connection.Terminate(new PeerDisconnectedException("The connection could not start: " + ex.Message, ex));
-            connection.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            await connection.DisposeAsync().ConfigureAwait(false);
             throw;
         }
     }
@@ -369,9 +406,9 @@ internal static class Handshake
             text.CopyTo(frame, 4);
             BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(4 + text.Length), (ushort)service.Length);
             service.CopyTo(frame, 6 + text.Length);
-            channel.Send(FrameType.Reject, frame);
+            channel.Send(FrameType.Reject, frame, descriptor: null, TimeSpan.Zero); // never wait for a client we are refusing
         }
-        catch (OffloadRpcException)
+        catch (Exception ex) when (ex is OffloadRpcException or TimeoutException or ObjectDisposedException)
         {
         }
     }

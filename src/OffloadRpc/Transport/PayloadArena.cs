@@ -57,6 +57,7 @@ internal sealed unsafe class PayloadArena
 
     private readonly object _lock = new();
     private readonly ArenaSegment?[] _segments = new ArenaSegment?[MaxSegments + 1];
+    private readonly bool[] _reserved = new bool[MaxSegments + 1]; // ids of segments being created and announced outside the lock
     private readonly IArenaPeer _peer;
     private readonly string _name;
     private long _freeGeneration;
@@ -137,56 +138,123 @@ internal sealed unsafe class PayloadArena
         }
     }
 
+    /// <summary>
+    /// Carves a block, or grows the arena by a segment. A new segment is created and announced to the
+    /// peer outside the lock (the announcement waits for the peer to map it: a round trip through its
+    /// socket that must not stall every other sender of this arena); its id and bytes are reserved meanwhile.
+    /// </summary>
     private bool TryAllocate(long size, out ArenaBlock block)
     {
+        int reservedId;
+        long segmentSize;
         lock (_lock)
         {
-            if (!TryAllocateLocked(size, out block))
+            if (TryAllocateLocked(size, out block, out reservedId, out segmentSize))
+            {
+                return Referenced(block);
+            }
+
+            if (reservedId == 0)
             {
                 return false;
             }
+        }
 
-            // Under the lock, with the arena open: the arena still holds the owner's reference, so this cannot fail.
-            bool referenced = block.Segment.TryAddReference();
-            Debug.Assert(referenced, "an open arena's segment is mapped");
-            return true;
+        SharedMemorySegment memory;
+        try
+        {
+            // Not pre-faulted: a connection commits only the pages its payloads touch, and reuse keeps them.
+            memory = SharedMemorySegment.Create(reservedId, segmentSize, $"offloadrpc-{_name}-{reservedId}", populate: false);
+        }
+        catch
+        {
+            Unreserve(reservedId, segmentSize);
+            throw;
+        }
+
+        try
+        {
+            _peer.AnnounceSegment(memory);
+        }
+        catch
+        {
+            memory.Dispose();
+            Unreserve(reservedId, segmentSize);
+            throw;
+        }
+
+        memory.CloseDescriptor(); // the peer has its own copy of the descriptor now; the mapping is all this side needs
+        lock (_lock)
+        {
+            _reserved[reservedId] = false;
+            if (_closed)
+            {
+                memory.Dispose();
+                ThrowIfClosedLocked();
+            }
+
+            var segment = new ArenaSegment(memory);
+            _segments[reservedId] = segment;
+            bool carved = segment.TryCarve(size, out block);
+            Debug.Assert(carved, "a fresh segment, unseen by other senders, holds the block it was made for");
+            _usedBytes += size;
+            Debug.Assert(_usedBytes <= _totalBytes, "more bytes in use than the segments hold");
+            return Referenced(block);
         }
     }
 
-    private bool TryAllocateLocked(long size, out ArenaBlock block)
+    /// <summary>Under the lock, with the arena open: the arena still holds the owner's reference, so adding one cannot fail.</summary>
+    private static bool Referenced(in ArenaBlock block)
+    {
+        bool referenced = block.Segment.TryAddReference();
+        Debug.Assert(referenced, "an open arena's segment is mapped");
+        return true;
+    }
+
+    private void Unreserve(int id, long size)
+    {
+        lock (_lock)
+        {
+            _reserved[id] = false;
+            _totalBytes -= size;
+        }
+    }
+
+    /// <summary>Carves a block (true), or reserves a segment id and its bytes for the caller to create (false, id set), or finds no room (false, id 0).</summary>
+    private bool TryAllocateLocked(long size, out ArenaBlock block, out int reservedId, out long segmentSize)
     {
         ThrowIfClosedLocked();
+        reservedId = 0;
         _peer.DrainReleases(this);
+        // Rounded to 2 MiB, but never past the arena's limit: a block that fits the limit must be able to get a segment.
+        segmentSize = Math.Min(Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1)), MaxBytes);
         if (TryCarveLocked(size, out block))
         {
             return true;
         }
 
-        // Rounded to 2 MiB, but never past the arena's limit: a block that fits the limit must be able to get a segment.
-        long segmentSize = Math.Min(Math.Max(SegmentSize, (size + (2 << 20) - 1) & ~((2L << 20) - 1)), MaxBytes);
         Debug.Assert(segmentSize >= size, "Allocate refuses blocks larger than MaxBytes before it gets here.");
         if (_totalBytes + segmentSize > MaxBytes)
         {
             RetireFreeSegmentsLocked(_totalBytes + segmentSize - MaxBytes);
         }
 
-        if (_totalBytes + segmentSize > MaxBytes || _nextSegmentId > MaxSegments && !HasFreeSegmentIdLocked())
+        int id = 1;
+        while (id < _nextSegmentId && (_segments[id] is not null || _reserved[id]))
         {
-            block = default;
+            id++;
+        }
+
+        if (_totalBytes + segmentSize > MaxBytes || id > MaxSegments)
+        {
             return false;
         }
 
-        ArenaSegment segment = AddSegmentLocked(segmentSize);
-        if (!segment.TryCarve(size, out block))
-        {
-            // A fresh segment is at least as large as the rounded request: carving it cannot fail.
-            Debug.Fail($"A new {segmentSize}-byte segment could not hold a {size}-byte block.");
-            return false;
-        }
-
-        _usedBytes += size;
-        Debug.Assert(_usedBytes <= _totalBytes, "more bytes in use than the segments hold");
-        return true;
+        _reserved[id] = true;
+        _nextSegmentId = Math.Max(_nextSegmentId, id + 1);
+        _totalBytes += segmentSize;
+        reservedId = id;
+        return false;
     }
 
     private bool TryCarveLocked(long size, out ArenaBlock block)
@@ -203,51 +271,6 @@ internal sealed unsafe class PayloadArena
 
         block = default;
         return false;
-    }
-
-    private bool HasFreeSegmentIdLocked()
-    {
-        for (int i = 1; i < _nextSegmentId; i++)
-        {
-            if (_segments[i] is null)
-            {
-                return true;
-            }
-        }
-
-        return false;
-    }
-
-    private ArenaSegment AddSegmentLocked(long size)
-    {
-        int id = 1;
-        while (id < _nextSegmentId && _segments[id] is not null)
-        {
-            id++;
-        }
-
-        // Not pre-faulted: a connection commits only the pages its payloads touch, and reuse keeps them.
-        SharedMemorySegment memory = SharedMemorySegment.Create(id, size, $"offloadrpc-{_name}-{id}", populate: false);
-        try
-        {
-            _peer.AnnounceSegment(memory);
-        }
-        catch
-        {
-            memory.Dispose();
-            throw;
-        }
-
-        memory.CloseDescriptor(); // the peer has its own copy of the descriptor now; the mapping is all this side needs
-        var segment = new ArenaSegment(memory);
-        _segments[id] = segment;
-        if (id == _nextSegmentId)
-        {
-            _nextSegmentId++;
-        }
-
-        _totalBytes += size;
-        return segment;
     }
 
     private void RetireFreeSegmentsLocked(long needed)

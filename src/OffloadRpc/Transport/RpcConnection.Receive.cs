@@ -306,7 +306,7 @@ internal sealed partial class RpcConnection
             throw Violation($"a payload [{reference.Offset}, +{header + reference.Length}) outside its {segment.Size}-byte segment {id}");
         }
 
-        // The socket thread may retire the segment meanwhile (RemoveSegment disposes the connection's
+        // The reactor may retire the segment meanwhile (RemoveSegment disposes the connection's
         // reference): then this fails once nothing else holds the mapping either.
         if (!segment.TryAddReference())
         {

@@ -18,7 +18,7 @@ internal sealed partial class RpcConnection
             expected = ++_announcesSent;
         }
 
-        _channel.Send(FrameType.AddSegment, frame, segment.Descriptor);
+        SendControl(FrameType.AddSegment, frame, segment.Descriptor);
         long deadline = _options.HandshakeTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue : Stopwatch.GetTimestamp() + (long)(_options.HandshakeTimeout.TotalSeconds * Stopwatch.Frequency);
         lock (_announceLock)
         {
@@ -43,22 +43,53 @@ internal sealed partial class RpcConnection
         BinaryPrimitives.WriteInt32LittleEndian(frame, segmentId);
         try
         {
-            _channel.Send(FrameType.RemoveSegment, frame);
+            SendControl(FrameType.RemoveSegment, frame, descriptor: null);
         }
         catch (OffloadRpcException)
         {
         }
     }
 
+    /// <summary>Sends a frame, waiting at most the handshake timeout for room: a peer that stops reading its socket is disconnected.</summary>
+    private void SendControl(FrameType type, ReadOnlySpan<byte> payload, Interop.SafeMemfdHandle? descriptor)
+    {
+        try
+        {
+            _channel.Send(type, payload, descriptor, _options.HandshakeTimeout);
+        }
+        catch (TimeoutException ex)
+        {
+            var violation = new ProtocolViolationException($"Protocol violation by peer process {Peer.ProcessId}: it stopped reading its socket ({ex.Message}). The connection is closed.", ex);
+            Terminate(violation);
+            throw violation;
+        }
+        catch (ObjectDisposedException ex)
+        {
+            throw new PeerDisconnectedException("The connection is closed.", ex);
+        }
+    }
+
     // ------------------------------------------------------------------ the socket: segments and liveness
 
-    private void SocketLoop()
+    /// <summary>
+    /// The reactor reports the socket (readable, hung up or shut down): handle every whole frame it holds,
+    /// then ask to be reported again; at end of stream the peer is gone. Runs on the epoll thread, never
+    /// blocks: frames are segment hand-overs and their acknowledgements.
+    /// </summary>
+    private void OnSocketReady(uint events)
     {
+        bool stopped = true;
         try
         {
             while (true)
             {
-                if (!_channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors))
+                FrameStatus status = _channel.TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors);
+                if (status == FrameStatus.WouldBlock)
+                {
+                    break;
+                }
+
+                if (status == FrameStatus.EndOfStream)
                 {
                     Terminate(new PeerDisconnectedException($"The peer process {Peer.ProcessId} closed the connection (it exited or died)."));
                     return;
@@ -69,6 +100,8 @@ internal sealed partial class RpcConnection
                     HandleFrame(type, payload, descriptors); // takes the descriptors it keeps; the rest are closed here
                 }
             }
+
+            stopped = false;
         }
         catch (ProtocolViolationException ex)
         {
@@ -80,7 +113,15 @@ internal sealed partial class RpcConnection
         }
         finally
         {
-            PartStopped();
+            if (stopped)
+            {
+                _channel.Registration.Remove();
+                PartStopped();
+            }
+            else
+            {
+                _channel.Registration.Arm(); // a shutdown by Terminate reports the socket again: it then reads end of stream
+            }
         }
     }
 
@@ -108,7 +149,17 @@ internal sealed partial class RpcConnection
                 Volatile.Write(ref _peerSegments[id], segment); // the connection owns it now: RemoveSegment or ReleaseResources disposes it
                 Span<byte> ack = stackalloc byte[4];
                 BinaryPrimitives.WriteInt32LittleEndian(ack, id);
-                _channel.Send(FrameType.SegmentMapped, ack);
+                // Never waits (this is the epoll thread): a peer that hands over segments without reading
+                // our acknowledgements until its socket buffer is full is not following the protocol.
+                try
+                {
+                    _channel.Send(FrameType.SegmentMapped, ack, descriptor: null, TimeSpan.Zero);
+                }
+                catch (TimeoutException)
+                {
+                    throw Violation("segment hand-overs without reading their acknowledgements");
+                }
+
                 return;
             }
 

@@ -10,8 +10,8 @@ namespace OffloadRpc.Transport;
 /// Per direction there is a control area (message ring + release ring, created by the sender) and a
 /// payload arena (segments created by the sender). Any number of threads send; the process's poller
 /// (<see cref="Poller"/>, one thread for many connections) consumes the inbound ring, completes calls
-/// and runs request handlers; one socket thread maps segments the peer hands over and notices the
-/// peer's death (end of stream).
+/// and runs request handlers; the process's <see cref="SocketReactor"/> (one epoll thread for every
+/// socket) maps segments the peer hands over and notices the peer's death (end of stream).
 /// </para>
 /// </summary>
 internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisposable
@@ -38,7 +38,6 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     private readonly AdaptiveSpin _sendSpin;
     private readonly AdaptiveSpin _arenaSpin;
     private readonly InboundSource _receiver;
-    private readonly Thread _socketThread;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _partsRunning = 2; // the receiver and the socket loop; the last to stop gives the memory back
     private readonly object _announceLock = new();
@@ -69,7 +68,6 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         _servedCalls = new IncomingCall?[Geometry.SlotCount];
         _drainReleases = DrainReleases;
         _receiver = new InboundSource(this);
-        _socketThread = new Thread(SocketLoop) { IsBackground = true, Name = $"OffloadRpc socket ({role})" };
     }
 
     /// <summary>"client" or "server"; used in thread and segment names.</summary>
@@ -100,12 +98,12 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     {
         if (Volatile.Read(ref _started) == 0)
         {
-            _channel.SetReceiveTimeout(TimeSpan.Zero); // may throw (socket disposed by a cancelled connect): then nothing started
+            SocketRegistration socket = _channel.Registration; // may throw (socket disposed by a cancelled connect): then nothing started
+            socket.SetHandler(OnSocketReady);
             Volatile.Write(ref _started, 1);
-            // UnsafeStart: the thread must not capture the starting code's ExecutionContext (an
-            // OffloadCallContext of a call that connected onward would otherwise live on in it).
-            // The poller's thread was started the same way.
-            _socketThread.UnsafeStart();
+            // Neither the reactor's thread nor the poller's captured the starting code's ExecutionContext
+            // (an OffloadCallContext of a call that connected onward would otherwise live on in them).
+            socket.Arm();
             PollerGroup.Add(_receiver);
         }
     }

@@ -114,18 +114,17 @@ internal sealed class RpcListener : IAsyncDisposable
                 continue;
             }
 
-            // Handshake reads block (bounded by HandshakeTimeout); a thread of its own keeps slow or
-            // silent clients from tying up the thread pool.
-            new Thread(() => Admit(client)) { IsBackground = true, Name = "OffloadRpc handshake" }.UnsafeStart();
+            // The handshake waits in the reactor, not on a thread: a slow or silent client costs none.
+            _ = AdmitAsync(client, stopping);
         }
     }
 
-    private void Admit(Socket client)
+    private async Task AdmitAsync(Socket client, CancellationToken stopping)
     {
         RpcConnection connection;
         try
         {
-            connection = Handshake.Accept(client, _options, _served, new DeferredHandler(this));
+            connection = await Handshake.AcceptAsync(client, _options, _served, new DeferredHandler(this), stopping).ConfigureAwait(false);
         }
         catch (Exception ex)
         {

@@ -6,11 +6,26 @@ using OffloadRpc.Interop;
 
 namespace OffloadRpc.Transport;
 
+/// <summary>What <see cref="SocketChannel.TryReceive"/> found.</summary>
+internal enum FrameStatus
+{
+    /// <summary>A whole frame: its type, payload and descriptors are out.</summary>
+    Frame,
+
+    /// <summary>Nothing more to read now (a partial frame is kept, descriptors included).</summary>
+    WouldBlock,
+
+    /// <summary>The peer closed its socket or died (a partial frame's descriptors are closed).</summary>
+    EndOfStream,
+}
+
 /// <summary>
-/// Length-prefixed frames over a connected Unix stream socket, with file descriptors attached
-/// (SCM_RIGHTS) and owned by <see cref="SafeMemfdHandle"/>s on both ends. Frame: u32 payload length,
-/// u16 type, u16 reserved, payload. One reader thread;
-/// senders are serialized by a lock (frames are rare: handshake and segment hand-over).
+/// Length-prefixed frames over a connected, non-blocking Unix stream socket, with file descriptors
+/// attached (SCM_RIGHTS) and owned by <see cref="SafeMemfdHandle"/>s on both ends. Frame: u32 payload
+/// length, u16 type, u16 reserved, payload. Reads never block: a partial frame (and the descriptors
+/// that came with it) waits in the channel until the rest arrives, and the process's
+/// <see cref="SocketReactor"/> says when to read again. Sends are serialized by a lock and bounded by a
+/// deadline: a peer that stops reading its socket cannot hold a sender forever.
 /// </summary>
 internal sealed class SocketChannel : IDisposable
 {
@@ -20,19 +35,42 @@ internal sealed class SocketChannel : IDisposable
     private readonly Socket _socket;
     private readonly object _sendLock = new();
     private readonly byte[] _receiveBuffer = new byte[HeaderSize + MaxFrameLength];
+    private readonly SafeMemfdHandle?[] _pending = new SafeMemfdHandle?[LinuxNative.MaxFdsPerMessage];
+    private SocketRegistration? _registration;
+    private int _filled;
+    private int _frameLength = -1;
+    private int _pendingCount;
     private int _disposed;
 
     public SocketChannel(Socket socket)
     {
         _socket = socket;
-        _socket.Blocking = true;
-        // The connection threads call recvmsg/sendmsg directly and rely on blocking semantics,
-        // whatever .NET did to the descriptor (an accepted socket may inherit O_NONBLOCK).
+        _socket.Blocking = false;
+        // recvmsg/sendmsg are called directly: make sure the descriptor itself is non-blocking,
+        // whatever .NET did to it.
         int fd = (int)socket.SafeHandle.DangerousGetHandle();
         int flags = LinuxNative.Fcntl(fd, LinuxNative.F_GETFL, 0);
-        if (flags >= 0 && (flags & LinuxNative.O_NONBLOCK) != 0)
+        if (flags >= 0 && (flags & LinuxNative.O_NONBLOCK) == 0)
         {
-            LinuxNative.Fcntl(fd, LinuxNative.F_SETFL, flags & ~LinuxNative.O_NONBLOCK);
+            LinuxNative.Fcntl(fd, LinuxNative.F_SETFL, flags | LinuxNative.O_NONBLOCK);
+        }
+    }
+
+    /// <summary>The socket's place in the process's <see cref="SocketReactor"/> (registered on first use).</summary>
+    public SocketRegistration Registration
+    {
+        get
+        {
+            if (_registration is { } registration)
+            {
+                return registration;
+            }
+
+            ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+            lock (_sendLock)
+            {
+                return _registration ??= SocketReactor.Shared.Register(_socket.SafeHandle);
+            }
         }
     }
 
@@ -59,9 +97,12 @@ internal sealed class SocketChannel : IDisposable
 
     /// <summary>
     /// Sends one frame, with <paramref name="descriptor"/> attached (the peer receives a duplicate; this
-    /// side keeps its own). Throws <see cref="PeerDisconnectedException"/> when the peer is gone.
+    /// side keeps its own). While the socket buffer is full it waits for room, at most
+    /// <paramref name="timeout"/> (zero: not at all).
     /// </summary>
-    public void Send(FrameType type, ReadOnlySpan<byte> payload, SafeMemfdHandle? descriptor = null)
+    /// <exception cref="PeerDisconnectedException">The peer is gone.</exception>
+    /// <exception cref="TimeoutException">The peer did not read its socket within <paramref name="timeout"/>.</exception>
+    public void Send(FrameType type, ReadOnlySpan<byte> payload, SafeMemfdHandle? descriptor, TimeSpan timeout)
     {
         if (payload.Length > MaxFrameLength)
         {
@@ -69,21 +110,19 @@ internal sealed class SocketChannel : IDisposable
         }
 
         Debug.Assert(descriptor is null || !descriptor.IsInvalid, "only a valid descriptor is passed to the peer");
-        Span<byte> frame = stackalloc byte[HeaderSize + payload.Length];
+        byte[] frame = new byte[HeaderSize + payload.Length];
         BinaryPrimitives.WriteUInt32LittleEndian(frame, (uint)payload.Length);
-        BinaryPrimitives.WriteUInt16LittleEndian(frame[4..], (ushort)type);
-        BinaryPrimitives.WriteUInt16LittleEndian(frame[6..], 0);
-        payload.CopyTo(frame[HeaderSize..]);
+        BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(4), (ushort)type);
+        payload.CopyTo(frame.AsSpan(HeaderSize));
         Span<int> fds = stackalloc int[1];
+        long deadline = timeout == Timeout.InfiniteTimeSpan ? long.MaxValue : Stopwatch.GetTimestamp() + (long)(timeout.TotalSeconds * Stopwatch.Frequency);
         lock (_sendLock)
         {
             ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-
             bool acquired = TryAcquireDescriptor(out int fd);
             ObjectDisposedException.ThrowIf(!acquired, this);
 
             bool passing = false;
-            int errno;
             try
             {
                 if (descriptor is not null)
@@ -94,7 +133,29 @@ internal sealed class SocketChannel : IDisposable
                     fds[0] = (int)descriptor.DangerousGetHandle();
                 }
 
-                errno = LinuxNative.SendWithFds(fd, frame, passing ? fds : default);
+                int sent = 0;
+                while (sent < frame.Length)
+                {
+                    int n = LinuxNative.SendSome(fd, frame.AsSpan(sent), sent == 0 && passing ? fds : default);
+                    if (n > 0)
+                    {
+                        sent += n;
+                        continue;
+                    }
+
+                    if (n != -LinuxNative.EAGAIN)
+                    {
+                        throw new PeerDisconnectedException($"The peer's socket is closed (send failed, errno {-n}).");
+                    }
+
+                    long remaining = deadline - Stopwatch.GetTimestamp();
+                    if (remaining <= 0)
+                    {
+                        throw new TimeoutException($"The peer has not read its socket for {timeout.TotalSeconds:0.###} s (its buffer is full).");
+                    }
+
+                    LinuxNative.Poll(fd, LinuxNative.POLLOUT, (int)Math.Min(int.MaxValue, (remaining * 1000 / Stopwatch.Frequency) + 1));
+                }
             }
             finally
             {
@@ -105,133 +166,174 @@ internal sealed class SocketChannel : IDisposable
 
                 ReleaseDescriptor();
             }
-
-            if (errno != 0)
-            {
-                throw new PeerDisconnectedException($"The peer's socket is closed (send failed, errno {errno}).");
-            }
         }
     }
 
     /// <summary>
-    /// Reads one frame. The returned payload is valid until the next call. Descriptors that came with it
-    /// are in <paramref name="descriptors"/>, owned by handles: the caller takes those it keeps and
-    /// disposes the rest. On false or an exception none is left open.
+    /// Reads what the socket holds, without blocking, until a whole frame is in. On
+    /// <see cref="FrameStatus.Frame"/> the payload is valid until the next call and the descriptors that
+    /// came with it are the caller's (it takes those it keeps and disposes the rest). One reader at a time.
     /// </summary>
-    /// <returns>False at end of stream (the peer closed its socket or died).</returns>
     /// <exception cref="ProtocolViolationException">A malformed frame.</exception>
-    public bool TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors)
+    public FrameStatus TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors)
     {
         type = 0;
         payload = default;
         descriptors = default;
-        SafeMemfdHandle?[]? handles = null;
-        int count = 0;
         try
         {
-            if (!ReadExactly(_receiveBuffer.AsSpan(0, HeaderSize), ref handles, ref count))
+            while (true)
             {
-                new ReceivedDescriptors(handles, count).Dispose();
-                return false;
-            }
+                int want = _frameLength < 0 ? HeaderSize - _filled : HeaderSize + _frameLength - _filled;
+                if (want == 0)
+                {
+                    type = (FrameType)BinaryPrimitives.ReadUInt16LittleEndian(_receiveBuffer.AsSpan(4));
+                    payload = _receiveBuffer.AsSpan(HeaderSize, _frameLength);
+                    descriptors = TakePending();
+                    _filled = 0;
+                    _frameLength = -1;
+                    return FrameStatus.Frame;
+                }
 
-            uint length = BinaryPrimitives.ReadUInt32LittleEndian(_receiveBuffer);
-            type = (FrameType)BinaryPrimitives.ReadUInt16LittleEndian(_receiveBuffer.AsSpan(4));
-            if (length > MaxFrameLength)
-            {
-                throw new ProtocolViolationException($"The peer sent a socket frame of {length} bytes (limit {MaxFrameLength}).");
-            }
+                int n = ReceiveSome(_receiveBuffer.AsSpan(_filled, want));
+                if (n == 0)
+                {
+                    DropPartialFrame();
+                    return FrameStatus.EndOfStream;
+                }
 
-            if (!ReadExactly(_receiveBuffer.AsSpan(HeaderSize, (int)length), ref handles, ref count))
-            {
-                throw new PeerDisconnectedException("The peer closed its socket in the middle of a frame.");
-            }
+                if (n < 0)
+                {
+                    return FrameStatus.WouldBlock;
+                }
 
-            payload = _receiveBuffer.AsSpan(HeaderSize, (int)length);
-            descriptors = new ReceivedDescriptors(handles, count);
-            return true;
+                _filled += n;
+                if (_frameLength < 0 && _filled == HeaderSize)
+                {
+                    uint length = BinaryPrimitives.ReadUInt32LittleEndian(_receiveBuffer);
+                    if (length > MaxFrameLength)
+                    {
+                        throw new ProtocolViolationException($"The peer sent a socket frame of {length} bytes (limit {MaxFrameLength}).");
+                    }
+
+                    _frameLength = (int)length;
+                }
+            }
         }
         catch
         {
-            new ReceivedDescriptors(handles, count).Dispose();
+            DropPartialFrame();
             throw;
         }
     }
 
-    /// <summary>Reads all of <paramref name="buffer"/>; descriptors that arrive on the way are wrapped in handles as soon as recvmsg returns them.</summary>
-    private bool ReadExactly(Span<byte> buffer, ref SafeMemfdHandle?[]? handles, ref int count)
+    /// <summary>
+    /// Waits, without a thread, for the next whole frame (the handshake's way of reading). Its payload is
+    /// valid until the next read; its descriptors are the caller's.
+    /// </summary>
+    /// <returns>False at end of stream.</returns>
+    public async ValueTask<bool> ReceiveAsync(FrameHolder holder, CancellationToken cancellationToken)
     {
-        Span<int> raw = stackalloc int[LinuxNative.MaxFdsPerMessage];
-        int read = 0;
-        while (read < buffer.Length)
+        while (true)
         {
-            if (!TryAcquireDescriptor(out int fd))
+            if (TryReceiveInto(holder) is var status && status != FrameStatus.WouldBlock)
             {
-                return false;
+                return status == FrameStatus.Frame;
             }
 
-            int n;
-            int received;
-            bool truncated;
-            try
-            {
-                n = LinuxNative.ReceiveWithFds(fd, buffer[read..], raw[..(LinuxNative.MaxFdsPerMessage - count)], out received, out truncated);
-            }
-            finally
-            {
-                ReleaseDescriptor();
-            }
-
-            // Owned by handles from here on: whatever happens next, the caller's cleanup closes them.
-            Debug.Assert(count + received <= LinuxNative.MaxFdsPerMessage, "recvmsg stores no more descriptors than it was given room for");
-            if (received > 0)
-            {
-                handles ??= new SafeMemfdHandle?[LinuxNative.MaxFdsPerMessage];
-                for (int i = 0; i < received; i++)
-                {
-                    handles[count++] = new SafeMemfdHandle(raw[i]);
-                }
-            }
-
-            if (truncated)
-            {
-                throw new ProtocolViolationException("The peer sent more file descriptors than a frame may carry.");
-            }
-
-            if (n == 0)
-            {
-                return false;
-            }
-
-            if (n < 0)
-            {
-                if (-n == LinuxNative.EAGAIN)
-                {
-                    throw new TimeoutException("The peer did not answer within the handshake timeout.");
-                }
-
-                if (Volatile.Read(ref _disposed) != 0)
-                {
-                    return false;
-                }
-
-                throw new PeerDisconnectedException($"Reading the peer's socket failed (errno {-n}).");
-            }
-
-            read += n;
+            await Registration.WaitAsync(write: false, cancellationToken).ConfigureAwait(false);
         }
-
-        return true;
     }
 
-    /// <summary>Sets SO_RCVTIMEO so that handshake reads cannot hang; zero restores blocking reads.</summary>
-    public void SetReceiveTimeout(TimeSpan timeout)
+    private FrameStatus TryReceiveInto(FrameHolder holder)
     {
-        Span<byte> timeval = stackalloc byte[16];
-        long micros = timeout <= TimeSpan.Zero ? 0 : (long)timeout.TotalMicroseconds;
-        BinaryPrimitives.WriteInt64LittleEndian(timeval, micros / 1_000_000);
-        BinaryPrimitives.WriteInt64LittleEndian(timeval[8..], micros % 1_000_000);
-        _socket.SetRawSocketOption(LinuxNative.SOL_SOCKET, 20 /* SO_RCVTIMEO */, timeval);
+        FrameStatus status = TryReceive(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors);
+        if (status == FrameStatus.Frame)
+        {
+            holder.Type = type;
+            holder.Payload = payload.ToArray();
+            holder.Descriptors = descriptors;
+        }
+
+        return status;
+    }
+
+    /// <summary>One recvmsg: bytes read, 0 at end of stream, -1 when nothing is there now. Descriptors go to the partial frame at once.</summary>
+    private int ReceiveSome(Span<byte> buffer)
+    {
+        if (!TryAcquireDescriptor(out int fd))
+        {
+            return 0;
+        }
+
+        Span<int> raw = stackalloc int[LinuxNative.MaxFdsPerMessage];
+        int n;
+        int received;
+        bool truncated;
+        try
+        {
+            n = LinuxNative.ReceiveWithFds(fd, buffer, raw[..(LinuxNative.MaxFdsPerMessage - _pendingCount)], out received, out truncated);
+        }
+        finally
+        {
+            ReleaseDescriptor();
+        }
+
+        // Owned by handles from here on: whatever happens next, the partial frame's cleanup closes them.
+        Debug.Assert(_pendingCount + received <= LinuxNative.MaxFdsPerMessage, "recvmsg stores no more descriptors than it was given room for");
+        for (int i = 0; i < received; i++)
+        {
+            _pending[_pendingCount++] = new SafeMemfdHandle(raw[i]);
+        }
+
+        if (truncated)
+        {
+            throw new ProtocolViolationException("The peer sent more file descriptors than a frame may carry.");
+        }
+
+        if (n >= 0)
+        {
+            return n;
+        }
+
+        if (-n == LinuxNative.EAGAIN)
+        {
+            return -1;
+        }
+
+        if (Volatile.Read(ref _disposed) != 0)
+        {
+            return 0;
+        }
+
+        throw new PeerDisconnectedException($"Reading the peer's socket failed (errno {-n}).");
+    }
+
+    private ReceivedDescriptors TakePending()
+    {
+        if (_pendingCount == 0)
+        {
+            return default;
+        }
+
+        var handles = new SafeMemfdHandle?[_pendingCount];
+        for (int i = 0; i < _pendingCount; i++)
+        {
+            handles[i] = _pending[i];
+            _pending[i] = null;
+        }
+
+        var descriptors = new ReceivedDescriptors(handles, _pendingCount);
+        _pendingCount = 0;
+        return descriptors;
+    }
+
+    /// <summary>A frame that will never be completed: its descriptors are closed (a peer cannot leave them with us).</summary>
+    private void DropPartialFrame()
+    {
+        TakePending().Dispose();
+        _filled = 0;
+        _frameLength = -1;
     }
 
     /// <summary>The peer's process id, user id and group id (SO_PEERCRED).</summary>
@@ -247,7 +349,7 @@ internal sealed class SocketChannel : IDisposable
         return (BinaryPrimitives.ReadInt32LittleEndian(ucred), BinaryPrimitives.ReadUInt32LittleEndian(ucred[4..]), BinaryPrimitives.ReadUInt32LittleEndian(ucred[8..]));
     }
 
-    /// <summary>Wakes a reader blocked in <see cref="TryReceive"/> (it sees end of stream) and tells the peer we are gone.</summary>
+    /// <summary>Ends both directions: the reactor reports the socket, whose reads then see end of stream, and the peer sees we are gone.</summary>
     public void Shutdown()
     {
         try
@@ -266,6 +368,7 @@ internal sealed class SocketChannel : IDisposable
     {
         if (Interlocked.Exchange(ref _disposed, 1) == 0)
         {
+            Volatile.Read(ref _registration)?.Remove(); // out of epoll before the number can be reused
             Shutdown();
             lock (_sendLock)
             {
@@ -273,4 +376,17 @@ internal sealed class SocketChannel : IDisposable
             }
         }
     }
+}
+
+/// <summary>A frame read by <see cref="SocketChannel.ReceiveAsync"/>: its payload copied, its descriptors owned by the reader.</summary>
+internal sealed class FrameHolder : IDisposable
+{
+    public FrameType Type { get; set; }
+
+    public byte[] Payload { get; set; } = [];
+
+    public ReceivedDescriptors Descriptors { get; set; }
+
+    /// <summary>Closes the descriptors nobody took.</summary>
+    public void Dispose() => Descriptors.Dispose();
 }
