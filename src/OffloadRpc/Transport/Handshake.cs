@@ -181,7 +181,9 @@ internal static class Handshake
             bool received;
             try
             {
-                received = await channel.ReceiveAsync(hello, deadline.Token).ConfigureAwait(false);
+                // The rest of the server's half is short and never blocks: it runs on the reactor's thread, so
+                // admitting a hundred clients at once does not grow the thread pool.
+                received = await channel.ReceiveAsync(hello, deadline.Token, inline: true).ConfigureAwait(false);
             }
             catch (OperationCanceledException ex) when (!cancellationToken.IsCancellationRequested)
             {

@@ -232,7 +232,8 @@ internal sealed class SocketChannel : IDisposable
     /// valid until the next read; its descriptors are the caller's.
     /// </summary>
     /// <returns>False at end of stream.</returns>
-    public async ValueTask<bool> ReceiveAsync(FrameHolder holder, CancellationToken cancellationToken)
+    /// <param name="inline">Resume on the reactor's thread (see <see cref="SocketRegistration.WaitAsync"/>).</param>
+    public async ValueTask<bool> ReceiveAsync(FrameHolder holder, CancellationToken cancellationToken, bool inline = false)
     {
         while (true)
         {
@@ -241,7 +242,7 @@ internal sealed class SocketChannel : IDisposable
                 return status == FrameStatus.Frame;
             }
 
-            await Registration.WaitAsync(write: false, cancellationToken).ConfigureAwait(false);
+            await Registration.WaitAsync(write: false, cancellationToken, inline).ConfigureAwait(false);
         }
     }
 

@@ -129,13 +129,15 @@ internal sealed class SocketRegistration : IValueTaskSource<uint>
     /// Waits, without a thread, until the socket is readable (<paramref name="write"/>: writable) or hung
     /// up; returns the epoll events. One wait at a time; cancellation ends it with <see cref="OperationCanceledException"/>.
     /// </summary>
-    public ValueTask<uint> WaitAsync(bool write, CancellationToken cancellationToken)
+    /// <param name="inline">Resume on the epoll thread (for short, non-blocking continuations of this library's own, like the server's half of a handshake); otherwise on the thread pool.</param>
+    public ValueTask<uint> WaitAsync(bool write, CancellationToken cancellationToken, bool inline = false)
     {
         lock (_gate)
         {
             ObjectDisposedException.ThrowIf(_removed, this);
             Debug.Assert(_handler is null && !_waiting, "one awaited readiness at a time, and none with a handler");
             _core.Reset();
+            _core.RunContinuationsAsynchronously = !inline;
             _waiting = true;
         }
 
