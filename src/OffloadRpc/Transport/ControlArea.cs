@@ -11,6 +11,7 @@ namespace OffloadRpc.Transport;
 ///   128  message-producer wake word (senders waiting for a free message slot)
 ///   192  release-producer wake word (receivers of payloads waiting to post a release)
 ///   256  release-consumer wake word (the arena owner waiting for space)
+///   320  spin grant (written by the area's creator: whether the reader may spin for messages)
 ///   4096 message slots   [slotCount x slotSize]
 ///   ...  release slots   [releaseSlotCount x 16]
 /// </code>
@@ -38,6 +39,7 @@ internal sealed unsafe class ControlArea : IDisposable
         MessageProducerWake = (int*)(b + 128);
         ReleaseProducerWake = (int*)(b + 192);
         ReleaseConsumerWake = (int*)(b + 256);
+        SpinGrant = (int*)(b + 320);
         Messages = new ControlRing(b + HeaderSize, geometry.SlotSize, geometry.SlotCount, "message");
         Releases = new ControlRing(b + HeaderSize + (long)geometry.SlotSize * geometry.SlotCount, ReleaseSlotSize, geometry.ReleaseSlotCount, "release");
     }
@@ -53,6 +55,14 @@ internal sealed unsafe class ControlArea : IDisposable
     public int* ReleaseProducerWake { get; }
 
     public int* ReleaseConsumerWake { get; }
+
+    /// <summary>
+    /// Non-zero while the reader of this area may spin waiting for its next message. A server writes it
+    /// into the areas it sends on, so that no more of its clients spin at once than the cores hold (see
+    /// <see cref="Poller"/>); a client only reads it. Advice, not a protocol field: a peer that ignores or
+    /// rewrites it only changes its own latency.
+    /// </summary>
+    public int* SpinGrant { get; }
 
     public ControlRing Messages { get; }
 
@@ -75,6 +85,7 @@ internal sealed unsafe class ControlArea : IDisposable
             *(int*)(b + 16) = geometry.SlotCount;
             *(int*)(b + 20) = geometry.ReleaseSlotCount;
             var area = new ControlArea(segment, geometry);
+        *area.SpinGrant = 1; // granted until a server with several active clients decides otherwise
             area.Messages.InitializeSequences();
             area.Releases.InitializeSequences();
             return area;

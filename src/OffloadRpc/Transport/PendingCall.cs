@@ -340,6 +340,7 @@ internal sealed class PendingCallTable
     private int _cursor;
     private int _waiterCount;
     private int _fastInFlight;
+    private int _inFlight;
     private volatile bool _closed;
 
     /// <summary>Methods are told apart for the spin decision by their id modulo this (collisions only share an estimate).</summary>
@@ -357,6 +358,9 @@ internal sealed class PendingCallTable
         }
     }
 
+    /// <summary>Calls sent and not answered yet.</summary>
+    public int CallsInFlight => Volatile.Read(ref _inFlight);
+
     /// <summary>Calls in flight whose method usually answers within the spin budget.</summary>
     public int FastCallsInFlight => Volatile.Read(ref _fastInFlight);
 
@@ -365,6 +369,7 @@ internal sealed class PendingCallTable
     /// <summary>A call of <paramref name="latencyClass"/> goes out; true when it counts as fast.</summary>
     public bool EnterFlight(int latencyClass)
     {
+        Interlocked.Increment(ref _inFlight);
         if (Volatile.Read(ref _latency[latencyClass]) >= _fastTicks)
         {
             return false;
@@ -381,6 +386,7 @@ internal sealed class PendingCallTable
     /// </summary>
     public void LeaveFlight(int latencyClass, long latencyTicks, bool countedFast)
     {
+        Interlocked.Decrement(ref _inFlight);
         if (countedFast)
         {
             int remaining = Interlocked.Decrement(ref _fastInFlight);

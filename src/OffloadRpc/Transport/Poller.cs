@@ -58,6 +58,19 @@ internal abstract unsafe class PollSource
     /// <summary>Until when (a <see cref="Stopwatch"/> timestamp) the poller should keep spinning for this source; 0: not at all.</summary>
     public virtual long SpinUntil(long now) => 0;
 
+    /// <summary>Poller thread: this source's word woke the poller after it slept <paramref name="sleptTicks"/>.</summary>
+    public virtual void OnWoken(long sleptTicks)
+    {
+    }
+
+    /// <summary>Whether this source's peer is calling actively now and competes for a spin grant (a server's connection).</summary>
+    public virtual bool CompetesForSpin(long now) => false;
+
+    /// <summary>Tells the peer whether it may spin waiting for our replies (see <see cref="Poller"/>).</summary>
+    public virtual void GrantSpin(bool granted)
+    {
+    }
+
     /// <summary>The longest the poller may sleep without polling this source again (ms; -1: until woken).</summary>
     public virtual int SleepSliceMilliseconds => -1;
 
@@ -70,6 +83,12 @@ internal abstract unsafe class PollSource
 /// them all, spins while some source expects work within its budget (and <see cref="SpinGate"/> gives it
 /// a place), and otherwise sleeps on all their futex words at once with futex_waitv. A server with a
 /// hundred clients so holds one thread, not one per connection, and an idle one sleeps.
+/// <para>
+/// Spinning clients on a small machine take the cores the server needs: with more spinners than cores
+/// every hand-off waits for a time slice. So the poller lets only as many actively calling clients spin
+/// for their replies as there are cores, and rotates that grant among them every millisecond; the others
+/// sleep until their reply wakes them. One client alone is always granted.
+/// </para>
 /// </summary>
 internal sealed unsafe class Poller
 {
@@ -86,6 +105,15 @@ internal sealed unsafe class Poller
     private int _registered;
     private int _changes;
     private bool _waitvMissing;
+    private long _nextRebalance;
+    private int _grantRotation;
+    private PollSource[] _competitors = new PollSource[8];
+    private bool _serving; // some source's peer calls actively (set at each rebalance)
+
+    /// <summary>How many actively calling peers may spin at once.</summary>
+    internal static int SpinGrants { get; } = Math.Max(1, Environment.ProcessorCount);
+
+    private static readonly long RebalanceTicks = Stopwatch.Frequency / 1000; // 1 ms
 
     public Poller(string name)
     {
@@ -139,6 +167,11 @@ internal sealed unsafe class Poller
             }
 
             long now = Stopwatch.GetTimestamp();
+            if (now >= _nextRebalance)
+            {
+                RebalanceSpinGrants(now);
+            }
+
             if (PollAll(now))
             {
                 idleSince = now;
@@ -232,8 +265,10 @@ internal sealed unsafe class Poller
                     return false;
                 }
 
-                if (now >= nextYield)
+                if (now >= nextYield && !_serving)
                 {
+                    // A poller serving actively calling clients keeps its core (yielding it would put it
+                    // behind every spinning client, and all of them would then wait for it); others offer theirs.
                     SpinGate.YieldCore();
                     nextYield = now + SpinGate.YieldIntervalTicks;
                 }
@@ -266,7 +301,12 @@ internal sealed unsafe class Poller
         // The arms are published (each with a full fence): whatever a waker did before them is visible now.
         if (Volatile.Read(ref _changes) == 0 && !PollAll(Stopwatch.GetTimestamp()))
         {
-            Sleep(_count + 1, slice);
+            long sleptAt = Stopwatch.GetTimestamp();
+            int woken = Sleep(_count + 1, slice);
+            if (woken > 0 && woken <= _count)
+            {
+                sources[woken - 1].OnWoken(Stopwatch.GetTimestamp() - sleptAt); // futex_waitv names the word that was woken
+            }
         }
 
         Volatile.Write(ref *_doorbell, 0);
@@ -277,14 +317,15 @@ internal sealed unsafe class Poller
         }
     }
 
-    private void Sleep(int words, int slice)
+    /// <summary>Sleeps on the armed words; returns the index of the one that was woken, or -1.</summary>
+    private int Sleep(int words, int slice)
     {
         if (!_waitvMissing)
         {
             int result = LinuxNative.FutexWaitv(_waiters, words, slice);
             if (result != -LinuxNative.ENOSYS)
             {
-                return;
+                return result;
             }
 
             // A kernel older than 5.16: no futex_waitv. Sleep on the doorbell in short slices instead.
@@ -293,6 +334,47 @@ internal sealed unsafe class Poller
         }
 
         LinuxNative.FutexWait(_doorbell, 1, slice < 0 ? 1 : Math.Min(slice, 1));
+        return -1;
+    }
+
+    /// <summary>Grants spinning to at most <see cref="SpinGrants"/> actively calling peers, rotating among them.</summary>
+    private void RebalanceSpinGrants(long now)
+    {
+        _nextRebalance = now + RebalanceTicks;
+        int competing = 0;
+        for (int i = 0; i < _count; i++)
+        {
+            PollSource source = _sources[i];
+            if (source.CompetesForSpin(now))
+            {
+                if (competing == _competitors.Length)
+                {
+                    Array.Resize(ref _competitors, competing * 2);
+                }
+
+                _competitors[competing++] = source;
+            }
+            else
+            {
+                source.GrantSpin(true); // idle or a client: when it starts calling it competes from the next round
+            }
+        }
+
+        _serving = competing > 0;
+        if (competing == 0)
+        {
+            return;
+        }
+
+        int first = _grantRotation % competing;
+        for (int i = 0; i < competing; i++)
+        {
+            int offset = (i - first + competing) % competing;
+            _competitors[i].GrantSpin(offset < SpinGrants);
+            _competitors[i] = null!;
+        }
+
+        _grantRotation = first + SpinGrants;
     }
 
     private void ApplyChanges()

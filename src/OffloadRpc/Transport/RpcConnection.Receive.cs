@@ -98,7 +98,27 @@ internal sealed partial class RpcConnection
 
         public override void Disarm() => Volatile.Write(ref *_connection._inbound.ConsumerWake, 0);
 
-        public override long SpinUntil(long now) => _connection._spin.SpinUntil(now, _connection._calls.FastCallsInFlight);
+        /// <summary>
+        /// Replies are spun for only while the server grants it (it lets no more clients spin than it has
+        /// cores); requests while the peer calls actively.
+        /// </summary>
+        public override long SpinUntil(long now) =>
+            Volatile.Read(ref *_connection._inbound.SpinGrant) != 0
+                ? _connection._spin.SpinUntil(now, _connection._calls.FastCallsInFlight, _connection._calls.CallsInFlight)
+                : _connection._spin.SpinUntil(now, 0, 0);
+
+        public override void OnWoken(long sleptTicks) => _connection._spin.OnWoken(sleptTicks);
+
+        public override bool CompetesForSpin(long now) => _connection._handler is not null && _connection._spin.IsPeerActive(now);
+
+        public override void GrantSpin(bool granted)
+        {
+            int value = granted ? 1 : 0;
+            if (Volatile.Read(ref *_connection._outbound.SpinGrant) != value)
+            {
+                Volatile.Write(ref *_connection._outbound.SpinGrant, value);
+            }
+        }
 
         /// <summary>The poller has dropped the connection: it never reads the inbound area again.</summary>
         public override void OnRemoved() => _connection.PartStopped();

@@ -13,7 +13,7 @@ internal sealed class TransportOptions
     public int ReleaseSlotCount { get; init; } = 4096;
 
     /// <summary>How long a waiting thread spins before it sleeps on a futex (the budget adapts below this). Zero: never spin.</summary>
-    public TimeSpan SpinBudget { get; init; } = TimeSpan.FromMicroseconds(50);
+    public TimeSpan SpinBudget { get; init; } = TimeSpan.FromMicroseconds(200);
 
     /// <summary>Size of an ordinary payload-arena segment; larger payloads get a segment of their own size.</summary>
     public long SegmentSize { get; init; } = 64L << 20;
