@@ -68,6 +68,34 @@ public sealed class WireLayoutTests
         Assert.Throws<PlatformNotSupportedException>(() => LinuxAbi.For(Architecture.RiscV64));
         Assert.Throws<PlatformNotSupportedException>(() => LinuxAbi.For(Architecture.X64, isLinux: false));
         Assert.Equal(RuntimeInformation.ProcessArchitecture, LinuxAbi.Current.Architecture);
+        Assert.Equal(449, LinuxAbi.X64.SysFutexWaitv);
+        Assert.Equal(449, LinuxAbi.Arm64.SysFutexWaitv);
+        Assert.Equal((12, 4), (LinuxAbi.X64.EpollEventSize, LinuxAbi.X64.EpollDataOffset)); // packed on x86-64
+        Assert.Equal((16, 8), (LinuxAbi.Arm64.EpollEventSize, LinuxAbi.Arm64.EpollDataOffset));
+    }
+
+    [Fact]
+    public void The_futex_waitv_entry_has_the_kernels_layout()
+    {
+        // struct futex_waitv { __u64 val; __u64 uaddr; __u32 flags; __u32 __reserved; }
+        Assert.Equal(24, Marshal.SizeOf<LinuxNative.FutexWaiter>());
+        Assert.Equal(0, (int)Marshal.OffsetOf<LinuxNative.FutexWaiter>(nameof(LinuxNative.FutexWaiter.Value)));
+        Assert.Equal(8, (int)Marshal.OffsetOf<LinuxNative.FutexWaiter>(nameof(LinuxNative.FutexWaiter.Address)));
+        Assert.Equal(16, (int)Marshal.OffsetOf<LinuxNative.FutexWaiter>(nameof(LinuxNative.FutexWaiter.Flags)));
+    }
+
+    [Fact]
+    public unsafe void Futex_waitv_returns_the_index_of_a_word_that_no_longer_holds_its_value_and_times_out_otherwise()
+    {
+        int* words = stackalloc int[2];
+        words[0] = 1;
+        words[1] = 1;
+        LinuxNative.FutexWaiter* waiters = stackalloc LinuxNative.FutexWaiter[2];
+        waiters[0] = LinuxNative.FutexWaiter.For(&words[0], 1);
+        waiters[1] = LinuxNative.FutexWaiter.For(&words[1], 1);
+        Assert.Equal(-LinuxNative.ETIMEDOUT, LinuxNative.FutexWaitv(waiters, 2, 10));
+        words[1] = 0;
+        Assert.Equal(-LinuxNative.EAGAIN, LinuxNative.FutexWaitv(waiters, 2, 1000)); // a changed word: at once
     }
 
     [Fact]

@@ -5,6 +5,25 @@ using OffloadRpc.Interop;
 
 namespace OffloadRpc.Transport;
 
+/// <summary>Why a handshake was refused; travels in a <see cref="FrameType.Reject"/> frame.</summary>
+internal enum RejectReason : ushort
+{
+    /// <summary>The client speaks another protocol version.</summary>
+    VersionMismatch = 1,
+
+    /// <summary>A service the client expects has another contract hash here.</summary>
+    ContractMismatch = 2,
+
+    /// <summary>The ring geometry the client asked for is out of bounds.</summary>
+    BadGeometry = 3,
+
+    /// <summary>The client's user id is neither ours nor allowed.</summary>
+    Unauthorized = 4,
+
+    /// <summary>The Hello frame did not parse.</summary>
+    Malformed = 5,
+}
+
 /// <summary>
 /// The rendezvous: over a freshly connected Unix socket both sides check each other's uid
 /// (SO_PEERCRED), the client sends Hello (protocol version, ring geometry, contract hashes, and its

@@ -6,6 +6,28 @@ using OffloadRpc.Interop;
 
 namespace OffloadRpc.Transport;
 
+/// <summary>Socket frame types. The socket carries the handshake, segment hand-over, and liveness (EOF).</summary>
+internal enum FrameType : ushort
+{
+    /// <summary>Client to server: version, geometry, contracts; the client's control area attached.</summary>
+    Hello = 1,
+
+    /// <summary>Server to client: the served contracts; the server's control area attached.</summary>
+    Welcome = 2,
+
+    /// <summary>Server to client: the handshake is refused (a <see cref="RejectReason"/> and a message).</summary>
+    Reject = 3,
+
+    /// <summary>A new arena segment (id, size), its memfd attached.</summary>
+    AddSegment = 4,
+
+    /// <summary>The peer mapped the segment it was handed (id).</summary>
+    SegmentMapped = 5,
+
+    /// <summary>A segment the peer may unmap (id): its owner retired it.</summary>
+    RemoveSegment = 6,
+}
+
 /// <summary>What <see cref="SocketChannel.TryReceive"/> found.</summary>
 internal enum FrameStatus
 {

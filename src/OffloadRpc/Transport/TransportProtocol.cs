@@ -17,47 +17,6 @@ internal static class TransportProtocol
     public const long MaxPayloadLength = int.MaxValue;
 }
 
-/// <summary>Socket frame types. The socket carries the handshake, segment hand-over, and liveness (EOF).</summary>
-internal enum FrameType : ushort
-{
-    /// <summary>Client to server: version, geometry, contracts; the client's control area attached.</summary>
-    Hello = 1,
-
-    /// <summary>Server to client: the served contracts; the server's control area attached.</summary>
-    Welcome = 2,
-
-    /// <summary>Server to client: the handshake is refused (a <see cref="RejectReason"/> and a message).</summary>
-    Reject = 3,
-
-    /// <summary>A new arena segment (id, size), its memfd attached.</summary>
-    AddSegment = 4,
-
-    /// <summary>The peer mapped the segment it was handed (id).</summary>
-    SegmentMapped = 5,
-
-    /// <summary>A segment the peer may unmap (id): its owner retired it.</summary>
-    RemoveSegment = 6,
-}
-
-/// <summary>Why a handshake was refused; travels in a <see cref="FrameType.Reject"/> frame.</summary>
-internal enum RejectReason : ushort
-{
-    /// <summary>The client speaks another protocol version.</summary>
-    VersionMismatch = 1,
-
-    /// <summary>A service the client expects has another contract hash here.</summary>
-    ContractMismatch = 2,
-
-    /// <summary>The ring geometry the client asked for is out of bounds.</summary>
-    BadGeometry = 3,
-
-    /// <summary>The client's user id is neither ours nor allowed.</summary>
-    Unauthorized = 4,
-
-    /// <summary>The Hello frame did not parse.</summary>
-    Malformed = 5,
-}
-
 /// <summary>Ring message kinds.</summary>
 internal enum MessageKind : ushort
 {
