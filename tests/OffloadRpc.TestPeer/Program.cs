@@ -9,6 +9,7 @@ using OffloadRpc.Transport;
 //   server <endpoint> [--contract NAME=HASH] [--version N] [--spin-us N] [--no-sleep-slice] [--allow-uid U]
 //   client <endpoint> [--version N]                   one echo call; prints OK or REFUSED <type>: <message>
 //   client-hold <endpoint> <bytes>                    sends a payload to Hold and waits to be killed
+//   client-load <endpoint> <calls> [--callers N]      echo calls, each body unique and checked; prints READY, then OK <calls> or WRONG ...
 //   evil-client <endpoint> <kind>                     breaks the protocol in one way, prints what happened
 //   evil-server <endpoint> <kind>                     answers the first request with a broken response
 //   pingpong-server <file> / (see Benchmarks)         raw spin ping-pong partner
@@ -36,6 +37,7 @@ internal static class PeerProgram
                 "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
                 "client" => await ClientAsync(endpoint, options, contracts),
                 "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),
+                "client-load" => await ClientLoadAsync(endpoint, options, int.Parse(args[2]), args.Contains("--callers") ? int.Parse(args[Array.IndexOf(args, "--callers") + 1]) : 1),
                 "evil-client" => await EvilClient.RunAsync(endpoint, options, args[2]),
                 _ => Usage(mode),
             };
@@ -121,6 +123,39 @@ internal static class PeerProgram
             Console.WriteLine($"REFUSED {ex.GetType().FullName}: {ex.Message}");
             return 0;
         }
+    }
+
+    /// <summary>
+    /// <paramref name="calls"/> echo calls over one connection from <paramref name="callers"/> concurrent
+    /// callers; every body carries this process, the caller and the call's number, and every reply must
+    /// be exactly its own call's body (a lost, duplicated or crossed reply shows).
+    /// </summary>
+    private static async Task<int> ClientLoadAsync(string endpoint, TransportOptions options, int calls, int callers)
+    {
+        await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, options, [], null, CancellationToken.None);
+        Console.WriteLine("READY");
+        int pid = Environment.ProcessId;
+        long wrong = 0;
+        string? first = null;
+        await Task.WhenAll(Enumerable.Range(0, callers).Select(caller => Task.Run(async () =>
+        {
+            byte[] body = new byte[24];
+            for (int i = caller; i < calls; i += callers)
+            {
+                BinaryPrimitives.WriteInt32LittleEndian(body, pid);
+                BinaryPrimitives.WriteInt32LittleEndian(body.AsSpan(4), caller);
+                BinaryPrimitives.WriteInt64LittleEndian(body.AsSpan(8), i);
+                BinaryPrimitives.WriteInt64LittleEndian(body.AsSpan(16), (long)pid * 1_000_003 ^ i);
+                using RpcReply reply = await connection.CallAsync(PeerMethods.Echo, body, default);
+                if (!reply.Body.SequenceEqual(body))
+                {
+                    Interlocked.Increment(ref wrong);
+                    Interlocked.CompareExchange(ref first, $"call {i} of caller {caller} got {Convert.ToHexString(reply.Body)}", null);
+                }
+            }
+        })));
+        Console.WriteLine(wrong == 0 ? $"OK {calls}" : $"WRONG {wrong}: {first}");
+        return wrong == 0 ? 0 : 1;
     }
 
     private static async Task<int> ClientHoldAsync(string endpoint, TransportOptions options, int bytes)
