@@ -153,6 +153,7 @@ internal static class ServiceEmitter
         {
             string outs = string.Concat(method.Parameters.Select(p => $", out {p.Type} {p.Name}"));
             w.Line($"Decode{id}({l}call{outs});");
+            w.Line($"{l}call.ArgumentsDecoded();");
             string arguments = string.Join(", ", method.Parameters.Select(p => p.Name)
                 .Concat(method.CancellationTokenName is null ? Enumerable.Empty<string>() : new[] { l + "call.CancellationToken" }));
             string invocation = $"this._implementation.{method.Name}({arguments})";

@@ -51,6 +51,37 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public bool DispatchToThreadPool { get; set; }
 
+    /// <summary>
+    /// The most shared memory (all its segments together) one peer may have this process map: a peer
+    /// that hands over more is disconnected with <see cref="ProtocolViolationException"/>. Default 8 GiB.
+    /// </summary>
+    public long MaxPeerMappedBytes { get; set; } = 8L << 30;
+
+    /// <summary>The most segments one peer may have this process map (each is a mapping; the kernel limits mappings per process). Default 256.</summary>
+    public int MaxPeerSegments { get; set; } = 256;
+
+    /// <summary>The most shared memory all peers together may have this process map; a segment past it disconnects the peer that sent it. Default 256 GiB.</summary>
+    public long MaxMappedBytes { get; set; } = 256L << 30;
+
+    /// <summary>Server: the most client connections open at once; more are refused at the handshake (reported through ConnectionFailed). Default 1024.</summary>
+    public int MaxConnections { get; set; } = 1024;
+
+    /// <summary>Server: the most handshakes in progress at once; a client accepted beyond it is closed at once. Default 64.</summary>
+    public int MaxConcurrentHandshakes { get; set; } = 64;
+
+    /// <summary>
+    /// Releases of the peer's blocks this side may queue while the peer's release ring is full (the peer
+    /// does not drain it); more disconnects the peer with <see cref="ProtocolViolationException"/>. Default 65,536.
+    /// </summary>
+    public int MaxPendingReleases { get; set; } = 1 << 16;
+
+    /// <summary>
+    /// The largest message body (a request's or reply's MessagePack part; buffers travel apart and are not
+    /// counted) accepted from the peer, and the bound on what decoding it may allocate: a declared array
+    /// or map longer than the bytes left in the body is refused before anything is allocated. Default 16 MiB.
+    /// </summary>
+    public int MaxMessageBytes { get; set; } = 16 << 20;
+
     /// <summary>Chunk size of pipelined transfers (TransferMode.Pipelined, Stream parameters): the server starts once the first chunk has landed.</summary>
     public long PipelineChunkBytes { get; set; } = Engines.TransferPolicy.PipelineChunkBytes;
 
@@ -79,5 +110,12 @@ public sealed class OffloadRpcOptions
         RunContinuationsAsynchronously = RunContinuationsAsynchronously,
         DispatchToThreadPool = DispatchToThreadPool,
         PipelineChunkBytes = Math.Clamp(PipelineChunkBytes, 4096, 256L << 20),
+        MaxPeerMappedBytes = MaxPeerMappedBytes,
+        MaxPeerSegments = Math.Clamp(MaxPeerSegments, 1, PayloadArena.MaxSegments),
+        MaxMappedBytes = MaxMappedBytes,
+        MaxConnections = Math.Max(1, MaxConnections),
+        MaxConcurrentHandshakes = Math.Max(1, MaxConcurrentHandshakes),
+        MaxPendingReleases = Math.Max(0, MaxPendingReleases),
+        MaxMessageBytes = Math.Clamp(MaxMessageBytes, 4096, int.MaxValue),
     };
 }

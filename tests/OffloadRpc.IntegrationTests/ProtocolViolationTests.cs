@@ -107,10 +107,10 @@ public sealed class ProtocolViolationTests
 /// <summary>A listener in this process with an echo handler, reporting refused and failed connections.</summary>
 internal sealed class InProcessServer : IAsyncDisposable, IRequestHandler
 {
-    public InProcessServer(ConcurrentQueue<Exception> failures, TransportOptions? options = null, string? endpoint = null, IReadOnlyDictionary<string, ulong>? contracts = null)
+    public InProcessServer(ConcurrentQueue<Exception> failures, TransportOptions? options = null, string? endpoint = null, IReadOnlyDictionary<string, ulong>? contracts = null, IRequestHandler? handler = null)
     {
         Endpoint = endpoint ?? Endpoints.Unique("inproc");
-        Listener = new RpcListener(Endpoint, options ?? new TransportOptions(), contracts?.Select(c => new ContractDescriptor(c.Key, c.Value)).ToArray() ?? [], _ => this);
+        Listener = new RpcListener(Endpoint, options ?? new TransportOptions(), contracts?.Select(c => new ContractDescriptor(c.Key, c.Value)).ToArray() ?? [], _ => handler ?? this);
         Listener.ConnectionFailed += failures.Enqueue;
         Listener.Start();
     }

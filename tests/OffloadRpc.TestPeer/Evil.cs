@@ -37,6 +37,13 @@ internal static unsafe class RawWriter
         ring.Publish(position);
     }
 
+    /// <summary>Sends one byte of a frame header with this process's own socket attached (SCM_RIGHTS), and nothing more.</summary>
+    public static void SendPartialFrameWithOwnSocket(RpcConnection connection)
+    {
+        int socket = connection.Channel.DescriptorForTests;
+        LinuxNative.SendSome(socket, [12], [socket]);
+    }
+
     /// <summary>Hands over a memfd with the given seals (or none) as segment <paramref name="id"/>.</summary>
     public static void SendSegment(RpcConnection connection, int id, long size, long announcedSize, int seals)
     {
@@ -56,13 +63,47 @@ internal static unsafe class RawWriter
 
 internal static class EvilClient
 {
+    /// <summary>Raises a pipelined payload's progress by 64 bytes every 100 ms while the connection lives.</summary>
+    public static async Task TrickleAsync(RpcConnection connection, nint header)
+    {
+        while (!connection.IsClosed && Advance(header))
+        {
+            await Task.Delay(100);
+        }
+
+        static unsafe bool Advance(nint address)
+        {
+            var header = (PipelineHeader*)address;
+            if (Volatile.Read(ref header->BytesReady) >= header->Total - 64)
+            {
+                return false;
+            }
+
+            Interlocked.Add(ref header->BytesReady, 64);
+            Interlocked.Increment(ref header->ChunksReady);
+            return true;
+        }
+    }
+
+    private static int KitchenSinkMethod(string name)
+    {
+        System.Runtime.CompilerServices.RuntimeHelpers.RunModuleConstructor(typeof(OffloadRpc.TestContracts.IKitchenSink).Module.ModuleHandle);
+        return OffloadRpc.Internal.ServiceRegistry.Find<OffloadRpc.TestContracts.IKitchenSink>()!.Methods.First(m => m.Name == name).Id;
+    }
+
     public static async Task<int> RunAsync(string endpoint, TransportOptions options, string kind)
     {
         RpcConnection connection = await Handshake.ConnectAsync(endpoint, options, [], null, CancellationToken.None);
 
-        // A legitimate call first, so that segment 1 exists and the server has lent nothing.
-        using (RpcReply reply = await connection.CallAsync(1, "warm-up"u8, [OutboundPayload.Copy(new byte[4096])]))
+        // A legitimate call first, so that segment 1 exists and the server has lent nothing (a typed
+        // server serves no raw method 1: those kinds warm up with the segment alone).
+        if (kind.StartsWith("typed-", StringComparison.Ordinal))
         {
+            connection.Rent(4096).Dispose();
+        }
+        else
+        {
+            using RpcReply reply = await connection.CallAsync(1, "warm-up"u8, [OutboundPayload.Copy(new byte[4096])]);
         }
 
         switch (kind)
@@ -135,6 +176,75 @@ internal static class EvilClient
             case "missized-segment":
                 RawWriter.SendSegment(connection, 50, 1 << 20, 2 << 20, seals: SharedMemorySegment.RequiredSeals);
                 break;
+            case "segment-flood":
+                // Small sealed segments under fresh ids, far more than the server's budget allows.
+                for (int id = 100; id < 400 && !connection.IsClosed; id++)
+                {
+                    try
+                    {
+                        RawWriter.SendSegment(connection, id, 4096, 4096, seals: SharedMemorySegment.RequiredSeals);
+                    }
+                    catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+                    {
+                        break; // the server hung up
+                    }
+                }
+
+                break;
+            case "segment-bytes":
+                // One sparse segment of 1 GiB: costs the sender nothing, would cost the server a GiB of address space.
+                RawWriter.SendSegment(connection, 60, 1L << 30, 1L << 30, seals: SharedMemorySegment.RequiredSeals);
+                break;
+            case "socket-descriptor":
+                // Half a frame with this process's own socket attached: holding it would keep us "alive" forever.
+                RawWriter.SendPartialFrameWithOwnSocket(connection);
+                break;
+            case "no-consume":
+            {
+                // Requests, but the answers are never consumed: the server's answer ring fills up.
+                connection.StopReceivingForTests();
+                for (ulong i = 0; i < 600 && !connection.IsClosed; i++)
+                {
+                    try
+                    {
+                        RawWriter.WriteMessage(connection, MessageKind.Request, i % 200, 0, []);
+                    }
+                    catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+                    {
+                        break;
+                    }
+                }
+
+                break;
+            }
+
+            case "pipelined-trickle":
+            {
+                // A pipelined payload whose sender writes 64 bytes every 100 ms: progress, but never real progress.
+                unsafe
+                {
+                    SharedBuffer lease = connection.Rent(1 << 20);
+                    var header = (PipelineHeader*)(lease.Segment.Base + lease.Offset);
+                    header->Total = 512 << 10;
+                    header->BytesReady = 0;
+                    RawWriter.WriteMessage(connection, MessageKind.Request, 1, 0, [new PayloadRef { SegmentId = lease.Segment.Id, Flags = PayloadRef.Pipelined, Offset = lease.Offset, Length = 512 << 10 }]);
+                    _ = TrickleAsync(connection, (nint)header);
+                }
+
+                break;
+            }
+
+            case "typed-garbage":
+            case "typed-amplify":
+            {
+                // A request for a real method whose MessagePack body is garbage, or declares an array of two
+                // billion strings in five bytes: decoding either must end the connection, allocating nothing big.
+                int method = KitchenSinkMethod("WordsAsync");
+                byte[] body = kind == "typed-garbage" ? [0x92, 0xC1, 0xC1, 0xC1] : [0x92, 0xDD, 0x7F, 0xFF, 0xFF, 0xFF];
+                _ = connection.CallAsync(method, body, default).AsTask();
+                break;
+            }
+
             default:
                 Console.WriteLine($"unknown kind {kind}");
                 return 2;
@@ -189,5 +299,102 @@ internal sealed class EvilHandler : IRequestHandler
 
         // Stop the transport from answering properly afterwards.
         return new ValueTask(Task.Delay(Timeout.Infinite));
+    }
+}
+
+/// <summary>Peers below the handshake: raw sockets that misbehave before a connection exists.</summary>
+internal static class RawEvil
+{
+    public static async Task<int> RunAsync(string endpoint, string kind, int count)
+    {
+        string path = EndpointPath.Resolve(endpoint);
+        switch (kind)
+        {
+            case "fds-hangup":
+                // One byte of a frame with four descriptors attached, then gone: the server must close them all.
+                for (int i = 0; i < count; i++)
+                {
+                    using var socket = Connect(path);
+                    using SafeMemfdHandle fd = LinuxNative.MemfdCreateHandle("evil-fd", LinuxNative.MFD_CLOEXEC | LinuxNative.MFD_ALLOW_SEALING);
+                    int raw = (int)fd.DangerousGetHandle();
+                    LinuxNative.SendSome((int)socket.SafeHandle.DangerousGetHandle(), [1], [raw, raw, raw, raw]);
+                }
+
+                Console.WriteLine("DONE");
+                return 0;
+            case "silent":
+            {
+                // Connected, never a word: they may cost the server nothing but a descriptor each, and are dropped at the handshake timeout.
+                var sockets = new List<System.Net.Sockets.Socket>();
+                for (int i = 0; i < count; i++)
+                {
+                    sockets.Add(Connect(path));
+                }
+
+                Console.WriteLine("HOLDING");
+                int closed = 0;
+                foreach (System.Net.Sockets.Socket socket in sockets)
+                {
+                    byte[] one = new byte[64];
+                    socket.ReceiveTimeout = 60_000;
+                    try
+                    {
+                        if (socket.Receive(one) == 0)
+                        {
+                            closed++;
+                        }
+                    }
+                    catch (System.Net.Sockets.SocketException)
+                    {
+                        closed++;
+                    }
+                }
+
+                Console.WriteLine($"CLOSED {closed}");
+                return 0;
+            }
+
+            case "trickle-hello":
+            {
+                // A Hello that arrives one byte a second: one deadline for the whole handshake ends it.
+                using var socket = Connect(path);
+                var clock = System.Diagnostics.Stopwatch.StartNew();
+                byte[] frame = [200, 0, 0, 0, 1, 0, 0, 0, .. new byte[200]];
+                foreach (byte b in frame)
+                {
+                    try
+                    {
+                        if (socket.Send([b]) != 1)
+                        {
+                            break;
+                        }
+
+                        await Task.Delay(1000);
+                        if (socket.Poll(0, System.Net.Sockets.SelectMode.SelectRead) && socket.Available == 0)
+                        {
+                            break; // the server hung up
+                        }
+                    }
+                    catch (System.Net.Sockets.SocketException)
+                    {
+                        break;
+                    }
+                }
+
+                Console.WriteLine($"CLOSED {clock.Elapsed.TotalSeconds:0}");
+                return 0;
+            }
+
+            default:
+                Console.WriteLine($"unknown kind {kind}");
+                return 2;
+        }
+    }
+
+    private static System.Net.Sockets.Socket Connect(string path)
+    {
+        var socket = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+        socket.Connect(new System.Net.Sockets.UnixDomainSocketEndPoint(path));
+        return socket;
     }
 }

@@ -12,6 +12,7 @@ using OffloadRpc.Transport;
 //   client-load <endpoint> <calls> [--callers N]      echo calls, each body unique and checked; prints READY, then OK <calls> or WRONG ...
 //   evil-client <endpoint> <kind>                     breaks the protocol in one way, prints what happened
 //   evil-server <endpoint> <kind>                     answers the first request with a broken response
+//   evil-raw <endpoint> <kind> <count>                raw sockets: fds-hangup, silent, trickle-hello
 //   pingpong-server <file> / (see Benchmarks)         raw spin ping-pong partner
 return await PeerProgram.RunAsync(args);
 
@@ -39,6 +40,7 @@ internal static class PeerProgram
                 "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),
                 "client-load" => await ClientLoadAsync(endpoint, options, int.Parse(args[2]), args.Contains("--callers") ? int.Parse(args[Array.IndexOf(args, "--callers") + 1]) : 1),
                 "evil-client" => await EvilClient.RunAsync(endpoint, options, args[2]),
+                "evil-raw" => await RawEvil.RunAsync(endpoint, args[2], int.Parse(args[3])),
                 _ => Usage(mode),
             };
         }

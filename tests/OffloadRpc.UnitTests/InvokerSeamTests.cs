@@ -182,6 +182,8 @@ internal sealed class LoopbackInvoker : CallInvoker, ILeaseHost, IDisposable
     /// <summary>One request on the server side of the loopback, and the reply it produces.</summary>
     private sealed class LoopbackCall(LoopbackInvoker owner, int methodId, byte[] body, SharedBuffer?[] payloads, CancellationToken cancellationToken) : IInboundCall, IReplySource
     {
+        public void AbortConnection(ProtocolViolationException violation) => throw violation; // a loopback has no connection to end
+
         private byte[] _replyBody = [];
         private SharedBuffer?[] _replyPayloads = [];
         private bool _replied;

@@ -86,7 +86,7 @@ public abstract class CallInvoker
     private async ValueTask<T> GatherThenAwaitAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
     {
         using RpcReply reply = await GatherThenSendAsync(method, request, cancellationToken).ConfigureAwait(false);
-        return method.Decoder(new CallReply(reply, _serializerOptions));
+        return Decode(method.Decoder, reply);
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -99,7 +99,22 @@ public abstract class CallInvoker
     private async ValueTask<T> AwaitAsync<T>(ValueTask<RpcReply> pending, ReplyDecoder<T> decoder)
     {
         using RpcReply reply = await pending.ConfigureAwait(false);
-        return decoder(new CallReply(reply, _serializerOptions));
+        return Decode(decoder, reply);
+    }
+
+    /// <summary>A reply that does not decode is the peer's protocol violation: its connection ends, and the caller gets that.</summary>
+    private T Decode<T>(ReplyDecoder<T> decoder, RpcReply reply)
+    {
+        try
+        {
+            return decoder(new CallReply(reply, _serializerOptions));
+        }
+        catch (Exception ex) when (ex is not (ObjectDisposedException or OperationCanceledException or OutOfMemoryException))
+        {
+            var violation = ex as ProtocolViolationException ?? new ProtocolViolationException("A reply does not decode: " + ex.Message, ex);
+            reply.AbortConnection(violation);
+            throw violation;
+        }
     }
 }
 

@@ -17,6 +17,7 @@ public sealed class ServerCall
     private List<Stream>? _streams;
 
     private readonly SerializerOptionsSource _serializerOptions;
+    private bool _argumentsDecoded;
 
     internal ServerCall(IInboundCall call, MethodDescriptor method, SerializerOptionsSource serializerOptions)
     {
@@ -174,6 +175,15 @@ public sealed class ServerCall
         }
     }
 
+    /// <summary>
+    /// Generated code calls this once the arguments are decoded, before the implementation runs: a
+    /// failure before it is the peer's (arguments that do not decode), after it the implementation's.
+    /// </summary>
+    public void ArgumentsDecoded() => _argumentsDecoded = true;
+
+    /// <summary>Whether the arguments were decoded (see <see cref="ArgumentsDecoded"/>).</summary>
+    internal bool HasDecodedArguments => _argumentsDecoded;
+
     /// <summary>The method has completed: the memory it was lent goes back, and on failure the leases it was given too.</summary>
     internal void Complete(bool faulted)
     {
@@ -241,4 +251,7 @@ internal interface IInboundCall
     SharedBuffer Rent(int bytes, CancellationToken cancellationToken);
 
     void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads);
+
+    /// <summary>The peer sent a call that does not decode: end its connection (the transport's promise for any protocol violation).</summary>
+    void AbortConnection(ProtocolViolationException violation);
 }

@@ -54,6 +54,11 @@ internal sealed class ServiceDispatcher : IRequestHandler
         {
             task = target.Stub.InvokeAsync(call.MethodId, serverCall);
         }
+        catch (Exception ex) when (AsDecodeFailure(serverCall, ex) is { } violation)
+        {
+            serverCall.Complete(faulted: true);
+            throw violation;
+        }
         catch
         {
             serverCall.Complete(faulted: true);
@@ -81,9 +86,31 @@ internal sealed class ServiceDispatcher : IRequestHandler
             await task.ConfigureAwait(false);
             faulted = false;
         }
+        catch (Exception ex) when (AsDecodeFailure(call, ex) is { } violation)
+        {
+            throw violation;
+        }
         finally
         {
             call.Complete(faulted);
         }
+    }
+
+    /// <summary>
+    /// A failure before the arguments were decoded is the peer's: a body that does not decode (MessagePack
+    /// errors, missing or malformed arguments) is a protocol violation that ends its connection, as any
+    /// other malformed input does, not a fault answered to a caller that sent garbage.
+    /// </summary>
+    private static ProtocolViolationException? AsDecodeFailure(ServerCall call, Exception ex)
+    {
+        if (call.HasDecodedArguments || ex is OperationCanceledException)
+        {
+            return null;
+        }
+
+        var violation = ex as ProtocolViolationException
+            ?? new ProtocolViolationException($"A call of {call.Method.ServiceName}.{call.Method.Name} has arguments that do not decode: {ex.Message}", ex);
+        call.Inbound.AbortConnection(violation);
+        return violation;
     }
 }

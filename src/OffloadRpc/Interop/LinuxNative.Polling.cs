@@ -82,6 +82,9 @@ internal static unsafe partial class LinuxNative
     [LibraryImport(Libc, EntryPoint = "epoll_wait", SetLastError = true)]
     private static partial int EpollWaitRaw(int epfd, byte* events, int maxEvents, int timeoutMilliseconds);
 
+    [LibraryImport(Libc, EntryPoint = "gettid")]
+    public static partial int GetTid();
+
     [LibraryImport(Libc, EntryPoint = "eventfd", SetLastError = true)]
     public static partial int EventFd(uint initial, int flags);
 

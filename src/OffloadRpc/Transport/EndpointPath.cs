@@ -108,6 +108,30 @@ internal static partial class EndpointPath
         }
     }
 
+    /// <summary>What is at <paramref name="path"/> itself (a link is a link): null when nothing is, else "socket", "regular file", "directory", "symbolic link", ...</summary>
+    public static unsafe string? KindOf(string path)
+    {
+        byte* stat = stackalloc byte[256];
+        if (Lstat(path, stat) != 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            return errno == 2 /* ENOENT */ ? null : throw new OffloadRpcException($"Cannot inspect {path}: {Marshal.GetPInvokeErrorMessage(errno)}.");
+        }
+
+        uint mode = *(uint*)(stat + Interop.LinuxAbi.Current.StatModeOffset);
+        return (mode & 0xF000) switch
+        {
+            0xC000 => "socket",
+            0x8000 => "regular file",
+            0x4000 => "directory",
+            0xA000 => "symbolic link",
+            0x1000 => "named pipe",
+            0x2000 => "character device",
+            0x6000 => "block device",
+            _ => "file of unknown type",
+        };
+    }
+
     [LibraryImport("libc", EntryPoint = "lstat", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static unsafe partial int Lstat(string path, byte* buffer);
 }

@@ -74,6 +74,8 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
 
         try
         {
+            // The caller may reuse this call's index the moment the answer lands: free it first.
+            Connection.ReleaseServedIndex(this);
             Connection.Send(MessageKind.Response, CallId, MethodId, body, payloads, CancellationToken.None);
             Volatile.Write(ref _replyState, Replied);
         }
@@ -97,6 +99,7 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
 
         try
         {
+            Connection.ReleaseServedIndex(this); // as for a response: the index is free before the answer lands
             byte[] buffer = ArrayPool<byte>.Shared.Rent(FaultCodec.MaxEncodedLength);
             try
             {
@@ -124,6 +127,9 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
             throw;
         }
     }
+
+    void Internal.IInboundCall.AbortConnection(ProtocolViolationException violation) =>
+        Connection.Terminate(new ProtocolViolationException($"Protocol violation by peer process {Connection.Peer.ProcessId}: {violation.Message} The connection is closed.", violation));
 
     /// <summary>The caller cancelled <paramref name="callId"/>, or the connection is closing (null): cancel if this call is still the one being served.</summary>
     internal void Cancel(ulong? callId)

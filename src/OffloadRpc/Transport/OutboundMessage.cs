@@ -190,7 +190,10 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         TransferPlan plan = TransferPolicy.Resolve(data.Length, mode, cache, connection.PipelineChunkBytes);
         bool pipelined = plan.Mode == TransferMode.Pipelined;
         long header = pipelined ? PipelineHeader.Size : 0;
-        ArenaBlock block = connection.Arena.Allocate(header + data.Length, cancellationToken);
+        // An answer's payload on the poller (which serves every connection) must not wait for the peer to
+        // release space: the call fails with ArenaExhaustedException at once instead.
+        bool mayWait = _kind is not (MessageKind.Response or MessageKind.Fault) || !Poller.IsPollerThread;
+        ArenaBlock block = connection.Arena.Allocate(header + data.Length, mayWait, cancellationToken);
         _allocated[_allocatedCount++] = block; // with the mapping reference the arena took for us
         SharedMemorySegment segment = block.Segment;
         if (pipelined)
@@ -246,7 +249,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         RpcConnection connection = _connection!;
         try
         {
-            byte* slot = connection.ReserveSlot(out long position, cancellationToken);
+            byte* slot = connection.ReserveSlot(out long position, _kind, cancellationToken);
 
             // Past this point nothing fails short of the connection dying: mark our blocks lent
             // before the peer can see (and release) them.

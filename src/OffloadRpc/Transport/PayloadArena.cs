@@ -99,7 +99,10 @@ internal sealed unsafe class PayloadArena
     /// Allocates a block of at least <paramref name="length"/> bytes, waiting for the peer to release
     /// space when full. The block comes with a reference on its segment's mapping that the caller owns.
     /// </summary>
-    public ArenaBlock Allocate(long length, CancellationToken cancellationToken = default)
+    public ArenaBlock Allocate(long length, CancellationToken cancellationToken = default) => Allocate(length, mayWait: true, cancellationToken);
+
+    /// <param name="mayWait">False: fail with <see cref="ArenaExhaustedException"/> at once rather than wait for space.</param>
+    public ArenaBlock Allocate(long length, bool mayWait, CancellationToken cancellationToken)
     {
         long size = RoundUp(length);
         if (size > MaxBytes)
@@ -118,6 +121,12 @@ internal sealed unsafe class PayloadArena
 
             // Full: wait until the peer posts a release or this process frees space, then try again.
             cancellationToken.ThrowIfCancellationRequested();
+            if (!mayWait)
+            {
+                throw new ArenaExhaustedException(
+                    $"The {_name} arena is full ({UsedBytes} of {MaxBytes} bytes held by leases or calls in flight) and this answer may not wait for space on the poller thread. Dispatch such methods to the thread pool (DispatchToThreadPool) to let them wait.");
+            }
+
             Interlocked.Increment(ref _waiters);
             try
             {

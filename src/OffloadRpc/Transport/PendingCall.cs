@@ -205,6 +205,9 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
         _core.OnCompleted(continuation, state, token, flags);
 
     /// <summary>The caller is done with the reply.</summary>
+    void IReplySource.AbortConnection(ProtocolViolationException violation) =>
+        Connection.Terminate(new ProtocolViolationException($"Protocol violation by peer process {Connection.Peer.ProcessId}: {violation.Message} The connection is closed.", violation));
+
     public void DisposeReply(short version)
     {
         if (version == _core.Version)
@@ -274,6 +277,9 @@ internal interface IReplySource
     void ThrowIfReplyGone(short version);
 
     void DisposeReply(short version);
+
+    /// <summary>The reply does not decode: end the connection it came on.</summary>
+    void AbortConnection(ProtocolViolationException violation);
 }
 
 /// <summary>The reply to a call: its body and payloads. Dispose it to recycle the call's entry.</summary>
@@ -320,6 +326,9 @@ internal readonly struct RpcReply : IDisposable
         _call.ThrowIfReplyGone(_version);
         return _call.TakePayload(index);
     }
+
+    /// <summary>The reply does not decode: end the connection it came on.</summary>
+    public void AbortConnection(ProtocolViolationException violation) => _call?.AbortConnection(violation);
 
     public void Dispose() => _call?.DisposeReply(_version);
 }

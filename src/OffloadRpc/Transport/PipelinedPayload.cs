@@ -13,6 +13,9 @@ namespace OffloadRpc.Transport;
 /// </summary>
 internal sealed class PipelinedPayload : IAsyncWaitCondition
 {
+    /// <summary>The least a sender must write per stall timeout to count as making progress.</summary>
+    public const long MinimumProgressBytes = 64 << 10;
+
     /// <summary>How often a sleeping reader re-checks for a stalled sender.</summary>
     private const int StallCheckMilliseconds = 50;
 
@@ -116,7 +119,12 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
 
     public bool IsSatisfied() => Available() >= _target;
 
-    /// <summary>Closed, cancelled, or no progress for the stall timeout (a live sender that stopped writing would otherwise park us forever).</summary>
+    /// <summary>
+    /// Closed, cancelled, or stalled: no real progress for the stall timeout (a live sender that stopped
+    /// writing would otherwise park us forever). Progress counts only in steps of
+    /// <see cref="MinimumProgressBytes"/> (or to the end): a sender trickling a few bytes per timeout
+    /// does not keep the payload, its block and the reader alive forever.
+    /// </summary>
     public bool IsAbandoned()
     {
         if (_connection.IsClosed || _cancellationToken.IsCancellationRequested)
@@ -125,7 +133,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         }
 
         long now = Stopwatch.GetTimestamp();
-        if (_known != _progressSeen)
+        if (_known - _progressSeen >= Math.Min(MinimumProgressBytes, _length - _progressSeen))
         {
             _progressSeen = _known;
             _progressAt = now;

@@ -90,7 +90,7 @@ internal abstract unsafe class PollSource
 /// sleep until their reply wakes them. One client alone is always granted.
 /// </para>
 /// </summary>
-internal sealed unsafe class Poller
+internal sealed unsafe partial class Poller
 {
     /// <summary>One futex_waitv call takes 128 words; one is the poller's own doorbell.</summary>
     public const int MaxSources = LinuxNative.FutexWaitvMax - 1;
@@ -108,6 +108,7 @@ internal sealed unsafe class Poller
     private long _nextRebalance;
     private int _grantRotation;
     private PollSource[] _competitors = new PollSource[8];
+    private readonly PollSource?[] _armedSources = new PollSource?[MaxSources];
     private bool _serving; // some source's peer calls actively (set at each rebalance)
 
     /// <summary>How many actively calling peers may spin at once.</summary>
@@ -115,20 +116,29 @@ internal sealed unsafe class Poller
 
     private static readonly long RebalanceTicks = Stopwatch.Frequency / 1000; // 1 ms
 
-    public Poller(string name)
+    public Poller(string name, Poller? predecessor = null)
     {
         _doorbell = (int*)NativeMemory.AlignedAlloc(64, 64);
         *_doorbell = 0;
         _waiters = (LinuxNative.FutexWaiter*)NativeMemory.AlignedAlloc((nuint)(sizeof(LinuxNative.FutexWaiter) * LinuxNative.FutexWaitvMax), 64);
+        if (predecessor is not null)
+        {
+            Adopt(predecessor);
+        }
+
         _thread = new Thread(Run) { IsBackground = true, Name = name };
+        PollerWatchdog.Awake();
         _thread.UnsafeStart(); // no captured ExecutionContext: the poller serves every caller
     }
 
     /// <summary>Sources registered (including ones about to be added or removed).</summary>
     public int Registered => Volatile.Read(ref _registered);
 
-    /// <summary>True on the poller's own thread.</summary>
-    public bool IsPollerThread => Thread.CurrentThread == _thread;
+    [ThreadStatic]
+    private static bool t_isPollerThread;
+
+    /// <summary>True on any poller's thread (which serves many connections and must not wait on one peer).</summary>
+    public static bool IsPollerThread => t_isPollerThread;
 
     /// <summary>Registers a source; false when the poller is full.</summary>
     public bool TryAdd(PollSource source)
@@ -158,8 +168,10 @@ internal sealed unsafe class Poller
 
     private void Run()
     {
+        t_isPollerThread = true;
+        Volatile.Write(ref _nativeThreadId, LinuxNative.GetTid());
         long idleSince = Stopwatch.GetTimestamp();
-        while (true)
+        while (!_retired)
         {
             if (Volatile.Read(ref _changes) != 0)
             {
@@ -185,6 +197,8 @@ internal sealed unsafe class Poller
 
             Park();
         }
+
+        PollerWatchdog.Asleep(); // this thread was handed over: its successor polls everything now
     }
 
     /// <summary>Polls every source once; true when one did some work (or finished).</summary>
@@ -192,9 +206,19 @@ internal sealed unsafe class Poller
     {
         bool worked = false;
         PollSource[] sources = _sources;
-        for (int i = 0; i < _count; i++)
+        for (int i = 0; i < _count && !_retired; i++)
         {
             PollSource source = sources[i];
+            if (ReferenceEquals(source, _heldByPredecessor) && !PredecessorReleased())
+            {
+                continue; // the stuck poller this one replaced is still inside it
+            }
+
+            if (!EnterPoll(source, now))
+            {
+                return true; // handed over while between polls: nothing more is this thread's
+            }
+
             PollResult result;
             try
             {
@@ -205,6 +229,11 @@ internal sealed unsafe class Poller
                 // A source must handle its own failures; one that does not is dropped, never the poller.
                 Trace.TraceError($"OffloadRpc: a poll source failed and was dropped: {ex}");
                 result = PollResult.Finished;
+            }
+
+            if (!ExitPoll())
+            {
+                return true; // the watchdog handed this poller's sources over while it was stuck in this one
             }
 
             if (result == PollResult.Worked)
@@ -255,7 +284,7 @@ internal sealed unsafe class Poller
                 }
 
                 now = Stopwatch.GetTimestamp();
-                if (PollAll(now))
+                if (PollAll(now) || _retired)
                 {
                     return true;
                 }
@@ -287,10 +316,17 @@ internal sealed unsafe class Poller
         Interlocked.Exchange(ref *_doorbell, 1);
         _waiters[0] = LinuxNative.FutexWaiter.For(_doorbell, 1);
         PollSource[] sources = _sources;
+        int armed = 0;
         for (int i = 0; i < _count; i++)
         {
+            if (ReferenceEquals(sources[i], _heldByPredecessor))
+            {
+                continue; // its predecessor rings this poller when it lets go of it
+            }
+
+            _armedSources[armed++] = sources[i];
             sources[i].Arm(out int* word, out int expected);
-            _waiters[i + 1] = LinuxNative.FutexWaiter.For(word, expected);
+            _waiters[armed] = LinuxNative.FutexWaiter.For(word, expected);
             int sourceSlice = sources[i].SleepSliceMilliseconds;
             if (sourceSlice >= 0 && (slice < 0 || sourceSlice < slice))
             {
@@ -302,11 +338,18 @@ internal sealed unsafe class Poller
         if (Volatile.Read(ref _changes) == 0 && !PollAll(Stopwatch.GetTimestamp()))
         {
             long sleptAt = Stopwatch.GetTimestamp();
-            int woken = Sleep(_count + 1, slice);
-            if (woken > 0 && woken <= _count)
+            PollerWatchdog.Asleep();
+            int woken = Sleep(armed + 1, slice);
+            PollerWatchdog.Awake();
+            if (woken > 0 && woken <= armed && WokenSource(woken) is { } source)
             {
-                sources[woken - 1].OnWoken(Stopwatch.GetTimestamp() - sleptAt); // futex_waitv names the word that was woken
+                source.OnWoken(Stopwatch.GetTimestamp() - sleptAt); // futex_waitv names the word that was woken
             }
+        }
+
+        if (_retired)
+        {
+            return;
         }
 
         Volatile.Write(ref *_doorbell, 0);
@@ -437,6 +480,18 @@ internal static class PollerGroup
 
     /// <summary>Poller threads running in this process.</summary>
     public static int ThreadCount => Volatile.Read(ref s_pollers).Length;
+
+    /// <summary>The process's pollers right now.</summary>
+    internal static Poller[] Pollers => Volatile.Read(ref s_pollers);
+
+    /// <summary>A stuck poller was handed over: new sources go to its successor.</summary>
+    internal static void Replace(Poller stuck, Poller successor)
+    {
+        lock (s_gate)
+        {
+            s_pollers = s_pollers.Select(p => ReferenceEquals(p, stuck) ? successor : p).ToArray();
+        }
+    }
 
     /// <summary>Starts pollers until there are at least <paramref name="count"/>.</summary>
     public static void EnsureThreads(int count)

@@ -4,13 +4,10 @@ namespace OffloadRpc.Transport;
 
 internal sealed partial class RpcConnection
 {
-    /// <summary>Largest message body accepted out of the arena (bodies are small arguments; payloads travel separately).</summary>
-    public const int MaxBodyLength = 64 << 20;
 
     /// <summary>The most messages one poll consumes before the poller turns to its other connections.</summary>
     private const int MessagesPerPoll = 64;
 
-    private Thread? _receiveThread; // the poller's thread, set on its first poll of this connection
 
     /// <summary>
     /// Consumes what the inbound rings hold (a bounded batch) and the connection's housekeeping
@@ -23,8 +20,7 @@ internal sealed partial class RpcConnection
             return PollResult.Finished;
         }
 
-        _receiveThread ??= Thread.CurrentThread;
-        Debug.Assert(_receiveThread == Thread.CurrentThread, "a connection stays on one poller");
+        Debug.Assert(Poller.IsPollerThread, "a connection's inbound side is polled by a poller");
         bool worked = false;
         try
         {
@@ -272,9 +268,9 @@ internal sealed partial class RpcConnection
     {
         try
         {
-            if (payload.Length > MaxBodyLength)
+            if (payload.Length > _options.MaxMessageBytes)
             {
-                throw Violation($"a message body of {payload.Length} bytes (limit {MaxBodyLength})");
+                throw Violation($"a message body of {payload.Length} bytes (limit {_options.MaxMessageBytes})");
             }
 
             Span<byte> body = target.PrepareBody(methodId, payload.Length);
@@ -342,30 +338,18 @@ internal sealed partial class RpcConnection
     // ------------------------------------------------------------------ serving requests
 
     /// <summary>
-    /// A served call object for the next request. The receiver keeps one spare to itself, so
-    /// a handler that completes synchronously (on the receiver) recycles its call without
-    /// touching the shared pool.
+    /// A served call object for the next request. One spare sits in a slot of its own, so a handler that
+    /// completes synchronously recycles its call without touching the shared pool (an exchange, safe
+    /// whichever thread returns a call: a handler may finish on another thread, and a stuck poller's
+    /// connections move to a new thread).
     /// </summary>
-    private IncomingCall RentIncomingCall()
-    {
-        Debug.Assert(Thread.CurrentThread == _receiveThread, "the spare served call is the receiver's");
-        IncomingCall? spare = _spareIncomingCall;
-        if (spare is not null)
-        {
-            _spareIncomingCall = null;
-            return spare;
-        }
-
-        return _incomingPool.TryDequeue(out IncomingCall? call) ? call : new IncomingCall(this);
-    }
+    private IncomingCall RentIncomingCall() =>
+        Interlocked.Exchange(ref _spareIncomingCall, null)
+        ?? (_incomingPool.TryDequeue(out IncomingCall? call) ? call : new IncomingCall(this));
 
     private void ReturnIncomingCall(IncomingCall call)
     {
-        if (_spareIncomingCall is null && Thread.CurrentThread == _receiveThread)
-        {
-            _spareIncomingCall = call;
-        }
-        else
+        if (Interlocked.CompareExchange(ref _spareIncomingCall, call, null) is not null)
         {
             _incomingPool.Enqueue(call);
         }
@@ -439,11 +423,16 @@ internal sealed partial class RpcConnection
         }
     }
 
-    internal void FinishCall(IncomingCall call, Exception? failure)
+    /// <summary>Frees a served call's index in the table (idempotent): done before its answer goes out, which lets the caller reuse the index.</summary>
+    internal void ReleaseServedIndex(IncomingCall call)
     {
-        // Free the index before answering: the caller may reuse it the moment the answer lands.
         int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
         Interlocked.CompareExchange(ref _servedCalls[index], null, call);
+    }
+
+    internal void FinishCall(IncomingCall call, Exception? failure)
+    {
+        ReleaseServedIndex(call); // for a call that returns without having answered: FinishCall answers it below
         try
         {
             if (failure is not null)

@@ -47,6 +47,14 @@ internal sealed partial class RpcConnection
             byte* slot = ring.TryReserve(out long position);
             if (slot is null)
             {
+                if (Interlocked.Increment(ref _overflowCount) > _options.MaxPendingReleases)
+                {
+                    // The peer has stopped draining its release ring: we will not queue without bound for it.
+                    Interlocked.Decrement(ref _overflowCount);
+                    Terminate(Violation($"no room in its release ring for {_options.MaxPendingReleases} releases: it stopped taking its blocks back"));
+                    return;
+                }
+
                 _overflowReleases.Enqueue(handle); // the receiver posts it once the ring drains
                 SharedWait.Wake(_outbound.ConsumerWake);
                 return;
@@ -73,7 +81,7 @@ internal sealed partial class RpcConnection
     /// <summary>Posts releases that found the ring full (the receiver only).</summary>
     private unsafe void FlushOverflowReleases()
     {
-        Debug.Assert(Thread.CurrentThread == _receiveThread, "overflow releases are posted by the receiver only");
+        Debug.Assert(Poller.IsPollerThread, "overflow releases are posted by the receiver (a poller) only");
         while (_overflowReleases.TryPeek(out ulong handle))
         {
             byte* slot = _outbound.Releases.TryReserve(out long position);
@@ -83,6 +91,7 @@ internal sealed partial class RpcConnection
             }
 
             _overflowReleases.TryDequeue(out _);
+            Interlocked.Decrement(ref _overflowCount);
             *(ulong*)(slot + 8) = handle;
             _outbound.Releases.Publish(position);
         }

@@ -69,6 +69,23 @@ internal sealed partial class RpcConnection
         }
     }
 
+    /// <summary>Peer segments this process maps, over all connections (the budget <see cref="TransportOptions.MaxMappedBytes"/>).</summary>
+    private static long s_peerMappedBytes;
+
+    private int _peerSegmentCount; // reactor thread only, then ReleaseResources
+    private long _peerMappedBytes;
+
+    /// <summary>Bytes of peers' segments this process holds mapped for its connections right now.</summary>
+    internal static long PeerMappedBytes => Volatile.Read(ref s_peerMappedBytes);
+
+    /// <summary>A peer segment leaves the connection: its bytes leave the budgets (leases may still keep the mapping a while).</summary>
+    private void ForgetPeerSegment(SharedMemorySegment segment)
+    {
+        _peerSegmentCount--;
+        _peerMappedBytes -= segment.Size;
+        Interlocked.Add(ref s_peerMappedBytes, -segment.Size);
+    }
+
     // ------------------------------------------------------------------ the socket: segments and liveness
 
     /// <summary>
@@ -144,8 +161,37 @@ internal sealed partial class RpcConnection
                     throw Violation($"segment id {id}, which is out of range or in use");
                 }
 
-                // MapPeer owns the descriptor from here, whether it succeeds or not, and closes it once mapped.
-                SharedMemorySegment segment = SharedMemorySegment.MapPeer(id, fds.Take(0), size, _options.MaxPeerSegmentBytes);
+                // Budgets before anything is mapped: per peer (segments, bytes) and for all peers of the process.
+                if (_peerSegmentCount >= _options.MaxPeerSegments)
+                {
+                    throw Violation($"a segment past its budget of {_options.MaxPeerSegments} segments");
+                }
+
+                if (size > 0 && _peerMappedBytes + size > _options.MaxPeerMappedBytes)
+                {
+                    throw Violation($"a segment of {size} bytes past its budget of {_options.MaxPeerMappedBytes} mapped bytes ({_peerMappedBytes} held)");
+                }
+
+                if (size > 0 && Interlocked.Add(ref s_peerMappedBytes, size) > _options.MaxMappedBytes)
+                {
+                    Interlocked.Add(ref s_peerMappedBytes, -size);
+                    throw Violation($"a segment of {size} bytes while peers already have this process map {Volatile.Read(ref s_peerMappedBytes)} of at most {_options.MaxMappedBytes} bytes");
+                }
+
+                SharedMemorySegment segment;
+                try
+                {
+                    // MapPeer owns the descriptor from here, whether it succeeds or not, and closes it once mapped.
+                    segment = SharedMemorySegment.MapPeer(id, fds.Take(0), size, _options.MaxPeerSegmentBytes);
+                }
+                catch
+                {
+                    Interlocked.Add(ref s_peerMappedBytes, -Math.Max(size, 0));
+                    throw;
+                }
+
+                _peerSegmentCount++;
+                _peerMappedBytes += size;
                 Volatile.Write(ref _peerSegments[id], segment); // the connection owns it now: RemoveSegment or ReleaseResources disposes it
                 Span<byte> ack = stackalloc byte[4];
                 BinaryPrimitives.WriteInt32LittleEndian(ack, id);
@@ -186,6 +232,7 @@ internal sealed partial class RpcConnection
                     throw Violation($"the removal of unknown segment {id}");
                 }
 
+                ForgetPeerSegment(segment);
                 segment.Dispose(); // the connection's (owner's) reference; payloads still held keep the mapping
                 return;
             }

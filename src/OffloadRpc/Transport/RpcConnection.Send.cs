@@ -123,16 +123,30 @@ internal sealed partial class RpcConnection
 
         try
         {
-            while (_pendingCancels.TryPeek(out ulong callId))
+            // One flusher at a time: two threads that peeked the same cancel would publish one twice and
+            // lose the next. A flusher that finds the lock taken leaves the queue to the one inside, which
+            // looks again after it lets go (a cancel queued meanwhile is not left behind).
+            while (!_pendingCancels.IsEmpty && Monitor.TryEnter(_cancelFlushLock))
             {
-                byte* slot = _outbound.Messages.TryReserve(out long position);
-                if (slot is null)
+                try
                 {
-                    return;
-                }
+                    while (_pendingCancels.TryPeek(out ulong callId))
+                    {
+                        byte* slot = _outbound.Messages.TryReserve(out long position);
+                        if (slot is null)
+                        {
+                            return; // the ring is full: the next send or the receiver's next poll flushes
+                        }
 
-                _pendingCancels.TryDequeue(out _);
-                WriteAndPublish(slot, position, MessageKind.Cancel, callId, 0, MessageFlags.None, [], []);
+                        bool dequeued = _pendingCancels.TryDequeue(out ulong taken);
+                        Debug.Assert(dequeued && taken == callId, "only the lock holder dequeues cancels");
+                        WriteAndPublish(slot, position, MessageKind.Cancel, callId, 0, MessageFlags.None, [], []);
+                    }
+                }
+                finally
+                {
+                    Monitor.Exit(_cancelFlushLock);
+                }
             }
         }
         catch (ProtocolViolationException ex)
@@ -252,9 +266,19 @@ internal sealed partial class RpcConnection
         return any;
     }
 
-    /// <summary>Reserves the next outbound slot, waiting (bounded by close and cancellation) while the ring is full.</summary>
-    internal unsafe byte* ReserveSlot(out long position, CancellationToken cancellationToken)
+    /// <summary>
+    /// Reserves the next outbound slot, waiting (bounded by close and cancellation) while the ring is full.
+    /// An answer (response or fault) never waits long: the peer can have no more answers outstanding than
+    /// calls in flight, and no more calls in flight than the ring has slots, so a full ring at answer
+    /// time means it stopped consuming. On the poller (which serves every connection) an answer waits
+    /// only for the spin; elsewhere at most <see cref="TransportOptions.ArenaWaitTimeout"/>. Then the peer
+    /// is disconnected with <see cref="ProtocolViolationException"/>.
+    /// </summary>
+    internal unsafe byte* ReserveSlot(out long position, MessageKind kind, CancellationToken cancellationToken)
     {
+        bool answer = kind is MessageKind.Response or MessageKind.Fault;
+        long deadline = !answer || _options.ArenaWaitTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue
+            : Stopwatch.GetTimestamp() + (long)(_options.ArenaWaitTimeout.TotalSeconds * Stopwatch.Frequency);
         while (true)
         {
             ThrowIfClosed();
@@ -274,17 +298,25 @@ internal sealed partial class RpcConnection
                 return slot;
             }
 
-            var condition = new RingHasSpace(this, _outbound.Messages, cancellationToken);
-            SharedWait.Wait(ref condition, _outbound.MessageProducerWake, _sendSpin, singleWaiter: false, _options.SleepSliceMilliseconds);
+            var condition = new RingHasSpace(this, _outbound.Messages, deadline, cancellationToken);
+            bool satisfied = answer && Poller.IsPollerThread
+                ? SharedWait.Spin(ref condition, _sendSpin.BudgetTicks) == SharedWait.SpinOutcome.Satisfied
+                : SharedWait.Wait(ref condition, _outbound.MessageProducerWake, _sendSpin, singleWaiter: false, _options.SleepSliceMilliseconds);
             cancellationToken.ThrowIfCancellationRequested();
+            if (!satisfied && answer && !IsClosed)
+            {
+                var violation = Violation($"more requests than it consumed answers: its {Geometry.SlotCount}-slot answer ring stayed full");
+                Terminate(violation);
+                throw violation;
+            }
         }
     }
 
-    private readonly struct RingHasSpace(RpcConnection connection, ControlRing ring, CancellationToken cancellationToken) : IWaitCondition
+    private readonly struct RingHasSpace(RpcConnection connection, ControlRing ring, long deadline, CancellationToken cancellationToken) : IWaitCondition
     {
         public bool IsSatisfied() => ring.HasFreeSlot();
 
-        public bool IsAbandoned() => connection.IsClosed || cancellationToken.IsCancellationRequested;
+        public bool IsAbandoned() => connection.IsClosed || cancellationToken.IsCancellationRequested || Stopwatch.GetTimestamp() > deadline;
     }
 
     // ------------------------------------------------------------------ hooks for the protocol-violation tests
@@ -295,8 +327,11 @@ internal sealed partial class RpcConnection
     /// <summary>Test hook: the socket, to send raw frames.</summary>
     internal SocketChannel Channel => _channel;
 
+    /// <summary>Test hook: this side stops consuming what the peer sends (a peer that never reads its answers), the connection stays open.</summary>
+    internal void StopReceivingForTests() => _receiver.RequestRemoval();
+
     /// <summary>Test hook: reserves the next outbound slot without writing it.</summary>
-    internal unsafe byte* ReserveRawSlot(out long position) => ReserveSlot(out position, CancellationToken.None);
+    internal unsafe byte* ReserveRawSlot(out long position) => ReserveSlot(out position, MessageKind.Request, CancellationToken.None);
 
     /// <summary>Test hook: wakes the peer's receiver without publishing anything.</summary>
     internal unsafe void WakePeerConsumer() => SharedWait.WakeUnconditionally(_outbound.ConsumerWake);

@@ -33,7 +33,9 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     private readonly IncomingCall?[] _servedCalls;
     private readonly ConcurrentQueue<IncomingCall> _incomingPool = new();
     private readonly ConcurrentQueue<ulong> _overflowReleases = new();
+    private int _overflowCount;
     private readonly ConcurrentQueue<ulong> _pendingCancels = new();
+    private readonly object _cancelFlushLock = new();
     private readonly SpinPolicy _spin;
     private readonly AdaptiveSpin _sendSpin;
     private readonly AdaptiveSpin _arenaSpin;
@@ -42,7 +44,7 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     private int _partsRunning = 2; // the receiver and the socket loop; the last to stop gives the memory back
     private readonly object _announceLock = new();
     private readonly Action<PayloadArena> _drainReleases;
-    private IncomingCall? _spareIncomingCall; // the receiver only
+    private IncomingCall? _spareIncomingCall;
     private long _announcesSent;
     private long _announcesAcknowledged;
     private Exception? _terminal;
@@ -136,6 +138,11 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         }
 
         Interlocked.Exchange(ref _closed, 1);
+
+        // Served calls learn at once that nobody waits for their answers (a method running inline on the
+        // poller would otherwise see its token fire only after it returned). Their tokens' callbacks are
+        // user code: run them on the thread pool, not on the thread that noticed the death.
+        ThreadPool.UnsafeQueueUserWorkItem(static connection => connection.CancelServedCalls(), this, preferLocal: false);
         // The receive thread may release the areas as soon as it sees the connection closed: a wake
         // word is touched only under a reference, and not at all once the areas are gone.
         if (_inbound.Segment.TryAddReference())
@@ -188,20 +195,29 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         }
     }
 
-    private void ReleaseResources(Exception reason)
+    private void CancelServedCalls()
     {
-        _calls.FailAll(ClosedException());
         for (int i = 0; i < _servedCalls.Length; i++)
         {
             Volatile.Read(ref _servedCalls[i])?.Cancel(null);
         }
+    }
+
+    private void ReleaseResources(Exception reason)
+    {
+        _calls.FailAll(ClosedException());
+        CancelServedCalls();
 
         // The connection's (owner's) references: leases and payloads still held keep their mappings.
         Debug.Assert(Volatile.Read(ref _started) == 0 || Volatile.Read(ref _partsRunning) == 0, "neither the socket loop nor the receiver touches a segment after the resources are released");
         _arena.Close();
         for (int i = 0; i < _peerSegments.Length; i++)
         {
-            Interlocked.Exchange(ref _peerSegments[i], null)?.Dispose();
+            if (Interlocked.Exchange(ref _peerSegments[i], null) is { } segment)
+            {
+                ForgetPeerSegment(segment);
+                segment.Dispose();
+            }
         }
 
         _inbound.Dispose();

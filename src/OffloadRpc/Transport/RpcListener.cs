@@ -18,6 +18,7 @@ internal sealed class RpcListener : IAsyncDisposable
     private Socket? _socket;
     private Task? _acceptLoop;
     private int _disposed;
+    private int _handshakes;
 
     public RpcListener(string endpoint, TransportOptions options, IReadOnlyList<ContractDescriptor> served, Func<RpcConnection, IRequestHandler> handlerFactory)
     {
@@ -60,16 +61,21 @@ internal sealed class RpcListener : IAsyncDisposable
         _acceptLoop = AcceptLoopAsync(socket, _stopping.Token);
     }
 
+    /// <summary>
+    /// Clears the way for the listening socket: deletes only a socket file it can prove stale (nobody
+    /// accepts on it: the connection is refused). Anything else at the path is somebody's file and an error.
+    /// </summary>
     private static void RemoveStaleSocket(string path)
     {
-        if (!File.Exists(path))
+        string? kind = EndpointPath.KindOf(path);
+        if (kind is null)
         {
             return;
         }
 
-        if ((File.GetAttributes(path) & FileAttributes.Directory) != 0)
+        if (kind != "socket")
         {
-            throw new IOException($"{path} is a directory, not a socket.");
+            throw new IOException($"The endpoint path {path} holds a {kind}, not a socket; refusing to replace it. Remove it or choose another endpoint.");
         }
 
         using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
@@ -77,10 +83,14 @@ internal sealed class RpcListener : IAsyncDisposable
         {
             probe.Connect(new UnixDomainSocketEndPoint(path));
         }
-        catch (SocketException)
+        catch (SocketException ex) when (ex.SocketErrorCode == SocketError.ConnectionRefused)
         {
-            File.Delete(path); // nobody listens: left over from a process that died
+            File.Delete(path); // a socket nobody listens on: left over from a process that died
             return;
+        }
+        catch (SocketException ex)
+        {
+            throw new IOException($"The endpoint path {path} holds a socket that could not be probed ({ex.SocketErrorCode}); refusing to replace it.", ex);
         }
 
         throw new InvalidOperationException($"Another server is already listening at {path}.");
@@ -114,6 +124,16 @@ internal sealed class RpcListener : IAsyncDisposable
                 continue;
             }
 
+            // Budgets: handshakes in progress and open connections. A client past either is refused at
+            // once (a flood of silent sockets cannot hold the server's memory or descriptors).
+            if (Interlocked.Increment(ref _handshakes) > _options.MaxConcurrentHandshakes)
+            {
+                Interlocked.Decrement(ref _handshakes);
+                client.Dispose();
+                Report(new ProtocolViolationException($"A client was refused: {_options.MaxConcurrentHandshakes} handshakes are already in progress (MaxConcurrentHandshakes)."));
+                continue;
+            }
+
             // The handshake waits in the reactor, not on a thread: a slow or silent client costs none.
             _ = AdmitAsync(client, stopping);
         }
@@ -124,12 +144,22 @@ internal sealed class RpcListener : IAsyncDisposable
         RpcConnection connection;
         try
         {
+            if (_connections.Count >= _options.MaxConnections)
+            {
+                client.Dispose();
+                throw new ProtocolViolationException($"A client was refused: {_options.MaxConnections} connections are open (MaxConnections).");
+            }
+
             connection = await Handshake.AcceptAsync(client, _options, _served, new DeferredHandler(this), stopping).ConfigureAwait(false);
         }
         catch (Exception ex)
         {
             Report(ex);
             return;
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _handshakes);
         }
 
         _connections[connection] = 0;

@@ -56,6 +56,7 @@ internal sealed class SocketChannel : IDisposable
 
     private readonly Socket _socket;
     private readonly object _sendLock = new();
+    private readonly object _receiveLock = new();
     private readonly byte[] _receiveBuffer = new byte[HeaderSize + MaxFrameLength];
     private readonly SafeMemfdHandle?[] _pending = new SafeMemfdHandle?[LinuxNative.MaxFdsPerMessage];
     private SocketRegistration? _registration;
@@ -202,6 +203,22 @@ internal sealed class SocketChannel : IDisposable
         type = 0;
         payload = default;
         descriptors = default;
+        lock (_receiveLock) // one reader at a time; Dispose may run on another thread
+        {
+            if (Volatile.Read(ref _disposed) != 0)
+            {
+                return FrameStatus.EndOfStream;
+            }
+
+            return TryReceiveLocked(out type, out payload, out descriptors);
+        }
+    }
+
+    private FrameStatus TryReceiveLocked(out FrameType type, out ReadOnlySpan<byte> payload, out ReceivedDescriptors descriptors)
+    {
+        type = 0;
+        payload = default;
+        descriptors = default;
         try
         {
             while (true)
@@ -314,6 +331,17 @@ internal sealed class SocketChannel : IDisposable
             throw new ProtocolViolationException("The peer sent more file descriptors than a frame may carry.");
         }
 
+        // Only sealable memfds are ever passed. Anything else is refused at once, before a partial frame
+        // could keep it: a peer that attached its own socket and then died would otherwise never be seen
+        // to die (we would hold its end open), and a pipe or a file has no business here.
+        for (int i = _pendingCount - received; i < _pendingCount; i++)
+        {
+            if (LinuxNative.Fcntl(_pending[i]!, LinuxNative.F_GET_SEALS, 0) < 0)
+            {
+                throw new ProtocolViolationException("The peer passed a file descriptor that is not a shared-memory segment.");
+            }
+        }
+
         if (n >= 0)
         {
             return n;
@@ -359,6 +387,9 @@ internal sealed class SocketChannel : IDisposable
         _frameLength = -1;
     }
 
+    /// <summary>Test hook: the raw socket descriptor (a malicious peer sends it to the other side).</summary>
+    internal int DescriptorForTests => (int)_socket.SafeHandle.DangerousGetHandle();
+
     /// <summary>The peer's process id, user id and group id (SO_PEERCRED).</summary>
     public (int Pid, uint Uid, uint Gid) GetPeerCredentials()
     {
@@ -396,6 +427,11 @@ internal sealed class SocketChannel : IDisposable
             lock (_sendLock)
             {
                 _socket.Dispose();
+            }
+
+            lock (_receiveLock)
+            {
+                DropPartialFrame(); // descriptors of a frame that will never complete are closed, not kept
             }
         }
     }

@@ -27,6 +27,27 @@ internal sealed class TransportOptions
     /// <summary>The largest control area (both rings) a client may ask this server for.</summary>
     public long MaxPeerControlAreaBytes { get; init; } = 16L << 20;
 
+    /// <summary>The most shared memory (all its segments) one peer may have this process map.</summary>
+    public long MaxPeerMappedBytes { get; init; } = 8L << 30;
+
+    /// <summary>The most segments one peer may have this process map (each is a mapping; the kernel caps mappings per process).</summary>
+    public int MaxPeerSegments { get; init; } = 256;
+
+    /// <summary>The most shared memory peers may have this process map in all (the process's own segments not counted).</summary>
+    public long MaxMappedBytes { get; init; } = 256L << 30;
+
+    /// <summary>Server: the most connections open at once; more are refused at the handshake.</summary>
+    public int MaxConnections { get; init; } = 1024;
+
+    /// <summary>Server: the most handshakes in progress at once; a socket accepted beyond it is closed at once.</summary>
+    public int MaxConcurrentHandshakes { get; init; } = 64;
+
+    /// <summary>Releases this side may queue while the peer's release ring is full (the peer is not draining it); more is a protocol violation.</summary>
+    public int MaxPendingReleases { get; init; } = 1 << 16;
+
+    /// <summary>The largest message body (the MessagePack part of a request or reply) accepted from the peer.</summary>
+    public int MaxMessageBytes { get; init; } = 16 << 20;
+
     /// <summary>The chunk size of a pipelined payload: the receiver can start once the first chunk has landed.</summary>
     public long PipelineChunkBytes { get; init; } = Engines.TransferPolicy.PipelineChunkBytes;
 

@@ -41,6 +41,7 @@ namespace Sample.Imaging
         private async global::System.Threading.Tasks.ValueTask Invoke324153750(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode324153750(__call, out byte[] data);
+            __call.ArgumentsDecoded();
             byte[] __result = await this._implementation.EchoAsync(data, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(Encode324153750(__result));
         }
@@ -76,6 +77,7 @@ namespace Sample.Imaging
         private async global::System.Threading.Tasks.ValueTask Invoke720896971(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode720896971(__call, out int width, out int height);
+            __call.ArgumentsDecoded();
             global::OffloadRpc.SharedBuffer __result = await this._implementation.RenderAsync(width, height, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(Encode720896971(__result));
         }
@@ -112,6 +114,7 @@ namespace Sample.Imaging
         private async global::System.Threading.Tasks.ValueTask Invoke1263039390(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1263039390(__call, out global::System.ReadOnlyMemory<byte> batch, out global::Sample.Imaging.DetectOptions options);
+            __call.ArgumentsDecoded();
             global::Sample.Imaging.Detection[] __result = await this._implementation.DetectAsync(batch, options, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(Encode1263039390(__result, __call.SerializerOptions));
         }
@@ -148,6 +151,7 @@ namespace Sample.Imaging
         private async global::System.Threading.Tasks.ValueTask Invoke1351954364(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1351954364(__call, out global::OffloadRpc.SharedBuffer frame);
+            __call.ArgumentsDecoded();
             await this._implementation.ProcessAsync(frame, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
         }
@@ -166,6 +170,7 @@ namespace Sample.Imaging
         private async global::System.Threading.Tasks.ValueTask Invoke1490050280(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1490050280(__call, out int a, out int b);
+            __call.ArgumentsDecoded();
             int __result = await this._implementation.AddAsync(a, b, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(Encode1490050280(__result));
         }
@@ -202,6 +207,7 @@ namespace Sample.Imaging
         private async global::System.Threading.Tasks.ValueTask Invoke1681903504(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1681903504(__call, out global::System.ReadOnlyMemory<byte> frame);
+            __call.ArgumentsDecoded();
             ulong __result = await this._implementation.ChecksumAsync(frame, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(Encode1681903504(__result));
         }

@@ -35,6 +35,7 @@ namespace OffloadRpc.Generated
         private async global::System.Threading.Tasks.ValueTask Invoke623844223(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode623844223(__call);
+            __call.ArgumentsDecoded();
             await this._implementation.ClearAsync(__call.CancellationToken).ConfigureAwait(false);
             __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
         }
@@ -51,6 +52,7 @@ namespace OffloadRpc.Generated
         private async global::System.Threading.Tasks.ValueTask Invoke667527112(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode667527112(__call);
+            __call.ArgumentsDecoded();
             float[] __result = await this._implementation.HistoryAsync().ConfigureAwait(false);
             __call.Reply(Encode667527112(__result));
         }
@@ -84,6 +86,7 @@ namespace OffloadRpc.Generated
         private async global::System.Threading.Tasks.ValueTask Invoke853741005(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode853741005(__call, out int a, out int b);
+            __call.ArgumentsDecoded();
             int __result = await this._implementation.AddAsync(a, b).ConfigureAwait(false);
             __call.Reply(Encode853741005(__result));
         }

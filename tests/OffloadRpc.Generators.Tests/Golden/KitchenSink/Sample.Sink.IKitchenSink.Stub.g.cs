@@ -69,6 +69,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke248194261(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode248194261(__call, out global::System.IO.Stream data, out global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks);
+            __call.ArgumentsDecoded();
             long __result = await this._implementation.ConsumeAsync(data, chunks, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(Encode248194261(__result));
         }
@@ -105,6 +106,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke420193125(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode420193125(__call, out global::System.DateTime moment, out global::System.TimeSpan by);
+            __call.ArgumentsDecoded();
             global::System.DateTime __result = await this._implementation.ShiftAsync(moment, by).ConfigureAwait(false);
             __call.Reply(Encode420193125(__result, __call.SerializerOptions));
         }
@@ -141,6 +143,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke485972202(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode485972202(__call, out global::Sample.Sink.Channel channel, out global::Sample.Sink.Level level);
+            __call.ArgumentsDecoded();
             global::Sample.Sink.Channel __result = await this._implementation.NextChannelAsync(channel, level).ConfigureAwait(false);
             __call.Reply(Encode485972202(__result));
         }
@@ -177,6 +180,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke561976780(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode561976780(__call);
+            __call.ArgumentsDecoded();
             await this._implementation.ResetAsync(__call.CancellationToken).ConfigureAwait(false);
             __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
         }
@@ -193,6 +197,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke619346103(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode619346103(__call, out double[] values, out double factor);
+            __call.ArgumentsDecoded();
             double[] __result = await this._implementation.ScaleAsync(values, factor).ConfigureAwait(false);
             __call.Reply(Encode619346103(__result));
         }
@@ -229,6 +234,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke801540263(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode801540263(__call);
+            __call.ArgumentsDecoded();
             await this._implementation.DoNothingAsync().ConfigureAwait(false);
             __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
         }
@@ -245,6 +251,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke802093341(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode802093341(__call, out global::System.ReadOnlyMemory<float> floats, out global::System.Memory<int> ints);
+            __call.ArgumentsDecoded();
             double __result = await this._implementation.SumAsync(floats, ints).ConfigureAwait(false);
             __call.Reply(Encode802093341(__result));
         }
@@ -281,6 +288,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke874497112(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode874497112(__call, out int length);
+            __call.ArgumentsDecoded();
             global::OffloadRpc.SharedBuffer? __result = await this._implementation.MaybeLeaseAsync(length).ConfigureAwait(false);
             __call.Reply(Encode874497112(__result));
         }
@@ -316,6 +324,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke897847365(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode897847365(__call, out int @class, out string @event, out int @await);
+            __call.ArgumentsDecoded();
             bool __result = await this._implementation.@checked(@class, @event, @await, __call.CancellationToken).ConfigureAwait(false);
             __call.Reply(Encode897847365(__result));
         }
@@ -353,6 +362,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke960466944(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode960466944(__call, out int[]? values);
+            __call.ArgumentsDecoded();
             int[]? __result = await this._implementation.MaybeAsync(values).ConfigureAwait(false);
             __call.Reply(Encode960466944(__result));
         }
@@ -388,6 +398,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1045107197(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1045107197(__call, out int count);
+            __call.ArgumentsDecoded();
             global::System.Memory<short> __result = await this._implementation.ShortsAsync(count).ConfigureAwait(false);
             __call.Reply(Encode1045107197(__result));
         }
@@ -423,6 +434,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1370471249(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1370471249(__call, out global::System.ReadOnlyMemory<byte> data);
+            __call.ArgumentsDecoded();
             global::System.ReadOnlyMemory<byte> __result = await this._implementation.ReverseAsync(data).ConfigureAwait(false);
             __call.Reply(Encode1370471249(__result));
         }
@@ -458,6 +470,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1458818217(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1458818217(__call, out int count, out string text);
+            __call.ArgumentsDecoded();
             (int Count, string Text) __result = await this._implementation.TupleAsync(count, text).ConfigureAwait(false);
             __call.Reply(Encode1458818217(__result, __call.SerializerOptions));
         }
@@ -494,6 +507,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1625685404(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1625685404(__call, out string text, out char separator);
+            __call.ArgumentsDecoded();
             global::System.Collections.Generic.List<string> __result = await this._implementation.SplitAsync(text, separator).ConfigureAwait(false);
             __call.Reply(Encode1625685404(__result, __call.SerializerOptions));
         }
@@ -530,6 +544,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1743152058(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1743152058(__call, out global::Sample.Sink.Point point, out global::Sample.Sink.Point? origin, out global::System.Collections.Generic.Dictionary<string, int> counts);
+            __call.ArgumentsDecoded();
             global::Sample.Sink.Point? __result = await this._implementation.MoveAsync(point, origin, counts).ConfigureAwait(false);
             __call.Reply(Encode1743152058(__result, __call.SerializerOptions));
         }
@@ -567,6 +582,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1879692759(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1879692759(__call, out byte[] first, out global::OffloadRpc.SharedBuffer? second);
+            __call.ArgumentsDecoded();
             long __result = await this._implementation.TotalLengthAsync(first, second).ConfigureAwait(false);
             __call.Reply(Encode1879692759(__result));
         }
@@ -603,6 +619,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1884731671(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1884731671(__call, out decimal a, out decimal b);
+            __call.ArgumentsDecoded();
             decimal __result = await this._implementation.AddDecimalAsync(a, b).ConfigureAwait(false);
             __call.Reply(Encode1884731671(__result, __call.SerializerOptions));
         }
@@ -639,6 +656,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1912296331(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1912296331(__call, out string key);
+            __call.ArgumentsDecoded();
             string? __result = await this._implementation.FindAsync(key).ConfigureAwait(false);
             __call.Reply(Encode1912296331(__result));
         }
@@ -674,6 +692,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1948145934(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1948145934(__call, out string text, out bool strict, out long? fallback);
+            __call.ArgumentsDecoded();
             int? __result = await this._implementation.ParseAsync(text, strict, fallback).ConfigureAwait(false);
             __call.Reply(Encode1948145934(__result, __call.SerializerOptions));
         }
@@ -711,6 +730,7 @@ namespace Sample.Sink
         private async global::System.Threading.Tasks.ValueTask Invoke1972214419(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1972214419(__call, out string a, out string? b);
+            __call.ArgumentsDecoded();
             string __result = await this._implementation.ConcatAsync(a, b).ConfigureAwait(false);
             __call.Reply(Encode1972214419(__result));
         }
