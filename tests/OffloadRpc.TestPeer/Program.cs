@@ -10,6 +10,7 @@ using OffloadRpc.Transport;
 //   client <endpoint> [--version N]                   one echo call; prints OK or REFUSED <type>: <message>
 //   client-hold <endpoint> <bytes>                    sends a payload to Hold and waits to be killed
 //   client-load <endpoint> <calls> [--callers N]      echo calls, each body unique and checked; prints READY, then OK <calls> or WRONG ...
+//   client-mixed <endpoint> <seconds>                 small, 1 MiB, SharedBuffer and pipelined calls for a while, each checked
 //   evil-client <endpoint> <kind>                     breaks the protocol in one way, prints what happened
 //   evil-server <endpoint> <kind>                     answers the first request with a broken response
 //   evil-raw <endpoint> <kind> <count>                raw sockets: fds-hangup, silent, trickle-hello
@@ -38,6 +39,7 @@ internal static class PeerProgram
                 "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
                 "client" => await ClientAsync(endpoint, options, contracts),
                 "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),
+                "client-mixed" => await ClientMixedAsync(endpoint, options, int.Parse(args[2])),
                 "client-load" => await ClientLoadAsync(endpoint, options, int.Parse(args[2]), args.Contains("--callers") ? int.Parse(args[Array.IndexOf(args, "--callers") + 1]) : 1),
                 "evil-client" => await EvilClient.RunAsync(endpoint, options, args[2]),
                 "evil-raw" => await RawEvil.RunAsync(endpoint, args[2], int.Parse(args[3])),
@@ -158,6 +160,69 @@ internal static class PeerProgram
         })));
         Console.WriteLine(wrong == 0 ? $"OK {calls}" : $"WRONG {wrong}: {first}");
         return wrong == 0 ? 0 : 1;
+    }
+
+    /// <summary>
+    /// Calls of every kind for <paramref name="seconds"/>: small echoes, 1 MiB copies, leases passed without a
+    /// copy, 4 MiB pipelined payloads; the server answers each payload's checksum, which must be ours.
+    /// </summary>
+    private static async Task<int> ClientMixedAsync(string endpoint, TransportOptions options, int seconds)
+    {
+        await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, options, [], null, CancellationToken.None);
+        Console.WriteLine("READY");
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        byte[] mib = new byte[1 << 20];
+        byte[] pipelined = new byte[4 << 20];
+        long calls = 0;
+        for (ulong seed = (ulong)Environment.ProcessId << 20; clock.Elapsed < TimeSpan.FromSeconds(seconds); seed++)
+        {
+            switch (calls++ % 4)
+            {
+                case 0:
+                {
+                    byte[] body = BitConverter.GetBytes(seed);
+                    using RpcReply reply = await connection.CallAsync(PeerMethods.Echo, body, default);
+                    Expect(reply.Body.SequenceEqual(body), "echo");
+                    break;
+                }
+
+                case 1:
+                    Checksum64.Fill(mib, seed);
+                    await ExpectChecksumAsync(connection, OutboundPayload.Copy(mib), mib.Length, Checksum64.Compute(mib));
+                    break;
+                case 2:
+                {
+                    SharedBuffer lease = connection.Rent(256 << 10);
+                    Checksum64.Fill(lease.Span, seed);
+                    ulong expected = Checksum64.Compute(lease.Span);
+                    await ExpectChecksumAsync(connection, OutboundPayload.Move(lease), 256 << 10, expected);
+                    break;
+                }
+
+                default:
+                    Checksum64.Fill(pipelined, seed);
+                    await ExpectChecksumAsync(connection, OutboundPayload.Copy(pipelined, TransferMode.Pipelined, CachePolicy.Auto), pipelined.Length, Checksum64.Compute(pipelined));
+                    break;
+            }
+        }
+
+        Console.WriteLine($"OK {calls}");
+        return 0;
+
+        static async Task ExpectChecksumAsync(RpcConnection connection, OutboundPayload payload, int length, ulong expected)
+        {
+            using RpcReply reply = await connection.CallAsync(PeerMethods.Checksum, default, [payload]);
+            Expect(BinaryPrimitives.ReadInt64LittleEndian(reply.Body[8..]) == length && BinaryPrimitives.ReadUInt64LittleEndian(reply.Body[16..]) == expected, "checksum");
+        }
+
+        static void Expect(bool condition, string what)
+        {
+            if (!condition)
+            {
+                Console.WriteLine($"WRONG {what}");
+                Environment.Exit(1);
+            }
+        }
     }
 
     private static async Task<int> ClientHoldAsync(string endpoint, TransportOptions options, int bytes)
