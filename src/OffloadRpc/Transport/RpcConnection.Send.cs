@@ -15,7 +15,11 @@ internal sealed partial class RpcConnection
     /// before this returns, so the caller may reuse its buffers at once; leases passed with
     /// <see cref="OutboundPayload.Move"/> belong to the peer afterwards.
     /// </summary>
-    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken = default)
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken = default) =>
+        CallAsync(methodId, body, payloads, MessageFlags.None, cancellationToken);
+
+    /// <summary>As above, with message flags (<see cref="MessageFlags.HasMetadata"/>: the body starts with a metadata block).</summary>
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken)
     {
         if (cancellationToken.IsCancellationRequested)
         {
@@ -40,31 +44,31 @@ internal sealed partial class RpcConnection
                 owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
             }
 
-            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, cancellationToken);
+            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, flags, cancellationToken);
         }
 
-        return StartCall(call, methodId, body, payloads, cancellationToken);
+        return StartCall(call, methodId, body, payloads, flags, cancellationToken);
     }
 
-    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, CancellationToken cancellationToken) =>
-        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, cancellationToken);
+    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, CancellationToken cancellationToken) =>
+        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, flags, cancellationToken);
 
-    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, CancellationToken cancellationToken) =>
-        StartCall(call, methodId, body, payloads, cancellationToken);
+    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, CancellationToken cancellationToken) =>
+        StartCall(call, methodId, body, payloads, flags, cancellationToken);
 
-    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken)
     {
         long now = Stopwatch.GetTimestamp();
         call.BeginFlight(methodId, now);
         _spin.OnSend(now);
         try
         {
-            if (TrySendOffloaded(call, methodId, body, payloads, cancellationToken))
+            if (TrySendOffloaded(call, methodId, body, payloads, flags, cancellationToken))
             {
                 return new ValueTask<RpcReply>(call, call.Version); // published (and cancellation armed) once the copy is done
             }
 
-            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
+            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken, flags);
         }
         catch (Exception ex)
         {
@@ -166,7 +170,7 @@ internal sealed partial class RpcConnection
     /// then a ring slot reserved, filled and published, all through one <see cref="OutboundMessage"/>.
     /// Nothing is lost on failure: blocks are freed and leases restored.
     /// </summary>
-    internal void Send(MessageKind kind, ulong callId, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    internal void Send(MessageKind kind, ulong callId, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken, MessageFlags flags = MessageFlags.None)
     {
         bool bodyInArena = MessageHeader.Size + (long)payloads.Length * PayloadRef.Size + body.Length > Geometry.SlotSize;
         ThrowIfTooManyPayloads(payloads.Length + (bodyInArena ? 1 : 0), nameof(payloads));
@@ -175,7 +179,7 @@ internal sealed partial class RpcConnection
             FlushPendingCancels();
         }
 
-        OutboundMessage message = OutboundMessage.Begin(this, kind, callId, methodId);
+        OutboundMessage message = OutboundMessage.Begin(this, kind, callId, methodId, flags);
         try
         {
             message.AddBody(body, bodyInArena, keepInlineCopy: false, cancellationToken);
@@ -210,7 +214,7 @@ internal sealed partial class RpcConnection
     /// explicitly offloaded from an array (Auto keeps the promise that the caller's buffer is free when
     /// the call returns); anything else goes through <see cref="Send"/>, which offloads synchronously.
     /// </summary>
-    private bool TrySendOffloaded(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    private bool TrySendOffloaded(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken)
     {
         if (!HasAsyncOffload(body.Length, payloads))
         {
@@ -218,7 +222,7 @@ internal sealed partial class RpcConnection
         }
 
         ThrowIfTooManyPayloads(payloads.Length, nameof(payloads));
-        OutboundMessage message = OutboundMessage.Begin(this, MessageKind.Request, call.CallId, methodId);
+        OutboundMessage message = OutboundMessage.Begin(this, MessageKind.Request, call.CallId, methodId, flags);
         try
         {
             message.AddBody(body, inArena: false, keepInlineCopy: true, cancellationToken);
