@@ -96,6 +96,14 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public IFormatterResolver? MessagePackResolver { get; set; }
 
+    /// <summary>
+    /// The most items of one stream (an <c>IAsyncEnumerable&lt;T&gt;</c> result or argument) in flight: sent
+    /// by the producer and not yet taken by the consumer. The consumer's side decides: a producer with
+    /// that many out waits until the consumer moves on, so a slow consumer slows its producer and memory
+    /// stays flat. Default 16.
+    /// </summary>
+    public int StreamWindow { get; set; } = 16;
+
     internal Internal.SerializerOptionsSource CreateSerializerOptions() => new(MessagePackResolver);
 
     internal TransportOptions ToTransportOptions() => new()
@@ -117,5 +125,6 @@ public sealed class OffloadRpcOptions
         MaxConcurrentHandshakes = Math.Max(1, MaxConcurrentHandshakes),
         MaxPendingReleases = Math.Max(0, MaxPendingReleases),
         MaxMessageBytes = Math.Clamp(MaxMessageBytes, 4096, int.MaxValue),
+        StreamWindow = Math.Clamp(StreamWindow, 1, 1 << 16),
     };
 }
