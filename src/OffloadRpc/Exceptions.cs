@@ -76,3 +76,21 @@ public sealed class RemoteInvocationException : OffloadRpcException
     public override string ToString() =>
         RemoteStackTrace is null ? base.ToString() : base.ToString() + Environment.NewLine + "--- remote stack trace ---" + Environment.NewLine + RemoteStackTrace;
 }
+
+/// <summary>
+/// A call did not complete before its deadline (<see cref="OffloadCallScope.WithDeadline(TimeSpan)"/> or
+/// <see cref="OffloadRpcOptions.DefaultDeadline"/>). The server's token for the call fired at the same
+/// deadline. A <see cref="TimeoutException"/>, as gRPC's DeadlineExceeded is a timeout.
+/// </summary>
+public sealed class DeadlineExceededException : TimeoutException
+{
+    public DeadlineExceededException(string message) : base(message) { }
+
+    public DeadlineExceededException(string message, Exception? innerException) : base(message, innerException) { }
+
+    /// <summary>The call's deadline (UTC).</summary>
+    public DateTime Deadline { get; init; }
+
+    /// <summary>The method called, as /Service/Method.</summary>
+    public string? Method { get; init; }
+}

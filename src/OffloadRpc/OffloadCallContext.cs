@@ -20,9 +20,21 @@ public sealed class OffloadCallContext
         internal set => s_current.Value = value;
     }
 
-    /// <summary>Fires when the caller cancels the call or disconnects.</summary>
+    /// <summary>Fires when the caller cancels the call or disconnects, or at the caller's deadline.</summary>
     /// <remarks>Created on first use (most calls never ask); read after the call completed it is a cancelled token.</remarks>
     public CancellationToken CancellationToken => _call.CancellationToken;
+
+    /// <summary>The headers the caller set for this call (<see cref="OffloadCallScope"/> or a client interceptor); empty when none.</summary>
+    public IReadOnlyDictionary<string, string> RequestHeaders => _call.RequestHeaders;
+
+    /// <summary>The caller's deadline (UTC, in this process's clock), or null. <see cref="CancellationToken"/> fires at it.</summary>
+    public DateTime? Deadline => _call.Deadline;
+
+    /// <summary>The service interface's full name of the call being served.</summary>
+    public string ServiceName => _call.Method.ServiceName;
+
+    /// <summary>The name of the method being served.</summary>
+    public string MethodName => _call.Method.Name;
 
     /// <summary>The calling process's id (from the kernel, SO_PEERCRED).</summary>
     public int PeerProcessId => _call.Inbound.PeerProcessId;

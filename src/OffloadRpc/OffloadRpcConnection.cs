@@ -15,7 +15,7 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     private OffloadRpcConnection(RpcConnection transport, OffloadRpcOptions options)
     {
         Transport = transport;
-        Invoker = new SharedMemoryInvoker(transport, options.CreateSerializerOptions());
+        Invoker = new SharedMemoryInvoker(transport, options.CreateSerializerOptions()) { Pipeline = ClientPipeline.From(options) };
     }
 
     internal RpcConnection Transport { get; }
@@ -40,7 +40,9 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     public static async Task<OffloadRpcConnection> ConnectAsync(string endpoint, OffloadRpcOptions? options = null, CancellationToken cancellationToken = default)
     {
         options ??= new OffloadRpcOptions();
-        RpcConnection transport = await Handshake.ConnectAsync(endpoint, options.ToTransportOptions(), ServiceRegistry.Contracts(), null, cancellationToken).ConfigureAwait(false);
+        TransportOptions transportOptions = options.ToTransportOptions();
+        RpcConnection transport = await Handshake.ConnectAsync(endpoint, transportOptions, ServiceRegistry.Contracts(), null, cancellationToken).ConfigureAwait(false);
+        Diagnostics.Log.Connected(transportOptions.Logger, endpoint, transport.Peer.ProcessId);
         return new OffloadRpcConnection(transport, options);
     }
 

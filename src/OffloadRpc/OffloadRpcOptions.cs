@@ -104,6 +104,31 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public int StreamWindow { get; set; } = 16;
 
+    /// <summary>
+    /// Client: the deadline of every call that has none from an <see cref="OffloadCallScope"/>, counted from
+    /// the call's start (null: none). Past it the caller gets <see cref="DeadlineExceededException"/> and the
+    /// server's token for the call fires.
+    /// </summary>
+    public TimeSpan? DefaultDeadline { get; set; }
+
+    /// <summary>Client: interceptors run around every call of the connection, the first added outermost.</summary>
+    public IList<ClientInterceptor> ClientInterceptors { get; } = new List<ClientInterceptor>();
+
+    /// <summary>Server: interceptors run around every served call, the first added outermost.</summary>
+    public IList<ServerInterceptor> ServerInterceptors { get; } = new List<ServerInterceptor>();
+
+    /// <summary>
+    /// Where the connection or server logs (category "OffloadRpc"): accepted and refused connections and why,
+    /// protocol violations, peer death, slow calls. Null: nothing is logged. Nothing per call at Information.
+    /// </summary>
+    public Microsoft.Extensions.Logging.ILoggerFactory? LoggerFactory { get; set; }
+
+    /// <summary>A call slower than this is logged as a warning (when <see cref="LoggerFactory"/> is set). Default 1 s.</summary>
+    public TimeSpan SlowCallThreshold { get; set; } = TimeSpan.FromSeconds(1);
+
+    internal Microsoft.Extensions.Logging.ILogger CreateLogger() =>
+        LoggerFactory?.CreateLogger("OffloadRpc") ?? Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance;
+
     internal Internal.SerializerOptionsSource CreateSerializerOptions() => new(MessagePackResolver);
 
     internal TransportOptions ToTransportOptions() => new()
@@ -126,5 +151,6 @@ public sealed class OffloadRpcOptions
         MaxPendingReleases = Math.Max(0, MaxPendingReleases),
         MaxMessageBytes = Math.Clamp(MaxMessageBytes, 4096, int.MaxValue),
         StreamWindow = Math.Clamp(StreamWindow, 1, 1 << 16),
+        Logger = CreateLogger(),
     };
 }

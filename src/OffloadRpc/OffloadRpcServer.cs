@@ -14,6 +14,8 @@ public sealed class OffloadRpcServer : IAsyncDisposable
     private readonly OffloadRpcOptions _options;
     private readonly ServiceDispatcher _dispatcher;
     private RpcListener? _listener;
+    private Microsoft.Extensions.Logging.ILogger _logger = Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance;
+    private volatile bool _stopped;
 
     /// <param name="endpoint">An endpoint name (its socket lives in the per-user directory) or a socket path (with a '/').</param>
     public OffloadRpcServer(string endpoint, OffloadRpcOptions? options = null)
@@ -50,6 +52,31 @@ public sealed class OffloadRpcServer : IAsyncDisposable
         _dispatcher.Add(descriptor, descriptor.CreateStub(implementation));
     }
 
+    /// <summary>
+    /// Serves service <typeparamref name="T"/> with an implementation made for each call by
+    /// <paramref name="factory"/> (after the interceptors ran), as gRPC activates a service per call;
+    /// the hosting package resolves it from a DI scope per call. Before <see cref="StartAsync"/>.
+    /// </summary>
+    public void Register<T>(Func<ServerInterceptorContext, T> factory)
+        where T : class
+    {
+        ArgumentNullException.ThrowIfNull(factory);
+        if (_listener is not null)
+        {
+            throw new InvalidOperationException("Register services before StartAsync.");
+        }
+
+        ServiceDescriptor<T> descriptor = ServiceRegistry.Find<T>()
+            ?? throw new InvalidOperationException($"{typeof(T).FullName} has no generated stub: mark it [OffloadService] and reference the OffloadRpc generator.");
+        _dispatcher.Add(descriptor, context => descriptor.CreateStub(factory(context)));
+    }
+
+    /// <summary>Requests being served now, on every connection.</summary>
+    public int CallsInFlight => _listener?.ServedCallsInFlight ?? 0;
+
+    /// <summary>Whether the server is listening for new clients.</summary>
+    public bool IsListening => _listener is not null && !_stopped;
+
     /// <summary>Starts listening. Returns once clients can connect.</summary>
     public Task StartAsync(CancellationToken cancellationToken = default)
     {
@@ -59,13 +86,56 @@ public sealed class OffloadRpcServer : IAsyncDisposable
             throw new InvalidOperationException("The server is already started.");
         }
 
-        var listener = new RpcListener(_endpoint, _options.ToTransportOptions(), _dispatcher.Contracts, _ => _dispatcher);
+        TransportOptions transportOptions = _options.ToTransportOptions();
+        _logger = transportOptions.Logger;
+        _dispatcher.Pipeline = ServerPipeline.From(_options);
+        var listener = new RpcListener(_endpoint, transportOptions, _dispatcher.Contracts, _ => _dispatcher);
         listener.ConnectionFailed += ex => ConnectionFailed?.Invoke(ex);
         listener.Start();
         _listener = listener;
         return Task.CompletedTask;
     }
 
+    /// <summary>
+    /// Stops gracefully: no new clients are accepted (the socket file goes), calls in flight may finish
+    /// until <paramref name="cancellationToken"/> fires; then every connection closes, which cancels the
+    /// calls still running (their tokens fire; their callers get <see cref="PeerDisconnectedException"/>).
+    /// </summary>
+    public async Task StopAsync(CancellationToken cancellationToken = default)
+    {
+        RpcListener? listener = _listener;
+        if (listener is null || _stopped)
+        {
+            return;
+        }
+
+        _stopped = true;
+        await listener.StopAcceptingAsync().ConfigureAwait(false);
+        Diagnostics.Log.ServerStopping(_logger, listener.SocketPath, listener.ServedCallsInFlight);
+        while (listener.ServedCallsInFlight > 0 && !cancellationToken.IsCancellationRequested)
+        {
+            try
+            {
+                await Task.Delay(10, cancellationToken).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
+            }
+        }
+
+        int left = listener.ServedCallsInFlight;
+        if (left > 0)
+        {
+            Diagnostics.Log.ServerCancellingCalls(_logger, listener.SocketPath, left);
+        }
+
+        await listener.DisposeAsync().ConfigureAwait(false);
+    }
+
     /// <summary>Stops listening, closes every connection and removes the socket file.</summary>
-    public ValueTask DisposeAsync() => _listener?.DisposeAsync() ?? ValueTask.CompletedTask;
+    public ValueTask DisposeAsync()
+    {
+        _stopped = true;
+        return _listener?.DisposeAsync() ?? ValueTask.CompletedTask;
+    }
 }

@@ -25,6 +25,7 @@ public sealed class ProtocolViolationTests
     [InlineData("shrinkable-segment", "segment 50 that is not sealed against resizing")]
     [InlineData("missized-segment", "segment 50 of 1048576 bytes but announced 2097152")]
     [InlineData("pipelined-overrun", "pipelined payload's progress")]
+    [InlineData("bad-metadata-length", "a metadata block longer than its 5-byte body")]
     public async Task A_malicious_client_is_disconnected_with_ProtocolViolationException_and_others_are_unaffected(string kind, string cause)
     {
         var failures = new ConcurrentQueue<Exception>();

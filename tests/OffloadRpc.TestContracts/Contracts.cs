@@ -160,3 +160,35 @@ public interface IFrameSource
     /// <summary>What the producer recorded under <paramref name="tag"/>.</summary>
     ValueTask<ProducerStatus> StatusAsync(string tag, CancellationToken ct = default);
 }
+
+/// <summary>
+/// What the hosting, metadata, interceptor and telemetry tests ask a server: what it saw of a call
+/// (headers, deadline, cancellation, trace context, which instance served it), and real work on bytes.
+/// </summary>
+[OffloadService]
+public interface ICallProbe
+{
+    /// <summary>The request headers the server saw, as "name=value", sorted.</summary>
+    ValueTask<string[]> HeadersAsync(CancellationToken ct = default);
+
+    /// <summary>Waits on the call's token up to <paramref name="milliseconds"/>; records what happened (see <see cref="LastOutcomeAsync"/>).</summary>
+    ValueTask<string> WaitForCancelAsync(int milliseconds, CancellationToken ct = default);
+
+    /// <summary>What the last <see cref="WaitForCancelAsync"/> saw: "cancelled deadline=yes|no" or "completed", or "none".</summary>
+    ValueTask<string> LastOutcomeAsync(CancellationToken ct = default);
+
+    /// <summary>The server span as the server sees it: "traceId parentSpanId spanId" (or "none").</summary>
+    ValueTask<string> TraceAsync(CancellationToken ct = default);
+
+    /// <summary>The serving implementation's instance number and its scoped dependency's: "instance dependency".</summary>
+    ValueTask<string> InstanceAsync(CancellationToken ct = default);
+
+    /// <summary>A checksum of the bytes (real work on a shared-memory payload).</summary>
+    ValueTask<ulong> ChecksumAsync(ReadOnlyMemory<byte> data, CancellationToken ct = default);
+
+    /// <summary>Lines the server's interceptor and listeners recorded, newest last.</summary>
+    ValueTask<string[]> ServerLogAsync(CancellationToken ct = default);
+
+    /// <summary>A method without a result.</summary>
+    ValueTask PingAsync(CancellationToken ct = default);
+}

@@ -234,6 +234,20 @@ internal static class EvilClient
                 break;
             }
 
+            case "bad-metadata-length":
+                // A request flagged as carrying metadata whose block length runs past its body.
+                _ = connection.CallAsync(1, [0xFF, 0xFF, 0x00, 0x00, 0x90], default, MessageFlags.HasMetadata, CancellationToken.None).AsTask();
+                break;
+
+            case "typed-bad-metadata":
+            {
+                // A metadata block that fits its body but does not decode, on a typed server's real method.
+                System.Runtime.CompilerServices.RuntimeHelpers.RunModuleConstructor(typeof(OffloadRpc.TestContracts.ICallProbe).Module.ModuleHandle);
+                int method = OffloadRpc.Internal.ServiceRegistry.Find<OffloadRpc.TestContracts.ICallProbe>()!.Methods.First(m => m.Name == "PingAsync").Id;
+                _ = connection.CallAsync(method, [0x03, 0x00, 0x00, 0x00, 0xC1, 0xC1, 0xC1, 0x90], default, MessageFlags.HasMetadata, CancellationToken.None).AsTask();
+                break;
+            }
+
             case "typed-garbage":
             case "typed-amplify":
             {

@@ -15,6 +15,8 @@ using OffloadRpc.Transport;
 //   evil-server <endpoint> <kind>                     answers the first request with a broken response
 //   evil-raw <endpoint> <kind> <count>                raw sockets: fds-hangup, silent, trickle-hello
 //   pingpong-server <file> / (see Benchmarks)         raw spin ping-pong partner
+//   probe-server <endpoint> [--traces]                serves ICallProbe with a server interceptor (and span/metric listeners)
+//   probe-call <endpoint>                             one ICallProbe call; prints OK or FAILED <type>: <message>
 return await PeerProgram.RunAsync(args);
 
 internal static class PeerProgram
@@ -36,6 +38,8 @@ internal static class PeerProgram
             {
                 "server" => await ServeAsync(endpoint, options, contracts, new PeerHandler()),
                 "typed-server" => await TypedServer.RunAsync(endpoint, versioned: args.Contains("--versioned")),
+                "probe-server" => await ProbeServer.RunAsync(endpoint, args),
+                "probe-call" => await ProbeServer.CallAsync(endpoint, args),
                 "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
                 "client" => await ClientAsync(endpoint, options, contracts),
                 "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),

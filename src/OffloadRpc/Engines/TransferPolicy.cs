@@ -95,7 +95,7 @@ internal static class TransferPolicy
 /// <summary>The transfer decisions and bytes moved per mode, as System.Diagnostics.Metrics (meter "OffloadRpc").</summary>
 internal static class TransferMetrics
 {
-    public static readonly Meter Meter = new("OffloadRpc", "1.0.0");
+    public static readonly Meter Meter = Telemetry.Meter;
 
     private static readonly Counter<long> s_transfers = Meter.CreateCounter<long>("offloadrpc.transfers", unit: "{payload}", description: "Payloads moved into shared memory, by the transfer mode and cache policy chosen.");
 

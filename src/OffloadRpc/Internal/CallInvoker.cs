@@ -1,4 +1,7 @@
+using System.Buffers;
+using System.Buffers.Binary;
 using System.ComponentModel;
+using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using MessagePack;
 using OffloadRpc.Transport;
@@ -20,11 +23,25 @@ public abstract class CallInvoker
     /// <summary>The options generated code serializes MessagePack arguments with (per connection: <see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
     public MessagePackSerializerOptions SerializerOptions => _serializerOptions.Options;
 
+    /// <summary>Interceptors, default deadline and logging of the connection (null: none of them).</summary>
+    internal ClientPipeline? Pipeline { get; set; }
+
+    /// <summary>
+    /// Whether a call takes the observed path: interceptors, headers, a deadline, a trace context to carry,
+    /// or a listener for spans or call metrics. Otherwise (the common case) nothing is allocated for them.
+    /// </summary>
+    private bool IsObserved => Pipeline is not null || OffloadCallScope.Current is not null || Activity.Current is not null || Telemetry.ClientObserved;
+
     /// <summary>Calls <paramref name="method"/>, which has no result. Takes <paramref name="request"/> over, whatever happens.</summary>
     public ValueTask InvokeAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(method);
         ArgumentNullException.ThrowIfNull(request);
+        if (IsObserved)
+        {
+            return InvokeObservedVoidAsync(method, request, cancellationToken);
+        }
+
         return request.HasDeferredPayloads
             ? GatherThenAwaitAsync(method, request, cancellationToken)
             : AwaitAsync(Send(method, request, cancellationToken));
@@ -35,10 +52,184 @@ public abstract class CallInvoker
     {
         ArgumentNullException.ThrowIfNull(method);
         ArgumentNullException.ThrowIfNull(request);
+        if (IsObserved)
+        {
+            return InvokeObservedAsync(method, request, method.Decoder, cancellationToken);
+        }
+
         return request.HasDeferredPayloads
             ? GatherThenAwaitAsync(method, request, cancellationToken)
             : AwaitAsync(Send(method, request, cancellationToken), method.Decoder);
     }
+
+    private async ValueTask InvokeObservedVoidAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
+        await InvokeObservedAsync<NoResult>(method, request, null, cancellationToken).ConfigureAwait(false);
+
+    /// <summary>A call with interceptors, metadata or telemetry: span and metrics around the interceptors, metadata written last.</summary>
+    private async ValueTask<T> InvokeObservedAsync<T>(MethodDescriptor method, MessageBuilder request, ReplyDecoder<T>? decoder, CancellationToken cancellationToken)
+    {
+        ClientPipeline? pipeline = Pipeline;
+        OffloadCallScope? scope = OffloadCallScope.Current;
+        DateTime? deadline = scope?.Deadline;
+        if (deadline is null && pipeline?.DefaultDeadline is { } timeout)
+        {
+            deadline = DateTime.UtcNow + timeout;
+        }
+
+        var context = new ClientInterceptorContext(method, request, scope, deadline, cancellationToken);
+        long started = Stopwatch.GetTimestamp();
+        Activity? activity = Telemetry.StartClient(method);
+        bool active = Telemetry.ClientActive.Enabled;
+        if (Telemetry.ClientStarted.Enabled)
+        {
+            Telemetry.ClientStarted.Add(1, Telemetry.Tags(method));
+        }
+
+        if (active)
+        {
+            Telemetry.ClientActive.Add(1, Telemetry.Tags(method));
+        }
+
+        Exception? failure = null;
+        try
+        {
+            ClientInterceptor[]? interceptors = pipeline?.Interceptors;
+            return interceptors is null || interceptors.Length == 0
+                ? await SendObservedAsync(context, method, decoder).ConfigureAwait(false)
+                : await Continuation(interceptors, 0, method, decoder)(context).ConfigureAwait(false);
+        }
+        catch (Exception ex)
+        {
+            failure = ex;
+            throw;
+        }
+        finally
+        {
+            context.DiscardUnsentRequest();
+            string status = Telemetry.StatusOf(failure);
+            double elapsed = Stopwatch.GetElapsedTime(started).TotalMilliseconds;
+            if (active)
+            {
+                Telemetry.ClientActive.Add(-1, Telemetry.Tags(method));
+            }
+
+            if (Telemetry.ClientCompleted.Enabled)
+            {
+                Telemetry.ClientCompleted.Add(1, Telemetry.Tags(method, status));
+            }
+
+            if (Telemetry.ClientDuration.Enabled)
+            {
+                Telemetry.ClientDuration.Record(elapsed, Telemetry.Tags(method, status));
+            }
+
+            Telemetry.Stop(activity, status, failure);
+            if (pipeline is not null && elapsed >= pipeline.SlowCallMilliseconds)
+            {
+                Diagnostics.Log.SlowCall(pipeline.Logger, "client", method.FullName, elapsed, status);
+            }
+        }
+    }
+
+    private ClientCallContinuation<T> Continuation<T>(ClientInterceptor[] interceptors, int index, MethodDescriptor method, ReplyDecoder<T>? decoder)
+    {
+        if (index == interceptors.Length)
+        {
+            return context => SendObservedAsync(context, method, decoder);
+        }
+
+        ClientInterceptor interceptor = interceptors[index];
+        ClientCallContinuation<T> next = Continuation(interceptors, index + 1, method, decoder);
+        return context => interceptor.InterceptAsync(context, next);
+    }
+
+    /// <summary>The call itself, after the interceptors: deadline armed, metadata (headers, deadline, trace context) written before the body.</summary>
+    private async ValueTask<T> SendObservedAsync<T>(ClientInterceptorContext context, MethodDescriptor method, ReplyDecoder<T>? decoder)
+    {
+        MessageBuilder request = context.TakeRequest();
+        CancellationToken token = context.CancellationToken;
+        CancellationTokenSource? deadlineSource = null;
+        DateTime? deadline = context.Deadline;
+        try
+        {
+            if (deadline is { } due)
+            {
+                TimeSpan left = due - DateTime.UtcNow;
+                if (left <= TimeSpan.Zero)
+                {
+                    request.Discard();
+                    throw new DeadlineExceededException($"The deadline of {method.FullName} had passed before it was sent.") { Deadline = due, Method = method.FullName };
+                }
+
+                deadlineSource = CancellationTokenSource.CreateLinkedTokenSource(token);
+                deadlineSource.CancelAfter(left);
+                token = deadlineSource.Token;
+            }
+
+            if (request.HasDeferredPayloads)
+            {
+                try
+                {
+                    await request.GatherAsync(token).ConfigureAwait(false);
+                }
+                catch
+                {
+                    request.Discard();
+                    throw;
+                }
+            }
+
+            Activity? current = Activity.Current;
+            string? traceParent = current is { IdFormat: ActivityIdFormat.W3C } ? current.Id : null;
+            IReadOnlyDictionary<string, string>? headers = context.HeadersOrNull;
+            ValueTask<RpcReply> pending;
+            if (headers is null && deadline is null && traceParent is null)
+            {
+                pending = Send(method, request, token);
+            }
+            else
+            {
+                var block = new ArrayBufferWriter<byte>(128);
+                CallMetadata.Encode(block, headers, deadline - DateTime.UtcNow, traceParent, traceParent is null ? null : current!.TraceStateString);
+                pending = Send(method, request, block.WrittenMemory, token);
+            }
+
+            using RpcReply reply = await pending.ConfigureAwait(false);
+            return decoder is null ? default! : Decode(decoder, reply);
+        }
+        catch (OperationCanceledException ex) when (deadlineSource is { IsCancellationRequested: true } && !context.CancellationToken.IsCancellationRequested)
+        {
+            throw new DeadlineExceededException($"{method.FullName} did not complete before its deadline ({deadline:O}).", ex) { Deadline = deadline!.Value, Method = method.FullName };
+        }
+        finally
+        {
+            deadlineSource?.Dispose();
+        }
+    }
+
+    /// <summary>Sends a request whose body starts with a metadata block.</summary>
+    private ValueTask<RpcReply> Send(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
+    {
+        try
+        {
+            return SendAsync(method, request, metadata, cancellationToken);
+        }
+        catch (Exception exception)
+        {
+            return ValueTask.FromException<RpcReply>(exception);
+        }
+        finally
+        {
+            request.Return();
+        }
+    }
+
+    /// <summary>
+    /// Sends the request with its metadata block (<see cref="CallMetadata"/>) before the body. A transport
+    /// that carries no metadata drops it (the default).
+    /// </summary>
+    internal virtual ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken) =>
+        SendAsync(method, request, cancellationToken);
 
     /// <summary>
     /// Calls <paramref name="method"/>, whose result is a stream of items, each decoded by the method's
@@ -173,7 +364,7 @@ internal sealed class SharedMemoryInvoker : CallInvoker
         inbox = new StreamInbox(_connection, _connection.StreamWindow);
         try
         {
-            return _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, inbox, cancellationToken);
+            return _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, MessageFlags.None, inbox, cancellationToken);
         }
         catch (Exception exception)
         {
@@ -183,6 +374,56 @@ internal sealed class SharedMemoryInvoker : CallInvoker
         {
             request.Return();
         }
+    }
+    /// <summary>The body becomes [u32 length][metadata][arguments], flagged <see cref="MessageFlags.HasMetadata"/>; copied before this returns.</summary>
+    internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
+    {
+        ReadOnlySpan<byte> body = request.WrittenBody;
+        int length = 4 + metadata.Length + body.Length;
+        byte[] combined = ArrayPool<byte>.Shared.Rent(length);
+        try
+        {
+            BinaryPrimitives.WriteUInt32LittleEndian(combined, (uint)metadata.Length);
+            metadata.Span.CopyTo(combined.AsSpan(4));
+            body.CopyTo(combined.AsSpan(4 + metadata.Length));
+            return _connection.CallAsync(method.Id, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, null, cancellationToken);
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(combined);
+        }
+    }
+}
+
+/// <summary>What a connection's options add to every call: interceptors, a default deadline, logging of slow calls.</summary>
+internal sealed class ClientPipeline
+{
+    public ClientPipeline(ClientInterceptor[] interceptors, TimeSpan? defaultDeadline, Microsoft.Extensions.Logging.ILogger logger, TimeSpan slowCallThreshold)
+    {
+        Interceptors = interceptors;
+        DefaultDeadline = defaultDeadline;
+        Logger = logger;
+        SlowCallMilliseconds = logger == Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance ? double.PositiveInfinity : slowCallThreshold.TotalMilliseconds;
+    }
+
+    public ClientInterceptor[] Interceptors { get; }
+
+    public TimeSpan? DefaultDeadline { get; }
+
+    public Microsoft.Extensions.Logging.ILogger Logger { get; }
+
+    public double SlowCallMilliseconds { get; }
+
+    /// <summary>The pipeline of <paramref name="options"/>, or null when they add nothing to a call.</summary>
+    public static ClientPipeline? From(OffloadRpcOptions options, IEnumerable<ClientInterceptor>? extra = null)
+    {
+        ClientInterceptor[] interceptors = [.. options.ClientInterceptors, .. extra ?? []];
+        if (interceptors.Length == 0 && options.DefaultDeadline is null && options.LoggerFactory is null)
+        {
+            return null;
+        }
+
+        return new ClientPipeline(interceptors, options.DefaultDeadline, options.CreateLogger(), options.SlowCallThreshold);
     }
 }
 
@@ -215,6 +456,9 @@ public class MethodDescriptor
     /// <summary><c>/ServiceName/Name</c>.</summary>
     public string FullName { get; }
 
+    /// <summary>Whether the method returns a value (a reply with a body to decode).</summary>
+    internal virtual bool HasResult => false;
+
     public override string ToString() => FullName;
 }
 
@@ -227,6 +471,8 @@ public sealed class MethodDescriptor<TResult> : MethodDescriptor
 
     /// <summary>Decodes the reply into the result.</summary>
     public ReplyDecoder<TResult> Decoder { get; }
+
+    internal override bool HasResult => true;
 }
 
 /// <summary>Decodes a reply into the method's return value (generated per method).</summary>

@@ -29,6 +29,21 @@ public sealed class ServerCall
     /// <summary>The method being served.</summary>
     public MethodDescriptor Method { get; }
 
+    /// <summary>The headers the caller sent (empty when none).</summary>
+    internal IReadOnlyDictionary<string, string> RequestHeaders { get; set; } = CallMetadata.NoHeaders;
+
+    /// <summary>The caller's deadline in this process's clock (UTC), or null.</summary>
+    internal DateTime? Deadline { get; set; }
+
+    /// <summary>The generated stub was entered (after the interceptors): only then is a failure before decoding the peer's.</summary>
+    internal bool StubInvoked { get; set; }
+
+    /// <summary>Bytes of the encoded result, once replied.</summary>
+    internal int? ResponseBodyBytes { get; private set; }
+
+    /// <summary>Bytes of the result's buffers, once replied.</summary>
+    internal long ResponsePayloadBytes { get; private set; }
+
     /// <summary>The options of the server the call came to (<see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
     public MessagePackSerializerOptions SerializerOptions => _serializerOptions.Options;
 
@@ -201,7 +216,16 @@ public sealed class ServerCall
 
         try
         {
+            int bodyBytes = response.WrittenBody.Length;
+            long payloadBytes = 0;
+            foreach (OutboundPayload payload in response.Payloads)
+            {
+                payloadBytes += payload.Length;
+            }
+
             _call.Reply(response.WrittenBody, response.Payloads);
+            ResponseBodyBytes = bodyBytes;
+            ResponsePayloadBytes = payloadBytes;
         }
         catch
         {
@@ -328,4 +352,18 @@ internal interface IInboundCall
 
     /// <summary>The peer sent a call that does not decode: end its connection (the transport's promise for any protocol violation).</summary>
     void AbortConnection(ProtocolViolationException violation);
+
+    /// <summary>Whether the request carried a metadata block (headers, deadline, trace context).</summary>
+    bool HasMetadata => false;
+
+    /// <summary>The request's metadata block (<see cref="CallMetadata"/>).</summary>
+    ReadOnlyMemory<byte> Metadata => default;
+
+    /// <summary>Bytes of every payload together.</summary>
+    long PayloadBytes => 0;
+
+    /// <summary>The call's token fires after <paramref name="delay"/> (the caller's deadline).</summary>
+    void CancelAfter(TimeSpan delay)
+    {
+    }
 }

@@ -33,6 +33,8 @@ internal abstract class InboundMessage
 
     private byte[] _body;
     private int _bodyLength;
+    private int _bodyStart;
+    private int _metadataLength;
     private readonly ReceivedPayload[] _payloads = new ReceivedPayload[TransportProtocol.MaxPayloadsPerMessage];
     private int _payloadCount;
 
@@ -46,12 +48,56 @@ internal abstract class InboundMessage
 
     public int MethodId { get; private set; }
 
-    public ReadOnlySpan<byte> Body => _body.AsSpan(0, _bodyLength);
+    /// <summary>The body (after the metadata block, when the message has one).</summary>
+    public ReadOnlySpan<byte> Body => _body.AsSpan(_bodyStart, _bodyLength - _bodyStart);
 
     /// <summary>The body as memory (for readers that keep it, like MessagePackReader); valid until the message is recycled.</summary>
-    public ReadOnlyMemory<byte> BodyMemory => _body.AsMemory(0, _bodyLength);
+    public ReadOnlyMemory<byte> BodyMemory => _body.AsMemory(_bodyStart, _bodyLength - _bodyStart);
+
+    /// <summary>The request's metadata block (headers, deadline, trace context), empty when it has none; decoded by Internal.CallMetadata.</summary>
+    public ReadOnlyMemory<byte> Metadata => _metadataLength == 0 ? default : _body.AsMemory(4, _metadataLength);
+
+    /// <summary>Whether the request carried a metadata block.</summary>
+    public bool HasMetadata => _bodyStart != 0;
+
+    /// <summary>
+    /// The body starts with a metadata block: a little-endian u32 length and the block. False when the
+    /// length does not fit the body (the peer's protocol violation).
+    /// </summary>
+    internal bool SplitMetadata()
+    {
+        if (_bodyLength < 4)
+        {
+            return false;
+        }
+
+        uint length = System.Buffers.Binary.BinaryPrimitives.ReadUInt32LittleEndian(_body);
+        if (length > (uint)(_bodyLength - 4))
+        {
+            return false;
+        }
+
+        _metadataLength = (int)length;
+        _bodyStart = 4 + (int)length;
+        return true;
+    }
 
     public int PayloadCount => _payloadCount;
+
+    /// <summary>The bytes of every payload together (the arguments' buffers).</summary>
+    public long PayloadBytes
+    {
+        get
+        {
+            long total = 0;
+            for (int i = 0; i < _payloadCount; i++)
+            {
+                total += _payloads[i].Length;
+            }
+
+            return total;
+        }
+    }
 
     /// <summary>True when payload <paramref name="index"/> was already taken.</summary>
     public bool IsPayloadTaken(int index)
@@ -155,6 +201,8 @@ internal abstract class InboundMessage
     internal Span<byte> PrepareBody(int methodId, int length)
     {
         MethodId = methodId;
+        _bodyStart = 0;
+        _metadataLength = 0;
         if (_body.Length < length)
         {
             ReturnLargeBody();
@@ -204,6 +252,8 @@ internal abstract class InboundMessage
     {
         ReleaseUntakenPayloads();
         _bodyLength = 0;
+        _bodyStart = 0;
+        _metadataLength = 0;
         if (_body.Length > PooledBodyLimit)
         {
             ReturnLargeBody();

@@ -120,6 +120,36 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
         }
     }
 
+    /// <summary>The caller's deadline: the call's token fires after <paramref name="delay"/> (at once when it already passed).</summary>
+    public void CancelAfter(TimeSpan delay)
+    {
+        CancellationTokenSource source;
+        lock (_gate)
+        {
+            if (!_active)
+            {
+                return;
+            }
+
+            source = _cancellation ??= new CancellationTokenSource();
+        }
+
+        if (delay <= TimeSpan.Zero)
+        {
+            Cancel(CallId);
+            return;
+        }
+
+        try
+        {
+            source.CancelAfter(delay);
+        }
+        catch (ObjectDisposedException)
+        {
+            // The call finished meanwhile.
+        }
+    }
+
     internal void Begin(ulong callId)
     {
         lock (_gate)

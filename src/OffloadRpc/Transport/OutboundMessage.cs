@@ -105,7 +105,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
     /// A message of <paramref name="connection"/>, holding a reference on its outbound control area
     /// (the ring the message goes into) until it is committed or abandoned.
     /// </summary>
-    public static OutboundMessage Begin(RpcConnection connection, MessageKind kind, ulong callId, int methodId)
+    public static OutboundMessage Begin(RpcConnection connection, MessageKind kind, ulong callId, int methodId, MessageFlags flags = MessageFlags.None)
     {
         if (!connection.OutboundArea.Segment.TryAddReference())
         {
@@ -119,7 +119,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         message._kind = kind;
         message._callId = callId;
         message._methodId = methodId;
-        message._flags = MessageFlags.None;
+        message._flags = flags;
         return message;
     }
 

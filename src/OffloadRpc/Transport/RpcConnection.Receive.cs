@@ -134,7 +134,8 @@ internal sealed partial class RpcConnection
             throw Violation($"a message with {count} payload references (limit {TransportProtocol.MaxPayloadsPerMessage})");
         }
 
-        if ((header.Flags & ~MessageFlags.BodyInPayload) != 0 || header.Reserved != 0)
+        if ((header.Flags & ~(MessageFlags.BodyInPayload | MessageFlags.HasMetadata)) != 0 || header.Reserved != 0
+            || ((header.Flags & MessageFlags.HasMetadata) != 0 && header.Kind != MessageKind.Request))
         {
             throw Violation($"unknown message flags 0x{(int)header.Flags:x}");
         }
@@ -281,6 +282,11 @@ internal sealed partial class RpcConnection
                 {
                     target.AddPayload(payload);
                 }
+            }
+
+            if ((header.Flags & MessageFlags.HasMetadata) != 0 && !target.SplitMetadata())
+            {
+                throw Violation($"a metadata block longer than its {target.Body.Length}-byte body");
             }
         }
         catch (ProtocolViolationException ex)
@@ -494,6 +500,24 @@ internal sealed partial class RpcConnection
         else
         {
             _ = ConnectionAsync.AwaitHandlerAsync(this, task, call);
+        }
+    }
+
+    /// <summary>How many requests of the peer are being served now (for a server that drains before it stops).</summary>
+    internal int ServedCallsInFlight
+    {
+        get
+        {
+            int count = 0;
+            for (int i = 0; i < _servedCalls.Length; i++)
+            {
+                if (Volatile.Read(ref _servedCalls[i]) is not null)
+                {
+                    count++;
+                }
+            }
+
+            return count;
         }
     }
 

@@ -19,13 +19,17 @@ internal sealed partial class RpcConnection
     /// <see cref="OutboundPayload.Move"/> belong to the peer afterwards.
     /// </summary>
     public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken = default) =>
-        CallAsync(methodId, body, payloads, null, cancellationToken);
+        CallAsync(methodId, body, payloads, MessageFlags.None, null, cancellationToken);
+
+    /// <summary>As above, with message flags (<see cref="MessageFlags.HasMetadata"/>: the body starts with a metadata block).</summary>
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken) =>
+        CallAsync(methodId, body, payloads, flags, null, cancellationToken);
 
     /// <summary>
-    /// As <see cref="CallAsync(int, ReadOnlySpan{byte}, ReadOnlySpan{OutboundPayload}, CancellationToken)"/>; with an
-    /// <paramref name="inbox"/> the call's result is a stream: its items go there as they arrive, and the reply ends it.
+    /// As above, with message flags (<see cref="MessageFlags.HasMetadata"/>: the body starts with a metadata block);
+    /// with an <paramref name="inbox"/> the call's result is a stream: its items go there as they arrive, and the reply ends it.
     /// </summary>
-    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, StreamInbox? inbox, CancellationToken cancellationToken)
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken)
     {
         if (cancellationToken.IsCancellationRequested)
         {
@@ -50,19 +54,19 @@ internal sealed partial class RpcConnection
                 owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
             }
 
-            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, inbox, cancellationToken);
+            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, flags, inbox, cancellationToken);
         }
 
-        return StartCall(call, methodId, body, payloads, inbox, cancellationToken);
+        return StartCall(call, methodId, body, payloads, flags, inbox, cancellationToken);
     }
 
-    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, StreamInbox? inbox, CancellationToken cancellationToken) =>
-        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, inbox, cancellationToken);
+    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken) =>
+        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, flags, inbox, cancellationToken);
 
-    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, StreamInbox? inbox, CancellationToken cancellationToken) =>
-        StartCall(call, methodId, body, payloads, inbox, cancellationToken);
+    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken) =>
+        StartCall(call, methodId, body, payloads, flags, inbox, cancellationToken);
 
-    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, StreamInbox? inbox, CancellationToken cancellationToken)
+    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken)
     {
         if (inbox is not null)
         {
@@ -75,12 +79,12 @@ internal sealed partial class RpcConnection
         _spin.OnSend(now);
         try
         {
-            if (inbox is null && TrySendOffloaded(call, methodId, body, payloads, cancellationToken))
+            if (inbox is null && TrySendOffloaded(call, methodId, body, payloads, flags, cancellationToken))
             {
                 return new ValueTask<RpcReply>(call, call.Version); // published (and cancellation armed) once the copy is done
             }
 
-            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken);
+            Send(MessageKind.Request, call.CallId, methodId, body, payloads, cancellationToken, flags);
         }
         catch (Exception ex)
         {
@@ -193,7 +197,7 @@ internal sealed partial class RpcConnection
     /// then a ring slot reserved, filled and published, all through one <see cref="OutboundMessage"/>.
     /// Nothing is lost on failure: blocks are freed and leases restored.
     /// </summary>
-    internal void Send(MessageKind kind, ulong callId, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    internal void Send(MessageKind kind, ulong callId, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken, MessageFlags flags = MessageFlags.None)
     {
         bool bodyInArena = MessageHeader.Size + (long)payloads.Length * PayloadRef.Size + body.Length > Geometry.SlotSize;
         ThrowIfTooManyPayloads(payloads.Length + (bodyInArena ? 1 : 0), nameof(payloads));
@@ -202,7 +206,7 @@ internal sealed partial class RpcConnection
             FlushPendingCancels();
         }
 
-        OutboundMessage message = OutboundMessage.Begin(this, kind, callId, methodId);
+        OutboundMessage message = OutboundMessage.Begin(this, kind, callId, methodId, flags);
         try
         {
             message.AddBody(body, bodyInArena, keepInlineCopy: false, cancellationToken);
@@ -237,7 +241,7 @@ internal sealed partial class RpcConnection
     /// explicitly offloaded from an array (Auto keeps the promise that the caller's buffer is free when
     /// the call returns); anything else goes through <see cref="Send"/>, which offloads synchronously.
     /// </summary>
-    private bool TrySendOffloaded(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    private bool TrySendOffloaded(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken)
     {
         if (!HasAsyncOffload(body.Length, payloads))
         {
@@ -245,7 +249,7 @@ internal sealed partial class RpcConnection
         }
 
         ThrowIfTooManyPayloads(payloads.Length, nameof(payloads));
-        OutboundMessage message = OutboundMessage.Begin(this, MessageKind.Request, call.CallId, methodId);
+        OutboundMessage message = OutboundMessage.Begin(this, MessageKind.Request, call.CallId, methodId, flags);
         try
         {
             message.AddBody(body, inArena: false, keepInlineCopy: true, cancellationToken);

@@ -96,6 +96,11 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     /// <summary>Raised once, from a connection thread, after the connection closed.</summary>
     public event Action<RpcConnection, Exception>? Closed;
 
+    /// <summary>The connections of this process that started and have not given their memory back (for the telemetry gauges).</summary>
+    internal static ICollection<RpcConnection> Live => s_live.Keys;
+
+    private static readonly ConcurrentDictionary<RpcConnection, byte> s_live = new();
+
     internal void Start()
     {
         if (Volatile.Read(ref _started) == 0)
@@ -107,6 +112,7 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
             // (an OffloadCallContext of a call that connected onward would otherwise live on in them).
             socket.Arm();
             PollerGroup.Add(_receiver);
+            s_live[this] = 0;
         }
     }
 
@@ -222,6 +228,8 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
 
         _inbound.Dispose();
         _outbound.Dispose();
+        s_live.TryRemove(this, out _);
+        LogClose(reason);
         try
         {
             Closed?.Invoke(this, reason);
@@ -232,6 +240,23 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         }
     }
 
+
+    private void LogClose(Exception reason)
+    {
+        Microsoft.Extensions.Logging.ILogger logger = _options.Logger;
+        switch (reason)
+        {
+            case ProtocolViolationException violation:
+                Diagnostics.Log.ProtocolViolation(logger, Role, Peer.ProcessId, violation.Message, violation);
+                break;
+            case PeerDisconnectedException:
+                Diagnostics.Log.PeerDisconnected(logger, Peer.ProcessId, Role, reason.Message);
+                break;
+            default:
+                Diagnostics.Log.ConnectionClosed(logger, Role, Peer.ProcessId, reason.Message);
+                break;
+        }
+    }
 
     public override string ToString() => $"RpcConnection({Role}, peer pid {Peer.ProcessId}, {(IsClosed ? "closed" : "open")})";
 }

@@ -163,6 +163,7 @@ internal sealed class RpcListener : IAsyncDisposable
         }
 
         _connections[connection] = 0;
+        Diagnostics.Log.ConnectionAccepted(_options.Logger, connection.Peer.ProcessId, connection.Peer.UserId, SocketPath);
         connection.Closed += OnConnectionClosed;
         if (connection.IsClosed || Volatile.Read(ref _disposed) != 0)
         {
@@ -177,7 +178,7 @@ internal sealed class RpcListener : IAsyncDisposable
         {
             if (reason is ProtocolViolationException)
             {
-                Report(reason);
+                Report(reason, refused: false); // the connection logged it
             }
 
             // Free the socket once the connection's threads are done (this runs on one of them).
@@ -185,8 +186,13 @@ internal sealed class RpcListener : IAsyncDisposable
         }
     }
 
-    private void Report(Exception ex)
+    private void Report(Exception ex, bool refused = true)
     {
+        if (refused)
+        {
+            Diagnostics.Log.ConnectionRefused(_options.Logger, SocketPath, ex.Message, ex);
+        }
+
         try
         {
             ConnectionFailed?.Invoke(ex);
@@ -197,9 +203,10 @@ internal sealed class RpcListener : IAsyncDisposable
         }
     }
 
-    public async ValueTask DisposeAsync()
+    /// <summary>Stops accepting clients: the listening socket closes and its file goes; open connections stay.</summary>
+    public async Task StopAcceptingAsync()
     {
-        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        if (_stopping.IsCancellationRequested)
         {
             return;
         }
@@ -221,7 +228,31 @@ internal sealed class RpcListener : IAsyncDisposable
             {
             }
         }
+    }
 
+    /// <summary>Requests being served on every open connection.</summary>
+    public int ServedCallsInFlight
+    {
+        get
+        {
+            int count = 0;
+            foreach (RpcConnection connection in _connections.Keys)
+            {
+                count += connection.ServedCallsInFlight;
+            }
+
+            return count;
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+
+        await StopAcceptingAsync().ConfigureAwait(false);
         foreach (RpcConnection connection in _connections.Keys)
         {
             await connection.DisposeAsync().ConfigureAwait(false);

@@ -89,6 +89,9 @@ internal sealed class TransportOptions
     internal RingGeometry Geometry => new(SlotSize, SlotCount, ReleaseSlotCount);
 
     public static TransportOptions Default { get; } = new();
+
+    /// <summary>Where connections log accepted and refused peers, protocol violations and peer death.</summary>
+    public Microsoft.Extensions.Logging.ILogger Logger { get; init; } = Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance;
 }
 
 /// <summary>A service contract the client expects: its name and the hash of its shape.</summary>

@@ -56,6 +56,12 @@ internal enum MessageFlags : ushort
 
     /// <summary>The body did not fit in the slot: payload reference 0 holds it.</summary>
     BodyInPayload = 1,
+
+    /// <summary>
+    /// Requests only: the body starts with a call metadata block (a little-endian u32 length, then the
+    /// block: headers, deadline, W3C trace context; see Internal.CallMetadata); the arguments follow it.
+    /// </summary>
+    HasMetadata = 4,
 }
 
 /// <summary>The fixed head of a message slot (32 bytes). Read once into a local copy, then validated.</summary>

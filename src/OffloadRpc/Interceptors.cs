@@ -1,0 +1,171 @@
+using OffloadRpc.Internal;
+
+namespace OffloadRpc;
+
+/// <summary>The value of a call whose method returns no result (<c>Task</c> or <c>ValueTask</c>), as an interceptor sees it.</summary>
+public readonly struct NoResult
+{
+}
+
+/// <summary>Continues a client call: the next interceptor, or the call itself. Call it at most once.</summary>
+public delegate ValueTask<TResult> ClientCallContinuation<TResult>(ClientInterceptorContext context);
+
+/// <summary>Continues a served call: the next interceptor, or the service method. Call it at most once.</summary>
+public delegate ValueTask ServerCallContinuation(ServerInterceptorContext context);
+
+/// <summary>
+/// Runs around every call a connection makes, as gRPC's <c>Interceptor.AsyncUnaryCall</c> does: it sees
+/// the service and method, the headers and deadline (and may change them), the arguments' sizes, and the
+/// result or the exception. It may wrap the call (time it, retry nothing: <paramref name="continuation"/> runs at
+/// most once), or short-circuit it by returning a result or throwing without calling the continuation.
+/// Methods without a result have <typeparamref name="TResult"/> <see cref="NoResult"/>. Added through
+/// <see cref="OffloadRpcOptions.ClientInterceptors"/> (first added runs outermost), or from DI under hosting.
+/// </summary>
+public abstract class ClientInterceptor
+{
+    /// <summary>Intercepts one call; the default calls <paramref name="continuation"/>.</summary>
+    public virtual ValueTask<TResult> InterceptAsync<TResult>(ClientInterceptorContext context, ClientCallContinuation<TResult> continuation)
+    {
+        ArgumentNullException.ThrowIfNull(continuation);
+        return continuation(context);
+    }
+}
+
+/// <summary>
+/// Runs around every call a server serves, as gRPC's server-side <c>Interceptor.UnaryServerHandler</c>:
+/// it sees the service and method, the request headers and deadline, the caller, the arguments' sizes,
+/// and then the response's sizes or the exception. It may wrap the method or short-circuit it: throwing
+/// without calling the continuation answers the caller with that exception (a
+/// <see cref="RemoteInvocationException"/> there); returning without calling it is allowed only
+/// for methods without a result. <see cref="OffloadCallContext.Current"/> is set while it runs.
+/// Added through <see cref="OffloadRpcOptions.ServerInterceptors"/> (first added runs outermost), or from DI under hosting.
+/// </summary>
+public abstract class ServerInterceptor
+{
+    /// <summary>Intercepts one served call; the default calls <paramref name="continuation"/>.</summary>
+    public virtual ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    {
+        ArgumentNullException.ThrowIfNull(continuation);
+        return continuation(context);
+    }
+}
+
+/// <summary>One outgoing call as a <see cref="ClientInterceptor"/> sees it.</summary>
+public sealed class ClientInterceptorContext
+{
+    private readonly MethodDescriptor _method;
+    private MessageBuilder? _request;
+    private Dictionary<string, string>? _headers;
+
+    internal ClientInterceptorContext(MethodDescriptor method, MessageBuilder request, OffloadCallScope? scope, DateTime? deadline, CancellationToken cancellationToken)
+    {
+        _method = method;
+        _request = request;
+        CancellationToken = cancellationToken;
+        Deadline = deadline;
+        if (scope is { Headers.Count: > 0 })
+        {
+            _headers = new Dictionary<string, string>(scope.Headers, StringComparer.Ordinal);
+        }
+
+        RequestBodyBytes = request.WrittenBody.Length;
+        foreach (Transport.OutboundPayload payload in request.Payloads)
+        {
+            RequestPayloadBytes += payload.Length;
+        }
+
+        RequestPayloadCount = request.Payloads.Length;
+    }
+
+    /// <summary>The service interface's full name (<c>rpc.service</c>).</summary>
+    public string ServiceName => _method.ServiceName;
+
+    /// <summary>The method's name (<c>rpc.method</c>).</summary>
+    public string MethodName => _method.Name;
+
+    /// <summary><c>/ServiceName/MethodName</c>.</summary>
+    public string FullName => _method.FullName;
+
+    /// <summary>The headers the call carries (from the open <see cref="OffloadCallScope"/>); add or change some here.</summary>
+    public IDictionary<string, string> RequestHeaders => _headers ??= new Dictionary<string, string>(StringComparer.Ordinal);
+
+    internal IReadOnlyDictionary<string, string>? HeadersOrNull => _headers is { Count: > 0 } ? _headers : null;
+
+    /// <summary>The call's deadline (UTC; from the scope or <see cref="OffloadRpcOptions.DefaultDeadline"/>), or null; may be changed.</summary>
+    public DateTime? Deadline { get; set; }
+
+    /// <summary>The caller's token; may be replaced (a linked token, for instance).</summary>
+    public CancellationToken CancellationToken { get; set; }
+
+    /// <summary>Bytes of the MessagePack-encoded arguments.</summary>
+    public int RequestBodyBytes { get; }
+
+    /// <summary>Bytes of the buffer arguments (travelling through shared memory); stream arguments are not counted.</summary>
+    public long RequestPayloadBytes { get; }
+
+    /// <summary>How many buffer arguments the call carries.</summary>
+    public int RequestPayloadCount { get; }
+
+    /// <summary>The request, taken once by the call itself.</summary>
+    internal MessageBuilder TakeRequest() =>
+        Interlocked.Exchange(ref _request, null) ?? throw new InvalidOperationException($"An interceptor continued the call {FullName} twice: a call's continuation runs at most once.");
+
+    /// <summary>The call never ran (an interceptor short-circuited it): its arguments' leases go back.</summary>
+    internal void DiscardUnsentRequest() => Interlocked.Exchange(ref _request, null)?.Discard();
+}
+
+/// <summary>One served call as a <see cref="ServerInterceptor"/> sees it.</summary>
+public sealed class ServerInterceptorContext
+{
+    private Dictionary<object, object?>? _items;
+
+    internal ServerInterceptorContext(ServerCall call, DateTime? deadline)
+    {
+        Call = call;
+        Deadline = deadline;
+    }
+
+    internal ServerCall Call { get; }
+
+    /// <summary>The service interface's full name (<c>rpc.service</c>).</summary>
+    public string ServiceName => Call.Method.ServiceName;
+
+    /// <summary>The method's name (<c>rpc.method</c>).</summary>
+    public string MethodName => Call.Method.Name;
+
+    /// <summary><c>/ServiceName/MethodName</c>.</summary>
+    public string FullName => Call.Method.FullName;
+
+    /// <summary>The headers the caller sent.</summary>
+    public IReadOnlyDictionary<string, string> RequestHeaders => Call.RequestHeaders;
+
+    /// <summary>The caller's deadline (UTC, as this process's clock sees it), or null. The call's token fires at it.</summary>
+    public DateTime? Deadline { get; }
+
+    /// <summary>Fires when the caller cancels, disconnects, or the deadline passes.</summary>
+    public CancellationToken CancellationToken => Call.CancellationToken;
+
+    /// <summary>The calling process's id (from the kernel).</summary>
+    public int PeerProcessId => Call.Inbound.PeerProcessId;
+
+    /// <summary>The calling process's user id (from the kernel).</summary>
+    public uint PeerUserId => Call.Inbound.PeerUserId;
+
+    /// <summary>Bytes of the MessagePack-encoded arguments.</summary>
+    public int RequestBodyBytes => Call.Inbound.BodyMemory.Length;
+
+    /// <summary>Bytes of the buffer arguments (in shared memory).</summary>
+    public long RequestPayloadBytes => Call.Inbound.PayloadBytes;
+
+    /// <summary>How many buffer arguments the call carries.</summary>
+    public int RequestPayloadCount => Call.Inbound.PayloadCount;
+
+    /// <summary>Bytes of the encoded result, once the method answered (null before, or when it threw).</summary>
+    public int? ResponseBodyBytes => Call.ResponseBodyBytes;
+
+    /// <summary>Bytes of the result's buffers, once the method answered.</summary>
+    public long ResponsePayloadBytes => Call.ResponsePayloadBytes;
+
+    /// <summary>State shared by the interceptors of this call (and the hosting layer's per-call scope).</summary>
+    public IDictionary<object, object?> Items => _items ??= new Dictionary<object, object?>();
+}

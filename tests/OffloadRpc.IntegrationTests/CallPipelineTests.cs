@@ -1,0 +1,360 @@
+using System.Diagnostics;
+using System.Diagnostics.Metrics;
+using Microsoft.Extensions.Logging;
+using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
+using OffloadRpc.Tests.Infrastructure;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>
+/// Headers, deadlines, interceptors on both sides, traces, metrics and logging, between this process and
+/// a server process (tests/OffloadRpc.TestPeer probe-server) that reports what it saw.
+/// </summary>
+public sealed class CallPipelineTests : IAsyncLifetime
+{
+    private PeerProcess _server = null!;
+    private string _endpoint = null!;
+
+    public Task InitializeAsync()
+    {
+        _endpoint = Endpoints.Unique("probe");
+        _server = PeerProcess.Start(["probe-server", _endpoint, "--traces"]);
+        _server.WaitForLine("READY");
+        return Task.CompletedTask;
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _server.DisposeAsync();
+        Endpoints.RemoveStale(_endpoint);
+    }
+
+    private async Task<OffloadRpcConnection> ConnectAsync(Action<OffloadRpcOptions>? configure = null)
+    {
+        var options = new OffloadRpcOptions();
+        configure?.Invoke(options);
+        return await OffloadRpcConnection.ConnectAsync(_endpoint, options);
+    }
+
+    [Fact]
+    public async Task Headers_set_for_a_scope_and_by_a_client_interceptor_reach_the_server_method()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync(o => o.ClientInterceptors.Add(new HeaderAddingInterceptor()));
+        ICallProbe probe = connection.GetService<ICallProbe>();
+
+        Assert.Equal(["added-by=client-interceptor"], await probe.HeadersAsync());
+        using (OffloadCallScope.Begin().WithHeader("tenant", "acme").WithHeader("ünïcode", "välue ✓"))
+        {
+            Assert.Equal(["added-by=client-interceptor", "tenant=acme", "ünïcode=välue ✓"], await probe.HeadersAsync());
+            using (OffloadCallScope.Begin().WithHeader("tenant", "inner"))
+            {
+                Assert.Equal(["added-by=client-interceptor", "tenant=inner", "ünïcode=välue ✓"], await probe.HeadersAsync());
+            }
+
+            Assert.Equal(["added-by=client-interceptor", "tenant=acme", "ünïcode=välue ✓"], await probe.HeadersAsync());
+        }
+
+        Assert.Equal(["added-by=client-interceptor"], await probe.HeadersAsync());
+
+        await using OffloadRpcConnection plain = await ConnectAsync();
+        Assert.Empty(await plain.GetService<ICallProbe>().HeadersAsync());
+        using (OffloadCallScope.Begin().WithHeader("only", "scope"))
+        {
+            Assert.Equal(["only=scope"], await plain.GetService<ICallProbe>().HeadersAsync());
+        }
+    }
+
+    [Fact]
+    public async Task Past_its_deadline_a_call_fails_with_DeadlineExceededException_and_the_servers_token_fires()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync();
+        ICallProbe probe = connection.GetService<ICallProbe>();
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(300)))
+        {
+            DeadlineExceededException exceeded = await Assert.ThrowsAsync<DeadlineExceededException>(async () => await probe.WaitForCancelAsync(60_000));
+            Assert.IsAssignableFrom<TimeoutException>(exceeded);
+            Assert.Equal("/OffloadRpc.TestContracts.ICallProbe/WaitForCancelAsync", exceeded.Method);
+        }
+
+        await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "cancelled deadline=yes", "the server's token fired for the call, which knew its deadline");
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromSeconds(30)))
+        {
+            Assert.Equal("completed", await probe.WaitForCancelAsync(1)); // within its deadline a call completes
+        }
+
+        Assert.Equal("completed", await probe.LastOutcomeAsync());
+    }
+
+    [Fact]
+    public async Task The_options_default_deadline_applies_to_calls_without_one()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync(o => o.DefaultDeadline = TimeSpan.FromMilliseconds(300));
+        ICallProbe probe = connection.GetService<ICallProbe>();
+        await Assert.ThrowsAsync<DeadlineExceededException>(async () => await probe.WaitForCancelAsync(60_000));
+        await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "cancelled deadline=yes", "the server's token fired");
+
+        using var cts = new CancellationTokenSource();
+        Task<string> cancelled = probe.WaitForCancelAsync(60_000, cts.Token).AsTask();
+        cts.Cancel(); // the caller's own cancellation stays an OperationCanceledException
+        Exception failure = await Record.ExceptionAsync(() => cancelled);
+        Assert.IsAssignableFrom<OperationCanceledException>(failure);
+    }
+
+    [Fact]
+    public async Task A_client_interceptor_sees_the_call_and_can_short_circuit_it_without_reaching_the_server()
+    {
+        var recorder = new RecordingInterceptor();
+        await using OffloadRpcConnection connection = await ConnectAsync(o =>
+        {
+            o.ClientInterceptors.Add(recorder);
+            o.ClientInterceptors.Add(new ShortCircuitInterceptor());
+        });
+        ICallProbe probe = connection.GetService<ICallProbe>();
+
+        byte[] data = new byte[100_000];
+        Checksum64.Fill(data, 5);
+        Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data));
+        Assert.Contains($"ChecksumAsync payload=100000 count=1 result={Checksum64.Compute(data)}", recorder.Lines);
+
+        Assert.Equal("short-circuited", await probe.InstanceAsync()); // never sent
+        Assert.Contains("InstanceAsync payload=0 count=0 result=short-circuited", recorder.Lines);
+
+        string[] serverLog = await probe.ServerLogAsync();
+        Assert.Contains(serverLog, l => l.StartsWith("intercepted ChecksumAsync request=", StringComparison.Ordinal) && l.Contains("+100000 ", StringComparison.Ordinal));
+        Assert.DoesNotContain(serverLog, l => l.StartsWith("intercepted InstanceAsync", StringComparison.Ordinal));
+
+        using (OffloadCallScope.Begin().WithHeader("deny", "client-side"))
+        {
+            var refused = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await probe.ChecksumAsync(data));
+            Assert.Contains("RemoteInvocationException", recorder.Lines.Last(), StringComparison.Ordinal); // the interceptor saw the exception
+        }
+    }
+
+    [Fact]
+    public async Task A_server_interceptor_can_refuse_a_call_or_skip_a_void_method_and_the_connection_goes_on()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync();
+        ICallProbe probe = connection.GetService<ICallProbe>();
+
+        using (OffloadCallScope.Begin().WithHeader("deny", "no tenant"))
+        {
+            RemoteInvocationException refused = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await probe.InstanceAsync());
+            Assert.Equal("System.UnauthorizedAccessException", refused.RemoteExceptionType);
+            Assert.Contains("denied: no tenant", refused.Message);
+        }
+
+        using (OffloadCallScope.Begin().WithHeader("skip", "PingAsync"))
+        {
+            await probe.PingAsync();
+        }
+
+        Assert.True(connection.IsConnected); // a refusal is an answer, not a protocol violation
+        byte[] data = new byte[4096];
+        Checksum64.Fill(data, 9);
+        Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data));
+        string[] serverLog = await probe.ServerLogAsync();
+        Assert.Contains("denied InstanceAsync no tenant", serverLog);
+        Assert.Contains("skipped PingAsync", serverLog);
+        Assert.Contains(serverLog, l => l.StartsWith("intercepted ChecksumAsync request=", StringComparison.Ordinal) && l.Contains("+4096 response=", StringComparison.Ordinal) && l.EndsWith(" ok", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task Client_and_server_spans_share_the_trace_id_and_calls_are_measured_on_both_sides()
+    {
+        var spans = new List<Activity>();
+        using var listener = new ActivityListener
+        {
+            ShouldListenTo = s => s.Name is OffloadRpcTelemetry.ActivitySourceName or "CallPipelineTests",
+            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
+            ActivityStopped = a =>
+            {
+                lock (spans)
+                {
+                    spans.Add(a);
+                }
+            },
+        };
+        ActivitySource.AddActivityListener(listener);
+        var measurements = new List<string>();
+        using var meters = new MeterListener
+        {
+            InstrumentPublished = (instrument, l) =>
+            {
+                if (instrument.Meter.Name == OffloadRpcTelemetry.MeterName)
+                {
+                    l.EnableMeasurementEvents(instrument);
+                }
+            },
+        };
+        meters.SetMeasurementEventCallback<double>((i, v, tags, _) => Measure(i, tags));
+        meters.SetMeasurementEventCallback<long>((i, v, tags, _) => Measure(i, tags));
+        meters.Start();
+
+        await using OffloadRpcConnection connection = await ConnectAsync();
+        ICallProbe probe = connection.GetService<ICallProbe>();
+        using var source = new ActivitySource("CallPipelineTests");
+        string seen;
+        ActivityTraceId rootTrace;
+        using (Activity root = source.StartActivity("root")!)
+        {
+            rootTrace = root.TraceId;
+            seen = await probe.TraceAsync();
+        }
+
+        Activity client;
+        lock (spans)
+        {
+            client = spans.Single(a => a.Kind == ActivityKind.Client && a.DisplayName == "OffloadRpc.TestContracts.ICallProbe/TraceAsync");
+        }
+
+        string[] server = seen.Split(' ');
+        Assert.Equal(rootTrace.ToString(), server[0]); // one trace across both processes
+        Assert.Equal(client.TraceId.ToString(), server[0]);
+        Assert.Equal(client.SpanId.ToString(), server[1]); // the server span is the client span's child
+        Assert.Equal("offloadrpc", client.GetTagItem("rpc.system"));
+        Assert.Equal("OffloadRpc.TestContracts.ICallProbe", client.GetTagItem("rpc.service"));
+        Assert.Equal("TraceAsync", client.GetTagItem("rpc.method"));
+        Assert.Equal("ok", client.GetTagItem("rpc.offloadrpc.status_code"));
+
+        await Eventually.TrueAsync(async () => (await probe.ServerLogAsync()).Any(l => l.StartsWith($"span Server OffloadRpc.TestContracts.ICallProbe/TraceAsync {rootTrace} parent={client.SpanId} system=offloadrpc method=TraceAsync status=ok", StringComparison.Ordinal)), "the server process recorded its span");
+        string[] serverLog = await probe.ServerLogAsync();
+        Assert.Contains("metric rpc.server.duration TraceAsync ok", serverLog);
+        Assert.Contains("metric offloadrpc.server.calls.started TraceAsync", serverLog);
+        Assert.Contains("metric offloadrpc.server.calls.completed TraceAsync ok", serverLog);
+        Assert.Contains("metric offloadrpc.server.active_calls TraceAsync", serverLog);
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(200)))
+        {
+            await Assert.ThrowsAsync<DeadlineExceededException>(async () => await probe.WaitForCancelAsync(60_000));
+        }
+
+        byte[] big = new byte[1 << 20];
+        await probe.ChecksumAsync(big);
+        meters.RecordObservableInstruments();
+        lock (measurements)
+        {
+            Assert.Contains("rpc.client.duration TraceAsync ok", measurements);
+            Assert.Contains("offloadrpc.client.calls.started TraceAsync", measurements);
+            Assert.Contains("offloadrpc.client.calls.completed TraceAsync ok", measurements);
+            Assert.Contains("offloadrpc.client.active_calls TraceAsync", measurements);
+            Assert.Contains("offloadrpc.client.calls.completed WaitForCancelAsync deadline_exceeded", measurements);
+            Assert.Contains("offloadrpc.transfer.bytes", measurements);
+            Assert.Contains("offloadrpc.arena.bytes_in_use", measurements);
+            Assert.Contains("offloadrpc.connections", measurements);
+        }
+
+        void Measure(Instrument instrument, ReadOnlySpan<KeyValuePair<string, object?>> tags)
+        {
+            string method = "", status = "";
+            foreach (KeyValuePair<string, object?> tag in tags)
+            {
+                if (tag.Key == "rpc.method")
+                {
+                    method = (string)tag.Value!;
+                }
+                else if (tag.Key == "rpc.offloadrpc.status_code")
+                {
+                    status = (string)tag.Value!;
+                }
+            }
+
+            lock (measurements)
+            {
+                measurements.Add($"{instrument.Name} {method} {status}".TrimEnd());
+            }
+        }
+    }
+
+    [Fact]
+    public async Task A_refused_client_and_a_protocol_violation_are_logged_by_the_server()
+    {
+        var logs = new CollectingLoggerFactory();
+        string endpoint = Endpoints.Unique("logged");
+        var options = new OffloadRpcOptions { LoggerFactory = logs, SlowCallThreshold = TimeSpan.Zero };
+        await using var server = new OffloadRpcServer(endpoint, options);
+        server.Register<ICallProbe>(_ => new LocalProbe());
+        await server.StartAsync();
+
+        await using (PeerProcess refused = PeerProcess.Start(["client", endpoint, "--version", "99"]))
+        {
+            refused.WaitForLine("REFUSED");
+        }
+
+        await Eventually.TrueAsync(() => logs.Has("ConnectionRefused", "version"), "the refusal and its reason are logged");
+
+        await using (PeerProcess good = PeerProcess.Start(["probe-call", endpoint]))
+        {
+            good.WaitForLine("OK");
+        }
+
+        await Eventually.TrueAsync(() => logs.Has("ConnectionAccepted") && logs.Has("SlowCall", "ChecksumAsync"), "an accepted connection and (threshold zero) a slow call are logged");
+
+        await using (PeerProcess evil = PeerProcess.Start(["evil-client", endpoint, "typed-bad-metadata"]))
+        {
+            Assert.Contains("PeerDisconnectedException", evil.WaitForLine("CLOSED"));
+        }
+
+        await Eventually.TrueAsync(() => logs.Has("ProtocolViolation", "metadata block does not decode"), "the protocol violation is logged");
+        Assert.DoesNotContain(logs.Entries, e => e.Level == LogLevel.Information && e.EventName == "SlowCall");
+    }
+
+    private sealed class LocalProbe : ICallProbe
+    {
+        public ValueTask<string[]> HeadersAsync(CancellationToken ct = default) => ValueTask.FromResult(Array.Empty<string>());
+
+        public ValueTask<string> WaitForCancelAsync(int milliseconds, CancellationToken ct = default) => ValueTask.FromResult("completed");
+
+        public ValueTask<string> LastOutcomeAsync(CancellationToken ct = default) => ValueTask.FromResult("none");
+
+        public ValueTask<string> TraceAsync(CancellationToken ct = default) => ValueTask.FromResult("none");
+
+        public ValueTask<string> InstanceAsync(CancellationToken ct = default) => ValueTask.FromResult("local");
+
+        public ValueTask<ulong> ChecksumAsync(ReadOnlyMemory<byte> data, CancellationToken ct = default) => ValueTask.FromResult(Checksum64.Compute(data.Span));
+
+        public ValueTask<string[]> ServerLogAsync(CancellationToken ct = default) => ValueTask.FromResult(Array.Empty<string>());
+
+        public ValueTask PingAsync(CancellationToken ct = default) => ValueTask.CompletedTask;
+    }
+
+    private sealed class HeaderAddingInterceptor : ClientInterceptor
+    {
+        public override ValueTask<TResult> InterceptAsync<TResult>(ClientInterceptorContext context, ClientCallContinuation<TResult> continuation)
+        {
+            context.RequestHeaders["added-by"] = "client-interceptor";
+            return continuation(context);
+        }
+    }
+
+    private sealed class RecordingInterceptor : ClientInterceptor
+    {
+        public List<string> Lines { get; } = [];
+
+        public override async ValueTask<TResult> InterceptAsync<TResult>(ClientInterceptorContext context, ClientCallContinuation<TResult> continuation)
+        {
+            try
+            {
+                TResult result = await continuation(context);
+                Lines.Add($"{context.MethodName} payload={context.RequestPayloadBytes} count={context.RequestPayloadCount} result={result}");
+                return result;
+            }
+            catch (Exception ex)
+            {
+                Lines.Add($"{context.MethodName} failed {ex.GetType().Name}");
+                throw;
+            }
+        }
+    }
+
+    private sealed class ShortCircuitInterceptor : ClientInterceptor
+    {
+        public override ValueTask<TResult> InterceptAsync<TResult>(ClientInterceptorContext context, ClientCallContinuation<TResult> continuation) =>
+            context.MethodName == nameof(ICallProbe.InstanceAsync) && typeof(TResult) == typeof(string)
+                ? ValueTask.FromResult((TResult)(object)"short-circuited")
+                : continuation(context);
+    }
+}

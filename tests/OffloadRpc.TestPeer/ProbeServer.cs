@@ -1,0 +1,202 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Diagnostics.Metrics;
+using OffloadRpc;
+using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
+
+/// <summary>
+/// Serves <see cref="ICallProbe"/> through the core API with a server interceptor, an implementation made
+/// per call, and (with --traces) an ActivityListener and a MeterListener on "OffloadRpc" whose records
+/// the tests read back through <see cref="ICallProbe.ServerLogAsync"/>.
+/// </summary>
+internal static class ProbeServer
+{
+    public static async Task<int> RunAsync(string endpoint, string[] args)
+    {
+        using ActivityListener? spans = args.Contains("--traces") ? ListenToSpans() : null;
+        using MeterListener? metrics = args.Contains("--traces") ? ListenToMetrics() : null;
+        var options = new OffloadRpcOptions();
+        options.ServerInterceptors.Add(new ProbeServerInterceptor());
+        await using var server = new OffloadRpcServer(endpoint, options);
+        server.Register<ICallProbe>(_ => new CallProbe(new ProbeDependency()));
+        server.ConnectionFailed += ex => Console.WriteLine($"FAILED {ex.GetType().FullName}: {ex.Message}");
+        await server.StartAsync();
+        Console.WriteLine($"READY {server.SocketPath}");
+        await Task.Run(() => Console.In.ReadToEnd());
+        return 0;
+    }
+
+    /// <summary>One call of <see cref="ICallProbe.ChecksumAsync"/> on a fresh connection (a client process for the hosting tests).</summary>
+    public static async Task<int> CallAsync(string endpoint, string[] args)
+    {
+        try
+        {
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(endpoint);
+            byte[] data = new byte[64 << 10];
+            Checksum64.Fill(data, 11);
+            ulong sum = await connection.GetService<ICallProbe>().ChecksumAsync(data);
+            Console.WriteLine(sum == Checksum64.Compute(data) ? "OK" : "WRONG");
+        }
+        catch (Exception ex)
+        {
+            Console.WriteLine($"FAILED {ex.GetType().FullName}: {ex.Message}");
+        }
+
+        return 0;
+    }
+
+    private static ActivityListener ListenToSpans()
+    {
+        var listener = new ActivityListener
+        {
+            ShouldListenTo = source => source.Name == OffloadRpcTelemetry.ActivitySourceName,
+            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
+            ActivityStopped = activity => ProbeLog.Add($"span {activity.Kind} {activity.DisplayName} {activity.TraceId} parent={activity.ParentSpanId} system={activity.GetTagItem("rpc.system")} method={activity.GetTagItem("rpc.method")} status={activity.GetTagItem("rpc.offloadrpc.status_code")}"),
+        };
+        ActivitySource.AddActivityListener(listener);
+        return listener;
+    }
+
+    private static MeterListener ListenToMetrics()
+    {
+        var listener = new MeterListener
+        {
+            InstrumentPublished = (instrument, l) =>
+            {
+                if (instrument.Meter.Name == OffloadRpcTelemetry.MeterName && instrument.Name.Contains("server", StringComparison.Ordinal))
+                {
+                    l.EnableMeasurementEvents(instrument);
+                }
+            },
+        };
+        listener.SetMeasurementEventCallback<double>((instrument, value, tags, _) => Record(instrument, tags));
+        listener.SetMeasurementEventCallback<long>((instrument, value, tags, _) => Record(instrument, tags));
+        listener.Start();
+        return listener;
+
+        static void Record(Instrument instrument, ReadOnlySpan<KeyValuePair<string, object?>> tags)
+        {
+            string method = "", status = "";
+            foreach (KeyValuePair<string, object?> tag in tags)
+            {
+                if (tag.Key == "rpc.method")
+                {
+                    method = tag.Value as string ?? "";
+                }
+                else if (tag.Key == "rpc.offloadrpc.status_code")
+                {
+                    status = tag.Value as string ?? "";
+                }
+            }
+
+            ProbeLog.Add($"metric {instrument.Name} {method} {status}".TrimEnd());
+        }
+    }
+}
+
+/// <summary>What the server saw, for the tests to read back.</summary>
+internal static class ProbeLog
+{
+    private static readonly ConcurrentQueue<string> s_lines = new();
+
+    public static void Add(string line)
+    {
+        s_lines.Enqueue(line);
+        while (s_lines.Count > 2000)
+        {
+            s_lines.TryDequeue(out _);
+        }
+    }
+
+    public static string[] Snapshot() => s_lines.ToArray();
+}
+
+/// <summary>
+/// Refuses calls carrying a "deny" header (short-circuit by throwing), skips a void method named in a
+/// "skip" header (short-circuit by returning), and records what it saw of every other call.
+/// </summary>
+internal sealed class ProbeServerInterceptor : ServerInterceptor
+{
+    public override async ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    {
+        if (context.RequestHeaders.TryGetValue("deny", out string? why))
+        {
+            ProbeLog.Add($"denied {context.MethodName} {why}");
+            throw new UnauthorizedAccessException("denied: " + why);
+        }
+
+        if (context.RequestHeaders.TryGetValue("skip", out string? skipped) && skipped == context.MethodName)
+        {
+            ProbeLog.Add($"skipped {context.MethodName}");
+            return;
+        }
+
+        try
+        {
+            await continuation(context);
+            ProbeLog.Add($"intercepted {context.MethodName} request={context.RequestBodyBytes}+{context.RequestPayloadBytes} response={context.ResponseBodyBytes}+{context.ResponsePayloadBytes} ok");
+        }
+        catch (Exception ex)
+        {
+            ProbeLog.Add($"intercepted {context.MethodName} failed {ex.GetType().Name}");
+            throw;
+        }
+    }
+}
+
+internal sealed class ProbeDependency : IDisposable
+{
+    private static int s_next;
+
+    public int Number { get; } = Interlocked.Increment(ref s_next);
+
+    public bool Disposed { get; private set; }
+
+    public void Dispose() => Disposed = true;
+}
+
+internal sealed class CallProbe : ICallProbe
+{
+    private static int s_next;
+    private static string s_lastOutcome = "none";
+    private readonly int _number = Interlocked.Increment(ref s_next);
+    private readonly ProbeDependency _dependency;
+
+    public CallProbe(ProbeDependency dependency) => _dependency = dependency;
+
+    public ValueTask<string[]> HeadersAsync(CancellationToken ct = default) =>
+        ValueTask.FromResult(OffloadCallContext.Current!.RequestHeaders.Select(h => $"{h.Key}={h.Value}").Order(StringComparer.Ordinal).ToArray());
+
+    public async ValueTask<string> WaitForCancelAsync(int milliseconds, CancellationToken ct = default)
+    {
+        OffloadCallContext call = OffloadCallContext.Current!;
+        string deadline = call.Deadline is null ? "no" : "yes";
+        Volatile.Write(ref s_lastOutcome, "waiting");
+        try
+        {
+            await Task.Delay(milliseconds, call.CancellationToken);
+            Volatile.Write(ref s_lastOutcome, "completed");
+            return "completed";
+        }
+        catch (OperationCanceledException)
+        {
+            Volatile.Write(ref s_lastOutcome, $"cancelled deadline={deadline}");
+            throw;
+        }
+    }
+
+    public ValueTask<string> LastOutcomeAsync(CancellationToken ct = default) => ValueTask.FromResult(Volatile.Read(ref s_lastOutcome));
+
+    public ValueTask<string> TraceAsync(CancellationToken ct = default) =>
+        ValueTask.FromResult(Activity.Current is { } span ? $"{span.TraceId} {span.ParentSpanId} {span.SpanId}" : "none");
+
+    public ValueTask<string> InstanceAsync(CancellationToken ct = default) =>
+        ValueTask.FromResult($"{_number} {_dependency.Number}{(_dependency.Disposed ? " disposed" : "")}");
+
+    public ValueTask<ulong> ChecksumAsync(ReadOnlyMemory<byte> data, CancellationToken ct = default) => ValueTask.FromResult(Checksum64.Compute(data.Span));
+
+    public ValueTask<string[]> ServerLogAsync(CancellationToken ct = default) => ValueTask.FromResult(ProbeLog.Snapshot());
+
+    public ValueTask PingAsync(CancellationToken ct = default) => ValueTask.CompletedTask;
+}
