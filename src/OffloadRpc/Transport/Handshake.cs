@@ -133,7 +133,7 @@ internal static class Handshake
     }
 
     /// <summary>Reads a Welcome (or a Reject) frame: the services the server implements.</summary>
-    private static Dictionary<string, ulong> ReadWelcome(FrameHolder frame, string path, TransportOptions options)
+    internal static Dictionary<string, ulong> ReadWelcome(FrameHolder frame, string path, TransportOptions options)
     {
         if (frame.Type == FrameType.Reject)
         {
@@ -231,7 +231,7 @@ internal static class Handshake
     }
 
     /// <summary>Checks a Hello, maps the client's control area, answers Welcome and builds the connection (or rejects, and throws why).</summary>
-    private static RpcConnection Admit(SocketChannel channel, FrameHolder hello, PeerInfo peer, TransportOptions options, IReadOnlyList<ContractDescriptor> served, IRequestHandler handler)
+    internal static RpcConnection Admit(SocketChannel channel, FrameHolder hello, PeerInfo peer, TransportOptions options, IReadOnlyList<ContractDescriptor> served, IRequestHandler handler)
     {
         ControlArea? inbound = null;
         ControlArea? outbound = null;

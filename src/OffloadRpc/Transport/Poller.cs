@@ -140,6 +140,9 @@ internal sealed unsafe partial class Poller
     /// <summary>True on any poller's thread (which serves many connections and must not wait on one peer).</summary>
     public static bool IsPollerThread => t_isPollerThread;
 
+    /// <summary>Test hook: the calling thread acts as a poller (the fuzzer polls a connection's inbound side by hand).</summary>
+    internal static void ActAsPollerForTests() => t_isPollerThread = true;
+
     /// <summary>Registers a source; false when the poller is full.</summary>
     public bool TryAdd(PollSource source)
     {

@@ -16,7 +16,7 @@ internal sealed partial class RpcConnection
     /// Consumes what the inbound rings hold (a bounded batch) and the connection's housekeeping
     /// (releases from the peer, releases and cancels that found our rings full). Runs on the poller.
     /// </summary>
-    private unsafe PollResult PollInbound(long now)
+    internal unsafe PollResult PollInbound(long now)
     {
         if (IsClosed)
         {

@@ -143,7 +143,7 @@ internal sealed partial class RpcConnection
     }
 
     /// <summary>Handles one socket frame, taking from <paramref name="fds"/> the descriptors it keeps.</summary>
-    private void HandleFrame(FrameType type, ReadOnlySpan<byte> payload, in ReceivedDescriptors fds)
+    internal void HandleFrame(FrameType type, ReadOnlySpan<byte> payload, in ReceivedDescriptors fds)
     {
         switch (type)
         {

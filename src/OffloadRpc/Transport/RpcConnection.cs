@@ -116,6 +116,20 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
         }
     }
 
+    /// <summary>
+    /// Test hook: the connection counts as started, but its receiver (<see cref="PollInbound"/>) and socket
+    /// frames (<see cref="HandleFrame"/>) are driven by the caller (the fuzzer), who reports both stopped with
+    /// <see cref="StopDrivenForTests"/>; until then a close keeps the memory mapped, as for a running connection.
+    /// </summary>
+    internal void StartDrivenForTests() => Volatile.Write(ref _started, 1);
+
+    /// <summary>Test hook: the caller's receiver and socket loop have stopped (see <see cref="StartDrivenForTests"/>).</summary>
+    internal void StopDrivenForTests()
+    {
+        PartStopped();
+        PartStopped();
+    }
+
     // ------------------------------------------------------------------ closing
 
     public void ThrowIfClosed()
