@@ -65,9 +65,16 @@ internal static class ServiceEmitter
 
             w.Line();
             string token = method.CancellationTokenName ?? "default";
-            string call = $"this._invoker.InvokeAsync({MethodField(service, method)}, {l}request, {token})";
-            bool isTask = method.Shape is ReturnShape.Task or ReturnShape.TaskOfT;
-            w.Line($"return {call}{(isTask ? ".AsTask()" : string.Empty)};");
+            if (method.Shape == ReturnShape.AsyncEnumerable)
+            {
+                w.Line($"return this._invoker.InvokeStream({MethodField(service, method)}, {l}request, {token});");
+            }
+            else
+            {
+                string call = $"this._invoker.InvokeAsync({MethodField(service, method)}, {l}request, {token})";
+                bool isTask = method.Shape is ReturnShape.Task or ReturnShape.TaskOfT;
+                w.Line($"return {call}{(isTask ? ".AsTask()" : string.Empty)};");
+            }
         }
 
         w.Line();
@@ -80,10 +87,12 @@ internal static class ServiceEmitter
         {
             w.Line($"internal static readonly {Internal}MethodDescriptor<{result.Type}> Method{id} = new {Internal}MethodDescriptor<{result.Type}>({Literal(service.ServiceName)}, {name}, {id}, Decode{id});");
             w.Line();
-            using (w.Open($"private static {result.Type} Decode{id}(in {Internal}CallReply reply)"))
+            using (w.Open($"private static {result.Type} Decode{id}(in {Internal}CallReply {(method.Shape == ReturnShape.AsyncEnumerable ? "item" : "reply")})"))
             {
-                w.Line($"{Reader} reader = reply.CreateReader();");
-                w.Line($"return {ReadValue(result, "reader", "reply")};");
+                // A stream's item lends its buffers in place, valid until the next MoveNextAsync; a reply's are copied.
+                string source = method.Shape == ReturnShape.AsyncEnumerable ? "item" : "reply";
+                w.Line($"{Reader} reader = {source}.CreateReader();");
+                w.Line($"return {ReadValue(result, "reader", source)};");
             }
         }
     }
@@ -93,6 +102,7 @@ internal static class ServiceEmitter
         ReturnShape.Task => $"global::System.Threading.Tasks.Task.FromException({exception})",
         ReturnShape.ValueTask => $"global::System.Threading.Tasks.ValueTask.FromException({exception})",
         ReturnShape.TaskOfT => $"global::System.Threading.Tasks.Task.FromException<{method.Result!.Type}>({exception})",
+        ReturnShape.AsyncEnumerable => $"{Internal}CallInvoker.FailedStream<{method.Result!.Type}>({exception})",
         _ => $"global::System.Threading.Tasks.ValueTask.FromException<{method.Result!.Type}>({exception})",
     };
 
@@ -157,7 +167,13 @@ internal static class ServiceEmitter
             string arguments = string.Join(", ", method.Parameters.Select(p => p.Name)
                 .Concat(method.CancellationTokenName is null ? Enumerable.Empty<string>() : new[] { l + "call.CancellationToken" }));
             string invocation = $"this._implementation.{method.Name}({arguments})";
-            if (method.Result is null)
+            if (method.Shape == ReturnShape.AsyncEnumerable)
+            {
+                // Items go out as the implementation yields them, within the caller's window; the reply ends the stream.
+                w.Line($"await {l}call.SendStreamAsync({invocation}, Encode{id}).ConfigureAwait(false);");
+                w.Line($"{l}call.Reply({Builder}.Rent());");
+            }
+            else if (method.Result is null)
             {
                 w.Line($"await {invocation}.ConfigureAwait(false);");
                 w.Line($"{l}call.Reply({Builder}.Rent());");
@@ -198,7 +214,7 @@ internal static class ServiceEmitter
         if (method.Result is { } result)
         {
             w.Line();
-            string options = result.Kind == ValueKind.MessagePack ? ", global::MessagePack.MessagePackSerializerOptions options" : string.Empty;
+            string options = result.Kind == ValueKind.MessagePack || method.Shape == ReturnShape.AsyncEnumerable ? ", global::MessagePack.MessagePackSerializerOptions options" : string.Empty;
             using (w.Open($"private static {Builder} Encode{id}({result.Type} result{options})"))
             {
                 w.Line($"{Builder} response = {Builder}.Rent();");
@@ -299,13 +315,14 @@ internal static class ServiceEmitter
         string bang = value.IsNullable || !value.IsReference
             ? string.Empty
             : $" ?? throw new global::OffloadRpc.ProtocolViolationException({Literal("The peer sent null for a non-nullable " + value.Type.Replace("global::", string.Empty) + ".")})";
-        bool server = source != "reply";
+        bool item = source == "item";
+        bool server = source != "reply" && !item;
         return value.Kind switch
         {
             ValueKind.Primitive => value.Primitive == "String" ? $"{reader}.ReadString(){bang}" : $"{reader}.Read{value.Primitive}()",
             ValueKind.Enum => $"({value.Type}){reader}.Read{value.Primitive}()",
             ValueKind.MessagePack => $"{Serializer}.Deserialize<{value.Type}>(ref {reader}, {source}.SerializerOptions){bang}",
-            ValueKind.ReadOnlyMemory or ValueKind.Memory when server => $"{source}.GetMemory<{value.ElementType}>({reader}.ReadInt32())",
+            ValueKind.ReadOnlyMemory or ValueKind.Memory when server || item => $"{source}.GetMemory<{value.ElementType}>({reader}.ReadInt32())",
             ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32())",
             ValueKind.Array => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32()){bang}",
             ValueKind.Stream => $"{source}.OpenStream({reader}.ReadInt32()){bang}",

@@ -97,6 +97,14 @@ public sealed class OffloadRpcOptions
     public IFormatterResolver? MessagePackResolver { get; set; }
 
     /// <summary>
+    /// The most items of one stream (an <c>IAsyncEnumerable&lt;T&gt;</c> result or argument) in flight: sent
+    /// by the producer and not yet taken by the consumer. The consumer's side decides: a producer with
+    /// that many out waits until the consumer moves on, so a slow consumer slows its producer and memory
+    /// stays flat. Default 16.
+    /// </summary>
+    public int StreamWindow { get; set; } = 16;
+
+    /// <summary>
     /// Client: the deadline of every call that has none from an <see cref="OffloadCallScope"/>, counted from
     /// the call's start (null: none). Past it the caller gets <see cref="DeadlineExceededException"/> and the
     /// server's token for the call fires.
@@ -142,6 +150,7 @@ public sealed class OffloadRpcOptions
         MaxConcurrentHandshakes = Math.Max(1, MaxConcurrentHandshakes),
         MaxPendingReleases = Math.Max(0, MaxPendingReleases),
         MaxMessageBytes = Math.Clamp(MaxMessageBytes, 4096, int.MaxValue),
+        StreamWindow = Math.Clamp(StreamWindow, 1, 1 << 16),
         Logger = CreateLogger(),
     };
 }

@@ -254,6 +254,45 @@ public abstract class CallInvoker
         SendAsync(method, request, cancellationToken);
 
     /// <summary>
+    /// Calls <paramref name="method"/>, whose result is a stream of items, each decoded by the method's
+    /// decoder. Nothing is sent until the stream is enumerated (once); breaking out of the enumeration or
+    /// cancelling either token cancels the call on the server. Takes <paramref name="request"/> over, whatever happens.
+    /// </summary>
+    public IAsyncEnumerable<T> InvokeStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(method);
+        ArgumentNullException.ThrowIfNull(request);
+        return new ServerStreamCall<T>(this, method, request, cancellationToken);
+    }
+
+    /// <summary>A stream whose request could not be encoded: its enumeration throws <paramref name="exception"/>.</summary>
+    public static IAsyncEnumerable<T> FailedStream<T>(Exception exception)
+    {
+        ArgumentNullException.ThrowIfNull(exception);
+        return Throw(exception);
+
+        static async IAsyncEnumerable<T> Throw(Exception exception)
+        {
+            await Task.CompletedTask.ConfigureAwait(false);
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(exception);
+            yield break;
+        }
+    }
+
+    /// <summary>
+    /// Sends the request of a streaming call: its items go to the returned inbox as they arrive, and the
+    /// reply ends the stream. Takes <paramref name="request"/> over (after its deferred payloads were gathered).
+    /// </summary>
+    internal virtual ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+    {
+        request.Discard();
+        throw new NotSupportedException($"This transport does not stream results ({method.FullName}).");
+    }
+
+    /// <summary>Decodes a stream item with the method's decoder (a failure is the peer's protocol violation).</summary>
+    internal T DecodeItem<T>(ReplyDecoder<T> decoder, RpcReply item) => Decode(decoder, item);
+
+    /// <summary>
     /// Sends the request. Before it returns, everything the request holds has been copied or moved
     /// (the builder is reused at once); the reply arrives through the returned task.
     /// </summary>
@@ -342,6 +381,22 @@ internal sealed class SharedMemoryInvoker : CallInvoker
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, cancellationToken);
 
+    internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+    {
+        inbox = new StreamInbox(_connection, _connection.StreamWindow);
+        try
+        {
+            return _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, MessageFlags.None, inbox, cancellationToken);
+        }
+        catch (Exception exception)
+        {
+            return ValueTask.FromException<RpcReply>(exception);
+        }
+        finally
+        {
+            request.Return();
+        }
+    }
     /// <summary>The body becomes [u32 length][metadata][arguments], flagged <see cref="MessageFlags.HasMetadata"/>; copied before this returns.</summary>
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
@@ -353,7 +408,7 @@ internal sealed class SharedMemoryInvoker : CallInvoker
             BinaryPrimitives.WriteUInt32LittleEndian(combined, (uint)metadata.Length);
             metadata.Span.CopyTo(combined.AsSpan(4));
             body.CopyTo(combined.AsSpan(4 + metadata.Length));
-            return _connection.CallAsync(method.Id, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, cancellationToken);
+            return _connection.CallAsync(method.Id, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, null, cancellationToken);
         }
         finally
         {
@@ -472,6 +527,26 @@ public readonly struct CallReply
 
     /// <summary>Takes payload <paramref name="index"/> as a lease the caller owns (-1: null).</summary>
     public SharedBuffer? TakeSharedBuffer(int index) => index < 0 ? null : Take(index);
+
+    /// <summary>
+    /// Payload <paramref name="index"/> in place, in shared memory (-1: empty). Only a stream item lends
+    /// its payloads: the memory stays valid until the consumer asks for the next item.
+    /// </summary>
+    public Memory<T> GetMemory<T>(int index)
+        where T : unmanaged
+    {
+        if (index < 0)
+        {
+            return Memory<T>.Empty;
+        }
+
+        if ((uint)index >= (uint)_reply.PayloadCount)
+        {
+            throw new ProtocolViolationException($"The reply names payload {index} but carries {_reply.PayloadCount}.");
+        }
+
+        return _reply.LendPayload(index).CreateMemory<T>();
+    }
 
     private SharedBuffer Take(int index)
     {

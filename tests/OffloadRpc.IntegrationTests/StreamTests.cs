@@ -1,0 +1,289 @@
+using System.Buffers;
+using System.Runtime.InteropServices;
+using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
+using OffloadRpc.Tests.Infrastructure;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>Streamed results (IAsyncEnumerable&lt;T&gt;) between this process and a typed server process: content, backpressure, cancellation, faults, peer death.</summary>
+public sealed class StreamTests : IAsyncLifetime
+{
+    private PeerProcess _server = null!;
+    private string _endpoint = null!;
+    private OffloadRpcConnection _connection = null!;
+
+    public async Task InitializeAsync()
+    {
+        _endpoint = Endpoints.Unique("streams");
+        _server = PeerProcess.Start(["typed-server", _endpoint]);
+        _server.WaitForLine("READY");
+        _connection = await OffloadRpcConnection.ConnectAsync(_endpoint);
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _connection.DisposeAsync();
+        await _server.DisposeAsync();
+        Endpoints.RemoveStale(_endpoint);
+    }
+
+    private IFrameSource Frames => _connection.GetService<IFrameSource>();
+
+    private static ulong FrameChecksum(int size, int seed)
+    {
+        byte[] expected = new byte[size];
+        Checksum64.Fill(expected, (ulong)seed);
+        return Checksum64.Compute(expected);
+    }
+
+    [Fact]
+    public async Task MessagePack_items_arrive_in_order_and_the_stream_ends_cleanly()
+    {
+        int next = 0;
+        await foreach (Tick tick in Frames.TicksAsync(1000, "t"))
+        {
+            Assert.Equal(next, tick.Index);
+            Assert.Equal("t", tick.Label);
+            Assert.Equal(Checksum64.Compute(BitConverter.GetBytes(next)), tick.Checksum);
+            next++;
+        }
+
+        Assert.Equal(1000, next);
+
+        await foreach (Tick tick in Frames.TicksAsync(0, "none"))
+        {
+            Assert.Fail("an empty stream yields nothing");
+        }
+    }
+
+    [Fact]
+    public async Task Byte_frames_arrive_in_place_with_their_content()
+    {
+        const int Size = 1 << 20;
+        int i = 0;
+        await foreach (ReadOnlyMemory<byte> frame in Frames.FramesAsync(40, Size, 100))
+        {
+            Assert.Equal(Size, frame.Length);
+            Assert.Equal(FrameChecksum(Size, 100 + i), Checksum64.Compute(frame.Span));
+            Assert.True(MemoryMarshal.TryGetMemoryManager(frame, out MemoryManager<byte>? _), "an item is lent in shared memory, not copied into an array");
+            i++;
+        }
+
+        Assert.Equal(40, i);
+    }
+
+    [Fact]
+    public async Task Frames_of_an_unmanaged_type_other_than_byte_arrive_whole()
+    {
+        int i = 0;
+        await foreach (ReadOnlyMemory<int> numbers in Frames.NumbersAsync(20, 5000))
+        {
+            Assert.Equal(5000, numbers.Length);
+            for (int j = 0; j < numbers.Length; j++)
+            {
+                Assert.Equal((i * 1000) + j, numbers.Span[j]);
+            }
+
+            i++;
+        }
+
+        Assert.Equal(20, i);
+    }
+
+    [Fact]
+    public async Task A_producer_exception_reaches_the_consumer_after_the_items_before_it()
+    {
+        var seen = new List<int>();
+        var fault = await Assert.ThrowsAsync<RemoteInvocationException>(async () =>
+        {
+            await foreach (int value in Frames.FailingAsync(3))
+            {
+                seen.Add(value);
+            }
+        });
+
+        Assert.Equal([0, 1, 2], seen);
+        Assert.Equal(typeof(InvalidOperationException).FullName, fault.RemoteExceptionType);
+        Assert.Contains("producer failed after 3", fault.RemoteMessage);
+        Assert.Equal(7, await _connection.GetService<IImageService>().AddAsync(3, 4)); // the connection is fine
+    }
+
+    [Fact]
+    public async Task A_slow_consumer_holds_the_producer_within_the_window()
+    {
+        const int Size = 1 << 20;
+        const int Window = 16; // the default
+        string tag = "slow-" + Guid.NewGuid().ToString("N");
+        IFrameSource frames = Frames;
+        long residentBefore = (await frames.StatusAsync("baseline")).ResidentBytes;
+        int consumed = 0;
+        int maxAhead = 0;
+        await foreach (ReadOnlyMemory<byte> frame in frames.EndlessAsync(tag, Size))
+        {
+            Assert.Equal(FrameChecksum(Size, consumed), Checksum64.Compute(frame.Span));
+            consumed++;
+            await Task.Delay(2); // far slower than the producer, which only fills a frame
+            ProducerStatus status = await frames.StatusAsync(tag);
+            maxAhead = Math.Max(maxAhead, status.Produced - consumed);
+            Assert.True(status.Produced <= consumed + Window, $"the producer made {status.Produced} frames while the consumer had taken {consumed} (window {Window})");
+            if (consumed == 300)
+            {
+                break; // 300 MiB through a 16-frame window
+            }
+        }
+
+        ProducerStatus final = await frames.StatusAsync(tag);
+        await Eventually.TrueAsync(async () => (await frames.StatusAsync(tag)).Finished, "the producer stopped after the consumer left");
+        Assert.True(maxAhead >= Window / 2, $"the producer ran ahead by at most {maxAhead}: the window is not used");
+
+        // 300 frames of 1 MiB went through; the server's memory grew by far less (window plus arena slack).
+        long grown = final.ResidentBytes - residentBefore;
+        Assert.True(grown < 160L << 20, $"the server's resident memory grew by {grown >> 20} MiB while streaming 300 MiB");
+    }
+
+    [Fact]
+    public async Task Breaking_out_of_the_enumeration_cancels_the_producer()
+    {
+        string tag = "break-" + Guid.NewGuid().ToString("N");
+        IFrameSource frames = Frames;
+        int taken = 0;
+        await foreach (ReadOnlyMemory<byte> frame in frames.EndlessAsync(tag, 4096))
+        {
+            Assert.Equal(FrameChecksum(4096, taken), Checksum64.Compute(frame.Span));
+            if (++taken == 5)
+            {
+                break;
+            }
+        }
+
+        await Eventually.TrueAsync(async () => (await frames.StatusAsync(tag)).Finished, "the producer finished");
+        Assert.True((await frames.StatusAsync(tag)).Cancelled, "the producer's token fired");
+        Assert.Equal(9, await _connection.GetService<IImageService>().AddAsync(4, 5));
+    }
+
+    [Fact]
+    public async Task Cancelling_the_consumer_token_cancels_the_producer()
+    {
+        string tag = "cancel-" + Guid.NewGuid().ToString("N");
+        IFrameSource frames = Frames;
+        using var cts = new CancellationTokenSource();
+        int taken = 0;
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () =>
+        {
+            await foreach (ReadOnlyMemory<byte> frame in frames.EndlessAsync(tag, 4096).WithCancellation(cts.Token))
+            {
+                if (++taken == 3)
+                {
+                    cts.Cancel();
+                }
+            }
+        });
+
+        await Eventually.TrueAsync(async () => (await frames.StatusAsync(tag)).Finished, "the producer finished");
+        Assert.True((await frames.StatusAsync(tag)).Cancelled, "the producer's token fired");
+
+        // The method's own token works as well.
+        string tag2 = "cancel2-" + Guid.NewGuid().ToString("N");
+        using var cts2 = new CancellationTokenSource();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () =>
+        {
+            await foreach (ReadOnlyMemory<byte> frame in frames.EndlessAsync(tag2, 4096, cts2.Token))
+            {
+                cts2.Cancel();
+            }
+        });
+
+        await Eventually.TrueAsync(async () => (await frames.StatusAsync(tag2)).Cancelled, "the second producer's token fired");
+    }
+
+    [Fact]
+    public async Task Many_streams_interleave_with_unary_calls_on_one_connection()
+    {
+        const int Size = 64 * 1024;
+        IFrameSource frames = Frames;
+        IImageService images = _connection.GetService<IImageService>();
+        async Task<int> ConsumeAsync(int seed)
+        {
+            int i = 0;
+            await foreach (ReadOnlyMemory<byte> frame in frames.FramesAsync(200, Size, seed))
+            {
+                Assert.Equal(FrameChecksum(Size, seed + i), Checksum64.Compute(frame.Span));
+                i++;
+                if (i % 20 == 0)
+                {
+                    Assert.Equal(seed + i, await images.AddAsync(seed, i));
+                }
+            }
+
+            return i;
+        }
+
+        async Task<int> TicksAsync(string label)
+        {
+            int i = 0;
+            await foreach (Tick tick in frames.TicksAsync(500, label))
+            {
+                Assert.Equal(i++, tick.Index);
+                Assert.Equal(label, tick.Label);
+            }
+
+            return i;
+        }
+
+        Task<int>[] streams = [ConsumeAsync(1000), ConsumeAsync(2000), ConsumeAsync(3000), ConsumeAsync(4000), TicksAsync("a"), TicksAsync("b")];
+        for (int k = 0; k < 50; k++)
+        {
+            Assert.Equal(k * 2, await images.AddAsync(k, k));
+        }
+
+        int[] counts = await Task.WhenAll(streams);
+        Assert.Equal([200, 200, 200, 200, 500, 500], counts);
+    }
+
+    [Fact]
+    public async Task A_stream_is_enumerated_once()
+    {
+        IAsyncEnumerable<Tick> ticks = Frames.TicksAsync(1, "once");
+        IAsyncEnumerator<Tick> first = ticks.GetAsyncEnumerator();
+        Assert.Throws<InvalidOperationException>(() => ticks.GetAsyncEnumerator());
+        await first.DisposeAsync(); // never started: nothing was sent
+    }
+}
+
+/// <summary>A server killed with SIGKILL in the middle of a stream.</summary>
+public sealed class StreamPeerDeathTests
+{
+    [Fact]
+    public async Task Peer_death_mid_stream_is_PeerDisconnectedException_for_the_consumer()
+    {
+        string endpoint = Endpoints.Unique("stream-death");
+        await using PeerProcess server = PeerProcess.Start(["typed-server", endpoint]);
+        server.WaitForLine("READY");
+        try
+        {
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(endpoint);
+            IFrameSource frames = connection.GetService<IFrameSource>();
+            int taken = 0;
+            await Assert.ThrowsAsync<PeerDisconnectedException>(async () =>
+            {
+                await foreach (ReadOnlyMemory<byte> frame in frames.EndlessAsync("death", 64 * 1024))
+                {
+                    Assert.Equal(Checksum64.Compute(frame.Span), Checksum64.Compute(frame.Span)); // readable
+                    if (++taken == 10)
+                    {
+                        server.Kill(); // SIGKILL
+                    }
+                }
+            });
+
+            Assert.True(taken >= 10);
+            await Assert.ThrowsAsync<PeerDisconnectedException>(async () => await connection.GetService<IImageService>().AddAsync(1, 2));
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
+}
