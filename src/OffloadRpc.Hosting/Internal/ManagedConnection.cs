@@ -182,6 +182,22 @@ internal sealed class ManagedConnection : IAsyncDisposable
         internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken) =>
             Connection().Invoker.SendAsync(method, request, metadata, cancellationToken);
 
+        internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+        {
+            OffloadRpcConnection connection;
+            try
+            {
+                connection = Connection();
+            }
+            catch
+            {
+                request.Discard(); // the request is the call's, sent or not
+                throw;
+            }
+
+            return connection.Invoker.SendStreamingAsync(method, request, out inbox, cancellationToken);
+        }
+
         /// <summary>The connection of the moment; one that closed since the readiness check fails the call, and the next call reconnects.</summary>
         private OffloadRpcConnection Connection() =>
             Volatile.Read(ref owner._current) ?? throw new PeerDisconnectedException($"Not connected to {owner.Endpoint}.");
