@@ -30,7 +30,7 @@ public abstract class CallInvoker
     /// Whether a call takes the observed path: interceptors, headers, a deadline, a trace context to carry,
     /// or a listener for spans or call metrics. Otherwise (the common case) nothing is allocated for them.
     /// </summary>
-    private bool IsObserved => Pipeline is not null || OffloadCallScope.Current is not null || Activity.Current is not null || Telemetry.ClientObserved;
+    private bool IsObserved => !IsReady || Pipeline is not null || OffloadCallScope.Current is not null || Activity.Current is not null || Telemetry.ClientObserved;
 
     /// <summary>Calls <paramref name="method"/>, which has no result. Takes <paramref name="request"/> over, whatever happens.</summary>
     public ValueTask InvokeAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
@@ -62,6 +62,15 @@ public abstract class CallInvoker
             : AwaitAsync(Send(method, request, cancellationToken), method.Decoder);
     }
 
+    /// <summary>
+    /// False while the invoker cannot send yet (a managed connection that is connecting or reconnecting):
+    /// calls then await <see cref="WhenReadyAsync"/> first, holding their request.
+    /// </summary>
+    internal virtual bool IsReady => true;
+
+    /// <summary>Completes when the invoker can send (connects, if it has to); fails when it cannot.</summary>
+    internal virtual ValueTask WhenReadyAsync(CancellationToken cancellationToken) => ValueTask.CompletedTask;
+
     private async ValueTask InvokeObservedVoidAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         await InvokeObservedAsync<NoResult>(method, request, null, cancellationToken).ConfigureAwait(false);
 
@@ -74,6 +83,19 @@ public abstract class CallInvoker
         if (deadline is null && pipeline?.DefaultDeadline is { } timeout)
         {
             deadline = DateTime.UtcNow + timeout;
+        }
+
+        if (!IsReady)
+        {
+            try
+            {
+                await WhenReadyAsync(cancellationToken).ConfigureAwait(false);
+            }
+            catch
+            {
+                request.Discard();
+                throw;
+            }
         }
 
         var context = new ClientInterceptorContext(method, request, scope, deadline, cancellationToken);

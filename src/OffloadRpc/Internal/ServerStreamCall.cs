@@ -90,6 +90,20 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             ? CancellationTokenSource.CreateLinkedTokenSource(_callToken, _enumeratorToken)
             : CancellationTokenSource.CreateLinkedTokenSource(_callToken.CanBeCanceled ? _callToken : _enumeratorToken);
         CancellationToken token = _cancel.Token;
+        if (!_invoker.IsReady)
+        {
+            try
+            {
+                await _invoker.WhenReadyAsync(token).ConfigureAwait(false); // a managed connection (re)connecting
+            }
+            catch
+            {
+                request.Discard();
+                _finished = true;
+                throw;
+            }
+        }
+
         if (request.HasDeferredPayloads)
         {
             try
