@@ -50,7 +50,7 @@ internal static class ServiceEmitter
                 w.Line($"{l}writer.WriteArrayHeader({method.Parameters.Count.ToString(CultureInfo.InvariantCulture)});");
                 foreach (ParameterModel parameter in method.Parameters)
                 {
-                    w.Line(WriteValue(parameter.Value, parameter.Name, l + "writer", l + "request", "this._invoker.SerializerOptions", parameter.Transfer));
+                    w.Line(WriteValue(parameter.Value, parameter.Name, l + "writer", l + "request", "this._invoker.SerializerOptions", parameter.Transfer, id));
                 }
 
                 w.Line($"{l}writer.Flush();");
@@ -77,6 +77,12 @@ internal static class ServiceEmitter
             }
         }
 
+        if (ItemsParameter(method) is { } streamed)
+        {
+            w.Line();
+            EmitItemEncoder(w, $"EncodeItems{id}", streamed.Value.Item!, null);
+        }
+
         w.Line();
         string name = Literal(method.Name.TrimStart('@'));
         if (method.Result is not { } result)
@@ -94,6 +100,41 @@ internal static class ServiceEmitter
                 w.Line($"{Reader} reader = {source}.CreateReader();");
                 w.Line($"return {ReadValue(result, "reader", source)};");
             }
+        }
+    }
+
+    /// <summary>The streamed argument of <paramref name="method"/> (one at most), or null.</summary>
+    private static ParameterModel? ItemsParameter(MethodModel method) => method.Parameters.FirstOrDefault(p => p.Value.Kind == ValueKind.Items);
+
+    /// <summary>Encodes one item of a stream (a result's on the server, an argument's on the client).</summary>
+    private static void EmitItemEncoder(IndentedWriter w, string name, ValueModel item, string? transfer)
+    {
+        using (w.Open($"private static {Builder} {name}({item.Type} item, global::MessagePack.MessagePackSerializerOptions options)"))
+        {
+            w.Line($"{Builder} message = {Builder}.Rent();");
+            using (w.Open("try"))
+            {
+                w.Line($"{Writer} writer = new {Writer}(message.Body);");
+                w.Line(WriteValue(item, "item", "writer", "message", "options", transfer));
+                w.Line("writer.Flush();");
+                w.Line("return message;");
+            }
+
+            using (w.Open("catch"))
+            {
+                w.Line("message.Discard();");
+                w.Line("throw;");
+            }
+        }
+    }
+
+    /// <summary>Decodes one item of a stream: its buffers lent in place until the next item.</summary>
+    private static void EmitItemDecoder(IndentedWriter w, string name, ValueModel item)
+    {
+        using (w.Open($"private static {item.Type} {name}(in {Internal}CallReply item)"))
+        {
+            w.Line($"{Reader} reader = item.CreateReader();");
+            w.Line($"return {ReadValue(item, "reader", "item")};");
         }
     }
 
@@ -207,8 +248,14 @@ internal static class ServiceEmitter
 
             foreach (ParameterModel parameter in method.Parameters)
             {
-                w.Line($"{parameter.Name} = {ReadValue(parameter.Value, l + "reader", l + "call")};");
+                w.Line($"{parameter.Name} = {ReadValue(parameter.Value, l + "reader", l + "call", id)};");
             }
+        }
+
+        if (ItemsParameter(method) is { } streamed)
+        {
+            w.Line();
+            EmitItemDecoder(w, $"DecodeItems{id}", streamed.Value.Item!);
         }
 
         if (method.Result is { } result)
@@ -289,7 +336,7 @@ internal static class ServiceEmitter
     }
 
     /// <summary>The statement that writes <paramref name="expression"/> with <paramref name="writer"/> (buffers go to <paramref name="builder"/>).</summary>
-    private static string WriteValue(ValueModel value, string expression, string writer, string builder, string options, string? transfer)
+    private static string WriteValue(ValueModel value, string expression, string writer, string builder, string options, string? transfer, string? itemsId = null)
     {
         string mode = transfer is null ? string.Empty : ", " + transfer;
         return value.Kind switch
@@ -301,6 +348,7 @@ internal static class ServiceEmitter
             ValueKind.Array => $"{writer}.Write({builder}.AddArray<{value.ElementType}>({expression}{mode}));",
             ValueKind.Stream => $"{writer}.Write({builder}.AddStream({expression}{mode}));",
             ValueKind.Chunks => $"{writer}.Write({builder}.AddChunks({expression}{mode}));",
+            ValueKind.Items => $"{writer}.Write({builder}.AddItems({expression}, EncodeItems{itemsId}));",
             _ => $"{writer}.Write({builder}.AddSharedBuffer({expression}));",
         };
     }
@@ -309,7 +357,7 @@ internal static class ServiceEmitter
     /// The expression that reads a value with <paramref name="reader"/>; buffers come from
     /// <paramref name="source"/> (a CallReply on the client, a ServerCall on the server, which lends them in place).
     /// </summary>
-    private static string ReadValue(ValueModel value, string reader, string source)
+    private static string ReadValue(ValueModel value, string reader, string source, string? itemsId = null)
     {
         // A non-nullable reference read as null means a broken or hostile peer: a typed error, not a null.
         string bang = value.IsNullable || !value.IsReference
@@ -327,6 +375,7 @@ internal static class ServiceEmitter
             ValueKind.Array => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32()){bang}",
             ValueKind.Stream => $"{source}.OpenStream({reader}.ReadInt32()){bang}",
             ValueKind.Chunks => $"{source}.ReadChunks({reader}.ReadInt32()){bang}",
+            ValueKind.Items => $"{source}.ReadItems({reader}.ReadInt32(), DecodeItems{itemsId}){bang}",
             _ => $"{source}.TakeSharedBuffer({reader}.ReadInt32()){bang}",
         };
     }

@@ -233,12 +233,6 @@ internal sealed class ServiceParser
                 continue;
             }
 
-            if (value is { Kind: ValueKind.Items })
-            {
-                problems.Add(new ContractProblem(Diagnostics.StreamShapeRule, $"Parameter '{parameter.Name}' of '{method.Name}' streams items other than ReadOnlyMemory<byte> chunks; streamed arguments of other item types are not supported yet", at));
-                continue;
-            }
-
             if (value is not null)
             {
                 string? transfer = IsCopiedBuffer(value) ? Transfer(parameter) ?? Transfer(method) : null;

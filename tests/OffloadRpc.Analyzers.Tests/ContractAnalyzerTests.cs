@@ -44,6 +44,8 @@ public sealed class ContractAnalyzerTests
             IAsyncEnumerable<ReadOnlyMemory<byte>> FramesAsync();
             IAsyncEnumerable<SharedBuffer> RenderAsync(int width);
             Task<long> UploadAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks);
+            ValueTask<int> CountAsync(IAsyncEnumerable<string> names, CancellationToken ct = default);
+            IAsyncEnumerable<ReadOnlyMemory<byte>> TransformAsync(IAsyncEnumerable<SharedBuffer> frames, int quality);
         }
         """);
 

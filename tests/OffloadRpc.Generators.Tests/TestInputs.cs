@@ -158,11 +158,12 @@ internal static class TestInputs
         }
         """;
 
-    /// <summary>Streamed results of each item kind: MessagePack, primitives, buffers lent in place, leases.</summary>
+    /// <summary>Streamed results of each item kind (MessagePack, primitives, buffers lent in place, leases), a streamed argument, and duplex.</summary>
     public const string Streams = """
         using System;
         using System.Collections.Generic;
         using System.Threading;
+        using System.Threading.Tasks;
         using MessagePack;
         using OffloadRpc;
 
@@ -186,6 +187,10 @@ internal static class TestInputs
             IAsyncEnumerable<SharedBuffer> RenderAsync(int width, int height, CancellationToken ct = default);
 
             IAsyncEnumerable<int> CountAsync(int to);
+
+            ValueTask<long> UploadAsync(IAsyncEnumerable<Detection> detections, CancellationToken ct = default);
+
+            IAsyncEnumerable<ReadOnlyMemory<byte>> TransformAsync(IAsyncEnumerable<SharedBuffer> frames, int quality, CancellationToken ct = default);
         }
         """;
 

@@ -136,6 +136,10 @@ public sealed class ProducerStatus
     /// <summary>The server's resident memory (bytes) when asked.</summary>
     [Key(3)]
     public long ResidentBytes { get; set; }
+
+    /// <summary>The exception a consumer on the server saw ("Type: message"), or null.</summary>
+    [Key(4)]
+    public string? Error { get; set; }
 }
 
 /// <summary>Streamed results: values, buffers in place and leases, with the producer observable through unary calls.</summary>
@@ -159,6 +163,21 @@ public interface IFrameSource
 
     /// <summary>What the producer recorded under <paramref name="tag"/>.</summary>
     ValueTask<ProducerStatus> StatusAsync(string tag, CancellationToken ct = default);
+
+    /// <summary><paramref name="count"/> leases of <paramref name="size"/> bytes rented from the calling connection, lease i filled from seed <paramref name="seed"/> + i: ownership moves to the consumer.</summary>
+    IAsyncEnumerable<SharedBuffer> RenderAsync(int count, int size, int seed, CancellationToken ct = default);
+
+    /// <summary>Client streaming: counts the ticks, checking each one's index and checksum (a wrong one fails the call).</summary>
+    ValueTask<int> CountTicksAsync(IAsyncEnumerable<Tick> ticks, CancellationToken ct = default);
+
+    /// <summary>Client streaming of leases: the checksums of every frame, combined in order (each lease is disposed by the server).</summary>
+    ValueTask<ulong> ChecksumLeasesAsync(IAsyncEnumerable<SharedBuffer> frames, CancellationToken ct = default);
+
+    /// <summary>Client streaming: takes the values slowly (<paramref name="delayMs"/> each), recording under <paramref name="tag"/> how many it took and what ended it.</summary>
+    ValueTask<int> SlowDrainAsync(string tag, IAsyncEnumerable<int> values, int delayMs, CancellationToken ct = default);
+
+    /// <summary>Duplex: for each frame that comes in, its checksum goes out.</summary>
+    IAsyncEnumerable<ulong> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, CancellationToken ct = default);
 }
 
 /// <summary>

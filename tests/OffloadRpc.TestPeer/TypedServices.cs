@@ -306,6 +306,89 @@ internal sealed class FrameSource : IFrameSource
         }
     }
 
+    public async IAsyncEnumerable<SharedBuffer> RenderAsync(int count, int size, int seed, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        OffloadCallContext context = OffloadCallContext.Current ?? throw new InvalidOperationException("no call context in a streamed result");
+        for (int i = 0; i < count; i++)
+        {
+            SharedBuffer frame = context.Rent(size);
+            Checksum64.Fill(frame.Span, (ulong)(seed + i));
+            yield return frame; // rendered in shared memory: the consumer owns it from here
+        }
+
+        await Task.CompletedTask;
+    }
+
+    public async ValueTask<int> CountTicksAsync(IAsyncEnumerable<Tick> ticks, CancellationToken ct = default)
+    {
+        int count = 0;
+        await foreach (Tick tick in ticks.WithCancellation(ct))
+        {
+            if (tick.Index != count || tick.Checksum != Checksum64.Compute(BitConverter.GetBytes(count)))
+            {
+                throw new InvalidDataException($"tick {count} arrived as index {tick.Index}");
+            }
+
+            count++;
+        }
+
+        return count;
+    }
+
+    public async ValueTask<ulong> ChecksumLeasesAsync(IAsyncEnumerable<SharedBuffer> frames, CancellationToken ct = default)
+    {
+        ulong combined = 0;
+        await foreach (SharedBuffer frame in frames.WithCancellation(ct))
+        {
+            using (frame)
+            {
+                combined = (combined * 31) + Checksum64.Compute(frame.Span);
+            }
+        }
+
+        return combined;
+    }
+
+    public async ValueTask<int> SlowDrainAsync(string tag, IAsyncEnumerable<int> values, int delayMs, CancellationToken ct = default)
+    {
+        Progress progress = s_progress.GetOrAdd(tag, _ => new Progress());
+        int count = 0;
+        try
+        {
+            await foreach (int value in values.WithCancellation(ct))
+            {
+                if (value != count)
+                {
+                    throw new InvalidDataException($"value {count} arrived as {value}");
+                }
+
+                count++;
+                Volatile.Write(ref progress.Produced, count);
+                await Task.Delay(delayMs, ct);
+            }
+        }
+        catch (Exception ex)
+        {
+            progress.Error = ex is RemoteInvocationException remote ? $"{remote.RemoteExceptionType}: {remote.RemoteMessage}" : $"{ex.GetType().FullName}: {ex.Message}";
+            progress.Cancelled = ex is OperationCanceledException;
+            throw;
+        }
+        finally
+        {
+            progress.Finished = true;
+        }
+
+        return count;
+    }
+
+    public async IAsyncEnumerable<ulong> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        await foreach (ReadOnlyMemory<int> frame in frames.WithCancellation(ct))
+        {
+            yield return Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(frame.Span));
+        }
+    }
+
     public ValueTask<ProducerStatus> StatusAsync(string tag, CancellationToken ct = default)
     {
         Progress progress = s_progress.GetOrAdd(tag, _ => new Progress());
@@ -316,6 +399,7 @@ internal sealed class FrameSource : IFrameSource
             Cancelled = progress.Cancelled,
             Finished = progress.Finished,
             ResidentBytes = self.WorkingSet64,
+            Error = progress.Error,
         });
     }
 
@@ -324,5 +408,6 @@ internal sealed class FrameSource : IFrameSource
         public int Produced;
         public volatile bool Cancelled;
         public volatile bool Finished;
+        public volatile string? Error;
     }
 }

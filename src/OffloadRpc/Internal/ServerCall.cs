@@ -204,6 +204,29 @@ public sealed class ServerCall
         }
     }
 
+    /// <summary>
+    /// The call's streamed argument (-1: null): its items as the client sends them, each decoded by
+    /// <paramref name="decoder"/>; an item lent in place is valid until the next MoveNextAsync. Opening it
+    /// grants the client this side's window. Ends when the client's enumerable ends; throws the client's
+    /// exception as a <see cref="RemoteInvocationException"/>, and <see cref="OperationCanceledException"/>
+    /// when the call is cancelled or the client dies. Given back when the call completes.
+    /// </summary>
+    public IAsyncEnumerable<T>? ReadItems<T>(int index, ReplyDecoder<T> decoder)
+    {
+        ArgumentNullException.ThrowIfNull(decoder);
+        if (index < 0)
+        {
+            return null;
+        }
+
+        if (index != 0)
+        {
+            throw new ProtocolViolationException($"The request names streamed argument {index}; a call has at most one, numbered 0.");
+        }
+
+        return new ArgumentStream<T>(_call.OpenInbox(), decoder, _serializerOptions, _call.CancellationToken);
+    }
+
     /// <summary>Sends the response built in <paramref name="response"/>.</summary>
     public void Reply(MessageBuilder response)
     {
@@ -345,6 +368,9 @@ internal interface IInboundCall
 
     /// <summary>Credit for the items of the call's streamed result (a transport without streams has none).</summary>
     Transport.StreamOutbox Outbox => throw new NotSupportedException("This transport does not stream results.");
+
+    /// <summary>Opens the call's streamed argument (the transport's window of items granted to the client).</summary>
+    Transport.StreamInbox OpenInbox() => throw new NotSupportedException("This transport does not stream arguments.");
 
     /// <summary>Sends one item of the call's streamed result (waits for ring and arena space: not on the poller).</summary>
     void SendStreamItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken) =>

@@ -92,6 +92,8 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
         }
     }
 
+    StreamInbox Internal.IInboundCall.OpenInbox() => OpenInbox(Connection.StreamWindow);
+
     /// <summary>Opens the inbox of this call's streamed argument and grants the client its first window.</summary>
     public StreamInbox OpenInbox(int window)
     {

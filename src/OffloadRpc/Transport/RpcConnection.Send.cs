@@ -19,17 +19,18 @@ internal sealed partial class RpcConnection
     /// <see cref="OutboundPayload.Move"/> belong to the peer afterwards.
     /// </summary>
     public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken = default) =>
-        CallAsync(methodId, body, payloads, MessageFlags.None, null, cancellationToken);
+        CallAsync(methodId, body, payloads, MessageFlags.None, null, null, cancellationToken);
 
     /// <summary>As above, with message flags (<see cref="MessageFlags.HasMetadata"/>: the body starts with a metadata block).</summary>
     public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken) =>
-        CallAsync(methodId, body, payloads, flags, null, cancellationToken);
+        CallAsync(methodId, body, payloads, flags, null, null, cancellationToken);
 
     /// <summary>
     /// As above, with message flags (<see cref="MessageFlags.HasMetadata"/>: the body starts with a metadata block);
-    /// with an <paramref name="inbox"/> the call's result is a stream: its items go there as they arrive, and the reply ends it.
+    /// with an <paramref name="inbox"/> the call's result is a stream: its items go there as they arrive, and the reply ends it;
+    /// with an <paramref name="outbox"/> the call has a streamed argument, whose items go out under the server's credit.
     /// </summary>
-    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken)
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken)
     {
         if (cancellationToken.IsCancellationRequested)
         {
@@ -54,19 +55,19 @@ internal sealed partial class RpcConnection
                 owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
             }
 
-            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, flags, inbox, cancellationToken);
+            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, flags, inbox, outbox, cancellationToken);
         }
 
-        return StartCall(call, methodId, body, payloads, flags, inbox, cancellationToken);
+        return StartCall(call, methodId, body, payloads, flags, inbox, outbox, cancellationToken);
     }
 
-    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken) =>
-        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, flags, inbox, cancellationToken);
+    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken) =>
+        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, flags, inbox, outbox, cancellationToken);
 
-    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken) =>
-        StartCall(call, methodId, body, payloads, flags, inbox, cancellationToken);
+    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken) =>
+        StartCall(call, methodId, body, payloads, flags, inbox, outbox, cancellationToken);
 
-    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, CancellationToken cancellationToken)
+    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken)
     {
         if (inbox is not null)
         {
@@ -74,12 +75,18 @@ internal sealed partial class RpcConnection
             inbox.Attach(call.CallId);
         }
 
+        if (outbox is not null)
+        {
+            call.Outbox = outbox; // before the request is out: the server's credit may come at once
+            outbox.Attach(this, call.CallId);
+        }
+
         long now = Stopwatch.GetTimestamp();
         call.BeginFlight(methodId, now);
         _spin.OnSend(now);
         try
         {
-            if (inbox is null && TrySendOffloaded(call, methodId, body, payloads, flags, cancellationToken))
+            if (inbox is null && outbox is null && TrySendOffloaded(call, methodId, body, payloads, flags, cancellationToken))
             {
                 return new ValueTask<RpcReply>(call, call.Version); // published (and cancellation armed) once the copy is done
             }

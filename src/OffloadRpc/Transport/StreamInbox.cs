@@ -289,6 +289,40 @@ internal sealed class StreamOutbox
     private readonly object _gate = new();
     private long _credit;
     private TaskCompletionSource? _waiter;
+    private RpcConnection? _connection;
+    private ulong _callId;
+
+    /// <summary>A client's streamed argument: the call it belongs to, known once its entry is claimed (before the request is out).</summary>
+    public void Attach(RpcConnection connection, ulong callId)
+    {
+        _callId = callId;
+        Volatile.Write(ref _connection, connection);
+    }
+
+    private RpcConnection Connection => Volatile.Read(ref _connection) ?? throw new InvalidOperationException("The stream's call was not sent.");
+
+    /// <summary>Sends one item of a client's streamed argument (waits for ring and arena space: not on the poller).</summary>
+    public void SendItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken) =>
+        Connection.Send(MessageKind.StreamItem, _callId, 0, body, payloads, cancellationToken);
+
+    /// <summary>The client's streamed argument has no more items (after the last one: never overtakes it).</summary>
+    public void End() => Connection.TrySendControl(MessageKind.StreamEnd, _callId, 0);
+
+    /// <summary>The client's streamed argument failed: the server's enumeration throws it as a <see cref="RemoteInvocationException"/>.</summary>
+    public void Fail(Exception exception)
+    {
+        RpcConnection connection = Connection;
+        byte[] buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(FaultCodec.MaxEncodedLength);
+        try
+        {
+            int length = FaultCodec.Encode(exception, buffer, connection.Geometry.SlotSize, full: false); // fits in the slot: no arena
+            connection.Send(MessageKind.StreamFault, _callId, 0, buffer.AsSpan(0, length), default, CancellationToken.None);
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<byte>.Shared.Return(buffer);
+        }
+    }
 
     /// <summary>The consumer took <paramref name="items"/> more (on the poller; never blocks). False when the total makes no sense.</summary>
     public bool Grant(int items)

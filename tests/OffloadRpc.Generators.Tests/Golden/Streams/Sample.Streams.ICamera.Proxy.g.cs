@@ -16,6 +16,95 @@ namespace Sample.Streams
             this._invoker = invoker ?? throw new global::System.ArgumentNullException(nameof(invoker));
         }
 
+        global::System.Threading.Tasks.ValueTask<long> global::Sample.Streams.ICamera.UploadAsync(global::System.Collections.Generic.IAsyncEnumerable<global::Sample.Streams.Detection> detections, global::System.Threading.CancellationToken ct)
+        {
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
+                __writer.WriteArrayHeader(1);
+                __writer.Write(__request.AddItems(detections, EncodeItems432419621));
+                __writer.Flush();
+            }
+            catch (global::System.Exception __exception)
+            {
+                __request.Discard();
+                return global::System.Threading.Tasks.ValueTask.FromException<long>(__exception);
+            }
+
+            return this._invoker.InvokeAsync(global::Sample.Streams.CameraProxy.Method432419621, __request, ct);
+        }
+
+        private static global::OffloadRpc.Internal.MessageBuilder EncodeItems432419621(global::Sample.Streams.Detection item, global::MessagePack.MessagePackSerializerOptions options)
+        {
+            global::OffloadRpc.Internal.MessageBuilder message = global::OffloadRpc.Internal.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter writer = new global::MessagePack.MessagePackWriter(message.Body);
+                global::MessagePack.MessagePackSerializer.Serialize(ref writer, item, options);
+                writer.Flush();
+                return message;
+            }
+            catch
+            {
+                message.Discard();
+                throw;
+            }
+        }
+
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method432419621 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Streams.ICamera", "UploadAsync", 432419621, Decode432419621);
+
+        private static long Decode432419621(in global::OffloadRpc.Internal.CallReply reply)
+        {
+            global::MessagePack.MessagePackReader reader = reply.CreateReader();
+            return reader.ReadInt64();
+        }
+
+        global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> global::Sample.Streams.ICamera.TransformAsync(global::System.Collections.Generic.IAsyncEnumerable<global::OffloadRpc.SharedBuffer> frames, int quality, global::System.Threading.CancellationToken ct)
+        {
+            global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter __writer = new global::MessagePack.MessagePackWriter(__request.Body);
+                __writer.WriteArrayHeader(2);
+                __writer.Write(__request.AddItems(frames, EncodeItems767610780));
+                __writer.Write(quality);
+                __writer.Flush();
+            }
+            catch (global::System.Exception __exception)
+            {
+                __request.Discard();
+                return global::OffloadRpc.Internal.CallInvoker.FailedStream<global::System.ReadOnlyMemory<byte>>(__exception);
+            }
+
+            return this._invoker.InvokeStream(global::Sample.Streams.CameraProxy.Method767610780, __request, ct);
+        }
+
+        private static global::OffloadRpc.Internal.MessageBuilder EncodeItems767610780(global::OffloadRpc.SharedBuffer item, global::MessagePack.MessagePackSerializerOptions options)
+        {
+            global::OffloadRpc.Internal.MessageBuilder message = global::OffloadRpc.Internal.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter writer = new global::MessagePack.MessagePackWriter(message.Body);
+                writer.Write(message.AddSharedBuffer(item));
+                writer.Flush();
+                return message;
+            }
+            catch
+            {
+                message.Discard();
+                throw;
+            }
+        }
+
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method767610780 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Streams.ICamera", "TransformAsync", 767610780, Decode767610780);
+
+        private static global::System.ReadOnlyMemory<byte> Decode767610780(in global::OffloadRpc.Internal.CallReply item)
+        {
+            global::MessagePack.MessagePackReader reader = item.CreateReader();
+            return item.GetMemory<byte>(reader.ReadInt32());
+        }
+
         global::System.Collections.Generic.IAsyncEnumerable<int> global::Sample.Streams.ICamera.CountAsync(int to)
         {
             global::OffloadRpc.Internal.MessageBuilder __request = global::OffloadRpc.Internal.MessageBuilder.Rent();

@@ -14,8 +14,8 @@ namespace Sample.Streams
         {
             global::OffloadRpc.Internal.ServiceRegistry.Register(new global::OffloadRpc.Internal.ServiceDescriptor<global::Sample.Streams.ICamera>(
                 "Sample.Streams.ICamera",
-                0x956055C2ED796B4CUL,
-                new global::OffloadRpc.Internal.MethodDescriptor[] { global::Sample.Streams.CameraProxy.Method921647643, global::Sample.Streams.CameraProxy.Method1130305443, global::Sample.Streams.CameraProxy.Method1484459622, global::Sample.Streams.CameraProxy.Method1493145482, global::Sample.Streams.CameraProxy.Method1776400125 },
+                0x14DCAD4E1CEE237DUL,
+                new global::OffloadRpc.Internal.MethodDescriptor[] { global::Sample.Streams.CameraProxy.Method432419621, global::Sample.Streams.CameraProxy.Method767610780, global::Sample.Streams.CameraProxy.Method921647643, global::Sample.Streams.CameraProxy.Method1130305443, global::Sample.Streams.CameraProxy.Method1484459622, global::Sample.Streams.CameraProxy.Method1493145482, global::Sample.Streams.CameraProxy.Method1776400125 },
                 static invoker => new CameraProxy(invoker),
                 static implementation => new CameraStub(implementation)));
         }

@@ -21,6 +21,10 @@ namespace Sample.Streams
         {
             switch (methodId)
             {
+                case 432419621:
+                    return Invoke432419621(serverCall);
+                case 767610780:
+                    return Invoke767610780(serverCall);
                 case 921647643:
                     return Invoke921647643(serverCall);
                 case 1130305443:
@@ -33,6 +37,91 @@ namespace Sample.Streams
                     return Invoke1776400125(serverCall);
                 default:
                     throw new global::System.InvalidOperationException("Sample.Streams.ICamera has no method with id " + methodId.ToString(global::System.Globalization.CultureInfo.InvariantCulture) + ".");
+            }
+        }
+
+        private async global::System.Threading.Tasks.ValueTask Invoke432419621(global::OffloadRpc.Internal.ServerCall __call)
+        {
+            Decode432419621(__call, out global::System.Collections.Generic.IAsyncEnumerable<global::Sample.Streams.Detection> detections);
+            __call.ArgumentsDecoded();
+            long __result = await this._implementation.UploadAsync(detections, __call.CancellationToken).ConfigureAwait(false);
+            __call.Reply(Encode432419621(__result));
+        }
+
+        private static void Decode432419621(global::OffloadRpc.Internal.ServerCall __call, out global::System.Collections.Generic.IAsyncEnumerable<global::Sample.Streams.Detection> detections)
+        {
+            global::MessagePack.MessagePackReader __reader = __call.CreateReader();
+            if (__reader.ReadArrayHeader() != 1)
+            {
+                throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Streams.ICamera.UploadAsync does not carry its 1 argument(s).");
+            }
+
+            detections = __call.ReadItems(__reader.ReadInt32(), DecodeItems432419621) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.IAsyncEnumerable<Sample.Streams.Detection>.");
+        }
+
+        private static global::Sample.Streams.Detection DecodeItems432419621(in global::OffloadRpc.Internal.CallReply item)
+        {
+            global::MessagePack.MessagePackReader reader = item.CreateReader();
+            return global::MessagePack.MessagePackSerializer.Deserialize<global::Sample.Streams.Detection>(ref reader, item.SerializerOptions) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable Sample.Streams.Detection.");
+        }
+
+        private static global::OffloadRpc.Internal.MessageBuilder Encode432419621(long result)
+        {
+            global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter writer = new global::MessagePack.MessagePackWriter(response.Body);
+                writer.Write(result);
+                writer.Flush();
+                return response;
+            }
+            catch
+            {
+                response.Discard();
+                throw;
+            }
+        }
+
+        private async global::System.Threading.Tasks.ValueTask Invoke767610780(global::OffloadRpc.Internal.ServerCall __call)
+        {
+            Decode767610780(__call, out global::System.Collections.Generic.IAsyncEnumerable<global::OffloadRpc.SharedBuffer> frames, out int quality);
+            __call.ArgumentsDecoded();
+            await __call.SendStreamAsync(this._implementation.TransformAsync(frames, quality, __call.CancellationToken), Encode767610780).ConfigureAwait(false);
+            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+        }
+
+        private static void Decode767610780(global::OffloadRpc.Internal.ServerCall __call, out global::System.Collections.Generic.IAsyncEnumerable<global::OffloadRpc.SharedBuffer> frames, out int quality)
+        {
+            global::MessagePack.MessagePackReader __reader = __call.CreateReader();
+            if (__reader.ReadArrayHeader() != 2)
+            {
+                throw new global::OffloadRpc.ProtocolViolationException("A call of Sample.Streams.ICamera.TransformAsync does not carry its 2 argument(s).");
+            }
+
+            frames = __call.ReadItems(__reader.ReadInt32(), DecodeItems767610780) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable System.Collections.Generic.IAsyncEnumerable<OffloadRpc.SharedBuffer>.");
+            quality = __reader.ReadInt32();
+        }
+
+        private static global::OffloadRpc.SharedBuffer DecodeItems767610780(in global::OffloadRpc.Internal.CallReply item)
+        {
+            global::MessagePack.MessagePackReader reader = item.CreateReader();
+            return item.TakeSharedBuffer(reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable OffloadRpc.SharedBuffer.");
+        }
+
+        private static global::OffloadRpc.Internal.MessageBuilder Encode767610780(global::System.ReadOnlyMemory<byte> result, global::MessagePack.MessagePackSerializerOptions options)
+        {
+            global::OffloadRpc.Internal.MessageBuilder response = global::OffloadRpc.Internal.MessageBuilder.Rent();
+            try
+            {
+                global::MessagePack.MessagePackWriter writer = new global::MessagePack.MessagePackWriter(response.Body);
+                writer.Write(response.AddBuffer<byte>(result));
+                writer.Flush();
+                return response;
+            }
+            catch
+            {
+                response.Discard();
+                throw;
             }
         }
 
