@@ -151,6 +151,27 @@ public sealed class HostingTests
     }
 
     [Fact]
+    public async Task A_streamed_result_flows_through_the_managed_connection()
+    {
+        string endpoint = Endpoints.Unique("hosted-stream");
+        await using PeerProcess server = PeerProcess.Start(["typed-server", endpoint]);
+        server.WaitForLine("READY");
+        var services = new ServiceCollection();
+        services.AddOffloadRpcClient<IFrameSource>(endpoint);
+        await using ServiceProvider client = services.BuildServiceProvider();
+        IFrameSource frames = client.GetRequiredService<IFrameSource>();
+
+        var ticks = new List<Tick>();
+        await foreach (Tick tick in frames.TicksAsync(5, "managed"))
+        {
+            ticks.Add(tick);
+        }
+
+        Assert.Equal([0, 1, 2, 3, 4], ticks.Select(t => t.Index));
+        Assert.All(ticks, t => Assert.Equal("managed", t.Label));
+    }
+
+    [Fact]
     public async Task OpenTelemetry_exports_one_trace_across_both_processes()
     {
         string endpoint = Endpoints.Unique("otel");

@@ -182,6 +182,29 @@ internal sealed class ManagedConnection : IAsyncDisposable
         internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken) =>
             Connection().Invoker.SendAsync(method, request, metadata, cancellationToken);
 
+        /// <summary>A streamed result: connects when enumerated, then streams as the connection of the moment does (shared memory or another transport).</summary>
+        internal override IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
+            StreamAsync(method, request, cancellationToken);
+
+        private async IAsyncEnumerable<T> StreamAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken enumeratorToken = default)
+        {
+            OffloadRpcConnection connection;
+            try
+            {
+                connection = await owner.ConnectAsync(cancellationToken).ConfigureAwait(false);
+            }
+            catch
+            {
+                request.Discard();
+                throw;
+            }
+
+            await foreach (T item in connection.Invoker.CreateServerStream(method, request, cancellationToken).WithCancellation(enumeratorToken).ConfigureAwait(false))
+            {
+                yield return item;
+            }
+        }
+
         internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
         {
             OffloadRpcConnection connection;
