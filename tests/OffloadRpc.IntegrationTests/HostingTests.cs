@@ -123,7 +123,7 @@ public sealed class HostingTests
         ICallProbe probe = client.GetRequiredService<ICallProbe>();
         await probe.PingAsync();
 
-        Task<string> inFlight = probe.WaitForCancelAsync(1500).AsTask();
+        Task<string> inFlight = probe.WaitForCancelAsync(3000).AsTask();
         await Eventually.TrueAsync(async () => (await probe.LastOutcomeAsync()) == "waiting", "the call is being served");
         server.CloseInput(); // the host stops
         server.WaitForLine("STOPPING");

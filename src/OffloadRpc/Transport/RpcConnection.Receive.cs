@@ -445,8 +445,12 @@ internal sealed partial class RpcConnection
     /// <summary>Smoothed cost of each method class's synchronous part, in ticks (method id modulo the table size).</summary>
     private readonly long[] _handlerCost = new long[64];
 
+    /// <summary>Requests dispatched whose handling (method and answer) has not finished: what a stopping server waits for.</summary>
+    private int _callsBeingServed;
+
     private void Dispatch(IncomingCall call)
     {
+        Interlocked.Increment(ref _callsBeingServed);
         int index = (int)(call.CallId & ((1UL << PendingCall.IndexBits) - 1));
         Volatile.Write(ref _servedCalls[index], call);
         if (_options.DispatchToThreadPool || call.HasPipelinedPayload || Volatile.Read(ref _handlerCost[call.MethodId & (_handlerCost.Length - 1)]) > InlineLimitTicks)
@@ -503,23 +507,12 @@ internal sealed partial class RpcConnection
         }
     }
 
-    /// <summary>How many requests of the peer are being served now (for a server that drains before it stops).</summary>
-    internal int ServedCallsInFlight
-    {
-        get
-        {
-            int count = 0;
-            for (int i = 0; i < _servedCalls.Length; i++)
-            {
-                if (Volatile.Read(ref _servedCalls[i]) is not null)
-                {
-                    count++;
-                }
-            }
-
-            return count;
-        }
-    }
+    /// <summary>
+    /// How many requests of the peer are being served now, until their answers are out (for a server that
+    /// drains before it stops: a call's index is freed before its answer is sent, so the table alone would
+    /// let the server close a connection while an answer is on its way).
+    /// </summary>
+    internal int ServedCallsInFlight => Volatile.Read(ref _callsBeingServed);
 
     /// <summary>Frees a served call's index in the table (idempotent): done before its answer goes out, which lets the caller reuse the index.</summary>
     internal void ReleaseServedIndex(IncomingCall call)
@@ -558,8 +551,15 @@ internal sealed partial class RpcConnection
             // The caller is gone; there is nobody to answer.
         }
 
-        call.Reset();
-        ReturnIncomingCall(call);
+        try
+        {
+            call.Reset();
+            ReturnIncomingCall(call);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _callsBeingServed);
+        }
     }
 
     /// <summary>
