@@ -15,7 +15,8 @@ public sealed class ContractAnalyzer : OffloadRpcAnalyzer
         Diagnostics.CancellationTokenNotLastRule,
         Diagnostics.GenericMethodRule,
         Diagnostics.MethodIdCollisionRule,
-        Diagnostics.CannotImplementRule);
+        Diagnostics.CannotImplementRule,
+        Diagnostics.StreamShapeRule);
 
     private protected override void OnCompilationStart(CompilationStartAnalysisContext context, OffloadRpcTypes types)
     {

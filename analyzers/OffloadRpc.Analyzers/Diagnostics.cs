@@ -23,6 +23,7 @@ static class Diagnostics
     public const string GenericMethod = "OFFRPC1004";
     public const string MethodIdCollision = "OFFRPC1005";
     public const string CannotImplement = "OFFRPC1006";
+    public const string StreamShape = "OFFRPC1007";
 
     public const string LargeCopy = "OFFRPC2001";
     public const string InjectAboveCache = "OFFRPC2002";
@@ -48,7 +49,7 @@ static class Diagnostics
     public static string FreshCopyMessage(string name) =>
         $"'{name}' is given a fresh copy (.ToArray()): the call copies the bytes into shared memory anyway; pass the buffer itself, or write it into a rented SharedBuffer";
 
-    public static readonly DiagnosticDescriptor ReturnTypeRule = Contract(ReturnType, "Service method must return Task, ValueTask, Task<T> or ValueTask<T>");
+    public static readonly DiagnosticDescriptor ReturnTypeRule = Contract(ReturnType, "Service method must return Task, ValueTask, Task<T>, ValueTask<T> or IAsyncEnumerable<T>");
 
     public static readonly DiagnosticDescriptor CannotCrossRule = Contract(CannotCross, "Type cannot cross the process boundary");
 
@@ -59,6 +60,8 @@ static class Diagnostics
     public static readonly DiagnosticDescriptor MethodIdCollisionRule = Contract(MethodIdCollision, "Two methods map to the same method id");
 
     public static readonly DiagnosticDescriptor CannotImplementRule = Contract(CannotImplement, "Service interface cannot be implemented by a proxy");
+
+    public static readonly DiagnosticDescriptor StreamShapeRule = Contract(StreamShape, "A stream has a shape OffloadRpc cannot carry");
 
     public static readonly DiagnosticDescriptor WrittenInFlightRule = Advice(WrittenInFlight, "A buffer is written while an Offload or Pipelined call may still be reading it", "'{0}' is written after it was passed to an Offload or Pipelined call that is not awaited yet: the copy engine may still be reading it");
 

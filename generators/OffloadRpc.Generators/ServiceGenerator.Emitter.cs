@@ -50,7 +50,7 @@ internal static class ServiceEmitter
                 w.Line($"{l}writer.WriteArrayHeader({method.Parameters.Count.ToString(CultureInfo.InvariantCulture)});");
                 foreach (ParameterModel parameter in method.Parameters)
                 {
-                    w.Line(WriteValue(parameter.Value, parameter.Name, l + "writer", l + "request", "this._invoker.SerializerOptions", parameter.Transfer));
+                    w.Line(WriteValue(parameter.Value, parameter.Name, l + "writer", l + "request", "this._invoker.SerializerOptions", parameter.Transfer, id));
                 }
 
                 w.Line($"{l}writer.Flush();");
@@ -65,9 +65,22 @@ internal static class ServiceEmitter
 
             w.Line();
             string token = method.CancellationTokenName ?? "default";
-            string call = $"this._invoker.InvokeAsync({MethodField(service, method)}, {l}request, {token})";
-            bool isTask = method.Shape is ReturnShape.Task or ReturnShape.TaskOfT;
-            w.Line($"return {call}{(isTask ? ".AsTask()" : string.Empty)};");
+            if (method.Shape == ReturnShape.AsyncEnumerable)
+            {
+                w.Line($"return this._invoker.InvokeStream({MethodField(service, method)}, {l}request, {token});");
+            }
+            else
+            {
+                string call = $"this._invoker.InvokeAsync({MethodField(service, method)}, {l}request, {token})";
+                bool isTask = method.Shape is ReturnShape.Task or ReturnShape.TaskOfT;
+                w.Line($"return {call}{(isTask ? ".AsTask()" : string.Empty)};");
+            }
+        }
+
+        if (ItemsParameter(method) is { } streamed)
+        {
+            w.Line();
+            EmitItemEncoder(w, $"EncodeItems{id}", streamed.Value.Item!, null);
         }
 
         w.Line();
@@ -80,11 +93,48 @@ internal static class ServiceEmitter
         {
             w.Line($"internal static readonly {Internal}MethodDescriptor<{result.Type}> Method{id} = new {Internal}MethodDescriptor<{result.Type}>({Literal(service.ServiceName)}, {name}, {id}, Decode{id});");
             w.Line();
-            using (w.Open($"private static {result.Type} Decode{id}(in {Internal}CallReply reply)"))
+            using (w.Open($"private static {result.Type} Decode{id}(in {Internal}CallReply {(method.Shape == ReturnShape.AsyncEnumerable ? "item" : "reply")})"))
             {
-                w.Line($"{Reader} reader = reply.CreateReader();");
-                w.Line($"return {ReadValue(result, "reader", "reply")};");
+                // A stream's item lends its buffers in place, valid until the next MoveNextAsync; a reply's are copied.
+                string source = method.Shape == ReturnShape.AsyncEnumerable ? "item" : "reply";
+                w.Line($"{Reader} reader = {source}.CreateReader();");
+                w.Line($"return {ReadValue(result, "reader", source)};");
             }
+        }
+    }
+
+    /// <summary>The streamed argument of <paramref name="method"/> (one at most), or null.</summary>
+    private static ParameterModel? ItemsParameter(MethodModel method) => method.Parameters.FirstOrDefault(p => p.Value.Kind == ValueKind.Items);
+
+    /// <summary>Encodes one item of a stream (a result's on the server, an argument's on the client).</summary>
+    private static void EmitItemEncoder(IndentedWriter w, string name, ValueModel item, string? transfer)
+    {
+        using (w.Open($"private static {Builder} {name}({item.Type} item, global::MessagePack.MessagePackSerializerOptions options)"))
+        {
+            w.Line($"{Builder} message = {Builder}.Rent();");
+            using (w.Open("try"))
+            {
+                w.Line($"{Writer} writer = new {Writer}(message.Body);");
+                w.Line(WriteValue(item, "item", "writer", "message", "options", transfer));
+                w.Line("writer.Flush();");
+                w.Line("return message;");
+            }
+
+            using (w.Open("catch"))
+            {
+                w.Line("message.Discard();");
+                w.Line("throw;");
+            }
+        }
+    }
+
+    /// <summary>Decodes one item of a stream: its buffers lent in place until the next item.</summary>
+    private static void EmitItemDecoder(IndentedWriter w, string name, ValueModel item)
+    {
+        using (w.Open($"private static {item.Type} {name}(in {Internal}CallReply item)"))
+        {
+            w.Line($"{Reader} reader = item.CreateReader();");
+            w.Line($"return {ReadValue(item, "reader", "item")};");
         }
     }
 
@@ -93,6 +143,7 @@ internal static class ServiceEmitter
         ReturnShape.Task => $"global::System.Threading.Tasks.Task.FromException({exception})",
         ReturnShape.ValueTask => $"global::System.Threading.Tasks.ValueTask.FromException({exception})",
         ReturnShape.TaskOfT => $"global::System.Threading.Tasks.Task.FromException<{method.Result!.Type}>({exception})",
+        ReturnShape.AsyncEnumerable => $"{Internal}CallInvoker.FailedStream<{method.Result!.Type}>({exception})",
         _ => $"global::System.Threading.Tasks.ValueTask.FromException<{method.Result!.Type}>({exception})",
     };
 
@@ -157,7 +208,13 @@ internal static class ServiceEmitter
             string arguments = string.Join(", ", method.Parameters.Select(p => p.Name)
                 .Concat(method.CancellationTokenName is null ? Enumerable.Empty<string>() : new[] { l + "call.CancellationToken" }));
             string invocation = $"this._implementation.{method.Name}({arguments})";
-            if (method.Result is null)
+            if (method.Shape == ReturnShape.AsyncEnumerable)
+            {
+                // Items go out as the implementation yields them, within the caller's window; the reply ends the stream.
+                w.Line($"await {l}call.SendStreamAsync({invocation}, Encode{id}).ConfigureAwait(false);");
+                w.Line($"{l}call.Reply({Builder}.Rent());");
+            }
+            else if (method.Result is null)
             {
                 w.Line($"await {invocation}.ConfigureAwait(false);");
                 w.Line($"{l}call.Reply({Builder}.Rent());");
@@ -191,14 +248,20 @@ internal static class ServiceEmitter
 
             foreach (ParameterModel parameter in method.Parameters)
             {
-                w.Line($"{parameter.Name} = {ReadValue(parameter.Value, l + "reader", l + "call")};");
+                w.Line($"{parameter.Name} = {ReadValue(parameter.Value, l + "reader", l + "call", id)};");
             }
+        }
+
+        if (ItemsParameter(method) is { } streamed)
+        {
+            w.Line();
+            EmitItemDecoder(w, $"DecodeItems{id}", streamed.Value.Item!);
         }
 
         if (method.Result is { } result)
         {
             w.Line();
-            string options = result.Kind == ValueKind.MessagePack ? ", global::MessagePack.MessagePackSerializerOptions options" : string.Empty;
+            string options = result.Kind == ValueKind.MessagePack || method.Shape == ReturnShape.AsyncEnumerable ? ", global::MessagePack.MessagePackSerializerOptions options" : string.Empty;
             using (w.Open($"private static {Builder} Encode{id}({result.Type} result{options})"))
             {
                 w.Line($"{Builder} response = {Builder}.Rent();");
@@ -273,7 +336,7 @@ internal static class ServiceEmitter
     }
 
     /// <summary>The statement that writes <paramref name="expression"/> with <paramref name="writer"/> (buffers go to <paramref name="builder"/>).</summary>
-    private static string WriteValue(ValueModel value, string expression, string writer, string builder, string options, string? transfer)
+    private static string WriteValue(ValueModel value, string expression, string writer, string builder, string options, string? transfer, string? itemsId = null)
     {
         string mode = transfer is null ? string.Empty : ", " + transfer;
         return value.Kind switch
@@ -285,6 +348,7 @@ internal static class ServiceEmitter
             ValueKind.Array => $"{writer}.Write({builder}.AddArray<{value.ElementType}>({expression}{mode}));",
             ValueKind.Stream => $"{writer}.Write({builder}.AddStream({expression}{mode}));",
             ValueKind.Chunks => $"{writer}.Write({builder}.AddChunks({expression}{mode}));",
+            ValueKind.Items => $"{writer}.Write({builder}.AddItems({expression}, EncodeItems{itemsId}));",
             _ => $"{writer}.Write({builder}.AddSharedBuffer({expression}));",
         };
     }
@@ -293,23 +357,25 @@ internal static class ServiceEmitter
     /// The expression that reads a value with <paramref name="reader"/>; buffers come from
     /// <paramref name="source"/> (a CallReply on the client, a ServerCall on the server, which lends them in place).
     /// </summary>
-    private static string ReadValue(ValueModel value, string reader, string source)
+    private static string ReadValue(ValueModel value, string reader, string source, string? itemsId = null)
     {
         // A non-nullable reference read as null means a broken or hostile peer: a typed error, not a null.
         string bang = value.IsNullable || !value.IsReference
             ? string.Empty
             : $" ?? throw new global::OffloadRpc.ProtocolViolationException({Literal("The peer sent null for a non-nullable " + value.Type.Replace("global::", string.Empty) + ".")})";
-        bool server = source != "reply";
+        bool item = source == "item";
+        bool server = source != "reply" && !item;
         return value.Kind switch
         {
             ValueKind.Primitive => value.Primitive == "String" ? $"{reader}.ReadString(){bang}" : $"{reader}.Read{value.Primitive}()",
             ValueKind.Enum => $"({value.Type}){reader}.Read{value.Primitive}()",
             ValueKind.MessagePack => $"{Serializer}.Deserialize<{value.Type}>(ref {reader}, {source}.SerializerOptions){bang}",
-            ValueKind.ReadOnlyMemory or ValueKind.Memory when server => $"{source}.GetMemory<{value.ElementType}>({reader}.ReadInt32())",
+            ValueKind.ReadOnlyMemory or ValueKind.Memory when server || item => $"{source}.GetMemory<{value.ElementType}>({reader}.ReadInt32())",
             ValueKind.ReadOnlyMemory or ValueKind.Memory => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32())",
             ValueKind.Array => $"{source}.CopyArray<{value.ElementType}>({reader}.ReadInt32()){bang}",
             ValueKind.Stream => $"{source}.OpenStream({reader}.ReadInt32()){bang}",
             ValueKind.Chunks => $"{source}.ReadChunks({reader}.ReadInt32()){bang}",
+            ValueKind.Items => $"{source}.ReadItems({reader}.ReadInt32(), DecodeItems{itemsId}){bang}",
             _ => $"{source}.TakeSharedBuffer({reader}.ReadInt32()){bang}",
         };
     }

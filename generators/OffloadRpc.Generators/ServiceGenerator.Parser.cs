@@ -128,7 +128,7 @@ internal sealed class ServiceParser
         {
             contract.Append(m.MethodId).Append(':').Append(m.Name).Append('(')
                 .Append(string.Join(",", m.Parameters.Select(p => Wire(p.Value)))).Append(")->")
-                .Append(m.Result is null ? "void" : Wire(m.Result)).Append(';');
+                .Append(m.Result is null ? "void" : m.Shape == ReturnShape.AsyncEnumerable ? "stream<" + Wire(m.Result) + ">" : Wire(m.Result)).Append(';');
         }
 
         string baseName = service.Name.Length > 1 && service.Name[0] == 'I' && char.IsUpper(service.Name[1]) ? service.Name.Substring(1) : service.Name;
@@ -175,23 +175,36 @@ internal sealed class ServiceParser
         {
             shape = ReturnShape.ValueTask;
         }
+        else if (IsAsyncEnumerable(returnType))
+        {
+            shape = ReturnShape.AsyncEnumerable;
+            result = ClassifyItem(returnType!.TypeArguments[0], $"the items of '{method.Name}'", where, problems);
+        }
         else if (Same(returnDefinition, _taskOfT) || Same(returnDefinition, _valueTaskOfT))
         {
             shape = Same(returnDefinition, _taskOfT) ? ReturnShape.TaskOfT : ReturnShape.ValueTaskOfT;
-            result = Classify(returnType!.TypeArguments[0], $"the result of '{method.Name}'", where, problems);
-            if (result is { Kind: ValueKind.Stream or ValueKind.Chunks })
+            if (IsAsyncEnumerable(returnType!.TypeArguments[0]))
             {
-                problems.Add(new ContractProblem(Diagnostics.CannotCrossRule, $"The result of '{method.Name}' is a stream; streams go from client to server only: return a SharedBuffer or ReadOnlyMemory<byte>", where));
-                result = null;
+                problems.Add(new ContractProblem(Diagnostics.StreamShapeRule, $"Service method '{method.Name}' returns '{method.ReturnType.ToDisplayString()}'; a streamed result is returned as IAsyncEnumerable<T> itself, without a Task around it (the stream starts when it is enumerated)", where));
+            }
+            else
+            {
+                result = Classify(returnType.TypeArguments[0], $"the result of '{method.Name}'", where, problems);
+                if (result is { Kind: ValueKind.Stream })
+                {
+                    problems.Add(new ContractProblem(Diagnostics.CannotCrossRule, $"The result of '{method.Name}' is a Stream; a Stream goes from client to server only: return a SharedBuffer, ReadOnlyMemory<byte> or IAsyncEnumerable<ReadOnlyMemory<byte>>", where));
+                    result = null;
+                }
             }
         }
         else
         {
-            problems.Add(new ContractProblem(Diagnostics.ReturnTypeRule, $"Service method '{method.Name}' returns '{method.ReturnType.ToDisplayString()}'; it must return Task, ValueTask, Task<T> or ValueTask<T>", where));
+            problems.Add(new ContractProblem(Diagnostics.ReturnTypeRule, $"Service method '{method.Name}' returns '{method.ReturnType.ToDisplayString()}'; it must return Task, ValueTask, Task<T>, ValueTask<T> or IAsyncEnumerable<T>", where));
         }
 
         var parameters = new List<ParameterModel>();
         string? cancellationTokenName = null;
+        int streams = 0;
         for (int i = 0; i < method.Parameters.Length; i++)
         {
             IParameterSymbol parameter = method.Parameters[i];
@@ -214,6 +227,12 @@ internal sealed class ServiceParser
             }
 
             ValueModel? value = Classify(parameter.Type, $"parameter '{parameter.Name}' of '{method.Name}'", at, problems);
+            if (value is { Kind: ValueKind.Chunks or ValueKind.Items } && ++streams > 1)
+            {
+                problems.Add(new ContractProblem(Diagnostics.StreamShapeRule, $"Parameter '{parameter.Name}' of '{method.Name}' is a second IAsyncEnumerable<T>; a method takes at most one streamed argument", at));
+                continue;
+            }
+
             if (value is not null)
             {
                 string? transfer = IsCopiedBuffer(value) ? Transfer(parameter) ?? Transfer(method) : null;
@@ -268,6 +287,12 @@ internal sealed class ServiceParser
             && sequence.TypeArguments[0] is INamedTypeSymbol chunk && chunk.IsGenericType && Same(chunk.OriginalDefinition, _readOnlyMemory) && chunk.TypeArguments[0].SpecialType == SpecialType.System_Byte)
         {
             return new ValueModel(ValueKind.Chunks, display, "chunks", null, null, null, nullable, true);
+        }
+
+        if (IsAsyncEnumerable(type))
+        {
+            ValueModel? item = ClassifyItem(((INamedTypeSymbol)type).TypeArguments[0], $"the items of {what}", where, problems);
+            return item is null ? null : new ValueModel(ValueKind.Items, display, "stream<" + Wire(item) + ">", null, item.Type, null, nullable, true) { Item = item };
         }
 
         if (type is INamedTypeSymbol named && named.IsGenericType && (Same(named.OriginalDefinition, _readOnlyMemory) || Same(named.OriginalDefinition, _memory)))
@@ -386,6 +411,20 @@ internal sealed class ServiceParser
         SpecialType.System_String => "String",
         _ => null,
     };
+
+    private bool IsAsyncEnumerable(ITypeSymbol? type) => type is INamedTypeSymbol { IsGenericType: true } named && Same(named.OriginalDefinition, _asyncEnumerable);
+
+    /// <summary>How one item of a stream crosses: anything a unary call carries, except another stream.</summary>
+    private ValueModel? ClassifyItem(ITypeSymbol type, string what, Location? where, List<ContractProblem> problems)
+    {
+        if (IsAsyncEnumerable(type) || Same(type, _stream))
+        {
+            problems.Add(new ContractProblem(Diagnostics.StreamShapeRule, $"The type of {what}, '{type.ToDisplayString()}', is itself a stream; a stream's items are values, buffers or SharedBuffer leases, not streams", where));
+            return null;
+        }
+
+        return Classify(type, what, where, problems);
+    }
 
     private static bool Same(ITypeSymbol? a, ITypeSymbol? b) => a is not null && b is not null && SymbolEqualityComparer.Default.Equals(a, b);
 

@@ -76,6 +76,7 @@ internal static class Client
             ProgressTask histogramTask = addTask("4K frame histogram", plan.Frames);
             ProgressTask statsTask = addTask("batch stats (256x3x224x224 fp32)", plan.Batches);
             ProgressTask thumbnailTask = addTask("4K thumbnail via SharedBuffer", plan.Frames);
+            ProgressTask streamTask = addTask("4K frame stream (worker renders)", plan.Frames);
 
             rows.Add(await MeasurePingAsync(service, plan, pingTask));
             finished(rows[^1]);
@@ -85,6 +86,8 @@ internal static class Client
             finished(rows[^1]);
             (ResultRow thumbnails, renderMilliseconds) = await MeasureThumbnailAsync(connection, service, plan, thumbnailTask);
             rows.Add(thumbnails);
+            finished(rows[^1]);
+            rows.Add(await MeasureStreamAsync(service, plan, streamTask));
             finished(rows[^1]);
         }
 
@@ -157,6 +160,22 @@ internal static class Client
                 !lease.IsValid && thumbnail.Length == expected.Length && thumbnail.Span.SequenceEqual(expected),
                 $"{FrameWidth / Kernels.ThumbnailScale}x{FrameHeight / Kernels.ThumbnailScale} RGB, {thumbnail.Length:N0} bytes {(thumbnail.Span.SequenceEqual(expected) ? "equal" : "DIFFER")}; frame lease moved: {!lease.IsValid}");
         }
+
+        // The streaming stage: frames rendered by the worker arrive in order, each equal to the local render.
+        int streamed = 0;
+        bool framesEqual = true;
+        byte[] reference = GC.AllocateUninitializedArray<byte>(FrameBytes);
+        await foreach (SharedBuffer streamedFrame in service.RenderStreamAsync(3, FrameWidth, FrameHeight, firstFrame: 7))
+        {
+            using (streamedFrame)
+            {
+                Kernels.Render(reference, FrameWidth, FrameHeight, 7 + streamed);
+                framesEqual &= streamedFrame.Length == FrameBytes && streamedFrame.Span.SequenceEqual(reference);
+                streamed++;
+            }
+        }
+
+        ok &= Report("frame stream", streamed == 3 && framesEqual, $"{streamed} frames streamed back as leases, {(framesEqual ? "equal" : "DIFFERENT")} to the local render");
 
         // A bad call fails as that call's exception and leaves the connection serving.
         string failure = "no exception";
@@ -317,6 +336,50 @@ internal static class Client
         return (Row("4K thumbnail (SharedBuffer)", FrameBytes + (long)ThumbnailBytes, latencies, wall), rendering * 1000.0 / Stopwatch.Frequency / latencies.Length);
     }
 
+    /// <summary>
+    /// The streaming stage: one call, the worker renders every frame into shared memory and streams it back while
+    /// the client consumes the previous ones (a histogram of each, here). Latency per frame: from asking for the next
+    /// frame to having it (render and transfer overlap with the client's work, up to StreamWindow frames ahead).
+    /// </summary>
+    private static async Task<ResultRow> MeasureStreamAsync(IImageWorker service, Plan plan, ProgressTask task)
+    {
+        long[] latencies = new long[plan.Frames];
+        int index = -plan.FrameWarmup;
+        long start = 0;
+        long before = Stopwatch.GetTimestamp();
+        await foreach (SharedBuffer frame in service.RenderStreamAsync(plan.FrameWarmup + plan.Frames, FrameWidth, FrameHeight, firstFrame: 0))
+        {
+            long arrived = Stopwatch.GetTimestamp();
+            using (frame)
+            {
+                if (index == 0)
+                {
+                    task.StartTask();
+                    start = before;
+                }
+
+                if (index >= 0)
+                {
+                    latencies[index] = arrived - before;
+                    task.Increment(1);
+                }
+
+                HistogramResult histogram = Kernels.Histogram(frame.Span, FrameWidth, FrameHeight); // the consumer's work
+                if (histogram.Pixels != (long)FrameWidth * FrameHeight)
+                {
+                    throw new InvalidOperationException($"A streamed frame's histogram covers {histogram.Pixels} pixels.");
+                }
+            }
+
+            index++;
+            before = Stopwatch.GetTimestamp();
+        }
+
+        long wall = Stopwatch.GetTimestamp() - start;
+        task.StopTask();
+        return Row("4K frame stream (SharedBuffer items)", FrameBytes, latencies, wall);
+    }
+
     private static ResultRow Row(string workload, long bytes, long[] latencies, long wallTicks)
     {
         double seconds = (double)wallTicks / Stopwatch.Frequency;
@@ -366,7 +429,9 @@ internal static class Client
         table.Caption(
             "GB/s = payload bytes x calls / wall time, work included. Latency: one call as the caller sees it " +
             $"(copy into shared memory, the worker's work, the reply). Thumbnail: the frame is rendered in place in shared memory " +
-            $"({renderMilliseconds.ToString("F1", CultureInfo.InvariantCulture)} ms per frame, included) and moved both ways without a copy.");
+            $"({renderMilliseconds.ToString("F1", CultureInfo.InvariantCulture)} ms per frame, included) and moved both ways without a copy. " +
+            "Frame stream: one call; the worker renders each frame into shared memory and streams it back as a lease while the client " +
+            "computes the previous frame's histogram; calls = frames, latency = waiting for the next frame.");
         AnsiConsole.Write(table);
     }
 

@@ -19,6 +19,13 @@ public interface IImageWorker
     /// <summary>An 8x box-filtered thumbnail of an RGB frame: the frame moves in without a copy and the thumbnail moves back the same way.</summary>
     ValueTask<SharedBuffer> ThumbnailAsync(SharedBuffer rgbFrame, int width, int height, CancellationToken ct = default);
 
+    /// <summary>
+    /// Renders <paramref name="count"/> frames, from frame index <paramref name="firstFrame"/> on, each into shared memory,
+    /// and streams them back as they are done: the client owns each frame (a lease) and consumes it while the next is
+    /// rendered; at most <c>OffloadRpcOptions.StreamWindow</c> frames are in flight.
+    /// </summary>
+    IAsyncEnumerable<SharedBuffer> RenderStreamAsync(int count, int width, int height, int firstFrame, CancellationToken ct = default);
+
     /// <summary>Returns <paramref name="value"/> + 1: the round trip of a call that carries no payload.</summary>
     ValueTask<int> PingAsync(int value);
 }

@@ -34,5 +34,36 @@ internal sealed class ImageWorker : IImageWorker
         }
     }
 
+    /// <summary>Each frame is rendered in place into shared memory rented from the calling connection and moves to the client: no copy.</summary>
+    public async IAsyncEnumerable<SharedBuffer> RenderStreamAsync(int count, int width, int height, int firstFrame, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken ct = default)
+    {
+        long needed = (long)width * height * 3;
+        if (width <= 0 || height <= 0 || needed > int.MaxValue)
+        {
+            throw new ArgumentException($"A {width}x{height} RGB frame cannot be rendered into one buffer.");
+        }
+
+        int bytes = (int)needed;
+        OffloadCallContext context = OffloadCallContext.Current!;
+        for (int i = 0; i < count; i++)
+        {
+            ct.ThrowIfCancellationRequested();
+            SharedBuffer frame = context.Rent(bytes);
+            try
+            {
+                Kernels.Render(frame.Span, width, height, firstFrame + i);
+            }
+            catch
+            {
+                frame.Dispose();
+                throw;
+            }
+
+            yield return frame;
+        }
+
+        await Task.CompletedTask;
+    }
+
     public ValueTask<int> PingAsync(int value) => ValueTask.FromResult(value + 1);
 }

@@ -52,6 +52,16 @@ public sealed class OffloadRpcOptions
     public bool DispatchToThreadPool { get; set; }
 
     /// <summary>
+    /// Client, given an <c>http://</c> or <c>https://</c> address: when the server runs on this host (the
+    /// same boot id) as this user (or a user in <see cref="AllowedUserIds"/>) and also listens on shared
+    /// memory, connect through shared memory instead of gRPC. Default true; false keeps every call on gRPC.
+    /// </summary>
+    public bool PreferSharedMemory { get; set; } = true;
+
+    /// <summary>Settings of other transports (the gRPC channel's), keyed by the assembly that owns them.</summary>
+    internal Dictionary<object, object> TransportSettings { get; } = [];
+
+    /// <summary>
     /// The most shared memory (all its segments together) one peer may have this process map: a peer
     /// that hands over more is disconnected with <see cref="ProtocolViolationException"/>. Default 8 GiB.
     /// </summary>
@@ -95,6 +105,14 @@ public sealed class OffloadRpcOptions
     /// MessagePack's untrusted-data security.
     /// </summary>
     public IFormatterResolver? MessagePackResolver { get; set; }
+
+    /// <summary>
+    /// The most items of one stream (an <c>IAsyncEnumerable&lt;T&gt;</c> result or argument) in flight: sent
+    /// by the producer and not yet taken by the consumer. The consumer's side decides: a producer with
+    /// that many out waits until the consumer moves on, so a slow consumer slows its producer and memory
+    /// stays flat. Default 16.
+    /// </summary>
+    public int StreamWindow { get; set; } = 16;
 
     /// <summary>
     /// Client: the deadline of every call that has none from an <see cref="OffloadCallScope"/>, counted from
@@ -142,6 +160,7 @@ public sealed class OffloadRpcOptions
         MaxConcurrentHandshakes = Math.Max(1, MaxConcurrentHandshakes),
         MaxPendingReleases = Math.Max(0, MaxPendingReleases),
         MaxMessageBytes = Math.Clamp(MaxMessageBytes, 4096, int.MaxValue),
+        StreamWindow = Math.Clamp(StreamWindow, 1, 1 << 16),
         Logger = CreateLogger(),
     };
 }

@@ -124,6 +124,9 @@ internal sealed class PeerProcess : IAsyncDisposable
 
     public void Kill() => _process.Kill(entireProcessTree: true);
 
+    /// <summary>Closes the peer's standard input: servers stop when it closes.</summary>
+    public void CloseInput() => _process.StandardInput.Close();
+
     public async Task<int> WaitForExitAsync(TimeSpan timeout)
     {
         using var cts = new CancellationTokenSource(timeout);
@@ -137,7 +140,13 @@ internal sealed class PeerProcess : IAsyncDisposable
         {
             if (!_process.HasExited)
             {
-                _process.StandardInput.Close(); // servers exit when their input closes
+                try
+                {
+                    _process.StandardInput.Close(); // servers exit when their input closes
+                }
+                catch (IOException)
+                {
+                }
                 using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(5));
                 try
                 {

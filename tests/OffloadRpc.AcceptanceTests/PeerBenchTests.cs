@@ -144,6 +144,46 @@ public sealed class PeerBenchTests
         Assert.NotEqual(whole, PayloadChecksum.Compute(data));
     }
 
+    /// <summary>
+    /// <c>--streams</c> with short windows: frames streamed as leases, as buffers lent in place and over gRPC
+    /// (every frame's index checked as it arrives), then the 64 MiB checksums (each checked). Figures are only
+    /// checked for being there and agreeing with each other.
+    /// </summary>
+    [Fact]
+    public async Task Streams_gets_a_row_per_system_and_the_checksum_paths()
+    {
+        string directory = Directory.CreateTempSubdirectory("offloadrpc-peerbench-streams-").FullName;
+        try
+        {
+            string json = Path.Combine(directory, "streams.json");
+            (int exit, string output) = await RunAsync("--streams", "--quick", "--window-ms", "300", "--json", json);
+            Assert.True(exit == 0, output);
+            Assert.Contains("target SharedBuffer >= 50x gRPC", output);
+
+            using JsonDocument document = JsonDocument.Parse(await File.ReadAllTextAsync(json));
+            Assert.Equal(3840 * 2160 * 3, document.RootElement.GetProperty("frame_bytes").GetInt32());
+            Assert.True(document.RootElement.GetProperty("unary64_microseconds").GetDouble() > 0);
+            JsonElement[] frames = document.RootElement.GetProperty("frames").EnumerateArray().ToArray();
+            Assert.Equal(["offloadrpc-sharedbuffer", "offloadrpc-readonlymemory", "grpc-uds-server-streaming"], frames.Select(r => r.GetProperty("system").GetString()));
+            foreach (JsonElement row in frames)
+            {
+                int count = row.GetProperty("frames").GetInt32();
+                double rate = row.GetProperty("frames_per_second").GetDouble();
+                Assert.True(count > 0 && rate > 0, row.ToString());
+                Assert.Equal(rate, count / row.GetProperty("seconds").GetDouble(), 6);
+                Assert.Equal(1e6 / rate, row.GetProperty("microseconds_per_frame").GetDouble(), 6);
+            }
+
+            JsonElement[] checksums = document.RootElement.GetProperty("checksums").EnumerateArray().ToArray();
+            Assert.Equal(4, checksums.Length);
+            Assert.All(checksums, r => Assert.True(r.GetProperty("milliseconds").GetDouble() > 0 && r.GetProperty("bytes").GetInt64() == 64 << 20, r.ToString()));
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
     private static async Task<(int ExitCode, string Output)> RunAsync(params string[] arguments)
     {
         string here = AppContext.BaseDirectory.TrimEnd('/');

@@ -3,11 +3,12 @@ using Verify = OffloadRpc.Analyzers.Tests.AnalyzerVerifier<OffloadRpc.Analyzers.
 
 namespace OffloadRpc.Analyzers.Tests;
 
-/// <summary>OFFRPC1001-1006: each reported where the contract breaks, and nothing on a valid or unmarked interface.</summary>
+/// <summary>OFFRPC1001-1007: each reported where the contract breaks, and nothing on a valid or unmarked interface.</summary>
 public sealed class ContractAnalyzerTests
 {
     private const string Usings = """
         using System;
+        using System.Collections.Generic;
         using System.Threading;
         using System.Threading.Tasks;
         using OffloadRpc;
@@ -31,6 +32,31 @@ public sealed class ContractAnalyzerTests
         {
             int Add(int a, int b);
             Task<T> EchoAsync<T>(T value);
+        }
+        """);
+
+    [Fact]
+    public Task A_valid_streaming_contract_has_no_diagnostic() => Verify.VerifyAsync(Usings + """
+        [OffloadService]
+        public interface IService
+        {
+            IAsyncEnumerable<int> CountAsync(int to, CancellationToken ct = default);
+            IAsyncEnumerable<ReadOnlyMemory<byte>> FramesAsync();
+            IAsyncEnumerable<SharedBuffer> RenderAsync(int width);
+            Task<long> UploadAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks);
+            ValueTask<int> CountAsync(IAsyncEnumerable<string> names, CancellationToken ct = default);
+            IAsyncEnumerable<ReadOnlyMemory<byte>> TransformAsync(IAsyncEnumerable<SharedBuffer> frames, int quality);
+        }
+        """);
+
+    [Fact]
+    public Task OFFRPC1007_a_stream_of_a_shape_that_cannot_cross() => Verify.VerifyAsync(Usings + """
+        [OffloadService]
+        public interface IService
+        {
+            Task<IAsyncEnumerable<int>> {|OFFRPC1007:WrappedAsync|}();
+            IAsyncEnumerable<IAsyncEnumerable<int>> {|OFFRPC1007:NestedAsync|}();
+            Task TwoAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> a, IAsyncEnumerable<ReadOnlyMemory<byte>> {|OFFRPC1007:b|});
         }
         """);
 

@@ -158,11 +158,48 @@ internal static class TestInputs
         }
         """;
 
+    /// <summary>Streamed results of each item kind (MessagePack, primitives, buffers lent in place, leases), a streamed argument, and duplex.</summary>
+    public const string Streams = """
+        using System;
+        using System.Collections.Generic;
+        using System.Threading;
+        using System.Threading.Tasks;
+        using MessagePack;
+        using OffloadRpc;
+
+        namespace Sample.Streams;
+
+        [MessagePackObject]
+        public sealed class Detection
+        {
+            [Key(0)] public int X { get; set; }
+        }
+
+        [OffloadService]
+        public interface ICamera
+        {
+            IAsyncEnumerable<Detection> WatchAsync(string query, CancellationToken ct = default);
+
+            IAsyncEnumerable<ReadOnlyMemory<byte>> FramesAsync(int count);
+
+            IAsyncEnumerable<ReadOnlyMemory<float>> TensorsAsync(int count, CancellationToken ct = default);
+
+            IAsyncEnumerable<SharedBuffer> RenderAsync(int width, int height, CancellationToken ct = default);
+
+            IAsyncEnumerable<int> CountAsync(int to);
+
+            ValueTask<long> UploadAsync(IAsyncEnumerable<Detection> detections, CancellationToken ct = default);
+
+            IAsyncEnumerable<ReadOnlyMemory<byte>> TransformAsync(IAsyncEnumerable<SharedBuffer> frames, int quality, CancellationToken ct = default);
+        }
+        """;
+
     /// <summary>The golden cases, by name: the name is the folder under Golden/.</summary>
     public static readonly IReadOnlyDictionary<string, string> GoldenCases = new Dictionary<string, string>
     {
         ["DesignExample"] = DesignExample,
         ["KitchenSink"] = KitchenSink,
         ["GlobalNamespace"] = GlobalNamespace,
+        ["Streams"] = Streams,
     };
 }

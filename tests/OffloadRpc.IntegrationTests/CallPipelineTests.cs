@@ -87,6 +87,11 @@ public sealed class CallPipelineTests : IAsyncLifetime
         }
 
         Assert.Equal("completed", await probe.LastOutcomeAsync());
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.MaxValue))
+        {
+            Assert.Equal("completed", await probe.WaitForCancelAsync(1)); // a deadline beyond any timer's reach travels and arms none
+        }
     }
 
     [Fact]
@@ -292,6 +297,8 @@ public sealed class CallPipelineTests : IAsyncLifetime
         }
 
         await Eventually.TrueAsync(() => logs.Has("ConnectionAccepted") && logs.Has("SlowCall", "ChecksumAsync"), "an accepted connection and (threshold zero) a slow call are logged");
+
+        await Eventually.TrueAsync(() => logs.Has("PeerDisconnected"), "the client process's going away is logged");
 
         await using (PeerProcess evil = PeerProcess.Start(["evil-client", endpoint, "typed-bad-metadata"]))
         {

@@ -125,6 +125,36 @@ public sealed class HostilePeerTests
         Assert.Single(server.Listener.Connections);
     }
 
+    [Fact]
+    public async Task A_stream_producer_past_its_credit_is_disconnected()
+    {
+        await using PeerProcess server = PeerProcess.Start(["typed-server", Endpoints.Unique("stream-flood")]);
+        string endpoint = server.WaitForLine("READY").Split(' ')[1];
+        try
+        {
+            await using PeerProcess evil = PeerProcess.Start(["evil-client", endpoint, "typed-stream-flood"]);
+            evil.WaitForLine("SENT", Bound);
+            Assert.Contains("PeerDisconnectedException", evil.WaitForLine("CLOSED", Bound));
+            string failed = server.WaitForLine("FAILED", Bound);
+            Assert.Contains("ProtocolViolationException", failed);
+            Assert.Contains("granted credit for", failed);
+
+            // The server goes on serving streams.
+            await using OffloadRpcConnection client = await OffloadRpcConnection.ConnectAsync(endpoint);
+            int count = 0;
+            await foreach (TestContracts.Tick tick in client.GetService<TestContracts.IFrameSource>().TicksAsync(50, "after"))
+            {
+                Assert.Equal(count++, tick.Index);
+            }
+
+            Assert.Equal(50, count);
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
+
     [Theory]
     [InlineData("typed-garbage")]
     [InlineData("typed-amplify")]

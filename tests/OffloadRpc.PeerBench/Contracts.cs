@@ -42,6 +42,15 @@ public interface IPeerBenchService
     ValueTask<ulong> ChecksumHybridBypassAsync([Transfer(TransferMode.Hybrid, CachePolicy.Bypass)] ReadOnlyMemory<byte> data);
 
     ValueTask<long> TouchHybridBypassAsync([Transfer(TransferMode.Hybrid, CachePolicy.Bypass)] ReadOnlyMemory<byte> data);
+
+    /// <summary>Frames of <paramref name="size"/> bytes rented from the connection, stamped (index, time), no render: ownership moves to the client (--streams).</summary>
+    IAsyncEnumerable<SharedBuffer> FramesSharedAsync(int count, int size, CancellationToken ct = default);
+
+    /// <summary>The same frames from one managed buffer: each item is copied into shared memory and lent to the client in place (--streams).</summary>
+    IAsyncEnumerable<ReadOnlyMemory<byte>> FramesAsync(int count, int size, CancellationToken ct = default);
+
+    /// <summary>The checksum of a Stream argument, read as its chunks land (Pipelined) (--streams).</summary>
+    ValueTask<ulong> ChecksumStreamAsync(Stream data);
 }
 
 /// <summary>The same service over StreamJsonRpc (method names are the wire names).</summary>

@@ -5,7 +5,7 @@ using OffloadRpc.Cli;
 using OffloadRpc.PeerBench;
 using Spectre.Console;
 
-// The peer benchmark:
+// The peer benchmark (--streams: frame streams and the pipelined checksum, see StreamBench):
 //   dotnet run -c Release --project tests/OffloadRpc.PeerBench -- [--quick] [--json FILE] [--plot FILE.png]
 // With no role argument this is the client: it starts one server process per system, checks every
 // system's results against a local reference, then measures. --serve and --pingpong-partner are the
@@ -27,6 +27,7 @@ if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
 }
 
 const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]\n"
+    + "       OffloadRpc.PeerBench --streams [--quick] [--window-ms N] [--json FILE]\n"
     + "       OffloadRpc.PeerBench --clients [1,2,4,8,16] [--quick] [--json FILE] [--systems a,b,...] [--sizes 1048576,...] [--window-ms N] [--warmup-ms N] [--spin-us N]";
 Settings settings = args.Contains("--quick") ? Settings.QuickRun : Settings.Full; // first, so that options given before it still apply
 string? json = null;
@@ -36,11 +37,15 @@ bool systemsGiven = false;
 bool sizesGiven = false;
 int? windowMs = null;
 int? warmUpMs = null;
+bool streams = false; // --streams: frame streams and the pipelined checksum (StreamBench)
 for (int i = 0; i < args.Length; i++)
 {
     switch (args[i])
     {
         case "--quick":
+            break;
+        case "--streams":
+            streams = true;
             break;
         case "--clients":
             clients = SweepSettings.DefaultClients;
@@ -137,6 +142,11 @@ foreach (string? output in new[] { json, plot })
 if (Console.IsOutputRedirected && AnsiConsole.Profile.Width < (clients is null ? 160 : 220))
 {
     AnsiConsole.Profile.Width = clients is null ? 160 : 220; // a log file has no terminal width: one line per row
+}
+
+if (streams)
+{
+    return await StreamBench.RunAsync(TimeSpan.FromMilliseconds(windowMs ?? (settings.Quick ? 1000 : 3000)), json);
 }
 
 if (clients is not null)

@@ -173,6 +173,46 @@ internal static class Servers
         public ValueTask<ulong> ChecksumHybridBypassAsync(ReadOnlyMemory<byte> data) => ChecksumAsync(data);
 
         public ValueTask<long> TouchHybridBypassAsync(ReadOnlyMemory<byte> data) => TouchAsync(data);
+
+        public async IAsyncEnumerable<SharedBuffer> FramesSharedAsync(int count, int size, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken ct = default)
+        {
+            OffloadCallContext context = OffloadCallContext.Current!;
+            for (int i = 0; i < count && !ct.IsCancellationRequested; i++)
+            {
+                SharedBuffer frame = context.Rent(size);
+                StreamBench.Stamp(frame.Span, i);
+                yield return frame;
+            }
+
+            await Task.CompletedTask;
+        }
+
+        public async IAsyncEnumerable<ReadOnlyMemory<byte>> FramesAsync(int count, int size, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken ct = default)
+        {
+            byte[] frame = GC.AllocateUninitializedArray<byte>(size, pinned: true);
+            frame.AsSpan().Fill(0x5A);
+            for (int i = 0; i < count && !ct.IsCancellationRequested; i++)
+            {
+                StreamBench.Stamp(frame, i);
+                yield return frame; // copied into shared memory before the next one is stamped
+            }
+
+            await Task.CompletedTask;
+        }
+
+        public async ValueTask<ulong> ChecksumStreamAsync(Stream data)
+        {
+            // Pipelined: each read returns as soon as its chunk has landed, so the checksum runs behind the copy.
+            var checksum = default(PayloadChecksum);
+            byte[] buffer = new byte[1 << 20];
+            int read;
+            while ((read = await data.ReadAsync(buffer)) > 0)
+            {
+                checksum.Append(buffer.AsSpan(0, read));
+            }
+
+            return checksum.Finish();
+        }
     }
 
     private sealed class GrpcService : PeerBench.Grpc.PeerBench.PeerBenchBase
@@ -182,6 +222,17 @@ internal static class Servers
         public override Task<ChecksumReply> Checksum(PayloadRequest request, ServerCallContext context) => Task.FromResult(new ChecksumReply { Checksum = PayloadChecksum.Compute(request.Data.Span) });
 
         public override Task<TouchReply> Touch(PayloadRequest request, ServerCallContext context) => Task.FromResult(new TouchReply { Length = Servers.Touch(request.Data.Span) });
+
+        public override async Task Frames(FramesRequest request, IServerStreamWriter<Frame> responseStream, ServerCallContext context)
+        {
+            byte[] frame = GC.AllocateUninitializedArray<byte>(request.Size, pinned: true);
+            frame.AsSpan().Fill(0x5A);
+            for (int i = 0; i < request.Count && !context.CancellationToken.IsCancellationRequested; i++)
+            {
+                StreamBench.Stamp(frame, i);
+                await responseStream.WriteAsync(new Frame { Data = Google.Protobuf.UnsafeByteOperations.UnsafeWrap(frame) }); // written out before it returns
+            }
+        }
     }
 
     /// <summary>The StreamJsonRpc target: what MessagePack gives a <c>bin</c> argument is a byte[].</summary>

@@ -107,6 +107,79 @@ public interface IKitchenSink
     ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks);
 }
 
+[MessagePackObject]
+public sealed class Tick
+{
+    [Key(0)]
+    public int Index { get; set; }
+
+    [Key(1)]
+    public string? Label { get; set; }
+
+    [Key(2)]
+    public ulong Checksum { get; set; }
+}
+
+/// <summary>What a server-side producer did: items it produced, whether its token fired, whether it finished.</summary>
+[MessagePackObject]
+public sealed class ProducerStatus
+{
+    [Key(0)]
+    public int Produced { get; set; }
+
+    [Key(1)]
+    public bool Cancelled { get; set; }
+
+    [Key(2)]
+    public bool Finished { get; set; }
+
+    /// <summary>The server's resident memory (bytes) when asked.</summary>
+    [Key(3)]
+    public long ResidentBytes { get; set; }
+
+    /// <summary>The exception a consumer on the server saw ("Type: message"), or null.</summary>
+    [Key(4)]
+    public string? Error { get; set; }
+}
+
+/// <summary>Streamed results: values, buffers in place and leases, with the producer observable through unary calls.</summary>
+[OffloadService]
+public interface IFrameSource
+{
+    /// <summary><paramref name="count"/> ticks, each labelled and carrying the checksum of its index.</summary>
+    IAsyncEnumerable<Tick> TicksAsync(int count, string label, CancellationToken ct = default);
+
+    /// <summary><paramref name="count"/> frames of <paramref name="size"/> bytes, frame i filled from seed <paramref name="seed"/> + i (Checksum64.Fill).</summary>
+    IAsyncEnumerable<ReadOnlyMemory<byte>> FramesAsync(int count, int size, int seed, CancellationToken ct = default);
+
+    /// <summary>As <see cref="FramesAsync"/>, frames of ints (ReadOnlyMemory of an unmanaged T other than byte): int j of frame i is i * 1000 + j.</summary>
+    IAsyncEnumerable<ReadOnlyMemory<int>> NumbersAsync(int count, int length, CancellationToken ct = default);
+
+    /// <summary>Yields 0, 1, ... <paramref name="after"/> - 1, then throws InvalidOperationException("producer failed after N").</summary>
+    IAsyncEnumerable<int> FailingAsync(int after, CancellationToken ct = default);
+
+    /// <summary>Frames of <paramref name="size"/> bytes (frame i from seed i) until cancelled; progress is recorded under <paramref name="tag"/>.</summary>
+    IAsyncEnumerable<ReadOnlyMemory<byte>> EndlessAsync(string tag, int size, CancellationToken ct = default);
+
+    /// <summary>What the producer recorded under <paramref name="tag"/>.</summary>
+    ValueTask<ProducerStatus> StatusAsync(string tag, CancellationToken ct = default);
+
+    /// <summary><paramref name="count"/> leases of <paramref name="size"/> bytes rented from the calling connection, lease i filled from seed <paramref name="seed"/> + i: ownership moves to the consumer.</summary>
+    IAsyncEnumerable<SharedBuffer> RenderAsync(int count, int size, int seed, CancellationToken ct = default);
+
+    /// <summary>Client streaming: counts the ticks, checking each one's index and checksum (a wrong one fails the call).</summary>
+    ValueTask<int> CountTicksAsync(IAsyncEnumerable<Tick> ticks, CancellationToken ct = default);
+
+    /// <summary>Client streaming of leases: the checksums of every frame, combined in order (each lease is disposed by the server).</summary>
+    ValueTask<ulong> ChecksumLeasesAsync(IAsyncEnumerable<SharedBuffer> frames, CancellationToken ct = default);
+
+    /// <summary>Client streaming: takes the values slowly (<paramref name="delayMs"/> each), recording under <paramref name="tag"/> how many it took and what ended it.</summary>
+    ValueTask<int> SlowDrainAsync(string tag, IAsyncEnumerable<int> values, int delayMs, CancellationToken ct = default);
+
+    /// <summary>Duplex: for each frame that comes in, its checksum goes out.</summary>
+    IAsyncEnumerable<ulong> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, CancellationToken ct = default);
+}
+
 /// <summary>
 /// What the hosting, metadata, interceptor and telemetry tests ask a server: what it saw of a call
 /// (headers, deadline, cancellation, trace context, which instance served it), and real work on bytes.

@@ -259,6 +259,31 @@ internal static class EvilClient
                 break;
             }
 
+            case "typed-stream-flood":
+            {
+                // A streamed argument whose items ignore the server's credit: SlowDrainAsync takes one item a
+                // second, its window is 16, and 100 items come at once. The 17th beyond the credit ends the connection.
+                System.Runtime.CompilerServices.RuntimeHelpers.RunModuleConstructor(typeof(OffloadRpc.TestContracts.IFrameSource).Module.ModuleHandle);
+                int method = OffloadRpc.Internal.ServiceRegistry.Find<OffloadRpc.TestContracts.IFrameSource>()!.Methods.First(m => m.Name == "SlowDrainAsync").Id;
+                const ulong CallId = 3;
+                byte[] body = [0x93, 0xA5, (byte)'f', (byte)'l', (byte)'o', (byte)'o', (byte)'d', 0x00, 0xCD, 0x03, 0xE8]; // ["flood", stream 0, 1000 ms]
+                connection.Send(MessageKind.Request, CallId, method, body, default, CancellationToken.None);
+                await Task.Delay(TimeSpan.FromSeconds(2)); // the server opened the stream and granted its window
+                for (int i = 0; i < 100 && !connection.IsClosed; i++)
+                {
+                    try
+                    {
+                        connection.Send(MessageKind.StreamItem, CallId, 0, [(byte)i], default, CancellationToken.None);
+                    }
+                    catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException)
+                    {
+                        break;
+                    }
+                }
+
+                break;
+            }
+
             default:
                 Console.WriteLine($"unknown kind {kind}");
                 return 2;

@@ -153,7 +153,11 @@ internal sealed class ProbeDependency : IDisposable
 
     public bool Disposed { get; private set; }
 
-    public void Dispose() => Disposed = true;
+    public void Dispose()
+    {
+        Disposed = true;
+        ProbeLog.Add($"disposed dependency {Number}");
+    }
 }
 
 internal sealed class CallProbe : ICallProbe

@@ -1,4 +1,6 @@
 using System.Buffers.Binary;
+using System.Collections.Concurrent;
+using System.Runtime.CompilerServices;
 using OffloadRpc;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
@@ -11,6 +13,7 @@ internal static class TypedServer
         await using var server = new OffloadRpcServer(endpoint);
         server.Register<IImageService>(new ImageService());
         server.Register<IKitchenSink>(new KitchenSink());
+        server.Register<IFrameSource>(new FrameSource());
         if (versioned)
         {
             server.Register<IVersioned>(new Versioned());
@@ -221,4 +224,190 @@ internal sealed class KitchenSink : IKitchenSink
 internal sealed class Versioned : IVersioned
 {
     public Task<long> ScaleAsync(long value, int factor) => Task.FromResult(value * factor);
+}
+
+/// <summary>Server streams with real content; producers record what they did, for the backpressure and cancellation tests.</summary>
+internal sealed class FrameSource : IFrameSource
+{
+    private static readonly ConcurrentDictionary<string, Progress> s_progress = new();
+
+    public async IAsyncEnumerable<Tick> TicksAsync(int count, string label, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        for (int i = 0; i < count; i++)
+        {
+            ct.ThrowIfCancellationRequested();
+            yield return new Tick { Index = i, Label = label, Checksum = Checksum64.Compute(BitConverter.GetBytes(i)) };
+            if (i % 64 == 63)
+            {
+                await Task.Yield();
+            }
+        }
+    }
+
+    public async IAsyncEnumerable<ReadOnlyMemory<byte>> FramesAsync(int count, int size, int seed, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        byte[] frame = new byte[size];
+        for (int i = 0; i < count; i++)
+        {
+            ct.ThrowIfCancellationRequested();
+            Checksum64.Fill(frame, (ulong)(seed + i));
+            yield return frame; // copied into shared memory before the producer is asked for the next one
+        }
+
+        await Task.CompletedTask;
+    }
+
+    public async IAsyncEnumerable<ReadOnlyMemory<int>> NumbersAsync(int count, int length, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        int[] numbers = new int[length];
+        for (int i = 0; i < count; i++)
+        {
+            for (int j = 0; j < length; j++)
+            {
+                numbers[j] = (i * 1000) + j;
+            }
+
+            yield return numbers;
+        }
+
+        await Task.CompletedTask;
+    }
+
+    public async IAsyncEnumerable<int> FailingAsync(int after, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        for (int i = 0; i < after; i++)
+        {
+            yield return i;
+        }
+
+        await Task.Yield();
+        throw new InvalidOperationException($"producer failed after {after}");
+    }
+
+    public async IAsyncEnumerable<ReadOnlyMemory<byte>> EndlessAsync(string tag, int size, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        var progress = s_progress.GetOrAdd(tag, _ => new Progress());
+        byte[] frame = new byte[size];
+        try
+        {
+            for (int i = 0; ; i++)
+            {
+                ct.ThrowIfCancellationRequested();
+                Checksum64.Fill(frame, (ulong)i);
+                Interlocked.Increment(ref progress.Produced);
+                yield return frame;
+                await Task.Yield();
+            }
+        }
+        finally
+        {
+            progress.Cancelled = ct.IsCancellationRequested;
+            progress.Finished = true;
+        }
+    }
+
+    public async IAsyncEnumerable<SharedBuffer> RenderAsync(int count, int size, int seed, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        OffloadCallContext context = OffloadCallContext.Current ?? throw new InvalidOperationException("no call context in a streamed result");
+        for (int i = 0; i < count; i++)
+        {
+            SharedBuffer frame = context.Rent(size);
+            Checksum64.Fill(frame.Span, (ulong)(seed + i));
+            yield return frame; // rendered in shared memory: the consumer owns it from here
+        }
+
+        await Task.CompletedTask;
+    }
+
+    public async ValueTask<int> CountTicksAsync(IAsyncEnumerable<Tick> ticks, CancellationToken ct = default)
+    {
+        int count = 0;
+        await foreach (Tick tick in ticks.WithCancellation(ct))
+        {
+            if (tick.Index != count || tick.Checksum != Checksum64.Compute(BitConverter.GetBytes(count)))
+            {
+                throw new InvalidDataException($"tick {count} arrived as index {tick.Index}");
+            }
+
+            count++;
+        }
+
+        return count;
+    }
+
+    public async ValueTask<ulong> ChecksumLeasesAsync(IAsyncEnumerable<SharedBuffer> frames, CancellationToken ct = default)
+    {
+        ulong combined = 0;
+        await foreach (SharedBuffer frame in frames.WithCancellation(ct))
+        {
+            using (frame)
+            {
+                combined = (combined * 31) + Checksum64.Compute(frame.Span);
+            }
+        }
+
+        return combined;
+    }
+
+    public async ValueTask<int> SlowDrainAsync(string tag, IAsyncEnumerable<int> values, int delayMs, CancellationToken ct = default)
+    {
+        Progress progress = s_progress.GetOrAdd(tag, _ => new Progress());
+        int count = 0;
+        try
+        {
+            await foreach (int value in values.WithCancellation(ct))
+            {
+                if (value != count)
+                {
+                    throw new InvalidDataException($"value {count} arrived as {value}");
+                }
+
+                count++;
+                Volatile.Write(ref progress.Produced, count);
+                await Task.Delay(delayMs, ct);
+            }
+        }
+        catch (Exception ex)
+        {
+            progress.Error = ex is RemoteInvocationException remote ? $"{remote.RemoteExceptionType}: {remote.RemoteMessage}" : $"{ex.GetType().FullName}: {ex.Message}";
+            progress.Cancelled = ex is OperationCanceledException;
+            throw;
+        }
+        finally
+        {
+            progress.Finished = true;
+        }
+
+        return count;
+    }
+
+    public async IAsyncEnumerable<ulong> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        await foreach (ReadOnlyMemory<int> frame in frames.WithCancellation(ct))
+        {
+            yield return Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(frame.Span));
+        }
+    }
+
+    public ValueTask<ProducerStatus> StatusAsync(string tag, CancellationToken ct = default)
+    {
+        Progress progress = s_progress.GetOrAdd(tag, _ => new Progress());
+        using var self = System.Diagnostics.Process.GetCurrentProcess();
+        return ValueTask.FromResult(new ProducerStatus
+        {
+            Produced = Volatile.Read(ref progress.Produced),
+            Cancelled = progress.Cancelled,
+            Finished = progress.Finished,
+            ResidentBytes = self.WorkingSet64,
+            Error = progress.Error,
+        });
+    }
+
+    private sealed class Progress
+    {
+        public int Produced;
+        public volatile bool Cancelled;
+        public volatile bool Finished;
+        public volatile string? Error;
+    }
 }

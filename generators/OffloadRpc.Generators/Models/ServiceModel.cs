@@ -17,13 +17,16 @@ internal sealed record ServiceModel(
     ulong ContractHash,
     EquatableArray<MethodModel> Methods);
 
-/// <summary>How a method returns: Task, ValueTask, Task&lt;T&gt; or ValueTask&lt;T&gt;.</summary>
+/// <summary>How a method returns: Task, ValueTask, Task&lt;T&gt;, ValueTask&lt;T&gt; or IAsyncEnumerable&lt;T&gt;.</summary>
 internal enum ReturnShape
 {
     Task,
     ValueTask,
     TaskOfT,
     ValueTaskOfT,
+
+    /// <summary>IAsyncEnumerable&lt;T&gt;: a streamed result, one item at a time (<see cref="MethodModel.Result"/> is the item).</summary>
+    AsyncEnumerable,
 }
 
 /// <param name="ResultTransfer">The [Transfer] choice for a buffer result (from the method's attribute), as emitted arguments, or null for Auto.</param>
@@ -69,6 +72,9 @@ internal enum ValueKind
 
     /// <summary>IAsyncEnumerable&lt;ReadOnlyMemory&lt;byte&gt;&gt;: like Stream, chunk by chunk.</summary>
     Chunks,
+
+    /// <summary>IAsyncEnumerable&lt;T&gt; of any other T: a streamed argument, item by item (<see cref="ValueModel.Item"/> says how each crosses).</summary>
+    Items,
 }
 
 /// <param name="Type">The fully qualified type, as written in emitted code.</param>
@@ -77,4 +83,8 @@ internal enum ValueKind
 /// <param name="IsNullable">The declared type allows null (reference types annotated with '?').</param>
 /// <param name="WireType">The type as it affects the wire (Nullable&lt;T&gt; kept, reference nullability dropped): part of ids and the contract hash.</param>
 /// <param name="IsReference">A reference type: a non-nullable one read as null is a protocol violation.</param>
-internal sealed record ValueModel(ValueKind Kind, string Type, string WireType, string? Primitive, string? ElementType, string? UnderlyingType, bool IsNullable, bool IsReference);
+internal sealed record ValueModel(ValueKind Kind, string Type, string WireType, string? Primitive, string? ElementType, string? UnderlyingType, bool IsNullable, bool IsReference)
+{
+    /// <summary>For Items: how each item crosses.</summary>
+    public ValueModel? Item { get; init; }
+}

@@ -30,7 +30,7 @@ public abstract class CallInvoker
     /// Whether a call takes the observed path: interceptors, headers, a deadline, a trace context to carry,
     /// or a listener for spans or call metrics. Otherwise (the common case) nothing is allocated for them.
     /// </summary>
-    private bool IsObserved => Pipeline is not null || OffloadCallScope.Current is not null || Activity.Current is not null || Telemetry.ClientObserved;
+    private bool IsObserved => !IsReady || Pipeline is not null || OffloadCallScope.Current is not null || Activity.Current is not null || Telemetry.ClientObserved;
 
     /// <summary>Calls <paramref name="method"/>, which has no result. Takes <paramref name="request"/> over, whatever happens.</summary>
     public ValueTask InvokeAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
@@ -62,6 +62,15 @@ public abstract class CallInvoker
             : AwaitAsync(Send(method, request, cancellationToken), method.Decoder);
     }
 
+    /// <summary>
+    /// False while the invoker cannot send yet (a managed connection that is connecting or reconnecting):
+    /// calls then await <see cref="WhenReadyAsync"/> first, holding their request.
+    /// </summary>
+    internal virtual bool IsReady => true;
+
+    /// <summary>Completes when the invoker can send (connects, if it has to); fails when it cannot.</summary>
+    internal virtual ValueTask WhenReadyAsync(CancellationToken cancellationToken) => ValueTask.CompletedTask;
+
     private async ValueTask InvokeObservedVoidAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         await InvokeObservedAsync<NoResult>(method, request, null, cancellationToken).ConfigureAwait(false);
 
@@ -73,7 +82,20 @@ public abstract class CallInvoker
         DateTime? deadline = scope?.Deadline;
         if (deadline is null && pipeline?.DefaultDeadline is { } timeout)
         {
-            deadline = DateTime.UtcNow + timeout;
+            deadline = timeout >= DateTime.MaxValue - DateTime.UtcNow ? DateTime.MaxValue : DateTime.UtcNow + timeout;
+        }
+
+        if (!IsReady)
+        {
+            try
+            {
+                await WhenReadyAsync(cancellationToken).ConfigureAwait(false);
+            }
+            catch
+            {
+                request.Discard();
+                throw;
+            }
         }
 
         var context = new ClientInterceptorContext(method, request, scope, deadline, cancellationToken);
@@ -161,9 +183,12 @@ public abstract class CallInvoker
                     throw new DeadlineExceededException($"The deadline of {method.FullName} had passed before it was sent.") { Deadline = due, Method = method.FullName };
                 }
 
-                deadlineSource = CancellationTokenSource.CreateLinkedTokenSource(token);
-                deadlineSource.CancelAfter(left);
-                token = deadlineSource.Token;
+                if (left <= CallMetadata.MaxTimerDelay)
+                {
+                    deadlineSource = CancellationTokenSource.CreateLinkedTokenSource(token);
+                    deadlineSource.CancelAfter(left);
+                    token = deadlineSource.Token;
+                }
             }
 
             if (request.HasDeferredPayloads)
@@ -190,7 +215,8 @@ public abstract class CallInvoker
             else
             {
                 var block = new ArrayBufferWriter<byte>(128);
-                CallMetadata.Encode(block, headers, deadline - DateTime.UtcNow, traceParent, traceParent is null ? null : current!.TraceStateString);
+                TimeSpan? remaining = deadline - DateTime.UtcNow;
+                CallMetadata.Encode(block, headers, remaining > CallMetadata.MaxDeadline ? CallMetadata.MaxDeadline : remaining, traceParent, traceParent is null ? null : current!.TraceStateString);
                 pending = Send(method, request, block.WrittenMemory, token);
             }
 
@@ -201,11 +227,22 @@ public abstract class CallInvoker
         {
             throw new DeadlineExceededException($"{method.FullName} did not complete before its deadline ({deadline:O}).", ex) { Deadline = deadline!.Value, Method = method.FullName };
         }
+        catch (RemoteInvocationException ex) when (deadline is { } due && IsCancellation(ex) && !context.CancellationToken.IsCancellationRequested && DateTime.UtcNow >= due - DeadlineSlack)
+        {
+            // The server's token fired at the deadline and its answer beat the caller's own timer: the same outcome.
+            throw new DeadlineExceededException($"{method.FullName} did not complete before its deadline ({deadline:O}).", ex) { Deadline = due, Method = method.FullName };
+        }
         finally
         {
             deadlineSource?.Dispose();
         }
     }
+
+    /// <summary>How much earlier than the caller's clock a server's timer may fire (timer granularity, a loaded machine).</summary>
+    private static readonly TimeSpan DeadlineSlack = TimeSpan.FromMilliseconds(100);
+
+    private static bool IsCancellation(RemoteInvocationException ex) =>
+        ex.RemoteExceptionType is "System.OperationCanceledException" or "System.Threading.Tasks.TaskCanceledException";
 
     /// <summary>Sends a request whose body starts with a metadata block.</summary>
     private ValueTask<RpcReply> Send(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
@@ -230,6 +267,49 @@ public abstract class CallInvoker
     /// </summary>
     internal virtual ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken) =>
         SendAsync(method, request, cancellationToken);
+
+    /// <summary>
+    /// Calls <paramref name="method"/>, whose result is a stream of items, each decoded by the method's
+    /// decoder. Nothing is sent until the stream is enumerated (once); breaking out of the enumeration or
+    /// cancelling either token cancels the call on the server. Takes <paramref name="request"/> over, whatever happens.
+    /// </summary>
+    public IAsyncEnumerable<T> InvokeStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(method);
+        ArgumentNullException.ThrowIfNull(request);
+        return CreateServerStream(method, request, cancellationToken);
+    }
+
+    /// <summary>The enumerable of a streamed result (a transport that streams differently makes its own).</summary>
+    internal virtual IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
+        new ServerStreamCall<T>(this, method, request, cancellationToken);
+
+    /// <summary>A stream whose request could not be encoded: its enumeration throws <paramref name="exception"/>.</summary>
+    public static IAsyncEnumerable<T> FailedStream<T>(Exception exception)
+    {
+        ArgumentNullException.ThrowIfNull(exception);
+        return Throw(exception);
+
+        static async IAsyncEnumerable<T> Throw(Exception exception)
+        {
+            await Task.CompletedTask.ConfigureAwait(false);
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(exception);
+            yield break;
+        }
+    }
+
+    /// <summary>
+    /// Sends the request of a streaming call: its items go to the returned inbox as they arrive, and the
+    /// reply ends the stream. Takes <paramref name="request"/> over (after its deferred payloads were gathered).
+    /// </summary>
+    internal virtual ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+    {
+        request.Discard();
+        throw new NotSupportedException($"This transport does not stream results ({method.FullName}).");
+    }
+
+    /// <summary>Decodes a stream item with the method's decoder (a failure is the peer's protocol violation).</summary>
+    internal T DecodeItem<T>(ReplyDecoder<T> decoder, RpcReply item) => Decode(decoder, item);
 
     /// <summary>
     /// Sends the request. Before it returns, everything the request holds has been copied or moved
@@ -318,8 +398,91 @@ internal sealed class SharedMemoryInvoker : CallInvoker
         : base(serializerOptions) => _connection = connection;
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
-        _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, cancellationToken);
+        request.TakeItemStream() is { } items
+            ? CallWithItems(method, request.WrittenBody, request.Payloads, MessageFlags.None, null, items, cancellationToken)
+            : _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, cancellationToken);
 
+    /// <summary>A call with a streamed argument: the request, then its items under the server's credit while the reply is awaited.</summary>
+    private ValueTask<RpcReply> CallWithItems(MethodDescriptor method, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, ItemStream items, CancellationToken cancellationToken)
+    {
+        var outbox = new StreamOutbox();
+        return PumpWhileAwaitingAsync(_connection.CallAsync(method.Id, body, payloads, flags, inbox, outbox, cancellationToken), items, outbox, cancellationToken);
+    }
+
+    /// <summary>
+    /// Sends the items while the reply is awaited; the reply (the server's method returned) stops the items
+    /// still to come. The caller's own exception (its enumerable threw) wins over the fault it caused on the server.
+    /// </summary>
+    private async ValueTask<RpcReply> PumpWhileAwaitingAsync(ValueTask<RpcReply> pending, ItemStream items, StreamOutbox outbox, CancellationToken cancellationToken)
+    {
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        Task pump = items.PumpAsync(outbox, SerializerOptions, stop.Token);
+        RpcReply reply;
+        try
+        {
+            reply = await pending.ConfigureAwait(false);
+        }
+        catch
+        {
+            stop.Cancel();
+            if (await FailureOf(pump).ConfigureAwait(false) is { } own)
+            {
+                System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(own);
+            }
+
+            throw;
+        }
+
+        stop.Cancel();
+        if (await FailureOf(pump).ConfigureAwait(false) is { } failure)
+        {
+            reply.Dispose();
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(failure);
+        }
+
+        return reply;
+    }
+
+    /// <summary>How the pump ended: null when it finished or was stopped.</summary>
+    private static async Task<Exception?> FailureOf(Task pump)
+    {
+        try
+        {
+            await pump.ConfigureAwait(false);
+            return null;
+        }
+        catch (OperationCanceledException)
+        {
+            return null;
+        }
+        catch (Exception ex) when (ex is not (OffloadRpcException or ObjectDisposedException))
+        {
+            return ex; // the caller's enumerable threw
+        }
+        catch
+        {
+            return null; // the connection's failure: the reply tells it
+        }
+    }
+
+    internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+    {
+        inbox = new StreamInbox(_connection, _connection.StreamWindow);
+        try
+        {
+            return request.TakeItemStream() is { } items
+                ? CallWithItems(method, request.WrittenBody, request.Payloads, MessageFlags.None, inbox, items, cancellationToken)
+                : _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, MessageFlags.None, inbox, null, cancellationToken);
+        }
+        catch (Exception exception)
+        {
+            return ValueTask.FromException<RpcReply>(exception);
+        }
+        finally
+        {
+            request.Return();
+        }
+    }
     /// <summary>The body becomes [u32 length][metadata][arguments], flagged <see cref="MessageFlags.HasMetadata"/>; copied before this returns.</summary>
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
@@ -331,7 +494,9 @@ internal sealed class SharedMemoryInvoker : CallInvoker
             BinaryPrimitives.WriteUInt32LittleEndian(combined, (uint)metadata.Length);
             metadata.Span.CopyTo(combined.AsSpan(4));
             body.CopyTo(combined.AsSpan(4 + metadata.Length));
-            return _connection.CallAsync(method.Id, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, cancellationToken);
+            return request.TakeItemStream() is { } items
+                ? CallWithItems(method, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, null, items, cancellationToken)
+                : _connection.CallAsync(method.Id, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, null, null, cancellationToken);
         }
         finally
         {
@@ -450,6 +615,26 @@ public readonly struct CallReply
 
     /// <summary>Takes payload <paramref name="index"/> as a lease the caller owns (-1: null).</summary>
     public SharedBuffer? TakeSharedBuffer(int index) => index < 0 ? null : Take(index);
+
+    /// <summary>
+    /// Payload <paramref name="index"/> in place, in shared memory (-1: empty). Only a stream item lends
+    /// its payloads: the memory stays valid until the consumer asks for the next item.
+    /// </summary>
+    public Memory<T> GetMemory<T>(int index)
+        where T : unmanaged
+    {
+        if (index < 0)
+        {
+            return Memory<T>.Empty;
+        }
+
+        if ((uint)index >= (uint)_reply.PayloadCount)
+        {
+            throw new ProtocolViolationException($"The reply names payload {index} but carries {_reply.PayloadCount}.");
+        }
+
+        return _reply.LendPayload(index).CreateMemory<T>();
+    }
 
     private SharedBuffer Take(int index)
     {

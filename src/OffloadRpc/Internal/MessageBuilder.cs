@@ -21,6 +21,7 @@ public sealed class MessageBuilder
     private readonly List<MemoryHandle> _pins = new(4);
     private readonly List<byte[]> _rented = new(1);
     private List<DeferredPayload>? _deferred;
+    private ItemStream? _items;
 
     private MessageBuilder()
     {
@@ -200,6 +201,36 @@ public sealed class MessageBuilder
         buffer = larger;
     }
 
+    /// <summary>
+    /// Adds a streamed argument (null gives -1): after the request is out, its items are sent one by one,
+    /// each encoded by <paramref name="encode"/>, never more than the server's window ahead of what the
+    /// server's method has taken. One per request.
+    /// </summary>
+    public int AddItems<T>(IAsyncEnumerable<T>? items, StreamItemEncoder<T> encode)
+    {
+        ArgumentNullException.ThrowIfNull(encode);
+        if (items is null)
+        {
+            return -1;
+        }
+
+        if (_items is not null)
+        {
+            throw new InvalidOperationException("A request carries at most one streamed argument.");
+        }
+
+        _items = new ItemStream<T>(items, encode);
+        return 0;
+    }
+
+    /// <summary>The streamed argument, taken by the transport that sends the request (null: none).</summary>
+    internal ItemStream? TakeItemStream()
+    {
+        ItemStream? items = _items;
+        _items = null;
+        return items;
+    }
+
     /// <summary>Adds a lease whose ownership moves with the message (null gives -1).</summary>
     public int AddSharedBuffer(SharedBuffer? lease)
     {
@@ -246,6 +277,7 @@ public sealed class MessageBuilder
 
         _rented.Clear();
         _payloads.Clear();
+        _items = null;
         _deferred?.Clear();
         if (_body.Capacity > 1 << 20)
         {

@@ -141,6 +141,92 @@ public sealed class ServerCall
         }
     }
 
+    /// <summary>
+    /// Sends the items of a streamed result as the implementation produces them, each encoded by
+    /// <paramref name="encode"/>, never more than the caller's window ahead of what it consumed: the
+    /// producer is asked for the next item only when there is credit for it. Completes when the
+    /// implementation's stream ends (the stub then replies, which ends the caller's enumeration); an
+    /// exception from it fails the call (the caller's MoveNextAsync throws it). Items go out from the
+    /// thread pool, never from the poller.
+    /// </summary>
+    public async ValueTask SendStreamAsync<T>(IAsyncEnumerable<T> items, StreamItemEncoder<T> encode)
+    {
+        ArgumentNullException.ThrowIfNull(items);
+        ArgumentNullException.ThrowIfNull(encode);
+        CancellationToken token = CancellationToken;
+        Transport.StreamOutbox credit = _call.Outbox;
+        IAsyncEnumerator<T> enumerator = items.GetAsyncEnumerator(token);
+        try
+        {
+            while (true)
+            {
+                await credit.WaitAsync(token).ConfigureAwait(false);
+                if (!await enumerator.MoveNextAsync().ConfigureAwait(false))
+                {
+                    break;
+                }
+
+                if (Transport.Poller.IsPollerThread)
+                {
+                    await Task.Yield(); // sending may wait for ring or arena space: never on the poller
+                }
+
+                MessageBuilder item = encode(enumerator.Current, SerializerOptions);
+                if (item.HasDeferredPayloads)
+                {
+                    item.Discard();
+                    throw new InvalidOperationException("A stream item cannot carry a stream or an async enumerable.");
+                }
+
+                try
+                {
+                    _call.SendStreamItem(item.WrittenBody, item.Payloads, token);
+                }
+                catch
+                {
+                    // The implementation gave the item's leases up by yielding them: if they cannot be sent, they go back.
+                    foreach (OutboundPayload payload in item.Payloads)
+                    {
+                        payload.Lease?.Dispose();
+                    }
+
+                    throw;
+                }
+                finally
+                {
+                    item.Return();
+                }
+            }
+        }
+        finally
+        {
+            await enumerator.DisposeAsync().ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// The call's streamed argument (-1: null): its items as the client sends them, each decoded by
+    /// <paramref name="decoder"/>; an item lent in place is valid until the next MoveNextAsync. Opening it
+    /// grants the client this side's window. Ends when the client's enumerable ends; throws the client's
+    /// exception as a <see cref="RemoteInvocationException"/>, and <see cref="OperationCanceledException"/>
+    /// when the call is cancelled or the client dies. Given back when the call completes.
+    /// </summary>
+    public IAsyncEnumerable<T>? ReadItems<T>(int index, ReplyDecoder<T> decoder)
+    {
+        ArgumentNullException.ThrowIfNull(decoder);
+        if (index < 0)
+        {
+            return null;
+        }
+
+        if (index != 0)
+        {
+            throw new ProtocolViolationException($"The request names streamed argument {index}; a call has at most one, numbered 0.");
+        }
+
+        return new ArgumentStream<T>(_call.OpenInbox(), decoder, _serializerOptions, _call.CancellationToken);
+    }
+
     /// <summary>Sends the response built in <paramref name="response"/>.</summary>
     public void Reply(MessageBuilder response)
     {
@@ -246,6 +332,10 @@ public sealed class ServerCall
     }
 }
 
+/// <summary>Encodes one item of a streamed result (generated per method).</summary>
+[EditorBrowsable(EditorBrowsableState.Never)]
+public delegate MessageBuilder StreamItemEncoder<T>(T item, MessagePackSerializerOptions options);
+
 /// <summary>
 /// A request as the server side of a transport delivers it to <see cref="ServerCall"/>: body, payloads
 /// as leases or streams, cancellation, the caller, and the one way to answer.
@@ -275,6 +365,16 @@ internal interface IInboundCall
     SharedBuffer Rent(int bytes, CancellationToken cancellationToken);
 
     void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads);
+
+    /// <summary>Credit for the items of the call's streamed result (a transport without streams has none).</summary>
+    Transport.StreamOutbox Outbox => throw new NotSupportedException("This transport does not stream results.");
+
+    /// <summary>Opens the call's streamed argument (the transport's window of items granted to the client).</summary>
+    Transport.StreamInbox OpenInbox() => throw new NotSupportedException("This transport does not stream arguments.");
+
+    /// <summary>Sends one item of the call's streamed result (waits for ring and arena space: not on the poller).</summary>
+    void SendStreamItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken) =>
+        throw new NotSupportedException("This transport does not stream results.");
 
     /// <summary>The peer sent a call that does not decode: end its connection (the transport's promise for any protocol violation).</summary>
     void AbortConnection(ProtocolViolationException violation);

@@ -93,6 +93,13 @@ internal sealed unsafe class ControlRing
         return diff != -Capacity && diff != -Capacity + 1;
     }
 
+    /// <summary>
+    /// Producer side: true when fewer than <paramref name="slots"/> slots are taken (a hint, like
+    /// <see cref="HasFreeSlot"/>): the slot <paramref name="slots"/> past the tail is free for its lap
+    /// only once the consumer has consumed everything published more than that many positions ago.
+    /// </summary>
+    public bool HasRoomBeyond(long slots) => IsFree(Volatile.Read(ref _tail.Value) + slots);
+
     /// <summary>Producer side: true when the slot for <paramref name="position"/> (at or ahead of the tail) is free for that lap.</summary>
     public bool IsFree(long position) => Volatile.Read(ref *Sequence(position)) == position;
 

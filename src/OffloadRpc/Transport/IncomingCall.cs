@@ -54,6 +54,74 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
 
     public bool HasReplied => Volatile.Read(ref _replyState) == Replied;
 
+    private StreamOutbox? _outbox;
+    private StreamInbox? _inbox;
+
+    /// <summary>
+    /// Credit for the items of this call's streamed result: created with the call's first credit or when
+    /// the stub starts streaming, whichever comes first (the client grants its window right after the request).
+    /// </summary>
+    public StreamOutbox Outbox
+    {
+        get
+        {
+            lock (_gate)
+            {
+                return _outbox ??= new StreamOutbox();
+            }
+        }
+    }
+
+    /// <summary>Sends one item of this call's streamed result.</summary>
+    public void SendStreamItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        if (Volatile.Read(ref _replyState) != NotReplied)
+        {
+            throw new InvalidOperationException("The call was already answered: its stream has ended.");
+        }
+
+        Connection.Send(MessageKind.StreamItem, CallId, MethodId, body, payloads, cancellationToken);
+    }
+
+    /// <summary>The outbox of call <paramref name="callId"/> while it is being served; null otherwise.</summary>
+    internal StreamOutbox? OutboxFor(ulong callId)
+    {
+        lock (_gate)
+        {
+            return _active && callId == CallId ? _outbox ??= new StreamOutbox() : null;
+        }
+    }
+
+    StreamInbox Internal.IInboundCall.OpenInbox() => OpenInbox(Connection.StreamWindow);
+
+    /// <summary>Opens the inbox of this call's streamed argument and grants the client its first window.</summary>
+    public StreamInbox OpenInbox(int window)
+    {
+        StreamInbox inbox;
+        lock (_gate)
+        {
+            if (_inbox is not null)
+            {
+                throw new InvalidOperationException("The call's streamed argument was already opened.");
+            }
+
+            inbox = _inbox = new StreamInbox(Connection, window);
+            inbox.Attach(CallId);
+        }
+
+        inbox.GrantInitialCredit();
+        return inbox;
+    }
+
+    /// <summary>The inbox of call <paramref name="callId"/> while it is being served; null otherwise.</summary>
+    internal StreamInbox? InboxFor(ulong callId)
+    {
+        lock (_gate)
+        {
+            return _active && callId == CallId ? _inbox : null;
+        }
+    }
+
     /// <summary>The caller's deadline: the call's token fires after <paramref name="delay"/> (at once when it already passed).</summary>
     public void CancelAfter(TimeSpan delay)
     {
@@ -193,6 +261,7 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
     /// <summary>Clears the call for reuse.</summary>
     internal void Reset()
     {
+        StreamInbox? inbox;
         lock (_gate)
         {
             _active = false;
@@ -200,7 +269,12 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
             // Never reused: a token the method kept (background work, a stored context) must not fire for another call.
             _cancellation?.Dispose();
             _cancellation = null;
+            _outbox = null;
+            inbox = _inbox;
+            _inbox = null;
         }
+
+        inbox?.Close();
 
         ResetMessage();
     }

@@ -50,6 +50,25 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
 
     public int Index { get; }
 
+    /// <summary>Where the items of a streamed result go (null: not a streaming call). Set before the request is out, cleared on recycling.</summary>
+    public StreamInbox? Inbox { get; set; }
+
+    /// <summary>Credit for the items of a streamed argument (null: the call streams nothing out). Set before the request is out, cleared on recycling.</summary>
+    public StreamOutbox? Outbox { get; set; }
+
+    /// <summary>The outbox of call <paramref name="callId"/> while it is in flight; null otherwise.</summary>
+    public StreamOutbox? OutboxFor(ulong callId) => callId == CallId && Volatile.Read(ref _state) == StateInFlight ? Outbox : null;
+
+    /// <summary>
+    /// The inbox of call <paramref name="callId"/> while its items may still come (in flight or
+    /// cancelled, its reply not yet here); null when the id is not this entry's current streaming call.
+    /// </summary>
+    public StreamInbox? InboxFor(ulong callId)
+    {
+        int state = Volatile.Read(ref _state);
+        return callId == CallId && (state == StateInFlight || state == StateAbandoned) && Volatile.Read(ref _responseClaimed) == 0 ? Inbox : null;
+    }
+
     public ulong CallId => (_generation << IndexBits) | (uint)Index;
 
     public short Version => _core.Version;
@@ -249,6 +268,8 @@ internal sealed class PendingCall : InboundMessage, IValueTaskSource<RpcReply>, 
         }
         finally
         {
+            Inbox = null;
+            Outbox = null;
             _cancellationToken = default;
             _generation = (_generation + 1) & ((1UL << (64 - IndexBits)) - 1);
             _core.Reset();
@@ -272,6 +293,9 @@ internal interface IReplySource
     int PayloadCount { get; }
 
     SharedBuffer TakePayload(int index);
+
+    /// <summary>Payload <paramref name="index"/> in place, valid until the source is released (stream items only: a unary reply is gone once decoded).</summary>
+    SharedBuffer LendPayload(int index) => throw new InvalidOperationException("A reply's payloads are copied or taken: it is gone once decoded.");
 
     /// <summary>Throws <see cref="ObjectDisposedException"/> when the reply of <paramref name="version"/> was disposed.</summary>
     void ThrowIfReplyGone(short version);
@@ -325,6 +349,12 @@ internal readonly struct RpcReply : IDisposable
     {
         _call.ThrowIfReplyGone(_version);
         return _call.TakePayload(index);
+    }
+
+    public SharedBuffer LendPayload(int index)
+    {
+        _call.ThrowIfReplyGone(_version);
+        return _call.LendPayload(index);
     }
 
     /// <summary>The reply does not decode: end the connection it came on.</summary>

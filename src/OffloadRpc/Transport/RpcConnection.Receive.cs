@@ -5,6 +5,9 @@ namespace OffloadRpc.Transport;
 internal sealed partial class RpcConnection
 {
 
+    /// <summary>Where the items of a stream that ended on this side land to be given back at once (the poller's only).</summary>
+    private StreamItemMessage? _discardedItem;
+
     /// <summary>The most messages one poll consumes before the poller turns to its other connections.</summary>
     private const int MessagesPerPoll = 64;
 
@@ -196,6 +199,61 @@ internal sealed partial class RpcConnection
                 CancelServedCall(header.CallId);
                 return;
 
+            case MessageKind.StreamItem:
+                if (FindInbox(header.CallId) is { } inbox)
+                {
+                    if (!inbox.AdmitItem())
+                    {
+                        throw Violation($"more items of stream {header.CallId} than its consumer granted credit for (window {inbox.Window})");
+                    }
+
+                    target = inbox.RentItem();
+                }
+                else if (_handler is not null)
+                {
+                    // A streamed argument's items may still come after the method returned (it need not read
+                    // them all): they are given back as they arrive, so they hold no memory.
+                    target = _discardedItem ??= new StreamItemMessage(this, null);
+                }
+                else
+                {
+                    throw Violation($"a stream item for call {header.CallId}, which streams nothing to it");
+                }
+
+                break;
+
+            case MessageKind.StreamCredit:
+            case MessageKind.StreamEnd:
+                if (count != 0 || header.BodyLength != 0)
+                {
+                    throw Violation($"a {header.Kind} message with a body");
+                }
+
+                _inbound.Messages.Consume();
+                SharedWait.Wake(_inbound.MessageProducerWake);
+                if (header.Kind == MessageKind.StreamCredit)
+                {
+                    GrantStreamCredit(header.CallId, header.MethodId);
+                }
+                else
+                {
+                    FindInbox(header.CallId)?.Complete(null, discardQueued: false);
+                }
+
+                return;
+
+            case MessageKind.StreamFault:
+                if (count != 0)
+                {
+                    throw Violation("a stream fault with payloads");
+                }
+
+                RemoteInvocationException streamFault = FaultCodec.Decode(new ReadOnlySpan<byte>(slot + MessageHeader.Size, header.BodyLength));
+                _inbound.Messages.Consume();
+                SharedWait.Wake(_inbound.MessageProducerWake);
+                FindInbox(header.CallId)?.Complete(streamFault, discardQueued: false);
+                return;
+
             default:
                 throw Violation($"message kind {(int)header.Kind}");
         }
@@ -239,6 +297,10 @@ internal sealed partial class RpcConnection
             {
                 claimed.CompleteWithException(ClosedException());
             }
+            else if (target is StreamItemMessage item)
+            {
+                item.Release();
+            }
 
             throw;
         }
@@ -247,6 +309,18 @@ internal sealed partial class RpcConnection
         {
             case MessageKind.Request:
                 Dispatch((IncomingCall)target);
+                break;
+            case MessageKind.StreamItem:
+                var streamItem = (StreamItemMessage)target;
+                if (streamItem.Inbox is { } owner)
+                {
+                    owner.Deliver(streamItem);
+                }
+                else
+                {
+                    streamItem.Release();
+                }
+
                 break;
             case MessageKind.Response:
                 ((PendingCall)target).CompleteWithResponse();
@@ -486,6 +560,39 @@ internal sealed partial class RpcConnection
 
         call.Reset();
         ReturnIncomingCall(call);
+    }
+
+    /// <summary>
+    /// The inbox a stream message names: a served call's streamed argument on a server, a call's streamed
+    /// result on a client; null when the call is over or streams nothing here.
+    /// </summary>
+    private StreamInbox? FindInbox(ulong callId)
+    {
+        ulong index = callId & ((1UL << PendingCall.IndexBits) - 1);
+        if (_handler is not null)
+        {
+            return index < (ulong)_servedCalls.Length ? Volatile.Read(ref _servedCalls[index])?.InboxFor(callId) : null;
+        }
+
+        return _calls.Find(callId)?.InboxFor(callId);
+    }
+
+    /// <summary>The consumer of a stream this side produces took <paramref name="items"/> more.</summary>
+    private void GrantStreamCredit(ulong callId, int items)
+    {
+        if (items <= 0 || items > Geometry.SlotCount * 64)
+        {
+            throw Violation($"a credit of {items} items for stream {callId}");
+        }
+
+        ulong index = callId & ((1UL << PendingCall.IndexBits) - 1);
+        StreamOutbox? outbox = _handler is not null
+            ? (index < (ulong)_servedCalls.Length ? Volatile.Read(ref _servedCalls[index])?.OutboxFor(callId) : null)
+            : _calls.Find(callId)?.OutboxFor(callId);
+        if (outbox is not null && !outbox.Grant(items))
+        {
+            throw Violation($"more credit for stream {callId} than items it could ever take");
+        }
     }
 
     private void CancelServedCall(ulong callId)

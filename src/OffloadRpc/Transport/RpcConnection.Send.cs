@@ -5,6 +5,9 @@ namespace OffloadRpc.Transport;
 /// <summary>The sending half of a connection: calls, cancels, and every message through <see cref="OutboundMessage"/>.</summary>
 internal sealed partial class RpcConnection
 {
+    /// <summary>The most items of a stream this side consumes that may be in flight.</summary>
+    internal int StreamWindow => _options.StreamWindow;
+
     /// <summary>How many bytes a pipelined payload writes between two progress updates.</summary>
     internal long PipelineChunkBytes => _options.PipelineChunkBytes;
 
@@ -16,10 +19,18 @@ internal sealed partial class RpcConnection
     /// <see cref="OutboundPayload.Move"/> belong to the peer afterwards.
     /// </summary>
     public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken = default) =>
-        CallAsync(methodId, body, payloads, MessageFlags.None, cancellationToken);
+        CallAsync(methodId, body, payloads, MessageFlags.None, null, null, cancellationToken);
 
     /// <summary>As above, with message flags (<see cref="MessageFlags.HasMetadata"/>: the body starts with a metadata block).</summary>
-    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken)
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken) =>
+        CallAsync(methodId, body, payloads, flags, null, null, cancellationToken);
+
+    /// <summary>
+    /// As above, with message flags (<see cref="MessageFlags.HasMetadata"/>: the body starts with a metadata block);
+    /// with an <paramref name="inbox"/> the call's result is a stream: its items go there as they arrive, and the reply ends it;
+    /// with an <paramref name="outbox"/> the call has a streamed argument, whose items go out under the server's credit.
+    /// </summary>
+    public ValueTask<RpcReply> CallAsync(int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken)
     {
         if (cancellationToken.IsCancellationRequested)
         {
@@ -44,26 +55,38 @@ internal sealed partial class RpcConnection
                 owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
             }
 
-            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, flags, cancellationToken);
+            return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, flags, inbox, outbox, cancellationToken);
         }
 
-        return StartCall(call, methodId, body, payloads, flags, cancellationToken);
+        return StartCall(call, methodId, body, payloads, flags, inbox, outbox, cancellationToken);
     }
 
-    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, CancellationToken cancellationToken) =>
-        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, flags, cancellationToken);
+    private ValueTask<RpcReply> CallWhenEntryFreeAsync(int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken) =>
+        ConnectionAsync.CallWhenEntryFreeAsync(this, _calls, methodId, body, payloads, flags, inbox, outbox, cancellationToken);
 
-    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, CancellationToken cancellationToken) =>
-        StartCall(call, methodId, body, payloads, flags, cancellationToken);
+    internal ValueTask<RpcReply> StartCallAfterWait(PendingCall call, int methodId, byte[] body, OutboundPayload[] payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken) =>
+        StartCall(call, methodId, body, payloads, flags, inbox, outbox, cancellationToken);
 
-    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, CancellationToken cancellationToken)
+    private ValueTask<RpcReply> StartCall(PendingCall call, int methodId, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, StreamOutbox? outbox, CancellationToken cancellationToken)
     {
+        if (inbox is not null)
+        {
+            call.Inbox = inbox; // before the request is out: its first item may come at once
+            inbox.Attach(call.CallId);
+        }
+
+        if (outbox is not null)
+        {
+            call.Outbox = outbox; // before the request is out: the server's credit may come at once
+            outbox.Attach(this, call.CallId);
+        }
+
         long now = Stopwatch.GetTimestamp();
         call.BeginFlight(methodId, now);
         _spin.OnSend(now);
         try
         {
-            if (TrySendOffloaded(call, methodId, body, payloads, flags, cancellationToken))
+            if (inbox is null && outbox is null && TrySendOffloaded(call, methodId, body, payloads, flags, cancellationToken))
             {
                 return new ValueTask<RpcReply>(call, call.Version); // published (and cancellation armed) once the copy is done
             }
@@ -86,6 +109,7 @@ internal sealed partial class RpcConnection
         }
         else
         {
+            inbox?.GrantInitialCredit(); // after the request: the server learns of the call first
             call.RegisterCancellation(cancellationToken);
         }
 
@@ -112,11 +136,21 @@ internal sealed partial class RpcConnection
     /// the receiver): when the ring is full the cancel waits in a queue flushed by later sends
     /// and by the receiver.
     /// </summary>
-    internal void TrySendCancel(ulong callId)
+    internal void TrySendCancel(ulong callId) => TrySendControl(MessageKind.Cancel, callId, 0);
+
+    /// <summary>
+    /// Sends a message without body or payloads (a cancel, a stream's credit or end) in order with the
+    /// others of its kind, without ever blocking: when the ring is full it waits in a queue flushed by
+    /// later sends and by the receiver. Safe on the poller.
+    /// </summary>
+    internal void TrySendControl(MessageKind kind, ulong callId, int value)
     {
-        _pendingCancels.Enqueue(callId);
+        _pendingCancels.Enqueue(new ControlMessage(kind, callId, value));
         FlushPendingCancels();
     }
+
+    /// <summary>A queued message without body: kind, call, and the value it carries in the method-id field.</summary>
+    private readonly record struct ControlMessage(MessageKind Kind, ulong CallId, int Value);
 
     private unsafe void FlushPendingCancels()
     {
@@ -134,7 +168,7 @@ internal sealed partial class RpcConnection
             {
                 try
                 {
-                    while (_pendingCancels.TryPeek(out ulong callId))
+                    while (_pendingCancels.TryPeek(out ControlMessage control))
                     {
                         byte* slot = _outbound.Messages.TryReserve(out long position);
                         if (slot is null)
@@ -142,9 +176,9 @@ internal sealed partial class RpcConnection
                             return; // the ring is full: the next send or the receiver's next poll flushes
                         }
 
-                        bool dequeued = _pendingCancels.TryDequeue(out ulong taken);
-                        Debug.Assert(dequeued && taken == callId, "only the lock holder dequeues cancels");
-                        WriteAndPublish(slot, position, MessageKind.Cancel, callId, 0, MessageFlags.None, [], []);
+                        bool dequeued = _pendingCancels.TryDequeue(out ControlMessage taken);
+                        Debug.Assert(dequeued && taken == control, "only the lock holder dequeues cancels");
+                        WriteAndPublish(slot, position, control.Kind, control.CallId, control.Value, MessageFlags.None, [], []);
                     }
                 }
                 finally
@@ -283,13 +317,17 @@ internal sealed partial class RpcConnection
         bool answer = kind is MessageKind.Response or MessageKind.Fault;
         long deadline = !answer || _options.ArenaWaitTimeout == Timeout.InfiniteTimeSpan ? long.MaxValue
             : Stopwatch.GetTimestamp() + (long)(_options.ArenaWaitTimeout.TotalSeconds * Stopwatch.Frequency);
+        // Stream items leave half the ring to answers: an answer must find room (see above), and a
+        // stream's producer outruns its consumer's poller, which answers never do.
+        long keepFree = kind == MessageKind.StreamItem ? _outbound.Messages.Capacity / 2 : 0;
         while (true)
         {
             ThrowIfClosed();
             byte* slot;
             try
             {
-                slot = _outbound.Messages.TryReserve(out position);
+                position = 0;
+                slot = keepFree == 0 || _outbound.Messages.HasRoomBeyond(keepFree) ? _outbound.Messages.TryReserve(out position) : null;
             }
             catch (ProtocolViolationException ex)
             {
@@ -302,7 +340,7 @@ internal sealed partial class RpcConnection
                 return slot;
             }
 
-            var condition = new RingHasSpace(this, _outbound.Messages, deadline, cancellationToken);
+            var condition = new RingHasSpace(this, _outbound.Messages, keepFree, deadline, cancellationToken);
             bool satisfied = answer && Poller.IsPollerThread
                 ? SharedWait.Spin(ref condition, _sendSpin.BudgetTicks) == SharedWait.SpinOutcome.Satisfied
                 : SharedWait.Wait(ref condition, _outbound.MessageProducerWake, _sendSpin, singleWaiter: false, _options.SleepSliceMilliseconds);
@@ -316,9 +354,9 @@ internal sealed partial class RpcConnection
         }
     }
 
-    private readonly struct RingHasSpace(RpcConnection connection, ControlRing ring, long deadline, CancellationToken cancellationToken) : IWaitCondition
+    private readonly struct RingHasSpace(RpcConnection connection, ControlRing ring, long keepFree, long deadline, CancellationToken cancellationToken) : IWaitCondition
     {
-        public bool IsSatisfied() => ring.HasFreeSlot();
+        public bool IsSatisfied() => keepFree == 0 ? ring.HasFreeSlot() : ring.HasRoomBeyond(keepFree);
 
         public bool IsAbandoned() => connection.IsClosed || cancellationToken.IsCancellationRequested || Stopwatch.GetTimestamp() > deadline;
     }

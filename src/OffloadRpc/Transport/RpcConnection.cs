@@ -34,7 +34,7 @@ internal sealed partial class RpcConnection : IArenaPeer, ILeaseHost, IAsyncDisp
     private readonly ConcurrentQueue<IncomingCall> _incomingPool = new();
     private readonly ConcurrentQueue<ulong> _overflowReleases = new();
     private int _overflowCount;
-    private readonly ConcurrentQueue<ulong> _pendingCancels = new();
+    private readonly ConcurrentQueue<ControlMessage> _pendingCancels = new();
     private readonly object _cancelFlushLock = new();
     private readonly SpinPolicy _spin;
     private readonly AdaptiveSpin _sendSpin;

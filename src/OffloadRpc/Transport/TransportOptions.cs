@@ -48,6 +48,9 @@ internal sealed class TransportOptions
     /// <summary>The largest message body (the MessagePack part of a request or reply) accepted from the peer.</summary>
     public int MaxMessageBytes { get; init; } = 16 << 20;
 
+    /// <summary>The most items of one stream this side consumes that may be in flight (its producer waits for credit beyond).</summary>
+    public int StreamWindow { get; init; } = 16;
+
     /// <summary>The chunk size of a pipelined payload: the receiver can start once the first chunk has landed.</summary>
     public long PipelineChunkBytes { get; init; } = Engines.TransferPolicy.PipelineChunkBytes;
 

@@ -31,6 +31,22 @@ internal enum MessageKind : ushort
 
     /// <summary>The caller gave up on a call: its token on the server fires.</summary>
     Cancel = 4,
+
+    /// <summary>
+    /// One item of a stream, keyed by the call's id: body and payloads as a reply's. From the server for a
+    /// streamed result (the stream ends with the call's Response or Fault), from the client for a streamed
+    /// argument (it ends with <see cref="StreamEnd"/> or <see cref="StreamFault"/>).
+    /// </summary>
+    StreamItem = 5,
+
+    /// <summary>The consumer of a stream took <see cref="MessageHeader.MethodId"/> more items: the producer may send that many more. No body.</summary>
+    StreamCredit = 6,
+
+    /// <summary>The client's streamed argument has no more items. No body.</summary>
+    StreamEnd = 7,
+
+    /// <summary>The client's streamed argument failed: the body is a fault (type, message, stack), as in <see cref="Fault"/>.</summary>
+    StreamFault = 8,
 }
 
 [Flags]

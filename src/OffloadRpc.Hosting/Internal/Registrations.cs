@@ -1,0 +1,79 @@
+using Microsoft.Extensions.DependencyInjection;
+
+namespace OffloadRpc.Hosting.Internal;
+
+/// <summary>Everything registered for the server of one endpoint (one per endpoint, kept in the service collection).</summary>
+internal sealed class ServerRegistration(string endpoint)
+{
+    public string Endpoint { get; } = endpoint;
+
+    public List<Action<OffloadRpcOptions>> Configure { get; } = [];
+
+    /// <summary>Registers one service on the server, given the root provider.</summary>
+    public List<Action<OffloadRpcServer, IServiceProvider>> Services { get; } = [];
+
+    /// <summary>Makes one interceptor from the call's scope.</summary>
+    public List<Func<IServiceProvider, ServerInterceptor>> Interceptors { get; } = [];
+
+    /// <summary>The generated descriptors of the services added (what other transports, such as gRPC, bind).</summary>
+    public List<OffloadRpc.Internal.ServiceDescriptor> Descriptors { get; } = [];
+}
+
+/// <summary>Everything registered for the client of one endpoint.</summary>
+internal sealed class ClientRegistration(string endpoint)
+{
+    public string Endpoint { get; } = endpoint;
+
+    public List<Action<OffloadRpcOptions>> Configure { get; } = [];
+
+    public List<Func<IServiceProvider, ClientInterceptor>> Interceptors { get; } = [];
+
+    /// <summary>Checks, on each new connection, that the server serves one of the registered services as compiled here.</summary>
+    public List<Action<OffloadRpcConnection>> Contracts { get; } = [];
+}
+
+/// <summary>The per-call DI scope of a hosted server, kept in the call's <see cref="ServerInterceptorContext.Items"/>.</summary>
+internal static class CallScope
+{
+    public static readonly object Key = new();
+
+    public static IServiceProvider Services(ServerInterceptorContext context) =>
+        context.Items.TryGetValue(Key, out object? services) && services is IServiceProvider provider
+            ? provider
+            : throw new InvalidOperationException("No DI scope for this call: the hosted server's scope interceptor did not run.");
+}
+
+/// <summary>
+/// The outermost interceptor of a hosted server: makes the call's DI scope (disposed when the call
+/// completes), then runs the interceptors registered with AddInterceptor, resolved in that scope.
+/// </summary>
+internal sealed class CallScopeInterceptor(IServiceScopeFactory scopes, Func<IServiceProvider, ServerInterceptor>[] interceptors) : ServerInterceptor
+{
+    public override async ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    {
+        AsyncServiceScope scope = scopes.CreateAsyncScope();
+        await using (scope.ConfigureAwait(false))
+        {
+            context.Items[CallScope.Key] = scope.ServiceProvider;
+            if (interceptors.Length == 0)
+            {
+                await continuation(context).ConfigureAwait(false);
+                return;
+            }
+
+            await Chain(scope.ServiceProvider, 0, continuation)(context).ConfigureAwait(false);
+        }
+    }
+
+    private ServerCallContinuation Chain(IServiceProvider services, int index, ServerCallContinuation last)
+    {
+        if (index == interceptors.Length)
+        {
+            return last;
+        }
+
+        ServerInterceptor interceptor = interceptors[index](services);
+        ServerCallContinuation next = Chain(services, index + 1, last);
+        return context => interceptor.InterceptAsync(context, next);
+    }
+}

@@ -1,0 +1,82 @@
+using MessagePack;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc.Internal;
+
+/// <summary>A client's streamed argument: its items, and how each is encoded. Sent by <see cref="PumpAsync"/> once the request is out.</summary>
+internal abstract class ItemStream
+{
+    /// <summary>
+    /// Sends every item within the server's credit, then the end; an exception of the caller's enumerable
+    /// is sent as the stream's fault and rethrown. Stops (with <see cref="OperationCanceledException"/>)
+    /// when <paramref name="cancellationToken"/> fires: the call was answered or cancelled.
+    /// </summary>
+    public abstract Task PumpAsync(StreamOutbox outbox, MessagePackSerializerOptions options, CancellationToken cancellationToken);
+}
+
+internal sealed class ItemStream<T>(IAsyncEnumerable<T> items, StreamItemEncoder<T> encode) : ItemStream
+{
+    public override async Task PumpAsync(StreamOutbox outbox, MessagePackSerializerOptions options, CancellationToken cancellationToken)
+    {
+        await Task.Yield(); // the caller goes on to await the reply; items go out from the thread pool
+        IAsyncEnumerator<T> enumerator = items.GetAsyncEnumerator(cancellationToken);
+        try
+        {
+            while (true)
+            {
+                await outbox.WaitAsync(cancellationToken).ConfigureAwait(false);
+                bool more;
+                try
+                {
+                    more = await enumerator.MoveNextAsync().ConfigureAwait(false);
+                }
+                catch (Exception ex) when (!cancellationToken.IsCancellationRequested)
+                {
+                    outbox.Fail(ex); // the server's method sees it from its MoveNextAsync
+                    throw;
+                }
+
+                if (!more)
+                {
+                    break;
+                }
+
+                if (Poller.IsPollerThread)
+                {
+                    await Task.Yield(); // sending may wait for ring or arena space: never on the poller
+                }
+
+                MessageBuilder item = encode(enumerator.Current, options);
+                if (item.HasDeferredPayloads)
+                {
+                    item.Discard();
+                    throw new InvalidOperationException("A stream item cannot carry a stream or an async enumerable.");
+                }
+
+                try
+                {
+                    outbox.SendItem(item.WrittenBody, item.Payloads, cancellationToken);
+                }
+                catch
+                {
+                    foreach (OutboundPayload payload in item.Payloads)
+                    {
+                        payload.Lease?.Dispose(); // the caller gave the item's leases up by yielding them
+                    }
+
+                    throw;
+                }
+                finally
+                {
+                    item.Return();
+                }
+            }
+
+            outbox.End();
+        }
+        finally
+        {
+            await enumerator.DisposeAsync().ConfigureAwait(false);
+        }
+    }
+}
