@@ -37,6 +37,11 @@ public sealed class OffloadRpcServerBuilder
             Services.Add(new ServiceDescriptor(typeof(TImplementation), typeof(TImplementation), lifetime));
         }
 
+        if (OffloadRpc.Internal.ServiceRegistry.Find<TService>() is { } descriptor)
+        {
+            Registration.Descriptors.Add(descriptor);
+        }
+
         Registration.Services.Add(lifetime == ServiceLifetime.Singleton
             ? (server, provider) => server.Register<TService>(provider.GetRequiredService<TImplementation>())
             : (server, _) => server.Register<TService>(context => CallScope.Services(context).GetRequiredService<TImplementation>()));

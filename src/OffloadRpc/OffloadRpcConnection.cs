@@ -12,34 +12,58 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
 {
     private readonly ConcurrentDictionary<Type, object> _proxies = new();
 
+    private readonly RemoteConnection? _remote;
+
     private OffloadRpcConnection(RpcConnection transport, OffloadRpcOptions options)
     {
         Transport = transport;
         Invoker = new SharedMemoryInvoker(transport, options.CreateSerializerOptions()) { Pipeline = ClientPipeline.From(options) };
     }
 
+    /// <summary>A connection over another transport (gRPC): its invoker carries the options' interceptors too.</summary>
+    internal OffloadRpcConnection(RemoteConnection remote, OffloadRpcOptions options)
+    {
+        _remote = remote;
+        Transport = null!;
+        Invoker = remote.Invoker;
+        Invoker.Pipeline = ClientPipeline.From(options);
+    }
+
+    /// <summary>The shared-memory connection (null on another transport: see <see cref="UsesSharedMemory"/>).</summary>
     internal RpcConnection Transport { get; }
+
+    /// <summary>True when calls go through shared memory; false over gRPC (a server on another host, or the switch to shared memory was off or not possible).</summary>
+    public bool UsesSharedMemory => _remote is null;
 
     /// <summary>What the generated proxies of this connection call.</summary>
     internal CallInvoker Invoker { get; }
 
     /// <summary>The server process's id.</summary>
-    public int PeerProcessId => Transport.Peer.ProcessId;
+    public int PeerProcessId => _remote?.PeerProcessId ?? Transport.Peer.ProcessId;
 
     /// <summary>The server process's user id.</summary>
-    public uint PeerUserId => Transport.Peer.UserId;
+    public uint PeerUserId => _remote?.PeerUserId ?? Transport.Peer.UserId;
 
     /// <summary>False once the server died, broke the protocol, or the connection was disposed.</summary>
-    public bool IsConnected => !Transport.IsClosed;
+    public bool IsConnected => _remote is null ? !Transport.IsClosed : !_remote.IsClosed;
 
     /// <summary>
-    /// Connects to the server at <paramref name="endpoint"/> (an endpoint name, or a socket path with a '/').
+    /// Connects to the server at <paramref name="endpoint"/>: an endpoint name, or a socket path with a '/'
+    /// (shared memory); or an <c>http://host:port</c> or <c>https://</c> address (gRPC, which needs the
+    /// OffloadRpc.Grpc package; a server on this host that also listens on shared memory is reached
+    /// through shared memory instead, unless <see cref="OffloadRpcOptions.PreferSharedMemory"/> is false).
     /// Every service contract compiled into this process is compared with the server's: a service the
     /// two sides define differently fails here with <see cref="ContractMismatchException"/>.
     /// </summary>
     public static async Task<OffloadRpcConnection> ConnectAsync(string endpoint, OffloadRpcOptions? options = null, CancellationToken cancellationToken = default)
     {
         options ??= new OffloadRpcOptions();
+        ArgumentException.ThrowIfNullOrWhiteSpace(endpoint);
+        if (RemoteTransports.IsNetworkAddress(endpoint))
+        {
+            return await RemoteTransports.ConnectAsync(endpoint, options, cancellationToken).ConfigureAwait(false);
+        }
+
         TransportOptions transportOptions = options.ToTransportOptions();
         RpcConnection transport = await Handshake.ConnectAsync(endpoint, transportOptions, ServiceRegistry.Contracts(), null, cancellationToken).ConfigureAwait(false);
         Diagnostics.Log.Connected(transportOptions.Logger, endpoint, transport.Peer.ProcessId);
@@ -59,7 +83,8 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
 
         ServiceDescriptor<T> descriptor = ServiceRegistry.Find<T>()
             ?? throw new InvalidOperationException($"{typeof(T).FullName} has no generated proxy: mark it [OffloadService] and reference the OffloadRpc generator.");
-        if (!Transport.PeerContracts.TryGetValue(descriptor.Name, out ulong served))
+        IReadOnlyDictionary<string, ulong> peerContracts = _remote?.PeerContracts ?? Transport.PeerContracts;
+        if (!peerContracts.TryGetValue(descriptor.Name, out ulong served))
         {
             throw new ContractMismatchException($"The server (process {PeerProcessId}) does not serve {descriptor.Name}.") { ServiceName = descriptor.Name };
         }
@@ -78,16 +103,20 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     /// </summary>
     /// <remarks>When the arena is full this waits for the server to give memory back, up to <see cref="OffloadRpcOptions.ArenaWaitTimeout"/>.</remarks>
     /// <exception cref="ArenaExhaustedException">The arena stayed full past its timeout, or <paramref name="bytes"/> can never fit.</exception>
-    public SharedBuffer Rent(int bytes) => Transport.Rent(bytes, CancellationToken.None);
+    /// <remarks>Over gRPC the lease is ordinary memory of this process: its bytes are copied into the request.</remarks>
+    public SharedBuffer Rent(int bytes) => Rent(bytes, CancellationToken.None);
 
     /// <summary>
     /// Rents exactly <paramref name="bytes"/> of this connection's shared memory, as <see cref="Rent(int)"/>,
     /// giving up with <see cref="OperationCanceledException"/> when <paramref name="cancellationToken"/>
     /// fires while the arena is full.
     /// </summary>
-    public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => Transport.Rent(bytes, cancellationToken);
+    public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) =>
+        _remote is null ? Transport.Rent(bytes, cancellationToken) : LocalLeases.Instance.Rent(bytes);
 
-    public ValueTask DisposeAsync() => Transport.DisposeAsync();
+    public ValueTask DisposeAsync() => _remote?.DisposeAsync() ?? Transport.DisposeAsync();
 
-    public override string ToString() => $"OffloadRpcConnection(server pid {PeerProcessId}, {(IsConnected ? "connected" : "closed")})";
+    public override string ToString() => _remote is null
+        ? $"OffloadRpcConnection(server pid {PeerProcessId}, {(IsConnected ? "connected" : "closed")})"
+        : $"OffloadRpcConnection({_remote.Description}, {(IsConnected ? "connected" : "closed")})";
 }

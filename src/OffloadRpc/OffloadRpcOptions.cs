@@ -52,6 +52,16 @@ public sealed class OffloadRpcOptions
     public bool DispatchToThreadPool { get; set; }
 
     /// <summary>
+    /// Client, given an <c>http://</c> or <c>https://</c> address: when the server runs on this host (the
+    /// same boot id) as this user (or a user in <see cref="AllowedUserIds"/>) and also listens on shared
+    /// memory, connect through shared memory instead of gRPC. Default true; false keeps every call on gRPC.
+    /// </summary>
+    public bool PreferSharedMemory { get; set; } = true;
+
+    /// <summary>Settings of other transports (the gRPC channel's), keyed by the assembly that owns them.</summary>
+    internal Dictionary<object, object> TransportSettings { get; } = [];
+
+    /// <summary>
     /// The most shared memory (all its segments together) one peer may have this process map: a peer
     /// that hands over more is disconnected with <see cref="ProtocolViolationException"/>. Default 8 GiB.
     /// </summary>

@@ -26,6 +26,11 @@ public sealed class OffloadRpcServer : IAsyncDisposable
         _dispatcher = new ServiceDispatcher(_options.CreateSerializerOptions());
     }
 
+    /// <summary>Routes calls of every transport (shared memory, gRPC) to the registered stubs.</summary>
+    internal ServiceDispatcher Dispatcher => _dispatcher;
+
+    internal OffloadRpcOptions Options => _options;
+
     /// <summary>The socket path clients connect to (known once started).</summary>
     public string? SocketPath => _listener?.SocketPath;
 

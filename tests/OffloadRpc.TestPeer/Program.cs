@@ -17,6 +17,7 @@ using OffloadRpc.Transport;
 //   pingpong-server <file> / (see Benchmarks)         raw spin ping-pong partner
 //   probe-server <endpoint> [--traces]                serves ICallProbe with a server interceptor (and span/metric listeners)
 //   hosted-server <endpoint> [--singleton] [--shutdown-ms N]   ICallProbe in a Generic Host (DI per call, interceptor, health)
+//   grpc-server <endpoint>                            typed services and ICallProbe over shared memory and gRPC (127.0.0.1, port 0); prints READY <socket> <http address>
 //   probe-call <endpoint>                             one ICallProbe call; prints OK or FAILED <type>: <message>
 return await PeerProgram.RunAsync(args);
 
@@ -42,6 +43,7 @@ internal static class PeerProgram
                 "probe-server" => await ProbeServer.RunAsync(endpoint, args),
                 "probe-call" => await ProbeServer.CallAsync(endpoint, args),
                 "hosted-server" => await HostedProbeServer.RunAsync(endpoint, args),
+                "grpc-server" => await GrpcServer.RunAsync(endpoint, args),
                 "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
                 "client" => await ClientAsync(endpoint, options, contracts),
                 "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),

@@ -14,6 +14,9 @@ internal sealed class ServerRegistration(string endpoint)
 
     /// <summary>Makes one interceptor from the call's scope.</summary>
     public List<Func<IServiceProvider, ServerInterceptor>> Interceptors { get; } = [];
+
+    /// <summary>The generated descriptors of the services added (what other transports, such as gRPC, bind).</summary>
+    public List<OffloadRpc.Internal.ServiceDescriptor> Descriptors { get; } = [];
 }
 
 /// <summary>Everything registered for the client of one endpoint.</summary>

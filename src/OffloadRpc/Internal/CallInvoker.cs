@@ -223,11 +223,22 @@ public abstract class CallInvoker
         {
             throw new DeadlineExceededException($"{method.FullName} did not complete before its deadline ({deadline:O}).", ex) { Deadline = deadline!.Value, Method = method.FullName };
         }
+        catch (RemoteInvocationException ex) when (deadline is { } due && IsCancellation(ex) && !context.CancellationToken.IsCancellationRequested && DateTime.UtcNow >= due - DeadlineSlack)
+        {
+            // The server's token fired at the deadline and its answer beat the caller's own timer: the same outcome.
+            throw new DeadlineExceededException($"{method.FullName} did not complete before its deadline ({deadline:O}).", ex) { Deadline = due, Method = method.FullName };
+        }
         finally
         {
             deadlineSource?.Dispose();
         }
     }
+
+    /// <summary>How much earlier than the caller's clock a server's timer may fire (timer granularity, a loaded machine).</summary>
+    private static readonly TimeSpan DeadlineSlack = TimeSpan.FromMilliseconds(100);
+
+    private static bool IsCancellation(RemoteInvocationException ex) =>
+        ex.RemoteExceptionType is "System.OperationCanceledException" or "System.Threading.Tasks.TaskCanceledException";
 
     /// <summary>Sends a request whose body starts with a metadata block.</summary>
     private ValueTask<RpcReply> Send(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)

@@ -1,0 +1,408 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using global::Grpc.Core;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc.Grpc.Internal;
+
+/// <summary>What a gRPC message of this transport is.</summary>
+internal enum FrameKind : byte
+{
+    /// <summary>Starts a message (request, reply or stream item): body, payload lengths, then payload bytes that fit.</summary>
+    Head = 0,
+
+    /// <summary>The next bytes of the current message's payloads, in order.</summary>
+    Data = 1,
+}
+
+/// <summary>
+/// One gRPC message: a kind byte, then the head or a chunk of payload bytes. A request, a reply and a
+/// stream item are each one head frame followed by as many data frames as their payloads need, none
+/// larger than <see cref="Frame.ChunkBytes"/>; so no message nears gRPC's 4 MB default limit.
+/// Head: [u32 body length][body][u16 payload count][i64 length per payload][payload bytes that fit].
+/// </summary>
+internal sealed class Frame
+{
+    /// <summary>The most payload bytes one frame carries.</summary>
+    public const int ChunkBytes = 1 << 20;
+
+    /// <summary>Payloads this small together ride in the head frame.</summary>
+    public const int InlineBytes = 64 << 10;
+
+    public const int MaxPayloads = ushort.MaxValue;
+
+    /// <summary>The largest frame: a head with a body at the options' largest (16 MiB by default) and its payload lengths.</summary>
+    public const int MaxFrameBytes = 64 << 20;
+
+    private byte[]? _rented;
+
+    public Frame(FrameKind kind, ReadOnlyMemory<byte> first, ReadOnlyMemory<byte> second = default, byte[]? rented = null)
+    {
+        Kind = kind;
+        First = first;
+        Second = second;
+        _rented = rented;
+    }
+
+    public FrameKind Kind { get; }
+
+    /// <summary>The frame's bytes after the kind byte: <see cref="First"/> then <see cref="Second"/>.</summary>
+    public ReadOnlyMemory<byte> First { get; }
+
+    public ReadOnlyMemory<byte> Second { get; }
+
+    public int Length => 1 + First.Length + Second.Length;
+
+    /// <summary>Gives a received frame's pooled buffer back (idempotent).</summary>
+    public void Release()
+    {
+        if (Interlocked.Exchange(ref _rented, null) is { } rented)
+        {
+            ArrayPool<byte>.Shared.Return(rented);
+        }
+    }
+
+    /// <summary>
+    /// Serializes into gRPC's own buffer (no intermediate array), deserializes into a pooled buffer: the
+    /// bytes are copied once each way besides the copy into or out of the caller's memory.
+    /// </summary>
+    public static readonly Marshaller<Frame> Marshaller = new(Serialize, Deserialize);
+
+    private static void Serialize(Frame frame, SerializationContext context)
+    {
+        context.SetPayloadLength(frame.Length);
+        IBufferWriter<byte> writer = context.GetBufferWriter();
+        Span<byte> kind = writer.GetSpan(1);
+        kind[0] = (byte)frame.Kind;
+        writer.Advance(1);
+        Write(writer, frame.First.Span);
+        Write(writer, frame.Second.Span);
+        context.Complete();
+    }
+
+    private static void Write(IBufferWriter<byte> writer, ReadOnlySpan<byte> bytes)
+    {
+        while (!bytes.IsEmpty)
+        {
+            Span<byte> span = writer.GetSpan(Math.Min(bytes.Length, 64 << 10));
+            int n = Math.Min(span.Length, bytes.Length);
+            bytes[..n].CopyTo(span);
+            writer.Advance(n);
+            bytes = bytes[n..];
+        }
+    }
+
+    private static Frame Deserialize(DeserializationContext context)
+    {
+        ReadOnlySequence<byte> sequence = context.PayloadAsReadOnlySequence();
+        if (sequence.Length < 1 || sequence.Length > MaxFrameBytes)
+        {
+            throw new ProtocolViolationException($"A gRPC frame of {sequence.Length} bytes (at most {MaxFrameBytes}).");
+        }
+
+        int length = (int)sequence.Length;
+        byte[] rented = ArrayPool<byte>.Shared.Rent(length);
+        sequence.CopyTo(rented);
+        byte kind = rented[0];
+        if (kind > (byte)FrameKind.Data)
+        {
+            ArrayPool<byte>.Shared.Return(rented);
+            throw new ProtocolViolationException($"A gRPC frame of unknown kind {kind}.");
+        }
+
+        return new Frame((FrameKind)kind, rented.AsMemory(1, length - 1), default, rented);
+    }
+}
+
+/// <summary>
+/// A request, reply or stream item on its way out: its body and payloads copied (or, for leases,
+/// taken over) when it is made, so the builder it came from is free at once; then written as frames.
+/// </summary>
+internal sealed class OutgoingMessage : IDisposable
+{
+    private readonly byte[] _head;
+    private readonly int _headLength;
+    private readonly Source[] _payloads;
+    private readonly bool _inline;
+
+    private readonly record struct Source(ReadOnlyMemory<byte> Data, SharedBuffer? Lease, byte[]? Rented);
+
+    private OutgoingMessage(byte[] head, int headLength, Source[] payloads, bool inline)
+    {
+        _head = head;
+        _headLength = headLength;
+        _payloads = payloads;
+        _inline = inline;
+    }
+
+    public static readonly OutgoingMessage EmptyReply = Create(default, default);
+
+    /// <summary>True when the whole message is its head frame.</summary>
+    public bool IsSingleFrame => _inline || _payloads.Length == 0;
+
+    /// <summary>Copies the body and the payloads' bytes; leases are taken over (disposed with the message).</summary>
+    public static OutgoingMessage Create(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads)
+    {
+        if (payloads.Length > Frame.MaxPayloads)
+        {
+            throw new ArgumentException($"A message carries at most {Frame.MaxPayloads} buffers.");
+        }
+
+        long total = 0;
+        foreach (OutboundPayload payload in payloads)
+        {
+            total += payload.Length;
+        }
+
+        bool inline = total <= Frame.InlineBytes;
+        int headLength = 4 + body.Length + 2 + (8 * payloads.Length) + (inline ? (int)total : 0);
+        byte[] head = ArrayPool<byte>.Shared.Rent(headLength);
+        var sources = payloads.Length == 0 ? [] : new Source[payloads.Length];
+        int position = 0;
+        try
+        {
+            BinaryPrimitives.WriteUInt32LittleEndian(head, (uint)body.Length);
+            body.CopyTo(head.AsSpan(4));
+            position = 4 + body.Length;
+            BinaryPrimitives.WriteUInt16LittleEndian(head.AsSpan(position), (ushort)payloads.Length);
+            position += 2;
+            foreach (OutboundPayload payload in payloads)
+            {
+                BinaryPrimitives.WriteInt64LittleEndian(head.AsSpan(position), payload.Length);
+                position += 8;
+            }
+
+            for (int i = 0; i < payloads.Length; i++)
+            {
+                OutboundPayload payload = payloads[i];
+                if (inline)
+                {
+                    ReadOnlySpan<byte> bytes = payload.Lease is { } lease ? lease.Span : payload.Data.Span;
+                    bytes.CopyTo(head.AsSpan(position));
+                    position += bytes.Length;
+                    payload.Lease?.Dispose(); // its bytes are in the head: the lease goes back now
+                }
+                else if (payload.Lease is { } lease)
+                {
+                    sources[i] = new Source(default, lease, null); // read while the frames go out
+                }
+                else
+                {
+                    byte[] copy = ArrayPool<byte>.Shared.Rent(payload.Data.Length);
+                    payload.Data.Span.CopyTo(copy);
+                    sources[i] = new Source(copy.AsMemory(0, payload.Data.Length), null, copy);
+                }
+            }
+        }
+        catch
+        {
+            ArrayPool<byte>.Shared.Return(head);
+            foreach (Source source in sources)
+            {
+                if (source.Rented is { } rented)
+                {
+                    ArrayPool<byte>.Shared.Return(rented);
+                }
+            }
+
+            throw;
+        }
+
+        return new OutgoingMessage(head, headLength, inline ? [] : sources, inline);
+    }
+
+    /// <summary>The message as frames: the head, then each payload in chunks.</summary>
+    public IEnumerable<Frame> Frames()
+    {
+        yield return new Frame(FrameKind.Head, _head.AsMemory(0, _headLength));
+        foreach (Source source in _payloads)
+        {
+            ReadOnlyMemory<byte> bytes = source.Lease is { } lease ? lease.Memory : source.Data;
+            for (int offset = 0; offset < bytes.Length; offset += Frame.ChunkBytes)
+            {
+                yield return new Frame(FrameKind.Data, bytes.Slice(offset, Math.Min(Frame.ChunkBytes, bytes.Length - offset)));
+            }
+        }
+    }
+
+    public Frame Head => new(FrameKind.Head, _head.AsMemory(0, _headLength));
+
+    public void Dispose()
+    {
+        if (ReferenceEquals(this, EmptyReply))
+        {
+            return;
+        }
+
+        ArrayPool<byte>.Shared.Return(_head);
+        foreach (Source source in _payloads)
+        {
+            source.Lease?.Dispose();
+            if (source.Rented is { } rented)
+            {
+                ArrayPool<byte>.Shared.Return(rented);
+            }
+        }
+    }
+}
+
+/// <summary>
+/// Puts a message back together from its frames: the body, and each payload in a lease of ordinary
+/// (process-local) memory. Every length is checked against the limits before anything is allocated.
+/// </summary>
+internal sealed class MessageAssembler : IDisposable
+{
+    private readonly int _maxBodyBytes;
+    private Frame? _head;
+    private SharedBuffer?[] _payloads = [];
+    private int _current;
+    private long _filled;
+
+    public MessageAssembler(int maxBodyBytes) => _maxBodyBytes = maxBodyBytes;
+
+    public bool IsComplete { get; private set; }
+
+    public ReadOnlyMemory<byte> Body { get; private set; }
+
+    public int PayloadCount => _payloads.Length;
+
+    /// <summary>Takes frame <paramref name="frame"/> (and its buffer); true once the message is whole.</summary>
+    public bool Accept(Frame frame)
+    {
+        if (IsComplete)
+        {
+            frame.Release();
+            throw new ProtocolViolationException("A frame after the end of a message.");
+        }
+
+        if (_head is null)
+        {
+            if (frame.Kind != FrameKind.Head)
+            {
+                frame.Release();
+                throw new ProtocolViolationException("A message that does not start with its head.");
+            }
+
+            _head = frame;
+            ReadOnlySpan<byte> head = frame.First.Span;
+            if (head.Length < 6)
+            {
+                throw new ProtocolViolationException($"A message head of {head.Length} bytes.");
+            }
+
+            uint bodyLength = BinaryPrimitives.ReadUInt32LittleEndian(head);
+            if (bodyLength > (uint)_maxBodyBytes || bodyLength > head.Length - 6)
+            {
+                throw new ProtocolViolationException($"A message body of {bodyLength} bytes in a head of {head.Length} (at most {_maxBodyBytes}).");
+            }
+
+            Body = frame.First.Slice(4, (int)bodyLength);
+            int position = 4 + (int)bodyLength;
+            int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
+            position += 2;
+            if (head.Length - position < 8L * count)
+            {
+                throw new ProtocolViolationException($"A message head names {count} payloads but is {head.Length} bytes.");
+            }
+
+            _payloads = count == 0 ? [] : new SharedBuffer?[count];
+            for (int i = 0; i < count; i++)
+            {
+                long length = BinaryPrimitives.ReadInt64LittleEndian(head[position..]);
+                position += 8;
+                if (length < 0 || length > TransportProtocol.MaxPayloadLength)
+                {
+                    throw new ProtocolViolationException($"A payload of {length} bytes (at most {TransportProtocol.MaxPayloadLength}).");
+                }
+
+                _payloads[i] = LocalLeases.Instance.Rent((int)length);
+            }
+
+            Fill(frame.First.Span[position..]);
+        }
+        else
+        {
+            try
+            {
+                if (frame.Kind != FrameKind.Data)
+                {
+                    throw new ProtocolViolationException("A message head before the previous message ended.");
+                }
+
+                Fill(frame.First.Span);
+            }
+            finally
+            {
+                frame.Release();
+            }
+        }
+
+        SkipFull();
+        IsComplete = _current == _payloads.Length;
+        return IsComplete;
+    }
+
+    private void Fill(ReadOnlySpan<byte> bytes)
+    {
+        while (!bytes.IsEmpty)
+        {
+            SkipFull();
+            if (_current == _payloads.Length)
+            {
+                throw new ProtocolViolationException("More payload bytes than the message head announced.");
+            }
+
+            SharedBuffer lease = _payloads[_current]!;
+            int n = (int)Math.Min(bytes.Length, lease.Length - _filled);
+            bytes[..n].CopyTo(lease.Span[(int)_filled..]);
+            _filled += n;
+            bytes = bytes[n..];
+        }
+    }
+
+    private void SkipFull()
+    {
+        while (_current < _payloads.Length && _filled == _payloads[_current]!.Length)
+        {
+            _current++;
+            _filled = 0;
+        }
+    }
+
+    /// <summary>Payload <paramref name="index"/>, now the caller's; null when taken already.</summary>
+    public SharedBuffer? Take(int index)
+    {
+        SharedBuffer? lease = _payloads[index];
+        _payloads[index] = null;
+        return lease;
+    }
+
+    public bool IsTaken(int index) => _payloads[index] is null;
+
+    public long PayloadBytes
+    {
+        get
+        {
+            long total = 0;
+            foreach (SharedBuffer? lease in _payloads)
+            {
+                total += lease?.Length ?? 0;
+            }
+
+            return total;
+        }
+    }
+
+    /// <summary>The head's buffer and every payload not taken go back.</summary>
+    public void Dispose()
+    {
+        _head?.Release();
+        _head = null;
+        Body = default;
+        for (int i = 0; i < _payloads.Length; i++)
+        {
+            _payloads[i]?.Dispose();
+            _payloads[i] = null;
+        }
+    }
+}

@@ -1,0 +1,174 @@
+using System.Text;
+using global::Grpc.AspNetCore.Server.Model;
+using global::Grpc.Core;
+using Microsoft.Extensions.DependencyInjection;
+using OffloadRpc.Hosting.Internal;
+using OffloadRpc.Internal;
+
+namespace OffloadRpc.Grpc.Internal;
+
+/// <summary>The gRPC service every OffloadRpc method is bound to (its instance is never used: the methods route to the dispatcher).</summary>
+internal sealed class OffloadRpcGrpcService
+{
+}
+
+/// <summary>
+/// Binds, without a .proto, every method of every service registered with
+/// AddOffloadRpcServer(...).AddService&lt;...&gt;() as <c>/{Namespace.Interface}/{Method}</c>, plus the
+/// well-known Describe method; each call is served by the dispatcher of that endpoint's hosted server,
+/// with its interceptors, DI scope per call, metrics and traces.
+/// </summary>
+internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMethodProvider<OffloadRpcGrpcService>
+{
+    public void OnServiceMethodDiscovery(ServiceMethodProviderContext<OffloadRpcGrpcService> context)
+    {
+        ServerRegistration[] registrations = [.. services.GetServices<ServerRegistration>()];
+        HostedServers hosted = services.GetRequiredService<HostedServers>();
+        context.AddUnaryMethod(GrpcWire.Describe, [], (_, request, call) =>
+        {
+            request.Release();
+            return Task.FromResult(new Frame(FrameKind.Head, Describe(registrations, hosted).Encode()));
+        });
+
+        var bound = new HashSet<string>();
+        foreach (ServerRegistration registration in registrations)
+        {
+            foreach (OffloadRpc.Internal.ServiceDescriptor descriptor in registration.Descriptors)
+            {
+                foreach (MethodDescriptor method in descriptor.Methods)
+                {
+                    if (!bound.Add(method.FullName))
+                    {
+                        throw new InvalidOperationException($"{method.FullName} is bound twice: over gRPC a method is named by its service and name, so overloads and a service on two endpoints cannot both be served.");
+                    }
+
+                    var route = new MethodRoute(hosted.For(registration), method);
+                    context.AddDuplexStreamingMethod(GrpcWire.Method(method.ServiceName, method.Name), [], (_, requests, responses, call) => route.ServeAsync(requests, responses, call));
+                }
+            }
+        }
+    }
+
+    private static ServerDescription Describe(ServerRegistration[] registrations, HostedServers hosted)
+    {
+        var contracts = new Dictionary<string, ulong>();
+        string? socket = null;
+        int listening = 0;
+        foreach (ServerRegistration registration in registrations)
+        {
+            foreach (OffloadRpc.Internal.ServiceDescriptor descriptor in registration.Descriptors)
+            {
+                contracts[descriptor.Name] = descriptor.ContractHash;
+            }
+
+            if (hosted.For(registration).Server is { IsListening: true, SocketPath: { } path })
+            {
+                socket = path;
+                listening++;
+            }
+        }
+
+        return new ServerDescription
+        {
+            BootId = ServerDescription.ThisBootId,
+            UserId = Interop.LinuxNative.GetEuid(),
+            ProcessId = Environment.ProcessId,
+            SocketPath = listening == 1 && registrations.Length == 1 ? socket : null, // one endpoint serves them all, or no switch
+            Contracts = contracts,
+        };
+    }
+}
+
+/// <summary>One bound method: reads the request's frames, dispatches, writes the reply's frames or ends with the fault.</summary>
+internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
+{
+    private const int MaxTrailerChars = 4096;
+
+    public async Task ServeAsync(IAsyncStreamReader<Frame> requests, IServerStreamWriter<Frame> responses, ServerCallContext context)
+    {
+        OffloadRpcServer host = server.Server ?? throw new RpcException(new Status(StatusCode.Unavailable, $"The OffloadRpc server of {server.Endpoint} is not started."));
+        ServiceDispatcher dispatcher = host.Dispatcher;
+        var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
+        try
+        {
+            while (!assembler.IsComplete && await requests.MoveNext(context.CancellationToken).ConfigureAwait(false))
+            {
+                assembler.Accept(requests.Current);
+            }
+        }
+        catch (ProtocolViolationException violation)
+        {
+            assembler.Dispose();
+            throw Violation(violation);
+        }
+        catch
+        {
+            assembler.Dispose();
+            throw;
+        }
+
+        if (!assembler.IsComplete)
+        {
+            assembler.Dispose();
+            throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
+        }
+
+        using var call = new GrpcInboundCall(method.Id, assembler, context);
+        try
+        {
+            await dispatcher.DispatchAsync(call).ConfigureAwait(false);
+        }
+        catch (Exception ex) when (call.Violation is not null || ex is ProtocolViolationException)
+        {
+            throw Violation(call.Violation ?? (ProtocolViolationException)ex);
+        }
+        catch (OperationCanceledException) when (call.CancellationToken.IsCancellationRequested && !context.CancellationToken.IsCancellationRequested)
+        {
+            throw new RpcException(new Status(StatusCode.DeadlineExceeded, $"{method.FullName} passed its deadline."));
+        }
+        catch (OperationCanceledException) when (context.CancellationToken.IsCancellationRequested)
+        {
+            throw new RpcException(new Status(StatusCode.Cancelled, "The caller cancelled the call."));
+        }
+        catch (Exception ex)
+        {
+            throw Fault(ex);
+        }
+
+        using OutgoingMessage reply = call.TakeReply();
+        foreach (Frame frame in reply.Frames())
+        {
+            await responses.WriteAsync(frame, context.CancellationToken).ConfigureAwait(false);
+        }
+    }
+
+    private static RpcException Violation(ProtocolViolationException violation) =>
+        new(new Status(StatusCode.Internal, violation.Message), new Metadata { { GrpcWire.ViolationTrailer, Ascii(violation.Message) } });
+
+    /// <summary>The implementation's exception as status Unknown, its type and stack in trailers (as the shared-memory fault carries them).</summary>
+    internal static RpcException Fault(Exception ex)
+    {
+        var trailers = new Metadata
+        {
+            { GrpcWire.FaultTypeTrailer, Ascii(ex.GetType().FullName ?? ex.GetType().Name) },
+        };
+        if (ex.StackTrace is { Length: > 0 } stack)
+        {
+            trailers.Add(GrpcWire.FaultStackTrailer, Ascii(stack));
+        }
+
+        return new RpcException(new Status(StatusCode.Unknown, ex.Message.Length > MaxTrailerChars ? ex.Message[..MaxTrailerChars] : ex.Message), trailers);
+    }
+
+    /// <summary>Trailer values are printable ASCII: others become '?', long ones are cut.</summary>
+    private static string Ascii(string value)
+    {
+        var text = new StringBuilder(Math.Min(value.Length, MaxTrailerChars));
+        foreach (char c in value.AsSpan(0, Math.Min(value.Length, MaxTrailerChars)))
+        {
+            text.Append(c is >= ' ' and <= '~' ? c : c is '\n' ? '|' : '?');
+        }
+
+        return text.ToString();
+    }
+}

@@ -1,0 +1,133 @@
+using System.Runtime.CompilerServices;
+using global::Grpc.Core;
+using global::Grpc.Net.Client;
+using OffloadRpc.Internal;
+
+namespace OffloadRpc.Grpc.Internal;
+
+/// <summary>The client side of the gRPC transport: registered with the core assembly when this assembly loads.</summary>
+internal static class GrpcTransport
+{
+    internal static readonly object SettingsKey = new();
+
+#pragma warning disable CA2255 // a library's module initializer: it only registers the transport with the core assembly
+    [ModuleInitializer]
+    internal static void Register() => RemoteTransports.RegisterGrpc(ConnectAsync);
+#pragma warning restore CA2255
+
+    /// <summary>
+    /// Opens a channel to <paramref name="address"/> and asks the server who it is. When it runs on this
+    /// host as this user (or an allowed one), listens on shared memory too, and the options prefer it, the
+    /// connection is a shared-memory one; if that fails (another mount namespace, say) it stays on gRPC.
+    /// </summary>
+    public static async Task<OffloadRpcConnection> ConnectAsync(string address, OffloadRpcOptions options, CancellationToken cancellationToken)
+    {
+        var channelOptions = new GrpcChannelOptions
+        {
+            MaxReceiveMessageSize = Frame.MaxFrameBytes,
+            MaxSendMessageSize = Frame.MaxFrameBytes,
+            LoggerFactory = options.LoggerFactory,
+        };
+        if (options.TransportSettings.TryGetValue(SettingsKey, out object? configure))
+        {
+            ((Action<GrpcChannelOptions>)configure)(channelOptions);
+        }
+
+        GrpcChannel channel = GrpcChannel.ForAddress(address, channelOptions);
+        ServerDescription description;
+        try
+        {
+            using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            timeout.CancelAfter(options.HandshakeTimeout);
+            Frame answer = await channel.CreateCallInvoker()
+                .AsyncUnaryCall(GrpcWire.Describe, null, new CallOptions(cancellationToken: timeout.Token), new Frame(FrameKind.Head, default))
+                .ResponseAsync.ConfigureAwait(false);
+            try
+            {
+                description = ServerDescription.Decode(answer.First);
+            }
+            finally
+            {
+                answer.Release();
+            }
+        }
+        catch (RpcException ex) when (!cancellationToken.IsCancellationRequested)
+        {
+            channel.Dispose();
+            throw ex.StatusCode == StatusCode.Unimplemented
+                ? new ContractMismatchException($"{address} is a gRPC server but does not serve OffloadRpc (no {GrpcWire.Describe.FullName}).", ex)
+                : new PeerDisconnectedException($"Cannot reach the OffloadRpc gRPC server at {address}: {ex.Status.Detail}", ex);
+        }
+        catch
+        {
+            channel.Dispose();
+            throw;
+        }
+
+        if (options.PreferSharedMemory && IsLocal(description, options) && description.SocketPath is { } socket)
+        {
+            try
+            {
+                OffloadRpcConnection local = await OffloadRpcConnection.ConnectAsync(socket, options, cancellationToken).ConfigureAwait(false);
+                channel.Dispose();
+                return local;
+            }
+            catch (Exception ex) when (ex is OffloadRpcException or IOException or System.Net.Sockets.SocketException or UnauthorizedAccessException or TimeoutException)
+            {
+                // Same host by its boot id, but the socket is not reachable from here: stay on gRPC.
+            }
+        }
+
+        var remote = new GrpcRemoteConnection(address, channel, description, options);
+        return new OffloadRpcConnection(remote, options);
+    }
+
+    /// <summary>The same host (boot id) and the same user, or one the options allow.</summary>
+    internal static bool IsLocal(ServerDescription server, OffloadRpcOptions options) =>
+        server.BootId.Length > 0
+        && server.BootId == ServerDescription.ThisBootId
+        && (server.UserId == Interop.LinuxNative.GetEuid() || options.AllowedUserIds.Contains(server.UserId));
+}
+
+/// <summary>A client connection over gRPC: the channel, what the server said it serves, and whether it still answers.</summary>
+internal sealed class GrpcRemoteConnection : RemoteConnection
+{
+    private readonly GrpcChannel _channel;
+    private readonly ServerDescription _server;
+    private volatile bool _disconnected;
+    private volatile bool _disposed;
+
+    public GrpcRemoteConnection(string address, GrpcChannel channel, ServerDescription server, OffloadRpcOptions options)
+    {
+        Address = address;
+        _channel = channel;
+        _server = server;
+        Invoker = new GrpcInvoker(channel.CreateCallInvoker(), this, options.CreateSerializerOptions(), options.MaxMessageBytes);
+    }
+
+    public string Address { get; }
+
+    public override OffloadRpc.Internal.CallInvoker Invoker { get; }
+
+    public override IReadOnlyDictionary<string, ulong> PeerContracts => _server.Contracts;
+
+    public override int PeerProcessId => _server.ProcessId;
+
+    public override uint PeerUserId => _server.UserId;
+
+    /// <summary>Disposed, or the last call found the server gone (a later call that reaches it again clears this).</summary>
+    public override bool IsClosed => _disposed || _disconnected;
+
+    public override string Description => "grpc " + Address;
+
+    public void MarkDisconnected() => _disconnected = true;
+
+    public void MarkAlive() => _disconnected = false;
+
+    public override ValueTask DisposeAsync()
+    {
+        _disposed = true;
+        _channel.Dispose();
+        return ValueTask.CompletedTask;
+    }
+}

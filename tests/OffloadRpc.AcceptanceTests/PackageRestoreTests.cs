@@ -1,0 +1,159 @@
+using System.Diagnostics;
+using System.IO.Compression;
+using System.Xml.Linq;
+using OffloadRpc.Tests.Infrastructure;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>
+/// What a user installs: both packages packed into a local folder feed, restored by a fresh project
+/// (PackageReference, not ProjectReference) and run as two processes. Restore uses no network: the
+/// feed plus this machine's NuGet cache as a second source, into a packages folder of the test's own.
+/// </summary>
+[Trait("Category", "Package")]
+public sealed class PackageRestoreTests
+{
+    private static readonly string Dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host && File.Exists(host) ? host : "dotnet";
+
+    [Fact]
+    public async Task Both_packages_restore_from_a_local_feed_into_a_fresh_project_that_runs_as_two_processes()
+    {
+        string repository = Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "..", "..", "..", "..", ".."));
+        string work = Directory.CreateTempSubdirectory("offloadrpc-restore-").FullName;
+        try
+        {
+            string feed = Directory.CreateDirectory(Path.Combine(work, "feed")).FullName;
+            foreach (string project in new[] { "src/OffloadRpc/OffloadRpc.csproj", "src/OffloadRpc.Hosting/OffloadRpc.Hosting.csproj" })
+            {
+                (int packed, string packLog) = await ProcessRunner.RunAsync(Dotnet, ["pack", Path.Combine(repository, project), "-c", "Release", "-o", feed, "-nologo"], TimeSpan.FromMinutes(5));
+                Assert.True(packed == 0, packLog);
+            }
+
+            foreach (string id in new[] { "OffloadRpc", "OffloadRpc.Hosting" })
+            {
+                string package = Path.Combine(feed, $"{id}.0.1.0.nupkg");
+                Assert.True(File.Exists(Path.Combine(feed, $"{id}.0.1.0.snupkg")), $"{id} has a symbols package");
+                using ZipArchive zip = ZipFile.OpenRead(package);
+                Assert.Contains(zip.Entries, e => e.FullName == "README.md");
+                using Stream nuspecStream = zip.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open();
+                XElement metadata = XDocument.Load(nuspecStream).Root!.Elements().Single(e => e.Name.LocalName == "metadata");
+                string Field(string name) => metadata.Elements().Single(e => e.Name.LocalName == name).Value;
+                Assert.Equal("0.1.0", Field("version"));
+                Assert.Equal("MIT", Field("license"));
+                Assert.Equal("README.md", Field("readme"));
+                Assert.StartsWith("https://", metadata.Elements().Single(e => e.Name.LocalName == "repository").Attribute("url")!.Value, StringComparison.Ordinal);
+            }
+
+            string app = Directory.CreateDirectory(Path.Combine(work, "app")).FullName;
+            WriteFreshProject(app, feed);
+            (int built, string buildLog) = await ProcessRunner.RunAsync(Dotnet, ["build", Path.Combine(app, "app.csproj"), "-c", "Release", "-nologo"], TimeSpan.FromMinutes(5));
+            Assert.True(built == 0, buildLog);
+            Assert.True(Directory.Exists(Path.Combine(app, "packages", "offloadrpc.hosting", "0.1.0")), "restored from the feed, not referenced as a project");
+
+            string dll = Path.Combine(app, "bin", "Release", "net10.0", "app.dll");
+            string endpoint = $"t{Environment.ProcessId}-packaged";
+            using Process server = Process.Start(new ProcessStartInfo(Dotnet, ["exec", dll, "server", endpoint]) { RedirectStandardInput = true, RedirectStandardOutput = true, UseShellExecute = false })!;
+            try
+            {
+                string? ready = await server.StandardOutput.ReadLineAsync().WaitAsync(TimeSpan.FromSeconds(60));
+                Assert.Equal("READY", ready);
+                (int called, string output) = await ProcessRunner.RunAsync(Dotnet, ["exec", dll, "client", endpoint], TimeSpan.FromMinutes(1));
+                Assert.True(called == 0, output);
+                Assert.Contains($"hello world, a packaged client, from process {server.Id}", output, StringComparison.Ordinal);
+            }
+            finally
+            {
+                server.StandardInput.Close(); // the host stops when its input closes
+                if (!server.WaitForExit(TimeSpan.FromSeconds(20)))
+                {
+                    server.Kill(entireProcessTree: true);
+                }
+            }
+        }
+        finally
+        {
+            Directory.Delete(work, recursive: true);
+        }
+    }
+
+    /// <summary>A project outside the repository: its own empty Directory.* files, a nuget.config with the feed and the machine's cache only.</summary>
+    private static void WriteFreshProject(string app, string feed)
+    {
+        foreach (string file in new[] { "Directory.Build.props", "Directory.Build.targets", "Directory.Packages.props" })
+        {
+            File.WriteAllText(Path.Combine(app, file), "<Project />");
+        }
+
+        string cache = Environment.GetEnvironmentVariable("NUGET_PACKAGES") is { Length: > 0 } configured
+            ? configured
+            : Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".nuget", "packages");
+        File.WriteAllText(Path.Combine(app, "nuget.config"), $"""
+            <?xml version="1.0" encoding="utf-8"?>
+            <configuration>
+              <packageSources>
+                <clear />
+                <add key="local-feed" value="{feed}" />
+                <add key="machine-cache" value="{cache}" />
+              </packageSources>
+            </configuration>
+            """);
+        File.WriteAllText(Path.Combine(app, "app.csproj"), $"""
+            <Project Sdk="Microsoft.NET.Sdk">
+              <PropertyGroup>
+                <OutputType>Exe</OutputType>
+                <TargetFramework>net10.0</TargetFramework>
+                <Nullable>enable</Nullable>
+                <ImplicitUsings>enable</ImplicitUsings>
+                <RestorePackagesPath>{Path.Combine(app, "packages")}</RestorePackagesPath>
+              </PropertyGroup>
+              <ItemGroup>
+                <PackageReference Include="OffloadRpc.Hosting" Version="0.1.0" />
+                <PackageReference Include="Microsoft.Extensions.Hosting" Version="10.0.15" />
+              </ItemGroup>
+            </Project>
+            """);
+        File.WriteAllText(Path.Combine(app, "Program.cs"), """
+            using Microsoft.Extensions.DependencyInjection;
+            using Microsoft.Extensions.Hosting;
+            using Microsoft.Extensions.Logging;
+            using OffloadRpc;
+
+            if (args[0] == "server")
+            {
+                HostApplicationBuilder builder = Host.CreateApplicationBuilder();
+                builder.Logging.ClearProviders();
+                builder.Services.AddOffloadRpcServer(args[1]).AddService<IGreeter, Greeter>();
+                using IHost host = builder.Build();
+                await host.StartAsync();
+                Console.WriteLine("READY");
+                await Task.Run(() => Console.In.ReadToEnd());
+                await host.StopAsync();
+                return 0;
+            }
+
+            var services = new ServiceCollection();
+            services.AddOffloadRpcClient<IGreeter>(args[1]);
+            await using ServiceProvider provider = services.BuildServiceProvider();
+            IGreeter greeter = provider.GetRequiredService<IGreeter>();
+            using (OffloadCallScope.Begin().WithHeader("from", "a packaged client"))
+            {
+                Console.WriteLine(await greeter.GreetAsync("world"));
+            }
+
+            return 0;
+
+            [OffloadService]
+            public interface IGreeter
+            {
+                ValueTask<string> GreetAsync(string name, CancellationToken ct = default);
+            }
+
+            public sealed class Greeter : IGreeter
+            {
+                public ValueTask<string> GreetAsync(string name, CancellationToken ct = default) =>
+                    ValueTask.FromResult($"hello {name}, {OffloadCallContext.Current!.RequestHeaders["from"]}, from process {Environment.ProcessId}");
+            }
+            """);
+    }
+}

@@ -1,0 +1,260 @@
+using System.Buffers.Binary;
+using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
+using OffloadRpc.Tests.Infrastructure;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>
+/// One server process (OffloadRpc.TestPeer grpc-server) that serves the typed services both ways: over
+/// shared memory and over gRPC on 127.0.0.1. Shared by the suite's two transports.
+/// </summary>
+public sealed class BothWaysServer : IAsyncLifetime
+{
+    private PeerProcess _process = null!;
+    private string _endpoint = null!;
+
+    public string SocketPath { get; private set; } = null!;
+
+    public string GrpcAddress { get; private set; } = null!;
+
+    public async Task InitializeAsync()
+    {
+        _endpoint = Endpoints.Unique("both");
+        (_process, SocketPath, GrpcAddress) = await StartAsync(_endpoint);
+    }
+
+    /// <summary>Starts a server process serving both ways; returns it with its socket path and gRPC address.</summary>
+    internal static Task<(PeerProcess Process, string SocketPath, string GrpcAddress)> StartAsync(string endpoint)
+    {
+        PeerProcess process = PeerProcess.Start(["grpc-server", endpoint]);
+        string[] ready = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ');
+        return Task.FromResult((process, ready[1], ready[2]));
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _process.DisposeAsync();
+        Endpoints.RemoveStale(_endpoint);
+    }
+}
+
+[CollectionDefinition(Name)]
+public sealed class TransportSuite : ICollectionFixture<BothWaysServer>
+{
+    public const string Name = "transport suite";
+}
+
+/// <summary>The end-to-end typed tests over shared memory.</summary>
+[Collection(TransportSuite.Name)]
+public sealed class SharedMemoryTransportTests(BothWaysServer server) : TransportTests(server)
+{
+    protected override Task<OffloadRpcConnection> ConnectAsync(OffloadRpcOptions options) => OffloadRpcConnection.ConnectAsync(Server.SocketPath, options);
+
+    protected override string AddressOf(string socketPath, string grpcAddress) => socketPath;
+
+    protected override bool ExpectSharedMemory => true;
+}
+
+/// <summary>The same tests over gRPC (the switch to shared memory off, so every call crosses HTTP/2 on 127.0.0.1).</summary>
+[Collection(TransportSuite.Name)]
+public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(server)
+{
+    protected override Task<OffloadRpcConnection> ConnectAsync(OffloadRpcOptions options)
+    {
+        options.PreferSharedMemory = false;
+        return OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+    }
+
+    protected override string AddressOf(string socketPath, string grpcAddress) => grpcAddress;
+
+    protected override bool ExpectSharedMemory => false;
+
+    [Fact]
+    public async Task A_client_on_the_servers_host_switches_to_shared_memory_unless_told_not_to()
+    {
+        await using OffloadRpcConnection local = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress);
+        Assert.True(local.UsesSharedMemory);
+        Assert.Equal(5, await local.GetService<IImageService>().AddAsync(2, 3));
+
+        await using OffloadRpcConnection remote = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, new OffloadRpcOptions { PreferSharedMemory = false });
+        Assert.False(remote.UsesSharedMemory);
+        Assert.Equal(7, await remote.GetService<IImageService>().AddAsync(3, 4));
+        Assert.Equal(local.PeerProcessId, remote.PeerProcessId);
+    }
+
+    [Fact]
+    public async Task An_address_that_serves_nothing_fails_with_PeerDisconnectedException()
+    {
+        using var listener = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        listener.Start();
+        int port = ((System.Net.IPEndPoint)listener.LocalEndpoint).Port;
+        listener.Stop(); // nothing listens there now
+        await Assert.ThrowsAsync<PeerDisconnectedException>(() => OffloadRpcConnection.ConnectAsync($"http://127.0.0.1:{port}"));
+    }
+}
+
+/// <summary>The typed tests every transport passes, against the server of the <see cref="BothWaysServer"/> fixture.</summary>
+public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
+{
+    private OffloadRpcConnection _connection = null!;
+
+    protected BothWaysServer Server { get; } = server;
+
+    protected abstract Task<OffloadRpcConnection> ConnectAsync(OffloadRpcOptions options);
+
+    protected abstract string AddressOf(string socketPath, string grpcAddress);
+
+    protected abstract bool ExpectSharedMemory { get; }
+
+    public async Task InitializeAsync()
+    {
+        _connection = await ConnectAsync(new OffloadRpcOptions());
+        Assert.Equal(ExpectSharedMemory, _connection.UsesSharedMemory);
+    }
+
+    public async Task DisposeAsync() => await _connection.DisposeAsync();
+
+    private IImageService Images => _connection.GetService<IImageService>();
+
+    private IKitchenSink Sink => _connection.GetService<IKitchenSink>();
+
+    private ICallProbe Probe => _connection.GetService<ICallProbe>();
+
+    [Fact]
+    public async Task The_design_example_and_every_parameter_kind_cross()
+    {
+        Assert.Equal(5, await Images.AddAsync(2, 3));
+        byte[] data = new byte[100_000];
+        Checksum64.Fill(data, 1);
+        Assert.Equal(data, await Images.EchoAsync(data));
+        byte[] batch = new byte[64 * 1024];
+        for (int i = 0; i < batch.Length; i++)
+        {
+            batch[i] = (byte)(i / 1024 % 2 == 0 ? 250 : 10);
+        }
+
+        Detection[] detections = await Images.DetectAsync(batch, new DetectOptions { Threshold = 0.5f, Label = "bright", Classes = [1, 2] });
+        Assert.Equal(32, detections.Length);
+
+        Assert.Equal("ab", await Sink.ConcatAsync("a", "b"));
+        Assert.Equal("a<null>", await Sink.ConcatAsync("a", null));
+        await Sink.DoNothingAsync();
+        Assert.Equal(Channel.Blue, await Sink.NextChannelAsync(Channel.Green));
+        Assert.Equal(new[] { "x", "y", "z" }, await Sink.SplitAsync("x,y,z", ','));
+        Assert.Equal(new[] { 2.0, 5.0 }, await Sink.ScaleAsync([1.0, 2.5], 2));
+        Assert.Equal(1.5 + 2.5 + 10 + 20, await Sink.SumAsync(new float[] { 1.5f, 2.5f }, new int[] { 10, 20 }));
+        using SharedBuffer third = _connection.Rent(300);
+        Assert.Equal(100 + 200 + 300 + 400, await Sink.TotalLengthAsync(new byte[100], new byte[200], third, new byte[400]));
+        Assert.Equal(new byte[] { 3, 2, 1 }, (await Sink.ReverseAsync(new byte[] { 1, 2, 3 })).ToArray());
+        Assert.Equal(new[] { -1, -2 }, await Sink.MaybeAsync([1, 2]));
+        Assert.Null(await Sink.MaybeAsync(null));
+        Assert.Equal(new[] { "a=1", "b=0" }, await Sink.WordsAsync(["a", "b"], new Dictionary<string, int> { ["a"] = 1 }));
+        Assert.Equal(3.75m, await Sink.AddDecimalAsync(1.25m, 2.5m));
+        var moment = new DateTime(2026, 11, 25, 12, 0, 0, DateTimeKind.Utc);
+        Assert.Equal(moment.AddHours(3), await Sink.ShiftAsync(moment, TimeSpan.FromHours(3)));
+        Assert.Equal((4, "abab"), await Sink.TupleAsync(2, "ab"));
+        Assert.Equal($"{Environment.ProcessId}:{Interop.LinuxNative.GetEuid()}", await Sink.WhoCalledAsync());
+    }
+
+    [Fact]
+    public async Task A_64_MiB_buffer_crosses_both_ways_intact()
+    {
+        byte[] frame = GC.AllocateUninitializedArray<byte>(64 << 20);
+        Checksum64.Fill(frame, 64);
+        ulong expected = Checksum64.Compute(frame);
+        Assert.Equal(expected, await Images.ChecksumAsync(frame));
+        byte[] echoed = await Images.EchoAsync(frame);
+        Assert.Equal(frame.Length, echoed.Length);
+        Assert.Equal(expected, Checksum64.Compute(echoed));
+    }
+
+    [Fact]
+    public async Task SharedBuffer_arguments_and_results_cross()
+    {
+        using (SharedBuffer rendered = await Images.RenderAsync(640, 480))
+        {
+            byte[] expected = new byte[640 * 480 * 3];
+            Checksum64.Fill(expected, 640 * 31 + 480);
+            Assert.Equal(Checksum64.Compute(expected), Checksum64.Compute(rendered.Span));
+        }
+
+        SharedBuffer frame = _connection.Rent(3 << 20);
+        Checksum64.Fill(frame.Span[8..], 4);
+        BinaryPrimitives.WriteUInt64LittleEndian(frame.Span, Checksum64.Compute(frame.Span[8..]));
+        await Images.ProcessAsync(frame);
+        Assert.False(frame.IsValid); // ownership moved with the call, on either transport
+
+        SharedBuffer bad = _connection.Rent(1000);
+        bad.Span.Fill(1);
+        var ex = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await Images.ProcessAsync(bad));
+        Assert.Equal(typeof(InvalidDataException).FullName, ex.RemoteExceptionType);
+        Assert.Null(await Sink.MaybeLeaseAsync(-1));
+    }
+
+    [Fact]
+    public async Task Cancellation_reaches_the_server_and_the_caller_gets_OperationCanceledException()
+    {
+        int before = await Sink.CancellationsObservedAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(200));
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => Sink.SleepAsync(60_000, cts.Token));
+        await Eventually.TrueAsync(async () => await Sink.CancellationsObservedAsync() > before, "the server's token fired");
+    }
+
+    [Fact]
+    public async Task Server_exceptions_surface_as_RemoteInvocationException()
+    {
+        var ex = await Assert.ThrowsAsync<RemoteInvocationException>(() => Sink.FailAsync("no such frame"));
+        Assert.Equal(typeof(InvalidOperationException).FullName, ex.RemoteExceptionType);
+        Assert.Equal("no such frame", ex.RemoteMessage);
+        Assert.Contains(nameof(IKitchenSink.FailAsync), ex.RemoteStackTrace);
+    }
+
+    [Fact]
+    public async Task Headers_deadlines_and_server_interceptors_apply()
+    {
+        using (OffloadCallScope.Begin().WithHeader("tenant", "acme").WithHeader("ünïcode", "välue ✓"))
+        {
+            Assert.Equal(["tenant=acme", "ünïcode=välue ✓"], await Probe.HeadersAsync());
+        }
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(300)))
+        {
+            DeadlineExceededException exceeded = await Assert.ThrowsAsync<DeadlineExceededException>(async () => await Probe.WaitForCancelAsync(60_000));
+            Assert.Equal("/OffloadRpc.TestContracts.ICallProbe/WaitForCancelAsync", exceeded.Method);
+        }
+
+        await Eventually.TrueAsync(async () => await Probe.LastOutcomeAsync() == "cancelled deadline=yes", "the server's token fired at the deadline");
+
+        using (OffloadCallScope.Begin().WithHeader("deny", "no tenant"))
+        {
+            var denied = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await Probe.PingAsync());
+            Assert.Equal(typeof(UnauthorizedAccessException).FullName, denied.RemoteExceptionType);
+        }
+    }
+
+    [Fact]
+    public async Task A_server_that_goes_away_fails_the_call_with_PeerDisconnectedException()
+    {
+        string endpoint = Endpoints.Unique("gone");
+        (PeerProcess process, string socket, string address) = await BothWaysServer.StartAsync(endpoint);
+        await using (process)
+        {
+            await using OffloadRpcConnection connection = await ConnectToAsync(AddressOf(socket, address));
+            IKitchenSink sink = connection.GetService<IKitchenSink>();
+            Assert.Equal("ok", await sink.ConcatAsync("o", "k"));
+            Task sleeping = sink.SleepAsync(60_000, CancellationToken.None);
+            await Task.Delay(200);
+            process.Kill();
+            await Assert.ThrowsAsync<PeerDisconnectedException>(() => sleeping);
+            await Assert.ThrowsAsync<PeerDisconnectedException>(() => sink.ConcatAsync("a", "b"));
+        }
+
+        Endpoints.RemoveStale(endpoint);
+    }
+
+    private Task<OffloadRpcConnection> ConnectToAsync(string address) => ExpectSharedMemory
+        ? OffloadRpcConnection.ConnectAsync(address)
+        : OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+}

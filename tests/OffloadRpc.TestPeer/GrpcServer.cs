@@ -1,0 +1,40 @@
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using OffloadRpc.TestContracts;
+
+/// <summary>
+/// The typed services and the call probe in an ASP.NET Core app that serves them both ways: over shared
+/// memory on <c>endpoint</c> (AddOffloadRpcServer) and over gRPC (h2c) on 127.0.0.1 with a port the
+/// system picks (MapOffloadRpcGrpc). Prints READY, the socket path and the gRPC address.
+/// </summary>
+internal static class GrpcServer
+{
+    public static async Task<int> RunAsync(string endpoint, string[] args)
+    {
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.ClearProviders();
+        builder.WebHost.ConfigureKestrel(kestrel => kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2));
+        builder.Services.AddScoped<ProbeDependency>();
+        builder.Services.AddOffloadRpcServer(endpoint, o => o.DispatchToThreadPool = true)
+            .AddService<IImageService, ImageService>(ServiceLifetime.Singleton)
+            .AddService<IKitchenSink, KitchenSink>(ServiceLifetime.Singleton)
+            .AddService<IFrameSource, FrameSource>(ServiceLifetime.Singleton)
+            .AddService<ICallProbe, CallProbe>()
+            .AddInterceptor<ProbeServerInterceptor>();
+        builder.Services.AddOffloadRpcGrpc();
+        await using WebApplication app = builder.Build();
+        app.MapOffloadRpcGrpc();
+        await app.StartAsync();
+        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
+        string socket = OffloadRpc.Transport.EndpointPath.Resolve(endpoint);
+        Console.WriteLine($"READY {socket} {address}");
+        await Task.Run(() => Console.In.ReadToEnd());
+        await app.StopAsync();
+        return 0;
+    }
+}
