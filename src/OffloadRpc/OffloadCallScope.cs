@@ -56,13 +56,14 @@ public sealed class OffloadCallScope : IDisposable
     public OffloadCallScope WithDeadline(TimeSpan timeout)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(timeout, TimeSpan.Zero);
-        return WithDeadline(DateTime.UtcNow + timeout);
+        DateTime now = DateTime.UtcNow;
+        return WithDeadline(timeout >= DateTime.MaxValue - now ? DateTime.MaxValue : now + timeout);
     }
 
     /// <summary>Calls in the scope must complete by <paramref name="deadlineUtc"/> (or the outer scope's deadline, if sooner).</summary>
     public OffloadCallScope WithDeadline(DateTime deadlineUtc)
     {
-        DateTime deadline = deadlineUtc.ToUniversalTime();
+        DateTime deadline = deadlineUtc.Kind == DateTimeKind.Local ? deadlineUtc.ToUniversalTime() : deadlineUtc;
         Deadline = Deadline is { } outer && outer < deadline ? outer : deadline;
         return this;
     }

@@ -87,6 +87,11 @@ public sealed class CallPipelineTests : IAsyncLifetime
         }
 
         Assert.Equal("completed", await probe.LastOutcomeAsync());
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.MaxValue))
+        {
+            Assert.Equal("completed", await probe.WaitForCancelAsync(1)); // a deadline beyond any timer's reach travels and arms none
+        }
     }
 
     [Fact]

@@ -82,7 +82,7 @@ public abstract class CallInvoker
         DateTime? deadline = scope?.Deadline;
         if (deadline is null && pipeline?.DefaultDeadline is { } timeout)
         {
-            deadline = DateTime.UtcNow + timeout;
+            deadline = timeout >= DateTime.MaxValue - DateTime.UtcNow ? DateTime.MaxValue : DateTime.UtcNow + timeout;
         }
 
         if (!IsReady)
@@ -183,9 +183,12 @@ public abstract class CallInvoker
                     throw new DeadlineExceededException($"The deadline of {method.FullName} had passed before it was sent.") { Deadline = due, Method = method.FullName };
                 }
 
-                deadlineSource = CancellationTokenSource.CreateLinkedTokenSource(token);
-                deadlineSource.CancelAfter(left);
-                token = deadlineSource.Token;
+                if (left <= CallMetadata.MaxTimerDelay)
+                {
+                    deadlineSource = CancellationTokenSource.CreateLinkedTokenSource(token);
+                    deadlineSource.CancelAfter(left);
+                    token = deadlineSource.Token;
+                }
             }
 
             if (request.HasDeferredPayloads)
@@ -212,7 +215,8 @@ public abstract class CallInvoker
             else
             {
                 var block = new ArrayBufferWriter<byte>(128);
-                CallMetadata.Encode(block, headers, deadline - DateTime.UtcNow, traceParent, traceParent is null ? null : current!.TraceStateString);
+                TimeSpan? remaining = deadline - DateTime.UtcNow;
+                CallMetadata.Encode(block, headers, remaining > CallMetadata.MaxDeadline ? CallMetadata.MaxDeadline : remaining, traceParent, traceParent is null ? null : current!.TraceStateString);
                 pending = Send(method, request, block.WrittenMemory, token);
             }
 

@@ -15,6 +15,12 @@ internal sealed class CallMetadata
     /// <summary>The most headers one call may carry; more is the peer's protocol violation.</summary>
     public const int MaxHeaders = 256;
 
+    /// <summary>A deadline further away than this is read as this far (ten years: a date any clock can add).</summary>
+    public static readonly TimeSpan MaxDeadline = TimeSpan.FromDays(3650);
+
+    /// <summary>The longest delay a token's timer takes; a deadline further away arms none (it would not fire in practice).</summary>
+    public static readonly TimeSpan MaxTimerDelay = TimeSpan.FromMilliseconds(int.MaxValue - 1);
+
     private static readonly IReadOnlyDictionary<string, string> s_noHeaders = new Dictionary<string, string>(0);
 
     public static IReadOnlyDictionary<string, string> NoHeaders => s_noHeaders;
@@ -88,7 +94,7 @@ internal sealed class CallMetadata
             if (!reader.TryReadNil())
             {
                 long micros = reader.ReadInt64();
-                deadline = TimeSpan.FromTicks(Math.Clamp(micros, 0, TimeSpan.MaxValue.Ticks / TimeSpan.TicksPerMicrosecond) * TimeSpan.TicksPerMicrosecond);
+                deadline = TimeSpan.FromTicks(Math.Clamp(micros, 0, MaxDeadline.Ticks / TimeSpan.TicksPerMicrosecond) * TimeSpan.TicksPerMicrosecond);
             }
 
             string? traceParent = reader.ReadString();
@@ -123,7 +129,7 @@ internal sealed class CallMetadata
         {
             throw;
         }
-        catch (Exception ex) when (ex is MessagePackSerializationException or EndOfStreamException or InvalidOperationException or OverflowException)
+        catch (Exception ex) when (ex is not OutOfMemoryException)
         {
             throw new ProtocolViolationException("A call's metadata block does not decode: " + ex.Message, ex);
         }

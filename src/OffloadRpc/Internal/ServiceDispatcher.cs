@@ -127,7 +127,10 @@ internal sealed class ServiceDispatcher : IRequestHandler
             if (metadata.DeadlineRemaining is { } remaining)
             {
                 serverCall.Deadline = DateTime.UtcNow + remaining;
-                call.CancelAfter(remaining);
+                if (remaining <= CallMetadata.MaxTimerDelay)
+                {
+                    call.CancelAfter(remaining);
+                }
             }
         }
 
