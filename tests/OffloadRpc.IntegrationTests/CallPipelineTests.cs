@@ -298,6 +298,8 @@ public sealed class CallPipelineTests : IAsyncLifetime
 
         await Eventually.TrueAsync(() => logs.Has("ConnectionAccepted") && logs.Has("SlowCall", "ChecksumAsync"), "an accepted connection and (threshold zero) a slow call are logged");
 
+        await Eventually.TrueAsync(() => logs.Has("PeerDisconnected"), "the client process's going away is logged");
+
         await using (PeerProcess evil = PeerProcess.Start(["evil-client", endpoint, "typed-bad-metadata"]))
         {
             Assert.Contains("PeerDisconnectedException", evil.WaitForLine("CLOSED"));
