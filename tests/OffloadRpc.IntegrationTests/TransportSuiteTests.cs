@@ -235,6 +235,87 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Streamed_results_cross_item_by_item_and_end_with_the_reply_or_the_fault()
+    {
+        IFrameSource frames = _connection.GetService<IFrameSource>();
+        int next = 0;
+        await foreach (Tick tick in frames.TicksAsync(200, "t"))
+        {
+            Assert.Equal(next, tick.Index);
+            Assert.Equal(Checksum64.Compute(BitConverter.GetBytes(next)), tick.Checksum);
+            next++;
+        }
+
+        Assert.Equal(200, next);
+        const int Size = 3 << 20; // each item larger than a gRPC frame: chunked
+        int i = 0;
+        await foreach (ReadOnlyMemory<byte> frame in frames.FramesAsync(12, Size, 100))
+        {
+            Assert.Equal(Size, frame.Length);
+            Assert.Equal(FrameChecksum(Size, 100 + i), Checksum64.Compute(frame.Span));
+            i++;
+        }
+
+        Assert.Equal(12, i);
+        i = 0;
+        await foreach (ReadOnlyMemory<int> numbers in frames.NumbersAsync(5, 5000))
+        {
+            Assert.Equal((i * 1000) + 4999, numbers.Span[4999]);
+            i++;
+        }
+
+        var leases = new List<SharedBuffer>();
+        await foreach (SharedBuffer lease in frames.RenderAsync(3, 1 << 20, 7))
+        {
+            leases.Add(lease); // ownership moved: valid after the stream
+        }
+
+        for (int j = 0; j < leases.Count; j++)
+        {
+            Assert.Equal(FrameChecksum(1 << 20, 7 + j), Checksum64.Compute(leases[j].Span));
+            leases[j].Dispose();
+        }
+
+        var seen = new List<int>();
+        var failed = await Assert.ThrowsAsync<RemoteInvocationException>(async () =>
+        {
+            await foreach (int value in frames.FailingAsync(3))
+            {
+                seen.Add(value);
+            }
+        });
+        Assert.Equal([0, 1, 2], seen);
+        Assert.Equal(typeof(InvalidOperationException).FullName, failed.RemoteExceptionType);
+    }
+
+    [Fact]
+    public async Task Leaving_a_stream_early_cancels_the_producer()
+    {
+        IFrameSource frames = _connection.GetService<IFrameSource>();
+        string tag = "early-" + Guid.NewGuid().ToString("N");
+        int taken = 0;
+        await foreach (ReadOnlyMemory<byte> frame in frames.EndlessAsync(tag, 4096))
+        {
+            Assert.Equal(FrameChecksum(4096, taken), Checksum64.Compute(frame.Span));
+            if (++taken == 5)
+            {
+                break;
+            }
+        }
+
+        await Eventually.TrueAsync(async () => (await frames.StatusAsync(tag)).Finished, "the producer finished");
+        Assert.True((await frames.StatusAsync(tag)).Cancelled, "the producer's token fired");
+        Assert.Equal(9, await Images.AddAsync(4, 5));
+    }
+
+    private static ulong FrameChecksum(int size, int seed)
+    {
+        byte[] expected = new byte[size];
+        Checksum64.Fill(expected, (ulong)seed);
+        return Checksum64.Compute(expected);
+    }
+
+    [Fact]
     public async Task A_server_that_goes_away_fails_the_call_with_PeerDisconnectedException()
     {
         string endpoint = Endpoints.Unique("gone");

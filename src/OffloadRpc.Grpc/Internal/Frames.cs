@@ -13,6 +13,9 @@ internal enum FrameKind : byte
 
     /// <summary>The next bytes of the current message's payloads, in order.</summary>
     Data = 1,
+
+    /// <summary>Starts an item of a streamed result (laid out as <see cref="Head"/>); the reply's head ends the stream.</summary>
+    ItemHead = 2,
 }
 
 /// <summary>
@@ -104,7 +107,7 @@ internal sealed class Frame
         byte[] rented = ArrayPool<byte>.Shared.Rent(length);
         sequence.CopyTo(rented);
         byte kind = rented[0];
-        if (kind > (byte)FrameKind.Data)
+        if (kind > (byte)FrameKind.ItemHead)
         {
             ArrayPool<byte>.Shared.Return(rented);
             throw new ProtocolViolationException($"A gRPC frame of unknown kind {kind}.");
@@ -212,9 +215,9 @@ internal sealed class OutgoingMessage : IDisposable
     }
 
     /// <summary>The message as frames: the head, then each payload in chunks.</summary>
-    public IEnumerable<Frame> Frames()
+    public IEnumerable<Frame> Frames(FrameKind head = FrameKind.Head)
     {
-        yield return new Frame(FrameKind.Head, _head.AsMemory(0, _headLength));
+        yield return new Frame(head, _head.AsMemory(0, _headLength));
         foreach (Source source in _payloads)
         {
             ReadOnlyMemory<byte> bytes = source.Lease is { } lease ? lease.Memory : source.Data;
@@ -262,6 +265,9 @@ internal sealed class MessageAssembler : IDisposable
 
     public bool IsComplete { get; private set; }
 
+    /// <summary>The kind of the message's head: a reply or request (<see cref="FrameKind.Head"/>) or a stream item.</summary>
+    public FrameKind HeadKind => _head?.Kind ?? FrameKind.Head;
+
     public ReadOnlyMemory<byte> Body { get; private set; }
 
     public int PayloadCount => _payloads.Length;
@@ -277,7 +283,7 @@ internal sealed class MessageAssembler : IDisposable
 
         if (_head is null)
         {
-            if (frame.Kind != FrameKind.Head)
+            if (frame.Kind == FrameKind.Data)
             {
                 frame.Release();
                 throw new ProtocolViolationException("A message that does not start with its head.");

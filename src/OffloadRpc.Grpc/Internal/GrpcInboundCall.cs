@@ -10,12 +10,19 @@ internal sealed class GrpcInboundCall : IInboundCall, IDisposable
     private readonly MessageAssembler _message;
     private readonly CancellationTokenSource _cancellation;
     private readonly byte[]? _metadata;
+    private readonly IServerStreamWriter<Frame> _responses;
+    private readonly int _window;
     private OutgoingMessage? _reply;
+    private StreamOutbox? _outbox;
+    private System.Threading.Channels.Channel<OutgoingMessage>? _items;
+    private Task? _writer;
 
-    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context)
+    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, IServerStreamWriter<Frame> responses, int window)
     {
         MethodId = methodId;
         _message = message;
+        _responses = responses;
+        _window = window;
         _cancellation = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken);
         foreach (Metadata.Entry entry in context.RequestHeaders)
         {
@@ -85,6 +92,79 @@ internal sealed class GrpcInboundCall : IInboundCall, IDisposable
     }
 
     public void AbortConnection(ProtocolViolationException violation) => Violation ??= violation;
+
+    /// <summary>
+    /// Credit for a streamed result: the window at first, one more each time an item has been written to
+    /// the gRPC stream (whose HTTP/2 flow control holds the writer back while the caller does not read).
+    /// </summary>
+    public StreamOutbox Outbox
+    {
+        get
+        {
+            if (_outbox is null)
+            {
+                _outbox = new StreamOutbox();
+                _outbox.Grant(_window);
+                _items = System.Threading.Channels.Channel.CreateUnbounded<OutgoingMessage>(new() { SingleReader = true, SingleWriter = true });
+                _writer = WriteItemsAsync(_items.Reader, _outbox);
+            }
+
+            return _outbox;
+        }
+    }
+
+    /// <summary>Copies the item (its leases are taken over) and queues it for the writer: never more than the window are queued.</summary>
+    public void SendStreamItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        _ = Outbox;
+        OutgoingMessage item = OutgoingMessage.Create(body, payloads);
+        if (!_items!.Writer.TryWrite(item))
+        {
+            item.Dispose();
+            throw new OperationCanceledException("The stream's writer has stopped.");
+        }
+    }
+
+    private async Task WriteItemsAsync(System.Threading.Channels.ChannelReader<OutgoingMessage> items, StreamOutbox credit)
+    {
+        try
+        {
+            await foreach (OutgoingMessage item in items.ReadAllAsync().ConfigureAwait(false))
+            {
+                using (item)
+                {
+                    foreach (Frame frame in item.Frames(FrameKind.ItemHead))
+                    {
+                        await _responses.WriteAsync(frame, _cancellation.Token).ConfigureAwait(false);
+                    }
+                }
+
+                credit.Grant(1);
+            }
+        }
+        catch
+        {
+            _cancellation.Cancel(); // the caller is gone or the write failed: the producer stops at its next credit wait
+            while (items.TryRead(out OutgoingMessage? left))
+            {
+                left.Dispose();
+            }
+
+            throw;
+        }
+    }
+
+    /// <summary>Waits for the items already produced to be written (before the reply or the fault, which end the stream).</summary>
+    public async Task FinishItemsAsync()
+    {
+        if (_items is null)
+        {
+            return;
+        }
+
+        _items.Writer.TryComplete();
+        await _writer!.ConfigureAwait(false);
+    }
 
     public void CancelAfter(TimeSpan delay) => _cancellation.CancelAfter(delay);
 

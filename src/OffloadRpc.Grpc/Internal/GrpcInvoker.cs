@@ -29,7 +29,24 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         _peer = new Metadata.Entry(GrpcWire.PeerHeader, $"{Environment.ProcessId}:{Interop.LinuxNative.GetEuid()}");
     }
 
-    private Method<Frame, Frame> MethodOf(MethodDescriptor method) =>
+    internal global::Grpc.Core.CallInvoker Channel => _channel;
+
+    internal GrpcRemoteConnection Connection => _connection;
+
+    internal Metadata Headers() => [_peer];
+
+    internal override IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        if (request.TakeItemStream() is not null)
+        {
+            request.Discard();
+            return FailedStream<T>(new NotSupportedException($"{method.FullName} takes a streamed argument: client streaming and duplex calls are not carried over gRPC yet (use the shared-memory transport)."));
+        }
+
+        return new GrpcServerStream<T>(this, method, request, cancellationToken);
+    }
+
+    internal Method<Frame, Frame> MethodOf(MethodDescriptor method) =>
         _methods.GetOrAdd(method.FullName, static (_, m) => GrpcWire.Method(m.ServiceName, m.Name), method);
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
@@ -37,6 +54,12 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
+        if (request.TakeItemStream() is not null)
+        {
+            request.Discard();
+            throw new NotSupportedException($"{method.FullName} takes a streamed argument: client streaming is not carried over gRPC yet (use the shared-memory transport).");
+        }
+
         OutgoingMessage message = OutgoingMessage.Create(request.WrittenBody, request.Payloads);
         byte[]? block = metadata.IsEmpty ? null : metadata.ToArray();
         return CallAsync(method, message, block, cancellationToken);
@@ -45,7 +68,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     private async ValueTask<RpcReply> CallAsync(MethodDescriptor method, OutgoingMessage message, byte[]? block, CancellationToken cancellationToken)
     {
         DateTime? deadline = null;
-        var headers = new Metadata { _peer };
+        Metadata headers = Headers();
         if (block is not null)
         {
             headers.Add(GrpcWire.MetadataHeader, block);

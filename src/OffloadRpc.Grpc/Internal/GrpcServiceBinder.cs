@@ -113,26 +113,29 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
         }
 
-        using var call = new GrpcInboundCall(method.Id, assembler, context);
+        using var call = new GrpcInboundCall(method.Id, assembler, context, responses, host.Options.StreamWindow);
+        Exception? failure = null;
         try
         {
             await dispatcher.DispatchAsync(call).ConfigureAwait(false);
         }
-        catch (Exception ex) when (call.Violation is not null || ex is ProtocolViolationException)
-        {
-            throw Violation(call.Violation ?? (ProtocolViolationException)ex);
-        }
-        catch (OperationCanceledException) when (call.CancellationToken.IsCancellationRequested && !context.CancellationToken.IsCancellationRequested)
-        {
-            throw new RpcException(new Status(StatusCode.DeadlineExceeded, $"{method.FullName} passed its deadline."));
-        }
-        catch (OperationCanceledException) when (context.CancellationToken.IsCancellationRequested)
-        {
-            throw new RpcException(new Status(StatusCode.Cancelled, "The caller cancelled the call."));
-        }
         catch (Exception ex)
         {
-            throw Fault(ex);
+            failure = ex;
+        }
+
+        try
+        {
+            await call.FinishItemsAsync().ConfigureAwait(false); // a streamed result's items go before its end
+        }
+        catch (Exception ex) when (failure is not null || context.CancellationToken.IsCancellationRequested)
+        {
+            failure ??= ex;
+        }
+
+        if (failure is not null)
+        {
+            throw Translate(failure, call, context);
         }
 
         using OutgoingMessage reply = call.TakeReply();
@@ -140,6 +143,26 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         {
             await responses.WriteAsync(frame, context.CancellationToken).ConfigureAwait(false);
         }
+    }
+
+    private RpcException Translate(Exception ex, GrpcInboundCall call, ServerCallContext context)
+    {
+        if (call.Violation is not null || ex is ProtocolViolationException)
+        {
+            return Violation(call.Violation ?? (ProtocolViolationException)ex);
+        }
+
+        if (ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested)
+        {
+            return new RpcException(new Status(StatusCode.Cancelled, "The caller cancelled the call."));
+        }
+
+        if (ex is OperationCanceledException && call.CancellationToken.IsCancellationRequested)
+        {
+            return new RpcException(new Status(StatusCode.DeadlineExceeded, $"{method.FullName} passed its deadline."));
+        }
+
+        return Fault(ex);
     }
 
     private static RpcException Violation(ProtocolViolationException violation) =>

@@ -277,8 +277,12 @@ public abstract class CallInvoker
     {
         ArgumentNullException.ThrowIfNull(method);
         ArgumentNullException.ThrowIfNull(request);
-        return new ServerStreamCall<T>(this, method, request, cancellationToken);
+        return CreateServerStream(method, request, cancellationToken);
     }
+
+    /// <summary>The enumerable of a streamed result (a transport that streams differently makes its own).</summary>
+    internal virtual IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
+        new ServerStreamCall<T>(this, method, request, cancellationToken);
 
     /// <summary>A stream whose request could not be encoded: its enumeration throws <paramref name="exception"/>.</summary>
     public static IAsyncEnumerable<T> FailedStream<T>(Exception exception)
