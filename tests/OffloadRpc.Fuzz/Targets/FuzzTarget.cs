@@ -24,6 +24,7 @@ internal abstract class FuzzTarget
         new RingTarget(),
         new StubTarget(),
         new ReplyTarget(),
+        new MetadataTarget(),
     ];
 
     public static FuzzTarget? Find(string name) => All.FirstOrDefault(t => t.Name == name);
