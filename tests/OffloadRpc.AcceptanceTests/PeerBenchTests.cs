@@ -13,7 +13,7 @@ namespace OffloadRpc.Tests;
 /// </summary>
 public sealed class PeerBenchTests
 {
-    private static readonly string[] Systems = ["grpc-uds", "streamjsonrpc-uds", "offloadrpc-auto", "offloadrpc-best", "offloadrpc-zero-copy"];
+    private static readonly string[] Systems = ["grpc-uds", "offloadrpc-grpc", "streamjsonrpc-uds", "offloadrpc-auto", "offloadrpc-best", "offloadrpc-zero-copy"];
 
     [Fact]
     public async Task Every_system_answers_every_operation_correctly_and_gets_a_row_with_its_cpu_time()

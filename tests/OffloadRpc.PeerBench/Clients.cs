@@ -4,6 +4,7 @@ using System.Net.Sockets;
 using Google.Protobuf;
 using Grpc.Net.Client;
 using OffloadRpc.Cli;
+using OffloadRpc.Grpc;
 using OffloadRpc.PeerBench.Grpc;
 using StreamJsonRpc;
 
@@ -101,6 +102,52 @@ internal sealed class GrpcPeerClient : PeerClient
         _channel.Dispose();
         return ValueTask.CompletedTask;
     }
+}
+
+/// <summary>
+/// <c>offloadrpc-grpc</c>: this library's proxies over its gRPC transport, on a Unix socket with the same
+/// HTTP/2 windows as grpc-uds; buffers cross as 1 MiB frames of a streaming call, small calls as one frame.
+/// </summary>
+internal sealed class OffloadGrpcPeerClient(OffloadRpcConnection connection, byte[] source) : OffloadPeerClient("offloadrpc-grpc", connection, source)
+{
+    public static Task<OffloadRpcConnection> ConnectAsync(string socketPath)
+    {
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel =>
+        {
+            channel.HttpHandler = new SocketsHttpHandler
+            {
+                ConnectCallback = async (_, cancellationToken) =>
+                {
+                    var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                    try
+                    {
+                        await socket.ConnectAsync(new UnixDomainSocketEndPoint(socketPath), cancellationToken);
+                        return new NetworkStream(socket, ownsSocket: true);
+                    }
+                    catch
+                    {
+                        socket.Dispose();
+                        throw;
+                    }
+                },
+                InitialHttp2StreamWindowSize = Servers.ClientWindowBytes,
+                EnableMultipleHttp2Connections = true,
+            };
+        });
+        return OffloadRpcConnection.ConnectAsync("http://localhost", options);
+    }
+
+    public override async ValueTask<ulong> InvokeAsync(Op op, int length) => op switch
+    {
+        Op.Add => (ulong)await Service.AddAsync(length, 1),
+        Op.Checksum => await Service.ChecksumAsync(Source.AsMemory(0, length)),
+        _ => (ulong)await Service.TouchAsync(Source.AsMemory(0, length)),
+    };
+
+    public override string? Mode(Op op, int length) => op == Op.Add ? null : length <= 64 << 10 ? "grpc: one frame" : "grpc: 1 MiB frames";
+
+    public override ValueTask DisposeAsync() => Connection.DisposeAsync();
 }
 
 /// <summary><c>streamjsonrpc-uds</c>: StreamJsonRpc with its MessagePack formatter and length-prefixed framing over a Unix socket.</summary>

@@ -24,7 +24,7 @@ internal sealed record Settings(
 
     public static readonly long[] QuickSizes = [64, 1 << 20, 16 << 20, 64 << 20];
 
-    public static readonly string[] AllSystems = ["grpc-uds", "streamjsonrpc-uds", "offloadrpc-auto", "offloadrpc-best", "offloadrpc-zero-copy", "floor-pingpong", "floor-memcpy"];
+    public static readonly string[] AllSystems = ["grpc-uds", "offloadrpc-grpc", "streamjsonrpc-uds", "offloadrpc-auto", "offloadrpc-best", "offloadrpc-zero-copy", "floor-pingpong", "floor-memcpy"];
 
     public static Settings Full { get; } = new(false, FullSizes, AllSystems, TimeSpan.FromSeconds(1.5), TimeSpan.FromSeconds(0.25), TimeSpan.FromSeconds(4), 20, 300_000, 1000);
 
@@ -209,6 +209,14 @@ internal sealed class Runner : IAsyncDisposable
             _clients.Add((new GrpcPeerClient(path, _source), ProcessCpu.Of(server.ProcessId)));
         }
 
+        if (_settings.Systems.Contains("offloadrpc-grpc"))
+        {
+            string path = Path.Combine(socketDirectory, "offloadrpc-grpc.sock");
+            ServerProcess server = await ServerProcess.StartAsync("offloadrpc-grpc", path);
+            _servers.Add(server);
+            _clients.Add((new OffloadGrpcPeerClient(await OffloadGrpcPeerClient.ConnectAsync(path), _source), ProcessCpu.Of(server.ProcessId)));
+        }
+
         if (_settings.Systems.Contains("streamjsonrpc-uds"))
         {
             string path = Path.Combine(socketDirectory, "streamjsonrpc.sock");
@@ -217,7 +225,7 @@ internal sealed class Runner : IAsyncDisposable
             _clients.Add((await StreamJsonRpcPeerClient.ConnectAsync(path, _source), ProcessCpu.Of(server.ProcessId)));
         }
 
-        string[] ours = _settings.Systems.Where(s => s.StartsWith("offloadrpc-", StringComparison.Ordinal)).ToArray();
+        string[] ours = _settings.Systems.Where(s => s.StartsWith("offloadrpc-", StringComparison.Ordinal) && s != "offloadrpc-grpc").ToArray();
         if (ours.Length > 0)
         {
             string endpoint = $"peerbench-{id}";

@@ -73,6 +73,36 @@ internal static class Servers
                 }
             }
 
+            case "offloadrpc-grpc":
+            {
+                // This library over its gRPC transport, on a Unix socket with the same Kestrel settings as grpc-uds;
+                // it listens on shared memory too (as a hosted server does), which the client is told not to use.
+                WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+                builder.Logging.ClearProviders();
+                builder.Logging.AddConsole(o => o.LogToStandardErrorThreshold = LogLevel.Warning).SetMinimumLevel(LogLevel.Warning);
+                builder.WebHost.ConfigureKestrel(kestrel =>
+                {
+                    kestrel.ListenUnixSocket(endpoint, listen => listen.Protocols = HttpProtocols.Http2);
+                    kestrel.Limits.MaxRequestBodySize = null;
+                    kestrel.Limits.Http2.InitialConnectionWindowSize = ServerWindowBytes;
+                    kestrel.Limits.Http2.InitialStreamWindowSize = ServerWindowBytes;
+                });
+                builder.Services.AddOffloadRpcServer(endpoint + ".shm").AddService<IPeerBenchService, OffloadService>(ServiceLifetime.Singleton);
+                builder.Services.AddOffloadRpcGrpc();
+                await using WebApplication app = builder.Build();
+                app.MapOffloadRpcGrpc();
+                await app.StartAsync();
+                try
+                {
+                    return await ServeUntilStdinClosesAsync();
+                }
+                finally
+                {
+                    await app.StopAsync();
+                    File.Delete(endpoint);
+                }
+            }
+
             case "streamjsonrpc":
             {
                 using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
