@@ -141,16 +141,71 @@ public sealed class TypedServiceTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_Stream_argument_that_fails_while_it_is_sent_fails_the_call_with_its_own_exception()
+    {
+        byte[] data = new byte[32 << 20];
+        IOException own = await Assert.ThrowsAsync<IOException>(async () => await Sink.ConsumeStreamAsync(new BreakingStream(data, breakAt: 8 << 20)));
+        Assert.Equal("the disk went away", own.Message);
+
+        // The connection serves on, and a stream that cannot seek (its length unknown) is still sent whole.
+        Checksum64.Fill(data, 5);
+        long[] result = await Sink.ConsumeStreamAsync(new NonSeekable(data));
+        Assert.Equal((long)Checksum64.Compute(data), result[0]);
+        Assert.Equal(data.Length, result[1]);
+    }
+
+    /// <summary>A seekable stream whose reads throw past <c>breakAt</c> bytes.</summary>
+    private sealed class BreakingStream(byte[] data, int breakAt) : MemoryStream(data, writable: false)
+    {
+        public override int Read(Span<byte> buffer) => Position >= breakAt ? throw new IOException("the disk went away") : base.Read(buffer[..Math.Min(buffer.Length, breakAt - (int)Position)]);
+
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => ValueTask.FromResult(Read(buffer.Span));
+    }
+
+    /// <summary>A stream that cannot seek: its length is unknown until it ends.</summary>
+    private sealed class NonSeekable(byte[] data) : MemoryStream(data, writable: false)
+    {
+        public override bool CanSeek => false;
+    }
+
+    /// <summary>A memory stream that notes when its last byte was read (Stopwatch ticks, one clock for the machine's processes).</summary>
+    private sealed class LastReadStream(byte[] data) : MemoryStream(data, writable: false)
+    {
+        public long LastRead { get; private set; }
+
+        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            int read = await base.ReadAsync(buffer, cancellationToken);
+            if (Position == Length && LastRead == 0)
+            {
+                LastRead = System.Diagnostics.Stopwatch.GetTimestamp();
+            }
+
+            return read;
+        }
+
+        public override int Read(Span<byte> buffer)
+        {
+            int read = base.Read(buffer);
+            if (Position == Length && LastRead == 0)
+            {
+                LastRead = System.Diagnostics.Stopwatch.GetTimestamp();
+            }
+
+            return read;
+        }
+    }
+
+    [Fact]
     public async Task A_Stream_parameter_is_pipelined_the_method_reads_it_while_it_is_still_arriving()
     {
         byte[] data = GC.AllocateUninitializedArray<byte>(256 << 20);
         Checksum64.Fill(data, 77);
-        ValueTask<long[]> call = Sink.ConsumeStreamAsync(new MemoryStream(data, writable: false));
-        long copied = System.Diagnostics.Stopwatch.GetTimestamp(); // the proxy returns once every chunk is written
-        long[] result = await call;
+        var source = new LastReadStream(data);
+        long[] result = await Sink.ConsumeStreamAsync(source); // read straight into shared memory while the server reads it out
         Assert.Equal((long)Checksum64.Compute(data), result[0]);
         Assert.Equal(data.Length, result[1]);
-        Assert.True(result[2] < copied, "the server method should have read its first chunk before the client finished copying 256 MiB");
+        Assert.True(source.LastRead > 0 && result[2] < source.LastRead, "the server method should have read its first chunk before the client finished reading its 256 MiB stream");
 
         byte[] sevens = new byte[3 << 20];
         Array.Fill(sevens, (byte)7, 0, 1_000_000);

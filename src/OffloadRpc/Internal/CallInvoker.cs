@@ -339,9 +339,11 @@ public abstract class CallInvoker
     /// <summary>Stream and async-enumerable arguments are read asynchronously first; then the request goes as any other.</summary>
     private async ValueTask<RpcReply> GatherThenSendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
     {
+        using var streamFailed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        StreamSource[]? sources;
         try
         {
-            await request.GatherAsync(cancellationToken).ConfigureAwait(false);
+            sources = await request.GatherAsync(streamFailed.Token, pipelineStreams: SendsStreamsAsRead).ConfigureAwait(false);
         }
         catch
         {
@@ -349,8 +351,52 @@ public abstract class CallInvoker
             throw;
         }
 
-        return await Send(method, request, cancellationToken).ConfigureAwait(false);
+        if (sources is null)
+        {
+            return await Send(method, request, cancellationToken).ConfigureAwait(false);
+        }
+
+        // Stream arguments are read into shared memory while the server reads them out. One that fails
+        // (its reads throw, or it ends early) cancels the call: the server would otherwise wait for bytes that never come.
+        foreach (StreamSource source in sources)
+        {
+            _ = source.Completion.ContinueWith(static (task, state) => ((CancellationTokenSource)state!).Cancel(), streamFailed, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        }
+
+        RpcReply reply;
+        try
+        {
+            reply = await Send(method, request, streamFailed.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested && Array.Find(sources, s => s.Completion.IsFaulted) is { } failed)
+        {
+            await failed.Completion.ConfigureAwait(false); // throws the stream's own exception
+            throw;
+        }
+        catch
+        {
+            streamFailed.Cancel(); // the call failed: stop reading the streams before the token goes
+            throw;
+        }
+
+        try
+        {
+            foreach (StreamSource source in sources)
+            {
+                await source.Completion.ConfigureAwait(false); // the server may answer before it read everything
+            }
+        }
+        catch
+        {
+            reply.Dispose();
+            throw;
+        }
+
+        return reply;
     }
+
+    /// <summary>Whether this transport reads a seekable Stream argument straight into the request as it goes (the shared-memory one does).</summary>
+    private protected virtual bool SendsStreamsAsRead => false;
 
     private async ValueTask GatherThenAwaitAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
     {
@@ -399,6 +445,8 @@ internal sealed class SharedMemoryInvoker : CallInvoker
 
     public SharedMemoryInvoker(RpcConnection connection, SerializerOptionsSource serializerOptions)
         : base(serializerOptions) => _connection = connection;
+
+    private protected override bool SendsStreamsAsRead => true;
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         request.TakeItemStream() is { } items

@@ -103,16 +103,34 @@ public sealed class MessageBuilder
     /// <summary>Stream or async-enumerable arguments still to be read (<see cref="GatherAsync"/>) before the request can be sent.</summary>
     internal bool HasDeferredPayloads => _deferred is { Count: > 0 };
 
-    /// <summary>Reads every deferred argument into a pooled buffer, without blocking a thread.</summary>
-    internal async ValueTask GatherAsync(CancellationToken cancellationToken)
+    /// <summary>
+    /// Reads every deferred argument into a pooled buffer, without blocking a thread. With
+    /// <paramref name="pipelineStreams"/>, a seekable <see cref="Stream"/> argument sent Pipelined (or
+    /// Auto) is not read here: it becomes a <see cref="StreamSource"/>, read straight into shared memory
+    /// after the request is out, and returned so that the caller can await its last byte.
+    /// </summary>
+    internal async ValueTask<StreamSource[]?> GatherAsync(CancellationToken cancellationToken, bool pipelineStreams = false)
     {
         if (_deferred is null)
         {
-            return;
+            return null;
         }
 
+        List<StreamSource>? sources = null;
         foreach (DeferredPayload deferred in _deferred)
         {
+            if (pipelineStreams && deferred.Stream is { CanSeek: true } seekable && deferred.Mode is TransferMode.Auto or TransferMode.Pipelined)
+            {
+                long remaining = Math.Max(0, seekable.Length - seekable.Position);
+                if (remaining > 0 && remaining <= TransportProtocol.MaxPayloadLength)
+                {
+                    var source = new StreamSource(seekable, remaining, cancellationToken);
+                    (sources ??= new List<StreamSource>(1)).Add(source);
+                    _payloads[deferred.Index] = OutboundPayload.FromStream(source, deferred.Cache);
+                    continue;
+                }
+            }
+
             (byte[] buffer, int length) = deferred.Stream is { } stream
                 ? await ReadWholeAsync(stream, cancellationToken).ConfigureAwait(false)
                 : await ConcatenateAsync(deferred.Chunks!, cancellationToken).ConfigureAwait(false);
@@ -122,6 +140,7 @@ public sealed class MessageBuilder
         }
 
         _deferred.Clear();
+        return sources?.ToArray();
     }
 
     private static async ValueTask<(byte[] Buffer, int Length)> ReadWholeAsync(Stream stream, CancellationToken cancellationToken)

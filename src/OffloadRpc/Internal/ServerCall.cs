@@ -128,6 +128,22 @@ public sealed class ServerCall
 
     private static async IAsyncEnumerable<ReadOnlyMemory<byte>> Chunks(Stream stream)
     {
+        if (stream is Transport.IInPlaceReadable inPlace)
+        {
+            // In shared memory, as each chunk lands: no copy (valid until the next chunk is asked for).
+            int most = (int)Math.Min(Engines.TransferPolicy.PipelineChunkBytes, int.MaxValue);
+            while (true)
+            {
+                ReadOnlyMemory<byte> chunk = await inPlace.ReadInPlaceAsync(most, default).ConfigureAwait(false);
+                if (chunk.IsEmpty)
+                {
+                    yield break;
+                }
+
+                yield return chunk;
+            }
+        }
+
         byte[] buffer = new byte[(int)Math.Min(Engines.TransferPolicy.PipelineChunkBytes, Math.Max(stream.Length, 1))];
         while (true)
         {

@@ -172,7 +172,7 @@ internal abstract class InboundMessage
         new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length);
 
     /// <summary>A complete payload as a stream over its lease.</summary>
-    private sealed unsafe class LeaseStream : UnmanagedMemoryStream
+    private sealed unsafe class LeaseStream : UnmanagedMemoryStream, IInPlaceReadable
     {
         private readonly SharedBuffer _lease;
 
@@ -180,6 +180,20 @@ internal abstract class InboundMessage
             : base(lease.Segment.Base + lease.Offset, lease.Length) // the lease keeps the mapping alive until the stream is disposed
         {
             _lease = lease;
+        }
+
+        public ValueTask<ReadOnlyMemory<byte>> ReadInPlaceAsync(int maxBytes, CancellationToken cancellationToken)
+        {
+            ObjectDisposedException.ThrowIf(!_lease.IsValid, this);
+            int count = (int)Math.Min(maxBytes, Length - Position);
+            if (count <= 0)
+            {
+                return new ValueTask<ReadOnlyMemory<byte>>(ReadOnlyMemory<byte>.Empty);
+            }
+
+            ReadOnlyMemory<byte> chunk = new InPlaceMemory(PositionPointer, count).Memory;
+            Position += count;
+            return new ValueTask<ReadOnlyMemory<byte>>(chunk);
         }
 
         protected override void Dispose(bool disposing)
@@ -267,5 +281,28 @@ internal abstract class InboundMessage
         {
             ArrayPool<byte>.Shared.Return(_body);
         }
+    }
+}
+
+/// <summary>A received payload read without a copy: each call returns the next bytes in place, in shared memory (empty at the end).</summary>
+internal interface IInPlaceReadable
+{
+    /// <summary>The next bytes that have landed (at most <paramref name="maxBytes"/>), valid until the next call or until the stream is disposed.</summary>
+    ValueTask<ReadOnlyMemory<byte>> ReadInPlaceAsync(int maxBytes, CancellationToken cancellationToken);
+}
+
+/// <summary>Mapped shared memory as Memory, for chunks handed out in place; valid while the mapping reference behind it is held.</summary>
+internal sealed unsafe class InPlaceMemory(byte* pointer, int length) : MemoryManager<byte>
+{
+    public override Span<byte> GetSpan() => new(pointer, length);
+
+    public override MemoryHandle Pin(int elementIndex = 0) => new(pointer + elementIndex);
+
+    public override void Unpin()
+    {
+    }
+
+    protected override void Dispose(bool disposing)
+    {
     }
 }

@@ -8,14 +8,18 @@ namespace OffloadRpc.Transport;
 /// <summary>What a sender hands over for one payload: bytes to copy into the arena, or a lease to move.</summary>
 internal readonly struct OutboundPayload
 {
-    private OutboundPayload(ReadOnlyMemory<byte> data, SharedBuffer? lease, TransferMode mode, CachePolicy cache, bool transient = false)
+    private OutboundPayload(ReadOnlyMemory<byte> data, SharedBuffer? lease, TransferMode mode, CachePolicy cache, bool transient = false, StreamSource? stream = null)
     {
         Data = data;
         Lease = lease;
         Mode = mode;
         Cache = cache;
         IsTransient = transient;
+        Stream = stream;
     }
+
+    /// <summary>A stream read straight into its pipelined block after the message is out (null: the bytes are <see cref="Data"/> or the lease).</summary>
+    public StreamSource? Stream { get; }
 
     /// <summary>The bytes live in a buffer that goes back to a pool when the call returns: they must be copied before it does.</summary>
     public bool IsTransient { get; }
@@ -29,12 +33,15 @@ internal readonly struct OutboundPayload
 
     public CachePolicy Cache { get; }
 
-    public long Length => Lease?.Length ?? Data.Length;
+    public long Length => Stream?.Length ?? Lease?.Length ?? Data.Length;
 
     public static OutboundPayload Copy(ReadOnlyMemory<byte> data, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto) => new(data, null, mode, cache);
 
     /// <summary>Bytes in a pooled buffer the caller takes back when the call returns (never copied asynchronously).</summary>
     public static OutboundPayload CopyTransient(ReadOnlyMemory<byte> data, TransferMode mode, CachePolicy cache) => new(data, null, mode, cache, transient: true);
+
+    /// <summary>The next <see cref="StreamSource.Length"/> bytes of a stream, pipelined: read into shared memory as the receiver reads them out.</summary>
+    public static OutboundPayload FromStream(StreamSource stream, CachePolicy cache) => new(default, null, TransferMode.Pipelined, cache, stream: stream);
 
     public static OutboundPayload Move(SharedBuffer lease) => new(default, lease ?? throw new ArgumentNullException(nameof(lease)), TransferMode.Auto, CachePolicy.Auto);
 }
@@ -177,6 +184,12 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
             return;
         }
 
+        if (payload.Stream is { } stream)
+        {
+            AddStream(stream, cancellationToken);
+            return;
+        }
+
         CopyIntoArena(lease is null ? payload.Data.Span : lease.Span, payload.Data, lease, payload.Mode, payload.Cache, allowAsync, payload.IsTransient, cancellationToken);
         if (lease is not null)
         {
@@ -231,6 +244,25 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         }
     }
 
+    /// <summary>A pipelined block for a stream: published empty, then filled by <see cref="StreamSource.PumpAsync"/> straight from the stream.</summary>
+    private unsafe void AddStream(StreamSource stream, CancellationToken cancellationToken)
+    {
+        RpcConnection connection = _connection!;
+        ArenaBlock block = connection.Arena.Allocate(PipelineHeader.Size + stream.Length, mayWait: !Poller.IsPollerThread, cancellationToken);
+        _allocated[_allocatedCount++] = block;
+        SharedMemorySegment segment = block.Segment;
+        var progress = (PipelineHeader*)segment.Pointer(block.Offset, PipelineHeader.Size);
+        *progress = new PipelineHeader { Total = stream.Length };
+        _deferred[_deferredCount++] = new DeferredCopy
+        {
+            SourceStream = stream,
+            Block = block,
+            Header = (nint)progress,
+            Destination = (nint)(segment.Pointer(block.Offset, PipelineHeader.Size + stream.Length) + PipelineHeader.Size),
+        };
+        _refs[_refCount++] = new PayloadRef { SegmentId = segment.Id, Flags = PayloadRef.Pipelined, Offset = block.Offset, Length = stream.Length };
+    }
+
     /// <summary>Only a payload the caller explicitly offloaded, from an array it owns (pinnable for the duration), goes asynchronously.</summary>
     internal static bool IsAsyncOffload(ReadOnlyMemory<byte> data, TransferMode requested, bool isTransient, TransferPlan plan) =>
         requested == TransferMode.Offload && plan.Mode == TransferMode.Offload && !isTransient
@@ -276,6 +308,15 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
             for (int d = 0; d < _deferredCount; d++)
             {
                 ref DeferredCopy copy = ref _deferred[d];
+                if (copy.SourceStream is { } stream)
+                {
+                    // Read straight from the stream into the block, asynchronously: the block keeps its mapping until then.
+                    bool referenced = copy.Block.Segment.TryAddReference();
+                    Debug.Assert(referenced, "the message holds a reference on its blocks until it is recycled");
+                    stream.Start(connection, copy.Block, copy.Header, copy.Destination);
+                    continue;
+                }
+
                 WritePipelined(connection, copy.SourceLease is { } lease ? lease.Span : copy.Source.Span, copy);
             }
         }
@@ -297,6 +338,18 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
     }
 
     /// <summary>Writes a pipelined payload chunk by chunk, publishing the progress after each so the receiver can start.</summary>
+    /// <summary>Raises a pipelined block's progress to <paramref name="done"/> bytes and wakes a receiver waiting for it.</summary>
+    internal static unsafe void PublishProgress(nint header, long done)
+    {
+        var progress = (PipelineHeader*)header;
+        Volatile.Write(ref progress->BytesReady, done); // release: the bytes before it are in place
+        Interlocked.Increment(ref progress->ChunksReady); // full fence before reading the waiter flag
+        if (Volatile.Read(ref progress->ReceiverWaiting) != 0)
+        {
+            Interop.LinuxNative.FutexWake(&progress->ChunksReady, int.MaxValue);
+        }
+    }
+
     private static unsafe void WritePipelined(RpcConnection connection, ReadOnlySpan<byte> data, in DeferredCopy copy)
     {
         var header = (PipelineHeader*)copy.Header;
@@ -458,6 +511,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
     {
         public ReadOnlyMemory<byte> Source;
         public SharedBuffer? SourceLease;
+        public StreamSource? SourceStream;
         public ArenaBlock Block;
         public nint Header;
         public nint Destination;

@@ -168,7 +168,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
 /// A pipelined payload as a read-only stream: a read returns as soon as some bytes have landed, so the
 /// reader works on chunk k while chunk k+1 is still being copied. Disposing it gives the block back.
 /// </summary>
-internal sealed class PipelinedPayloadStream : Stream
+internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
 {
     private readonly PipelinedPayload _progress;
     private readonly unsafe byte* _data;
@@ -254,6 +254,38 @@ internal sealed class PipelinedPayloadStream : Stream
         {
             _segment.Release();
         }
+    }
+
+    /// <summary>The next bytes as soon as they have landed, in place (no copy): valid until the next read or until the stream is disposed.</summary>
+    public async ValueTask<ReadOnlyMemory<byte>> ReadInPlaceAsync(int maxBytes, CancellationToken cancellationToken)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (maxBytes <= 0 || _position >= _progress.Length)
+        {
+            return ReadOnlyMemory<byte>.Empty;
+        }
+
+        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+        try
+        {
+            using CancellationTokenSource? linked = cancellationToken.CanBeCanceled && _cancellationToken.CanBeCanceled
+                ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _cancellationToken)
+                : null;
+            CancellationToken token = linked?.Token ?? (cancellationToken.CanBeCanceled ? cancellationToken : _cancellationToken);
+            long available = await _progress.WaitForAsync(_position + 1, token).ConfigureAwait(false) - _position;
+            return Slice((int)Math.Min(maxBytes, available));
+        }
+        finally
+        {
+            _segment.Release(); // the stream's own reference keeps the chunk mapped until it is disposed
+        }
+    }
+
+    private unsafe ReadOnlyMemory<byte> Slice(int count)
+    {
+        ReadOnlyMemory<byte> chunk = new InPlaceMemory(_data + _position, count).Memory;
+        _position += count;
+        return chunk;
     }
 
     public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>

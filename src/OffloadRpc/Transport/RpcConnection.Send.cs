@@ -52,7 +52,7 @@ internal sealed partial class RpcConnection
             var owned = new OutboundPayload[payloads.Length];
             for (int i = 0; i < owned.Length; i++)
             {
-                owned[i] = payloads[i].Lease is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
+                owned[i] = payloads[i].Lease is null && payloads[i].Stream is null ? OutboundPayload.Copy(payloads[i].Data.ToArray(), payloads[i].Mode, payloads[i].Cache) : payloads[i];
             }
 
             return CallWhenEntryFreeAsync(methodId, body.ToArray(), owned, flags, inbox, outbox, cancellationToken);
@@ -287,6 +287,11 @@ internal sealed partial class RpcConnection
         bool any = false;
         foreach (ref readonly OutboundPayload payload in payloads)
         {
+            if (payload.Stream is not null)
+            {
+                return false; // read into its block after publishing: the synchronous path
+            }
+
             if (payload.Lease is not null)
             {
                 continue;
