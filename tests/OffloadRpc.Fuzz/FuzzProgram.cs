@@ -79,7 +79,7 @@ public static class FuzzProgram
     }
 
     /// <summary>The targets' names, known without touching their (instrumented) dependencies.</summary>
-    public static readonly string[] TargetNames = ["handshake", "frames", "ring", "stub", "reply"];
+    public static readonly string[] TargetNames = ["handshake", "frames", "ring", "stub", "reply", "metadata"];
 
     /// <summary>tests/OffloadRpc.Fuzz/corpus, found from the working folder or the program's own.</summary>
     public static string DefaultCorpus()
@@ -141,7 +141,27 @@ public static class FuzzProgram
             }
         }
 
-        Console.WriteLine($"{run} inputs replayed, {failed} failed");
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        Console.WriteLine($"{run} inputs replayed, {failed} failed; afterwards {Directory.GetFiles("/proc/self/fd").Length} descriptors open, " +
+            $"{Directory.GetDirectories("/proc/self/task").Length} threads, {Transport.RpcConnection.PeerMappedBytes} bytes of peer segments mapped");
+        if (Environment.GetEnvironmentVariable("OFFLOADRPC_FUZZ_VERBOSE") == "1")
+        {
+            foreach (string fd in Directory.GetFiles("/proc/self/fd"))
+            {
+                try
+                {
+                    string? target = new FileInfo(fd).LinkTarget;
+                    if (target is not null && (target.StartsWith("/memfd:", StringComparison.Ordinal) || target.StartsWith("socket:", StringComparison.Ordinal)))
+                    {
+                        Console.WriteLine($"  fd {Path.GetFileName(fd)} -> {target}");
+                    }
+                }
+                catch (IOException)
+                {
+                }
+            }
+        }
         return failed == 0 ? 0 : 1;
     }
 

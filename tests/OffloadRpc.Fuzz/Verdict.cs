@@ -35,6 +35,10 @@ internal static class Verdict
         EndOfStreamException => true,                       // truncated data, or a declared length past the end
         OverflowException => true,                          // an integer out of the target type's range
         InsufficientExecutionStackException => true,        // nested deeper than the security limit
+        // MessagePack 2.5's reader, at a str32 or bin32 length of 2 GiB or more (read as a negative int),
+        // slices its span with it: the span's own range check throws, without a parameter name. Found by
+        // the reply target (corpus/reply/crash-str32-length-past-2GiB); the runtime ends the connection.
+        ArgumentOutOfRangeException { ParamName: null } => true,
         MessagePackSerializationException { InnerException: null } => true,
         // A formatter converting a well-formed but impossible value (a timestamp past DateTime's range, a decimal that does not parse).
         MessagePackSerializationException { InnerException: ArgumentException or FormatException } => true,

@@ -16,7 +16,7 @@ root=$(cd "$here/../.." && pwd)
 target=${1:-}
 seconds=${2:-600}
 resume=${3:-}
-targets="handshake frames ring stub reply"
+targets="handshake frames ring stub reply metadata"
 if [ -z "$target" ] || { [ "$target" != all ] && ! grep -qw -- "$target" <<<"$targets"; }; then
   echo "usage: $0 <all|${targets// /|}> [seconds per target] [--resume]" >&2
   exit 2
