@@ -40,13 +40,13 @@ internal static class Client
     private static readonly Plan Full = new(PingWarmup: 50_000, Pings: 1_000_000, FrameWarmup: 10, Frames: 1_000, BatchWarmup: 5, Batches: 300);
     private static readonly Plan Quick = new(PingWarmup: 10_000, Pings: 100_000, FrameWarmup: 3, Frames: 100, BatchWarmup: 2, Batches: 30);
 
-    public static async Task<int> RunAsync(bool quick, string? jsonPath)
+    public static async Task<int> RunAsync(bool quick, string? jsonPath, bool grpc = false)
     {
         Plan plan = quick ? Quick : Full;
         string endpoint = $"imagepipeline-{Environment.ProcessId}";
         AnsiConsole.MarkupLine($"[bold]ImagePipeline[/]: typed OffloadRpc between two processes ({(quick ? "quick" : "full")} run, {Environment.ProcessorCount} cores, endpoint {endpoint})");
 
-        await using WorkerProcess worker = WorkerProcess.Start(endpoint);
+        await using WorkerProcess worker = WorkerProcess.Start(endpoint, grpc);
 
         // Generate the inputs while the worker starts.
         var generate = Stopwatch.StartNew();
@@ -56,10 +56,35 @@ internal static class Client
         Kernels.FillBatch(batch, BatchImages, BatchChannels, BatchSide, BatchSide, seed: 0x2545F4914F6CDD1DUL);
         generate.Stop();
 
-        await worker.WaitReadyAsync(TimeSpan.FromSeconds(30));
-        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(endpoint);
+        string? address = await worker.WaitReadyAsync(TimeSpan.FromSeconds(30));
+        if (!grpc)
+        {
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(endpoint);
+            return await MeasureOnAsync(connection, plan, frame, batch, generate.Elapsed, jsonPath);
+        }
+
+        // The worker serves both ways. First over gRPC on 127.0.0.1 (the switch off), then the same client
+        // given the same address with the switch on: the server is on this host, so it takes shared memory.
+        string http = address ?? throw new InvalidOperationException("The worker printed no gRPC address.");
+        int exit = 0;
+        foreach (bool preferSharedMemory in new[] { false, true })
+        {
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(http, new OffloadRpcOptions { PreferSharedMemory = preferSharedMemory });
+            AnsiConsole.MarkupLine($"[bold]{Markup.Escape(http)}[/] with PreferSharedMemory = {preferSharedMemory}: calls go over [bold]{(connection.UsesSharedMemory ? "shared memory" : "gRPC (HTTP/2 on 127.0.0.1)")}[/]");
+            string? json = jsonPath is null ? null : Path.ChangeExtension(jsonPath, null) + (connection.UsesSharedMemory ? "-shared-memory" : "-grpc") + ".json";
+            exit |= await MeasureOnAsync(connection, connection.UsesSharedMemory ? plan : GrpcPlan, frame, batch, generate.Elapsed, json);
+        }
+
+        return exit;
+    }
+
+    /// <summary>Fewer calls over gRPC, which is 10-100x slower per call than shared memory on one host.</summary>
+    private static readonly Plan GrpcPlan = new(PingWarmup: 1_000, Pings: 10_000, FrameWarmup: 2, Frames: 30, BatchWarmup: 1, Batches: 5);
+
+    private static async Task<int> MeasureOnAsync(OffloadRpcConnection connection, Plan plan, byte[] frame, float[] batch, TimeSpan generated, string? jsonPath)
+    {
         IImageWorker service = connection.GetService<IImageWorker>();
-        AnsiConsole.MarkupLine($"worker process {connection.PeerProcessId} ready; inputs generated in {generate.Elapsed.TotalMilliseconds:0} ms " +
+        AnsiConsole.MarkupLine($"worker process {connection.PeerProcessId} ready; inputs generated in {generated.TotalMilliseconds:0} ms " +
             $"(4K frame {FormatBytes(FrameBytes)}, batch {BatchImages}x{BatchChannels}x{BatchSide}x{BatchSide} fp32 {FormatBytes(BatchBytes)})");
 
         if (!await VerifyAsync(connection, service, frame, batch))

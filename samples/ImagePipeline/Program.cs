@@ -5,7 +5,7 @@ namespace ImagePipeline;
 
 /// <summary>
 /// A typed two-process image pipeline over OffloadRpc:
-/// <code>dotnet run -c Release --project samples/ImagePipeline [-- --quick] [--json FILE]</code>
+/// <code>dotnet run -c Release --project samples/ImagePipeline [-- --quick] [--grpc] [--json FILE]</code>
 /// With no role argument this is the client: it starts itself again as the worker process, checks
 /// every workload against a local reference, then times them. <c>--worker ENDPOINT</c> is the worker
 /// role, started by the client only.
@@ -14,7 +14,7 @@ internal static class Program
 {
     public static async Task<int> Main(string[] args)
     {
-        if (args.Length == 2 && args[0] == WorkerProcess.WorkerArgument)
+        if (args.Length is 2 or 3 && args[0] == WorkerProcess.WorkerArgument)
         {
             if (Environment.GetEnvironmentVariable(WorkerProcess.RoleVariable) != "worker")
             {
@@ -22,7 +22,7 @@ internal static class Program
                 return 2;
             }
 
-            return await WorkerProcess.ServeAsync(args[1]);
+            return await WorkerProcess.ServeAsync(args[1], grpc: args.Length == 3 && args[2] == WorkerProcess.GrpcArgument);
         }
 
         if (Environment.GetEnvironmentVariable(WorkerProcess.RoleVariable) is not null)
@@ -33,6 +33,7 @@ internal static class Program
         }
 
         bool quick = false;
+        bool grpc = false;
         string? json = null;
         for (int i = 0; i < args.Length; i++)
         {
@@ -41,14 +42,17 @@ internal static class Program
                 case "--quick":
                     quick = true;
                     break;
+                case "--grpc":
+                    grpc = true; // the worker serves gRPC too: one table over gRPC, then one with the switch to shared memory
+                    break;
                 case "--json" when i + 1 < args.Length:
                     json = args[++i];
                     break;
                 case "-h" or "--help":
-                    Console.WriteLine("usage: ImagePipeline [--quick] [--json FILE]");
+                    Console.WriteLine("usage: ImagePipeline [--quick] [--grpc] [--json FILE]");
                     return 0;
                 default:
-                    Console.Error.WriteLine($"unknown argument '{args[i]}'; usage: ImagePipeline [--quick] [--json FILE]");
+                    Console.Error.WriteLine($"unknown argument '{args[i]}'; usage: ImagePipeline [--quick] [--grpc] [--json FILE]");
                     return 2;
             }
         }
@@ -60,7 +64,7 @@ internal static class Program
 
         try
         {
-            return await Client.RunAsync(quick, json);
+            return await Client.RunAsync(quick, json, grpc);
         }
         catch (Exception ex)
         {

@@ -1,3 +1,10 @@
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using System.Diagnostics;
 using OffloadRpc;
 
@@ -15,6 +22,9 @@ internal sealed class WorkerProcess : IAsyncDisposable
 
     public const string WorkerArgument = "--worker";
 
+    /// <summary>Given to the worker too: serve over gRPC on 127.0.0.1 as well as over shared memory.</summary>
+    public const string GrpcArgument = "--grpc";
+
     private readonly Process _process;
 
     private WorkerProcess(Process process) => _process = process;
@@ -22,8 +32,13 @@ internal sealed class WorkerProcess : IAsyncDisposable
     public int ProcessId => _process.Id;
 
     /// <summary>Serves until stdin closes. The body of the worker process.</summary>
-    public static async Task<int> ServeAsync(string endpoint)
+    public static async Task<int> ServeAsync(string endpoint, bool grpc = false)
     {
+        if (grpc)
+        {
+            return await ServeBothWaysAsync(endpoint);
+        }
+
         await using var server = new OffloadRpcServer(endpoint);
         server.Register<IImageWorker>(new ImageWorker());
         server.ConnectionFailed += ex => Console.Error.WriteLine($"worker: a client failed: {ex.GetType().Name}: {ex.Message}");
@@ -33,8 +48,29 @@ internal sealed class WorkerProcess : IAsyncDisposable
         return 0;
     }
 
+    /// <summary>
+    /// The worker as an ASP.NET Core app: <see cref="IImageWorker"/> over shared memory (a hosted server on
+    /// <paramref name="endpoint"/>) and over gRPC (h2c on 127.0.0.1, a port the system picks).
+    /// </summary>
+    private static async Task<int> ServeBothWaysAsync(string endpoint)
+    {
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.ClearProviders();
+        builder.WebHost.ConfigureKestrel(kestrel => kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2));
+        builder.Services.AddOffloadRpcServer(endpoint).AddService<IImageWorker, ImageWorker>(ServiceLifetime.Singleton);
+        builder.Services.AddOffloadRpcGrpc();
+        await using WebApplication app = builder.Build();
+        app.MapOffloadRpcGrpc();
+        await app.StartAsync();
+        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
+        Console.WriteLine($"READY {endpoint} {address}");
+        await Task.Run(() => Console.In.ReadToEnd());
+        await app.StopAsync();
+        return 0;
+    }
+
     /// <summary>Starts this program again in the worker role (same executable; through dotnet, with the assembly first).</summary>
-    public static WorkerProcess Start(string endpoint)
+    public static WorkerProcess Start(string endpoint, bool grpc = false)
     {
         string processPath = Environment.ProcessPath ?? throw new InvalidOperationException("The path of this process's executable is unknown.");
         var start = new ProcessStartInfo(processPath)
@@ -50,13 +86,18 @@ internal sealed class WorkerProcess : IAsyncDisposable
 
         start.ArgumentList.Add(WorkerArgument);
         start.ArgumentList.Add(endpoint);
+        if (grpc)
+        {
+            start.ArgumentList.Add(GrpcArgument);
+        }
         start.Environment[RoleVariable] = "worker";
         Process process = Process.Start(start) ?? throw new InvalidOperationException($"Could not start the worker process {processPath}.");
         return new WorkerProcess(process);
     }
 
     /// <summary>Waits for the worker's READY line; fails if it exits first or takes longer than <paramref name="timeout"/>.</summary>
-    public async Task WaitReadyAsync(TimeSpan timeout)
+    /// <returns>The worker's gRPC address when it serves gRPC too, otherwise null.</returns>
+    public async Task<string?> WaitReadyAsync(TimeSpan timeout)
     {
         using var cts = new CancellationTokenSource(timeout);
         try
@@ -65,7 +106,8 @@ internal sealed class WorkerProcess : IAsyncDisposable
             {
                 if (line.StartsWith("READY", StringComparison.Ordinal))
                 {
-                    return;
+                    string[] words = line.Split(' ');
+                    return words.Length > 2 ? words[2] : null;
                 }
             }
         }
