@@ -20,6 +20,9 @@ public abstract class CallInvoker
 
     private protected CallInvoker(SerializerOptionsSource serializerOptions) => _serializerOptions = serializerOptions;
 
+    /// <summary>The options, not yet built: code that may never need them passes this on (see <see cref="Internal.SerializerOptionsSource"/>).</summary>
+    private protected SerializerOptionsSource SerializerOptionsSource => _serializerOptions;
+
     /// <summary>The options generated code serializes MessagePack arguments with (per connection: <see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
     public MessagePackSerializerOptions SerializerOptions => _serializerOptions.Options;
 
@@ -464,7 +467,7 @@ internal sealed class SharedMemoryInvoker : CallInvoker
     private async ValueTask<RpcReply> PumpWhileAwaitingAsync(ValueTask<RpcReply> pending, ItemStream items, StreamOutbox outbox, CancellationToken cancellationToken)
     {
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        Task pump = items.PumpAsync(outbox, SerializerOptions, stop.Token);
+        Task pump = items.PumpAsync(outbox, SerializerOptionsSource, stop.Token);
         RpcReply reply;
         try
         {

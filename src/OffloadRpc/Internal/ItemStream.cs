@@ -11,12 +11,13 @@ internal abstract class ItemStream
     /// is sent as the stream's fault and rethrown. Stops (with <see cref="OperationCanceledException"/>)
     /// when <paramref name="cancellationToken"/> fires: the call was answered or cancelled.
     /// </summary>
-    public abstract Task PumpAsync(StreamOutbox outbox, MessagePackSerializerOptions options, CancellationToken cancellationToken);
+    /// <param name="options">Read at the first item only: a stream of buffers never builds MessagePack's options (NativeAOT stays free of their dynamic-code paths).</param>
+    public abstract Task PumpAsync(StreamOutbox outbox, SerializerOptionsSource options, CancellationToken cancellationToken);
 }
 
 internal sealed class ItemStream<T>(IAsyncEnumerable<T> items, StreamItemEncoder<T> encode) : ItemStream
 {
-    public override async Task PumpAsync(StreamOutbox outbox, MessagePackSerializerOptions options, CancellationToken cancellationToken)
+    public override async Task PumpAsync(StreamOutbox outbox, SerializerOptionsSource options, CancellationToken cancellationToken)
     {
         await Task.Yield(); // the caller goes on to await the reply; items go out from the thread pool
         IAsyncEnumerator<T> enumerator = items.GetAsyncEnumerator(cancellationToken);
@@ -46,7 +47,7 @@ internal sealed class ItemStream<T>(IAsyncEnumerable<T> items, StreamItemEncoder
                     await Task.Yield(); // sending may wait for ring or arena space: never on the poller
                 }
 
-                MessageBuilder item = encode(enumerator.Current, options);
+                MessageBuilder item = encode(enumerator.Current, options.Options);
                 if (item.HasDeferredPayloads)
                 {
                     item.Discard();

@@ -49,8 +49,7 @@ internal static class RemoteTransports
         return connect(endpoint, options, cancellationToken);
     }
 
-    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A constant type name the trimmer keeps when the assembly is part of the application.")]
-    [DynamicDependency(DynamicallyAccessedMemberTypes.NonPublicMethods, "OffloadRpc.Grpc.Internal.GrpcTransport", "OffloadRpc.Grpc")]
+    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string: the trimmer keeps it when its assembly is part of the application, and without the assembly the lookup finds nothing and the caller is told which package is missing.")]
     private static Func<string, OffloadRpcOptions, CancellationToken, Task<OffloadRpcConnection>>? Find()
     {
         if (Volatile.Read(ref s_grpc) is { } connect)
