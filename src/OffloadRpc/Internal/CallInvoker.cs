@@ -518,7 +518,7 @@ internal sealed class SharedMemoryInvoker : CallInvoker
 
     internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
     {
-        inbox = new StreamInbox(_connection, _connection.StreamWindow);
+        inbox = new StreamInbox(_connection, _connection.StreamWindow, _connection.RunContinuationsAsynchronously); // resumes as a unary awaiter does
         try
         {
             return request.TakeItemStream() is { } items

@@ -67,6 +67,7 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
         return next.IsCompletedSuccessfully ? new ValueTask<bool>(Take(next.Result)) : ReadAsync(next);
     }
 
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
     private async ValueTask<bool> ReadAsync(ValueTask<StreamItemMessage?> next) => Take(await next.ConfigureAwait(false));
 
     private bool Take(StreamItemMessage? item)

@@ -8,6 +8,9 @@ internal sealed partial class RpcConnection
     /// <summary>The most items of a stream this side consumes that may be in flight.</summary>
     internal int StreamWindow => _options.StreamWindow;
 
+    /// <summary>Whether awaiters of this side's calls (and of its streamed results) resume on the thread pool rather than inline on the poller.</summary>
+    internal bool RunContinuationsAsynchronously => _options.RunContinuationsAsynchronously;
+
     /// <summary>How many bytes a pipelined payload writes between two progress updates.</summary>
     internal long PipelineChunkBytes => _options.PipelineChunkBytes;
 

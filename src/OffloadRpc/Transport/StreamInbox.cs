@@ -1,5 +1,7 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
+using System.Threading.Tasks.Sources;
 
 namespace OffloadRpc.Transport;
 
@@ -10,13 +12,17 @@ namespace OffloadRpc.Transport;
 /// <see cref="Window"/> items beyond the credit it was granted; one more is a protocol violation, so a
 /// peer cannot grow this side's memory past the window.
 /// </summary>
-internal sealed class StreamInbox
+internal sealed class StreamInbox : IValueTaskSource<bool>
 {
     private readonly object _gate = new();
     private readonly Queue<StreamItemMessage> _items = new();
     private readonly ConcurrentQueue<StreamItemMessage> _pool = new();
     private readonly int _creditBatch;
-    private TaskCompletionSource<bool>? _waiter;
+    // One reusable wait (one consumer waits at a time): no allocation per item. The consumer resumes
+    // inline on the poller that delivered its item unless the connection runs continuations asynchronously,
+    // as a unary call's awaiter does; the consumer only sends credit (never blocks), so that is safe there.
+    private ManualResetValueTaskSourceCore<bool> _core;
+    private bool _waiting;
     private Exception? _error;
     private bool _ended;
     private bool _closed;
@@ -25,9 +31,10 @@ internal sealed class StreamInbox
     private int _uncredited;
     private ulong _callId;
 
-    public StreamInbox(RpcConnection connection, int window)
+    public StreamInbox(RpcConnection connection, int window, bool runContinuationsAsynchronously = true)
     {
         Connection = connection;
+        _core.RunContinuationsAsynchronously = runContinuationsAsynchronously;
         Window = Math.Max(1, window);
         _creditBatch = Math.Max(1, Window / 4);
     }
@@ -73,18 +80,13 @@ internal sealed class StreamInbox
     /// <summary>Queues a received item for the consumer, or gives it back at once when the consumer has left.</summary>
     public void Deliver(StreamItemMessage item)
     {
-        TaskCompletionSource<bool>? waiter;
+        bool wake = false;
         lock (_gate)
         {
-            if (_closed || _ended)
-            {
-                waiter = null;
-            }
-            else
+            if (!_closed && !_ended)
             {
                 _items.Enqueue(item);
-                waiter = _waiter;
-                _waiter = null;
+                wake = TakeWaiter();
                 item = null!;
             }
         }
@@ -94,7 +96,18 @@ internal sealed class StreamInbox
             Recycle(item);
         }
 
-        waiter?.TrySetResult(true);
+        if (wake)
+        {
+            _core.SetResult(true);
+        }
+    }
+
+    /// <summary>Under the gate: whether a consumer waits (it is then woken outside the gate, once).</summary>
+    private bool TakeWaiter()
+    {
+        bool waiting = _waiting;
+        _waiting = false;
+        return waiting;
     }
 
     /// <summary>
@@ -104,7 +117,7 @@ internal sealed class StreamInbox
     /// </summary>
     public void Complete(Exception? error, bool discardQueued)
     {
-        TaskCompletionSource<bool>? waiter;
+        bool wake;
         StreamItemMessage[]? discarded = null;
         lock (_gate)
         {
@@ -121,8 +134,7 @@ internal sealed class StreamInbox
                 _items.Clear();
             }
 
-            waiter = _waiter;
-            _waiter = null;
+            wake = TakeWaiter();
         }
 
         if (discarded is not null)
@@ -133,7 +145,10 @@ internal sealed class StreamInbox
             }
         }
 
-        waiter?.TrySetResult(false);
+        if (wake)
+        {
+            _core.SetResult(false);
+        }
     }
 
     // ------------------------------------------------------------------ the consumer's side
@@ -153,17 +168,26 @@ internal sealed class StreamInbox
                 return _error is null ? new ValueTask<StreamItemMessage?>((StreamItemMessage?)null) : ValueTask.FromException<StreamItemMessage?>(Rethrowable(_error));
             }
 
-            Debug.Assert(_waiter is null, "one consumer reads a stream");
-            _waiter = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
-            return WaitThenReadAsync(_waiter.Task);
+            Debug.Assert(!_waiting, "one consumer reads a stream");
+            _core.Reset();
+            _waiting = true;
+            return WaitThenReadAsync(new ValueTask<bool>(this, _core.Version));
         }
     }
 
-    private async ValueTask<StreamItemMessage?> WaitThenReadAsync(Task<bool> signal)
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<StreamItemMessage?> WaitThenReadAsync(ValueTask<bool> signal)
     {
         await signal.ConfigureAwait(false);
         return await ReadAsync().ConfigureAwait(false);
     }
+
+    bool IValueTaskSource<bool>.GetResult(short token) => _core.GetResult(token);
+
+    ValueTaskSourceStatus IValueTaskSource<bool>.GetStatus(short token) => _core.GetStatus(token);
+
+    void IValueTaskSource<bool>.OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
+        _core.OnCompleted(continuation, state, token, flags);
 
     /// <summary>A failure thrown to the consumer: each throw gets its own exception object so stack traces do not pile up on a shared one.</summary>
     private static Exception Rethrowable(Exception error) => error switch
@@ -197,14 +221,13 @@ internal sealed class StreamInbox
     public void Close()
     {
         StreamItemMessage[] queued;
-        TaskCompletionSource<bool>? waiter;
+        bool wake;
         lock (_gate)
         {
             _closed = true;
             queued = _items.ToArray();
             _items.Clear();
-            waiter = _waiter;
-            _waiter = null;
+            wake = TakeWaiter();
         }
 
         foreach (StreamItemMessage item in queued)
@@ -212,7 +235,10 @@ internal sealed class StreamInbox
             Recycle(item);
         }
 
-        waiter?.TrySetResult(false);
+        if (wake)
+        {
+            _core.SetResult(false);
+        }
     }
 
     private void Recycle(StreamItemMessage item)
