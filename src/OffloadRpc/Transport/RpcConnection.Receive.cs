@@ -258,13 +258,13 @@ internal sealed partial class RpcConnection
                 throw Violation($"message kind {(int)header.Kind}");
         }
 
-        Span<byte> body = target.PrepareBody(header.MethodId, header.BodyLength);
-        new ReadOnlySpan<byte>(slot + MessageHeader.Size + count * PayloadRef.Size, header.BodyLength).CopyTo(body);
-        _inbound.Messages.Consume();
-        SharedWait.Wake(_inbound.MessageProducerWake);
-
+        // From here on the target is claimed (a caller waits on it): whatever fails, it completes.
         try
         {
+            Span<byte> body = target.PrepareBody(header.MethodId, header.BodyLength);
+            new ReadOnlySpan<byte>(slot + MessageHeader.Size + count * PayloadRef.Size, header.BodyLength).CopyTo(body);
+            _inbound.Messages.Consume();
+            SharedWait.Wake(_inbound.MessageProducerWake);
             for (int i = 0; i < count; i++)
             {
                 ReceivedPayload payload = Resolve(refs[i]);
@@ -289,9 +289,9 @@ internal sealed partial class RpcConnection
                 throw Violation($"a metadata block longer than its {target.Body.Length}-byte body");
             }
         }
-        catch (ProtocolViolationException ex)
+        catch (Exception ex)
         {
-            Terminate(ex);
+            Terminate(ex as ProtocolViolationException ?? new OffloadRpcException("The receiver failed: " + ex.Message, ex));
             target.ReleaseUntakenPayloads();
             if (target is PendingCall claimed)
             {
@@ -332,9 +332,9 @@ internal sealed partial class RpcConnection
                 {
                     fault = FaultCodec.Decode(pending.Body);
                 }
-                catch (ProtocolViolationException ex)
+                catch (Exception ex)
                 {
-                    Terminate(ex);
+                    Terminate(ex as ProtocolViolationException ?? new OffloadRpcException("The receiver failed: " + ex.Message, ex));
                     pending.CompleteWithException(ClosedException());
                     throw;
                 }
