@@ -58,7 +58,6 @@ internal sealed class WorkerProcess : IAsyncDisposable
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(kestrel => kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2));
         builder.Services.AddOffloadRpcServer(endpoint).AddService<IImageWorker, ImageWorker>(ServiceLifetime.Singleton);
-        builder.Services.AddOffloadRpcGrpc();
         await using WebApplication app = builder.Build();
         app.MapOffloadRpcGrpc();
         await app.StartAsync();

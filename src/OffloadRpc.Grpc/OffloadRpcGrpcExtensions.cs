@@ -37,7 +37,8 @@ namespace Microsoft.AspNetCore.Builder
     {
         /// <summary>
         /// Serves every service registered with AddOffloadRpcServer(...).AddService&lt;...&gt;() over gRPC too,
-        /// each method as <c>/{Namespace.Interface}/{Method}</c> (needs <c>services.AddOffloadRpcGrpc()</c>).
+        /// each method as <c>/{Namespace.Interface}/{Method}</c>. AddOffloadRpcServer registers what this needs
+        /// when the application references OffloadRpc.Grpc (<c>services.AddOffloadRpcGrpc()</c> does the same explicitly).
         /// Clients connect with <c>OffloadRpcConnection.ConnectAsync("http://host:port")</c>; those on this
         /// host switch to the server's shared-memory endpoint on their own.
         /// </summary>
@@ -46,7 +47,7 @@ namespace Microsoft.AspNetCore.Builder
             ArgumentNullException.ThrowIfNull(endpoints);
             if (endpoints.ServiceProvider.GetService<OffloadRpcGrpcService>() is null)
             {
-                throw new InvalidOperationException("MapOffloadRpcGrpc needs services.AddOffloadRpcGrpc() (and AddOffloadRpcServer(...).AddService<...>() for the services to serve).");
+                throw new InvalidOperationException("MapOffloadRpcGrpc serves the services of AddOffloadRpcServer(...).AddService<...>(): register them (or call services.AddOffloadRpcGrpc()) before the application is built.");
             }
 
             return endpoints.MapGrpcService<OffloadRpcGrpcService>();

@@ -19,6 +19,7 @@ public static class OffloadRpcServiceCollectionExtensions
         ArgumentNullException.ThrowIfNull(services);
         ArgumentException.ThrowIfNullOrWhiteSpace(endpoint);
         services.TryAddSingleton<HostedServers>();
+        TransportExtensions.AddTo(services);
         ServerRegistration? registration = Find<ServerRegistration>(services, r => r.Endpoint == endpoint);
         if (registration is null)
         {

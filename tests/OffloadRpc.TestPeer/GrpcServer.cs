@@ -26,7 +26,6 @@ internal static class GrpcServer
             .AddService<IFrameSource, FrameSource>(ServiceLifetime.Singleton)
             .AddService<ICallProbe, CallProbe>()
             .AddInterceptor<ProbeServerInterceptor>();
-        builder.Services.AddOffloadRpcGrpc();
         await using WebApplication app = builder.Build();
         app.MapOffloadRpcGrpc();
         await app.StartAsync();

@@ -12,7 +12,11 @@ internal static class GrpcTransport
 
 #pragma warning disable CA2255 // a library's module initializer: it only registers the transport with the core assembly
     [ModuleInitializer]
-    internal static void Register() => RemoteTransports.RegisterGrpc(ConnectAsync);
+    internal static void Register()
+    {
+        RemoteTransports.RegisterGrpc(ConnectAsync);
+        OffloadRpc.Hosting.Internal.TransportExtensions.RegisterGrpc(static services => Microsoft.Extensions.DependencyInjection.OffloadRpcGrpcServiceCollectionExtensions.AddOffloadRpcGrpc(services));
+    }
 #pragma warning restore CA2255
 
     /// <summary>
