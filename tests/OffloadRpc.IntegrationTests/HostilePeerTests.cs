@@ -97,7 +97,9 @@ public sealed class HostilePeerTests
     [InlineData("segment-flood", "past its budget of 8 segments")]
     [InlineData("segment-bytes", "past its budget of 268435456 mapped bytes")]
     [InlineData("socket-descriptor", "not a shared-memory segment")]
-    [InlineData("no-consume", "consumed answers")]
+    // It reuses call ids: depending on timing its answer ring is found full first, or a request reuses the
+    // index of a call whose answer is still waiting for room; either is this peer's violation.
+    [InlineData("no-consume", "consumed answers|still being served")]
     [InlineData("pipelined-trickle", "stalled at")]
     public async Task A_peer_past_a_budget_is_disconnected_alone_and_its_memory_given_back(string kind, string cause)
     {
@@ -116,7 +118,7 @@ public sealed class HostilePeerTests
 
         await Eventually.TrueAsync(() => !failures.IsEmpty, "the server reports the violation", Bound);
         ProtocolViolationException violation = Assert.IsType<ProtocolViolationException>(Assert.Single(failures));
-        Assert.Contains(cause, violation.Message);
+        Assert.True(System.Text.RegularExpressions.Regex.IsMatch(violation.Message, cause), "The violation names its cause (" + cause + "): " + violation.Message);
 
         await evil.DisposeAsync();
         await Eventually.TrueAsync(() => RpcConnection.PeerMappedBytes == mapped, "the evil peer's segments are unmapped", Bound);
