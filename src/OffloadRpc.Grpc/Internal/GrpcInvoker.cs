@@ -18,6 +18,9 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     private readonly GrpcRemoteConnection _connection;
     private readonly ConcurrentDictionary<string, Method<Frame, Frame>> _methods = new();
     private readonly int _maxBodyBytes;
+
+    /// <summary>The largest body a reply or a streamed item may assemble to (OffloadRpcOptions.MaxMessageBytes).</summary>
+    internal int MaxBodyBytes => _maxBodyBytes;
     private readonly Metadata.Entry _peer;
 
     public GrpcInvoker(global::Grpc.Core.CallInvoker channel, GrpcRemoteConnection connection, SerializerOptionsSource serializerOptions, int maxBodyBytes)

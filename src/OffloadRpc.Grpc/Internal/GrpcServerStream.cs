@@ -65,7 +65,7 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             }
 
             token = _cancel!.Token;
-            var assembler = new MessageAssembler(int.MaxValue);
+            var assembler = new MessageAssembler(_invoker.MaxBodyBytes);
             try
             {
                 while (await _frames!.MoveNext(token).ConfigureAwait(false))

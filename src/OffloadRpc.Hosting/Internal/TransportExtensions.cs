@@ -1,4 +1,3 @@
-using System.Diagnostics.CodeAnalysis;
 using Microsoft.Extensions.DependencyInjection;
 
 namespace OffloadRpc.Hosting.Internal;
@@ -7,7 +6,7 @@ namespace OffloadRpc.Hosting.Internal;
 /// Transports besides shared memory that serve the hosted servers' services (today gRPC, in the
 /// OffloadRpc.Grpc assembly, which this one does not reference). An application that references
 /// OffloadRpc.Grpc gets its services registered by AddOffloadRpcServer, so that
-/// <c>app.MapOffloadRpcGrpc()</c> is all it writes, as the issue of that transport asks.
+/// <c>app.MapOffloadRpcGrpc()</c> is all it writes.
 /// </summary>
 internal static class TransportExtensions
 {
@@ -17,31 +16,13 @@ internal static class TransportExtensions
     public static void RegisterGrpc(Action<IServiceCollection> addServices) => s_grpc = addServices;
 
     /// <summary>Adds the services of every transport the application ships (none when it ships only shared memory).</summary>
-    public static void AddTo(IServiceCollection services) => FindGrpc()?.Invoke(services);
-
-    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string: the trimmer keeps it when its assembly is part of the application; without the assembly the lookup finds nothing.")]
-    private static Action<IServiceCollection>? FindGrpc()
+    public static void AddTo(IServiceCollection services)
     {
-        if (Volatile.Read(ref s_grpc) is { } add)
+        if (Volatile.Read(ref s_grpc) is null)
         {
-            return add;
+            OffloadRpc.Internal.RemoteTransports.LoadGrpcAssembly();
         }
 
-        Type? transport;
-        try
-        {
-            transport = Type.GetType("OffloadRpc.Grpc.Internal.GrpcTransport, OffloadRpc.Grpc", throwOnError: false);
-        }
-        catch (IOException)
-        {
-            transport = null; // referenced but missing or broken: shared memory only
-        }
-
-        if (transport is not null)
-        {
-            System.Runtime.CompilerServices.RuntimeHelpers.RunModuleConstructor(transport.Module.ModuleHandle);
-        }
-
-        return Volatile.Read(ref s_grpc);
+        Volatile.Read(ref s_grpc)?.Invoke(services);
     }
 }

@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.Buffers.Binary;
 using MessagePack;
 
 namespace OffloadRpc.Internal;
@@ -33,18 +32,6 @@ internal sealed class CallMetadata
     public string? TraceParent { get; private init; }
 
     public string? TraceState { get; private init; }
-
-    /// <summary>Writes [u32 length][block][body] into <paramref name="destination"/>.</summary>
-    public static void WriteWithBody(IBufferWriter<byte> destination, IReadOnlyDictionary<string, string>? headers, TimeSpan? deadlineRemaining, string? traceParent, string? traceState, ReadOnlySpan<byte> body)
-    {
-        var block = new ArrayBufferWriter<byte>(64);
-        Encode(block, headers, deadlineRemaining, traceParent, traceState);
-        Span<byte> length = destination.GetSpan(4);
-        BinaryPrimitives.WriteUInt32LittleEndian(length, (uint)block.WrittenCount);
-        destination.Advance(4);
-        destination.Write(block.WrittenSpan);
-        destination.Write(body);
-    }
 
     public static void Encode(IBufferWriter<byte> destination, IReadOnlyDictionary<string, string>? headers, TimeSpan? deadlineRemaining, string? traceParent, string? traceState)
     {

@@ -49,14 +49,23 @@ internal static class RemoteTransports
         return connect(endpoint, options, cancellationToken);
     }
 
-    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string: the trimmer keeps it when its assembly is part of the application, and without the assembly the lookup finds nothing and the caller is told which package is missing.")]
     private static Func<string, OffloadRpcOptions, CancellationToken, Task<OffloadRpcConnection>>? Find()
     {
-        if (Volatile.Read(ref s_grpc) is { } connect)
+        if (Volatile.Read(ref s_grpc) is null)
         {
-            return connect;
+            LoadGrpcAssembly();
         }
 
+        return Volatile.Read(ref s_grpc);
+    }
+
+    /// <summary>
+    /// Runs the OffloadRpc.Grpc assembly's module initializer when the application ships that assembly (it
+    /// registers itself here and with the hosting package); does nothing when it does not.
+    /// </summary>
+    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string: the trimmer keeps it when its assembly is part of the application, and without the assembly the lookup finds nothing and the caller is told which package is missing.")]
+    internal static void LoadGrpcAssembly()
+    {
         Type? transport;
         try
         {
@@ -71,7 +80,5 @@ internal static class RemoteTransports
         {
             System.Runtime.CompilerServices.RuntimeHelpers.RunModuleConstructor(transport.Module.ModuleHandle);
         }
-
-        return Volatile.Read(ref s_grpc);
     }
 }

@@ -45,7 +45,7 @@ internal sealed class StreamSource
             while (done < Length)
             {
                 int want = (int)Math.Min(chunk, Length - done);
-                int read = await _stream.ReadAsync(new BlockMemory(destination + (nint)done, want).Memory, _cancellationToken).ConfigureAwait(false);
+                int read = await _stream.ReadAsync(Window(destination + (nint)done, want), _cancellationToken).ConfigureAwait(false);
                 if (read == 0)
                 {
                     throw new EndOfStreamException($"The Stream argument ended after {done} of the {Length} bytes it had when the call started.");
@@ -78,18 +78,5 @@ internal sealed class StreamSource
     }
 
     /// <summary>A window of the mapped block as Memory, for Stream.ReadAsync; valid while the block's segment reference is held.</summary>
-    private sealed unsafe class BlockMemory(nint pointer, int length) : MemoryManager<byte>
-    {
-        public override Span<byte> GetSpan() => new((void*)pointer, length);
-
-        public override MemoryHandle Pin(int elementIndex = 0) => new((byte*)pointer + elementIndex);
-
-        public override void Unpin()
-        {
-        }
-
-        protected override void Dispose(bool disposing)
-        {
-        }
-    }
+    private static unsafe Memory<byte> Window(nint pointer, int length) => new InPlaceMemory((byte*)pointer, length).Memory;
 }
