@@ -337,7 +337,6 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         }
     }
 
-    /// <summary>Writes a pipelined payload chunk by chunk, publishing the progress after each so the receiver can start.</summary>
     /// <summary>Raises a pipelined block's progress to <paramref name="done"/> bytes and wakes a receiver waiting for it.</summary>
     internal static unsafe void PublishProgress(nint header, long done)
     {
@@ -350,9 +349,9 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         }
     }
 
+    /// <summary>Writes a pipelined payload chunk by chunk, publishing the progress after each so the receiver can start.</summary>
     private static unsafe void WritePipelined(RpcConnection connection, ReadOnlySpan<byte> data, in DeferredCopy copy)
     {
-        var header = (PipelineHeader*)copy.Header;
         fixed (byte* source = data)
         {
             long chunk = connection.PipelineChunkBytes;
@@ -360,12 +359,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
             {
                 long length = Math.Min(chunk, data.Length - done);
                 CopyRoutines.Copy(source + done, (byte*)copy.Destination + done, (nuint)length, copy.Bypass);
-                Volatile.Write(ref header->BytesReady, done + length); // release: the bytes before it are in place
-                Interlocked.Increment(ref header->ChunksReady); // full fence before reading the waiter flag
-                if (Volatile.Read(ref header->ReceiverWaiting) != 0)
-                {
-                    Interop.LinuxNative.FutexWake(&header->ChunksReady, int.MaxValue);
-                }
+                PublishProgress(copy.Header, done + length);
             }
         }
 
