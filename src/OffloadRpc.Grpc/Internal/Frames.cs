@@ -358,7 +358,7 @@ internal sealed class MessageAssembler : IDisposable
                     throw new ProtocolViolationException($"A payload of {length} bytes (at most {TransportProtocol.MaxPayloadLength}).");
                 }
 
-                _payloads[i] = LocalLeases.Instance.Rent((int)length);
+                _payloads[i] = LocalLeases.Instance.Rent((int)length, clear: false); // every byte is filled before the message is whole
             }
 
             Fill(frame.First.Span[position..]);

@@ -1,37 +1,103 @@
+using System.Collections.Concurrent;
+using System.Numerics;
+
 namespace OffloadRpc.Transport;
 
 /// <summary>
 /// Leases on memory no other process maps: what a <see cref="SharedBuffer"/> is on a transport without
-/// shared memory (gRPC). Each lease owns a small memfd mapping of its own (rounded to a page), so a
+/// shared memory (gRPC). Each lease owns a memfd mapping of its own (a power of two of pages), so a
 /// lease behaves exactly as one from an arena (Span, Memory, pins, Dispose), while its bytes are copied
-/// into and out of messages by the transport.
+/// into and out of messages by the transport. Mappings given back are kept for the next lease of their
+/// size (a few per size, <see cref="MaxKeptBytes"/> in all): a call over gRPC then costs no
+/// memfd_create, mmap, page faults and munmap per buffer.
 /// </summary>
-internal sealed class LocalLeases : ILeaseHost
+internal sealed unsafe class LocalLeases : ILeaseHost
 {
     public static readonly LocalLeases Instance = new();
 
+    /// <summary>The most bytes of mappings kept for reuse, all sizes together.</summary>
+    public const long MaxKeptBytes = 64L << 20;
+
+    private const int PageShift = 12;
+    private const int KeptPerSize = 4;
+
+    /// <summary>Sizes kept: 4 KiB (class 0) to 32 MiB (class 13).</summary>
+    private const int Classes = 14;
+
+    private readonly ConcurrentQueue<SharedMemorySegment>[] _kept = new ConcurrentQueue<SharedMemorySegment>[Classes];
+    private long _keptBytes;
     private int _nextId;
 
     private LocalLeases()
     {
+        for (int i = 0; i < Classes; i++)
+        {
+            _kept[i] = new ConcurrentQueue<SharedMemorySegment>();
+        }
     }
 
     /// <summary>A lease of exactly <paramref name="bytes"/> bytes (zero allowed), zero-filled.</summary>
-    public SharedBuffer Rent(int bytes)
+    public SharedBuffer Rent(int bytes) => Rent(bytes, clear: true);
+
+    /// <summary>A lease of exactly <paramref name="bytes"/> bytes; without <paramref name="clear"/> its bytes are whatever a previous lease left (for a receiver that fills all of them).</summary>
+    public SharedBuffer Rent(int bytes, bool clear)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(bytes);
-        long size = Math.Max(4096, (bytes + 4095L) & ~4095L);
-        SharedMemorySegment segment = SharedMemorySegment.Create(Interlocked.Increment(ref _nextId), size, "offloadrpc-local", populate: false);
-        segment.CloseDescriptor(); // never passed to anybody
-        if (!segment.TryAddReference())
+        long pages = Math.Max(1, (bytes + 4095L) >> PageShift);
+        int sizeClass = 63 - BitOperations.LeadingZeroCount((ulong)(pages - 1)) + 1; // ceil(log2(pages))
+        long size = sizeClass < Classes ? 1L << (sizeClass + PageShift) : pages << PageShift;
+        SharedMemorySegment? segment = null;
+        if (sizeClass < Classes && _kept[sizeClass].TryDequeue(out SharedMemorySegment? kept))
         {
-            segment.Dispose();
-            throw new ObjectDisposedException(nameof(SharedMemorySegment));
+            Interlocked.Add(ref _keptBytes, -kept.Size);
+            if (kept.TryAddReference())
+            {
+                segment = kept;
+                if (clear)
+                {
+                    new Span<byte>(segment.Pointer(0, bytes), bytes).Clear();
+                }
+            }
+            else
+            {
+                kept.Dispose();
+            }
+        }
+
+        if (segment is null)
+        {
+            segment = SharedMemorySegment.Create(Interlocked.Increment(ref _nextId), size, "offloadrpc-local", populate: false);
+            segment.CloseDescriptor(); // never passed to anybody
+            if (!segment.TryAddReference())
+            {
+                segment.Dispose();
+                throw new ObjectDisposedException(nameof(SharedMemorySegment));
+            }
         }
 
         return new SharedBuffer(this, segment, 0, bytes, ownedBySender: true);
     }
 
-    /// <summary>The lease's own mapping goes with it (the lease then drops the reference it held; the last one unmaps).</summary>
-    public void ReturnLease(SharedBuffer lease) => lease.Segment.Dispose();
+    /// <summary>
+    /// The lease's mapping is kept for another lease of its size while there is room, else it goes (the
+    /// lease then drops the reference it held; the last one unmaps).
+    /// </summary>
+    public void ReturnLease(SharedBuffer lease)
+    {
+        SharedMemorySegment segment = lease.Segment;
+        long pages = segment.Size >> PageShift;
+        int sizeClass = BitOperations.Log2((ulong)pages);
+        if (BitOperations.IsPow2(pages) && sizeClass < Classes && _kept[sizeClass].Count < KeptPerSize)
+        {
+            if (Interlocked.Add(ref _keptBytes, segment.Size) <= MaxKeptBytes)
+            {
+                _kept[sizeClass].Enqueue(segment);
+                return;
+            }
+
+            Interlocked.Add(ref _keptBytes, -segment.Size);
+        }
+
+        segment.Dispose();
+    }
 }
