@@ -113,12 +113,15 @@ internal static class ProbeLog
 }
 
 /// <summary>
-/// Refuses calls carrying a "deny" header (short-circuit by throwing), skips a void method named in a
-/// "skip" header (short-circuit by returning), and records what it saw of every other call.
+/// Refuses calls carrying a "deny" header (short-circuit by throwing), answers the method named in a
+/// "skip" header itself (short-circuit by returning: a void method's <see cref="NoResult"/>, or the
+/// "cached" header's value for a string result, as a cache would), and records what it saw of every other
+/// call, with its typed result. Streamed results: records each item and the end, and ("stream-cached")
+/// answers with items of its own.
 /// </summary>
 internal sealed class ProbeServerInterceptor : ServerInterceptor
 {
-    public override async ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    public override async ValueTask<TResult> InterceptAsync<TResult>(ServerInterceptorContext context, ServerCallContinuation<TResult> continuation)
     {
         if (context.RequestHeaders.TryGetValue("deny", out string? why))
         {
@@ -129,19 +132,55 @@ internal sealed class ProbeServerInterceptor : ServerInterceptor
         if (context.RequestHeaders.TryGetValue("skip", out string? skipped) && skipped == context.MethodName)
         {
             ProbeLog.Add($"skipped {context.MethodName}");
-            return;
+            if (typeof(TResult) == typeof(string))
+            {
+                return (TResult)(object)(context.RequestHeaders.TryGetValue("cached", out string? cached) ? cached : "skipped");
+            }
+
+            return default!;
         }
 
         try
         {
-            await continuation(context);
-            ProbeLog.Add($"intercepted {context.MethodName} request={context.RequestBodyBytes}+{context.RequestPayloadBytes} response={context.ResponseBodyBytes}+{context.ResponsePayloadBytes} ok");
+            TResult result = await continuation(context);
+            ProbeLog.Add($"intercepted {context.MethodName} request={context.RequestBodyBytes}+{context.RequestPayloadBytes} result={result} ok");
+            return result;
         }
         catch (Exception ex)
         {
             ProbeLog.Add($"intercepted {context.MethodName} failed {ex.GetType().Name}");
             throw;
         }
+    }
+
+    public override async IAsyncEnumerable<TItem> InterceptStream<TItem>(ServerInterceptorContext context, ServerStreamContinuation<TItem> continuation)
+    {
+        if (context.RequestHeaders.TryGetValue("deny", out string? why))
+        {
+            ProbeLog.Add($"denied stream {context.MethodName} {why}");
+            throw new UnauthorizedAccessException("denied: " + why);
+        }
+
+        if (context.RequestHeaders.TryGetValue("stream-cached", out string? cached) && typeof(TItem) == typeof(string))
+        {
+            ProbeLog.Add($"stream cached {context.MethodName}");
+            foreach (string item in cached.Split(','))
+            {
+                yield return (TItem)(object)item;
+            }
+
+            yield break;
+        }
+
+        int count = 0;
+        await foreach (TItem item in continuation(context))
+        {
+            count++;
+            ProbeLog.Add($"stream item {context.MethodName} {item}");
+            yield return item;
+        }
+
+        ProbeLog.Add($"stream ended {context.MethodName} items={count} tenant={(context.RequestHeaders.TryGetValue("tenant", out string? tenant) ? tenant : "none")}");
     }
 }
 
