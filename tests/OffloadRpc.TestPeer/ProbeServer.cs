@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
+using System.Runtime.CompilerServices;
 using OffloadRpc;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
@@ -242,4 +243,56 @@ internal sealed class CallProbe : ICallProbe
     public ValueTask<string[]> ServerLogAsync(CancellationToken ct = default) => ValueTask.FromResult(ProbeLog.Snapshot());
 
     public ValueTask PingAsync(CancellationToken ct = default) => ValueTask.CompletedTask;
+
+    public async IAsyncEnumerable<string> WatchAsync(int count, int delayMs, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        OffloadCallContext call = OffloadCallContext.Current!;
+        ProbeLog.Add($"watch ran {count}");
+        string deadline = call.Deadline is null ? "no" : "yes";
+        string seen = $"headers={Headers(call)} deadline={deadline} trace={(Activity.Current is { } span ? $"{span.TraceId} {span.ParentSpanId}" : "none")}";
+        Volatile.Write(ref s_lastOutcome, "streaming");
+        for (int i = 0; i < count; i++)
+        {
+            if (i > 0)
+            {
+                try
+                {
+                    await Task.Delay(delayMs, ct);
+                }
+                catch (OperationCanceledException)
+                {
+                    Volatile.Write(ref s_lastOutcome, $"stream cancelled deadline={deadline}");
+                    throw;
+                }
+            }
+
+            yield return $"{i} {seen}";
+        }
+
+        Volatile.Write(ref s_lastOutcome, "stream completed");
+    }
+
+    public async IAsyncEnumerable<string> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        string headers = Headers(OffloadCallContext.Current!);
+        await foreach (ReadOnlyMemory<ulong> chunk in chunks.WithCancellation(ct))
+        {
+            yield return $"{Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(chunk.Span))} headers={headers}";
+        }
+    }
+
+    public async ValueTask<string> ChecksumAllAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default)
+    {
+        string headers = Headers(OffloadCallContext.Current!);
+        var all = new List<ulong>();
+        await foreach (ReadOnlyMemory<ulong> chunk in chunks.WithCancellation(ct))
+        {
+            all.AddRange(chunk.ToArray());
+        }
+
+        return $"{Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(all.ToArray().AsSpan()))} headers={headers}";
+    }
+
+    private static string Headers(OffloadCallContext call) =>
+        string.Join(';', call.RequestHeaders.Select(h => $"{h.Key}={h.Value}").Order(StringComparer.Ordinal));
 }

@@ -231,7 +231,11 @@ public abstract class CallInvoker
     /// </summary>
     private async IAsyncEnumerable<T> ObserveStreamAsync<T>(MethodDescriptor<T> method, MessageBuilder request, ClientPipeline? pipeline, OffloadCallScope? scope, CancellationToken cancellationToken, [EnumeratorCancellation] CancellationToken enumeratorToken = default)
     {
-        var context = new ClientInterceptorContext(this, method, request, scope, DeadlineOf(scope, pipeline), cancellationToken);
+        // The consumer's token (WithCancellation) cancels the call whatever the interceptors pass on.
+        using CancellationTokenSource? linked = enumeratorToken.CanBeCanceled && enumeratorToken != cancellationToken
+            ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, enumeratorToken)
+            : null;
+        var context = new ClientInterceptorContext(this, method, request, scope, DeadlineOf(scope, pipeline), linked?.Token ?? cancellationToken);
         CallObservation observation = CallObservation.Start(Telemetry.Client, method);
         IAsyncEnumerator<T>? items = null;
         Exception? failure = null;
