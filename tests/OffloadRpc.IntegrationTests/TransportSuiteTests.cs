@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Runtime.InteropServices;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
 using OffloadRpc.Tests.Infrastructure;
@@ -121,6 +122,8 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
     private IKitchenSink Sink => _connection.GetService<IKitchenSink>();
 
     private ICallProbe Probe => _connection.GetService<ICallProbe>();
+
+    private IFrameSource Frames => _connection.GetService<IFrameSource>();
 
     [Fact]
     public async Task The_design_example_and_every_parameter_kind_cross()
@@ -306,6 +309,159 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
         await Eventually.TrueAsync(async () => (await frames.StatusAsync(tag)).Finished, "the producer finished");
         Assert.True((await frames.StatusAsync(tag)).Cancelled, "the producer's token fired");
         Assert.Equal(9, await Images.AddAsync(4, 5));
+    }
+
+    [Fact]
+    public async Task Client_streaming_sends_MessagePack_items_and_gets_the_result()
+    {
+        static async IAsyncEnumerable<Tick> Ticks(int count)
+        {
+            for (int i = 0; i < count; i++)
+            {
+                yield return new Tick { Index = i, Checksum = Checksum64.Compute(BitConverter.GetBytes(i)) };
+                if (i % 50 == 0)
+                {
+                    await Task.Yield();
+                }
+            }
+        }
+
+        Assert.Equal(1000, await Frames.CountTicksAsync(Ticks(1000)));
+        Assert.Equal(0, await Frames.CountTicksAsync(Ticks(0)));
+    }
+
+    [Fact]
+    public async Task Client_streaming_of_leases_moves_each_one_to_the_server()
+    {
+        const int Size = 1 << 20;
+        async IAsyncEnumerable<SharedBuffer> Rendered(int count)
+        {
+            for (int i = 0; i < count; i++)
+            {
+                SharedBuffer frame = _connection.Rent(Size);
+                Checksum64.Fill(frame.Span, (ulong)i);
+                yield return frame; // written in place; the server owns it once sent
+                await Task.Yield();
+            }
+        }
+
+        ulong expected = 0;
+        for (int i = 0; i < 40; i++)
+        {
+            expected = (expected * 31) + FrameChecksum(Size, i);
+        }
+
+        Assert.Equal(expected, await Frames.ChecksumLeasesAsync(Rendered(40)));
+    }
+
+    [Fact]
+    public async Task A_slow_server_holds_the_client_producer_within_the_window()
+    {
+        string tag = "drain-" + Guid.NewGuid().ToString("N");
+        IFrameSource frames = Frames;
+        const int Window = 16;
+        int violations = 0;
+        int maxAhead = 0;
+        async IAsyncEnumerable<int> Values(int count)
+        {
+            for (int i = 0; i < count; i++)
+            {
+                ProducerStatus status = await frames.StatusAsync(tag);
+                maxAhead = Math.Max(maxAhead, i - status.Produced);
+                if (i > status.Produced + Window)
+                {
+                    violations++; // asked for item i while the server had taken only status.Produced
+                }
+
+                yield return i;
+            }
+        }
+
+        Assert.Equal(120, await frames.SlowDrainAsync(tag, Values(120), 5));
+        Assert.Equal(0, violations);
+        Assert.True(maxAhead >= Window / 2, $"the producer ran ahead by at most {maxAhead}: the window is not used");
+    }
+
+    [Fact]
+    public async Task A_client_producer_exception_is_the_caller_s_and_the_server_sees_it_as_a_fault()
+    {
+        string tag = "fail-" + Guid.NewGuid().ToString("N");
+        static async IAsyncEnumerable<int> Failing()
+        {
+            yield return 0;
+            yield return 1;
+            await Task.Yield();
+            throw new FormatException("client producer broke");
+        }
+
+        FormatException own = await Assert.ThrowsAsync<FormatException>(async () => await Frames.SlowDrainAsync(tag, Failing(), 0));
+        Assert.Equal("client producer broke", own.Message);
+        await Eventually.TrueAsync(async () => (await Frames.StatusAsync(tag)).Finished, "the server's method ended");
+        ProducerStatus status = await Frames.StatusAsync(tag);
+        Assert.Equal(2, status.Produced);
+        Assert.Equal("System.FormatException: client producer broke", status.Error);
+    }
+
+    [Fact]
+    public async Task Cancelling_a_client_stream_cancels_the_server_method()
+    {
+        string tag = "ccancel-" + Guid.NewGuid().ToString("N");
+        using var cts = new CancellationTokenSource();
+        static async IAsyncEnumerable<int> Endless()
+        {
+            for (int i = 0; ; i++)
+            {
+                yield return i;
+                await Task.Yield();
+            }
+        }
+
+        Task<int> call = Frames.SlowDrainAsync(tag, Endless(), 1, cts.Token).AsTask();
+        await Eventually.TrueAsync(async () => (await Frames.StatusAsync(tag)).Produced >= 5, "the server took a few items");
+        cts.Cancel();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => call);
+        await Eventually.TrueAsync(async () => (await Frames.StatusAsync(tag)).Finished, "the server's method ended");
+        Assert.True((await Frames.StatusAsync(tag)).Cancelled, "the server's method saw cancellation");
+    }
+
+    [Fact]
+    public async Task Duplex_answers_each_frame_as_it_arrives()
+    {
+        const int Length = 10_000;
+        static async IAsyncEnumerable<ReadOnlyMemory<int>> Numbers(int count)
+        {
+            int[] frame = new int[Length];
+            for (int i = 0; i < count; i++)
+            {
+                for (int j = 0; j < Length; j++)
+                {
+                    frame[j] = (i * 7) + j;
+                }
+
+                yield return frame; // copied into shared memory before the next is asked for
+                await Task.Yield();
+            }
+        }
+
+        static ulong Expected(int i)
+        {
+            int[] frame = new int[Length];
+            for (int j = 0; j < Length; j++)
+            {
+                frame[j] = (i * 7) + j;
+            }
+
+            return Checksum64.Compute(MemoryMarshal.AsBytes(frame.AsSpan()));
+        }
+
+        int k = 0;
+        await foreach (ulong checksum in Frames.ChecksumEachAsync(Numbers(100)))
+        {
+            Assert.Equal(Expected(k), checksum);
+            k++;
+        }
+
+        Assert.Equal(100, k);
     }
 
     private static ulong FrameChecksum(int size, int seed)

@@ -14,8 +14,14 @@ internal enum FrameKind : byte
     /// <summary>The next bytes of the current message's payloads, in order.</summary>
     Data = 1,
 
-    /// <summary>Starts an item of a streamed result (laid out as <see cref="Head"/>); the reply's head ends the stream.</summary>
+    /// <summary>Starts an item of a streamed result or argument (laid out as <see cref="Head"/>); the reply's head, or the end of the request stream, ends the stream.</summary>
     ItemHead = 2,
+
+    /// <summary>The receiver of a streamed argument lets the client send [u32] more items (the window at first, then as it consumes).</summary>
+    Credit = 3,
+
+    /// <summary>The client's enumerable of a streamed argument threw: the exception, as the shared-memory fault encodes it; the server's enumeration throws it.</summary>
+    Fault = 4,
 }
 
 /// <summary>
@@ -65,6 +71,37 @@ internal sealed class Frame
         }
     }
 
+    /// <summary>A credit frame: the client may send <paramref name="items"/> more items of its streamed argument.</summary>
+    public static Frame Credit(int items)
+    {
+        byte[] count = new byte[4];
+        BinaryPrimitives.WriteInt32LittleEndian(count, items);
+        return new Frame(FrameKind.Credit, count);
+    }
+
+    /// <summary>The items of a credit frame (its buffer goes back).</summary>
+    /// <exception cref="ProtocolViolationException">The frame is not 4 bytes or grants nothing.</exception>
+    public static int ReadCredit(Frame frame)
+    {
+        try
+        {
+            int items = frame.First.Length == 4 ? BinaryPrimitives.ReadInt32LittleEndian(frame.First.Span) : 0;
+            return items > 0 ? items : throw new ProtocolViolationException($"A credit frame of {frame.First.Length} bytes granting {items} items.");
+        }
+        finally
+        {
+            frame.Release();
+        }
+    }
+
+    /// <summary>A fault frame: the client's enumerable threw <paramref name="exception"/>.</summary>
+    public static Frame Fault(Exception exception)
+    {
+        byte[] buffer = new byte[FaultCodec.MaxEncodedLength];
+        int length = FaultCodec.Encode(exception, buffer, 0, full: true);
+        return new Frame(FrameKind.Fault, buffer.AsMemory(0, length));
+    }
+
     /// <summary>
     /// Serializes into gRPC's own buffer (no intermediate array), deserializes into a pooled buffer: the
     /// bytes are copied once each way besides the copy into or out of the caller's memory.
@@ -107,7 +144,7 @@ internal sealed class Frame
         byte[] rented = ArrayPool<byte>.Shared.Rent(length);
         sequence.CopyTo(rented);
         byte kind = rented[0];
-        if (kind > (byte)FrameKind.ItemHead)
+        if (kind > (byte)FrameKind.Fault)
         {
             ArrayPool<byte>.Shared.Return(rented);
             throw new ProtocolViolationException($"A gRPC frame of unknown kind {kind}.");

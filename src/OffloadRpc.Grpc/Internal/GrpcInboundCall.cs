@@ -5,24 +5,31 @@ using OffloadRpc.Transport;
 namespace OffloadRpc.Grpc.Internal;
 
 /// <summary>A request that came over gRPC, as the dispatcher and the generated stub see it.</summary>
-internal sealed class GrpcInboundCall : IInboundCall, IDisposable
+internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 {
     private readonly MessageAssembler _message;
     private readonly CancellationTokenSource _cancellation;
     private readonly byte[]? _metadata;
+    private readonly IAsyncStreamReader<Frame> _requests;
     private readonly IServerStreamWriter<Frame> _responses;
     private readonly int _window;
+    private readonly int _maxBodyBytes;
     private OutgoingMessage? _reply;
     private StreamOutbox? _outbox;
-    private System.Threading.Channels.Channel<OutgoingMessage>? _items;
+    private System.Threading.Channels.Channel<Outgoing>? _outgoing;
     private Task? _writer;
 
-    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, IServerStreamWriter<Frame> responses, int window)
+    /// <summary>What the response writer sends before the reply: an item of the streamed result, or credit for the streamed argument.</summary>
+    private readonly record struct Outgoing(OutgoingMessage? Item, int Credit);
+
+    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, IAsyncStreamReader<Frame> requests, IServerStreamWriter<Frame> responses, int window, int maxBodyBytes)
     {
         MethodId = methodId;
         _message = message;
+        _requests = requests;
         _responses = responses;
         _window = window;
+        _maxBodyBytes = maxBodyBytes;
         _cancellation = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken);
         foreach (Metadata.Entry entry in context.RequestHeaders)
         {
@@ -70,6 +77,18 @@ internal sealed class GrpcInboundCall : IInboundCall, IDisposable
 
     public Stream OpenPayloadStream(int index, CancellationToken cancellationToken) => new LeaseStream(TakePayload(index));
 
+    /// <summary>The request stream's frames after the request: the items of the streamed argument, read as the method asks for them.</summary>
+    internal IAsyncStreamReader<Frame> Requests => _requests;
+
+    internal int Window => _window;
+
+    internal int MaxBodyBytes => _maxBodyBytes;
+
+    public IAsyncEnumerable<T> ReadItems<T>(ReplyDecoder<T> decoder, SerializerOptionsSource options) => new GrpcArgumentStream<T>(this, decoder, options);
+
+    /// <summary>Lets the client send <paramref name="items"/> more items of its streamed argument (ignored once the call is answered).</summary>
+    internal void SendCredit(int items) => Writer().TryWrite(new Outgoing(null, items));
+
     /// <summary>Ordinary memory of this process: over gRPC a returned lease is copied into the reply.</summary>
     public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => LocalLeases.Instance.Rent(bytes);
 
@@ -105,12 +124,23 @@ internal sealed class GrpcInboundCall : IInboundCall, IDisposable
             {
                 _outbox = new StreamOutbox();
                 _outbox.Grant(_window);
-                _items = System.Threading.Channels.Channel.CreateUnbounded<OutgoingMessage>(new() { SingleReader = true, SingleWriter = true });
-                _writer = WriteItemsAsync(_items.Reader, _outbox);
+                Writer();
             }
 
             return _outbox;
         }
+    }
+
+    /// <summary>The one writer of the response stream before the reply (gRPC takes one write at a time).</summary>
+    private System.Threading.Channels.ChannelWriter<Outgoing> Writer()
+    {
+        if (_outgoing is null)
+        {
+            _outgoing = System.Threading.Channels.Channel.CreateUnbounded<Outgoing>(new() { SingleReader = true });
+            _writer = WriteAsync(_outgoing.Reader);
+        }
+
+        return _outgoing.Writer;
     }
 
     /// <summary>Copies the item (its leases are taken over) and queues it for the writer: never more than the window are queued.</summary>
@@ -118,19 +148,25 @@ internal sealed class GrpcInboundCall : IInboundCall, IDisposable
     {
         _ = Outbox;
         OutgoingMessage item = OutgoingMessage.Create(body, payloads);
-        if (!_items!.Writer.TryWrite(item))
+        if (!_outgoing!.Writer.TryWrite(new Outgoing(item, 0)))
         {
             item.Dispose();
             throw new OperationCanceledException("The stream's writer has stopped.");
         }
     }
 
-    private async Task WriteItemsAsync(System.Threading.Channels.ChannelReader<OutgoingMessage> items, StreamOutbox credit)
+    private async Task WriteAsync(System.Threading.Channels.ChannelReader<Outgoing> outgoing)
     {
         try
         {
-            await foreach (OutgoingMessage item in items.ReadAllAsync().ConfigureAwait(false))
+            await foreach (Outgoing next in outgoing.ReadAllAsync().ConfigureAwait(false))
             {
+                if (next.Item is not { } item)
+                {
+                    await _responses.WriteAsync(Frame.Credit(next.Credit), _cancellation.Token).ConfigureAwait(false);
+                    continue;
+                }
+
                 using (item)
                 {
                     foreach (Frame frame in item.Frames(FrameKind.ItemHead))
@@ -139,30 +175,30 @@ internal sealed class GrpcInboundCall : IInboundCall, IDisposable
                     }
                 }
 
-                credit.Grant(1);
+                _outbox!.Grant(1);
             }
         }
         catch
         {
             _cancellation.Cancel(); // the caller is gone or the write failed: the producer stops at its next credit wait
-            while (items.TryRead(out OutgoingMessage? left))
+            while (outgoing.TryRead(out Outgoing left))
             {
-                left.Dispose();
+                left.Item?.Dispose();
             }
 
             throw;
         }
     }
 
-    /// <summary>Waits for the items already produced to be written (before the reply or the fault, which end the stream).</summary>
+    /// <summary>Waits for the items and credit already queued to be written (before the reply or the fault, which end the call).</summary>
     public async Task FinishItemsAsync()
     {
-        if (_items is null)
+        if (_outgoing is null)
         {
             return;
         }
 
-        _items.Writer.TryComplete();
+        _outgoing.Writer.TryComplete();
         await _writer!.ConfigureAwait(false);
     }
 
@@ -173,59 +209,5 @@ internal sealed class GrpcInboundCall : IInboundCall, IDisposable
         _reply?.Dispose();
         _message.Dispose();
         _cancellation.Dispose();
-    }
-
-    /// <summary>A read-only stream over a payload; closing it gives the lease back.</summary>
-    private sealed class LeaseStream(SharedBuffer lease) : Stream
-    {
-        private long _position;
-
-        public override bool CanRead => true;
-
-        public override bool CanSeek => true;
-
-        public override bool CanWrite => false;
-
-        public override long Length => lease.Length;
-
-        public override long Position
-        {
-            get => _position;
-            set => _position = Math.Clamp(value, 0, lease.Length);
-        }
-
-        public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
-
-        public override int Read(Span<byte> buffer)
-        {
-            int n = (int)Math.Min(buffer.Length, lease.Length - _position);
-            lease.Span.Slice((int)_position, n).CopyTo(buffer);
-            _position += n;
-            return n;
-        }
-
-        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => ValueTask.FromResult(Read(buffer.Span));
-
-        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) => Task.FromResult(Read(buffer, offset, count));
-
-        public override long Seek(long offset, SeekOrigin origin)
-        {
-            Position = origin switch { SeekOrigin.Begin => offset, SeekOrigin.Current => _position + offset, _ => lease.Length + offset };
-            return _position;
-        }
-
-        public override void Flush()
-        {
-        }
-
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
-
-        protected override void Dispose(bool disposing)
-        {
-            lease.Dispose();
-            base.Dispose(disposing);
-        }
     }
 }

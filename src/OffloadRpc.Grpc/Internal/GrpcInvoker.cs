@@ -38,16 +38,11 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 
     internal Metadata Headers() => [_peer];
 
-    internal override IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
-    {
-        if (request.TakeItemStream() is not null)
-        {
-            request.Discard();
-            return FailedStream<T>(new NotSupportedException($"{method.FullName} takes a streamed argument: client streaming and duplex calls are not carried over gRPC yet (use the shared-memory transport)."));
-        }
+    /// <summary>The serializer options of the connection, for the pump of a streamed argument.</summary>
+    internal SerializerOptionsSource Options => SerializerOptionsSource;
 
-        return new GrpcServerStream<T>(this, method, request, cancellationToken);
-    }
+    internal override IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
+        new GrpcServerStream<T>(this, method, request, cancellationToken);
 
     internal Method<Frame, Frame> MethodOf(MethodDescriptor method) =>
         _methods.GetOrAdd(method.FullName, static (_, m) => GrpcWire.Method(m.ServiceName, m.Name), method);
@@ -55,54 +50,41 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         SendAsync(method, request, default, cancellationToken);
 
+    /// <summary>Copies the request (and takes its streamed argument over) before it returns; the reply comes through the task.</summary>
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
-        if (request.TakeItemStream() is not null)
+        ItemStream? items = request.TakeItemStream();
+        OutgoingMessage message = OutgoingMessage.Create(request.WrittenBody, request.Payloads);
+        GrpcClientCall call;
+        try
         {
-            request.Discard();
-            throw new NotSupportedException($"{method.FullName} takes a streamed argument: client streaming is not carried over gRPC yet (use the shared-memory transport).");
+            call = GrpcClientCall.Start(this, method, message, metadata, items is not null, cancellationToken);
+        }
+        catch
+        {
+            message.Dispose();
+            throw;
         }
 
-        OutgoingMessage message = OutgoingMessage.Create(request.WrittenBody, request.Payloads);
-        byte[]? block = metadata.IsEmpty ? null : metadata.ToArray();
-        return CallAsync(method, message, block, cancellationToken);
+        ValueTask<RpcReply> reply = ReplyAsync(call, method, cancellationToken);
+        return items is null ? reply : items.SendWhileAwaitingAsync(reply, call.Outbox!, SerializerOptionsSource, cancellationToken);
     }
 
-    private async ValueTask<RpcReply> CallAsync(MethodDescriptor method, OutgoingMessage message, byte[]? block, CancellationToken cancellationToken)
+    private async ValueTask<RpcReply> ReplyAsync(GrpcClientCall call, MethodDescriptor method, CancellationToken cancellationToken)
     {
-        DateTime? deadline = null;
-        Metadata headers = Headers();
-        if (block is not null)
-        {
-            headers.Add(GrpcWire.MetadataHeader, block);
-            if (CallMetadata.Decode(block).DeadlineRemaining is { } remaining)
-            {
-                deadline = DateTime.UtcNow + remaining;
-            }
-        }
-
-        var options = new CallOptions(headers, deadline, cancellationToken);
         var assembler = new MessageAssembler(_maxBodyBytes);
         try
         {
-            using (message)
+            try
             {
-                if (message.IsSingleFrame)
+                if (!await call.ReadMessageAsync(assembler, cancellationToken).ConfigureAwait(false) || assembler.HeadKind != FrameKind.Head)
                 {
-                    using AsyncServerStreamingCall<Frame> call = _channel.AsyncServerStreamingCall(MethodOf(method), null, options, message.Head);
-                    await ReadAsync(call.ResponseStream, assembler, cancellationToken).ConfigureAwait(false);
+                    throw new ProtocolViolationException($"The gRPC call of {method.FullName} ended without a complete reply.");
                 }
-                else
-                {
-                    using AsyncDuplexStreamingCall<Frame, Frame> call = _channel.AsyncDuplexStreamingCall(MethodOf(method), null, options);
-                    foreach (Frame frame in message.Frames())
-                    {
-                        await call.RequestStream.WriteAsync(frame, cancellationToken).ConfigureAwait(false);
-                    }
-
-                    await call.RequestStream.CompleteAsync().ConfigureAwait(false);
-                    await ReadAsync(call.ResponseStream, assembler, cancellationToken).ConfigureAwait(false);
-                }
+            }
+            finally
+            {
+                await call.DisposeAsync().ConfigureAwait(false); // the server ends the call right after its reply
             }
 
             _connection.MarkAlive();
@@ -111,21 +93,8 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         catch (Exception ex)
         {
             assembler.Dispose();
-            throw Translate(ex, method, deadline, cancellationToken);
+            throw call.Translate(ex, method, cancellationToken);
         }
-    }
-
-    private static async ValueTask ReadAsync(IAsyncStreamReader<Frame> frames, MessageAssembler assembler, CancellationToken cancellationToken)
-    {
-        while (await frames.MoveNext(cancellationToken).ConfigureAwait(false))
-        {
-            if (assembler.Accept(frames.Current))
-            {
-                return; // the server ends the call right after its reply
-            }
-        }
-
-        throw new ProtocolViolationException("The gRPC call ended without a complete reply.");
     }
 
     /// <summary>gRPC's outcome as this library's exceptions, the same as over shared memory.</summary>
@@ -166,17 +135,23 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     }
 }
 
-/// <summary>A reply that came over gRPC: its body and payloads (ordinary memory) until it is disposed.</summary>
+/// <summary>The side a message came from, told when the message breaks the protocol.</summary>
+internal interface IGrpcPeer
+{
+    void AbortConnection(ProtocolViolationException violation);
+}
+
+/// <summary>A reply or stream item that came over gRPC: its body and payloads (ordinary memory) until it is disposed.</summary>
 internal sealed class GrpcReply : IReplySource
 {
     private readonly MessageAssembler _message;
-    private readonly GrpcRemoteConnection _connection;
+    private readonly IGrpcPeer _peer;
     private int _disposed;
 
-    public GrpcReply(MessageAssembler message, GrpcRemoteConnection connection)
+    public GrpcReply(MessageAssembler message, IGrpcPeer peer)
     {
         _message = message;
-        _connection = connection;
+        _peer = peer;
     }
 
     public ReadOnlySpan<byte> Body => _message.Body.Span;
@@ -216,5 +191,5 @@ internal sealed class GrpcReply : IReplySource
         }
     }
 
-    public void AbortConnection(ProtocolViolationException violation) => _connection.MarkDisconnected();
+    public void AbortConnection(ProtocolViolationException violation) => _peer.AbortConnection(violation);
 }

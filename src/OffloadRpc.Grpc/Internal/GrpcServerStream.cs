@@ -1,4 +1,3 @@
-using global::Grpc.Core;
 using OffloadRpc.Internal;
 using OffloadRpc.Transport;
 
@@ -8,7 +7,9 @@ namespace OffloadRpc.Grpc.Internal;
 /// A streamed result over gRPC: the call starts on the first MoveNextAsync; each item is a message of
 /// frames (an item head, then its buffers in chunks), valid until the next MoveNextAsync; the reply's
 /// head ends the stream, a status with a fault ends it with that exception after the items before it.
-/// Backpressure is HTTP/2's flow control: the server writes no faster than this side reads.
+/// Backpressure is HTTP/2's flow control: the server writes no faster than this side reads. A method
+/// that also takes a streamed argument (duplex) sends its items while this side reads, as the server's
+/// credit allows; if the caller's enumerable throws, that exception is the one the consumer gets.
 /// </summary>
 internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerator<T>
 {
@@ -18,9 +19,9 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
     private MessageBuilder? _request;
     private CancellationTokenSource? _cancel;
     private CancellationToken _enumeratorToken;
-    private IDisposable? _call;
-    private OutgoingMessage? _message;
-    private IAsyncStreamReader<Frame>? _frames;
+    private GrpcClientCall? _call;
+    private CancellationTokenSource? _stopPump;
+    private Task? _pump;
     private RpcReply _item;
     private bool _hasItem;
     private T _current = default!;
@@ -56,55 +57,82 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             return false;
         }
 
-        CancellationToken token = default;
+        bool item;
         try
         {
-            if (_frames is null)
-            {
-                await StartAsync().ConfigureAwait(false);
-            }
-
-            token = _cancel!.Token;
-            var assembler = new MessageAssembler(_invoker.MaxBodyBytes);
-            try
-            {
-                while (await _frames!.MoveNext(token).ConfigureAwait(false))
-                {
-                    if (!assembler.Accept(_frames.Current))
-                    {
-                        continue;
-                    }
-
-                    if (assembler.HeadKind == FrameKind.ItemHead)
-                    {
-                        _item = new RpcReply(new GrpcReply(assembler, _invoker.Connection), 0);
-                        _hasItem = true;
-                        _current = _invoker.DecodeItem(_method.Decoder, _item);
-                        return true;
-                    }
-
-                    assembler.Dispose(); // the reply: the stream is over
-                    _finished = true;
-                    return false;
-                }
-            }
-            catch
-            {
-                if (!_hasItem)
-                {
-                    assembler.Dispose();
-                }
-
-                throw;
-            }
-
-            assembler.Dispose();
-            throw new ProtocolViolationException($"The stream of {_method.FullName} ended without its reply.");
+            item = await ReadNextAsync().ConfigureAwait(false);
         }
         catch (Exception ex)
         {
             _finished = true;
-            throw _invoker.Translate(ex, _method, null, token.IsCancellationRequested ? token : _callToken);
+            CancellationToken token = _cancel?.Token ?? default;
+            Exception translated = _invoker.Translate(ex, _method, _call?.Deadline, token.IsCancellationRequested ? token : _callToken);
+            await ThrowOwnFailureAsync().ConfigureAwait(false);
+            throw translated;
+        }
+
+        if (!item)
+        {
+            _finished = true; // the reply: the stream is over
+            await ThrowOwnFailureAsync().ConfigureAwait(false);
+        }
+
+        return item;
+    }
+
+    /// <summary>Starts the call on the first read; true with the next item current, false at the reply.</summary>
+    private async ValueTask<bool> ReadNextAsync()
+    {
+        if (_call is null)
+        {
+            await StartAsync().ConfigureAwait(false);
+        }
+
+        var assembler = new MessageAssembler(_invoker.MaxBodyBytes);
+        try
+        {
+            if (await _call!.ReadMessageAsync(assembler, _cancel!.Token).ConfigureAwait(false))
+            {
+                if (assembler.HeadKind == FrameKind.ItemHead)
+                {
+                    _item = new RpcReply(new GrpcReply(assembler, _invoker.Connection), 0);
+                    _hasItem = true;
+                    _current = _invoker.DecodeItem(_method.Decoder, _item);
+                    return true;
+                }
+
+                assembler.Dispose();
+                return false;
+            }
+        }
+        catch
+        {
+            if (!_hasItem)
+            {
+                assembler.Dispose();
+            }
+
+            throw;
+        }
+
+        assembler.Dispose();
+        throw new ProtocolViolationException($"The stream of {_method.FullName} ended without its reply.");
+    }
+
+    /// <summary>The stream is over: the pump of a streamed argument stops; if the caller's enumerable threw, that is thrown.</summary>
+    private async ValueTask ThrowOwnFailureAsync()
+    {
+        if (_pump is null)
+        {
+            return;
+        }
+
+        _stopPump!.Cancel();
+        Task pump = _pump;
+        _pump = null;
+        if (await ItemStream.FailureOf(pump).ConfigureAwait(false) is { } own)
+        {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(own);
         }
     }
 
@@ -126,6 +154,7 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             }
         }
 
+        ItemStream? items = request.TakeItemStream();
         OutgoingMessage message;
         try
         {
@@ -136,27 +165,20 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             request.Return();
         }
 
-        _message = message; // gRPC serializes the request after the call starts: kept until the stream is disposed
+        try
         {
-            var options = new CallOptions(_invoker.Headers(), null, _cancel.Token);
-            if (message.IsSingleFrame)
-            {
-                AsyncServerStreamingCall<Frame> call = _invoker.Channel.AsyncServerStreamingCall(_invoker.MethodOf(_method), null, options, message.Head);
-                _call = call;
-                _frames = call.ResponseStream;
-            }
-            else
-            {
-                AsyncDuplexStreamingCall<Frame, Frame> call = _invoker.Channel.AsyncDuplexStreamingCall(_invoker.MethodOf(_method), null, options);
-                _call = call;
-                foreach (Frame frame in message.Frames())
-                {
-                    await call.RequestStream.WriteAsync(frame, _cancel.Token).ConfigureAwait(false);
-                }
+            _call = GrpcClientCall.Start(_invoker, _method, message, default, items is not null, _cancel.Token);
+        }
+        catch
+        {
+            message.Dispose();
+            throw;
+        }
 
-                await call.RequestStream.CompleteAsync().ConfigureAwait(false);
-                _frames = call.ResponseStream;
-            }
+        if (items is not null)
+        {
+            _stopPump = CancellationTokenSource.CreateLinkedTokenSource(_cancel.Token);
+            _pump = items.PumpAsync(_call.Outbox!, _invoker.Options, _stopPump.Token);
         }
     }
 
@@ -170,7 +192,7 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
         }
     }
 
-    public ValueTask DisposeAsync()
+    public async ValueTask DisposeAsync()
     {
         ReleaseItem();
         _request?.Discard();
@@ -181,10 +203,20 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
         }
 
         _finished = true;
-        _call?.Dispose();
-        _message?.Dispose();
-        _message = null;
+        if (_pump is { } pump)
+        {
+            _pump = null;
+            _stopPump!.Cancel();
+            _ = await ItemStream.FailureOf(pump).ConfigureAwait(false); // left early: the consumer asked for no outcome
+        }
+
+        if (_call is { } call)
+        {
+            _call = null;
+            await call.DisposeAsync().ConfigureAwait(false);
+        }
+
+        _stopPump?.Dispose();
         _cancel?.Dispose();
-        return ValueTask.CompletedTask;
     }
 }

@@ -113,7 +113,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
         }
 
-        using var call = new GrpcInboundCall(method.Id, assembler, context, responses, host.Options.StreamWindow);
+        using var call = new GrpcInboundCall(method.Id, assembler, context, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
         Exception? failure = null;
         try
         {

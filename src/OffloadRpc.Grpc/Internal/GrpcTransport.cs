@@ -94,7 +94,7 @@ internal static class GrpcTransport
 }
 
 /// <summary>A client connection over gRPC: the channel, what the server said it serves, and whether it still answers.</summary>
-internal sealed class GrpcRemoteConnection : RemoteConnection
+internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
 {
     private readonly GrpcChannel _channel;
     private readonly ServerDescription _server;
@@ -127,6 +127,9 @@ internal sealed class GrpcRemoteConnection : RemoteConnection
     public void MarkDisconnected() => _disconnected = true;
 
     public void MarkAlive() => _disconnected = false;
+
+    /// <summary>A reply that does not decode: the calls after it find the connection closed until one reaches the server again.</summary>
+    public void AbortConnection(ProtocolViolationException violation) => MarkDisconnected();
 
     public override ValueTask DisposeAsync()
     {

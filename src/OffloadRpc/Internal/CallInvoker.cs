@@ -463,63 +463,7 @@ internal sealed class SharedMemoryInvoker : CallInvoker
     private ValueTask<RpcReply> CallWithItems(MethodDescriptor method, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, ItemStream items, CancellationToken cancellationToken)
     {
         var outbox = new StreamOutbox();
-        return PumpWhileAwaitingAsync(_connection.CallAsync(method.Id, body, payloads, flags, inbox, outbox, cancellationToken), items, outbox, cancellationToken);
-    }
-
-    /// <summary>
-    /// Sends the items while the reply is awaited; the reply (the server's method returned) stops the items
-    /// still to come. The caller's own exception (its enumerable threw) wins over the fault it caused on the server.
-    /// </summary>
-    private async ValueTask<RpcReply> PumpWhileAwaitingAsync(ValueTask<RpcReply> pending, ItemStream items, StreamOutbox outbox, CancellationToken cancellationToken)
-    {
-        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        Task pump = items.PumpAsync(outbox, SerializerOptionsSource, stop.Token);
-        RpcReply reply;
-        try
-        {
-            reply = await pending.ConfigureAwait(false);
-        }
-        catch
-        {
-            stop.Cancel();
-            if (await FailureOf(pump).ConfigureAwait(false) is { } own)
-            {
-                System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(own);
-            }
-
-            throw;
-        }
-
-        stop.Cancel();
-        if (await FailureOf(pump).ConfigureAwait(false) is { } failure)
-        {
-            reply.Dispose();
-            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(failure);
-        }
-
-        return reply;
-    }
-
-    /// <summary>How the pump ended: null when it finished or was stopped.</summary>
-    private static async Task<Exception?> FailureOf(Task pump)
-    {
-        try
-        {
-            await pump.ConfigureAwait(false);
-            return null;
-        }
-        catch (OperationCanceledException)
-        {
-            return null;
-        }
-        catch (Exception ex) when (ex is not (OffloadRpcException or ObjectDisposedException))
-        {
-            return ex; // the caller's enumerable threw
-        }
-        catch
-        {
-            return null; // the connection's failure: the reply tells it
-        }
+        return items.SendWhileAwaitingAsync(_connection.CallAsync(method.Id, body, payloads, flags, inbox, outbox, cancellationToken), outbox, SerializerOptionsSource, cancellationToken);
     }
 
     internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, out StreamInbox inbox, CancellationToken cancellationToken)

@@ -13,6 +13,64 @@ internal abstract class ItemStream
     /// </summary>
     /// <param name="options">Read at the first item only: a stream of buffers never builds MessagePack's options (NativeAOT stays free of their dynamic-code paths).</param>
     public abstract Task PumpAsync(StreamOutbox outbox, SerializerOptionsSource options, CancellationToken cancellationToken);
+
+    /// <summary>
+    /// Sends the items while the reply (<paramref name="pending"/>, whose call feeds <paramref name="outbox"/>
+    /// its credit) is awaited; the reply (the server's method returned) stops the items still to come. The
+    /// caller's own exception (its enumerable threw) wins over the fault it caused on the server. Every
+    /// transport calls with a streamed argument this way.
+    /// </summary>
+    public async ValueTask<RpcReply> SendWhileAwaitingAsync(ValueTask<RpcReply> pending, StreamOutbox outbox, SerializerOptionsSource options, CancellationToken cancellationToken)
+    {
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        Task pump = PumpAsync(outbox, options, stop.Token);
+        RpcReply reply;
+        try
+        {
+            reply = await pending.ConfigureAwait(false);
+        }
+        catch
+        {
+            stop.Cancel();
+            if (await FailureOf(pump).ConfigureAwait(false) is { } own)
+            {
+                System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(own);
+            }
+
+            throw;
+        }
+
+        stop.Cancel();
+        if (await FailureOf(pump).ConfigureAwait(false) is { } failure)
+        {
+            reply.Dispose();
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(failure);
+        }
+
+        return reply;
+    }
+
+    /// <summary>How a pump ended: null when it finished or was stopped, the caller's exception when its enumerable threw.</summary>
+    public static async Task<Exception?> FailureOf(Task pump)
+    {
+        try
+        {
+            await pump.ConfigureAwait(false);
+            return null;
+        }
+        catch (OperationCanceledException)
+        {
+            return null;
+        }
+        catch (Exception ex) when (ex is not (OffloadRpcException or ObjectDisposedException))
+        {
+            return ex; // the caller's enumerable threw
+        }
+        catch
+        {
+            return null; // the connection's failure: the reply tells it
+        }
+    }
 }
 
 internal sealed class ItemStream<T>(IAsyncEnumerable<T> items, StreamItemEncoder<T> encode) : ItemStream

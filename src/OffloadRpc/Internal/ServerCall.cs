@@ -334,7 +334,7 @@ public sealed class ServerCall
             throw new ProtocolViolationException($"The request names streamed argument {index}; a call has at most one, numbered 0.");
         }
 
-        return new ArgumentStream<T>(_call.OpenInbox(), decoder, _serializerOptions, _call.CancellationToken);
+        return _call.ReadItems(decoder, _serializerOptions);
     }
 
     /// <summary>Sends the response built in <paramref name="response"/>.</summary>
@@ -472,6 +472,10 @@ internal interface IInboundCall
 
     /// <summary>Opens the call's streamed argument (the transport's window of items granted to the client).</summary>
     Transport.StreamInbox OpenInbox() => throw new NotSupportedException("This transport does not stream arguments.");
+
+    /// <summary>The call's streamed argument as the method enumerates it (a transport with its own framing of items overrides this).</summary>
+    IAsyncEnumerable<T> ReadItems<T>(ReplyDecoder<T> decoder, SerializerOptionsSource options) =>
+        new ArgumentStream<T>(OpenInbox(), decoder, options, CancellationToken);
 
     /// <summary>Sends one item of the call's streamed result (waits for ring and arena space: not on the poller).</summary>
     void SendStreamItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken) =>

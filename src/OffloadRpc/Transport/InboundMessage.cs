@@ -171,38 +171,6 @@ internal abstract class InboundMessage
     private unsafe PipelinedPayload Progress(in ReceivedPayload payload) =>
         new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length);
 
-    /// <summary>A complete payload as a stream over its lease.</summary>
-    private sealed unsafe class LeaseStream : UnmanagedMemoryStream, IInPlaceReadable
-    {
-        private readonly SharedBuffer _lease;
-
-        public LeaseStream(SharedBuffer lease)
-            : base(lease.Segment.Base + lease.Offset, lease.Length) // the lease keeps the mapping alive until the stream is disposed
-        {
-            _lease = lease;
-        }
-
-        public ValueTask<ReadOnlyMemory<byte>> ReadInPlaceAsync(int maxBytes, CancellationToken cancellationToken)
-        {
-            ObjectDisposedException.ThrowIf(!_lease.IsValid, this);
-            int count = (int)Math.Min(maxBytes, Length - Position);
-            if (count <= 0)
-            {
-                return new ValueTask<ReadOnlyMemory<byte>>(ReadOnlyMemory<byte>.Empty);
-            }
-
-            ReadOnlyMemory<byte> chunk = new InPlaceMemory(PositionPointer, count).Memory;
-            Position += count;
-            return new ValueTask<ReadOnlyMemory<byte>>(chunk);
-        }
-
-        protected override void Dispose(bool disposing)
-        {
-            base.Dispose(disposing);
-            _lease.Dispose();
-        }
-    }
-
     private void ValidateIndex(int index)
     {
         if ((uint)index >= (uint)_payloadCount)

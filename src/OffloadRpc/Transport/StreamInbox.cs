@@ -307,6 +307,19 @@ internal sealed class StreamItemMessage : InboundMessage, IReplySource
 }
 
 /// <summary>
+/// Where the items of a client's streamed argument go on a transport other than shared memory (gRPC):
+/// it queues each item (copied, leases taken over) and sends it in order after the request.
+/// </summary>
+internal interface IStreamItemSink
+{
+    void SendItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken);
+
+    void End();
+
+    void Fail(Exception exception);
+}
+
+/// <summary>
 /// The producing end of one stream: credit granted by the consumer, taken one per item. A producer
 /// without credit waits (asynchronously) for the consumer to take items; that is the backpressure.
 /// </summary>
@@ -316,6 +329,7 @@ internal sealed class StreamOutbox
     private long _credit;
     private TaskCompletionSource? _waiter;
     private RpcConnection? _connection;
+    private IStreamItemSink? _sink;
     private ulong _callId;
 
     /// <summary>A client's streamed argument: the call it belongs to, known once its entry is claimed (before the request is out).</summary>
@@ -325,18 +339,44 @@ internal sealed class StreamOutbox
         Volatile.Write(ref _connection, connection);
     }
 
+    /// <summary>A client's streamed argument over another transport: its items go to <paramref name="sink"/>.</summary>
+    public void Attach(IStreamItemSink sink) => Volatile.Write(ref _sink, sink);
+
     private RpcConnection Connection => Volatile.Read(ref _connection) ?? throw new InvalidOperationException("The stream's call was not sent.");
 
     /// <summary>Sends one item of a client's streamed argument (waits for ring and arena space: not on the poller).</summary>
-    public void SendItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken) =>
+    public void SendItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        if (Volatile.Read(ref _sink) is { } sink)
+        {
+            sink.SendItem(body, payloads, cancellationToken);
+            return;
+        }
+
         Connection.Send(MessageKind.StreamItem, _callId, 0, body, payloads, cancellationToken);
+    }
 
     /// <summary>The client's streamed argument has no more items (after the last one: never overtakes it).</summary>
-    public void End() => Connection.TrySendControl(MessageKind.StreamEnd, _callId, 0);
+    public void End()
+    {
+        if (Volatile.Read(ref _sink) is { } sink)
+        {
+            sink.End();
+            return;
+        }
+
+        Connection.TrySendControl(MessageKind.StreamEnd, _callId, 0);
+    }
 
     /// <summary>The client's streamed argument failed: the server's enumeration throws it as a <see cref="RemoteInvocationException"/>.</summary>
     public void Fail(Exception exception)
     {
+        if (Volatile.Read(ref _sink) is { } sink)
+        {
+            sink.Fail(exception);
+            return;
+        }
+
         RpcConnection connection = Connection;
         byte[] buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(FaultCodec.MaxEncodedLength);
         try

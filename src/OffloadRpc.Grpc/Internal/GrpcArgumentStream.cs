@@ -1,0 +1,163 @@
+using OffloadRpc.Internal;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc.Grpc.Internal;
+
+/// <summary>
+/// A streamed argument over gRPC as the server's method sees it: the request stream's frames after the
+/// request, read as the method asks for the next item. Opening it grants the client the window; moving
+/// past an item gives it back in batches (credit frames on the response stream), so the client never
+/// has more than the window in flight, as over shared memory; one more is a protocol violation. Ends
+/// when the client completes its request stream; a fault frame (the client's enumerable threw) is
+/// thrown as <see cref="RemoteInvocationException"/>; the call's cancellation as <see cref="OperationCanceledException"/>.
+/// </summary>
+internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumerator<T>
+{
+    private readonly GrpcInboundCall _call;
+    private readonly ReplyDecoder<T> _decoder;
+    private readonly SerializerOptionsSource _options;
+    private readonly int _creditBatch;
+    private CancellationTokenSource? _cancel;
+    private RpcReply _item;
+    private bool _hasItem;
+    private T _current = default!;
+    private int _enumerated;
+    private bool _finished;
+    private long _granted;
+    private long _received;
+    private int _uncredited;
+
+    public GrpcArgumentStream(GrpcInboundCall call, ReplyDecoder<T> decoder, SerializerOptionsSource options)
+    {
+        _call = call;
+        _decoder = decoder;
+        _options = options;
+        _creditBatch = Math.Max(1, call.Window / 4);
+    }
+
+    public T Current => _current;
+
+    public IAsyncEnumerator<T> GetAsyncEnumerator(CancellationToken cancellationToken = default)
+    {
+        if (Interlocked.Exchange(ref _enumerated, 1) != 0)
+        {
+            throw new InvalidOperationException("A streamed argument is enumerated once.");
+        }
+
+        _cancel = CancellationTokenSource.CreateLinkedTokenSource(_call.CancellationToken, cancellationToken);
+        _granted = Math.Max(1, _call.Window);
+        _call.SendCredit((int)_granted);
+        return this;
+    }
+
+    public async ValueTask<bool> MoveNextAsync()
+    {
+        ReleaseItem();
+        if (_finished)
+        {
+            return false;
+        }
+
+        CancellationToken token = _cancel!.Token;
+        var assembler = new MessageAssembler(_call.MaxBodyBytes);
+        try
+        {
+            while (await _call.Requests.MoveNext(token).ConfigureAwait(false))
+            {
+                Frame frame = _call.Requests.Current;
+                if (frame.Kind == FrameKind.Fault)
+                {
+                    try
+                    {
+                        throw FaultCodec.Decode(frame.First.Span);
+                    }
+                    finally
+                    {
+                        frame.Release();
+                    }
+                }
+
+                if (frame.Kind is FrameKind.Head or FrameKind.Credit || (frame.Kind == FrameKind.ItemHead && ++_received > _granted))
+                {
+                    frame.Release();
+                    throw new ProtocolViolationException(frame.Kind == FrameKind.ItemHead
+                        ? $"The client sent item {_received} of its streamed argument with credit for {_granted}."
+                        : $"A {frame.Kind} frame in a streamed argument.");
+                }
+
+                if (assembler.Accept(frame))
+                {
+                    _item = new RpcReply(new GrpcReply(assembler, _call), 0);
+                    _hasItem = true;
+                    _current = _decoder(new CallReply(_item, _options));
+                    return true;
+                }
+            }
+
+            if (assembler.HeadKind == FrameKind.ItemHead)
+            {
+                throw new ProtocolViolationException("The client's streamed argument ended inside an item.");
+            }
+
+            assembler.Dispose();
+            _finished = true;
+            return false;
+        }
+        catch (Exception ex)
+        {
+            if (!_hasItem)
+            {
+                assembler.Dispose();
+            }
+
+            _finished = true;
+            token.ThrowIfCancellationRequested();
+
+            if (ex is ProtocolViolationException violation)
+            {
+                _call.AbortConnection(violation);
+                throw;
+            }
+
+            if (ex is RemoteInvocationException or OperationCanceledException)
+            {
+                throw;
+            }
+
+            if (_hasItem)
+            {
+                var undecodable = new ProtocolViolationException("A stream item does not decode: " + ex.Message, ex);
+                _call.AbortConnection(undecodable);
+                throw undecodable;
+            }
+
+            throw new OperationCanceledException("The client's streamed argument broke off: " + ex.Message, ex, token);
+        }
+    }
+
+    private void ReleaseItem()
+    {
+        if (!_hasItem)
+        {
+            return;
+        }
+
+        _hasItem = false;
+        _current = default!;
+        _item.Dispose();
+        if (++_uncredited >= _creditBatch && !_finished)
+        {
+            _granted += _uncredited;
+            _call.SendCredit(_uncredited);
+            _uncredited = 0;
+        }
+    }
+
+    public ValueTask DisposeAsync()
+    {
+        ReleaseItem();
+        _finished = true;
+        _cancel?.Dispose();
+        return ValueTask.CompletedTask;
+    }
+}

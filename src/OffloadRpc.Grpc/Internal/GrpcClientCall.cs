@@ -1,0 +1,191 @@
+using System.Threading.Channels;
+using global::Grpc.Core;
+using OffloadRpc.Internal;
+using OffloadRpc.Transport;
+
+namespace OffloadRpc.Grpc.Internal;
+
+/// <summary>
+/// One gRPC call of a contract method, client side. A request that is its head frame alone, without a
+/// streamed argument, goes as a server-streaming call; otherwise the call is duplex and a writer sends
+/// the request's frames, then the streamed argument's items (each as the server's credit allows, see
+/// <see cref="Outbox"/>), then the end or the caller's fault. What comes back is read with
+/// <see cref="ReadMessageAsync"/>: credit frames feed the outbox, items and the reply are assembled.
+/// </summary>
+internal sealed class GrpcClientCall : IStreamItemSink
+{
+    private readonly GrpcInvoker _invoker;
+    private readonly OutgoingMessage _message;
+    private readonly IDisposable _call;
+    private readonly Channel<OutgoingMessage>? _items;
+    private readonly Task? _writer;
+    private Exception? _fault;
+
+    private GrpcClientCall(GrpcInvoker invoker, MethodDescriptor method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken)
+    {
+        _invoker = invoker;
+        _message = message;
+        Metadata headers = invoker.Headers();
+        if (!metadata.IsEmpty)
+        {
+            headers.Add(GrpcWire.MetadataHeader, metadata.ToArray());
+            if (CallMetadata.Decode(metadata).DeadlineRemaining is { } remaining)
+            {
+                Deadline = DateTime.UtcNow + remaining;
+            }
+        }
+
+        var options = new CallOptions(headers, Deadline, cancellationToken);
+        if (message.IsSingleFrame && !streamsItems)
+        {
+            AsyncServerStreamingCall<Frame> call = invoker.Channel.AsyncServerStreamingCall(invoker.MethodOf(method), null, options, message.Head);
+            _call = call;
+            Responses = call.ResponseStream;
+            return;
+        }
+
+        AsyncDuplexStreamingCall<Frame, Frame> duplex = invoker.Channel.AsyncDuplexStreamingCall(invoker.MethodOf(method), null, options);
+        _call = duplex;
+        Responses = duplex.ResponseStream;
+        if (streamsItems)
+        {
+            _items = Channel.CreateUnbounded<OutgoingMessage>(new UnboundedChannelOptions { SingleReader = false, SingleWriter = true });
+            Outbox = new StreamOutbox();
+            Outbox.Attach(this);
+        }
+
+        _writer = WriteRequestAsync(duplex.RequestStream, cancellationToken);
+    }
+
+    /// <summary>Starts the call of <paramref name="method"/>; <paramref name="message"/> is the call's until it is disposed.</summary>
+    public static GrpcClientCall Start(GrpcInvoker invoker, MethodDescriptor method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken) =>
+        new(invoker, method, message, metadata, streamsItems, cancellationToken);
+
+    /// <summary>The deadline the call's metadata set (gRPC's own deadline too), or null.</summary>
+    public DateTime? Deadline { get; }
+
+    /// <summary>Credit and items of the streamed argument (null: the method takes none).</summary>
+    public StreamOutbox? Outbox { get; }
+
+    public IAsyncStreamReader<Frame> Responses { get; }
+
+    /// <summary>
+    /// Reads the next message the server sends (an item or the reply) into <paramref name="assembler"/>,
+    /// giving credit frames to the outbox on the way. False when the server ended the call before a whole message.
+    /// </summary>
+    public async ValueTask<bool> ReadMessageAsync(MessageAssembler assembler, CancellationToken cancellationToken)
+    {
+        while (await Responses.MoveNext(cancellationToken).ConfigureAwait(false))
+        {
+            Frame frame = Responses.Current;
+            if (frame.Kind == FrameKind.Credit)
+            {
+                int credit = Frame.ReadCredit(frame);
+                if (Outbox is null || !Outbox.Grant(credit))
+                {
+                    throw new ProtocolViolationException($"The server granted credit of {credit} items to a call without a streamed argument, or beyond any window.");
+                }
+
+                continue;
+            }
+
+            if (assembler.Accept(frame))
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+
+    /// <summary>The request's frames, then (with a streamed argument) each item as the pump queues it, then the end or the fault.</summary>
+    private async Task WriteRequestAsync(IClientStreamWriter<Frame> requests, CancellationToken cancellationToken)
+    {
+        try
+        {
+            foreach (Frame frame in _message.Frames())
+            {
+                await requests.WriteAsync(frame, cancellationToken).ConfigureAwait(false);
+            }
+
+            if (_items is not null)
+            {
+                while (await _items.Reader.WaitToReadAsync(cancellationToken).ConfigureAwait(false))
+                {
+                    while (_items.Reader.TryRead(out OutgoingMessage? item))
+                    {
+                        using (item)
+                        {
+                            foreach (Frame frame in item.Frames(FrameKind.ItemHead))
+                            {
+                                await requests.WriteAsync(frame, cancellationToken).ConfigureAwait(false);
+                            }
+                        }
+                    }
+                }
+
+                if (Volatile.Read(ref _fault) is { } fault)
+                {
+                    await requests.WriteAsync(Frame.Fault(fault), cancellationToken).ConfigureAwait(false);
+                }
+            }
+
+            await requests.CompleteAsync().ConfigureAwait(false);
+        }
+        catch (Exception ex) when (ex is RpcException or OperationCanceledException or InvalidOperationException or IOException or ObjectDisposedException)
+        {
+            // The call ended (answered, cancelled, or the server went away): its status says how; unsent items go back.
+            DiscardItems();
+        }
+    }
+
+    void IStreamItemSink.SendItem(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, CancellationToken cancellationToken)
+    {
+        OutgoingMessage item = OutgoingMessage.Create(body, payloads); // at most the server's window of these wait here
+        if (!_items!.Writer.TryWrite(item))
+        {
+            item.Dispose();
+            throw new OperationCanceledException("The call has ended: its streamed argument is not sent any more.");
+        }
+    }
+
+    void IStreamItemSink.End() => _items!.Writer.TryComplete();
+
+    void IStreamItemSink.Fail(Exception exception)
+    {
+        Volatile.Write(ref _fault, exception);
+        _items!.Writer.TryComplete();
+    }
+
+    private void DiscardItems()
+    {
+        if (_items is null)
+        {
+            return;
+        }
+
+        _items.Writer.TryComplete();
+        while (_items.Reader.TryRead(out OutgoingMessage? left))
+        {
+            left.Dispose();
+        }
+    }
+
+    /// <summary>Ends the call (cancelling it on the server when it is still running) and gives the request's memory back once the writer has let go of it.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        _call.Dispose();
+        _items?.Writer.TryComplete(); // a writer waiting for the next item stops
+        if (_writer is not null)
+        {
+            await _writer.ConfigureAwait(false); // never throws
+        }
+
+        DiscardItems();
+        _message.Dispose();
+    }
+
+    /// <summary>gRPC's outcome as this library's exception (<see cref="GrpcInvoker.Translate"/>).</summary>
+    public Exception Translate(Exception ex, MethodDescriptor method, CancellationToken cancellationToken) =>
+        _invoker.Translate(ex, method, Deadline, cancellationToken);
+}
