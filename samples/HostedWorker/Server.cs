@@ -85,14 +85,15 @@ internal sealed class Greeter(GreetingCounter counter, ILogger<Greeter> logger) 
 /// <summary>Refuses calls without a "tenant" header; the caller gets a RemoteInvocationException.</summary>
 internal sealed class TenantInterceptor(ILogger<TenantInterceptor> logger) : ServerInterceptor
 {
-    public override async ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    public override async ValueTask<TResult> InterceptAsync<TResult>(ServerInterceptorContext context, ServerCallContinuation<TResult> continuation)
     {
         if (!context.RequestHeaders.ContainsKey("tenant"))
         {
             throw new UnauthorizedAccessException($"{context.MethodName} needs a tenant header.");
         }
 
-        await continuation(context);
-        logger.LogInformation("{Method}: {RequestBytes} request bytes in shared memory, {ResponseBytes} response bytes", context.MethodName, context.RequestPayloadBytes, context.ResponseBodyBytes);
+        TResult result = await continuation(context);                 // the method's typed result
+        logger.LogInformation("{Method}: {RequestBytes} request bytes in shared memory, result {Result}", context.MethodName, context.RequestPayloadBytes, result);
+        return result;
     }
 }

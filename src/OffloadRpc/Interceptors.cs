@@ -10,15 +10,24 @@ public readonly struct NoResult
 /// <summary>Continues a client call: the next interceptor, or the call itself. Call it at most once.</summary>
 public delegate ValueTask<TResult> ClientCallContinuation<TResult>(ClientInterceptorContext context);
 
+/// <summary>Continues a streamed client call: the next interceptor's stream, or the call's own. Call it at most once.</summary>
+public delegate IAsyncEnumerable<TItem> ClientStreamContinuation<TItem>(ClientInterceptorContext context);
+
 /// <summary>Continues a served call: the next interceptor, or the service method. Call it at most once.</summary>
-public delegate ValueTask ServerCallContinuation(ServerInterceptorContext context);
+public delegate ValueTask<TResult> ServerCallContinuation<TResult>(ServerInterceptorContext context);
+
+/// <summary>Continues a served call whose result is a stream: the next interceptor's stream, or the method's own. Call it at most once.</summary>
+public delegate IAsyncEnumerable<TItem> ServerStreamContinuation<TItem>(ServerInterceptorContext context);
 
 /// <summary>
-/// Runs around every call a connection makes, as gRPC's <c>Interceptor.AsyncUnaryCall</c> does: it sees
+/// Runs around every call a connection makes, as gRPC's <c>Interceptor</c> does on the client: it sees
 /// the service and method, the headers and deadline (and may change them), the arguments' sizes, and the
-/// result or the exception. It may wrap the call (time it, retry nothing: <paramref name="continuation"/> runs at
+/// result or the exception. It may wrap the call (time it, retry nothing: the continuation runs at
 /// most once), or short-circuit it by returning a result or throwing without calling the continuation.
-/// Methods without a result have <typeparamref name="TResult"/> <see cref="NoResult"/>. Added through
+/// <see cref="InterceptAsync"/> sees calls with one result (<c>AsyncUnaryCall</c>, and a streamed argument's
+/// calls: <c>AsyncClientStreamingCall</c>); methods without a result have <c>TResult</c> <see cref="NoResult"/>.
+/// <see cref="InterceptStream"/> sees calls whose result is a stream (<c>AsyncServerStreamingCall</c>, and
+/// with a streamed argument <c>AsyncDuplexStreamingCall</c>). Added through
 /// <see cref="OffloadRpcOptions.ClientInterceptors"/> (first added runs outermost), or from DI under hosting.
 /// </summary>
 public abstract class ClientInterceptor
@@ -29,21 +38,48 @@ public abstract class ClientInterceptor
         ArgumentNullException.ThrowIfNull(continuation);
         return continuation(context);
     }
+
+    /// <summary>
+    /// Intercepts one call whose result is a stream, when its enumeration starts (nothing is sent before).
+    /// Change the headers or deadline, then return <paramref name="continuation"/>'s stream, a stream
+    /// around it (to see or change each item, or the exception that ends it), or a stream of your own
+    /// without calling it (the call is never sent). The default returns <paramref name="continuation"/>'s stream.
+    /// </summary>
+    public virtual IAsyncEnumerable<TItem> InterceptStream<TItem>(ClientInterceptorContext context, ClientStreamContinuation<TItem> continuation)
+    {
+        ArgumentNullException.ThrowIfNull(continuation);
+        return continuation(context);
+    }
 }
 
 /// <summary>
-/// Runs around every call a server serves, as gRPC's server-side <c>Interceptor.UnaryServerHandler</c>:
-/// it sees the service and method, the request headers and deadline, the caller, the arguments' sizes,
-/// and then the response's sizes or the exception. It may wrap the method or short-circuit it: throwing
-/// without calling the continuation answers the caller with that exception (a
-/// <see cref="RemoteInvocationException"/> there); returning without calling it is allowed only
-/// for methods without a result. <see cref="OffloadCallContext.Current"/> is set while it runs.
-/// Added through <see cref="OffloadRpcOptions.ServerInterceptors"/> (first added runs outermost), or from DI under hosting.
+/// Runs around every call a server serves, as gRPC's server-side <c>Interceptor</c>: it sees the service and
+/// method, the request headers and deadline, the caller, the arguments' sizes, and the method's typed result
+/// or exception. It may wrap the method, or short-circuit it: returning a result without calling the
+/// continuation answers the caller with that result (a cache, say); throwing answers it with the exception
+/// (a <see cref="RemoteInvocationException"/> there). <see cref="InterceptAsync"/> is gRPC's
+/// <c>UnaryServerHandler</c> (and <c>ClientStreamingServerHandler</c>: the method's streamed argument is read by
+/// the method); methods without a result have <c>TResult</c> <see cref="NoResult"/>. <see cref="InterceptStream"/>
+/// is <c>ServerStreamingServerHandler</c> (and <c>DuplexStreamingServerHandler</c>).
+/// <see cref="OffloadCallContext.Current"/> is set while it runs. Added through
+/// <see cref="OffloadRpcOptions.ServerInterceptors"/> (first added runs outermost), or from DI under hosting.
 /// </summary>
 public abstract class ServerInterceptor
 {
     /// <summary>Intercepts one served call; the default calls <paramref name="continuation"/>.</summary>
-    public virtual ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    public virtual ValueTask<TResult> InterceptAsync<TResult>(ServerInterceptorContext context, ServerCallContinuation<TResult> continuation)
+    {
+        ArgumentNullException.ThrowIfNull(continuation);
+        return continuation(context);
+    }
+
+    /// <summary>
+    /// Intercepts one served call whose result is a stream: return <paramref name="continuation"/>'s stream
+    /// (the method's), a stream around it (to see or change each item before it is sent, or the exception
+    /// that ends it), or a stream of your own without calling it (the method never runs). The caller's
+    /// window applies to whatever stream is returned. The default returns <paramref name="continuation"/>'s stream.
+    /// </summary>
+    public virtual IAsyncEnumerable<TItem> InterceptStream<TItem>(ServerInterceptorContext context, ServerStreamContinuation<TItem> continuation)
     {
         ArgumentNullException.ThrowIfNull(continuation);
         return continuation(context);
@@ -57,8 +93,9 @@ public sealed class ClientInterceptorContext
     private MessageBuilder? _request;
     private Dictionary<string, string>? _headers;
 
-    internal ClientInterceptorContext(MethodDescriptor method, MessageBuilder request, OffloadCallScope? scope, DateTime? deadline, CancellationToken cancellationToken)
+    internal ClientInterceptorContext(CallInvoker invoker, MethodDescriptor method, MessageBuilder request, OffloadCallScope? scope, DateTime? deadline, CancellationToken cancellationToken)
     {
+        Invoker = invoker;
         _method = method;
         _request = request;
         CancellationToken = cancellationToken;
@@ -76,6 +113,12 @@ public sealed class ClientInterceptorContext
 
         RequestPayloadCount = request.Payloads.Length;
     }
+
+    /// <summary>The invoker the call goes through.</summary>
+    internal CallInvoker Invoker { get; }
+
+    /// <summary>The method called.</summary>
+    internal MethodDescriptor Method => _method;
 
     /// <summary>The service interface's full name (<c>rpc.service</c>).</summary>
     public string ServiceName => _method.ServiceName;
@@ -100,7 +143,7 @@ public sealed class ClientInterceptorContext
     /// <summary>Bytes of the MessagePack-encoded arguments.</summary>
     public int RequestBodyBytes { get; }
 
-    /// <summary>Bytes of the buffer arguments (travelling through shared memory); stream arguments are not counted.</summary>
+    /// <summary>Bytes of the buffer arguments (travelling through shared memory); stream arguments and streamed items are not counted.</summary>
     public long RequestPayloadBytes { get; }
 
     /// <summary>How many buffer arguments the call carries.</summary>
@@ -109,6 +152,13 @@ public sealed class ClientInterceptorContext
     /// <summary>The request, taken once by the call itself.</summary>
     internal MessageBuilder TakeRequest() =>
         Interlocked.Exchange(ref _request, null) ?? throw new InvalidOperationException($"An interceptor continued the call {FullName} twice: a call's continuation runs at most once.");
+
+    /// <summary>Gives the request (taken to connect first) back, for the transport of the moment to take.</summary>
+    internal ClientInterceptorContext WithRequest(MessageBuilder request)
+    {
+        _request = request;
+        return this;
+    }
 
     /// <summary>The call never ran (an interceptor short-circuited it): its arguments' leases go back.</summary>
     internal void DiscardUnsentRequest() => Interlocked.Exchange(ref _request, null)?.Discard();
@@ -119,11 +169,7 @@ public sealed class ServerInterceptorContext
 {
     private Dictionary<object, object?>? _items;
 
-    internal ServerInterceptorContext(ServerCall call, DateTime? deadline)
-    {
-        Call = call;
-        Deadline = deadline;
-    }
+    internal ServerInterceptorContext(ServerCall call) => Call = call;
 
     internal ServerCall Call { get; }
 
@@ -140,7 +186,7 @@ public sealed class ServerInterceptorContext
     public IReadOnlyDictionary<string, string> RequestHeaders => Call.RequestHeaders;
 
     /// <summary>The caller's deadline (UTC, as this process's clock sees it), or null. The call's token fires at it.</summary>
-    public DateTime? Deadline { get; }
+    public DateTime? Deadline => Call.Deadline;
 
     /// <summary>Fires when the caller cancels, disconnects, or the deadline passes.</summary>
     public CancellationToken CancellationToken => Call.CancellationToken;
@@ -154,17 +200,11 @@ public sealed class ServerInterceptorContext
     /// <summary>Bytes of the MessagePack-encoded arguments.</summary>
     public int RequestBodyBytes => Call.Inbound.BodyMemory.Length;
 
-    /// <summary>Bytes of the buffer arguments (in shared memory).</summary>
+    /// <summary>Bytes of the buffer arguments (in shared memory); streamed items are not counted.</summary>
     public long RequestPayloadBytes => Call.Inbound.PayloadBytes;
 
     /// <summary>How many buffer arguments the call carries.</summary>
     public int RequestPayloadCount => Call.Inbound.PayloadCount;
-
-    /// <summary>Bytes of the encoded result, once the method answered (null before, or when it threw).</summary>
-    public int? ResponseBodyBytes => Call.ResponseBodyBytes;
-
-    /// <summary>Bytes of the result's buffers, once the method answered.</summary>
-    public long ResponsePayloadBytes => Call.ResponsePayloadBytes;
 
     /// <summary>State shared by the interceptors of this call (and the hosting layer's per-call scope).</summary>
     public IDictionary<object, object?> Items => _items ??= new Dictionary<object, object?>();

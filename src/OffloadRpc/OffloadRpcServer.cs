@@ -73,7 +73,7 @@ public sealed class OffloadRpcServer : IAsyncDisposable
 
         ServiceDescriptor<T> descriptor = ServiceRegistry.Find<T>()
             ?? throw new InvalidOperationException($"{typeof(T).FullName} has no generated stub: mark it [OffloadService] and reference the OffloadRpc generator.");
-        _dispatcher.Add(descriptor, context => descriptor.CreateStub(factory(context)));
+        _dispatcher.Add(descriptor, descriptor.CreatePerCallStub(), context => factory(context));
     }
 
     /// <summary>Requests being served now, on every connection.</summary>

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
+using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
@@ -140,7 +141,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task A_server_interceptor_can_refuse_a_call_or_skip_a_void_method_and_the_connection_goes_on()
+    public async Task A_server_interceptor_sees_the_typed_result_and_can_refuse_a_call_or_answer_it_itself()
     {
         await using OffloadRpcConnection connection = await ConnectAsync();
         ICallProbe probe = connection.GetService<ICallProbe>();
@@ -157,6 +158,16 @@ public sealed class CallPipelineTests : IAsyncLifetime
             await probe.PingAsync();
         }
 
+        // A cache: the interceptor answers with a result of its own; the method (and its per-call implementation) never runs.
+        int before = int.Parse((await probe.InstanceAsync()).Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
+        using (OffloadCallScope.Begin().WithHeader("skip", "InstanceAsync").WithHeader("cached", "from the cache"))
+        {
+            Assert.Equal("from the cache", await probe.InstanceAsync());
+        }
+
+        int after = int.Parse((await probe.InstanceAsync()).Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
+        Assert.Equal(before + 1, after);
+
         Assert.True(connection.IsConnected); // a refusal is an answer, not a protocol violation
         byte[] data = new byte[4096];
         Checksum64.Fill(data, 9);
@@ -164,7 +175,101 @@ public sealed class CallPipelineTests : IAsyncLifetime
         string[] serverLog = await probe.ServerLogAsync();
         Assert.Contains("denied InstanceAsync no tenant", serverLog);
         Assert.Contains("skipped PingAsync", serverLog);
-        Assert.Contains(serverLog, l => l.StartsWith("intercepted ChecksumAsync request=", StringComparison.Ordinal) && l.Contains("+4096 response=", StringComparison.Ordinal) && l.EndsWith(" ok", StringComparison.Ordinal));
+        Assert.Contains("skipped InstanceAsync", serverLog);
+        Assert.Contains(serverLog, l => l.StartsWith("intercepted ChecksumAsync request=", StringComparison.Ordinal) && l.EndsWith($"+4096 result={Checksum64.Compute(data)} ok", StringComparison.Ordinal)); // the typed result
+    }
+
+    [Fact]
+    public async Task Streamed_calls_carry_headers_to_the_server_method_and_client_interceptors_see_them()
+    {
+        var recorder = new StreamRecordingInterceptor();
+        await using OffloadRpcConnection connection = await ConnectAsync(o => o.ClientInterceptors.Add(recorder));
+        ICallProbe probe = connection.GetService<ICallProbe>();
+        ulong[][] chunks = [new ulong[9_000], new ulong[1], new ulong[40_000]];
+        for (int i = 0; i < chunks.Length; i++)
+        {
+            Checksum64.Fill(MemoryMarshal.AsBytes(chunks[i].AsSpan()), (ulong)(20 + i));
+        }
+
+        const string Headers = "headers=added-by=stream-interceptor;tenant=acme";
+        using (OffloadCallScope.Begin().WithHeader("tenant", "acme"))
+        {
+            List<string> watched = await ToListAsync(probe.WatchAsync(3, 0));
+            Assert.Equal(["0 ", "1 ", "2 "], watched.Select(w => w[..2]));
+            Assert.All(watched, w => Assert.Contains($" {Headers} deadline=no ", w, StringComparison.Ordinal));
+
+            List<string> sums = await ToListAsync(probe.ChecksumEachAsync(Produce(chunks)));
+            Assert.Equal(chunks.Select(c => $"{Checksum64.Compute(MemoryMarshal.AsBytes(c.AsSpan()))} {Headers}"), sums);
+
+            ulong[] all = [.. chunks.SelectMany(c => c)];
+            Assert.Equal($"{Checksum64.Compute(MemoryMarshal.AsBytes(all.AsSpan()))} headers=tenant=acme", await probe.ChecksumAllAsync(Produce(chunks)));
+
+            using (OffloadCallScope.Begin().WithHeader("client-cached", "yes"))
+            {
+                Assert.Equal(["from the client interceptor"], await ToListAsync(probe.WatchAsync(3, 0))); // never sent
+            }
+        }
+
+        Assert.Contains("WatchAsync items=3", recorder.Lines);
+        Assert.Contains("ChecksumEachAsync items=3", recorder.Lines);
+        Assert.Single(await probe.ServerLogAsync(), l => l.StartsWith("watch ran", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task A_server_interceptor_sees_each_streamed_item_and_can_answer_a_stream_itself()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync();
+        ICallProbe probe = connection.GetService<ICallProbe>();
+        using (OffloadCallScope.Begin().WithHeader("tenant", "acme"))
+        {
+            Assert.Equal(3, (await ToListAsync(probe.WatchAsync(3, 0))).Count);
+            using (OffloadCallScope.Begin().WithHeader("stream-cached", "a,b"))
+            {
+                Assert.Equal(["a", "b"], await ToListAsync(probe.WatchAsync(3, 0)));
+            }
+
+            using (OffloadCallScope.Begin().WithHeader("deny", "streams too"))
+            {
+                RemoteInvocationException refused = await Assert.ThrowsAsync<RemoteInvocationException>(() => ToListAsync(probe.WatchAsync(3, 0)));
+                Assert.Equal("System.UnauthorizedAccessException", refused.RemoteExceptionType);
+            }
+        }
+
+        string[] serverLog = await probe.ServerLogAsync();
+        Assert.Contains(serverLog, l => l.StartsWith("stream item WatchAsync 2 headers=tenant=acme", StringComparison.Ordinal));
+        Assert.Contains("stream ended WatchAsync items=3 tenant=acme", serverLog);
+        Assert.Contains("stream cached WatchAsync", serverLog);
+        Assert.Single(serverLog, l => l.StartsWith("watch ran", StringComparison.Ordinal)); // the cached and the refused never ran the method
+    }
+
+    [Fact]
+    public async Task Past_its_deadline_a_streamed_call_fails_with_DeadlineExceededException_and_the_producers_token_fires()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync();
+        ICallProbe probe = connection.GetService<ICallProbe>();
+        var received = new List<string>();
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(400)))
+        {
+            DeadlineExceededException exceeded = await Assert.ThrowsAsync<DeadlineExceededException>(async () =>
+            {
+                await foreach (string item in probe.WatchAsync(50, 100))
+                {
+                    received.Add(item);
+                }
+            });
+            Assert.Equal("/OffloadRpc.TestContracts.ICallProbe/WatchAsync", exceeded.Method);
+        }
+
+        Assert.NotEmpty(received); // the items before the deadline arrived
+        Assert.Contains(" deadline=yes ", received[0], StringComparison.Ordinal);
+        await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "stream cancelled deadline=yes", "the producer's enumeration token fired at the deadline");
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromSeconds(30)))
+        {
+            Assert.Equal(2, (await ToListAsync(probe.WatchAsync(2, 1))).Count); // within its deadline a stream completes
+        }
+
+        Assert.Equal("stream completed", await probe.LastOutcomeAsync());
     }
 
     [Fact]
@@ -217,6 +322,26 @@ public sealed class CallPipelineTests : IAsyncLifetime
         }
 
         string[] server = seen.Split(' ');
+        string streamed;
+        using (Activity root = source.StartActivity("root-of-a-stream")!)
+        {
+            streamed = (await ToListAsync(probe.WatchAsync(2, 0)))[1];
+            Assert.Contains($" trace={root.TraceId} ", streamed, StringComparison.Ordinal);
+        }
+
+        Activity streamClient;
+        lock (spans)
+        {
+            streamClient = spans.Single(a => a.Kind == ActivityKind.Client && a.DisplayName == "OffloadRpc.TestContracts.ICallProbe/WatchAsync");
+        }
+
+        Assert.EndsWith($" trace={streamClient.TraceId} {streamClient.SpanId}", streamed, StringComparison.Ordinal); // the server span of a stream is its client span's child
+        Assert.Equal("ok", streamClient.GetTagItem("rpc.offloadrpc.status_code"));
+        await using (IAsyncEnumerator<string> left = probe.WatchAsync(100, 10).GetAsyncEnumerator())
+        {
+            Assert.True(await left.MoveNextAsync()); // then the consumer leaves early
+        }
+
         Assert.Equal(rootTrace.ToString(), server[0]); // one trace across both processes
         Assert.Equal(client.TraceId.ToString(), server[0]);
         Assert.Equal(client.SpanId.ToString(), server[1]); // the server span is the client span's child
@@ -231,6 +356,8 @@ public sealed class CallPipelineTests : IAsyncLifetime
         Assert.Contains("metric offloadrpc.server.calls.started TraceAsync", serverLog);
         Assert.Contains("metric offloadrpc.server.calls.completed TraceAsync ok", serverLog);
         Assert.Contains("metric offloadrpc.server.active_calls TraceAsync", serverLog);
+        Assert.Contains(serverLog, l => l.StartsWith($"span Server OffloadRpc.TestContracts.ICallProbe/WatchAsync {streamClient.TraceId} parent={streamClient.SpanId} system=offloadrpc method=WatchAsync status=ok", StringComparison.Ordinal));
+        Assert.Contains("metric rpc.server.duration WatchAsync ok", serverLog);
 
         using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(200)))
         {
@@ -247,6 +374,9 @@ public sealed class CallPipelineTests : IAsyncLifetime
             Assert.Contains("offloadrpc.client.calls.completed TraceAsync ok", measurements);
             Assert.Contains("offloadrpc.client.active_calls TraceAsync", measurements);
             Assert.Contains("offloadrpc.client.calls.completed WaitForCancelAsync deadline_exceeded", measurements);
+            Assert.Contains("rpc.client.duration WatchAsync ok", measurements);
+            Assert.Contains("offloadrpc.client.calls.completed WatchAsync cancelled", measurements); // the consumer that left early
+            Assert.Contains("offloadrpc.client.active_calls WatchAsync", measurements);
             Assert.Contains("offloadrpc.transfer.bytes", measurements);
             Assert.Contains("offloadrpc.arena.bytes_in_use", measurements);
             Assert.Contains("offloadrpc.connections", measurements);
@@ -326,6 +456,60 @@ public sealed class CallPipelineTests : IAsyncLifetime
         public ValueTask<string[]> ServerLogAsync(CancellationToken ct = default) => ValueTask.FromResult(Array.Empty<string>());
 
         public ValueTask PingAsync(CancellationToken ct = default) => ValueTask.CompletedTask;
+
+        public IAsyncEnumerable<string> WatchAsync(int count, int delayMs, CancellationToken ct = default) => AsyncEnumerable.Empty<string>();
+
+        public IAsyncEnumerable<string> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default) => AsyncEnumerable.Empty<string>();
+
+        public ValueTask<string> ChecksumAllAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default) => ValueTask.FromResult("local");
+    }
+
+    private static async Task<List<T>> ToListAsync<T>(IAsyncEnumerable<T> items)
+    {
+        var list = new List<T>();
+        await foreach (T item in items)
+        {
+            list.Add(item);
+        }
+
+        return list;
+    }
+
+    private static async IAsyncEnumerable<ReadOnlyMemory<ulong>> Produce(ulong[][] chunks)
+    {
+        foreach (ulong[] chunk in chunks)
+        {
+            await Task.Yield();
+            yield return chunk;
+        }
+    }
+
+    /// <summary>Adds a header to streamed calls, counts their items, and answers a "client-cached" one itself.</summary>
+    private sealed class StreamRecordingInterceptor : ClientInterceptor
+    {
+        public List<string> Lines { get; } = [];
+
+        public override async IAsyncEnumerable<TItem> InterceptStream<TItem>(ClientInterceptorContext context, ClientStreamContinuation<TItem> continuation)
+        {
+            context.RequestHeaders["added-by"] = "stream-interceptor";
+            if (context.RequestHeaders.ContainsKey("client-cached") && typeof(TItem) == typeof(string))
+            {
+                yield return (TItem)(object)"from the client interceptor";
+                yield break;
+            }
+
+            int count = 0;
+            await foreach (TItem item in continuation(context))
+            {
+                count++;
+                yield return item;
+            }
+
+            lock (Lines)
+            {
+                Lines.Add($"{context.MethodName} items={count}");
+            }
+        }
     }
 
     private sealed class HeaderAddingInterceptor : ClientInterceptor

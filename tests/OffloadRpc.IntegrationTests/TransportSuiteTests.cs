@@ -238,6 +238,34 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_streamed_result_carries_headers_and_deadline()
+    {
+        var items = new List<string>();
+        using (OffloadCallScope.Begin().WithHeader("tenant", "acme"))
+        {
+            await foreach (string item in Probe.WatchAsync(2, 0))
+            {
+                items.Add(item);
+            }
+        }
+
+        Assert.Equal(2, items.Count);
+        Assert.All(items, i => Assert.Contains(" headers=tenant=acme deadline=no ", i, StringComparison.Ordinal));
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(400)))
+        {
+            await Assert.ThrowsAsync<DeadlineExceededException>(async () =>
+            {
+                await foreach (string item in Probe.WatchAsync(50, 100))
+                {
+                    Assert.Contains(" deadline=yes ", item, StringComparison.Ordinal);
+                }
+            });
+        }
+
+        await Eventually.TrueAsync(async () => await Probe.LastOutcomeAsync() == "stream cancelled deadline=yes", "the producer's token fired at the deadline");
+    }
+
+    [Fact]
     public async Task Streamed_results_cross_item_by_item_and_end_with_the_reply_or_the_fault()
     {
         IFrameSource frames = _connection.GetService<IFrameSource>();

@@ -210,4 +210,16 @@ public interface ICallProbe
 
     /// <summary>A method without a result.</summary>
     ValueTask PingAsync(CancellationToken ct = default);
+
+    /// <summary>
+    /// Server streaming: <paramref name="count"/> items "i headers=name=value;... deadline=yes|no trace=traceId parentSpanId",
+    /// <paramref name="delayMs"/> apart, as the method saw its call; records how it ended (see <see cref="LastOutcomeAsync"/>).
+    /// </summary>
+    IAsyncEnumerable<string> WatchAsync(int count, int delayMs, CancellationToken ct = default);
+
+    /// <summary>Duplex: for each chunk that comes in (an item each), "checksum headers=..." of its bytes.</summary>
+    IAsyncEnumerable<string> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default);
+
+    /// <summary>Client streaming: "checksum headers=..." of all chunks together.</summary>
+    ValueTask<string> ChecksumAllAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default);
 }

@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
+using System.Runtime.CompilerServices;
 using OffloadRpc;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
@@ -113,12 +114,15 @@ internal static class ProbeLog
 }
 
 /// <summary>
-/// Refuses calls carrying a "deny" header (short-circuit by throwing), skips a void method named in a
-/// "skip" header (short-circuit by returning), and records what it saw of every other call.
+/// Refuses calls carrying a "deny" header (short-circuit by throwing), answers the method named in a
+/// "skip" header itself (short-circuit by returning: a void method's <see cref="NoResult"/>, or the
+/// "cached" header's value for a string result, as a cache would), and records what it saw of every other
+/// call, with its typed result. Streamed results: records each item and the end, and ("stream-cached")
+/// answers with items of its own.
 /// </summary>
 internal sealed class ProbeServerInterceptor : ServerInterceptor
 {
-    public override async ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    public override async ValueTask<TResult> InterceptAsync<TResult>(ServerInterceptorContext context, ServerCallContinuation<TResult> continuation)
     {
         if (context.RequestHeaders.TryGetValue("deny", out string? why))
         {
@@ -129,19 +133,55 @@ internal sealed class ProbeServerInterceptor : ServerInterceptor
         if (context.RequestHeaders.TryGetValue("skip", out string? skipped) && skipped == context.MethodName)
         {
             ProbeLog.Add($"skipped {context.MethodName}");
-            return;
+            if (typeof(TResult) == typeof(string))
+            {
+                return (TResult)(object)(context.RequestHeaders.TryGetValue("cached", out string? cached) ? cached : "skipped");
+            }
+
+            return default!;
         }
 
         try
         {
-            await continuation(context);
-            ProbeLog.Add($"intercepted {context.MethodName} request={context.RequestBodyBytes}+{context.RequestPayloadBytes} response={context.ResponseBodyBytes}+{context.ResponsePayloadBytes} ok");
+            TResult result = await continuation(context);
+            ProbeLog.Add($"intercepted {context.MethodName} request={context.RequestBodyBytes}+{context.RequestPayloadBytes} result={result} ok");
+            return result;
         }
         catch (Exception ex)
         {
             ProbeLog.Add($"intercepted {context.MethodName} failed {ex.GetType().Name}");
             throw;
         }
+    }
+
+    public override async IAsyncEnumerable<TItem> InterceptStream<TItem>(ServerInterceptorContext context, ServerStreamContinuation<TItem> continuation)
+    {
+        if (context.RequestHeaders.TryGetValue("deny", out string? why))
+        {
+            ProbeLog.Add($"denied stream {context.MethodName} {why}");
+            throw new UnauthorizedAccessException("denied: " + why);
+        }
+
+        if (context.RequestHeaders.TryGetValue("stream-cached", out string? cached) && typeof(TItem) == typeof(string))
+        {
+            ProbeLog.Add($"stream cached {context.MethodName}");
+            foreach (string item in cached.Split(','))
+            {
+                yield return (TItem)(object)item;
+            }
+
+            yield break;
+        }
+
+        int count = 0;
+        await foreach (TItem item in continuation(context))
+        {
+            count++;
+            ProbeLog.Add($"stream item {context.MethodName} {item}");
+            yield return item;
+        }
+
+        ProbeLog.Add($"stream ended {context.MethodName} items={count} tenant={(context.RequestHeaders.TryGetValue("tenant", out string? tenant) ? tenant : "none")}");
     }
 }
 
@@ -203,4 +243,56 @@ internal sealed class CallProbe : ICallProbe
     public ValueTask<string[]> ServerLogAsync(CancellationToken ct = default) => ValueTask.FromResult(ProbeLog.Snapshot());
 
     public ValueTask PingAsync(CancellationToken ct = default) => ValueTask.CompletedTask;
+
+    public async IAsyncEnumerable<string> WatchAsync(int count, int delayMs, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        OffloadCallContext call = OffloadCallContext.Current!;
+        ProbeLog.Add($"watch ran {count}");
+        string deadline = call.Deadline is null ? "no" : "yes";
+        string seen = $"headers={Headers(call)} deadline={deadline} trace={(Activity.Current is { } span ? $"{span.TraceId} {span.ParentSpanId}" : "none")}";
+        Volatile.Write(ref s_lastOutcome, "streaming");
+        for (int i = 0; i < count; i++)
+        {
+            if (i > 0)
+            {
+                try
+                {
+                    await Task.Delay(delayMs, ct);
+                }
+                catch (OperationCanceledException)
+                {
+                    Volatile.Write(ref s_lastOutcome, $"stream cancelled deadline={deadline}");
+                    throw;
+                }
+            }
+
+            yield return $"{i} {seen}";
+        }
+
+        Volatile.Write(ref s_lastOutcome, "stream completed");
+    }
+
+    public async IAsyncEnumerable<string> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        string headers = Headers(OffloadCallContext.Current!);
+        await foreach (ReadOnlyMemory<ulong> chunk in chunks.WithCancellation(ct))
+        {
+            yield return $"{Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(chunk.Span))} headers={headers}";
+        }
+    }
+
+    public async ValueTask<string> ChecksumAllAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default)
+    {
+        string headers = Headers(OffloadCallContext.Current!);
+        var all = new List<ulong>();
+        await foreach (ReadOnlyMemory<ulong> chunk in chunks.WithCancellation(ct))
+        {
+            all.AddRange(chunk.ToArray());
+        }
+
+        return $"{Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(all.ToArray().AsSpan()))} headers={headers}";
+    }
+
+    private static string Headers(OffloadCallContext call) =>
+        string.Join(';', call.RequestHeaders.Select(h => $"{h.Key}={h.Value}").Order(StringComparer.Ordinal));
 }

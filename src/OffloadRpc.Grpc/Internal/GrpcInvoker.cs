@@ -42,7 +42,20 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     internal SerializerOptionsSource Options => SerializerOptionsSource;
 
     internal override IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
-        new GrpcServerStream<T>(this, method, request, cancellationToken);
+        new GrpcServerStream<T>(this, method, request, default, cancellationToken);
+
+    /// <summary>An observed streamed result: its metadata block goes as the binary header, its deadline as gRPC's own.</summary>
+    internal override IAsyncEnumerable<T> CreateObservedServerStream<T>(MethodDescriptor<T> method, ClientInterceptorContext context)
+    {
+        OutgoingMetadata metadata = OutgoingMetadata.Of(context);
+        var block = new ArrayBufferWriter<byte>(128);
+        if (!metadata.IsEmpty)
+        {
+            metadata.Encode(block);
+        }
+
+        return new GrpcServerStream<T>(this, method, context.TakeRequest(), block.WrittenMemory, context.CancellationToken);
+    }
 
     internal Method<Frame, Frame> MethodOf(MethodDescriptor method) =>
         _methods.GetOrAdd(method.FullName, static (_, m) => GrpcWire.Method(m.ServiceName, m.Name), method);

@@ -28,11 +28,15 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
     private int _enumerated;
     private bool _finished;
 
-    public GrpcServerStream(GrpcInvoker invoker, MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    private readonly ReadOnlyMemory<byte> _metadata;
+
+    /// <param name="metadata">The call's metadata block (headers, deadline, trace context), empty when none.</param>
+    public GrpcServerStream(GrpcInvoker invoker, MethodDescriptor<T> method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
         _invoker = invoker;
         _method = method;
         _request = request;
+        _metadata = metadata;
         _callToken = cancellationToken;
     }
 
@@ -167,7 +171,7 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
 
         try
         {
-            _call = GrpcClientCall.Start(_invoker, _method, message, default, items is not null, _cancel.Token);
+            _call = GrpcClientCall.Start(_invoker, _method, message, _metadata, items is not null, _cancel.Token);
         }
         catch
         {

@@ -179,14 +179,18 @@ internal sealed class ManagedConnection : IAsyncDisposable
         internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
             Connection().Invoker.SendAsync(method, request, cancellationToken);
 
-        internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken) =>
+        internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, CancellationToken cancellationToken) =>
             Connection().Invoker.SendAsync(method, request, metadata, cancellationToken);
 
         /// <summary>A streamed result: connects when enumerated, then streams as the connection of the moment does (shared memory or another transport).</summary>
         internal override IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
-            StreamAsync(method, request, cancellationToken);
+            StreamAsync(method, request, null, cancellationToken);
 
-        private async IAsyncEnumerable<T> StreamAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken enumeratorToken = default)
+        /// <summary>An observed streamed result: as above, with the context's metadata.</summary>
+        internal override IAsyncEnumerable<T> CreateObservedServerStream<T>(MethodDescriptor<T> method, ClientInterceptorContext context) =>
+            StreamAsync(method, context.TakeRequest(), context, context.CancellationToken);
+
+        private async IAsyncEnumerable<T> StreamAsync<T>(MethodDescriptor<T> method, MessageBuilder request, ClientInterceptorContext? context, CancellationToken cancellationToken, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken enumeratorToken = default)
         {
             OffloadRpcConnection connection;
             try
@@ -199,13 +203,16 @@ internal sealed class ManagedConnection : IAsyncDisposable
                 throw;
             }
 
-            await foreach (T item in connection.Invoker.CreateServerStream(method, request, cancellationToken).WithCancellation(enumeratorToken).ConfigureAwait(false))
+            IAsyncEnumerable<T> stream = context is null
+                ? connection.Invoker.CreateServerStream(method, request, cancellationToken)
+                : connection.Invoker.CreateObservedServerStream(method, context.WithRequest(request));
+            await foreach (T item in stream.WithCancellation(enumeratorToken).ConfigureAwait(false))
             {
                 yield return item;
             }
         }
 
-        internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+        internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, out StreamInbox inbox, CancellationToken cancellationToken)
         {
             OffloadRpcConnection connection;
             try
@@ -218,7 +225,7 @@ internal sealed class ManagedConnection : IAsyncDisposable
                 throw;
             }
 
-            return connection.Invoker.SendStreamingAsync(method, request, out inbox, cancellationToken);
+            return connection.Invoker.SendStreamingAsync(method, request, metadata, out inbox, cancellationToken);
         }
 
         /// <summary>The connection of the moment; one that closed since the readiness check fails the call, and the next call reconnects.</summary>

@@ -1,4 +1,5 @@
 using Microsoft.Extensions.DependencyInjection;
+using OffloadRpc.Internal;
 
 namespace OffloadRpc.Hosting.Internal;
 
@@ -45,35 +46,48 @@ internal static class CallScope
 
 /// <summary>
 /// The outermost interceptor of a hosted server: makes the call's DI scope (disposed when the call
-/// completes), then runs the interceptors registered with AddInterceptor, resolved in that scope.
+/// completes, a streamed result's when its last item is out), then runs the interceptors registered with
+/// AddInterceptor, resolved in that scope.
 /// </summary>
 internal sealed class CallScopeInterceptor(IServiceScopeFactory scopes, Func<IServiceProvider, ServerInterceptor>[] interceptors) : ServerInterceptor
 {
-    public override async ValueTask InterceptAsync(ServerInterceptorContext context, ServerCallContinuation continuation)
+    public override async ValueTask<TResult> InterceptAsync<TResult>(ServerInterceptorContext context, ServerCallContinuation<TResult> continuation)
     {
         AsyncServiceScope scope = scopes.CreateAsyncScope();
         await using (scope.ConfigureAwait(false))
         {
             context.Items[CallScope.Key] = scope.ServiceProvider;
-            if (interceptors.Length == 0)
-            {
-                await continuation(context).ConfigureAwait(false);
-                return;
-            }
-
-            await Chain(scope.ServiceProvider, 0, continuation)(context).ConfigureAwait(false);
+            ServerCallContinuation<TResult> chain = interceptors.Length == 0
+                ? continuation
+                : InterceptorChain.Build<ServerInterceptor, ServerCallContinuation<TResult>>(Resolve(scope.ServiceProvider), continuation, static (interceptor, next) => c => interceptor.InterceptAsync(c, next));
+            return await chain(context).ConfigureAwait(false);
         }
     }
 
-    private ServerCallContinuation Chain(IServiceProvider services, int index, ServerCallContinuation last)
+    public override async IAsyncEnumerable<TItem> InterceptStream<TItem>(ServerInterceptorContext context, ServerStreamContinuation<TItem> continuation)
     {
-        if (index == interceptors.Length)
+        AsyncServiceScope scope = scopes.CreateAsyncScope();
+        await using (scope.ConfigureAwait(false))
         {
-            return last;
+            context.Items[CallScope.Key] = scope.ServiceProvider;
+            ServerStreamContinuation<TItem> chain = interceptors.Length == 0
+                ? continuation
+                : InterceptorChain.Build<ServerInterceptor, ServerStreamContinuation<TItem>>(Resolve(scope.ServiceProvider), continuation, static (interceptor, next) => c => interceptor.InterceptStream(c, next));
+            await foreach (TItem item in chain(context).WithCancellation(context.CancellationToken).ConfigureAwait(false))
+            {
+                yield return item;
+            }
+        }
+    }
+
+    private ServerInterceptor[] Resolve(IServiceProvider services)
+    {
+        var resolved = new ServerInterceptor[interceptors.Length];
+        for (int i = 0; i < resolved.Length; i++)
+        {
+            resolved[i] = interceptors[i](services);
         }
 
-        ServerInterceptor interceptor = interceptors[index](services);
-        ServerCallContinuation next = Chain(services, index + 1, last);
-        return context => interceptor.InterceptAsync(context, next);
+        return resolved;
     }
 }

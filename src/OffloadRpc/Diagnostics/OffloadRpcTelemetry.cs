@@ -49,91 +49,16 @@ internal static class Telemetry
     }
 
     /// <summary>Whether anybody listens to client calls (a span or a call metric).</summary>
-    public static bool ClientObserved => Source.HasListeners() || ClientDuration.Enabled || ClientStarted.Enabled || ClientCompleted.Enabled || ClientActive.Enabled;
+    public static bool ClientObserved => Source.HasListeners() || Client.Enabled;
 
     /// <summary>Whether anybody listens to served calls.</summary>
-    public static bool ServerObserved => Source.HasListeners() || ServerDuration.Enabled || ServerStarted.Enabled || ServerCompleted.Enabled || ServerActive.Enabled;
+    public static bool ServerObserved => Source.HasListeners() || Server.Enabled;
 
-    public static Activity? StartClient(MethodDescriptor method)
-    {
-        if (!Source.HasListeners())
-        {
-            return null;
-        }
+    /// <summary>The call instruments of the client side.</summary>
+    public static readonly CallInstruments Client = new(ClientDuration, ClientStarted, ClientCompleted, ClientActive, ActivityKind.Client, "client");
 
-        Activity? activity = Source.StartActivity(method.ServiceName + "/" + method.Name, ActivityKind.Client);
-        if (activity is { IsAllDataRequested: true })
-        {
-            AddRpcTags(activity, method);
-        }
-
-        return activity;
-    }
-
-    public static Activity? StartServer(MethodDescriptor method, string? traceParent, string? traceState)
-    {
-        if (!Source.HasListeners())
-        {
-            return null;
-        }
-
-        ActivityContext parent = default;
-        if (traceParent is not null)
-        {
-            ActivityContext.TryParse(traceParent, traceState, isRemote: true, out parent);
-        }
-
-        Activity? activity = Source.StartActivity(method.ServiceName + "/" + method.Name, ActivityKind.Server, parent);
-        if (activity is { IsAllDataRequested: true })
-        {
-            AddRpcTags(activity, method);
-        }
-
-        return activity;
-    }
-
-    private static void AddRpcTags(Activity activity, MethodDescriptor method)
-    {
-        activity.SetTag("rpc.system", OffloadRpcTelemetry.RpcSystem);
-        activity.SetTag("rpc.service", method.ServiceName);
-        activity.SetTag("rpc.method", method.Name);
-    }
-
-    /// <summary>Ends a span with the call's status (and the exception's type when it failed).</summary>
-    public static void Stop(Activity? activity, string status, Exception? failure)
-    {
-        if (activity is null)
-        {
-            return;
-        }
-
-        activity.SetTag(StatusTag, status);
-        if (failure is not null)
-        {
-            activity.SetTag("error.type", failure is RemoteInvocationException remote ? remote.RemoteExceptionType : failure.GetType().FullName);
-            activity.SetStatus(ActivityStatusCode.Error, failure.Message);
-        }
-
-        activity.Stop();
-    }
-
-    public static TagList Tags(MethodDescriptor method)
-    {
-        var tags = new TagList
-        {
-            { "rpc.system", OffloadRpcTelemetry.RpcSystem },
-            { "rpc.service", method.ServiceName },
-            { "rpc.method", method.Name },
-        };
-        return tags;
-    }
-
-    public static TagList Tags(MethodDescriptor method, string status)
-    {
-        TagList tags = Tags(method);
-        tags.Add(StatusTag, status);
-        return tags;
-    }
+    /// <summary>The call instruments of the server side.</summary>
+    public static readonly CallInstruments Server = new(ServerDuration, ServerStarted, ServerCompleted, ServerActive, ActivityKind.Server, "server");
 
     /// <summary>The status name of a call's outcome.</summary>
     public static string StatusOf(Exception? failure) => failure switch
@@ -183,4 +108,152 @@ internal static class Telemetry
 
         return [new(client, new KeyValuePair<string, object?>("offloadrpc.role", "client")), new(server, new KeyValuePair<string, object?>("offloadrpc.role", "server"))];
     }
+}
+
+/// <summary>The instruments and span kind of one side of a call (client or server).</summary>
+internal sealed class CallInstruments(Histogram<double> duration, Counter<long> started, Counter<long> completed, UpDownCounter<long> active, ActivityKind kind, string side)
+{
+    public Histogram<double> Duration { get; } = duration;
+
+    public Counter<long> Started { get; } = started;
+
+    public Counter<long> Completed { get; } = completed;
+
+    public UpDownCounter<long> Active { get; } = active;
+
+    public ActivityKind Kind { get; } = kind;
+
+    /// <summary>"client" or "server" (slow-call logs).</summary>
+    public string Side { get; } = side;
+
+    public bool Enabled => Duration.Enabled || Started.Enabled || Completed.Enabled || Active.Enabled;
+}
+
+/// <summary>
+/// One observed call on one side: its span, its start time and its metric tags, built once (the status is
+/// added at the end). The same for unary and streamed calls, client and server.
+/// </summary>
+internal struct CallObservation
+{
+    private readonly CallInstruments _instruments;
+    private readonly MethodDescriptor _method;
+    private readonly long _started;
+    private readonly bool _active;
+    private TagList _tags;
+
+    private CallObservation(CallInstruments instruments, MethodDescriptor method, Activity? activity)
+    {
+        _instruments = instruments;
+        _method = method;
+        Activity = activity;
+        _started = Stopwatch.GetTimestamp();
+        _active = instruments.Active.Enabled;
+        if (_active || instruments.Started.Enabled || instruments.Completed.Enabled || instruments.Duration.Enabled)
+        {
+            _tags = new TagList
+            {
+                { "rpc.system", OffloadRpcTelemetry.RpcSystem },
+                { "rpc.service", method.ServiceName },
+                { "rpc.method", method.Name },
+            };
+        }
+
+        if (instruments.Started.Enabled)
+        {
+            instruments.Started.Add(1, _tags);
+        }
+
+        if (_active)
+        {
+            instruments.Active.Add(1, _tags);
+        }
+    }
+
+    /// <summary>The call's span (current from here on, in this async flow), or null when nobody samples it.</summary>
+    public Activity? Activity { get; }
+
+    /// <summary>Starts observing a call: its span (a child of <paramref name="parent"/> when given, of the current span otherwise), started and active counts.</summary>
+    public static CallObservation Start(CallInstruments instruments, MethodDescriptor method, in ActivityContext parent = default)
+    {
+        Activity? activity = null;
+        if (Telemetry.Source.HasListeners())
+        {
+            activity = Telemetry.Source.StartActivity(method.ServiceName + "/" + method.Name, instruments.Kind, parent);
+            if (activity is { IsAllDataRequested: true })
+            {
+                activity.SetTag("rpc.system", OffloadRpcTelemetry.RpcSystem);
+                activity.SetTag("rpc.service", method.ServiceName);
+                activity.SetTag("rpc.method", method.Name);
+            }
+        }
+
+        return new CallObservation(instruments, method, activity);
+    }
+
+    /// <summary>The server side of a call: its span the child of the caller's (W3C trace context from the request).</summary>
+    public static CallObservation StartServer(MethodDescriptor method, string? traceParent, string? traceState)
+    {
+        ActivityContext parent = default;
+        if (traceParent is not null && Telemetry.Source.HasListeners())
+        {
+            ActivityContext.TryParse(traceParent, traceState, isRemote: true, out parent);
+        }
+
+        return Start(Telemetry.Server, method, parent);
+    }
+
+    /// <summary>Ends the call: active count, completed count and duration by <paramref name="status"/>, the span, a slow call's log.</summary>
+    public void Stop(string status, Exception? failure, CallLogging? logging)
+    {
+        double elapsed = Stopwatch.GetElapsedTime(_started).TotalMilliseconds;
+        if (_active)
+        {
+            _instruments.Active.Add(-1, _tags);
+        }
+
+        if (_instruments.Completed.Enabled || _instruments.Duration.Enabled)
+        {
+            _tags.Add(Telemetry.StatusTag, status);
+            if (_instruments.Completed.Enabled)
+            {
+                _instruments.Completed.Add(1, _tags);
+            }
+
+            if (_instruments.Duration.Enabled)
+            {
+                _instruments.Duration.Record(elapsed, _tags);
+            }
+        }
+
+        if (Activity is { } activity)
+        {
+            activity.SetTag(Telemetry.StatusTag, status);
+            if (failure is not null)
+            {
+                activity.SetTag("error.type", failure is RemoteInvocationException remote ? remote.RemoteExceptionType : failure.GetType().FullName);
+                activity.SetStatus(ActivityStatusCode.Error, failure.Message);
+            }
+
+            activity.Stop();
+        }
+
+        if (logging is not null && elapsed >= logging.SlowCallMilliseconds)
+        {
+            Diagnostics.Log.SlowCall(logging.Logger, _instruments.Side, _method.FullName, elapsed, status);
+        }
+    }
+}
+
+/// <summary>Where slow calls are logged, and from how long on.</summary>
+internal class CallLogging
+{
+    public CallLogging(Microsoft.Extensions.Logging.ILogger logger, TimeSpan slowCallThreshold)
+    {
+        Logger = logger;
+        SlowCallMilliseconds = logger == Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance ? double.PositiveInfinity : slowCallThreshold.TotalMilliseconds;
+    }
+
+    public Microsoft.Extensions.Logging.ILogger Logger { get; }
+
+    public double SlowCallMilliseconds { get; }
 }

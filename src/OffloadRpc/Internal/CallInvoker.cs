@@ -57,7 +57,7 @@ public abstract class CallInvoker
         ArgumentNullException.ThrowIfNull(request);
         if (IsObserved)
         {
-            return InvokeObservedAsync(method, request, method.Decoder, cancellationToken);
+            return InvokeObservedAsync<T>(method, request, cancellationToken);
         }
 
         return request.HasDeferredPayloads
@@ -75,19 +75,30 @@ public abstract class CallInvoker
     internal virtual ValueTask WhenReadyAsync(CancellationToken cancellationToken) => ValueTask.CompletedTask;
 
     private async ValueTask InvokeObservedVoidAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
-        await InvokeObservedAsync<NoResult>(method, request, null, cancellationToken).ConfigureAwait(false);
+        await InvokeObservedAsync<NoResult>(method, request, cancellationToken).ConfigureAwait(false);
+
+    /// <summary>The call's deadline: the scope's, else the options' default from now, else none.</summary>
+    private static DateTime? DeadlineOf(OffloadCallScope? scope, ClientPipeline? pipeline)
+    {
+        if (scope?.Deadline is { } deadline)
+        {
+            return deadline;
+        }
+
+        if (pipeline?.DefaultDeadline is { } timeout)
+        {
+            DateTime now = DateTime.UtcNow;
+            return timeout >= DateTime.MaxValue - now ? DateTime.MaxValue : now + timeout;
+        }
+
+        return null;
+    }
 
     /// <summary>A call with interceptors, metadata or telemetry: span and metrics around the interceptors, metadata written last.</summary>
-    private async ValueTask<T> InvokeObservedAsync<T>(MethodDescriptor method, MessageBuilder request, ReplyDecoder<T>? decoder, CancellationToken cancellationToken)
+    private async ValueTask<T> InvokeObservedAsync<T>(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken)
     {
         ClientPipeline? pipeline = Pipeline;
         OffloadCallScope? scope = OffloadCallScope.Current;
-        DateTime? deadline = scope?.Deadline;
-        if (deadline is null && pipeline?.DefaultDeadline is { } timeout)
-        {
-            deadline = timeout >= DateTime.MaxValue - DateTime.UtcNow ? DateTime.MaxValue : DateTime.UtcNow + timeout;
-        }
-
         if (!IsReady)
         {
             try
@@ -101,27 +112,14 @@ public abstract class CallInvoker
             }
         }
 
-        var context = new ClientInterceptorContext(method, request, scope, deadline, cancellationToken);
-        long started = Stopwatch.GetTimestamp();
-        Activity? activity = Telemetry.StartClient(method);
-        bool active = Telemetry.ClientActive.Enabled;
-        if (Telemetry.ClientStarted.Enabled)
-        {
-            Telemetry.ClientStarted.Add(1, Telemetry.Tags(method));
-        }
-
-        if (active)
-        {
-            Telemetry.ClientActive.Add(1, Telemetry.Tags(method));
-        }
-
+        var context = new ClientInterceptorContext(this, method, request, scope, DeadlineOf(scope, pipeline), cancellationToken);
+        CallObservation observation = CallObservation.Start(Telemetry.Client, method);
         Exception? failure = null;
         try
         {
-            ClientInterceptor[]? interceptors = pipeline?.Interceptors;
-            return interceptors is null || interceptors.Length == 0
-                ? await SendObservedAsync(context, method, decoder).ConfigureAwait(false)
-                : await Continuation(interceptors, 0, method, decoder)(context).ConfigureAwait(false);
+            return pipeline is { Interceptors.Length: > 0 }
+                ? await pipeline.Chain<T>()(context).ConfigureAwait(false)
+                : await SendObservedAsync<T>(context).ConfigureAwait(false);
         }
         catch (Exception ex)
         {
@@ -131,69 +129,19 @@ public abstract class CallInvoker
         finally
         {
             context.DiscardUnsentRequest();
-            string status = Telemetry.StatusOf(failure);
-            double elapsed = Stopwatch.GetElapsedTime(started).TotalMilliseconds;
-            if (active)
-            {
-                Telemetry.ClientActive.Add(-1, Telemetry.Tags(method));
-            }
-
-            if (Telemetry.ClientCompleted.Enabled)
-            {
-                Telemetry.ClientCompleted.Add(1, Telemetry.Tags(method, status));
-            }
-
-            if (Telemetry.ClientDuration.Enabled)
-            {
-                Telemetry.ClientDuration.Record(elapsed, Telemetry.Tags(method, status));
-            }
-
-            Telemetry.Stop(activity, status, failure);
-            if (pipeline is not null && elapsed >= pipeline.SlowCallMilliseconds)
-            {
-                Diagnostics.Log.SlowCall(pipeline.Logger, "client", method.FullName, elapsed, status);
-            }
+            observation.Stop(Telemetry.StatusOf(failure), failure, pipeline);
         }
-    }
-
-    private ClientCallContinuation<T> Continuation<T>(ClientInterceptor[] interceptors, int index, MethodDescriptor method, ReplyDecoder<T>? decoder)
-    {
-        if (index == interceptors.Length)
-        {
-            return context => SendObservedAsync(context, method, decoder);
-        }
-
-        ClientInterceptor interceptor = interceptors[index];
-        ClientCallContinuation<T> next = Continuation(interceptors, index + 1, method, decoder);
-        return context => interceptor.InterceptAsync(context, next);
     }
 
     /// <summary>The call itself, after the interceptors: deadline armed, metadata (headers, deadline, trace context) written before the body.</summary>
-    private async ValueTask<T> SendObservedAsync<T>(ClientInterceptorContext context, MethodDescriptor method, ReplyDecoder<T>? decoder)
+    internal async ValueTask<T> SendObservedAsync<T>(ClientInterceptorContext context)
     {
+        MethodDescriptor method = context.Method;
         MessageBuilder request = context.TakeRequest();
-        CancellationToken token = context.CancellationToken;
-        CancellationTokenSource? deadlineSource = null;
-        DateTime? deadline = context.Deadline;
+        DeadlineTimer timer = default;
         try
         {
-            if (deadline is { } due)
-            {
-                TimeSpan left = due - DateTime.UtcNow;
-                if (left <= TimeSpan.Zero)
-                {
-                    request.Discard();
-                    throw new DeadlineExceededException($"The deadline of {method.FullName} had passed before it was sent.") { Deadline = due, Method = method.FullName };
-                }
-
-                if (left <= CallMetadata.MaxTimerDelay)
-                {
-                    deadlineSource = CancellationTokenSource.CreateLinkedTokenSource(token);
-                    deadlineSource.CancelAfter(left);
-                    token = deadlineSource.Token;
-                }
-            }
-
+            CancellationToken token = timer.Arm(context, request, context.CancellationToken);
             if (request.HasDeferredPayloads)
             {
                 try
@@ -207,66 +155,55 @@ public abstract class CallInvoker
                 }
             }
 
-            Activity? current = Activity.Current;
-            string? traceParent = current is { IdFormat: ActivityIdFormat.W3C } ? current.Id : null;
-            IReadOnlyDictionary<string, string>? headers = context.HeadersOrNull;
+            OutgoingMetadata metadata = OutgoingMetadata.Of(context);
             ValueTask<RpcReply> pending;
-            if (headers is null && deadline is null && traceParent is null)
+            if (metadata.IsEmpty)
             {
                 pending = Send(method, request, token);
             }
             else
             {
-                var block = new ArrayBufferWriter<byte>(128);
-                TimeSpan? remaining = deadline - DateTime.UtcNow;
-                CallMetadata.Encode(block, headers, remaining > CallMetadata.MaxDeadline ? CallMetadata.MaxDeadline : remaining, traceParent, traceParent is null ? null : current!.TraceStateString);
-                pending = Send(method, request, block.WrittenMemory, token);
+                try
+                {
+                    pending = SendAsync(method, request, metadata, token);
+                }
+                catch (Exception exception)
+                {
+                    pending = ValueTask.FromException<RpcReply>(exception);
+                }
+                finally
+                {
+                    request.Return();
+                }
             }
 
             using RpcReply reply = await pending.ConfigureAwait(false);
-            return decoder is null ? default! : Decode(decoder, reply);
+            return method is MethodDescriptor<T> typed ? Decode(typed.Decoder, reply) : default!;
         }
-        catch (OperationCanceledException ex) when (deadlineSource is { IsCancellationRequested: true } && !context.CancellationToken.IsCancellationRequested)
+        catch (Exception ex) when (timer.Exceeded(context, ex) is { } exceeded)
         {
-            throw new DeadlineExceededException($"{method.FullName} did not complete before its deadline ({deadline:O}).", ex) { Deadline = deadline!.Value, Method = method.FullName };
-        }
-        catch (RemoteInvocationException ex) when (deadline is { } due && IsCancellation(ex) && !context.CancellationToken.IsCancellationRequested && DateTime.UtcNow >= due - DeadlineSlack)
-        {
-            // The server's token fired at the deadline and its answer beat the caller's own timer: the same outcome.
-            throw new DeadlineExceededException($"{method.FullName} did not complete before its deadline ({deadline:O}).", ex) { Deadline = due, Method = method.FullName };
+            throw exceeded;
         }
         finally
         {
-            deadlineSource?.Dispose();
-        }
-    }
-
-    /// <summary>How much earlier than the caller's clock a server's timer may fire (timer granularity, a loaded machine).</summary>
-    private static readonly TimeSpan DeadlineSlack = TimeSpan.FromMilliseconds(100);
-
-    private static bool IsCancellation(RemoteInvocationException ex) =>
-        ex.RemoteExceptionType is "System.OperationCanceledException" or "System.Threading.Tasks.TaskCanceledException";
-
-    /// <summary>Sends a request whose body starts with a metadata block.</summary>
-    private ValueTask<RpcReply> Send(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
-    {
-        try
-        {
-            return SendAsync(method, request, metadata, cancellationToken);
-        }
-        catch (Exception exception)
-        {
-            return ValueTask.FromException<RpcReply>(exception);
-        }
-        finally
-        {
-            request.Return();
+            timer.Dispose();
         }
     }
 
     /// <summary>
-    /// Sends the request with its metadata block (<see cref="CallMetadata"/>) before the body. A transport
-    /// that carries no metadata drops it (the default).
+    /// Sends the request with its metadata block (<see cref="CallMetadata"/>) before the body. The default
+    /// encodes the block and hands it to the transport's other overload; a transport may write it in place.
+    /// </summary>
+    internal virtual ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, CancellationToken cancellationToken)
+    {
+        var block = new ArrayBufferWriter<byte>(128);
+        metadata.Encode(block);
+        return SendAsync(method, request, block.WrittenMemory, cancellationToken);
+    }
+
+    /// <summary>
+    /// Sends the request with an encoded metadata block before the body. A transport that carries no
+    /// metadata drops it (the default).
     /// </summary>
     internal virtual ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken) =>
         SendAsync(method, request, cancellationToken);
@@ -280,12 +217,83 @@ public abstract class CallInvoker
     {
         ArgumentNullException.ThrowIfNull(method);
         ArgumentNullException.ThrowIfNull(request);
-        return CreateServerStream(method, request, cancellationToken);
+        ClientPipeline? pipeline = Pipeline;
+        OffloadCallScope? scope = OffloadCallScope.Current;
+        return pipeline is null && scope is null && Activity.Current is null && !Telemetry.ClientObserved
+            ? CreateServerStream(method, request, cancellationToken)
+            : ObserveStreamAsync(method, request, pipeline, scope, cancellationToken);
     }
+
+    /// <summary>
+    /// A streamed call with interceptors, metadata or telemetry: when the enumeration starts, the span and
+    /// metrics begin, the interceptors' <see cref="ClientInterceptor.InterceptStream"/> run, and the request
+    /// goes with its metadata; they end with the stream (status "cancelled" when the consumer leaves early).
+    /// </summary>
+    private async IAsyncEnumerable<T> ObserveStreamAsync<T>(MethodDescriptor<T> method, MessageBuilder request, ClientPipeline? pipeline, OffloadCallScope? scope, CancellationToken cancellationToken, [EnumeratorCancellation] CancellationToken enumeratorToken = default)
+    {
+        // The consumer's token (WithCancellation) cancels the call whatever the interceptors pass on.
+        using CancellationTokenSource? linked = enumeratorToken.CanBeCanceled && enumeratorToken != cancellationToken
+            ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, enumeratorToken)
+            : null;
+        var context = new ClientInterceptorContext(this, method, request, scope, DeadlineOf(scope, pipeline), linked?.Token ?? cancellationToken);
+        CallObservation observation = CallObservation.Start(Telemetry.Client, method);
+        IAsyncEnumerator<T>? items = null;
+        Exception? failure = null;
+        bool ended = false;
+        try
+        {
+            while (true)
+            {
+                try
+                {
+                    items ??= (pipeline is { Interceptors.Length: > 0 } ? pipeline.StreamChain<T>()(context) : OpenObservedStream<T>(context)).GetAsyncEnumerator(enumeratorToken);
+                    ended = !await items.MoveNextAsync().ConfigureAwait(false);
+                }
+                catch (Exception ex)
+                {
+                    failure = ex;
+                    throw;
+                }
+
+                if (ended)
+                {
+                    break;
+                }
+
+                yield return items.Current;
+            }
+        }
+        finally
+        {
+            context.DiscardUnsentRequest();
+            try
+            {
+                if (items is not null)
+                {
+                    await items.DisposeAsync().ConfigureAwait(false);
+                }
+            }
+            finally
+            {
+                observation.Stop(failure is not null ? Telemetry.StatusOf(failure) : ended ? "ok" : "cancelled", failure, pipeline);
+            }
+        }
+    }
+
+    /// <summary>The streamed call itself, after the interceptors (the innermost continuation of <see cref="ClientInterceptor.InterceptStream"/>).</summary>
+    internal IAsyncEnumerable<T> OpenObservedStream<T>(ClientInterceptorContext context) =>
+        CreateObservedServerStream((MethodDescriptor<T>)context.Method, context);
 
     /// <summary>The enumerable of a streamed result (a transport that streams differently makes its own).</summary>
     internal virtual IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
-        new ServerStreamCall<T>(this, method, request, cancellationToken);
+        new ServerStreamCall<T>(this, method, request, null, cancellationToken);
+
+    /// <summary>
+    /// The enumerable of a streamed result carrying the context's headers, deadline and trace context. A
+    /// transport without metadata streams drops them (the default).
+    /// </summary>
+    internal virtual IAsyncEnumerable<T> CreateObservedServerStream<T>(MethodDescriptor<T> method, ClientInterceptorContext context) =>
+        CreateServerStream(method, context.TakeRequest(), context.CancellationToken);
 
     /// <summary>A stream whose request could not be encoded: its enumeration throws <paramref name="exception"/>.</summary>
     public static IAsyncEnumerable<T> FailedStream<T>(Exception exception)
@@ -305,7 +313,7 @@ public abstract class CallInvoker
     /// Sends the request of a streaming call: its items go to the returned inbox as they arrive, and the
     /// reply ends the stream. Takes <paramref name="request"/> over (after its deferred payloads were gathered).
     /// </summary>
-    internal virtual ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+    internal virtual ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, out StreamInbox inbox, CancellationToken cancellationToken)
     {
         request.Discard();
         throw new NotSupportedException($"This transport does not stream results ({method.FullName}).");
@@ -449,9 +457,7 @@ internal sealed class SharedMemoryInvoker : CallInvoker
     private protected override bool SendsStreamsAsRead => true;
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
-        request.TakeItemStream() is { } items
-            ? CallWithItems(method, request.WrittenBody, request.Payloads, MessageFlags.None, null, items, cancellationToken)
-            : _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, cancellationToken);
+        Call(method, request, default, null, cancellationToken);
 
     /// <summary>A call with a streamed argument: the request, then its items under the server's credit while the reply is awaited.</summary>
     private ValueTask<RpcReply> CallWithItems(MethodDescriptor method, ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, MessageFlags flags, StreamInbox? inbox, ItemStream items, CancellationToken cancellationToken)
@@ -460,14 +466,12 @@ internal sealed class SharedMemoryInvoker : CallInvoker
         return items.SendWhileAwaitingAsync(_connection.CallAsync(method.Id, body, payloads, flags, inbox, outbox, cancellationToken), outbox, SerializerOptionsSource, cancellationToken);
     }
 
-    internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, out StreamInbox inbox, CancellationToken cancellationToken)
+    internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, out StreamInbox inbox, CancellationToken cancellationToken)
     {
         inbox = new StreamInbox(_connection, _connection.StreamWindow, _connection.RunContinuationsAsynchronously); // resumes as a unary awaiter does
         try
         {
-            return request.TakeItemStream() is { } items
-                ? CallWithItems(method, request.WrittenBody, request.Payloads, MessageFlags.None, inbox, items, cancellationToken)
-                : _connection.CallAsync(method.Id, request.WrittenBody, request.Payloads, MessageFlags.None, inbox, null, cancellationToken);
+            return Call(method, request, metadata, inbox, cancellationToken);
         }
         catch (Exception exception)
         {
@@ -478,46 +482,49 @@ internal sealed class SharedMemoryInvoker : CallInvoker
             request.Return();
         }
     }
-    /// <summary>The body becomes [u32 length][metadata][arguments], flagged <see cref="MessageFlags.HasMetadata"/>; copied before this returns.</summary>
-    internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
+
+    /// <summary>An observed streamed result: its request carries the context's metadata, its deadline is this side's too.</summary>
+    internal override IAsyncEnumerable<T> CreateObservedServerStream<T>(MethodDescriptor<T> method, ClientInterceptorContext context) =>
+        new ServerStreamCall<T>(this, method, context.TakeRequest(), context, context.CancellationToken);
+
+    /// <summary>
+    /// The body becomes [u32 length][metadata][arguments], flagged <see cref="MessageFlags.HasMetadata"/>: the
+    /// block is encoded in place in the builder's framing buffer, then the arguments follow it (one copy, no allocation).
+    /// </summary>
+    internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, CancellationToken cancellationToken) =>
+        Call(method, request, metadata, null, cancellationToken);
+
+    private ValueTask<RpcReply> Call(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, StreamInbox? inbox, CancellationToken cancellationToken)
     {
-        ReadOnlySpan<byte> body = request.WrittenBody;
-        int length = 4 + metadata.Length + body.Length;
-        byte[] combined = ArrayPool<byte>.Shared.Rent(length);
-        try
-        {
-            BinaryPrimitives.WriteUInt32LittleEndian(combined, (uint)metadata.Length);
-            metadata.Span.CopyTo(combined.AsSpan(4));
-            body.CopyTo(combined.AsSpan(4 + metadata.Length));
-            return request.TakeItemStream() is { } items
-                ? CallWithItems(method, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, null, items, cancellationToken)
-                : _connection.CallAsync(method.Id, combined.AsSpan(0, length), request.Payloads, MessageFlags.HasMetadata, null, null, cancellationToken);
-        }
-        finally
-        {
-            ArrayPool<byte>.Shared.Return(combined);
-        }
+        MessageFlags flags = metadata.IsEmpty ? MessageFlags.None : MessageFlags.HasMetadata;
+        ReadOnlySpan<byte> body = metadata.IsEmpty ? request.WrittenBody : request.FrameWithMetadata(metadata);
+        return request.TakeItemStream() is { } items
+            ? CallWithItems(method, body, request.Payloads, flags, inbox, items, cancellationToken)
+            : _connection.CallAsync(method.Id, body, request.Payloads, flags, inbox, null, cancellationToken);
     }
 }
 
 /// <summary>What a connection's options add to every call: interceptors, a default deadline, logging of slow calls.</summary>
-internal sealed class ClientPipeline
+internal sealed class ClientPipeline : CallLogging
 {
     public ClientPipeline(ClientInterceptor[] interceptors, TimeSpan? defaultDeadline, Microsoft.Extensions.Logging.ILogger logger, TimeSpan slowCallThreshold)
+        : base(logger, slowCallThreshold)
     {
         Interceptors = interceptors;
         DefaultDeadline = defaultDeadline;
-        Logger = logger;
-        SlowCallMilliseconds = logger == Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance ? double.PositiveInfinity : slowCallThreshold.TotalMilliseconds;
     }
 
     public ClientInterceptor[] Interceptors { get; }
 
     public TimeSpan? DefaultDeadline { get; }
 
-    public Microsoft.Extensions.Logging.ILogger Logger { get; }
+    /// <summary>The interceptors around a call with one result (built once per result type).</summary>
+    public ClientCallContinuation<T> Chain<T>() =>
+        InterceptorChain.Of<ClientInterceptor, ClientCallContinuation<T>>(this, Interceptors, static context => context.Invoker.SendObservedAsync<T>(context), static (interceptor, next) => context => interceptor.InterceptAsync(context, next));
 
-    public double SlowCallMilliseconds { get; }
+    /// <summary>The interceptors around a call whose result is a stream (built once per item type).</summary>
+    public ClientStreamContinuation<T> StreamChain<T>() =>
+        InterceptorChain.Of<ClientInterceptor, ClientStreamContinuation<T>>(this, Interceptors, static context => context.Invoker.OpenObservedStream<T>(context), static (interceptor, next) => context => interceptor.InterceptStream(context, next));
 
     /// <summary>The pipeline of <paramref name="options"/>, or null when they add nothing to a call.</summary>
     public static ClientPipeline? From(OffloadRpcOptions options, IEnumerable<ClientInterceptor>? extra = null)

@@ -122,3 +122,148 @@ internal sealed class CallMetadata
         }
     }
 }
+
+/// <summary>What a call carries in its metadata block, taken from its interceptor context when it is sent.</summary>
+internal readonly struct OutgoingMetadata
+{
+    private OutgoingMetadata(IReadOnlyDictionary<string, string>? headers, DateTime? deadline, string? traceParent, string? traceState)
+    {
+        Headers = headers;
+        Deadline = deadline;
+        TraceParent = traceParent;
+        TraceState = traceState;
+    }
+
+    public IReadOnlyDictionary<string, string>? Headers { get; }
+
+    public DateTime? Deadline { get; }
+
+    public string? TraceParent { get; }
+
+    public string? TraceState { get; }
+
+    /// <summary>Nothing to carry: the request goes without a block.</summary>
+    public bool IsEmpty => Headers is null && Deadline is null && TraceParent is null;
+
+    /// <summary>The context's headers and deadline, and the current span's W3C trace context.</summary>
+    public static OutgoingMetadata Of(ClientInterceptorContext context)
+    {
+        System.Diagnostics.Activity? current = System.Diagnostics.Activity.Current;
+        string? traceParent = current is { IdFormat: System.Diagnostics.ActivityIdFormat.W3C } ? current.Id : null;
+        return new OutgoingMetadata(context.HeadersOrNull, context.Deadline, traceParent, traceParent is null ? null : current!.TraceStateString);
+    }
+
+    /// <summary>Writes the block (the deadline as the time left now).</summary>
+    public void Encode(IBufferWriter<byte> destination)
+    {
+        TimeSpan? remaining = Deadline - DateTime.UtcNow;
+        CallMetadata.Encode(destination, Headers, remaining > CallMetadata.MaxDeadline ? CallMetadata.MaxDeadline : remaining, TraceParent, TraceState);
+    }
+}
+
+/// <summary>
+/// The caller's side of a deadline: a token that fires at it (linked to the caller's), and the
+/// translation of what that firing causes into <see cref="DeadlineExceededException"/>. For unary and streamed calls alike.
+/// </summary>
+internal struct DeadlineTimer : IDisposable
+{
+    /// <summary>How much earlier than the caller's clock a server's timer may fire (timer granularity, a loaded machine).</summary>
+    private static readonly TimeSpan Slack = TimeSpan.FromMilliseconds(100);
+
+    private CancellationTokenSource? _source;
+    private CancellationToken _token;
+
+    /// <summary>
+    /// The token the call runs under: <paramref name="token"/> (the caller's), firing at the context's deadline too.
+    /// </summary>
+    /// <exception cref="DeadlineExceededException">The deadline has passed already (the request is discarded).</exception>
+    public CancellationToken Arm(ClientInterceptorContext context, MessageBuilder request, CancellationToken token)
+    {
+        _token = token;
+        if (context.Deadline is { } due)
+        {
+            TimeSpan left = due - DateTime.UtcNow;
+            if (left <= TimeSpan.Zero)
+            {
+                request.Discard();
+                throw new DeadlineExceededException($"The deadline of {context.FullName} had passed before it was sent.") { Deadline = due, Method = context.FullName };
+            }
+
+            if (left <= CallMetadata.MaxTimerDelay)
+            {
+                _source = CancellationTokenSource.CreateLinkedTokenSource(token);
+                _source.CancelAfter(left);
+                token = _source.Token;
+            }
+        }
+
+        return token;
+    }
+
+    /// <summary>
+    /// The deadline's exception when <paramref name="failure"/> is what the deadline caused: this side's timer
+    /// cancelled the call, or the server's token fired at the deadline and its answer beat this side's timer.
+    /// Null otherwise (the caller's own cancellation stays an <see cref="OperationCanceledException"/>).
+    /// </summary>
+    public readonly DeadlineExceededException? Exceeded(ClientInterceptorContext context, Exception failure)
+    {
+        if (context.Deadline is not { } due || _token.IsCancellationRequested)
+        {
+            return null;
+        }
+
+        bool exceeded = failure switch
+        {
+            OperationCanceledException => _source is { IsCancellationRequested: true },
+            RemoteInvocationException remote => remote.RemoteExceptionType is "System.OperationCanceledException" or "System.Threading.Tasks.TaskCanceledException" && DateTime.UtcNow >= due - Slack,
+            _ => false,
+        };
+        return exceeded
+            ? new DeadlineExceededException($"{context.FullName} did not complete before its deadline ({due:O}).", failure) { Deadline = due, Method = context.FullName }
+            : null;
+    }
+
+    public readonly void Dispose() => _source?.Dispose();
+}
+
+/// <summary>
+/// Interceptor chains, built once per pipeline and continuation type (the innermost continuation reads the
+/// call from its context, so one chain serves every call with the same result type).
+/// </summary>
+internal static class InterceptorChain
+{
+    /// <summary>The chain of <paramref name="interceptors"/> around <paramref name="last"/> (first runs outermost), cached for <paramref name="owner"/>.</summary>
+    public static TContinuation Of<TInterceptor, TContinuation>(object owner, TInterceptor[] interceptors, TContinuation last, Func<TInterceptor, TContinuation, TContinuation> wrap)
+        where TContinuation : Delegate
+    {
+        Cached<TContinuation>? cached = Volatile.Read(ref Cache<TContinuation>.Last);
+        if (cached is not null && ReferenceEquals(cached.Owner, owner))
+        {
+            return cached.Chain;
+        }
+
+        TContinuation chain = Build(interceptors, last, wrap);
+        Volatile.Write(ref Cache<TContinuation>.Last, new Cached<TContinuation>(owner, chain));
+        return chain;
+    }
+
+    /// <summary>The chain, not cached (interceptors made per call).</summary>
+    public static TContinuation Build<TInterceptor, TContinuation>(IReadOnlyList<TInterceptor> interceptors, TContinuation last, Func<TInterceptor, TContinuation, TContinuation> wrap)
+    {
+        TContinuation chain = last;
+        for (int i = interceptors.Count - 1; i >= 0; i--)
+        {
+            chain = wrap(interceptors[i], chain);
+        }
+
+        return chain;
+    }
+
+    private sealed record Cached<TContinuation>(object Owner, TContinuation Chain);
+
+    /// <summary>The last chain built per continuation type (one pipeline per process is the common case; another rebuilds it).</summary>
+    private static class Cache<TContinuation>
+    {
+        public static Cached<TContinuation>? Last;
+    }
+}

@@ -22,6 +22,7 @@ public sealed class MessageBuilder
     private readonly List<byte[]> _rented = new(1);
     private List<DeferredPayload>? _deferred;
     private ItemStream? _items;
+    private ArrayBufferWriter<byte>? _framed;
 
     private MessageBuilder()
     {
@@ -278,6 +279,24 @@ public sealed class MessageBuilder
 
     internal ReadOnlySpan<byte> WrittenBody => _body.WrittenSpan;
 
+    /// <summary>
+    /// The body behind a metadata block, [u32 length][block][arguments] (a request flagged HasMetadata): the
+    /// block is encoded in place in a buffer this builder keeps, the arguments copied after it.
+    /// </summary>
+    internal ReadOnlySpan<byte> FrameWithMetadata(in OutgoingMetadata metadata)
+    {
+        ArrayBufferWriter<byte> framed = _framed ??= new ArrayBufferWriter<byte>(256);
+        framed.ResetWrittenCount();
+        framed.GetSpan(4);
+        framed.Advance(4);
+        metadata.Encode(framed);
+        int blockLength = framed.WrittenCount - 4;
+        framed.Write(_body.WrittenSpan);
+        ReadOnlySpan<byte> frame = framed.WrittenSpan;
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32LittleEndian(MemoryMarshal.CreateSpan(ref MemoryMarshal.GetReference(frame), 4), (uint)blockLength);
+        return frame;
+    }
+
     internal ReadOnlySpan<OutboundPayload> Payloads => CollectionsMarshal.AsSpan(_payloads);
 
     /// <summary>Clears the builder and gives it back to this thread.</summary>
@@ -298,6 +317,11 @@ public sealed class MessageBuilder
         _payloads.Clear();
         _items = null;
         _deferred?.Clear();
+        if (_framed is { Capacity: > 1 << 20 })
+        {
+            _framed = null;
+        }
+
         if (_body.Capacity > 1 << 20)
         {
             t_cached = null; // let an unusually large body go

@@ -35,14 +35,108 @@ public sealed class ServerCall
     /// <summary>The caller's deadline in this process's clock (UTC), or null.</summary>
     internal DateTime? Deadline { get; set; }
 
-    /// <summary>The generated stub was entered (after the interceptors): only then is a failure before decoding the peer's.</summary>
-    internal bool StubInvoked { get; set; }
+    /// <summary>The method's handler was entered (after the interceptors): only then is a failure before decoding the peer's.</summary>
+    internal bool StubInvoked { get; private set; }
 
-    /// <summary>Bytes of the encoded result, once replied.</summary>
-    internal int? ResponseBodyBytes { get; private set; }
+    /// <summary>Interceptors and logging of an observed call (null: none).</summary>
+    internal ServerPipeline? Pipeline { get; set; }
 
-    /// <summary>Bytes of the result's buffers, once replied.</summary>
-    internal long ResponsePayloadBytes { get; private set; }
+    /// <summary>Makes the implementation of a service registered with a factory, once the interceptors ran (null: the stub's own).</summary>
+    internal Func<ServerInterceptorContext, object>? ImplementationFactory { get; set; }
+
+    private ServerInterceptorContext? _context;
+    private object? _implementation;
+    private Delegate? _handler;
+
+    /// <summary>The call as interceptors and the implementation factory see it.</summary>
+    internal ServerInterceptorContext Context => _context ??= new ServerInterceptorContext(this);
+
+    /// <summary>
+    /// Serves a method with one result (or <see cref="NoResult"/>): the interceptors around
+    /// <paramref name="handler"/> (which decodes the arguments and calls the implementation), then the reply
+    /// of the result they return, encoded by <paramref name="encode"/> (null: an empty reply).
+    /// </summary>
+    public ValueTask ServeAsync<TResult>(object? implementation, Func<ServerCall, ValueTask<TResult>> handler, Func<TResult, ServerCall, MessageBuilder>? encode)
+    {
+        ArgumentNullException.ThrowIfNull(handler);
+        _implementation = implementation;
+        _handler = handler;
+        ValueTask<TResult> pending = Pipeline is { Interceptors.Length: > 0 } pipeline
+            ? pipeline.Chain<TResult>()(Context)
+            : RunHandler<TResult>();
+        if (pending.IsCompletedSuccessfully)
+        {
+            Reply(encode is null ? MessageBuilder.Rent() : encode(pending.Result, this));
+            return default;
+        }
+
+        return ReplyAfterAsync(pending, encode);
+    }
+
+    private async ValueTask ReplyAfterAsync<TResult>(ValueTask<TResult> pending, Func<TResult, ServerCall, MessageBuilder>? encode)
+    {
+        TResult result = await pending.ConfigureAwait(false);
+        Reply(encode is null ? MessageBuilder.Rent() : encode(result, this));
+    }
+
+    /// <summary>
+    /// Serves a method whose result is a stream: the interceptors around <paramref name="handler"/> (which
+    /// decodes the arguments and calls the implementation), then the items of the stream they return, then
+    /// the empty reply that ends it.
+    /// </summary>
+    public async ValueTask ServeStreamAsync<TItem>(object? implementation, Func<ServerCall, IAsyncEnumerable<TItem>> handler, StreamItemEncoder<TItem> encode)
+    {
+        ArgumentNullException.ThrowIfNull(handler);
+        _implementation = implementation;
+        _handler = handler;
+        IAsyncEnumerable<TItem> items = Pipeline is { Interceptors.Length: > 0 } pipeline
+            ? pipeline.StreamChain<TItem>()(Context)
+            : RunStreamHandler<TItem>();
+        await SendStreamAsync(items, encode).ConfigureAwait(false);
+        Reply(MessageBuilder.Rent());
+    }
+
+    /// <summary>The innermost continuation: the method itself, once.</summary>
+    internal ValueTask<TResult> RunHandler<TResult>()
+    {
+        EnterHandler();
+        return ((Func<ServerCall, ValueTask<TResult>>)_handler!)(this);
+    }
+
+    /// <summary>The innermost continuation of a streamed result: the method's stream, once.</summary>
+    internal IAsyncEnumerable<TItem> RunStreamHandler<TItem>()
+    {
+        EnterHandler();
+        return ((Func<ServerCall, IAsyncEnumerable<TItem>>)_handler!)(this);
+    }
+
+    private void EnterHandler()
+    {
+        if (StubInvoked)
+        {
+            throw new InvalidOperationException($"A server interceptor continued {Method.FullName} twice: a call's continuation runs at most once.");
+        }
+
+        StubInvoked = true;
+    }
+
+    /// <summary>
+    /// The implementation serving this call (generated handlers call this after decoding the arguments): the
+    /// stub's own, or one made for this call by the factory it was registered with.
+    /// </summary>
+    public TService Implementation<TService>()
+        where TService : class =>
+        (TService)(_implementation ??= ImplementationFactory?.Invoke(Context) ?? throw new InvalidOperationException($"No implementation serves {Method.ServiceName}."));
+
+    /// <summary>Completes with <see cref="NoResult"/> when the method without a result has (generated handlers of such methods return this).</summary>
+    public static ValueTask<NoResult> Completion(ValueTask task) =>
+        task.IsCompletedSuccessfully ? default : AwaitCompletion(task);
+
+    private static async ValueTask<NoResult> AwaitCompletion(ValueTask task)
+    {
+        await task.ConfigureAwait(false);
+        return default;
+    }
 
     /// <summary>The options of the server the call came to (<see cref="OffloadRpcOptions.MessagePackResolver"/>).</summary>
     public MessagePackSerializerOptions SerializerOptions => _serializerOptions.Options;
@@ -255,16 +349,7 @@ public sealed class ServerCall
 
         try
         {
-            int bodyBytes = response.WrittenBody.Length;
-            long payloadBytes = 0;
-            foreach (OutboundPayload payload in response.Payloads)
-            {
-                payloadBytes += payload.Length;
-            }
-
             _call.Reply(response.WrittenBody, response.Payloads);
-            ResponseBodyBytes = bodyBytes;
-            ResponsePayloadBytes = payloadBytes;
         }
         catch
         {

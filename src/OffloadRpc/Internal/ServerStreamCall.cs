@@ -13,6 +13,8 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
     private readonly CallInvoker _invoker;
     private readonly MethodDescriptor<T> _method;
     private readonly CancellationToken _callToken;
+    private readonly ClientInterceptorContext? _context;
+    private DeadlineTimer _deadline;
     private MessageBuilder? _request;
     private CancellationTokenSource? _cancel;
     private CancellationToken _enumeratorToken;
@@ -23,12 +25,14 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
     private int _enumerated;
     private bool _finished;
 
-    public ServerStreamCall(CallInvoker invoker, MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    /// <param name="context">An observed call's context: its headers, deadline and trace context go with the request, and past the deadline the stream ends with <see cref="DeadlineExceededException"/>.</param>
+    public ServerStreamCall(CallInvoker invoker, MethodDescriptor<T> method, MessageBuilder request, ClientInterceptorContext? context, CancellationToken cancellationToken)
     {
         _invoker = invoker;
         _method = method;
         _request = request;
         _callToken = cancellationToken;
+        _context = context;
     }
 
     public T Current => _current;
@@ -68,7 +72,17 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
     }
 
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
-    private async ValueTask<bool> ReadAsync(ValueTask<StreamItemMessage?> next) => Take(await next.ConfigureAwait(false));
+    private async ValueTask<bool> ReadAsync(ValueTask<StreamItemMessage?> next)
+    {
+        try
+        {
+            return Take(await next.ConfigureAwait(false));
+        }
+        catch (Exception ex) when (_context is not null && _deadline.Exceeded(_context, ex) is { } exceeded)
+        {
+            throw exceeded;
+        }
+    }
 
     private bool Take(StreamItemMessage? item)
     {
@@ -91,6 +105,19 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             ? CancellationTokenSource.CreateLinkedTokenSource(_callToken, _enumeratorToken)
             : CancellationTokenSource.CreateLinkedTokenSource(_callToken.CanBeCanceled ? _callToken : _enumeratorToken);
         CancellationToken token = _cancel.Token;
+        if (_context is not null)
+        {
+            try
+            {
+                token = _deadline.Arm(_context, request, token);
+            }
+            catch
+            {
+                _finished = true;
+                throw;
+            }
+        }
+
         if (!_invoker.IsReady)
         {
             try
@@ -119,9 +146,10 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             }
         }
 
-        _completion = ObserveAsync(_invoker.SendStreamingAsync(_method, request, out StreamInbox inbox, token), inbox);
+        OutgoingMetadata metadata = _context is null ? default : OutgoingMetadata.Of(_context);
+        _completion = ObserveAsync(_invoker.SendStreamingAsync(_method, request, metadata, out StreamInbox inbox, token), inbox);
         _inbox = inbox;
-        return Take(await inbox.ReadAsync().ConfigureAwait(false));
+        return await ReadAsync(inbox.ReadAsync()).ConfigureAwait(false);
     }
 
     /// <summary>
@@ -175,5 +203,6 @@ internal sealed class ServerStreamCall<T> : IAsyncEnumerable<T>, IAsyncEnumerato
         }
 
         _cancel?.Dispose();
+        _deadline.Dispose();
     }
 }

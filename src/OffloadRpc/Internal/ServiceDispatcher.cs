@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using OffloadRpc.Transport;
 
 namespace OffloadRpc.Internal;
@@ -22,15 +21,13 @@ internal sealed class ServiceDispatcher : IRequestHandler
         set => _pipeline = value;
     }
 
-    /// <summary>A method's stub: one for every call, or made per call (an implementation from a DI scope).</summary>
-    private sealed record Target(ServiceStub? Stub, Func<ServerInterceptorContext, ServiceStub>? Factory, MethodDescriptor Method);
+    /// <summary>A method's stub, and the factory of its implementation when one is made per call (from a DI scope, say).</summary>
+    private sealed record Target(ServiceStub Stub, Func<ServerInterceptorContext, object>? Factory, MethodDescriptor Method);
 
     public void Add(ServiceDescriptor descriptor, ServiceStub stub) => Add(descriptor, stub, null);
 
-    /// <summary>Serves <paramref name="descriptor"/> with a stub made per call by <paramref name="factory"/>.</summary>
-    public void Add(ServiceDescriptor descriptor, Func<ServerInterceptorContext, ServiceStub> factory) => Add(descriptor, null, factory);
-
-    private void Add(ServiceDescriptor descriptor, ServiceStub? stub, Func<ServerInterceptorContext, ServiceStub>? factory)
+    /// <summary>Serves <paramref name="descriptor"/> through <paramref name="stub"/> (made without an implementation) with an implementation made per call by <paramref name="factory"/>.</summary>
+    public void Add(ServiceDescriptor descriptor, ServiceStub stub, Func<ServerInterceptorContext, object>? factory)
     {
         if (_contracts.Any(c => c.Name == descriptor.Name))
         {
@@ -63,12 +60,12 @@ internal sealed class ServiceDispatcher : IRequestHandler
             throw new ProtocolViolationException($"No service registered on this server has method id {call.MethodId}: the client and the server were built from different contracts.");
         }
 
-        if (target.Stub is null || _pipeline is not null || call.HasMetadata || Telemetry.ServerObserved)
+        if (target.Factory is not null || _pipeline is not null || call.HasMetadata || Telemetry.ServerObserved)
         {
             return DispatchObservedAsync(call, target);
         }
 
-        var serverCall = new ServerCall(call, target.Method, _serializerOptions) { StubInvoked = true };
+        var serverCall = new ServerCall(call, target.Method, _serializerOptions);
         ValueTask task;
         OffloadCallContext? previous = OffloadCallContext.Current;
         OffloadCallContext.Current = new OffloadCallContext(serverCall);
@@ -135,40 +132,15 @@ internal sealed class ServiceDispatcher : IRequestHandler
         }
 
         ServerPipeline? pipeline = _pipeline;
-        long started = Stopwatch.GetTimestamp();
-        Activity? activity = Telemetry.StartServer(method, metadata?.TraceParent, metadata?.TraceState);
-        bool active = Telemetry.ServerActive.Enabled;
-        if (Telemetry.ServerStarted.Enabled)
-        {
-            Telemetry.ServerStarted.Add(1, Telemetry.Tags(method));
-        }
-
-        if (active)
-        {
-            Telemetry.ServerActive.Add(1, Telemetry.Tags(method));
-        }
-
-        var context = new ServerInterceptorContext(serverCall, serverCall.Deadline);
+        serverCall.Pipeline = pipeline;
+        serverCall.ImplementationFactory = target.Factory;
+        CallObservation observation = CallObservation.StartServer(method, metadata?.TraceParent, metadata?.TraceState);
         OffloadCallContext.Current = new OffloadCallContext(serverCall); // an async method: the caller's context is back when it returns
         Exception? failure = null;
         bool faulted = true;
         try
         {
-            ServerInterceptor[]? interceptors = pipeline?.Interceptors;
-            if (interceptors is null || interceptors.Length == 0)
-            {
-                await InvokeStub(context, target).ConfigureAwait(false);
-            }
-            else
-            {
-                await Continuation(interceptors, 0, target)(context).ConfigureAwait(false);
-            }
-
-            if (!serverCall.StubInvoked && method.HasResult)
-            {
-                throw new InvalidOperationException($"A server interceptor returned from {method.FullName}, which has a result, without calling the method or throwing.");
-            }
-
+            await target.Stub.InvokeAsync(method.Id, serverCall).ConfigureAwait(false);
             faulted = false;
         }
         catch (Exception ex) when (AsDecodeFailure(serverCall, ex) is { } violation)
@@ -185,53 +157,8 @@ internal sealed class ServiceDispatcher : IRequestHandler
         {
             serverCall.Complete(faulted);
             string status = failure is OperationCanceledException && serverCall.Deadline is { } due && DateTime.UtcNow >= due ? "deadline_exceeded" : Telemetry.StatusOf(failure);
-            double elapsed = Stopwatch.GetElapsedTime(started).TotalMilliseconds;
-            if (active)
-            {
-                Telemetry.ServerActive.Add(-1, Telemetry.Tags(method));
-            }
-
-            if (Telemetry.ServerCompleted.Enabled)
-            {
-                Telemetry.ServerCompleted.Add(1, Telemetry.Tags(method, status));
-            }
-
-            if (Telemetry.ServerDuration.Enabled)
-            {
-                Telemetry.ServerDuration.Record(elapsed, Telemetry.Tags(method, status));
-            }
-
-            Telemetry.Stop(activity, status, failure);
-            if (pipeline is not null && elapsed >= pipeline.SlowCallMilliseconds)
-            {
-                Diagnostics.Log.SlowCall(pipeline.Logger, "server", method.FullName, elapsed, status);
-            }
+            observation.Stop(status, failure, pipeline);
         }
-    }
-
-    private static ServerCallContinuation Continuation(ServerInterceptor[] interceptors, int index, Target target)
-    {
-        if (index == interceptors.Length)
-        {
-            return context => InvokeStub(context, target);
-        }
-
-        ServerInterceptor interceptor = interceptors[index];
-        ServerCallContinuation next = Continuation(interceptors, index + 1, target);
-        return context => interceptor.InterceptAsync(context, next);
-    }
-
-    private static ValueTask InvokeStub(ServerInterceptorContext context, Target target)
-    {
-        ServerCall call = context.Call;
-        if (call.StubInvoked)
-        {
-            throw new InvalidOperationException($"A server interceptor continued {call.Method.FullName} twice: a call's continuation runs at most once.");
-        }
-
-        ServiceStub stub = target.Stub ?? target.Factory!(context);
-        call.StubInvoked = true;
-        return stub.InvokeAsync(call.Method.Id, call);
     }
 
     private static async ValueTask CompleteAfterAsync(ValueTask task, ServerCall call)
@@ -273,20 +200,20 @@ internal sealed class ServiceDispatcher : IRequestHandler
 }
 
 /// <summary>What a server's options add to every served call: interceptors and logging of slow calls.</summary>
-internal sealed class ServerPipeline
+internal sealed class ServerPipeline : CallLogging
 {
     public ServerPipeline(ServerInterceptor[] interceptors, Microsoft.Extensions.Logging.ILogger logger, TimeSpan slowCallThreshold)
-    {
-        Interceptors = interceptors;
-        Logger = logger;
-        SlowCallMilliseconds = logger == Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance ? double.PositiveInfinity : slowCallThreshold.TotalMilliseconds;
-    }
+        : base(logger, slowCallThreshold) => Interceptors = interceptors;
 
     public ServerInterceptor[] Interceptors { get; }
 
-    public Microsoft.Extensions.Logging.ILogger Logger { get; }
+    /// <summary>The interceptors around a method with one result (built once per result type).</summary>
+    public ServerCallContinuation<T> Chain<T>() =>
+        InterceptorChain.Of<ServerInterceptor, ServerCallContinuation<T>>(this, Interceptors, static context => context.Call.RunHandler<T>(), static (interceptor, next) => context => interceptor.InterceptAsync(context, next));
 
-    public double SlowCallMilliseconds { get; }
+    /// <summary>The interceptors around a method whose result is a stream (built once per item type).</summary>
+    public ServerStreamContinuation<T> StreamChain<T>() =>
+        InterceptorChain.Of<ServerInterceptor, ServerStreamContinuation<T>>(this, Interceptors, static context => context.Call.RunStreamHandler<T>(), static (interceptor, next) => context => interceptor.InterceptStream(context, next));
 
     /// <summary>The pipeline of <paramref name="options"/>, or null when they add nothing to a call.</summary>
     public static ServerPipeline? From(OffloadRpcOptions options)

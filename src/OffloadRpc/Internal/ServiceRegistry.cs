@@ -47,6 +47,9 @@ public sealed class ServiceDescriptor<TService> : ServiceDescriptor
     internal TService CreateProxy(CallInvoker invoker) => _createProxy(invoker);
 
     internal ServiceStub CreateStub(TService implementation) => _createStub(implementation);
+
+    /// <summary>A stub without an implementation: each call gets one from the factory the service was registered with.</summary>
+    internal ServiceStub CreatePerCallStub() => _createStub(null!);
 }
 
 /// <summary>The services compiled into this process, registered by generated module initializers.</summary>

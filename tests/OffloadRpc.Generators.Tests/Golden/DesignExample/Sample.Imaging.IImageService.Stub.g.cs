@@ -9,11 +9,11 @@ namespace Sample.Imaging
     [global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]
     public sealed class ImageServiceStub : global::OffloadRpc.Internal.ServiceStub
     {
-        private readonly global::Sample.Imaging.IImageService _implementation;
+        private readonly global::Sample.Imaging.IImageService? _implementation;
 
-        public ImageServiceStub(global::Sample.Imaging.IImageService implementation)
+        public ImageServiceStub(global::Sample.Imaging.IImageService? implementation)
         {
-            this._implementation = implementation ?? throw new global::System.ArgumentNullException(nameof(implementation));
+            this._implementation = implementation;
         }
 
         /// <inheritdoc/>
@@ -38,12 +38,14 @@ namespace Sample.Imaging
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke324153750(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke324153750(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<byte[]>(this._implementation, static __c => Handle324153750(__c), static (__r, __c) => Encode324153750(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<byte[]> Handle324153750(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode324153750(__call, out byte[] data);
             __call.ArgumentsDecoded();
-            byte[] __result = await this._implementation.EchoAsync(data, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode324153750(__result));
+            return __call.Implementation<global::Sample.Imaging.IImageService>().EchoAsync(data, __call.CancellationToken);
         }
 
         private static void Decode324153750(global::OffloadRpc.Internal.ServerCall __call, out byte[] data)
@@ -74,12 +76,14 @@ namespace Sample.Imaging
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke720896971(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke720896971(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::OffloadRpc.SharedBuffer>(this._implementation, static __c => Handle720896971(__c), static (__r, __c) => Encode720896971(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<global::OffloadRpc.SharedBuffer> Handle720896971(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode720896971(__call, out int width, out int height);
             __call.ArgumentsDecoded();
-            global::OffloadRpc.SharedBuffer __result = await this._implementation.RenderAsync(width, height, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode720896971(__result));
+            return __call.Implementation<global::Sample.Imaging.IImageService>().RenderAsync(width, height, __call.CancellationToken);
         }
 
         private static void Decode720896971(global::OffloadRpc.Internal.ServerCall __call, out int width, out int height)
@@ -111,12 +115,14 @@ namespace Sample.Imaging
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1263039390(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1263039390(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::Sample.Imaging.Detection[]>(this._implementation, static __c => Handle1263039390(__c), static (__r, __c) => Encode1263039390(__r, __c.SerializerOptions));
+
+        private static global::System.Threading.Tasks.ValueTask<global::Sample.Imaging.Detection[]> Handle1263039390(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1263039390(__call, out global::System.ReadOnlyMemory<byte> batch, out global::Sample.Imaging.DetectOptions options);
             __call.ArgumentsDecoded();
-            global::Sample.Imaging.Detection[] __result = await this._implementation.DetectAsync(batch, options, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode1263039390(__result, __call.SerializerOptions));
+            return __call.Implementation<global::Sample.Imaging.IImageService>().DetectAsync(batch, options, __call.CancellationToken);
         }
 
         private static void Decode1263039390(global::OffloadRpc.Internal.ServerCall __call, out global::System.ReadOnlyMemory<byte> batch, out global::Sample.Imaging.DetectOptions options)
@@ -148,12 +154,14 @@ namespace Sample.Imaging
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1351954364(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1351954364(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::OffloadRpc.NoResult>(this._implementation, static __c => Handle1351954364(__c), null);
+
+        private static global::System.Threading.Tasks.ValueTask<global::OffloadRpc.NoResult> Handle1351954364(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1351954364(__call, out global::OffloadRpc.SharedBuffer frame);
             __call.ArgumentsDecoded();
-            await this._implementation.ProcessAsync(frame, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return global::OffloadRpc.Internal.ServerCall.Completion(__call.Implementation<global::Sample.Imaging.IImageService>().ProcessAsync(frame, __call.CancellationToken));
         }
 
         private static void Decode1351954364(global::OffloadRpc.Internal.ServerCall __call, out global::OffloadRpc.SharedBuffer frame)
@@ -167,12 +175,14 @@ namespace Sample.Imaging
             frame = __call.TakeSharedBuffer(__reader.ReadInt32()) ?? throw new global::OffloadRpc.ProtocolViolationException("The peer sent null for a non-nullable OffloadRpc.SharedBuffer.");
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1490050280(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1490050280(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<int>(this._implementation, static __c => Handle1490050280(__c), static (__r, __c) => Encode1490050280(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<int> Handle1490050280(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1490050280(__call, out int a, out int b);
             __call.ArgumentsDecoded();
-            int __result = await this._implementation.AddAsync(a, b, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode1490050280(__result));
+            return __call.Implementation<global::Sample.Imaging.IImageService>().AddAsync(a, b, __call.CancellationToken);
         }
 
         private static void Decode1490050280(global::OffloadRpc.Internal.ServerCall __call, out int a, out int b)
@@ -204,12 +214,14 @@ namespace Sample.Imaging
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1681903504(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1681903504(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<ulong>(this._implementation, static __c => Handle1681903504(__c), static (__r, __c) => Encode1681903504(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<ulong> Handle1681903504(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1681903504(__call, out global::System.ReadOnlyMemory<byte> frame);
             __call.ArgumentsDecoded();
-            ulong __result = await this._implementation.ChecksumAsync(frame, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode1681903504(__result));
+            return __call.Implementation<global::Sample.Imaging.IImageService>().ChecksumAsync(frame, __call.CancellationToken);
         }
 
         private static void Decode1681903504(global::OffloadRpc.Internal.ServerCall __call, out global::System.ReadOnlyMemory<byte> frame)

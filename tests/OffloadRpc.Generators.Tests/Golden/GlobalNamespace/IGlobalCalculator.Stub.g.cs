@@ -9,11 +9,11 @@ namespace OffloadRpc.Generated
     [global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]
     internal sealed class GlobalCalculatorStub : global::OffloadRpc.Internal.ServiceStub
     {
-        private readonly global::IGlobalCalculator _implementation;
+        private readonly global::IGlobalCalculator? _implementation;
 
-        public GlobalCalculatorStub(global::IGlobalCalculator implementation)
+        public GlobalCalculatorStub(global::IGlobalCalculator? implementation)
         {
-            this._implementation = implementation ?? throw new global::System.ArgumentNullException(nameof(implementation));
+            this._implementation = implementation;
         }
 
         /// <inheritdoc/>
@@ -32,12 +32,14 @@ namespace OffloadRpc.Generated
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke623844223(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke623844223(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::OffloadRpc.NoResult>(this._implementation, static __c => Handle623844223(__c), null);
+
+        private static global::System.Threading.Tasks.ValueTask<global::OffloadRpc.NoResult> Handle623844223(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode623844223(__call);
             __call.ArgumentsDecoded();
-            await this._implementation.ClearAsync(__call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return global::OffloadRpc.Internal.ServerCall.Completion(__call.Implementation<global::IGlobalCalculator>().ClearAsync(__call.CancellationToken));
         }
 
         private static void Decode623844223(global::OffloadRpc.Internal.ServerCall __call)
@@ -49,12 +51,14 @@ namespace OffloadRpc.Generated
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke667527112(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke667527112(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<float[]>(this._implementation, static __c => Handle667527112(__c), static (__r, __c) => Encode667527112(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<float[]> Handle667527112(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode667527112(__call);
             __call.ArgumentsDecoded();
-            float[] __result = await this._implementation.HistoryAsync().ConfigureAwait(false);
-            __call.Reply(Encode667527112(__result));
+            return __call.Implementation<global::IGlobalCalculator>().HistoryAsync();
         }
 
         private static void Decode667527112(global::OffloadRpc.Internal.ServerCall __call)
@@ -83,12 +87,14 @@ namespace OffloadRpc.Generated
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke853741005(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke853741005(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<int>(this._implementation, static __c => Handle853741005(__c), static (__r, __c) => Encode853741005(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<int> Handle853741005(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode853741005(__call, out int a, out int b);
             __call.ArgumentsDecoded();
-            int __result = await this._implementation.AddAsync(a, b).ConfigureAwait(false);
-            __call.Reply(Encode853741005(__result));
+            return new global::System.Threading.Tasks.ValueTask<int>(__call.Implementation<global::IGlobalCalculator>().AddAsync(a, b));
         }
 
         private static void Decode853741005(global::OffloadRpc.Internal.ServerCall __call, out int a, out int b)

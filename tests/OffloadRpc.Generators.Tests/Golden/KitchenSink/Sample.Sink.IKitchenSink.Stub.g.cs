@@ -9,11 +9,11 @@ namespace Sample.Sink
     [global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]
     public sealed class KitchenSinkStub : global::OffloadRpc.Internal.ServiceStub
     {
-        private readonly global::Sample.Sink.IKitchenSink _implementation;
+        private readonly global::Sample.Sink.IKitchenSink? _implementation;
 
-        public KitchenSinkStub(global::Sample.Sink.IKitchenSink implementation)
+        public KitchenSinkStub(global::Sample.Sink.IKitchenSink? implementation)
         {
-            this._implementation = implementation ?? throw new global::System.ArgumentNullException(nameof(implementation));
+            this._implementation = implementation;
         }
 
         /// <inheritdoc/>
@@ -66,12 +66,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke248194261(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke248194261(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<long>(this._implementation, static __c => Handle248194261(__c), static (__r, __c) => Encode248194261(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<long> Handle248194261(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode248194261(__call, out global::System.IO.Stream data, out global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks);
             __call.ArgumentsDecoded();
-            long __result = await this._implementation.ConsumeAsync(data, chunks, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode248194261(__result));
+            return __call.Implementation<global::Sample.Sink.IKitchenSink>().ConsumeAsync(data, chunks, __call.CancellationToken);
         }
 
         private static void Decode248194261(global::OffloadRpc.Internal.ServerCall __call, out global::System.IO.Stream data, out global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> chunks)
@@ -103,12 +105,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke420193125(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke420193125(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::System.DateTime>(this._implementation, static __c => Handle420193125(__c), static (__r, __c) => Encode420193125(__r, __c.SerializerOptions));
+
+        private static global::System.Threading.Tasks.ValueTask<global::System.DateTime> Handle420193125(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode420193125(__call, out global::System.DateTime moment, out global::System.TimeSpan by);
             __call.ArgumentsDecoded();
-            global::System.DateTime __result = await this._implementation.ShiftAsync(moment, by).ConfigureAwait(false);
-            __call.Reply(Encode420193125(__result, __call.SerializerOptions));
+            return new global::System.Threading.Tasks.ValueTask<global::System.DateTime>(__call.Implementation<global::Sample.Sink.IKitchenSink>().ShiftAsync(moment, by));
         }
 
         private static void Decode420193125(global::OffloadRpc.Internal.ServerCall __call, out global::System.DateTime moment, out global::System.TimeSpan by)
@@ -140,12 +144,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke485972202(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke485972202(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::Sample.Sink.Channel>(this._implementation, static __c => Handle485972202(__c), static (__r, __c) => Encode485972202(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<global::Sample.Sink.Channel> Handle485972202(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode485972202(__call, out global::Sample.Sink.Channel channel, out global::Sample.Sink.Level level);
             __call.ArgumentsDecoded();
-            global::Sample.Sink.Channel __result = await this._implementation.NextChannelAsync(channel, level).ConfigureAwait(false);
-            __call.Reply(Encode485972202(__result));
+            return __call.Implementation<global::Sample.Sink.IKitchenSink>().NextChannelAsync(channel, level);
         }
 
         private static void Decode485972202(global::OffloadRpc.Internal.ServerCall __call, out global::Sample.Sink.Channel channel, out global::Sample.Sink.Level level)
@@ -177,12 +183,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke561976780(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke561976780(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::OffloadRpc.NoResult>(this._implementation, static __c => Handle561976780(__c), null);
+
+        private static global::System.Threading.Tasks.ValueTask<global::OffloadRpc.NoResult> Handle561976780(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode561976780(__call);
             __call.ArgumentsDecoded();
-            await this._implementation.ResetAsync(__call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return global::OffloadRpc.Internal.ServerCall.Completion(__call.Implementation<global::Sample.Sink.IKitchenSink>().ResetAsync(__call.CancellationToken));
         }
 
         private static void Decode561976780(global::OffloadRpc.Internal.ServerCall __call)
@@ -194,12 +202,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke619346103(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke619346103(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<double[]>(this._implementation, static __c => Handle619346103(__c), static (__r, __c) => Encode619346103(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<double[]> Handle619346103(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode619346103(__call, out double[] values, out double factor);
             __call.ArgumentsDecoded();
-            double[] __result = await this._implementation.ScaleAsync(values, factor).ConfigureAwait(false);
-            __call.Reply(Encode619346103(__result));
+            return new global::System.Threading.Tasks.ValueTask<double[]>(__call.Implementation<global::Sample.Sink.IKitchenSink>().ScaleAsync(values, factor));
         }
 
         private static void Decode619346103(global::OffloadRpc.Internal.ServerCall __call, out double[] values, out double factor)
@@ -231,12 +241,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke801540263(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke801540263(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::OffloadRpc.NoResult>(this._implementation, static __c => Handle801540263(__c), null);
+
+        private static global::System.Threading.Tasks.ValueTask<global::OffloadRpc.NoResult> Handle801540263(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode801540263(__call);
             __call.ArgumentsDecoded();
-            await this._implementation.DoNothingAsync().ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return global::OffloadRpc.Internal.ServerCall.Completion(new global::System.Threading.Tasks.ValueTask(__call.Implementation<global::Sample.Sink.IKitchenSink>().DoNothingAsync()));
         }
 
         private static void Decode801540263(global::OffloadRpc.Internal.ServerCall __call)
@@ -248,12 +260,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke802093341(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke802093341(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<double>(this._implementation, static __c => Handle802093341(__c), static (__r, __c) => Encode802093341(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<double> Handle802093341(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode802093341(__call, out global::System.ReadOnlyMemory<float> floats, out global::System.Memory<int> ints);
             __call.ArgumentsDecoded();
-            double __result = await this._implementation.SumAsync(floats, ints).ConfigureAwait(false);
-            __call.Reply(Encode802093341(__result));
+            return __call.Implementation<global::Sample.Sink.IKitchenSink>().SumAsync(floats, ints);
         }
 
         private static void Decode802093341(global::OffloadRpc.Internal.ServerCall __call, out global::System.ReadOnlyMemory<float> floats, out global::System.Memory<int> ints)
@@ -285,12 +299,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke874497112(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke874497112(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::OffloadRpc.SharedBuffer?>(this._implementation, static __c => Handle874497112(__c), static (__r, __c) => Encode874497112(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<global::OffloadRpc.SharedBuffer?> Handle874497112(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode874497112(__call, out int length);
             __call.ArgumentsDecoded();
-            global::OffloadRpc.SharedBuffer? __result = await this._implementation.MaybeLeaseAsync(length).ConfigureAwait(false);
-            __call.Reply(Encode874497112(__result));
+            return new global::System.Threading.Tasks.ValueTask<global::OffloadRpc.SharedBuffer?>(__call.Implementation<global::Sample.Sink.IKitchenSink>().MaybeLeaseAsync(length));
         }
 
         private static void Decode874497112(global::OffloadRpc.Internal.ServerCall __call, out int length)
@@ -321,12 +337,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke897847365(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke897847365(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<bool>(this._implementation, static __c => Handle897847365(__c), static (__r, __c) => Encode897847365(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<bool> Handle897847365(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode897847365(__call, out int @class, out string @event, out int @await);
             __call.ArgumentsDecoded();
-            bool __result = await this._implementation.@checked(@class, @event, @await, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode897847365(__result));
+            return __call.Implementation<global::Sample.Sink.IKitchenSink>().@checked(@class, @event, @await, __call.CancellationToken);
         }
 
         private static void Decode897847365(global::OffloadRpc.Internal.ServerCall __call, out int @class, out string @event, out int @await)
@@ -359,12 +377,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke960466944(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke960466944(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<int[]?>(this._implementation, static __c => Handle960466944(__c), static (__r, __c) => Encode960466944(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<int[]?> Handle960466944(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode960466944(__call, out int[]? values);
             __call.ArgumentsDecoded();
-            int[]? __result = await this._implementation.MaybeAsync(values).ConfigureAwait(false);
-            __call.Reply(Encode960466944(__result));
+            return new global::System.Threading.Tasks.ValueTask<int[]?>(__call.Implementation<global::Sample.Sink.IKitchenSink>().MaybeAsync(values));
         }
 
         private static void Decode960466944(global::OffloadRpc.Internal.ServerCall __call, out int[]? values)
@@ -395,12 +415,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1045107197(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1045107197(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::System.Memory<short>>(this._implementation, static __c => Handle1045107197(__c), static (__r, __c) => Encode1045107197(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<global::System.Memory<short>> Handle1045107197(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1045107197(__call, out int count);
             __call.ArgumentsDecoded();
-            global::System.Memory<short> __result = await this._implementation.ShortsAsync(count).ConfigureAwait(false);
-            __call.Reply(Encode1045107197(__result));
+            return __call.Implementation<global::Sample.Sink.IKitchenSink>().ShortsAsync(count);
         }
 
         private static void Decode1045107197(global::OffloadRpc.Internal.ServerCall __call, out int count)
@@ -431,12 +453,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1370471249(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1370471249(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::System.ReadOnlyMemory<byte>>(this._implementation, static __c => Handle1370471249(__c), static (__r, __c) => Encode1370471249(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<global::System.ReadOnlyMemory<byte>> Handle1370471249(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1370471249(__call, out global::System.ReadOnlyMemory<byte> data);
             __call.ArgumentsDecoded();
-            global::System.ReadOnlyMemory<byte> __result = await this._implementation.ReverseAsync(data).ConfigureAwait(false);
-            __call.Reply(Encode1370471249(__result));
+            return __call.Implementation<global::Sample.Sink.IKitchenSink>().ReverseAsync(data);
         }
 
         private static void Decode1370471249(global::OffloadRpc.Internal.ServerCall __call, out global::System.ReadOnlyMemory<byte> data)
@@ -467,12 +491,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1458818217(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1458818217(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<(int Count, string Text)>(this._implementation, static __c => Handle1458818217(__c), static (__r, __c) => Encode1458818217(__r, __c.SerializerOptions));
+
+        private static global::System.Threading.Tasks.ValueTask<(int Count, string Text)> Handle1458818217(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1458818217(__call, out int count, out string text);
             __call.ArgumentsDecoded();
-            (int Count, string Text) __result = await this._implementation.TupleAsync(count, text).ConfigureAwait(false);
-            __call.Reply(Encode1458818217(__result, __call.SerializerOptions));
+            return new global::System.Threading.Tasks.ValueTask<(int Count, string Text)>(__call.Implementation<global::Sample.Sink.IKitchenSink>().TupleAsync(count, text));
         }
 
         private static void Decode1458818217(global::OffloadRpc.Internal.ServerCall __call, out int count, out string text)
@@ -504,12 +530,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1625685404(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1625685404(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::System.Collections.Generic.List<string>>(this._implementation, static __c => Handle1625685404(__c), static (__r, __c) => Encode1625685404(__r, __c.SerializerOptions));
+
+        private static global::System.Threading.Tasks.ValueTask<global::System.Collections.Generic.List<string>> Handle1625685404(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1625685404(__call, out string text, out char separator);
             __call.ArgumentsDecoded();
-            global::System.Collections.Generic.List<string> __result = await this._implementation.SplitAsync(text, separator).ConfigureAwait(false);
-            __call.Reply(Encode1625685404(__result, __call.SerializerOptions));
+            return new global::System.Threading.Tasks.ValueTask<global::System.Collections.Generic.List<string>>(__call.Implementation<global::Sample.Sink.IKitchenSink>().SplitAsync(text, separator));
         }
 
         private static void Decode1625685404(global::OffloadRpc.Internal.ServerCall __call, out string text, out char separator)
@@ -541,12 +569,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1743152058(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1743152058(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<global::Sample.Sink.Point?>(this._implementation, static __c => Handle1743152058(__c), static (__r, __c) => Encode1743152058(__r, __c.SerializerOptions));
+
+        private static global::System.Threading.Tasks.ValueTask<global::Sample.Sink.Point?> Handle1743152058(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1743152058(__call, out global::Sample.Sink.Point point, out global::Sample.Sink.Point? origin, out global::System.Collections.Generic.Dictionary<string, int> counts);
             __call.ArgumentsDecoded();
-            global::Sample.Sink.Point? __result = await this._implementation.MoveAsync(point, origin, counts).ConfigureAwait(false);
-            __call.Reply(Encode1743152058(__result, __call.SerializerOptions));
+            return new global::System.Threading.Tasks.ValueTask<global::Sample.Sink.Point?>(__call.Implementation<global::Sample.Sink.IKitchenSink>().MoveAsync(point, origin, counts));
         }
 
         private static void Decode1743152058(global::OffloadRpc.Internal.ServerCall __call, out global::Sample.Sink.Point point, out global::Sample.Sink.Point? origin, out global::System.Collections.Generic.Dictionary<string, int> counts)
@@ -579,12 +609,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1879692759(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1879692759(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<long>(this._implementation, static __c => Handle1879692759(__c), static (__r, __c) => Encode1879692759(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<long> Handle1879692759(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1879692759(__call, out byte[] first, out global::OffloadRpc.SharedBuffer? second);
             __call.ArgumentsDecoded();
-            long __result = await this._implementation.TotalLengthAsync(first, second).ConfigureAwait(false);
-            __call.Reply(Encode1879692759(__result));
+            return __call.Implementation<global::Sample.Sink.IKitchenSink>().TotalLengthAsync(first, second);
         }
 
         private static void Decode1879692759(global::OffloadRpc.Internal.ServerCall __call, out byte[] first, out global::OffloadRpc.SharedBuffer? second)
@@ -616,12 +648,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1884731671(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1884731671(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<decimal>(this._implementation, static __c => Handle1884731671(__c), static (__r, __c) => Encode1884731671(__r, __c.SerializerOptions));
+
+        private static global::System.Threading.Tasks.ValueTask<decimal> Handle1884731671(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1884731671(__call, out decimal a, out decimal b);
             __call.ArgumentsDecoded();
-            decimal __result = await this._implementation.AddDecimalAsync(a, b).ConfigureAwait(false);
-            __call.Reply(Encode1884731671(__result, __call.SerializerOptions));
+            return new global::System.Threading.Tasks.ValueTask<decimal>(__call.Implementation<global::Sample.Sink.IKitchenSink>().AddDecimalAsync(a, b));
         }
 
         private static void Decode1884731671(global::OffloadRpc.Internal.ServerCall __call, out decimal a, out decimal b)
@@ -653,12 +687,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1912296331(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1912296331(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<string?>(this._implementation, static __c => Handle1912296331(__c), static (__r, __c) => Encode1912296331(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<string?> Handle1912296331(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1912296331(__call, out string key);
             __call.ArgumentsDecoded();
-            string? __result = await this._implementation.FindAsync(key).ConfigureAwait(false);
-            __call.Reply(Encode1912296331(__result));
+            return new global::System.Threading.Tasks.ValueTask<string?>(__call.Implementation<global::Sample.Sink.IKitchenSink>().FindAsync(key));
         }
 
         private static void Decode1912296331(global::OffloadRpc.Internal.ServerCall __call, out string key)
@@ -689,12 +725,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1948145934(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1948145934(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<int?>(this._implementation, static __c => Handle1948145934(__c), static (__r, __c) => Encode1948145934(__r, __c.SerializerOptions));
+
+        private static global::System.Threading.Tasks.ValueTask<int?> Handle1948145934(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1948145934(__call, out string text, out bool strict, out long? fallback);
             __call.ArgumentsDecoded();
-            int? __result = await this._implementation.ParseAsync(text, strict, fallback).ConfigureAwait(false);
-            __call.Reply(Encode1948145934(__result, __call.SerializerOptions));
+            return new global::System.Threading.Tasks.ValueTask<int?>(__call.Implementation<global::Sample.Sink.IKitchenSink>().ParseAsync(text, strict, fallback));
         }
 
         private static void Decode1948145934(global::OffloadRpc.Internal.ServerCall __call, out string text, out bool strict, out long? fallback)
@@ -727,12 +765,14 @@ namespace Sample.Sink
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1972214419(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1972214419(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<string>(this._implementation, static __c => Handle1972214419(__c), static (__r, __c) => Encode1972214419(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<string> Handle1972214419(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1972214419(__call, out string a, out string? b);
             __call.ArgumentsDecoded();
-            string __result = await this._implementation.ConcatAsync(a, b).ConfigureAwait(false);
-            __call.Reply(Encode1972214419(__result));
+            return new global::System.Threading.Tasks.ValueTask<string>(__call.Implementation<global::Sample.Sink.IKitchenSink>().ConcatAsync(a, b));
         }
 
         private static void Decode1972214419(global::OffloadRpc.Internal.ServerCall __call, out string a, out string? b)

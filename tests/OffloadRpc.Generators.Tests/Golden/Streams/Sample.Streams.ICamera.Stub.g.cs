@@ -9,11 +9,11 @@ namespace Sample.Streams
     [global::System.ComponentModel.EditorBrowsable(global::System.ComponentModel.EditorBrowsableState.Never)]
     public sealed class CameraStub : global::OffloadRpc.Internal.ServiceStub
     {
-        private readonly global::Sample.Streams.ICamera _implementation;
+        private readonly global::Sample.Streams.ICamera? _implementation;
 
-        public CameraStub(global::Sample.Streams.ICamera implementation)
+        public CameraStub(global::Sample.Streams.ICamera? implementation)
         {
-            this._implementation = implementation ?? throw new global::System.ArgumentNullException(nameof(implementation));
+            this._implementation = implementation;
         }
 
         /// <inheritdoc/>
@@ -40,12 +40,14 @@ namespace Sample.Streams
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke432419621(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke432419621(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeAsync<long>(this._implementation, static __c => Handle432419621(__c), static (__r, __c) => Encode432419621(__r));
+
+        private static global::System.Threading.Tasks.ValueTask<long> Handle432419621(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode432419621(__call, out global::System.Collections.Generic.IAsyncEnumerable<global::Sample.Streams.Detection> detections);
             __call.ArgumentsDecoded();
-            long __result = await this._implementation.UploadAsync(detections, __call.CancellationToken).ConfigureAwait(false);
-            __call.Reply(Encode432419621(__result));
+            return __call.Implementation<global::Sample.Streams.ICamera>().UploadAsync(detections, __call.CancellationToken);
         }
 
         private static void Decode432419621(global::OffloadRpc.Internal.ServerCall __call, out global::System.Collections.Generic.IAsyncEnumerable<global::Sample.Streams.Detection> detections)
@@ -82,12 +84,14 @@ namespace Sample.Streams
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke767610780(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke767610780(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeStreamAsync<global::System.ReadOnlyMemory<byte>>(this._implementation, static __c => Handle767610780(__c), Encode767610780);
+
+        private static global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> Handle767610780(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode767610780(__call, out global::System.Collections.Generic.IAsyncEnumerable<global::OffloadRpc.SharedBuffer> frames, out int quality);
             __call.ArgumentsDecoded();
-            await __call.SendStreamAsync(this._implementation.TransformAsync(frames, quality, __call.CancellationToken), Encode767610780).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return __call.Implementation<global::Sample.Streams.ICamera>().TransformAsync(frames, quality, __call.CancellationToken);
         }
 
         private static void Decode767610780(global::OffloadRpc.Internal.ServerCall __call, out global::System.Collections.Generic.IAsyncEnumerable<global::OffloadRpc.SharedBuffer> frames, out int quality)
@@ -125,12 +129,14 @@ namespace Sample.Streams
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke921647643(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke921647643(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeStreamAsync<int>(this._implementation, static __c => Handle921647643(__c), Encode921647643);
+
+        private static global::System.Collections.Generic.IAsyncEnumerable<int> Handle921647643(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode921647643(__call, out int to);
             __call.ArgumentsDecoded();
-            await __call.SendStreamAsync(this._implementation.CountAsync(to), Encode921647643).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return __call.Implementation<global::Sample.Streams.ICamera>().CountAsync(to);
         }
 
         private static void Decode921647643(global::OffloadRpc.Internal.ServerCall __call, out int to)
@@ -161,12 +167,14 @@ namespace Sample.Streams
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1130305443(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1130305443(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeStreamAsync<global::OffloadRpc.SharedBuffer>(this._implementation, static __c => Handle1130305443(__c), Encode1130305443);
+
+        private static global::System.Collections.Generic.IAsyncEnumerable<global::OffloadRpc.SharedBuffer> Handle1130305443(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1130305443(__call, out int width, out int height);
             __call.ArgumentsDecoded();
-            await __call.SendStreamAsync(this._implementation.RenderAsync(width, height, __call.CancellationToken), Encode1130305443).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return __call.Implementation<global::Sample.Streams.ICamera>().RenderAsync(width, height, __call.CancellationToken);
         }
 
         private static void Decode1130305443(global::OffloadRpc.Internal.ServerCall __call, out int width, out int height)
@@ -198,12 +206,14 @@ namespace Sample.Streams
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1484459622(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1484459622(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeStreamAsync<global::System.ReadOnlyMemory<float>>(this._implementation, static __c => Handle1484459622(__c), Encode1484459622);
+
+        private static global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<float>> Handle1484459622(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1484459622(__call, out int count);
             __call.ArgumentsDecoded();
-            await __call.SendStreamAsync(this._implementation.TensorsAsync(count, __call.CancellationToken), Encode1484459622).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return __call.Implementation<global::Sample.Streams.ICamera>().TensorsAsync(count, __call.CancellationToken);
         }
 
         private static void Decode1484459622(global::OffloadRpc.Internal.ServerCall __call, out int count)
@@ -234,12 +244,14 @@ namespace Sample.Streams
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1493145482(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1493145482(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeStreamAsync<global::System.ReadOnlyMemory<byte>>(this._implementation, static __c => Handle1493145482(__c), Encode1493145482);
+
+        private static global::System.Collections.Generic.IAsyncEnumerable<global::System.ReadOnlyMemory<byte>> Handle1493145482(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1493145482(__call, out int count);
             __call.ArgumentsDecoded();
-            await __call.SendStreamAsync(this._implementation.FramesAsync(count), Encode1493145482).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return __call.Implementation<global::Sample.Streams.ICamera>().FramesAsync(count);
         }
 
         private static void Decode1493145482(global::OffloadRpc.Internal.ServerCall __call, out int count)
@@ -270,12 +282,14 @@ namespace Sample.Streams
             }
         }
 
-        private async global::System.Threading.Tasks.ValueTask Invoke1776400125(global::OffloadRpc.Internal.ServerCall __call)
+        private global::System.Threading.Tasks.ValueTask Invoke1776400125(global::OffloadRpc.Internal.ServerCall __call) =>
+            __call.ServeStreamAsync<global::Sample.Streams.Detection>(this._implementation, static __c => Handle1776400125(__c), Encode1776400125);
+
+        private static global::System.Collections.Generic.IAsyncEnumerable<global::Sample.Streams.Detection> Handle1776400125(global::OffloadRpc.Internal.ServerCall __call)
         {
             Decode1776400125(__call, out string query);
             __call.ArgumentsDecoded();
-            await __call.SendStreamAsync(this._implementation.WatchAsync(query, __call.CancellationToken), Encode1776400125).ConfigureAwait(false);
-            __call.Reply(global::OffloadRpc.Internal.MessageBuilder.Rent());
+            return __call.Implementation<global::Sample.Streams.ICamera>().WatchAsync(query, __call.CancellationToken);
         }
 
         private static void Decode1776400125(global::OffloadRpc.Internal.ServerCall __call, out string query)
