@@ -16,6 +16,7 @@ public sealed class OffloadRpcServer : IAsyncDisposable
     private RpcListener? _listener;
     private Microsoft.Extensions.Logging.ILogger _logger = Microsoft.Extensions.Logging.Abstractions.NullLogger.Instance;
     private volatile bool _stopped;
+    private TaskCompletionSource? _drained; // set while StopAsync waits for the calls in flight
 
     /// <param name="endpoint">An endpoint name (its socket lives in the per-user directory) or a socket path (with a '/').</param>
     public OffloadRpcServer(string endpoint, OffloadRpcOptions? options = null)
@@ -96,6 +97,7 @@ public sealed class OffloadRpcServer : IAsyncDisposable
         _dispatcher.Pipeline = ServerPipeline.From(_options);
         var listener = new RpcListener(_endpoint, transportOptions, _dispatcher.Contracts, _ => _dispatcher);
         listener.ConnectionFailed += ex => ConnectionFailed?.Invoke(ex);
+        listener.ServedCallsDrained = OnServedCallsDrained;
         listener.Start();
         _listener = listener;
         return Task.CompletedTask;
@@ -117,17 +119,7 @@ public sealed class OffloadRpcServer : IAsyncDisposable
         _stopped = true;
         await listener.StopAcceptingAsync().ConfigureAwait(false);
         Diagnostics.Log.ServerStopping(_logger, listener.SocketPath, listener.ServedCallsInFlight);
-        while (listener.ServedCallsInFlight > 0 && !cancellationToken.IsCancellationRequested)
-        {
-            try
-            {
-                await Task.Delay(10, cancellationToken).ConfigureAwait(false);
-            }
-            catch (OperationCanceledException)
-            {
-            }
-        }
-
+        await DrainAsync(listener, cancellationToken).ConfigureAwait(false);
         int left = listener.ServedCallsInFlight;
         if (left > 0)
         {
@@ -136,6 +128,36 @@ public sealed class OffloadRpcServer : IAsyncDisposable
 
         await listener.DisposeAsync().ConfigureAwait(false);
     }
+
+    /// <summary>
+    /// Returns when no call is being served any more, or when <paramref name="cancellationToken"/> fires. Each
+    /// time a connection's calls drop to none (or a connection goes) the waiter is woken and the total read again.
+    /// </summary>
+    private async Task DrainAsync(RpcListener listener, CancellationToken cancellationToken)
+    {
+        while (!cancellationToken.IsCancellationRequested)
+        {
+            var waiter = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+
+            // A full fence before the count is read: a call that finishes after the read sees this waiter.
+            Interlocked.Exchange(ref _drained, waiter);
+            if (listener.ServedCallsInFlight == 0)
+            {
+                return;
+            }
+
+            try
+            {
+                await waiter.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
+            {
+                return;
+            }
+        }
+    }
+
+    private void OnServedCallsDrained() => Volatile.Read(ref _drained)?.TrySetResult();
 
     /// <summary>Stops listening, closes every connection and removes the socket file.</summary>
     public ValueTask DisposeAsync()

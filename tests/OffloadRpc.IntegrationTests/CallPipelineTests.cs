@@ -439,6 +439,125 @@ public sealed class CallPipelineTests : IAsyncLifetime
         Assert.DoesNotContain(logs.Entries, e => e.Level == LogLevel.Information && e.EventName == "SlowCall");
     }
 
+    [Fact]
+    public async Task StopAsync_returns_once_the_last_call_in_flight_has_answered_without_waiting_for_its_token()
+    {
+        var logs = new CollectingLoggerFactory();
+        var probe = new GatedProbe();
+        string endpoint = Endpoints.Unique("drain");
+        await using OffloadRpcServer server = await StartLocalAsync(endpoint, logs, probe);
+        await using OffloadRpcConnection first = await OffloadRpcConnection.ConnectAsync(endpoint);
+        await using OffloadRpcConnection second = await OffloadRpcConnection.ConnectAsync(endpoint);
+        Task<string> one = first.GetService<ICallProbe>().WaitForCancelAsync(1).AsTask();
+        Task<string> two = second.GetService<ICallProbe>().WaitForCancelAsync(2).AsTask();
+        await probe.WaitEnteredAsync(1);
+        await probe.WaitEnteredAsync(2);
+
+        using var never = new CancellationTokenSource(); // the host's shutdown timeout, far away
+        Task stop = server.StopAsync(never.Token);
+        await Eventually.TrueAsync(() => logs.Has("ServerStopping", "2 calls in flight"), "the server stops accepting and waits for both calls");
+        Assert.False(server.IsListening);
+
+        probe.Release(1);
+        Assert.Equal("completed 1", await one.WaitAsync(TimeSpan.FromSeconds(30)));
+        Assert.False(stop.IsCompleted); // the other connection still serves a call
+
+        probe.Release(2);
+        await stop.WaitAsync(TimeSpan.FromSeconds(30)); // woken by the last call's end: the token never fires
+        Assert.Equal("completed 2", await two.WaitAsync(TimeSpan.FromSeconds(30))); // answered before the connections closed
+        Assert.Equal(0, server.CallsInFlight);
+        Assert.False(never.IsCancellationRequested);
+        Assert.Equal(["completed 1", "completed 2"], probe.Outcomes);
+        Assert.DoesNotContain(logs.Entries, e => e.EventName == "ServerCancellingCalls");
+    }
+
+    [Fact]
+    public async Task StopAsync_cancels_the_calls_still_running_when_its_token_fires()
+    {
+        var logs = new CollectingLoggerFactory();
+        var probe = new GatedProbe();
+        string endpoint = Endpoints.Unique("drain-cancel");
+        await using OffloadRpcServer server = await StartLocalAsync(endpoint, logs, probe);
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(endpoint);
+        Task<string> call = connection.GetService<ICallProbe>().WaitForCancelAsync(1).AsTask();
+        await probe.WaitEnteredAsync(1);
+
+        using var timeout = new CancellationTokenSource();
+        Task stop = server.StopAsync(timeout.Token);
+        await Eventually.TrueAsync(() => logs.Has("ServerStopping", "1 calls in flight"), "the server waits for the call");
+        Assert.False(stop.IsCompleted); // nothing ends the call but the token
+
+        await timeout.CancelAsync();
+        await stop.WaitAsync(TimeSpan.FromSeconds(30));
+        await Assert.ThrowsAsync<PeerDisconnectedException>(() => call.WaitAsync(TimeSpan.FromSeconds(30)));
+        await Eventually.TrueAsync(() => probe.Outcomes.Contains("cancelled 1"), "the method's token fired");
+        Assert.True(logs.Has("ServerCancellingCalls", "1 calls"));
+    }
+
+    private static async Task<OffloadRpcServer> StartLocalAsync(string endpoint, CollectingLoggerFactory logs, ICallProbe probe)
+    {
+        var server = new OffloadRpcServer(endpoint, new OffloadRpcOptions { LoggerFactory = logs });
+        server.Register(probe);
+        await server.StartAsync();
+        return server;
+    }
+
+    /// <summary>WaitForCancelAsync(n) waits until the test releases n (answers "completed n") or the call's token fires ("cancelled n").</summary>
+    private sealed class GatedProbe : ICallProbe
+    {
+        private readonly System.Collections.Concurrent.ConcurrentDictionary<int, (TaskCompletionSource Entered, TaskCompletionSource Release)> _gates = new();
+        private readonly System.Collections.Concurrent.ConcurrentQueue<string> _outcomes = new();
+
+        public string[] Outcomes => [.. _outcomes];
+
+        public Task WaitEnteredAsync(int id) => Gate(id).Entered.Task.WaitAsync(TimeSpan.FromSeconds(30));
+
+        public void Release(int id) => Gate(id).Release.TrySetResult();
+
+        public async ValueTask<string> WaitForCancelAsync(int milliseconds, CancellationToken ct = default)
+        {
+            (TaskCompletionSource entered, TaskCompletionSource release) = Gate(milliseconds);
+            entered.TrySetResult();
+            string outcome;
+            try
+            {
+                await release.Task.WaitAsync(ct);
+                outcome = $"completed {milliseconds}";
+            }
+            catch (OperationCanceledException)
+            {
+                _outcomes.Enqueue($"cancelled {milliseconds}");
+                throw;
+            }
+
+            _outcomes.Enqueue(outcome);
+            return outcome;
+        }
+
+        private (TaskCompletionSource Entered, TaskCompletionSource Release) Gate(int id) =>
+            _gates.GetOrAdd(id, _ => (new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously), new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)));
+
+        public ValueTask<string[]> HeadersAsync(CancellationToken ct = default) => ValueTask.FromResult(Array.Empty<string>());
+
+        public ValueTask<string> LastOutcomeAsync(CancellationToken ct = default) => ValueTask.FromResult(_outcomes.LastOrDefault() ?? "none");
+
+        public ValueTask<string> TraceAsync(CancellationToken ct = default) => ValueTask.FromResult("none");
+
+        public ValueTask<string> InstanceAsync(CancellationToken ct = default) => ValueTask.FromResult("gated");
+
+        public ValueTask<ulong> ChecksumAsync(ReadOnlyMemory<byte> data, CancellationToken ct = default) => ValueTask.FromResult(Checksum64.Compute(data.Span));
+
+        public ValueTask<string[]> ServerLogAsync(CancellationToken ct = default) => ValueTask.FromResult(Outcomes);
+
+        public ValueTask PingAsync(CancellationToken ct = default) => ValueTask.CompletedTask;
+
+        public IAsyncEnumerable<string> WatchAsync(int count, int delayMs, CancellationToken ct = default) => AsyncEnumerable.Empty<string>();
+
+        public IAsyncEnumerable<string> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default) => AsyncEnumerable.Empty<string>();
+
+        public ValueTask<string> ChecksumAllAsync(IAsyncEnumerable<ReadOnlyMemory<ulong>> chunks, CancellationToken ct = default) => ValueTask.FromResult("gated");
+    }
+
     private sealed class LocalProbe : ICallProbe
     {
         public ValueTask<string[]> HeadersAsync(CancellationToken ct = default) => ValueTask.FromResult(Array.Empty<string>());

@@ -448,6 +448,9 @@ internal sealed partial class RpcConnection
     /// <summary>Requests dispatched whose handling (method and answer) has not finished: what a stopping server waits for.</summary>
     private int _callsBeingServed;
 
+    /// <summary>Called each time the requests being served drop to none (a stopping server looks again instead of polling).</summary>
+    internal Action? ServedCallsDrained { get; set; }
+
     private void Dispatch(IncomingCall call)
     {
         Interlocked.Increment(ref _callsBeingServed);
@@ -558,7 +561,10 @@ internal sealed partial class RpcConnection
         }
         finally
         {
-            Interlocked.Decrement(ref _callsBeingServed);
+            if (Interlocked.Decrement(ref _callsBeingServed) == 0)
+            {
+                ServedCallsDrained?.Invoke();
+            }
         }
     }
 

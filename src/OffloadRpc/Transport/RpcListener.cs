@@ -162,6 +162,7 @@ internal sealed class RpcListener : IAsyncDisposable
             Interlocked.Decrement(ref _handshakes);
         }
 
+        connection.ServedCallsDrained = ServedCallsDrained;
         _connections[connection] = 0;
         Diagnostics.Log.ConnectionAccepted(_options.Logger, connection.Peer.ProcessId, connection.Peer.UserId, SocketPath);
         connection.Closed += OnConnectionClosed;
@@ -176,6 +177,7 @@ internal sealed class RpcListener : IAsyncDisposable
     {
         if (_connections.TryRemove(connection, out _))
         {
+            ServedCallsDrained?.Invoke(); // its calls count no more
             if (reason is ProtocolViolationException)
             {
                 Report(reason, refused: false); // the connection logged it
@@ -229,6 +231,9 @@ internal sealed class RpcListener : IAsyncDisposable
             }
         }
     }
+
+    /// <summary>Called when a connection's requests being served drop to none, or a connection goes (set before <see cref="Start"/>).</summary>
+    public Action? ServedCallsDrained { get; set; }
 
     /// <summary>Requests being served on every open connection.</summary>
     public int ServedCallsInFlight
