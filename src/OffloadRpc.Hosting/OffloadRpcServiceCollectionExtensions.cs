@@ -20,18 +20,10 @@ public static class OffloadRpcServiceCollectionExtensions
         ArgumentException.ThrowIfNullOrWhiteSpace(endpoint);
         services.TryAddSingleton<HostedServers>();
         TransportExtensions.AddTo(services);
-        ServerRegistration? registration = Find<ServerRegistration>(services, r => r.Endpoint == endpoint);
-        if (registration is null)
+        ServerRegistration registration = Registration(services, endpoint, configure, static e => new ServerRegistration(e), out bool added);
+        if (added)
         {
-            registration = new ServerRegistration(endpoint);
-            services.AddSingleton(registration);
-            ServerRegistration added = registration;
-            services.AddSingleton<IHostedService>(provider => provider.GetRequiredService<HostedServers>().For(added));
-        }
-
-        if (configure is not null)
-        {
-            registration.Configure.Add(configure);
+            services.AddSingleton<IHostedService>(provider => provider.GetRequiredService<HostedServers>().For(registration));
         }
 
         return new OffloadRpcServerBuilder(services, registration);
@@ -49,10 +41,30 @@ public static class OffloadRpcServiceCollectionExtensions
         ArgumentNullException.ThrowIfNull(services);
         ArgumentException.ThrowIfNullOrWhiteSpace(endpoint);
         services.TryAddSingleton<ManagedConnections>();
-        ClientRegistration? registration = Find<ClientRegistration>(services, r => r.Endpoint == endpoint);
+        ClientRegistration registration = Registration(services, endpoint, configure, static e => new ClientRegistration(e), out _);
+        registration.Contracts.Add(connection => connection.GetService<TService>()); // throws ContractMismatchException when the server differs
+        services.AddSingleton(provider => provider.GetRequiredService<ManagedConnections>().For(registration).GetProxy<TService>());
+        return new OffloadRpcClientBuilder(services, registration);
+    }
+
+    /// <summary>The registration of <paramref name="endpoint"/> (added to <paramref name="services"/> when it is the first), with <paramref name="configure"/> added to it.</summary>
+    private static T Registration<T>(IServiceCollection services, string endpoint, Action<OffloadRpcOptions>? configure, Func<string, T> create, out bool added)
+        where T : EndpointRegistration
+    {
+        T? registration = null;
+        foreach (ServiceDescriptor descriptor in services)
+        {
+            if (descriptor.ServiceType == typeof(T) && !descriptor.IsKeyedService && descriptor.ImplementationInstance is T instance && instance.Endpoint == endpoint)
+            {
+                registration = instance;
+                break;
+            }
+        }
+
+        added = registration is null;
         if (registration is null)
         {
-            registration = new ClientRegistration(endpoint);
+            registration = create(endpoint);
             services.AddSingleton(registration);
         }
 
@@ -61,23 +73,6 @@ public static class OffloadRpcServiceCollectionExtensions
             registration.Configure.Add(configure);
         }
 
-        registration.Contracts.Add(connection => connection.GetService<TService>()); // throws ContractMismatchException when the server differs
-        ClientRegistration target = registration;
-        services.AddSingleton(provider => provider.GetRequiredService<ManagedConnections>().For(target).GetProxy<TService>());
-        return new OffloadRpcClientBuilder(services, registration);
-    }
-
-    private static T? Find<T>(IServiceCollection services, Func<T, bool> match)
-        where T : class
-    {
-        foreach (ServiceDescriptor descriptor in services)
-        {
-            if (descriptor.ServiceType == typeof(T) && !descriptor.IsKeyedService && descriptor.ImplementationInstance is T instance && match(instance))
-            {
-                return instance;
-            }
-        }
-
-        return null;
+        return registration;
     }
 }

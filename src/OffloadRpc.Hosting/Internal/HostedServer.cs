@@ -1,6 +1,5 @@
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
-using Microsoft.Extensions.Logging;
 
 namespace OffloadRpc.Hosting.Internal;
 
@@ -31,13 +30,7 @@ internal sealed class HostedServer : IHostedService, IAsyncDisposable
 
     public async Task StartAsync(CancellationToken cancellationToken)
     {
-        var options = new OffloadRpcOptions();
-        foreach (Action<OffloadRpcOptions> configure in _registration.Configure)
-        {
-            configure(options);
-        }
-
-        options.LoggerFactory ??= _services.GetService<ILoggerFactory>();
+        OffloadRpcOptions options = _registration.BuildOptions(_services);
         options.ServerInterceptors.Insert(0, new CallScopeInterceptor(_services.GetRequiredService<IServiceScopeFactory>(), [.. _registration.Interceptors]));
         var server = new OffloadRpcServer(_registration.Endpoint, options);
         try

@@ -1,5 +1,4 @@
 using Microsoft.Extensions.DependencyInjection;
-using Microsoft.Extensions.Logging;
 using OffloadRpc.Internal;
 using OffloadRpc.Transport;
 
@@ -29,13 +28,7 @@ internal sealed class ManagedConnection : IAsyncDisposable
     public ManagedConnection(IServiceProvider services, ClientRegistration registration)
     {
         _registration = registration;
-        _options = new OffloadRpcOptions();
-        foreach (Action<OffloadRpcOptions> configure in registration.Configure)
-        {
-            configure(_options);
-        }
-
-        _options.LoggerFactory ??= services.GetService<ILoggerFactory>();
+        _options = registration.BuildOptions(services);
         ClientInterceptor[] fromServices = [.. registration.Interceptors.Select(make => make(services))];
         Invoker = new ReconnectingInvoker(this, _options.CreateSerializerOptions()) { Pipeline = ClientPipeline.From(_options, fromServices) };
     }

@@ -3,13 +3,33 @@ using OffloadRpc.Internal;
 
 namespace OffloadRpc.Hosting.Internal;
 
-/// <summary>Everything registered for the server of one endpoint (one per endpoint, kept in the service collection).</summary>
-internal sealed class ServerRegistration(string endpoint)
+/// <summary>What servers and clients register alike for one endpoint: its name and the options' configuration.</summary>
+internal abstract class EndpointRegistration(string endpoint)
 {
     public string Endpoint { get; } = endpoint;
 
     public List<Action<OffloadRpcOptions>> Configure { get; } = [];
 
+    /// <summary>
+    /// The options of this endpoint: each AddOffloadRpc* call's configuration in order, then the host's
+    /// <see cref="Microsoft.Extensions.Logging.ILoggerFactory"/> when none was set.
+    /// </summary>
+    public OffloadRpcOptions BuildOptions(IServiceProvider services)
+    {
+        var options = new OffloadRpcOptions();
+        foreach (Action<OffloadRpcOptions> configure in Configure)
+        {
+            configure(options);
+        }
+
+        options.LoggerFactory ??= services.GetService<Microsoft.Extensions.Logging.ILoggerFactory>();
+        return options;
+    }
+}
+
+/// <summary>Everything registered for the server of one endpoint (one per endpoint, kept in the service collection).</summary>
+internal sealed class ServerRegistration(string endpoint) : EndpointRegistration(endpoint)
+{
     /// <summary>Registers one service on the server, given the root provider.</summary>
     public List<Action<OffloadRpcServer, IServiceProvider>> Services { get; } = [];
 
@@ -21,12 +41,8 @@ internal sealed class ServerRegistration(string endpoint)
 }
 
 /// <summary>Everything registered for the client of one endpoint.</summary>
-internal sealed class ClientRegistration(string endpoint)
+internal sealed class ClientRegistration(string endpoint) : EndpointRegistration(endpoint)
 {
-    public string Endpoint { get; } = endpoint;
-
-    public List<Action<OffloadRpcOptions>> Configure { get; } = [];
-
     public List<Func<IServiceProvider, ClientInterceptor>> Interceptors { get; } = [];
 
     /// <summary>Checks, on each new connection, that the server serves one of the registered services as compiled here.</summary>
