@@ -178,6 +178,9 @@ public interface IFrameSource
 
     /// <summary>Duplex: for each frame that comes in, its checksum goes out.</summary>
     IAsyncEnumerable<ulong> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, CancellationToken ct = default);
+
+    /// <summary>One frame as a plain array result: <paramref name="length"/> bytes filled from <paramref name="seed"/> (Checksum64.Fill).</summary>
+    ValueTask<byte[]> FillAsync(int length, int seed, CancellationToken ct = default);
 }
 
 /// <summary>

@@ -389,6 +389,13 @@ internal sealed class FrameSource : IFrameSource
         }
     }
 
+    public ValueTask<byte[]> FillAsync(int length, int seed, CancellationToken ct = default)
+    {
+        byte[] frame = GC.AllocateUninitializedArray<byte>(length);
+        Checksum64.Fill(frame, (ulong)seed);
+        return ValueTask.FromResult(frame);
+    }
+
     public ValueTask<ProducerStatus> StatusAsync(string tag, CancellationToken ct = default)
     {
         Progress progress = s_progress.GetOrAdd(tag, _ => new Progress());
