@@ -109,6 +109,9 @@ internal sealed class LoopbackInvoker : CallInvoker, ILeaseHost, IDisposable
 
     public int LeasesOut => Volatile.Read(ref _leasesOut);
 
+    /// <summary>The server side of the loopback (its pipeline may be set).</summary>
+    public ServiceDispatcher Dispatcher => _dispatcher;
+
     public List<string> Served { get; } = [];
 
     public MethodDescriptor? LastMethod { get; private set; }

@@ -518,13 +518,16 @@ internal sealed class ClientPipeline : CallLogging
 
     public TimeSpan? DefaultDeadline { get; }
 
+    /// <summary>This pipeline's chains (a test hook reads how many were built).</summary>
+    internal InterceptorChainCache Chains { get; } = new();
+
     /// <summary>The interceptors around a call with one result (built once per result type).</summary>
     public ClientCallContinuation<T> Chain<T>() =>
-        InterceptorChain.Of<ClientInterceptor, ClientCallContinuation<T>>(this, Interceptors, static context => context.Invoker.SendObservedAsync<T>(context), static (interceptor, next) => context => interceptor.InterceptAsync(context, next));
+        Chains.Get<ClientInterceptor, ClientCallContinuation<T>>(Interceptors, static context => context.Invoker.SendObservedAsync<T>(context), static (interceptor, next) => context => interceptor.InterceptAsync(context, next));
 
     /// <summary>The interceptors around a call whose result is a stream (built once per item type).</summary>
     public ClientStreamContinuation<T> StreamChain<T>() =>
-        InterceptorChain.Of<ClientInterceptor, ClientStreamContinuation<T>>(this, Interceptors, static context => context.Invoker.OpenObservedStream<T>(context), static (interceptor, next) => context => interceptor.InterceptStream(context, next));
+        Chains.Get<ClientInterceptor, ClientStreamContinuation<T>>(Interceptors, static context => context.Invoker.OpenObservedStream<T>(context), static (interceptor, next) => context => interceptor.InterceptStream(context, next));
 
     /// <summary>The pipeline of <paramref name="options"/>, or null when they add nothing to a call.</summary>
     public static ClientPipeline? From(OffloadRpcOptions options, IEnumerable<ClientInterceptor>? extra = null)

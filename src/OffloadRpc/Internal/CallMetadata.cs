@@ -226,28 +226,10 @@ internal struct DeadlineTimer : IDisposable
     public readonly void Dispose() => _source?.Dispose();
 }
 
-/// <summary>
-/// Interceptor chains, built once per pipeline and continuation type (the innermost continuation reads the
-/// call from its context, so one chain serves every call with the same result type).
-/// </summary>
+/// <summary>How a chain of interceptors is made: each one wraps the continuation of the next, the last wraps the call itself.</summary>
 internal static class InterceptorChain
 {
-    /// <summary>The chain of <paramref name="interceptors"/> around <paramref name="last"/> (first runs outermost), cached for <paramref name="owner"/>.</summary>
-    public static TContinuation Of<TInterceptor, TContinuation>(object owner, TInterceptor[] interceptors, TContinuation last, Func<TInterceptor, TContinuation, TContinuation> wrap)
-        where TContinuation : Delegate
-    {
-        Cached<TContinuation>? cached = Volatile.Read(ref Cache<TContinuation>.Last);
-        if (cached is not null && ReferenceEquals(cached.Owner, owner))
-        {
-            return cached.Chain;
-        }
-
-        TContinuation chain = Build(interceptors, last, wrap);
-        Volatile.Write(ref Cache<TContinuation>.Last, new Cached<TContinuation>(owner, chain));
-        return chain;
-    }
-
-    /// <summary>The chain, not cached (interceptors made per call).</summary>
+    /// <summary>The chain of <paramref name="interceptors"/> around <paramref name="last"/> (the first runs outermost).</summary>
     public static TContinuation Build<TInterceptor, TContinuation>(IReadOnlyList<TInterceptor> interceptors, TContinuation last, Func<TInterceptor, TContinuation, TContinuation> wrap)
     {
         TContinuation chain = last;
@@ -258,12 +240,61 @@ internal static class InterceptorChain
 
         return chain;
     }
+}
 
-    private sealed record Cached<TContinuation>(object Owner, TContinuation Chain);
+/// <summary>
+/// The interceptor chains of one pipeline, one per continuation type, each built on its first call and kept
+/// (the innermost continuation reads the call from its context, so one chain serves every call with the same
+/// result type). Each pipeline has its own: two servers or two clients with different interceptors in one
+/// process keep theirs, however their calls alternate.
+/// </summary>
+internal sealed class InterceptorChainCache
+{
+    private static int s_slots;
 
-    /// <summary>The last chain built per continuation type (one pipeline per process is the common case; another rebuilds it).</summary>
-    private static class Cache<TContinuation>
+    private readonly Lock _gate = new();
+    private Delegate?[] _chains = new Delegate?[8];
+    private int _built;
+
+    /// <summary>How many chains this cache built (one per continuation type used).</summary>
+    public int Built => Volatile.Read(ref _built);
+
+    /// <summary>The chain of <paramref name="interceptors"/> around <paramref name="last"/>: the cached one, or built now and kept.</summary>
+    public TContinuation Get<TInterceptor, TContinuation>(TInterceptor[] interceptors, TContinuation last, Func<TInterceptor, TContinuation, TContinuation> wrap)
+        where TContinuation : Delegate
     {
-        public static Cached<TContinuation>? Last;
+        int slot = Slot<TContinuation>.Index;
+        Delegate?[] chains = Volatile.Read(ref _chains);
+        return (uint)slot < (uint)chains.Length && chains[slot] is TContinuation chain ? chain : Add(slot, interceptors, last, wrap);
+    }
+
+    private TContinuation Add<TInterceptor, TContinuation>(int slot, TInterceptor[] interceptors, TContinuation last, Func<TInterceptor, TContinuation, TContinuation> wrap)
+        where TContinuation : Delegate
+    {
+        lock (_gate)
+        {
+            Delegate?[] chains = _chains;
+            if (slot < chains.Length && chains[slot] is TContinuation existing)
+            {
+                return existing; // another thread built it meanwhile
+            }
+
+            TContinuation chain = InterceptorChain.Build(interceptors, last, wrap);
+            if (slot >= chains.Length)
+            {
+                Array.Resize(ref chains, Math.Max(slot + 1, chains.Length * 2)); // a new array: readers of the old one see no chain and come here
+            }
+
+            Volatile.Write(ref chains[slot], chain);
+            Volatile.Write(ref _chains, chains);
+            _built++;
+            return chain;
+        }
+    }
+
+    /// <summary>A process-wide index per continuation type, into every cache's table.</summary>
+    private static class Slot<TContinuation>
+    {
+        public static readonly int Index = Interlocked.Increment(ref s_slots) - 1;
     }
 }

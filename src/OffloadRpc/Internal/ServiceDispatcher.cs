@@ -207,13 +207,16 @@ internal sealed class ServerPipeline : CallLogging
 
     public ServerInterceptor[] Interceptors { get; }
 
+    /// <summary>This pipeline's chains (a test hook reads how many were built).</summary>
+    internal InterceptorChainCache Chains { get; } = new();
+
     /// <summary>The interceptors around a method with one result (built once per result type).</summary>
     public ServerCallContinuation<T> Chain<T>() =>
-        InterceptorChain.Of<ServerInterceptor, ServerCallContinuation<T>>(this, Interceptors, static context => context.Call.RunHandler<T>(), static (interceptor, next) => context => interceptor.InterceptAsync(context, next));
+        Chains.Get<ServerInterceptor, ServerCallContinuation<T>>(Interceptors, static context => context.Call.RunHandler<T>(), static (interceptor, next) => context => interceptor.InterceptAsync(context, next));
 
     /// <summary>The interceptors around a method whose result is a stream (built once per item type).</summary>
     public ServerStreamContinuation<T> StreamChain<T>() =>
-        InterceptorChain.Of<ServerInterceptor, ServerStreamContinuation<T>>(this, Interceptors, static context => context.Call.RunStreamHandler<T>(), static (interceptor, next) => context => interceptor.InterceptStream(context, next));
+        Chains.Get<ServerInterceptor, ServerStreamContinuation<T>>(Interceptors, static context => context.Call.RunStreamHandler<T>(), static (interceptor, next) => context => interceptor.InterceptStream(context, next));
 
     /// <summary>The pipeline of <paramref name="options"/>, or null when they add nothing to a call.</summary>
     public static ServerPipeline? From(OffloadRpcOptions options)
