@@ -1,4 +1,6 @@
 using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Diagnostics.Metrics;
 using System.Runtime.InteropServices;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
@@ -29,7 +31,7 @@ public sealed class BothWaysServer : IAsyncLifetime
     /// <summary>Starts a server process serving both ways; returns it with its socket path and gRPC address.</summary>
     internal static Task<(PeerProcess Process, string SocketPath, string GrpcAddress)> StartAsync(string endpoint)
     {
-        PeerProcess process = PeerProcess.Start(["grpc-server", endpoint]);
+        PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--traces"]); // spans and server metrics recorded for ServerLogAsync
         string[] ready = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ');
         return Task.FromResult((process, ready[1], ready[2]));
     }
@@ -237,6 +239,98 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
         {
             var denied = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await Probe.PingAsync());
             Assert.Equal(typeof(UnauthorizedAccessException).FullName, denied.RemoteExceptionType);
+        }
+    }
+
+    [Fact]
+    public async Task Client_and_server_spans_share_the_trace_and_client_calls_are_measured_with_their_status()
+    {
+        const string Service = "OffloadRpc.TestContracts.ICallProbe";
+        var spans = new List<Activity>();
+        using var listener = new ActivityListener
+        {
+            ShouldListenTo = s => s.Name is OffloadRpcTelemetry.ActivitySourceName or nameof(TransportTests),
+            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
+            ActivityStopped = a =>
+            {
+                lock (spans)
+                {
+                    spans.Add(a);
+                }
+            },
+        };
+        ActivitySource.AddActivityListener(listener);
+        var measured = new List<string>();
+        using var meters = new MeterListener
+        {
+            InstrumentPublished = (instrument, l) =>
+            {
+                if (instrument.Meter.Name == OffloadRpcTelemetry.MeterName && instrument.Name is "rpc.client.duration" or "offloadrpc.client.calls.completed")
+                {
+                    l.EnableMeasurementEvents(instrument);
+                }
+            },
+        };
+        meters.SetMeasurementEventCallback<double>((i, _, tags, _) => Measure(i, tags));
+        meters.SetMeasurementEventCallback<long>((i, _, tags, _) => Measure(i, tags));
+        meters.Start();
+
+        using var source = new ActivitySource(nameof(TransportTests));
+        string[] server;
+        Activity root;
+        using (root = source.StartActivity("root")!)
+        {
+            server = (await Probe.TraceAsync()).Split(' '); // the server span as the server method saw it: "traceId parentSpanId spanId"
+            await Assert.ThrowsAsync<RemoteInvocationException>(() => Sink.FailAsync("traced failure"));
+        }
+
+        Activity client, failed;
+        lock (spans)
+        {
+            client = spans.Single(a => a.TraceId == root.TraceId && a.Kind == ActivityKind.Client && a.DisplayName == Service + "/TraceAsync");
+            failed = spans.Single(a => a.TraceId == root.TraceId && a.Kind == ActivityKind.Client && a.DisplayName.EndsWith("/FailAsync", StringComparison.Ordinal));
+        }
+
+        Assert.Equal(3, server.Length);
+        Assert.Equal(root.TraceId.ToString(), server[0]); // one trace across both processes, over either transport
+        Assert.Equal(client.SpanId.ToString(), server[1]); // the server span is the client span's child
+        Assert.Equal("offloadrpc", client.GetTagItem("rpc.system"));
+        Assert.Equal(Service, client.GetTagItem("rpc.service"));
+        Assert.Equal("TraceAsync", client.GetTagItem("rpc.method"));
+        Assert.Equal("ok", client.GetTagItem("rpc.offloadrpc.status_code"));
+        Assert.Equal(ActivityStatusCode.Error, failed.Status);
+        Assert.Equal("remote_error", failed.GetTagItem("rpc.offloadrpc.status_code"));
+        Assert.Equal(typeof(InvalidOperationException).FullName, failed.GetTagItem("error.type"));
+        await Eventually.TrueAsync(
+            async () => (await Probe.ServerLogAsync()).Any(l => l.StartsWith($"span Server OffloadRpc.TestContracts.IKitchenSink/FailAsync {root.TraceId} parent={failed.SpanId} system=offloadrpc method=FailAsync status=error", StringComparison.Ordinal)),
+            "the server process recorded the failed call's span, a child of the client's");
+
+        lock (measured)
+        {
+            Assert.Contains($"rpc.client.duration offloadrpc {Service} TraceAsync ok", measured);
+            Assert.Contains($"offloadrpc.client.calls.completed offloadrpc {Service} TraceAsync ok", measured);
+            Assert.Contains("rpc.client.duration offloadrpc OffloadRpc.TestContracts.IKitchenSink FailAsync remote_error", measured);
+            Assert.Contains("offloadrpc.client.calls.completed offloadrpc OffloadRpc.TestContracts.IKitchenSink FailAsync remote_error", measured);
+        }
+
+        void Measure(Instrument instrument, ReadOnlySpan<KeyValuePair<string, object?>> tags)
+        {
+            string system = "", service = "", method = "", status = "";
+            foreach (KeyValuePair<string, object?> tag in tags)
+            {
+                switch (tag.Key)
+                {
+                    case "rpc.system": system = tag.Value as string ?? ""; break;
+                    case "rpc.service": service = tag.Value as string ?? ""; break;
+                    case "rpc.method": method = tag.Value as string ?? ""; break;
+                    case "rpc.offloadrpc.status_code": status = tag.Value as string ?? ""; break;
+                }
+            }
+
+            lock (measured)
+            {
+                measured.Add($"{instrument.Name} {system} {service} {method} {status}");
+            }
         }
     }
 

@@ -10,12 +10,15 @@ using OffloadRpc.TestContracts;
 /// <summary>
 /// The typed services and the call probe in an ASP.NET Core app that serves them both ways: over shared
 /// memory on <c>endpoint</c> (AddOffloadRpcServer) and over gRPC (h2c) on 127.0.0.1 with a port the
-/// system picks (MapOffloadRpcGrpc). Prints READY, the socket path and the gRPC address.
+/// system picks (MapOffloadRpcGrpc). Prints READY, the socket path and the gRPC address. With --traces, the
+/// spans and server metrics of OffloadRpc are recorded for <see cref="ICallProbe.ServerLogAsync"/>.
 /// </summary>
 internal static class GrpcServer
 {
     public static async Task<int> RunAsync(string endpoint, string[] args)
     {
+        using System.Diagnostics.ActivityListener? spans = args.Contains("--traces") ? ProbeServer.ListenToSpans() : null;
+        using System.Diagnostics.Metrics.MeterListener? metrics = args.Contains("--traces") ? ProbeServer.ListenToMetrics() : null;
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(kestrel => kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2));

@@ -47,7 +47,8 @@ internal static class ProbeServer
         return 0;
     }
 
-    private static ActivityListener ListenToSpans()
+    /// <summary>Records every OffloadRpc span that ends in this process in <see cref="ProbeLog"/>.</summary>
+    internal static ActivityListener ListenToSpans()
     {
         var listener = new ActivityListener
         {
@@ -59,7 +60,8 @@ internal static class ProbeServer
         return listener;
     }
 
-    private static MeterListener ListenToMetrics()
+    /// <summary>Records every server-side OffloadRpc measurement in <see cref="ProbeLog"/> (instrument, method, status).</summary>
+    internal static MeterListener ListenToMetrics()
     {
         var listener = new MeterListener
         {
