@@ -321,13 +321,19 @@ internal interface IStreamItemSink
 
 /// <summary>
 /// The producing end of one stream: credit granted by the consumer, taken one per item. A producer
-/// without credit waits (asynchronously) for the consumer to take items; that is the backpressure.
+/// without credit waits (asynchronously) for the consumer to take items; that is the backpressure. The
+/// wait is one reusable value-task source (one producer waits at a time): no allocation per wait. Its
+/// continuation runs on the thread pool, never on the poller that delivered the credit (the producer
+/// goes on to send, which may wait for ring or arena space).
 /// </summary>
-internal sealed class StreamOutbox
+internal sealed class StreamOutbox : IValueTaskSource
 {
     private readonly object _gate = new();
     private long _credit;
-    private TaskCompletionSource? _waiter;
+    private ManualResetValueTaskSourceCore<bool> _core = new() { RunContinuationsAsynchronously = true };
+    private bool _waiting;
+    private CancellationToken _waitToken;
+    private CancellationTokenRegistration _cancellation;
     private RpcConnection? _connection;
     private IStreamItemSink? _sink;
     private ulong _callId;
@@ -393,7 +399,6 @@ internal sealed class StreamOutbox
     /// <summary>The consumer took <paramref name="items"/> more (on the poller; never blocks). False when the total makes no sense.</summary>
     public bool Grant(int items)
     {
-        TaskCompletionSource? waiter;
         lock (_gate)
         {
             _credit += items;
@@ -402,18 +407,22 @@ internal sealed class StreamOutbox
                 return false;
             }
 
-            waiter = _waiter;
-            _waiter = null;
+            if (!_waiting || _credit <= 0)
+            {
+                return true;
+            }
+
+            _credit--; // the waiting producer's item
+            _waiting = false;
         }
 
-        waiter?.TrySetResult();
+        _core.SetResult(true);
         return true;
     }
 
     /// <summary>Takes one item's credit, waiting for the consumer when there is none.</summary>
     public ValueTask WaitAsync(CancellationToken cancellationToken)
     {
-        Task signal;
         lock (_gate)
         {
             if (_credit > 0)
@@ -422,27 +431,51 @@ internal sealed class StreamOutbox
                 return ValueTask.CompletedTask;
             }
 
-            signal = (_waiter ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
-        }
-
-        return WaitSlowAsync(signal, cancellationToken);
-    }
-
-    private async ValueTask WaitSlowAsync(Task signal, CancellationToken cancellationToken)
-    {
-        while (true)
-        {
-            await signal.WaitAsync(cancellationToken).ConfigureAwait(false);
-            lock (_gate)
+            if (cancellationToken.IsCancellationRequested)
             {
-                if (_credit > 0)
-                {
-                    _credit--;
-                    return;
-                }
-
-                signal = (_waiter ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+                return ValueTask.FromCanceled(cancellationToken);
             }
+
+            Debug.Assert(!_waiting, "one producer waits for credit at a time");
+            _core.Reset();
+            _waiting = true;
+            _waitToken = cancellationToken;
+            if (cancellationToken.CanBeCanceled)
+            {
+                // Under the gate, so that credit cannot complete the wait (and GetResult dispose the registration)
+                // before it is stored; a token cancelled meanwhile runs Cancel inline (the gate is reentrant).
+                _cancellation = cancellationToken.UnsafeRegister(static state => ((StreamOutbox)state!).Cancel(), this);
+            }
+
+            return new ValueTask(this, _core.Version);
         }
     }
+
+    private void Cancel()
+    {
+        lock (_gate)
+        {
+            if (!_waiting)
+            {
+                return; // credit came first
+            }
+
+            _waiting = false;
+        }
+
+        _core.SetException(new OperationCanceledException(_waitToken));
+    }
+
+    void IValueTaskSource.GetResult(short token)
+    {
+        // Dispose waits for a cancellation callback that is running; after it nothing completes this wait again.
+        _cancellation.Dispose();
+        _cancellation = default;
+        _core.GetResult(token);
+    }
+
+    ValueTaskSourceStatus IValueTaskSource.GetStatus(short token) => _core.GetStatus(token);
+
+    void IValueTaskSource.OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
+        _core.OnCompleted(continuation, state, token, flags);
 }
