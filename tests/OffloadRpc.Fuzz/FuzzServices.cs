@@ -88,6 +88,21 @@ internal sealed class FuzzServices : IFuzzContract, IKitchenSink, IImageService
         return [total];
     }
 
+    public async ValueTask<long[]> CopyStreamAsync(Stream data, bool useAsync, CancellationToken cancellationToken = default)
+    {
+        using var sink = new MemoryStream();
+        if (useAsync)
+        {
+            await data.CopyToAsync(sink, cancellationToken).ConfigureAwait(false);
+        }
+        else
+        {
+            data.CopyTo(sink);
+        }
+
+        return [0, sink.Length, 0, 0, 0];
+    }
+
     public async ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks)
     {
         long total = 0;

@@ -222,6 +222,26 @@ public sealed class TypedServiceTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_Stream_parameter_read_with_CopyTo_hands_its_chunks_over_in_place_with_their_content()
+    {
+        foreach (int size in new[] { 1, 4095, (1 << 20) + 1, 40 << 20 })
+        {
+            byte[] data = GC.AllocateUninitializedArray<byte>(size);
+            Checksum64.Fill(data, (ulong)size);
+
+            long[] copied = await Sink.CopyStreamAsync(new MemoryStream(data, writable: false), useAsync: true);
+            Assert.Equal((long)Checksum64.Compute(data), copied[0]);
+            Assert.Equal(size, copied[1]);
+            Assert.True(copied[2] >= 1, $"{size} bytes came in {copied[2]} writes");
+            Assert.Equal(copied[2], copied[3]); // every write was memory in place, none went through an array
+
+            long[] blocking = await Sink.CopyStreamAsync(new MemoryStream(data, writable: false), useAsync: false);
+            Assert.Equal((long)Checksum64.Compute(data), blocking[0]);
+            Assert.Equal(size, blocking[1]);
+        }
+    }
+
+    [Fact]
     public async Task An_async_enumerable_argument_is_gathered_without_blocking_a_single_threaded_callers_context()
     {
         // The chunks' continuations need the caller's one thread: enumerating them synchronously on

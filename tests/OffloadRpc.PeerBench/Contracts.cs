@@ -51,6 +51,9 @@ public interface IPeerBenchService
 
     /// <summary>The checksum of a Stream argument, read as its chunks land (Pipelined) (--streams).</summary>
     ValueTask<ulong> ChecksumStreamAsync(Stream data);
+
+    /// <summary>The same checksum, the Stream argument read with CopyToAsync into a checksum sink: its chunks are handed over in place (--streams).</summary>
+    ValueTask<ulong> ChecksumStreamCopyToAsync(Stream data);
 }
 
 /// <summary>The same service over StreamJsonRpc (method names are the wire names).</summary>

@@ -27,7 +27,7 @@ if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
 }
 
 const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]\n"
-    + "       OffloadRpc.PeerBench --streams [--quick] [--window-ms N] [--json FILE]\n"
+    + "       OffloadRpc.PeerBench --streams [--checksums] [--quick] [--window-ms N] [--json FILE]\n"
     + "       OffloadRpc.PeerBench --clients [1,2,4,8,16] [--quick] [--json FILE] [--systems a,b,...] [--sizes 1048576,...] [--window-ms N] [--warmup-ms N] [--spin-us N]";
 Settings settings = args.Contains("--quick") ? Settings.QuickRun : Settings.Full; // first, so that options given before it still apply
 string? json = null;
@@ -38,6 +38,7 @@ bool sizesGiven = false;
 int? windowMs = null;
 int? warmUpMs = null;
 bool streams = false; // --streams: frame streams and the pipelined checksum (StreamBench)
+bool checksumsOnly = false; // --checksums: of --streams, only the 64 MiB checksums
 for (int i = 0; i < args.Length; i++)
 {
     switch (args[i])
@@ -46,6 +47,10 @@ for (int i = 0; i < args.Length; i++)
             break;
         case "--streams":
             streams = true;
+            break;
+        case "--checksums":
+            streams = true;
+            checksumsOnly = true;
             break;
         case "--clients":
             clients = SweepSettings.DefaultClients;
@@ -146,7 +151,7 @@ if (Console.IsOutputRedirected && AnsiConsole.Profile.Width < (clients is null ?
 
 if (streams)
 {
-    return await StreamBench.RunAsync(TimeSpan.FromMilliseconds(windowMs ?? (settings.Quick ? 1000 : 3000)), json);
+    return await StreamBench.RunAsync(TimeSpan.FromMilliseconds(windowMs ?? (settings.Quick ? 1000 : 3000)), json, checksumsOnly);
 }
 
 if (clients is not null)

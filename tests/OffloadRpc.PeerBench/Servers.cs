@@ -243,6 +243,23 @@ internal static class Servers
 
             return checksum.Finish();
         }
+
+        public async ValueTask<ulong> ChecksumStreamCopyToAsync(Stream data)
+        {
+            var sink = new ChecksumSink();
+            await data.CopyToAsync(sink);
+            return sink.Finish();
+        }
+    }
+
+    /// <summary>Checksums what is written to it (a CopyToAsync destination).</summary>
+    private sealed class ChecksumSink : OffloadRpc.Testing.WriteSink
+    {
+        private PayloadChecksum _checksum;
+
+        public ulong Finish() => _checksum.Finish();
+
+        protected override void Consume(ReadOnlySpan<byte> bytes, bool inPlace) => _checksum.Append(bytes);
     }
 
     private sealed class GrpcService : PeerBench.Grpc.PeerBench.PeerBenchBase

@@ -34,9 +34,10 @@ internal static class StreamBench
 
     internal sealed record FrameRow(string System, int Frames, double Seconds, double FramesPerSecond, double MicrosecondsPerFrame, double MedianAgeMicroseconds, double P99AgeMicroseconds, double GigabytesPerSecond);
 
-    internal sealed record ChecksumRow(string Path, long Bytes, double Milliseconds, double GigabytesPerSecond);
+    internal sealed record ChecksumRow(string Path, long Bytes, double Milliseconds, double MinimumMilliseconds, double GigabytesPerSecond);
 
-    public static async Task<int> RunAsync(TimeSpan window, string? json)
+    /// <param name="checksumsOnly">--checksums: only the 64 MiB checksums (no frame streams, no gRPC server).</param>
+    public static async Task<int> RunAsync(TimeSpan window, string? json, bool checksumsOnly = false)
     {
         string directory = Path.Combine(Path.GetTempPath(), $"offloadrpc-peerbench-streams-{Environment.ProcessId}");
         Directory.CreateDirectory(directory);
@@ -45,48 +46,11 @@ internal static class StreamBench
             string offloadEndpoint = Path.Combine(directory, "offloadrpc.sock");
             string grpcEndpoint = Path.Combine(directory, "grpc.sock");
             await using ServerProcess offloadServer = await ServerProcess.StartAsync("offloadrpc", offloadEndpoint);
-            await using ServerProcess grpcServer = await ServerProcess.StartAsync("grpc", grpcEndpoint);
             await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(offloadEndpoint);
             IPeerBenchService service = connection.GetService<IPeerBenchService>();
-            using GrpcChannel channel = GrpcChannelFor(grpcEndpoint);
-            var grpc = new Grpc.PeerBench.PeerBenchClient(channel);
-
-            AnsiConsole.MarkupLine($"[bold]OffloadRpc peer benchmark, streams[/]: {FrameBytes:N0}-byte frames (4K RGB), window {window.TotalSeconds:0.#} s per system after {window.TotalSeconds / 4:0.#} s warm-up; StreamWindow {new OffloadRpcOptions().StreamWindow}");
-            double unary64 = await UnaryLatencyAsync(service, window);
-            var rows = new List<FrameRow>
-            {
-                await MeasureAsync("offloadrpc-sharedbuffer", window, ct => Consume(service.FramesSharedAsync(int.MaxValue, FrameBytes, ct), f => f.Span, dispose: true)),
-                await MeasureAsync("offloadrpc-readonlymemory", window, ct => Consume(service.FramesAsync(int.MaxValue, FrameBytes, ct), f => f.Span, dispose: false)),
-                await MeasureAsync("grpc-uds-server-streaming", window, ct => GrpcFrames(grpc, ct)),
-            };
-
-            var table = new Table().AddColumns("system", "frames", "frames/s", "us/frame (1/rate)", "stamp age median us", "stamp age p99 us", "GB/s");
-            foreach (FrameRow row in rows)
-            {
-                table.AddRow(row.System, row.Frames.ToString(CultureInfo.InvariantCulture), row.FramesPerSecond.ToString("N1", CultureInfo.InvariantCulture), row.MicrosecondsPerFrame.ToString("N1", CultureInfo.InvariantCulture),
-                    row.MedianAgeMicroseconds.ToString("N0", CultureInfo.InvariantCulture), row.P99AgeMicroseconds.ToString("N0", CultureInfo.InvariantCulture), row.GigabytesPerSecond.ToString("N2", CultureInfo.InvariantCulture));
-            }
-
-            AnsiConsole.Write(table);
-            AnsiConsole.MarkupLine("stamp age: producer's stamp to the consumer's MoveNextAsync; it includes the time an item waits in the window (up to StreamWindow frames queued), so it is not the per-frame cost.");
-            FrameRow shared = rows[0];
-            FrameRow grpcRow = rows[2];
-            AnsiConsole.MarkupLine($"target SharedBuffer >= 50x gRPC frames/s: {shared.FramesPerSecond / grpcRow.FramesPerSecond:N1}x");
-            AnsiConsole.MarkupLine($"target SharedBuffer per-frame cost <= 3x a 64 B unary call ({unary64:N1} us median): {shared.MicrosecondsPerFrame / unary64:N2}x");
-
+            (List<FrameRow> rows, double? unary64) = checksumsOnly ? ([], null) : await FrameStreamsAsync(service, grpcEndpoint, window);
             List<ChecksumRow> checksums = await ChecksumsAsync(service, window);
-            var sums = new Table().AddColumns("64 MiB checksum", "ms (median)", "GB/s");
-            foreach (ChecksumRow row in checksums)
-            {
-                sums.AddRow(row.Path, row.Milliseconds.ToString("N2", CultureInfo.InvariantCulture), row.GigabytesPerSecond.ToString("N2", CultureInfo.InvariantCulture));
-            }
-
-            AnsiConsole.Write(sums);
-            double copy = checksums.First(r => r.Path == "floor: copy 64 MiB").Milliseconds;
-            double read = checksums.First(r => r.Path == "floor: read (checksum) 64 MiB").Milliseconds;
-            double pipelined = checksums.First(r => r.Path.StartsWith("offloadrpc pipelined Stream", StringComparison.Ordinal)).Milliseconds;
-            double unary = checksums.First(r => r.Path.StartsWith("offloadrpc unary", StringComparison.Ordinal)).Milliseconds;
-            AnsiConsole.MarkupLine($"target pipelined <= 1.25x max(copy, read): {pipelined / Math.Max(copy, read):N2}x; pipelined / unary: {pipelined / unary:N2}x");
+            ReportChecksums(checksums);
 
             if (json is not null)
             {
@@ -105,6 +69,54 @@ internal static class StreamBench
             catch (IOException)
             {
             }
+        }
+    }
+
+    private static async Task<(List<FrameRow> Rows, double? Unary64Microseconds)> FrameStreamsAsync(IPeerBenchService service, string grpcEndpoint, TimeSpan window)
+    {
+        await using ServerProcess grpcServer = await ServerProcess.StartAsync("grpc", grpcEndpoint);
+        using GrpcChannel channel = GrpcChannelFor(grpcEndpoint);
+        var grpc = new Grpc.PeerBench.PeerBenchClient(channel);
+        AnsiConsole.MarkupLine($"[bold]OffloadRpc peer benchmark, streams[/]: {FrameBytes:N0}-byte frames (4K RGB), window {window.TotalSeconds:0.#} s per system after {window.TotalSeconds / 4:0.#} s warm-up; StreamWindow {new OffloadRpcOptions().StreamWindow}");
+        double unary64 = await UnaryLatencyAsync(service, window);
+        var rows = new List<FrameRow>
+        {
+            await MeasureAsync("offloadrpc-sharedbuffer", window, ct => Consume(service.FramesSharedAsync(int.MaxValue, FrameBytes, ct), f => f.Span, dispose: true)),
+            await MeasureAsync("offloadrpc-readonlymemory", window, ct => Consume(service.FramesAsync(int.MaxValue, FrameBytes, ct), f => f.Span, dispose: false)),
+            await MeasureAsync("grpc-uds-server-streaming", window, ct => GrpcFrames(grpc, ct)),
+        };
+
+        var table = new Table().AddColumns("system", "frames", "frames/s", "us/frame (1/rate)", "stamp age median us", "stamp age p99 us", "GB/s");
+        foreach (FrameRow row in rows)
+        {
+            table.AddRow(row.System, row.Frames.ToString(CultureInfo.InvariantCulture), row.FramesPerSecond.ToString("N1", CultureInfo.InvariantCulture), row.MicrosecondsPerFrame.ToString("N1", CultureInfo.InvariantCulture),
+                row.MedianAgeMicroseconds.ToString("N0", CultureInfo.InvariantCulture), row.P99AgeMicroseconds.ToString("N0", CultureInfo.InvariantCulture), row.GigabytesPerSecond.ToString("N2", CultureInfo.InvariantCulture));
+        }
+
+        AnsiConsole.Write(table);
+        AnsiConsole.MarkupLine("stamp age: producer's stamp to the consumer's MoveNextAsync; it includes the time an item waits in the window (up to StreamWindow frames queued), so it is not the per-frame cost.");
+        FrameRow shared = rows[0];
+        FrameRow grpcRow = rows[2];
+        AnsiConsole.MarkupLine($"target SharedBuffer >= 50x gRPC frames/s: {shared.FramesPerSecond / grpcRow.FramesPerSecond:N1}x");
+        AnsiConsole.MarkupLine($"target SharedBuffer per-frame cost <= 3x a 64 B unary call ({unary64:N1} us median): {shared.MicrosecondsPerFrame / unary64:N2}x");
+        return (rows, unary64);
+    }
+
+    private static void ReportChecksums(List<ChecksumRow> checksums)
+    {
+        var sums = new Table().AddColumns("64 MiB checksum", "ms (median)", "ms (min)", "GB/s");
+        foreach (ChecksumRow row in checksums)
+        {
+            sums.AddRow(Markup.Escape(row.Path), row.Milliseconds.ToString("N2", CultureInfo.InvariantCulture), row.MinimumMilliseconds.ToString("N2", CultureInfo.InvariantCulture), row.GigabytesPerSecond.ToString("N2", CultureInfo.InvariantCulture));
+        }
+
+        AnsiConsole.Write(sums);
+        double copy = checksums.First(r => r.Path == "floor: copy 64 MiB").Milliseconds;
+        double read = checksums.First(r => r.Path == "floor: read (checksum) 64 MiB").Milliseconds;
+        double unary = checksums.First(r => r.Path.StartsWith("offloadrpc unary", StringComparison.Ordinal)).Milliseconds;
+        foreach (ChecksumRow row in checksums.Where(r => r.Path.StartsWith("offloadrpc pipelined Stream", StringComparison.Ordinal)))
+        {
+            AnsiConsole.MarkupLine($"target pipelined <= 1.25x max(copy, read), {Markup.Escape(row.Path)}: {row.Milliseconds / Math.Max(copy, read):N2}x; / unary: {row.Milliseconds / unary:N2}x");
         }
     }
 
@@ -267,7 +279,7 @@ internal static class StreamBench
             }
 
             double median = Median(times);
-            return new ChecksumRow(path, Bytes, median, Bytes / median / 1e6);
+            return new ChecksumRow(path, Bytes, median, times[0], Bytes / median / 1e6);
         }
 
         var copyTimes = new List<double>(rounds);
@@ -283,10 +295,11 @@ internal static class StreamBench
         }
 
         double copy = Median(copyTimes);
-        var rows = new List<ChecksumRow> { new("floor: copy 64 MiB", Bytes, copy, Bytes / copy / 1e6) };
+        var rows = new List<ChecksumRow> { new("floor: copy 64 MiB", Bytes, copy, copyTimes[0], Bytes / copy / 1e6) };
         rows.Add(await Time("floor: read (checksum) 64 MiB", () => Task.FromResult(PayloadChecksum.Compute(target))));
         rows.Add(await Time("offloadrpc unary ReadOnlyMemory<byte>", async () => await service.ChecksumAsync(data)));
-        rows.Add(await Time("offloadrpc pipelined Stream argument", async () => await service.ChecksumStreamAsync(new MemoryStream(data, writable: false))));
+        rows.Add(await Time("offloadrpc pipelined Stream argument, server ReadAsync into a 1 MiB array", async () => await service.ChecksumStreamAsync(new MemoryStream(data, writable: false))));
+        rows.Add(await Time("offloadrpc pipelined Stream argument, server CopyToAsync", async () => await service.ChecksumStreamCopyToAsync(new MemoryStream(data, writable: false))));
         return rows;
     }
 

@@ -105,6 +105,13 @@ public interface IKitchenSink
     ValueTask<long[]> ConsumeStreamAsync(Stream data, CancellationToken cancellationToken = default);
 
     ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks);
+
+    /// <summary>
+    /// Copies the Stream with CopyToAsync (<paramref name="useAsync"/>) or CopyTo into a sink that notes how
+    /// each write came, never asking for its length. Returns checksum, length, writes, writes handed over in
+    /// place (memory that is no array), and 1 when the stream's Length was known (0: it threw NotSupportedException).
+    /// </summary>
+    ValueTask<long[]> CopyStreamAsync(Stream data, bool useAsync, CancellationToken cancellationToken = default);
 }
 
 [MessagePackObject]

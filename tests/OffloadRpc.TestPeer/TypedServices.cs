@@ -188,6 +188,51 @@ internal sealed class KitchenSink : IKitchenSink
         return [(long)Checksum64.Compute(all.AsSpan(0, read)), read, firstRead];
     }
 
+    public async ValueTask<long[]> CopyStreamAsync(Stream data, bool useAsync, CancellationToken cancellationToken = default)
+    {
+        long knownLength = 1;
+        try
+        {
+            _ = data.Length;
+        }
+        catch (NotSupportedException)
+        {
+            knownLength = 0;
+        }
+
+        using var sink = new NotingSink();
+        if (useAsync)
+        {
+            await data.CopyToAsync(sink, cancellationToken);
+        }
+        else
+        {
+            data.CopyTo(sink);
+        }
+
+        byte[] all = sink.ToArray();
+        return [(long)Checksum64.Compute(all), all.Length, sink.Writes, sink.InPlaceWrites, knownLength];
+    }
+
+    /// <summary>Keeps what is written and counts the writes, and those handed over in place.</summary>
+    private sealed class NotingSink : WriteSink
+    {
+        private readonly MemoryStream _written = new();
+
+        public long Writes { get; private set; }
+
+        public long InPlaceWrites { get; private set; }
+
+        public byte[] ToArray() => _written.ToArray();
+
+        protected override void Consume(ReadOnlySpan<byte> bytes, bool inPlace)
+        {
+            Writes++;
+            InPlaceWrites += inPlace ? 1 : 0;
+            _written.Write(bytes);
+        }
+    }
+
     public async ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks)
     {
         long total = 0;

@@ -165,7 +165,7 @@ internal abstract class InboundMessage
         SharedMemorySegment segment = payload.Segment;
         long blockOffset = payload.BlockOffset;
         RpcConnection connection = Connection;
-        return new PipelinedPayloadStream(Progress(payload), segment.Pointer(payload.Offset, payload.Length), segment, () => connection.ReleaseReceivedBlock(segment, blockOffset, ownArena: false), cancellationToken);
+        return new PipelinedPayloadStream(Progress(payload), segment.Pointer(payload.Offset, payload.Length), segment, () => connection.ReleaseReceivedBlock(segment, blockOffset, ownArena: false), connection.PipelineChunkBytes, cancellationToken);
     }
 
     private unsafe PipelinedPayload Progress(in ReceivedPayload payload) =>

@@ -68,7 +68,14 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         return End(SharedWait.Wait(ref condition, _connection.PipelineSpin, StallCheckMilliseconds));
     }
 
-    /// <summary>Waits until at least <paramref name="bytes"/> are in place without blocking a thread; returns how many are (validated).</summary>
+    /// <summary>
+    /// Waits until at least <paramref name="bytes"/> are in place without blocking a thread for long;
+    /// returns how many are (validated). A reader that caught up with the sender spins for the next
+    /// chunk first, on its own thread, for the connection's spin budget (a chunk lands every few tens
+    /// of microseconds while the sender copies): each chunk would otherwise cost a hand-over to the
+    /// poller, a futex wake and a thread-pool hop, more than copying it. Only a sender slower than
+    /// that is waited for through the poller. (The thread spins only with a place in <see cref="SpinGate"/>.)
+    /// </summary>
     public ValueTask<long> WaitForAsync(long bytes, CancellationToken cancellationToken)
     {
         if (Begin(bytes, cancellationToken))
@@ -76,9 +83,24 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
             return new ValueTask<long>(_known);
         }
 
-        return AwaitAsync(SharedWait.WaitAsync(this, StallCheckMilliseconds, cancellationToken));
+        var condition = new Blocking(this);
+        switch (SharedWait.Spin(ref condition, Poller.IsPollerThread ? 0 : _connection.PipelineSpin.BudgetTicks)) // never spin the poller: it serves every connection
+        {
+            case SharedWait.SpinOutcome.Satisfied:
+                return new ValueTask<long>(_known);
+            case SharedWait.SpinOutcome.Abandoned:
+                return new ValueTask<long>(End(false));
+        }
 
-        async ValueTask<long> AwaitAsync(ValueTask<bool> wait) => End(await wait.ConfigureAwait(false));
+        return AwaitAsync(SharedWait.WaitAsync(this, StallCheckMilliseconds, cancellationToken), Stopwatch.GetTimestamp());
+
+        // A long wait (a slow sender) shrinks the next spin, a short one grows it back, as for a blocking wait.
+        async ValueTask<long> AwaitAsync(ValueTask<bool> wait, long started)
+        {
+            bool satisfied = await wait.ConfigureAwait(false);
+            _connection.PipelineSpin.OnBlocked(Stopwatch.GetTimestamp() - started);
+            return End(satisfied);
+        }
     }
 
     /// <summary>Starts a wait; true when nothing needs waiting for.</summary>
@@ -97,10 +119,12 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         return false;
     }
 
-    private long End(bool satisfied)
+    private unsafe long End(bool satisfied)
     {
         if (satisfied)
         {
+            // Nobody sleeps on the word until the next wait arms it again: spare the sender a wake syscall per chunk.
+            Volatile.Write(ref _header->ReceiverWaiting, 0);
             return _known;
         }
 
@@ -175,11 +199,13 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
     private readonly SharedMemorySegment _segment;
     private readonly Action _release;
     private readonly CancellationToken _cancellationToken;
+    private readonly long _writeLimit;
     private long _position;
     private int _disposed;
 
     /// <summary>Takes over a mapping reference on <paramref name="segment"/> (the received payload's), given back by Dispose.</summary>
-    public unsafe PipelinedPayloadStream(PipelinedPayload progress, byte* data, SharedMemorySegment segment, Action release, CancellationToken cancellationToken)
+    /// <param name="chunkBytes">The most one CopyTo write hands over (the pipeline's chunk).</param>
+    public unsafe PipelinedPayloadStream(PipelinedPayload progress, byte* data, SharedMemorySegment segment, Action release, long chunkBytes, CancellationToken cancellationToken)
     {
         Debug.Assert(segment.IsMapped, "the stream is handed a live mapping reference");
         _progress = progress;
@@ -187,6 +213,7 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
         _segment = segment;
         _release = release;
         _cancellationToken = cancellationToken;
+        _writeLimit = Math.Clamp(chunkBytes, 4096, int.MaxValue);
     }
 
     public override bool CanRead => true;
@@ -243,10 +270,7 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
         ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
         try
         {
-            using CancellationTokenSource? linked = cancellationToken.CanBeCanceled && _cancellationToken.CanBeCanceled
-                ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _cancellationToken)
-                : null;
-            CancellationToken token = linked?.Token ?? (cancellationToken.CanBeCanceled ? cancellationToken : _cancellationToken);
+            using CancellationTokenSource? linked = Link(cancellationToken, out CancellationToken token);
             long available = await _progress.WaitForAsync(_position + 1, token).ConfigureAwait(false) - _position;
             return CopyOut(buffer.Span, available);
         }
@@ -268,10 +292,7 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
         ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
         try
         {
-            using CancellationTokenSource? linked = cancellationToken.CanBeCanceled && _cancellationToken.CanBeCanceled
-                ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _cancellationToken)
-                : null;
-            CancellationToken token = linked?.Token ?? (cancellationToken.CanBeCanceled ? cancellationToken : _cancellationToken);
+            using CancellationTokenSource? linked = Link(cancellationToken, out CancellationToken token);
             long available = await _progress.WaitForAsync(_position + 1, token).ConfigureAwait(false) - _position;
             return Slice((int)Math.Min(maxBytes, available));
         }
@@ -279,6 +300,67 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
         {
             _segment.Release(); // the stream's own reference keeps the chunk mapped until it is disposed
         }
+    }
+
+    /// <summary>
+    /// Hands each run of bytes to <paramref name="destination"/> in place, as it lands: no copy through a
+    /// buffer (<paramref name="bufferSize"/> is not used: nothing is buffered; a write gets at most a pipeline
+    /// chunk so that it stays in cache). The destination must not keep the memory past its write, as
+    /// with any buffer a stream hands to <see cref="Stream.WriteAsync(ReadOnlyMemory{byte}, CancellationToken)"/>.
+    /// </summary>
+    public override async Task CopyToAsync(Stream destination, int bufferSize, CancellationToken cancellationToken)
+    {
+        ValidateCopyToArguments(destination, bufferSize);
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+        try
+        {
+            using CancellationTokenSource? linked = Link(cancellationToken, out CancellationToken token);
+            while (_position < _progress.Length)
+            {
+                long available = await _progress.WaitForAsync(_position + 1, token).ConfigureAwait(false) - _position;
+                await destination.WriteAsync(Slice(WriteSize(available)), token).ConfigureAwait(false);
+            }
+        }
+        finally
+        {
+            _segment.Release();
+        }
+    }
+
+    /// <summary>The blocking form of <see cref="CopyToAsync(Stream, int, CancellationToken)"/>: each run in place, as it lands.</summary>
+    public override unsafe void CopyTo(Stream destination, int bufferSize)
+    {
+        ValidateCopyToArguments(destination, bufferSize);
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+        try
+        {
+            while (_position < _progress.Length)
+            {
+                long available = _progress.WaitFor(_position + 1, _cancellationToken) - _position;
+                int count = WriteSize(available);
+                byte* start = _data + _position;
+                _position += count;
+                destination.Write(new ReadOnlySpan<byte>(start, count));
+            }
+        }
+        finally
+        {
+            _segment.Release();
+        }
+    }
+
+    private int WriteSize(long available) => (int)Math.Min(available, _writeLimit);
+
+    /// <summary>The caller's token and the call's as one (the linked source, if one was needed, is the caller's to dispose).</summary>
+    private CancellationTokenSource? Link(CancellationToken cancellationToken, out CancellationToken token)
+    {
+        CancellationTokenSource? linked = cancellationToken.CanBeCanceled && _cancellationToken.CanBeCanceled
+            ? CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _cancellationToken)
+            : null;
+        token = linked?.Token ?? (cancellationToken.CanBeCanceled ? cancellationToken : _cancellationToken);
+        return linked;
     }
 
     private unsafe ReadOnlyMemory<byte> Slice(int count)
