@@ -84,7 +84,8 @@ internal static class Client
     private static async Task<int> MeasureOnAsync(OffloadRpcConnection connection, Plan plan, byte[] frame, float[] batch, TimeSpan generated, string? jsonPath)
     {
         IImageWorker service = connection.GetService<IImageWorker>();
-        AnsiConsole.MarkupLine($"worker process {connection.PeerProcessId} ready; inputs generated in {generated.TotalMilliseconds:0} ms " +
+        string worker = connection.UsesSharedMemory ? $"worker process {connection.PeerProcessId}" : "worker over gRPC"; // gRPC verifies no pid
+        AnsiConsole.MarkupLine($"{worker} ready; inputs generated in {generated.TotalMilliseconds:0} ms " +
             $"(4K frame {FormatBytes(FrameBytes)}, batch {BatchImages}x{BatchChannels}x{BatchSide}x{BatchSide} fp32 {FormatBytes(BatchBytes)})");
 
         if (!await VerifyAsync(connection, service, frame, batch))

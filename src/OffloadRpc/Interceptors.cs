@@ -191,11 +191,14 @@ public sealed class ServerInterceptorContext
     /// <summary>Fires when the caller cancels, disconnects, or the deadline passes.</summary>
     public CancellationToken CancellationToken => Call.CancellationToken;
 
-    /// <summary>The calling process's id (from the kernel).</summary>
+    /// <summary>The calling process's id (from the kernel); -1 when the transport cannot verify it (gRPC). See <see cref="OffloadCallContext.PeerProcessId"/>.</summary>
     public int PeerProcessId => Call.Inbound.PeerProcessId;
 
-    /// <summary>The calling process's user id (from the kernel).</summary>
+    /// <summary>The calling process's user id (from the kernel); <see cref="uint.MaxValue"/> when the transport cannot verify it (gRPC).</summary>
     public uint PeerUserId => Call.Inbound.PeerUserId;
+
+    /// <summary>True when the peer's ids come from the kernel (shared memory); false over gRPC (see <see cref="OffloadCallContext.IsPeerVerified"/>).</summary>
+    public bool IsPeerVerified => Call.Inbound.PeerProcessId >= 0;
 
     /// <summary>Bytes of the MessagePack-encoded arguments.</summary>
     public int RequestBodyBytes => Call.Inbound.BodyMemory.Length;

@@ -36,11 +36,22 @@ public sealed class OffloadCallContext
     /// <summary>The name of the method being served.</summary>
     public string MethodName => _call.Method.Name;
 
-    /// <summary>The calling process's id (from the kernel, SO_PEERCRED).</summary>
+    /// <summary>
+    /// The calling process's id, from the kernel (SO_PEERCRED on the shared-memory socket; 0 when the
+    /// caller is in a process namespace this one cannot see); -1 when the transport cannot verify who
+    /// called (gRPC: the caller may be on another host, and nothing it claims is reported). See <see cref="IsPeerVerified"/>.
+    /// </summary>
     public int PeerProcessId => _call.Inbound.PeerProcessId;
 
-    /// <summary>The calling process's user id (from the kernel, SO_PEERCRED).</summary>
+    /// <summary>The calling process's user id, from the kernel (SO_PEERCRED); <see cref="uint.MaxValue"/> when the transport cannot verify it (gRPC).</summary>
     public uint PeerUserId => _call.Inbound.PeerUserId;
+
+    /// <summary>
+    /// True when <see cref="PeerProcessId"/> and <see cref="PeerUserId"/> come from the kernel (the
+    /// shared-memory transport); false over gRPC, where they are -1 and <see cref="uint.MaxValue"/>:
+    /// authorize such calls by the channel (TLS client certificates, tokens checked by an interceptor).
+    /// </summary>
+    public bool IsPeerVerified => _call.Inbound.PeerProcessId >= 0;
 
     /// <summary>
     /// Rents <paramref name="bytes"/> of shared memory from the calling connection, to fill in place

@@ -38,10 +38,10 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     /// <summary>What the generated proxies of this connection call.</summary>
     internal CallInvoker Invoker { get; }
 
-    /// <summary>The server process's id.</summary>
+    /// <summary>The server process's id, from the kernel (SO_PEERCRED); -1 over gRPC, where nothing vouches for the server's claims.</summary>
     public int PeerProcessId => _remote?.PeerProcessId ?? Transport.Peer.ProcessId;
 
-    /// <summary>The server process's user id.</summary>
+    /// <summary>The server process's user id, from the kernel; <see cref="uint.MaxValue"/> over gRPC.</summary>
     public uint PeerUserId => _remote?.PeerUserId ?? Transport.Peer.UserId;
 
     /// <summary>False once the server died, broke the protocol, or the connection was disposed.</summary>

@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Diagnostics.Metrics;
 using System.Runtime.InteropServices;
+using OffloadRpc.Grpc;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
 using OffloadRpc.Tests.Infrastructure;
@@ -58,6 +59,8 @@ public sealed class SharedMemoryTransportTests(BothWaysServer server) : Transpor
     protected override string AddressOf(string socketPath, string grpcAddress) => socketPath;
 
     protected override bool ExpectSharedMemory => true;
+
+    protected override string ExpectedCaller => $"{Environment.ProcessId}:{Interop.LinuxNative.GetEuid()}"; // SO_PEERCRED
 }
 
 /// <summary>The same tests over gRPC (the switch to shared memory off, so every call crosses HTTP/2 on 127.0.0.1).</summary>
@@ -74,6 +77,8 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
 
     protected override bool ExpectSharedMemory => false;
 
+    protected override string ExpectedCaller => $"-1:{uint.MaxValue} unverified"; // nothing vouches for a caller over HTTP/2
+
     [Fact]
     public async Task A_client_on_the_servers_host_switches_to_shared_memory_unless_told_not_to()
     {
@@ -84,7 +89,37 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
         await using OffloadRpcConnection remote = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, new OffloadRpcOptions { PreferSharedMemory = false });
         Assert.False(remote.UsesSharedMemory);
         Assert.Equal(7, await remote.GetService<IImageService>().AddAsync(3, 4));
-        Assert.Equal(local.PeerProcessId, remote.PeerProcessId);
+        Assert.True(local.PeerProcessId > 0); // verified by the shared-memory handshake
+        Assert.Equal(-1, remote.PeerProcessId); // over gRPC the server's description is not proof
+        Assert.Equal(uint.MaxValue, remote.PeerUserId);
+    }
+
+    [Fact]
+    public async Task A_caller_that_claims_an_identity_in_a_header_is_not_reported_as_that_caller()
+    {
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel => channel.HttpHandler = new ClaimingHandler(new System.Net.Http.SocketsHttpHandler()));
+        await using OffloadRpcConnection forger = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        using (OffloadCallScope.Begin().WithHeader("offloadrpc-peer", "1:0"))
+        {
+            Assert.Equal(ExpectedCaller, await forger.GetService<IKitchenSink>().WhoCalledAsync());
+        }
+
+        Assert.True(ClaimingHandler.Sent > 0, "the forged header went out");
+    }
+
+    /// <summary>Adds "offloadrpc-peer: 1:0" (pid 1, root) to every request, as a hostile client could.</summary>
+    private sealed class ClaimingHandler(System.Net.Http.HttpMessageHandler inner) : System.Net.Http.DelegatingHandler(inner)
+    {
+        public static int Sent;
+
+        protected override Task<System.Net.Http.HttpResponseMessage> SendAsync(System.Net.Http.HttpRequestMessage request, CancellationToken cancellationToken)
+        {
+            request.Headers.TryAddWithoutValidation("offloadrpc-peer", "1:0");
+            request.Headers.TryAddWithoutValidation("offloadrpc-peer-bin", Convert.ToBase64String("1:0"u8));
+            Interlocked.Increment(ref Sent);
+            return base.SendAsync(request, cancellationToken);
+        }
     }
 
     [Fact]
@@ -110,6 +145,9 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
     protected abstract string AddressOf(string socketPath, string grpcAddress);
 
     protected abstract bool ExpectSharedMemory { get; }
+
+    /// <summary>What IKitchenSink.WhoCalledAsync reports of this process over the transport: "pid:uid", and " unverified" when the kernel did not vouch for them.</summary>
+    protected abstract string ExpectedCaller { get; }
 
     public async Task InitializeAsync()
     {
@@ -160,7 +198,7 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
         var moment = new DateTime(2026, 11, 25, 12, 0, 0, DateTimeKind.Utc);
         Assert.Equal(moment.AddHours(3), await Sink.ShiftAsync(moment, TimeSpan.FromHours(3)));
         Assert.Equal((4, "abab"), await Sink.TupleAsync(2, "ab"));
-        Assert.Equal($"{Environment.ProcessId}:{Interop.LinuxNative.GetEuid()}", await Sink.WhoCalledAsync());
+        Assert.Equal(ExpectedCaller, await Sink.WhoCalledAsync());
     }
 
     [Fact]

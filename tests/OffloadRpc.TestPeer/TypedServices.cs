@@ -166,7 +166,7 @@ internal sealed class KitchenSink : IKitchenSink
     {
         await Task.Yield(); // the context flows across awaits
         OffloadCallContext context = OffloadCallContext.Current ?? throw new InvalidOperationException("no call context");
-        return $"{context.PeerProcessId}:{context.PeerUserId}";
+        return $"{context.PeerProcessId}:{context.PeerUserId}{(context.IsPeerVerified ? "" : " unverified")}";
     }
 
     public async ValueTask<long[]> ConsumeStreamAsync(Stream data, CancellationToken cancellationToken = default)

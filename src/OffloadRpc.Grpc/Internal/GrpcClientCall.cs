@@ -25,10 +25,10 @@ internal sealed class GrpcClientCall : IStreamItemSink
     {
         _invoker = invoker;
         _message = message;
-        Metadata headers = invoker.Headers();
+        Metadata? headers = null; // the caller's identity is not sent: a server could not verify it anyway
         if (!metadata.IsEmpty)
         {
-            headers.Add(GrpcWire.MetadataHeader, metadata.ToArray());
+            headers = new Metadata { { GrpcWire.MetadataHeader, metadata.ToArray() } };
             if (CallMetadata.Decode(metadata).DeadlineRemaining is { } remaining)
             {
                 Deadline = DateTime.UtcNow + remaining;

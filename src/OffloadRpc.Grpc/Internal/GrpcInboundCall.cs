@@ -36,15 +36,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
             if (entry.IsBinary && entry.Key == GrpcWire.MetadataHeader)
             {
                 _metadata = entry.ValueBytes;
-            }
-            else if (!entry.IsBinary && entry.Key == GrpcWire.PeerHeader)
-            {
-                string[] parts = entry.Value.Split(':');
-                if (parts.Length == 2 && int.TryParse(parts[0], out int pid) && uint.TryParse(parts[1], out uint uid))
-                {
-                    PeerProcessId = pid;
-                    PeerUserId = uid;
-                }
+                break;
             }
         }
     }
@@ -57,10 +49,14 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     public CancellationToken CancellationToken => _cancellation.Token;
 
-    /// <summary>What the caller says it is (its "offloadrpc-peer" header; -1 when absent). Not verified: a gRPC peer may be on another host.</summary>
-    public int PeerProcessId { get; } = -1;
+    /// <summary>
+    /// Unknown (-1): over HTTP/2 the kernel vouches for nobody (the caller may be on another host), and
+    /// whatever a caller might claim in a header is not reported as its identity.
+    /// </summary>
+    public int PeerProcessId => -1;
 
-    public uint PeerUserId { get; } = uint.MaxValue;
+    /// <summary>Unknown (<see cref="uint.MaxValue"/>), as <see cref="PeerProcessId"/>.</summary>
+    public uint PeerUserId => uint.MaxValue;
 
     public bool HasMetadata => _metadata is not null;
 

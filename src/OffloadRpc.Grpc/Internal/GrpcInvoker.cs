@@ -21,7 +21,6 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 
     /// <summary>The largest body a reply or a streamed item may assemble to (OffloadRpcOptions.MaxMessageBytes).</summary>
     internal int MaxBodyBytes => _maxBodyBytes;
-    private readonly Metadata.Entry _peer;
 
     public GrpcInvoker(global::Grpc.Core.CallInvoker channel, GrpcRemoteConnection connection, SerializerOptionsSource serializerOptions, int maxBodyBytes)
         : base(serializerOptions)
@@ -29,14 +28,11 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         _channel = channel;
         _connection = connection;
         _maxBodyBytes = maxBodyBytes;
-        _peer = new Metadata.Entry(GrpcWire.PeerHeader, $"{Environment.ProcessId}:{Interop.LinuxNative.GetEuid()}");
     }
 
     internal global::Grpc.Core.CallInvoker Channel => _channel;
 
     internal GrpcRemoteConnection Connection => _connection;
-
-    internal Metadata Headers() => [_peer];
 
     /// <summary>The serializer options of the connection, for the pump of a streamed argument.</summary>
     internal SerializerOptionsSource Options => SerializerOptionsSource;

@@ -86,7 +86,12 @@ internal static class GrpcTransport
         return new OffloadRpcConnection(remote, options);
     }
 
-    /// <summary>The same host (boot id) and the same user, or one the options allow.</summary>
+    /// <summary>
+    /// The same host (boot id) and the same user, or one the options allow, as the server describes
+    /// itself. The client decides, and only to try the server's socket: the shared-memory handshake then
+    /// checks the server's uid with SO_PEERCRED, so a description that lies gains nothing a local socket
+    /// of an allowed user would not give. The server never decides anything from what a client claims.
+    /// </summary>
     internal static bool IsLocal(ServerDescription server, OffloadRpcOptions options) =>
         server.BootId.Length > 0
         && server.BootId == ServerDescription.ThisBootId
@@ -115,9 +120,11 @@ internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
 
     public override IReadOnlyDictionary<string, ulong> PeerContracts => _server.Contracts;
 
-    public override int PeerProcessId => _server.ProcessId;
+    /// <summary>Unknown (-1): the server's description says who it is, but over HTTP/2 nothing verifies it.</summary>
+    public override int PeerProcessId => -1;
 
-    public override uint PeerUserId => _server.UserId;
+    /// <summary>Unknown (<see cref="uint.MaxValue"/>), as <see cref="PeerProcessId"/>.</summary>
+    public override uint PeerUserId => uint.MaxValue;
 
     /// <summary>Disposed, or the last call found the server gone (a later call that reaches it again clears this).</summary>
     public override bool IsClosed => _disposed || _disconnected;

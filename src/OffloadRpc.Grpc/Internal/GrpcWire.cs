@@ -9,9 +9,6 @@ internal static class GrpcWire
     /// <summary>The request's metadata block (headers, deadline, trace context), as the shared-memory transport encodes it.</summary>
     public const string MetadataHeader = "offloadrpc-metadata-bin";
 
-    /// <summary>"pid:uid" of the calling process (informational: what OffloadCallContext reports).</summary>
-    public const string PeerHeader = "offloadrpc-peer";
-
     public const string FaultTypeTrailer = "offloadrpc-fault-type";
 
     public const string FaultStackTrailer = "offloadrpc-fault-stack";
