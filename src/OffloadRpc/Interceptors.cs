@@ -92,6 +92,7 @@ public sealed class ClientInterceptorContext
     private readonly MethodDescriptor _method;
     private MessageBuilder? _request;
     private Dictionary<string, string>? _headers;
+    private readonly IReadOnlyDictionary<string, string>? _scopeHeaders;
 
     internal ClientInterceptorContext(CallInvoker invoker, MethodDescriptor method, MessageBuilder request, OffloadCallScope? scope, DateTime? deadline, CancellationToken cancellationToken)
     {
@@ -102,7 +103,7 @@ public sealed class ClientInterceptorContext
         Deadline = deadline;
         if (scope is { Headers.Count: > 0 })
         {
-            _headers = new Dictionary<string, string>(scope.Headers, StringComparer.Ordinal);
+            _scopeHeaders = scope.Headers; // copied only when an interceptor asks for the headers it may change
         }
 
         RequestBodyBytes = request.WrittenBody.Length;
@@ -130,9 +131,12 @@ public sealed class ClientInterceptorContext
     public string FullName => _method.FullName;
 
     /// <summary>The headers the call carries (from the open <see cref="OffloadCallScope"/>); add or change some here.</summary>
-    public IDictionary<string, string> RequestHeaders => _headers ??= new Dictionary<string, string>(StringComparer.Ordinal);
+    public IDictionary<string, string> RequestHeaders => _headers ??= _scopeHeaders is null
+        ? new Dictionary<string, string>(StringComparer.Ordinal)
+        : new Dictionary<string, string>(_scopeHeaders, StringComparer.Ordinal);
 
-    internal IReadOnlyDictionary<string, string>? HeadersOrNull => _headers is { Count: > 0 } ? _headers : null;
+    /// <summary>The headers to send: this call's own copy once an interceptor asked for it, the scope's otherwise; null when none.</summary>
+    internal IReadOnlyDictionary<string, string>? HeadersOrNull => _headers is null ? _scopeHeaders : _headers.Count > 0 ? _headers : null;
 
     /// <summary>The call's deadline (UTC; from the scope or <see cref="OffloadRpcOptions.DefaultDeadline"/>), or null; may be changed.</summary>
     public DateTime? Deadline { get; set; }

@@ -9,10 +9,17 @@ using OffloadRpc.Transport;
 
 // Transport benchmark over two real processes, with the physical floors measured in the same run:
 //   dotnet run -c Release --project tests/OffloadRpc.Benchmarks [-- --quick] [--json FILE]
-// The child modes (--serve, --pingpong) are started by the benchmark itself.
+// The per-call cost of the observed path (metadata, interceptors, telemetry) of a typed call:
+//   dotnet run -c Release --project tests/OffloadRpc.Benchmarks -- --observed [--quick]
+// The child modes (--serve, --serve-observed, --pingpong) are started by the benchmark itself.
 if (args.Length >= 2 && args[0] == "--serve")
 {
     return await TransportServer.RunAsync(args[1]);
+}
+
+if (args.Length >= 2 && args[0] == "--serve-observed")
+{
+    return await ObservedBenchmark.ServeAsync(args[1]);
 }
 
 if (args.Length >= 3 && args[0] == "--pingpong")
@@ -27,5 +34,10 @@ if (Environment.GetEnvironmentVariable(BenchmarkProcess.ChildVariable) is not nu
 }
 
 bool quick = args.Contains("--quick");
+if (args.Contains("--observed"))
+{
+    return await ObservedBenchmark.RunAsync(quick);
+}
+
 string? json = args.SkipWhile(a => a != "--json").Skip(1).FirstOrDefault();
 return await TransportBenchmark.RunAsync(quick, json);

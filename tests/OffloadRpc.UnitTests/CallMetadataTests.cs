@@ -22,6 +22,26 @@ public sealed class CallMetadataTests
         Assert.Equal("vendor=value", decoded.TraceState);
     }
 
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void A_spans_trace_context_is_written_as_its_W3C_id_and_trace_state(bool recorded)
+    {
+        using var span = new System.Diagnostics.Activity("call");
+        span.SetIdFormat(System.Diagnostics.ActivityIdFormat.W3C);
+        span.ActivityTraceFlags = recorded ? System.Diagnostics.ActivityTraceFlags.Recorded : System.Diagnostics.ActivityTraceFlags.None;
+        span.TraceStateString = "vendor=value";
+        span.Start();
+        var block = new ArrayBufferWriter<byte>();
+        CallMetadata.Encode(block, new Dictionary<string, string> { ["tenant"] = "acme" }, null, span);
+
+        CallMetadata decoded = CallMetadata.Decode(block.WrittenMemory);
+        Assert.Equal(span.Id, decoded.TraceParent);
+        Assert.EndsWith(recorded ? "-01" : "-00", decoded.TraceParent, StringComparison.Ordinal);
+        Assert.Equal("vendor=value", decoded.TraceState);
+        Assert.Equal("acme", decoded.Headers["tenant"]);
+    }
+
     [Fact]
     public void An_empty_block_has_no_headers_deadline_or_trace()
     {

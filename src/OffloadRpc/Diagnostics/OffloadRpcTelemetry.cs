@@ -178,7 +178,7 @@ internal struct CallObservation
         Activity? activity = null;
         if (Telemetry.Source.HasListeners())
         {
-            activity = Telemetry.Source.StartActivity(method.ServiceName + "/" + method.Name, instruments.Kind, parent);
+            activity = Telemetry.Source.StartActivity(method.SpanName, instruments.Kind, parent);
             if (activity is { IsAllDataRequested: true })
             {
                 activity.SetTag("rpc.system", OffloadRpcTelemetry.RpcSystem);

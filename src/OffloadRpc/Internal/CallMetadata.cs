@@ -36,6 +36,54 @@ internal sealed class CallMetadata
     public static void Encode(IBufferWriter<byte> destination, IReadOnlyDictionary<string, string>? headers, TimeSpan? deadlineRemaining, string? traceParent, string? traceState)
     {
         var writer = new MessagePackWriter(destination);
+        WriteDeadline(ref writer, deadlineRemaining);
+        writer.Write(traceParent);
+        writer.Write(traceState);
+        WriteHeaders(ref writer, headers);
+        writer.Flush();
+    }
+
+    /// <summary>
+    /// The block with the W3C trace context of <paramref name="trace"/> (null: none): its traceparent is written
+    /// from the span's trace and span ids, the same text as <see cref="System.Diagnostics.Activity.Id"/> without making that string.
+    /// </summary>
+    public static void Encode(IBufferWriter<byte> destination, IReadOnlyDictionary<string, string>? headers, TimeSpan? deadlineRemaining, System.Diagnostics.Activity? trace)
+    {
+        var writer = new MessagePackWriter(destination);
+        WriteDeadline(ref writer, deadlineRemaining);
+        if (trace is null)
+        {
+            writer.WriteNil();
+            writer.WriteNil();
+        }
+        else
+        {
+            writer.WriteStringHeader(TraceParentLength);
+            FormatTraceParent(trace, writer.GetSpan(TraceParentLength));
+            writer.Advance(TraceParentLength);
+            writer.Write(trace.TraceStateString);
+        }
+
+        WriteHeaders(ref writer, headers);
+        writer.Flush();
+    }
+
+    /// <summary>"00-" 32 hex digits of the trace id "-" 16 of the span id "-" 2 of the flags.</summary>
+    private const int TraceParentLength = 55;
+
+    private static void FormatTraceParent(System.Diagnostics.Activity trace, Span<byte> destination)
+    {
+        "00-"u8.CopyTo(destination);
+        System.Text.Encoding.ASCII.GetBytes(trace.TraceId.ToHexString(), destination.Slice(3, 32));
+        destination[35] = (byte)'-';
+        System.Text.Encoding.ASCII.GetBytes(trace.SpanId.ToHexString(), destination.Slice(36, 16));
+        destination[52] = (byte)'-';
+        destination[53] = (byte)'0';
+        destination[54] = (trace.ActivityTraceFlags & System.Diagnostics.ActivityTraceFlags.Recorded) != 0 ? (byte)'1' : (byte)'0';
+    }
+
+    private static void WriteDeadline(ref MessagePackWriter writer, TimeSpan? deadlineRemaining)
+    {
         writer.WriteArrayHeader(4);
         if (deadlineRemaining is { } remaining)
         {
@@ -45,24 +93,33 @@ internal sealed class CallMetadata
         {
             writer.WriteNil();
         }
+    }
 
-        writer.Write(traceParent);
-        writer.Write(traceState);
+    private static void WriteHeaders(ref MessagePackWriter writer, IReadOnlyDictionary<string, string>? headers)
+    {
         if (headers is null || headers.Count == 0)
         {
             writer.WriteNil();
+            return;
+        }
+
+        writer.WriteMapHeader(headers.Count);
+        if (headers is Dictionary<string, string> dictionary)
+        {
+            foreach (KeyValuePair<string, string> header in dictionary) // the struct enumerator: no box per call
+            {
+                writer.Write(header.Key);
+                writer.Write(header.Value);
+            }
         }
         else
         {
-            writer.WriteMapHeader(headers.Count);
             foreach (KeyValuePair<string, string> header in headers)
             {
                 writer.Write(header.Key);
                 writer.Write(header.Value);
             }
         }
-
-        writer.Flush();
     }
 
     /// <exception cref="ProtocolViolationException">The block does not decode.</exception>
@@ -126,38 +183,35 @@ internal sealed class CallMetadata
 /// <summary>What a call carries in its metadata block, taken from its interceptor context when it is sent.</summary>
 internal readonly struct OutgoingMetadata
 {
-    private OutgoingMetadata(IReadOnlyDictionary<string, string>? headers, DateTime? deadline, string? traceParent, string? traceState)
+    private OutgoingMetadata(IReadOnlyDictionary<string, string>? headers, DateTime? deadline, System.Diagnostics.Activity? trace)
     {
         Headers = headers;
         Deadline = deadline;
-        TraceParent = traceParent;
-        TraceState = traceState;
+        Trace = trace;
     }
 
     public IReadOnlyDictionary<string, string>? Headers { get; }
 
     public DateTime? Deadline { get; }
 
-    public string? TraceParent { get; }
-
-    public string? TraceState { get; }
+    /// <summary>The span whose W3C trace context travels (the current one, when it has a W3C id), or null.</summary>
+    public System.Diagnostics.Activity? Trace { get; }
 
     /// <summary>Nothing to carry: the request goes without a block.</summary>
-    public bool IsEmpty => Headers is null && Deadline is null && TraceParent is null;
+    public bool IsEmpty => Headers is null && Deadline is null && Trace is null;
 
-    /// <summary>The context's headers and deadline, and the current span's W3C trace context.</summary>
+    /// <summary>The context's headers and deadline, and the current span (for its W3C trace context).</summary>
     public static OutgoingMetadata Of(ClientInterceptorContext context)
     {
         System.Diagnostics.Activity? current = System.Diagnostics.Activity.Current;
-        string? traceParent = current is { IdFormat: System.Diagnostics.ActivityIdFormat.W3C } ? current.Id : null;
-        return new OutgoingMetadata(context.HeadersOrNull, context.Deadline, traceParent, traceParent is null ? null : current!.TraceStateString);
+        return new OutgoingMetadata(context.HeadersOrNull, context.Deadline, current is { IdFormat: System.Diagnostics.ActivityIdFormat.W3C } ? current : null);
     }
 
     /// <summary>Writes the block (the deadline as the time left now).</summary>
     public void Encode(IBufferWriter<byte> destination)
     {
         TimeSpan? remaining = Deadline - DateTime.UtcNow;
-        CallMetadata.Encode(destination, Headers, remaining > CallMetadata.MaxDeadline ? CallMetadata.MaxDeadline : remaining, TraceParent, TraceState);
+        CallMetadata.Encode(destination, Headers, remaining > CallMetadata.MaxDeadline ? CallMetadata.MaxDeadline : remaining, Trace);
     }
 }
 
@@ -171,6 +225,7 @@ internal struct DeadlineTimer : IDisposable
     private static readonly TimeSpan Slack = TimeSpan.FromMilliseconds(100);
 
     private CancellationTokenSource? _source;
+    private CancellationTokenRegistration _link;
     private CancellationToken _token;
 
     /// <summary>
@@ -191,8 +246,13 @@ internal struct DeadlineTimer : IDisposable
 
             if (left <= CallMetadata.MaxTimerDelay)
             {
-                _source = CancellationTokenSource.CreateLinkedTokenSource(token);
+                _source = DeadlineSources.Rent();
                 _source.CancelAfter(left);
+                if (token.CanBeCanceled)
+                {
+                    _link = token.UnsafeRegister(static source => ((CancellationTokenSource)source!).Cancel(), _source);
+                }
+
                 token = _source.Token;
             }
         }
@@ -223,7 +283,55 @@ internal struct DeadlineTimer : IDisposable
             : null;
     }
 
-    public readonly void Dispose() => _source?.Dispose();
+    /// <summary>Ends the timer: the caller's token no longer reaches it, and a source that never fired goes back to the pool.</summary>
+    public readonly void Dispose()
+    {
+        if (_source is { } source)
+        {
+            _link.Dispose(); // waits for a cancellation in progress: nothing cancels the source once it is back
+            DeadlineSources.Return(source);
+        }
+    }
+}
+
+/// <summary>
+/// Reused sources of deadline timers: a call with a deadline would otherwise allocate a source, its timer
+/// and its registrations each time. Only a source that never fired goes back (<see cref="CancellationTokenSource.TryReset"/>
+/// succeeds only then, and drops the registrations left on it).
+/// </summary>
+internal static class DeadlineSources
+{
+    private static readonly CancellationTokenSource?[] s_sources = new CancellationTokenSource?[Math.Max(8, Environment.ProcessorCount * 4)];
+
+    public static CancellationTokenSource Rent()
+    {
+        for (int i = 0; i < s_sources.Length; i++)
+        {
+            CancellationTokenSource? source = Volatile.Read(ref s_sources[i]);
+            if (source is not null && Interlocked.CompareExchange(ref s_sources[i], null, source) == source)
+            {
+                return source;
+            }
+        }
+
+        return new CancellationTokenSource();
+    }
+
+    public static void Return(CancellationTokenSource source)
+    {
+        if (source.TryReset())
+        {
+            for (int i = 0; i < s_sources.Length; i++)
+            {
+                if (Interlocked.CompareExchange(ref s_sources[i], source, null) is null)
+                {
+                    return;
+                }
+            }
+        }
+
+        source.Dispose();
+    }
 }
 
 /// <summary>How a chain of interceptors is made: each one wraps the continuation of the next, the last wraps the call itself.</summary>

@@ -102,6 +102,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
     /// decoded (the token fires at the deadline), the server span made the caller's span's child, the
     /// interceptors run around the stub, and the call's duration and status recorded.
     /// </summary>
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask DispatchObservedAsync(IInboundCall call, Target target)
     {
         MethodDescriptor method = target.Method;
@@ -161,6 +162,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
         }
     }
 
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder))]
     private static async ValueTask CompleteAfterAsync(ValueTask task, ServerCall call)
     {
         bool faulted = true;
