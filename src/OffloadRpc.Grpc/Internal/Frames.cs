@@ -180,8 +180,13 @@ internal sealed class OutgoingMessage : IDisposable
     /// <summary>True when the whole message is its head frame.</summary>
     public bool IsSingleFrame => _inline || _payloads.Length == 0;
 
-    /// <summary>Copies the body and the payloads' bytes; leases are taken over (disposed with the message).</summary>
-    public static OutgoingMessage Create(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads)
+    /// <summary>
+    /// Copies the body and the payloads' bytes; leases are taken over (disposed with the message). With
+    /// <paramref name="borrow"/>, a payload in the caller's own memory (not a pooled, transient one) is
+    /// not copied but read while the frames go out: only for a request whose caller awaits the reply,
+    /// which is not given before the frames are written.
+    /// </summary>
+    public static OutgoingMessage Create(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, bool borrow = false)
     {
         if (payloads.Length > Frame.MaxPayloads)
         {
@@ -225,6 +230,10 @@ internal sealed class OutgoingMessage : IDisposable
                 else if (payload.Lease is { } lease)
                 {
                     sources[i] = new Source(default, lease, null); // read while the frames go out
+                }
+                else if (borrow && !payload.IsTransient)
+                {
+                    sources[i] = new Source(payload.Data, null, null); // the caller's buffer, valid until its call completes
                 }
                 else
                 {

@@ -98,6 +98,19 @@ internal sealed class GrpcClientCall : IStreamItemSink
         return false;
     }
 
+    /// <summary>
+    /// Reads the end of the call after its reply (the server ends it right after): disposing a call whose
+    /// status has not arrived would cancel it, a reset stream and an exception on both sides per call.
+    /// </summary>
+    public async ValueTask ReadEndAsync(CancellationToken cancellationToken)
+    {
+        if (await Responses.MoveNext(cancellationToken).ConfigureAwait(false))
+        {
+            Responses.Current.Release();
+            throw new ProtocolViolationException("The server sent a frame after its reply.");
+        }
+    }
+
     /// <summary>The request's frames, then (with a streamed argument) each item as the pump queues it, then the end or the fault.</summary>
     private async Task WriteRequestAsync(IClientStreamWriter<Frame> requests, CancellationToken cancellationToken)
     {

@@ -8,7 +8,8 @@ namespace OffloadRpc.Grpc.Internal;
 internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 {
     private readonly MessageAssembler _message;
-    private readonly CancellationTokenSource _cancellation;
+    private readonly ServerCallContext _context;
+    private CancellationTokenSource? _cancellation;
     private readonly byte[]? _metadata;
     private readonly IAsyncStreamReader<Frame> _requests;
     private readonly IServerStreamWriter<Frame> _responses;
@@ -30,7 +31,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         _responses = responses;
         _window = window;
         _maxBodyBytes = maxBodyBytes;
-        _cancellation = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken);
+        _context = context;
         foreach (Metadata.Entry entry in context.RequestHeaders)
         {
             if (entry.IsBinary && entry.Key == GrpcWire.MetadataHeader)
@@ -47,7 +48,28 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     public int PayloadCount => _message.PayloadCount;
 
-    public CancellationToken CancellationToken => _cancellation.Token;
+    public CancellationToken CancellationToken => Cancellation.Token;
+
+    /// <summary>The caller's cancellation (the request aborted) and the deadline: made on first use, most calls never ask.</summary>
+    private CancellationTokenSource Cancellation
+    {
+        get
+        {
+            if (Volatile.Read(ref _cancellation) is { } made)
+            {
+                return made;
+            }
+
+            var linked = CancellationTokenSource.CreateLinkedTokenSource(_context.CancellationToken);
+            if (Interlocked.CompareExchange(ref _cancellation, linked, null) is { } other)
+            {
+                linked.Dispose();
+                return other;
+            }
+
+            return linked;
+        }
+    }
 
     /// <summary>
     /// Unknown (-1): over HTTP/2 the kernel vouches for nobody (the caller may be on another host), and
@@ -159,7 +181,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
             {
                 if (next.Item is not { } item)
                 {
-                    await _responses.WriteAsync(Frame.Credit(next.Credit), _cancellation.Token).ConfigureAwait(false);
+                    await _responses.WriteAsync(Frame.Credit(next.Credit), Cancellation.Token).ConfigureAwait(false);
                     continue;
                 }
 
@@ -167,7 +189,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
                 {
                     foreach (Frame frame in item.Frames(FrameKind.ItemHead))
                     {
-                        await _responses.WriteAsync(frame, _cancellation.Token).ConfigureAwait(false);
+                        await _responses.WriteAsync(frame, Cancellation.Token).ConfigureAwait(false);
                     }
                 }
 
@@ -176,7 +198,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         }
         catch
         {
-            _cancellation.Cancel(); // the caller is gone or the write failed: the producer stops at its next credit wait
+            Cancellation.Cancel(); // the caller is gone or the write failed: the producer stops at its next credit wait
             while (outgoing.TryRead(out Outgoing left))
             {
                 left.Item?.Dispose();
@@ -198,12 +220,12 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         await _writer!.ConfigureAwait(false);
     }
 
-    public void CancelAfter(TimeSpan delay) => _cancellation.CancelAfter(delay);
+    public void CancelAfter(TimeSpan delay) => Cancellation.CancelAfter(delay);
 
     public void Dispose()
     {
         _reply?.Dispose();
         _message.Dispose();
-        _cancellation.Dispose();
+        _cancellation?.Dispose();
     }
 }

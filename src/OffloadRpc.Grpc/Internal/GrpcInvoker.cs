@@ -59,11 +59,15 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         SendAsync(method, request, default, cancellationToken);
 
-    /// <summary>Copies the request (and takes its streamed argument over) before it returns; the reply comes through the task.</summary>
+    /// <summary>
+    /// Takes the request (and its streamed argument) over before it returns, the reply comes through the
+    /// task. The caller's buffers are not copied: they are read as the frames go out, and the task
+    /// completes only after the request's writer has let go of them (pooled, transient ones are copied).
+    /// </summary>
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
         ItemStream? items = request.TakeItemStream();
-        OutgoingMessage message = OutgoingMessage.Create(request.WrittenBody, request.Payloads);
+        OutgoingMessage message = OutgoingMessage.Create(request.WrittenBody, request.Payloads, borrow: true);
         GrpcClientCall call;
         try
         {
@@ -90,10 +94,12 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
                 {
                     throw new ProtocolViolationException($"The gRPC call of {method.FullName} ended without a complete reply.");
                 }
+
+                await call.ReadEndAsync(cancellationToken).ConfigureAwait(false);
             }
             finally
             {
-                await call.DisposeAsync().ConfigureAwait(false); // the server ends the call right after its reply
+                await call.DisposeAsync().ConfigureAwait(false);
             }
 
             _connection.MarkAlive();

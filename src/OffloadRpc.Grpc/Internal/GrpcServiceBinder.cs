@@ -139,11 +139,30 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         }
 
         using OutgoingMessage reply = call.TakeReply();
-        foreach (Frame frame in reply.Frames())
+        if (reply.IsSingleFrame)
         {
+            responses.WriteOptions = Last;
+            await responses.WriteAsync(reply.Head, context.CancellationToken).ConfigureAwait(false);
+            return;
+        }
+
+        using IEnumerator<Frame> frames = reply.Frames().GetEnumerator();
+        bool more = frames.MoveNext();
+        while (more)
+        {
+            Frame frame = frames.Current;
+            more = frames.MoveNext();
+            if (!more)
+            {
+                responses.WriteOptions = Last;
+            }
+
             await responses.WriteAsync(frame, context.CancellationToken).ConfigureAwait(false);
         }
     }
+
+    /// <summary>The reply's last frame is not flushed on its own: it goes out with the call's status, in one write.</summary>
+    private static readonly WriteOptions Last = new(WriteFlags.BufferHint);
 
     private RpcException Translate(Exception ex, GrpcInboundCall call, ServerCallContext context)
     {
