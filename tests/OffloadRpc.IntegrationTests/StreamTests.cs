@@ -281,6 +281,59 @@ public sealed class StreamTests : IAsyncLifetime
         Assert.Equal(expected, combined);
     }
 
+    [Fact]
+    public async Task Leases_a_failing_server_method_took_from_a_streamed_argument_go_back_to_the_client()
+    {
+        // The client's arena holds 16 leases of 256 KiB. Each failing call below has the server take 4
+        // without disposing them: were they not given back, the arena would run out by the fifth call
+        // (a rent then fails after the 5 s wait with ArenaExhaustedException).
+        const int Size = 256 << 10;
+        await using OffloadRpcConnection small = await OffloadRpcConnection.ConnectAsync(_endpoint, new OffloadRpcOptions { SegmentSize = 4 << 20, MaxArenaBytes = 4 << 20, ArenaWaitTimeout = TimeSpan.FromSeconds(5) });
+        IFrameSource frames = small.GetService<IFrameSource>();
+        for (int call = 0; call < 24; call++)
+        {
+            RemoteInvocationException failed = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await frames.HoardLeasesAsync(Rented(small, 6, Size), failAfter: 4).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("failed holding 4 leases", failed.Message);
+
+            int taken = 0;
+            RemoteInvocationException duplex = await Assert.ThrowsAsync<RemoteInvocationException>(async () =>
+            {
+                await foreach (int length in frames.HoardEachAsync(Rented(small, 6, Size), failAfter: 4).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
+                {
+                    Assert.Equal(Size, length);
+                    taken++;
+                }
+            });
+            Assert.Equal(4, taken);
+            Assert.Contains("failed holding 4 leases", duplex.Message);
+        }
+
+        // Every lease is back: the whole arena can be rented at once, and the connection still works.
+        var all = new List<SharedBuffer>();
+        using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10)))
+        {
+            for (int i = 0; i < 16; i++)
+            {
+                all.Add(small.Rent(Size, cts.Token));
+            }
+        }
+
+        ulong combined = await frames.ChecksumLeasesAsync(AsAsync(all)); // the server disposes each
+        Assert.NotEqual(0UL, combined);
+        Assert.Equal(5, await small.GetService<IImageService>().AddAsync(2, 3));
+
+        static async IAsyncEnumerable<SharedBuffer> Rented(OffloadRpcConnection connection, int count, int size)
+        {
+            for (int i = 0; i < count; i++)
+            {
+                await Task.Yield();
+                SharedBuffer lease = connection.Rent(size);
+                Checksum64.Fill(lease.Span, (ulong)i);
+                yield return lease;
+            }
+        }
+    }
+
     private static async IAsyncEnumerable<T> AsAsync<T>(IEnumerable<T> items)
     {
         foreach (T item in items)

@@ -180,6 +180,12 @@ public interface IFrameSource
     /// <summary>Client streaming of leases: the checksums of every frame, combined in order (each lease is disposed by the server).</summary>
     ValueTask<ulong> ChecksumLeasesAsync(IAsyncEnumerable<SharedBuffer> frames, CancellationToken ct = default);
 
+    /// <summary>Client streaming of leases: takes <paramref name="failAfter"/> of them without disposing any, then throws InvalidOperationException (the runtime must give them back).</summary>
+    ValueTask<int> HoardLeasesAsync(IAsyncEnumerable<SharedBuffer> frames, int failAfter, CancellationToken ct = default);
+
+    /// <summary>Duplex: yields the length of each lease it takes and keeps (never disposed), and throws InvalidOperationException after <paramref name="failAfter"/> of them.</summary>
+    IAsyncEnumerable<int> HoardEachAsync(IAsyncEnumerable<SharedBuffer> frames, int failAfter, CancellationToken ct = default);
+
     /// <summary>Client streaming: takes the values slowly (<paramref name="delayMs"/> each), recording under <paramref name="tag"/> how many it took and what ended it.</summary>
     ValueTask<int> SlowDrainAsync(string tag, IAsyncEnumerable<int> values, int delayMs, CancellationToken ct = default);
 

@@ -394,6 +394,35 @@ internal sealed class FrameSource : IFrameSource
         return combined;
     }
 
+    public async ValueTask<int> HoardLeasesAsync(IAsyncEnumerable<SharedBuffer> frames, int failAfter, CancellationToken ct = default)
+    {
+        var kept = new List<SharedBuffer>();
+        await foreach (SharedBuffer frame in frames.WithCancellation(ct))
+        {
+            kept.Add(frame); // never disposed
+            if (kept.Count == failAfter)
+            {
+                throw new InvalidOperationException($"failed holding {kept.Count} leases");
+            }
+        }
+
+        return kept.Count;
+    }
+
+    public async IAsyncEnumerable<int> HoardEachAsync(IAsyncEnumerable<SharedBuffer> frames, int failAfter, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        var kept = new List<SharedBuffer>();
+        await foreach (SharedBuffer frame in frames.WithCancellation(ct))
+        {
+            kept.Add(frame); // never disposed
+            yield return frame.Length;
+            if (kept.Count == failAfter)
+            {
+                throw new InvalidOperationException($"failed holding {kept.Count} leases");
+            }
+        }
+    }
+
     public async ValueTask<int> SlowDrainAsync(string tag, IAsyncEnumerable<int> values, int delayMs, CancellationToken ct = default)
     {
         Progress progress = s_progress.GetOrAdd(tag, _ => new Progress());

@@ -334,7 +334,44 @@ public sealed class ServerCall
             throw new ProtocolViolationException($"The request names streamed argument {index}; a call has at most one, numbered 0.");
         }
 
-        return _call.ReadItems(decoder, _serializerOptions);
+        IAsyncEnumerable<T> items = _call.ReadItems(decoder, _serializerOptions);
+        if (typeof(T) == typeof(SharedBuffer))
+        {
+            // Each lease taken is the method's from then on, as a SharedBuffer argument is: if the method fails, they go back.
+            return (IAsyncEnumerable<T>)(object)new MovedLeases((IAsyncEnumerable<SharedBuffer>)(object)items, this);
+        }
+
+        return items;
+    }
+
+    /// <summary>A lease the method took from its streamed argument: given back if the method fails.</summary>
+    private void Moved(SharedBuffer lease)
+    {
+        lock (_gate)
+        {
+            if (!_completed)
+            {
+                (_moved ??= new List<SharedBuffer>(4)).Add(lease);
+                return;
+            }
+        }
+
+        lease.Dispose(); // taken after the call completed (nothing should come then): nobody owns it
+    }
+
+    /// <summary>The leases of a streamed argument as the method takes them, each noted as moved to it.</summary>
+    private sealed class MovedLeases(IAsyncEnumerable<SharedBuffer> items, ServerCall call) : IAsyncEnumerable<SharedBuffer>
+    {
+        public async IAsyncEnumerator<SharedBuffer> GetAsyncEnumerator(CancellationToken cancellationToken = default)
+        {
+            await using IAsyncEnumerator<SharedBuffer> inner = items.GetAsyncEnumerator(cancellationToken);
+            while (await inner.MoveNextAsync().ConfigureAwait(false))
+            {
+                SharedBuffer lease = inner.Current;
+                call.Moved(lease);
+                yield return lease;
+            }
+        }
     }
 
     /// <summary>Sends the response built in <paramref name="response"/>.</summary>
@@ -403,15 +440,21 @@ public sealed class ServerCall
             _completed = true;
         }
 
-        if (faulted && _moved is not null)
+        List<SharedBuffer>? moved;
+        lock (_gate)
         {
-            foreach (SharedBuffer lease in _moved)
+            moved = _moved;
+            _moved = null;
+        }
+
+        if (faulted && moved is not null)
+        {
+            foreach (SharedBuffer lease in moved)
             {
                 lease.Dispose(); // no-op when the method already disposed or passed it on
             }
         }
 
-        _moved = null;
         if (_streams is not null)
         {
             foreach (Stream stream in _streams)
