@@ -190,13 +190,20 @@ internal struct CallObservation
         return new CallObservation(instruments, method, activity);
     }
 
-    /// <summary>The server side of a call: its span the child of the caller's (W3C trace context from the request).</summary>
-    public static CallObservation StartServer(MethodDescriptor method, string? traceParent, string? traceState)
+    /// <summary>The server side of a call: its span the child of the caller's (W3C trace context from the request's metadata).</summary>
+    public static CallObservation StartServer(MethodDescriptor method, CallMetadata? metadata)
     {
         ActivityContext parent = default;
-        if (traceParent is not null && Telemetry.Source.HasListeners())
+        if (metadata is not null && Telemetry.Source.HasListeners())
         {
-            ActivityContext.TryParse(traceParent, traceState, isRemote: true, out parent);
+            if (metadata.TraceContext is { } context)
+            {
+                parent = context;
+            }
+            else if (metadata.TraceParent is { } traceParent)
+            {
+                ActivityContext.TryParse(traceParent, metadata.TraceState, isRemote: true, out parent);
+            }
         }
 
         return Start(Telemetry.Server, method, parent);

@@ -29,7 +29,16 @@ internal sealed class CallMetadata
     /// <summary>Time left until the caller's deadline when it sent the call; null: no deadline.</summary>
     public TimeSpan? DeadlineRemaining { get; private init; }
 
-    public string? TraceParent { get; private init; }
+    /// <summary>The caller's traceparent (text made from <see cref="TraceContext"/> when it was read as one).</summary>
+    public string? TraceParent => _traceParent ?? (TraceContext is { } context ? $"00-{context.TraceId.ToHexString()}-{context.SpanId.ToHexString()}-{(byte)context.TraceFlags:x2}" : null);
+
+    /// <summary>
+    /// The caller's W3C trace context, read from a version-00 traceparent without making its text; null when
+    /// none was sent or it has another form (then <see cref="TraceParent"/> has the text as sent).
+    /// </summary>
+    public System.Diagnostics.ActivityContext? TraceContext { get; private init; }
+
+    private string? _traceParent;
 
     public string? TraceState { get; private init; }
 
@@ -80,6 +89,31 @@ internal sealed class CallMetadata
         destination[52] = (byte)'-';
         destination[53] = (byte)'0';
         destination[54] = (trace.ActivityTraceFlags & System.Diagnostics.ActivityTraceFlags.Recorded) != 0 ? (byte)'1' : (byte)'0';
+    }
+
+    private static readonly SearchValues<byte> LowerHexDigits = SearchValues.Create("0123456789abcdef"u8);
+
+    /// <summary>A version-00 traceparent, "00-" 32 lowercase hex "-" 16 lowercase hex "-" 2 lowercase hex, ids not all zero.</summary>
+    private static bool TryParseTraceParent(ReadOnlySpan<byte> text, out System.Diagnostics.ActivityTraceId traceId, out System.Diagnostics.ActivitySpanId spanId, out byte flags)
+    {
+        traceId = default;
+        spanId = default;
+        flags = 0;
+        if (text.Length != TraceParentLength || !text.StartsWith("00-"u8) || text[35] != '-' || text[52] != '-'
+            || !IsLowerHex(text.Slice(3, 32)) || !IsLowerHex(text.Slice(36, 16)) || !IsLowerHex(text.Slice(53, 2))
+            || !text.Slice(3, 32).ContainsAnyExcept((byte)'0') || !text.Slice(36, 16).ContainsAnyExcept((byte)'0'))
+        {
+            return false;
+        }
+
+        traceId = System.Diagnostics.ActivityTraceId.CreateFromUtf8String(text.Slice(3, 32));
+        spanId = System.Diagnostics.ActivitySpanId.CreateFromUtf8String(text.Slice(36, 16));
+        flags = (byte)((HexValue(text[53]) << 4) | HexValue(text[54]));
+        return true;
+
+        static bool IsLowerHex(ReadOnlySpan<byte> digits) => !digits.ContainsAnyExcept(LowerHexDigits);
+
+        static int HexValue(byte digit) => digit <= '9' ? digit - '0' : digit - 'a' + 10;
     }
 
     private static void WriteDeadline(ref MessagePackWriter writer, TimeSpan? deadlineRemaining)
@@ -141,7 +175,22 @@ internal sealed class CallMetadata
                 deadline = TimeSpan.FromTicks(Math.Clamp(micros, 0, MaxDeadline.Ticks / TimeSpan.TicksPerMicrosecond) * TimeSpan.TicksPerMicrosecond);
             }
 
-            string? traceParent = reader.ReadString();
+            string? traceParent = null;
+            bool parsed = false;
+            System.Diagnostics.ActivityTraceId traceId = default;
+            System.Diagnostics.ActivitySpanId spanId = default;
+            byte flags = 0;
+            MessagePackReader peek = reader.CreatePeekReader();
+            if (!peek.IsNil && peek.TryReadStringSpan(out ReadOnlySpan<byte> text) && TryParseTraceParent(text, out traceId, out spanId, out flags))
+            {
+                reader = peek;
+                parsed = true;
+            }
+            else
+            {
+                traceParent = reader.ReadString();
+            }
+
             string? traceState = reader.ReadString();
             IReadOnlyDictionary<string, string> headers = s_noHeaders;
             if (!reader.TryReadNil())
@@ -152,14 +201,29 @@ internal sealed class CallMetadata
                     throw new ProtocolViolationException($"A call with {headerCount} headers (limit {MaxHeaders}).");
                 }
 
-                var map = new Dictionary<string, string>(headerCount, StringComparer.Ordinal);
-                for (int i = 0; i < headerCount; i++)
+                if (headerCount <= ReceivedHeaders.MaxCount)
                 {
-                    string key = reader.ReadString() ?? throw new ProtocolViolationException("A header without a name.");
-                    map[key] = reader.ReadString() ?? string.Empty;
-                }
+                    var entries = new KeyValuePair<string, string>[headerCount];
+                    int distinct = 0;
+                    for (int i = 0; i < headerCount; i++)
+                    {
+                        string key = reader.ReadString() ?? throw new ProtocolViolationException("A header without a name.");
+                        distinct = ReceivedHeaders.Set(entries, distinct, key, reader.ReadString() ?? string.Empty);
+                    }
 
-                headers = map;
+                    headers = new ReceivedHeaders(entries, distinct);
+                }
+                else
+                {
+                    var map = new Dictionary<string, string>(headerCount, StringComparer.Ordinal);
+                    for (int i = 0; i < headerCount; i++)
+                    {
+                        string key = reader.ReadString() ?? throw new ProtocolViolationException("A header without a name.");
+                        map[key] = reader.ReadString() ?? string.Empty;
+                    }
+
+                    headers = map;
+                }
             }
 
             for (int i = 4; i < count; i++)
@@ -167,7 +231,14 @@ internal sealed class CallMetadata
                 reader.Skip();
             }
 
-            return new CallMetadata { Headers = headers, DeadlineRemaining = deadline, TraceParent = traceParent, TraceState = traceState };
+            return new CallMetadata
+            {
+                Headers = headers,
+                DeadlineRemaining = deadline,
+                _traceParent = traceParent,
+                TraceContext = parsed ? new System.Diagnostics.ActivityContext(traceId, spanId, (System.Diagnostics.ActivityTraceFlags)flags, traceState, isRemote: true) : null,
+                TraceState = traceState,
+            };
         }
         catch (ProtocolViolationException)
         {
@@ -177,6 +248,65 @@ internal sealed class CallMetadata
         {
             throw new ProtocolViolationException("A call's metadata block does not decode: " + ex.Message, ex);
         }
+    }
+}
+
+/// <summary>
+/// The headers a server received, when they are few (the usual case): one array searched in order instead
+/// of a dictionary's three objects and hashing. Read-only, names compared ordinally; a name sent twice keeps its last value.
+/// </summary>
+internal sealed class ReceivedHeaders(KeyValuePair<string, string>[] entries, int count) : IReadOnlyDictionary<string, string>
+{
+    /// <summary>Up to this many headers; more go into a Dictionary.</summary>
+    public const int MaxCount = 8;
+
+    public int Count => count;
+
+    public string this[string key] => TryGetValue(key, out string? value) ? value : throw new KeyNotFoundException($"The call has no header '{key}'.");
+
+    public IEnumerable<string> Keys => this.Select(static entry => entry.Key);
+
+    public IEnumerable<string> Values => this.Select(static entry => entry.Value);
+
+    /// <summary>Sets <paramref name="key"/> among the first <paramref name="count"/> entries (replacing its value, or adding it); returns the new count.</summary>
+    public static int Set(KeyValuePair<string, string>[] entries, int count, string key, string value)
+    {
+        int index = IndexOf(entries, count, key);
+        entries[index < 0 ? count : index] = new KeyValuePair<string, string>(key, value);
+        return index < 0 ? count + 1 : count;
+    }
+
+    public bool ContainsKey(string key) => IndexOf(entries, count, key) >= 0;
+
+    public bool TryGetValue(string key, [System.Diagnostics.CodeAnalysis.MaybeNullWhen(false)] out string value)
+    {
+        int index = IndexOf(entries, count, key);
+        value = index < 0 ? null : entries[index].Value;
+        return index >= 0;
+    }
+
+    public IEnumerator<KeyValuePair<string, string>> GetEnumerator()
+    {
+        for (int i = 0; i < count; i++)
+        {
+            yield return entries[i];
+        }
+    }
+
+    System.Collections.IEnumerator System.Collections.IEnumerable.GetEnumerator() => GetEnumerator();
+
+    private static int IndexOf(KeyValuePair<string, string>[] entries, int count, string key)
+    {
+        ArgumentNullException.ThrowIfNull(key);
+        for (int i = 0; i < count; i++)
+        {
+            if (string.Equals(entries[i].Key, key, StringComparison.Ordinal))
+            {
+                return i;
+            }
+        }
+
+        return -1;
     }
 }
 

@@ -135,7 +135,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
         ServerPipeline? pipeline = _pipeline;
         serverCall.Pipeline = pipeline;
         serverCall.ImplementationFactory = target.Factory;
-        CallObservation observation = CallObservation.StartServer(method, metadata?.TraceParent, metadata?.TraceState);
+        CallObservation observation = CallObservation.StartServer(method, metadata);
         OffloadCallContext.Current = new OffloadCallContext(serverCall); // an async method: the caller's context is back when it returns
         Exception? failure = null;
         bool faulted = true;
