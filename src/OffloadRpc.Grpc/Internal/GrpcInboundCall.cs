@@ -32,14 +32,29 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         _window = window;
         _maxBodyBytes = maxBodyBytes;
         _context = context;
-        foreach (Metadata.Entry entry in context.RequestHeaders)
+        _metadata = MetadataOf(context);
+    }
+
+    /// <summary>
+    /// The request's metadata block, read from the one HTTP header that carries it: asking gRPC for
+    /// <see cref="ServerCallContext.RequestHeaders"/> would build a collection of every header per call.
+    /// </summary>
+    private static byte[]? MetadataOf(ServerCallContext context)
+    {
+        if (context.GetHttpContext().Request.Headers.TryGetValue(GrpcWire.MetadataHeader, out Microsoft.Extensions.Primitives.StringValues values) && values.Count > 0 && values[0] is { } base64)
         {
-            if (entry.IsBinary && entry.Key == GrpcWire.MetadataHeader)
+            int padding = (4 - (base64.Length % 4)) % 4; // gRPC allows unpadded base64 in -bin headers
+            try
             {
-                _metadata = entry.ValueBytes;
-                break;
+                return Convert.FromBase64String(padding == 0 ? base64 : base64 + new string('=', padding));
+            }
+            catch (FormatException ex)
+            {
+                throw new RpcException(new Status(StatusCode.InvalidArgument, $"The {GrpcWire.MetadataHeader} header is not base64: {ex.Message}"));
             }
         }
+
+        return null;
     }
 
     public int MethodId { get; }

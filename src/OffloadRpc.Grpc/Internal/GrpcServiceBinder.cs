@@ -113,7 +113,18 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
         }
 
-        using var call = new GrpcInboundCall(method.Id, assembler, context, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
+        GrpcInboundCall created;
+        try
+        {
+            created = new GrpcInboundCall(method.Id, assembler, context, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
+        }
+        catch
+        {
+            assembler.Dispose(); // a metadata header that does not decode
+            throw;
+        }
+
+        using GrpcInboundCall call = created;
         Exception? failure = null;
         try
         {
