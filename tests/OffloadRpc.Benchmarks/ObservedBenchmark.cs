@@ -132,7 +132,8 @@ internal static class ObservedBenchmark
         {
             double p50 = Percentile(variant.Latencies, 0.5);
             double spun = Percentile(Spun(variant.Latencies), 0.5);
-            Console.WriteLine($"{variant.Name,-36} {ToNs(p50),7:0} {ToNs(Percentile(variant.Latencies, 0.99)),7:0} {p50 / plainP50,5:0.00}x {Woken(variant.Latencies),6:0%} {ToNs(spun),9:0} {spun / plainSpun,5:0.00}x {(double)variant.ClientBytes / variant.Calls,9:0} {(double)variant.ServerBytes / variant.Calls,9:0}");
+            string spunColumns = spun > 0 && plainSpun > 0 ? $"{ToNs(spun),9:0} {spun / plainSpun,5:0.00}x" : $"{"-",9} {"-",6}"; // no call was caught spinning
+            Console.WriteLine($"{variant.Name,-36} {ToNs(p50),7:0} {ToNs(Percentile(variant.Latencies, 0.99)),7:0} {p50 / plainP50,5:0.00}x {Woken(variant.Latencies),6:0%} {spunColumns} {(double)variant.ClientBytes / variant.Calls,9:0} {(double)variant.ServerBytes / variant.Calls,9:0}");
         }
 
         Console.WriteLine("ratio: to the plain call; woken: calls over 10 us (a side slept); spun p50: the p50 of the others; client B, server B: bytes allocated per call in each process");
