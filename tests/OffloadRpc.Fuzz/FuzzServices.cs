@@ -103,6 +103,19 @@ internal sealed class FuzzServices : IFuzzContract, IKitchenSink, IImageService
         return [0, sink.Length, 0, 0, 0];
     }
 
+    public async ValueTask<long> ReadPrefixAsync(Stream data, int bytes, CancellationToken cancellationToken = default)
+    {
+        byte[] buffer = new byte[4096];
+        long read = 0;
+        int n;
+        while (read < bytes && (n = await data.ReadAsync(buffer.AsMemory(0, (int)Math.Min(buffer.Length, bytes - read)), cancellationToken).ConfigureAwait(false)) > 0)
+        {
+            read += n;
+        }
+
+        return read;
+    }
+
     public async ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks)
     {
         long total = 0;

@@ -147,25 +147,85 @@ public sealed class TypedServiceTests : IAsyncLifetime
         IOException own = await Assert.ThrowsAsync<IOException>(async () => await Sink.ConsumeStreamAsync(new BreakingStream(data, breakAt: 8 << 20)));
         Assert.Equal("the disk went away", own.Message);
 
-        // The connection serves on, and a stream that cannot seek (its length unknown) is still sent whole.
+        // The same through a stream that cannot seek (sent through a ring, its length unknown).
+        IOException ringed = await Assert.ThrowsAsync<IOException>(async () => await Sink.CopyStreamAsync(new BreakingStream(data, breakAt: 8 << 20, seekable: false), useAsync: true).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Equal("the disk went away", ringed.Message);
+
+        // The connection serves on.
         Checksum64.Fill(data, 5);
-        long[] result = await Sink.ConsumeStreamAsync(new NonSeekable(data));
+        long[] result = await Sink.ConsumeStreamAsync(new MemoryStream(data, writable: false));
         Assert.Equal((long)Checksum64.Compute(data), result[0]);
         Assert.Equal(data.Length, result[1]);
     }
 
-    /// <summary>A seekable stream whose reads throw past <c>breakAt</c> bytes.</summary>
-    private sealed class BreakingStream(byte[] data, int breakAt) : MemoryStream(data, writable: false)
+    [Fact]
+    public async Task A_Stream_argument_that_cannot_seek_is_sent_as_it_is_read_and_ends_where_it_ends()
     {
+        // Around the 1 MiB pipeline chunk and the 4 MiB ring the stream goes through, and several times round it.
+        const int Chunk = 1 << 20;
+        const int Ring = 4 << 20;
+        foreach (int size in new[] { 0, 1, Chunk - 1, Chunk, Chunk + 1, Ring - 1, Ring, Ring + 1, (13 << 20) + 7 })
+        {
+            byte[] data = GC.AllocateUninitializedArray<byte>(size);
+            Checksum64.Fill(data, (ulong)size + 3);
+            foreach (bool useAsync in new[] { true, false })
+            {
+                long[] copied = await Sink.CopyStreamAsync(new NonSeekable(data, readLimit: 300_000), useAsync).AsTask().WaitAsync(TimeSpan.FromSeconds(60));
+                Assert.Equal((long)Checksum64.Compute(data), copied[0]);
+                Assert.Equal(size, copied[1]);
+                Assert.Equal(0, copied[4]); // the server's Stream has no Length: it ends where the client's ended
+                if (useAsync && size > 0)
+                {
+                    Assert.Equal(copied[2], copied[3]); // handed over in place from the ring
+                }
+            }
+
+            // ConsumeStreamAsync asks for the Length, which a stream of unknown length does not have.
+            RemoteInvocationException noLength = await Assert.ThrowsAsync<RemoteInvocationException>(() => Sink.ConsumeStreamAsync(new NonSeekable(data, readLimit: 300_000)).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Equal(typeof(NotSupportedException).FullName, noLength.RemoteExceptionType);
+        }
+    }
+
+    [Fact]
+    public async Task A_Stream_that_cannot_seek_is_not_gathered_first_a_stream_many_times_the_arena_goes_through()
+    {
+        // An 8 MiB arena could not hold a 96 MiB argument gathered into one buffer; through its ring (a quarter of the arena) it goes.
+        await using OffloadRpcConnection small = await OffloadRpcConnection.ConnectAsync(_endpoint, new OffloadRpcOptions { SegmentSize = 8 << 20, MaxArenaBytes = 8 << 20, ArenaWaitTimeout = TimeSpan.FromSeconds(10) });
+        IKitchenSink sink = small.GetService<IKitchenSink>();
+        byte[] data = GC.AllocateUninitializedArray<byte>(96 << 20);
+        Checksum64.Fill(data, 96);
+        long[] copied = await sink.CopyStreamAsync(new NonSeekable(data, readLimit: 1 << 20), useAsync: true).AsTask().WaitAsync(TimeSpan.FromSeconds(120));
+        Assert.Equal((long)Checksum64.Compute(data), copied[0]);
+        Assert.Equal(data.Length, copied[1]);
+
+        // A method that reads only the start and returns: the client stops sending, the call completes, the ring goes back.
+        for (int i = 0; i < 5; i++)
+        {
+            Assert.Equal(3 << 20, await sink.ReadPrefixAsync(new NonSeekable(data, readLimit: 1 << 20), 3 << 20).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+        }
+
+        Assert.Equal(5, await small.GetService<IImageService>().AddAsync(2, 3));
+        using SharedBuffer whole = small.Rent(8 << 20, new CancellationTokenSource(TimeSpan.FromSeconds(10)).Token); // every ring went back
+    }
+
+    /// <summary>A stream whose reads throw past <c>breakAt</c> bytes (seekable or not).</summary>
+    private sealed class BreakingStream(byte[] data, int breakAt, bool seekable = true) : MemoryStream(data, writable: false)
+    {
+        public override bool CanSeek => seekable;
+
         public override int Read(Span<byte> buffer) => Position >= breakAt ? throw new IOException("the disk went away") : base.Read(buffer[..Math.Min(buffer.Length, breakAt - (int)Position)]);
 
         public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => ValueTask.FromResult(Read(buffer.Span));
     }
 
-    /// <summary>A stream that cannot seek: its length is unknown until it ends.</summary>
-    private sealed class NonSeekable(byte[] data) : MemoryStream(data, writable: false)
+    /// <summary>A stream that cannot seek (its length unknown until it ends), as a pipe or a socket: each read returns at most <c>readLimit</c> bytes.</summary>
+    private sealed class NonSeekable(byte[] data, int readLimit = int.MaxValue) : MemoryStream(data, writable: false)
     {
         public override bool CanSeek => false;
+
+        public override int Read(Span<byte> buffer) => base.Read(buffer[..Math.Min(buffer.Length, readLimit)]);
+
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => ValueTask.FromResult(Read(buffer.Span));
     }
 
     /// <summary>A memory stream that notes when its last byte was read (Stopwatch ticks, one clock for the machine's processes).</summary>

@@ -300,7 +300,14 @@ internal static class StreamBench
         rows.Add(await Time("offloadrpc unary ReadOnlyMemory<byte>", async () => await service.ChecksumAsync(data)));
         rows.Add(await Time("offloadrpc pipelined Stream argument, server ReadAsync into a 1 MiB array", async () => await service.ChecksumStreamAsync(new MemoryStream(data, writable: false))));
         rows.Add(await Time("offloadrpc pipelined Stream argument, server CopyToAsync", async () => await service.ChecksumStreamCopyToAsync(new MemoryStream(data, writable: false))));
+        rows.Add(await Time("offloadrpc pipelined Stream argument that cannot seek (ring), server CopyToAsync", async () => await service.ChecksumStreamCopyToAsync(new UnseekableStream(data))));
         return rows;
+    }
+
+    /// <summary>A memory stream that says it cannot seek, as a pipe or a socket: its length is unknown until it ends.</summary>
+    private sealed class UnseekableStream(byte[] data) : MemoryStream(data, writable: false)
+    {
+        public override bool CanSeek => false;
     }
 
     private static GrpcChannel GrpcChannelFor(string socketPath)

@@ -112,6 +112,9 @@ public interface IKitchenSink
     /// place (memory that is no array), and 1 when the stream's Length was known (0: it threw NotSupportedException).
     /// </summary>
     ValueTask<long[]> CopyStreamAsync(Stream data, bool useAsync, CancellationToken cancellationToken = default);
+
+    /// <summary>Reads the first <paramref name="bytes"/> bytes of the Stream (fewer when it ends first) and returns how many, leaving the rest unread.</summary>
+    ValueTask<long> ReadPrefixAsync(Stream data, int bytes, CancellationToken cancellationToken = default);
 }
 
 [MessagePackObject]

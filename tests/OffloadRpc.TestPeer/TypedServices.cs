@@ -233,6 +233,24 @@ internal sealed class KitchenSink : IKitchenSink
         }
     }
 
+    public async ValueTask<long> ReadPrefixAsync(Stream data, int bytes, CancellationToken cancellationToken = default)
+    {
+        byte[] buffer = new byte[64 << 10];
+        long read = 0;
+        while (read < bytes)
+        {
+            int n = await data.ReadAsync(buffer.AsMemory(0, (int)Math.Min(buffer.Length, bytes - read)), cancellationToken);
+            if (n == 0)
+            {
+                break;
+            }
+
+            read += n;
+        }
+
+        return read;
+    }
+
     public async ValueTask<long> CountBytesAsync(IAsyncEnumerable<ReadOnlyMemory<byte>> chunks)
     {
         long total = 0;

@@ -53,8 +53,14 @@ public sealed class WireLayoutTests
             (nameof(PipelineHeader.Total), 0),
             (nameof(PipelineHeader.BytesReady), 8),
             (nameof(PipelineHeader.ChunksReady), 16),
-            (nameof(PipelineHeader.ReceiverWaiting), 20));
+            (nameof(PipelineHeader.ReceiverWaiting), 20),
+            (nameof(PipelineHeader.BytesConsumed), 24),
+            (nameof(PipelineHeader.ConsumedCount), 32),
+            (nameof(PipelineHeader.SenderWaiting), 36),
+            (nameof(PipelineHeader.ReaderClosed), 40));
         Assert.Equal(0, (int)Marshal.OffsetOf<PipelineHeader>(nameof(PipelineHeader.ChunksReady)) % sizeof(int)); // futex words are 4-byte aligned
+        Assert.Equal(0, (int)Marshal.OffsetOf<PipelineHeader>(nameof(PipelineHeader.ConsumedCount)) % sizeof(int));
+        Assert.Equal(4u, PayloadRef.Streamed); // a ring of unknown length: only with Pipelined
     }
 
     [Fact]

@@ -80,9 +80,9 @@ public sealed class MessageBuilder
         where T : unmanaged => array is null ? -1 : AddBuffer<T>(array, mode, cache);
 
     /// <summary>
-    /// Adds the rest of <paramref name="stream"/> (null gives -1). The client reads it whole, asynchronously,
-    /// before the request is sent (a Stream has no span to copy from); the server receives it pipelined,
-    /// so its method starts on the first chunk. Auto means Pipelined here.
+    /// Adds the rest of <paramref name="stream"/> (null gives -1). Over shared memory it is read into shared
+    /// memory as the server reads it out (Pipelined or Auto; a stream that cannot seek through a ring, its
+    /// end marked when it ends); otherwise it is read whole, asynchronously, before the request is sent.
     /// </summary>
     public int AddStream(Stream? stream, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto) =>
         stream is null ? -1 : AddDeferred(new DeferredPayload(_payloads.Count, stream, null, mode, cache));
@@ -106,9 +106,10 @@ public sealed class MessageBuilder
 
     /// <summary>
     /// Reads every deferred argument into a pooled buffer, without blocking a thread. With
-    /// <paramref name="pipelineStreams"/>, a seekable <see cref="Stream"/> argument sent Pipelined (or
-    /// Auto) is not read here: it becomes a <see cref="StreamSource"/>, read straight into shared memory
-    /// after the request is out, and returned so that the caller can await its last byte.
+    /// <paramref name="pipelineStreams"/>, a <see cref="Stream"/> argument sent Pipelined (or Auto) is not
+    /// read here: it becomes a <see cref="StreamSource"/>, read straight into shared memory after the
+    /// request is out (one that cannot seek through a ring, its length unknown until it ends), and
+    /// returned so that the caller can await its last byte.
     /// </summary>
     internal async ValueTask<StreamSource[]?> GatherAsync(CancellationToken cancellationToken, bool pipelineStreams = false)
     {
@@ -120,12 +121,13 @@ public sealed class MessageBuilder
         List<StreamSource>? sources = null;
         foreach (DeferredPayload deferred in _deferred)
         {
-            if (pipelineStreams && deferred.Stream is { CanSeek: true } seekable && deferred.Mode is TransferMode.Auto or TransferMode.Pipelined)
+            if (pipelineStreams && deferred.Stream is { } piped && deferred.Mode is TransferMode.Auto or TransferMode.Pipelined)
             {
-                long remaining = Math.Max(0, seekable.Length - seekable.Position);
-                if (remaining > 0 && remaining <= TransportProtocol.MaxPayloadLength)
+                // A stream that cannot seek has no length to announce: it goes through a ring, its end marked when it ends.
+                long remaining = piped.CanSeek ? Math.Max(0, piped.Length - piped.Position) : -1;
+                if (remaining is -1 or (> 0 and <= TransportProtocol.MaxPayloadLength))
                 {
-                    var source = new StreamSource(seekable, remaining, cancellationToken);
+                    var source = new StreamSource(piped, remaining, cancellationToken);
                     (sources ??= new List<StreamSource>(1)).Add(source);
                     _payloads[deferred.Index] = OutboundPayload.FromStream(source, deferred.Cache);
                     continue;

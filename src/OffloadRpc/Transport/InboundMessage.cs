@@ -19,6 +19,9 @@ internal struct ReceivedPayload
     /// <summary>Still being written by the sender: <see cref="BlockOffset"/> holds its progress header.</summary>
     public bool Pipelined;
 
+    /// <summary>Pipelined with no length known up front: <see cref="Length"/> is the capacity of its ring; it can only be read as a stream.</summary>
+    public bool Streamed;
+
     /// <summary>Where the arena block starts (the release handle): <see cref="Offset"/>, or the header of a pipelined payload.</summary>
     public long BlockOffset;
 }
@@ -120,6 +123,7 @@ internal abstract class InboundMessage
             throw new InvalidOperationException($"Payload {index} was already taken.");
         }
 
+        ThrowIfStreamed(payload, index);
         if (payload.Pipelined)
         {
             Progress(payload).WaitFor(payload.Length, CancellationToken.None);
@@ -135,6 +139,7 @@ internal abstract class InboundMessage
     public void WaitForPayloadBytes(int index, long bytes, CancellationToken cancellationToken = default)
     {
         ValidateIndex(index);
+        ThrowIfStreamed(_payloads[index], index);
         if (_payloads[index].Pipelined && !_payloads[index].Taken)
         {
             Progress(_payloads[index]).WaitFor(bytes, cancellationToken);
@@ -169,7 +174,18 @@ internal abstract class InboundMessage
     }
 
     private unsafe PipelinedPayload Progress(in ReceivedPayload payload) =>
-        new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length);
+        new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length, payload.Streamed);
+
+    /// <summary>A streamed payload has no length to wait for: only a Stream parameter can take it (a peer that sends one for a buffer breaks the contract).</summary>
+    private void ThrowIfStreamed(in ReceivedPayload payload, int index)
+    {
+        if (payload.Streamed)
+        {
+            var violation = new ProtocolViolationException($"Protocol violation by peer process {Connection.Peer.ProcessId}: payload {index} is a stream of unknown length where a buffer was expected.");
+            Connection.Terminate(violation);
+            throw violation;
+        }
+    }
 
     private void ValidateIndex(int index)
     {
@@ -214,6 +230,11 @@ internal abstract class InboundMessage
             {
                 try
                 {
+                    if (payload.Streamed)
+                    {
+                        Progress(payload).CloseReader(); // nobody reads it: a sender waiting for ring room stops
+                    }
+
                     Connection.ReleaseReceivedBlock(payload.Segment, payload.BlockOffset, payload.OwnArena);
                 }
                 finally

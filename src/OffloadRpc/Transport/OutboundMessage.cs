@@ -248,19 +248,21 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
     private unsafe void AddStream(StreamSource stream, CancellationToken cancellationToken)
     {
         RpcConnection connection = _connection!;
-        ArenaBlock block = connection.Arena.Allocate(PipelineHeader.Size + stream.Length, mayWait: !Poller.IsPollerThread, cancellationToken);
+        long capacity = stream.IsStreamed ? StreamSource.RingBytes(connection) : stream.Length; // a stream of unknown length goes through a ring
+        ArenaBlock block = connection.Arena.Allocate(PipelineHeader.Size + capacity, mayWait: !Poller.IsPollerThread, cancellationToken);
         _allocated[_allocatedCount++] = block;
         SharedMemorySegment segment = block.Segment;
         var progress = (PipelineHeader*)segment.Pointer(block.Offset, PipelineHeader.Size);
-        *progress = new PipelineHeader { Total = stream.Length };
+        *progress = new PipelineHeader { Total = stream.Length }; // -1 for a ring: no end yet
         _deferred[_deferredCount++] = new DeferredCopy
         {
             SourceStream = stream,
             Block = block,
             Header = (nint)progress,
-            Destination = (nint)(segment.Pointer(block.Offset, PipelineHeader.Size + stream.Length) + PipelineHeader.Size),
+            Destination = (nint)(segment.Pointer(block.Offset, PipelineHeader.Size + capacity) + PipelineHeader.Size),
+            Capacity = capacity,
         };
-        _refs[_refCount++] = new PayloadRef { SegmentId = segment.Id, Flags = PayloadRef.Pipelined, Offset = block.Offset, Length = stream.Length };
+        _refs[_refCount++] = new PayloadRef { SegmentId = segment.Id, Flags = PayloadRef.Pipelined | (stream.IsStreamed ? PayloadRef.Streamed : 0), Offset = block.Offset, Length = capacity };
     }
 
     /// <summary>Only a payload the caller explicitly offloaded, from an array it owns (pinnable for the duration), goes asynchronously.</summary>
@@ -313,7 +315,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
                     // Read straight from the stream into the block, asynchronously: the block keeps its mapping until then.
                     bool referenced = copy.Block.Segment.TryAddReference();
                     Debug.Assert(referenced, "the message holds a reference on its blocks until it is recycled");
-                    stream.Start(connection, copy.Block, copy.Header, copy.Destination);
+                    stream.Start(connection, copy.Block, copy.Header, copy.Destination, copy.Capacity);
                     continue;
                 }
 
@@ -343,6 +345,18 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         var progress = (PipelineHeader*)header;
         Volatile.Write(ref progress->BytesReady, done); // release: the bytes before it are in place
         Interlocked.Increment(ref progress->ChunksReady); // full fence before reading the waiter flag
+        if (Volatile.Read(ref progress->ReceiverWaiting) != 0)
+        {
+            Interop.LinuxNative.FutexWake(&progress->ChunksReady, int.MaxValue);
+        }
+    }
+
+    /// <summary>Marks a streamed payload's end at <paramref name="length"/> bytes (all of them published already) and wakes a receiver waiting for more.</summary>
+    internal static unsafe void PublishEnd(nint header, long length)
+    {
+        var progress = (PipelineHeader*)header;
+        Volatile.Write(ref progress->Total, length); // after BytesReady reached it: the receiver sees the end of what is ready
+        Interlocked.Increment(ref progress->ChunksReady);
         if (Volatile.Read(ref progress->ReceiverWaiting) != 0)
         {
             Interop.LinuxNative.FutexWake(&progress->ChunksReady, int.MaxValue);
@@ -506,6 +520,9 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         public ReadOnlyMemory<byte> Source;
         public SharedBuffer? SourceLease;
         public StreamSource? SourceStream;
+
+        /// <summary>The bytes after a stream's header: its length, or its ring's.</summary>
+        public long Capacity;
         public ArenaBlock Block;
         public nint Header;
         public nint Destination;

@@ -25,4 +25,23 @@ internal struct PipelineHeader
 
     [FieldOffset(20)]
     public int ReceiverWaiting;
+
+    // A streamed payload's ring (PayloadRef.Streamed) only: the receiver's side, which the sender
+    // checks the same way (what was taken only grows and never passes what was written).
+
+    /// <summary>Bytes the receiver has taken (and will not read again): the sender may reuse their room.</summary>
+    [FieldOffset(24)]
+    public long BytesConsumed;
+
+    /// <summary>Bumped by the receiver after raising <see cref="BytesConsumed"/> or setting <see cref="ReaderClosed"/>: the futex word a sender waiting for room sleeps on.</summary>
+    [FieldOffset(32)]
+    public int ConsumedCount;
+
+    /// <summary>Set by a sender that sleeps on <see cref="ConsumedCount"/>.</summary>
+    [FieldOffset(36)]
+    public int SenderWaiting;
+
+    /// <summary>Set by the receiver when it will read no more (its stream was disposed): the sender stops.</summary>
+    [FieldOffset(40)]
+    public int ReaderClosed;
 }

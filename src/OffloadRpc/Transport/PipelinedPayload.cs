@@ -22,7 +22,10 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     private readonly RpcConnection _connection;
     private readonly unsafe PipelineHeader* _header;
     private readonly long _length;
+    private readonly bool _streamed;
     private long _known;
+    private long _end = -1; // a streamed payload's final length, once the sender marked it
+    private long _consumed;
 
     // The wait in progress (one reader at a time, as for any stream).
     private long _target;
@@ -31,29 +34,89 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     private bool _stalled;
     private CancellationToken _cancellationToken;
 
-    public unsafe PipelinedPayload(RpcConnection connection, byte* header, long length)
+    /// <param name="length">The payload's length; for a <paramref name="streamed"/> one (length unknown up front), the capacity of its ring.</param>
+    public unsafe PipelinedPayload(RpcConnection connection, byte* header, long length, bool streamed = false)
     {
         _connection = connection;
         _header = (PipelineHeader*)header;
         _length = length;
+        _streamed = streamed;
     }
 
+    /// <summary>The payload's length; for a streamed payload the capacity of its ring (see <see cref="IsStreamed"/>).</summary>
     public long Length => _length;
+
+    /// <summary>The length was not known up front: the data is a ring of <see cref="Length"/> bytes and <see cref="EndPosition"/> tells where it ends.</summary>
+    public bool IsStreamed => _streamed;
+
+    /// <summary>Where the payload ends: its length, or for a streamed payload the final length once the sender marked it (-1 until then).</summary>
+    public long EndPosition => _streamed ? _end : _length;
 
     /// <summary>Bytes known to be in place right now (validated).</summary>
     public unsafe long Available()
     {
         long total = Volatile.Read(ref _header->Total);
         long ready = Volatile.Read(ref _header->BytesReady);
+        if (_streamed)
+        {
+            // The sender raises BytesReady before it sets Total, so an end seen is an end of what is ready;
+            // it never writes more than the ring holds past what this side took, and never moves the end.
+            if (ready < _known || ready - _consumed > _length || total < -1 || (total >= 0 && total != ready) || (_end >= 0 && total != _end))
+            {
+                throw Violate($"a streamed payload's progress went from {_known} to {ready} (taken {_consumed}, ring {_length}, end {total})");
+            }
+
+            _end = total;
+            _known = ready;
+            return ready;
+        }
+
         if (total != _length || ready < _known || ready > _length)
         {
-            var violation = new ProtocolViolationException($"Protocol violation by peer process {_connection.Peer.ProcessId}: a pipelined payload's progress went from {_known} to {ready} of {_length} (announced {total}).");
-            _connection.Terminate(violation);
-            throw violation;
+            throw Violate($"a pipelined payload's progress went from {_known} to {ready} of {_length} (announced {total})");
         }
 
         _known = ready;
         return ready;
+    }
+
+    private ProtocolViolationException Violate(string what)
+    {
+        var violation = new ProtocolViolationException($"Protocol violation by peer process {_connection.Peer.ProcessId}: {what}.");
+        _connection.Terminate(violation);
+        return violation;
+    }
+
+    /// <summary>A streamed payload: every byte before <paramref name="position"/> was taken, so the sender may write over it.</summary>
+    public unsafe void Consumed(long position)
+    {
+        if (!_streamed || position <= _consumed)
+        {
+            return;
+        }
+
+        _consumed = position;
+        Volatile.Write(ref _header->BytesConsumed, position);
+        WakeSender();
+    }
+
+    /// <summary>A streamed payload: this side reads no more; a sender waiting for room stops.</summary>
+    public unsafe void CloseReader()
+    {
+        if (_streamed)
+        {
+            Volatile.Write(ref _header->ReaderClosed, 1);
+            WakeSender();
+        }
+    }
+
+    private unsafe void WakeSender()
+    {
+        Interlocked.Increment(ref _header->ConsumedCount); // full fence before reading the waiter flag
+        if (Volatile.Read(ref _header->SenderWaiting) != 0)
+        {
+            LinuxNative.FutexWake(&_header->ConsumedCount, int.MaxValue);
+        }
     }
 
     /// <summary>Waits until at least <paramref name="bytes"/> are in place, blocking; returns how many are (validated).</summary>
@@ -106,8 +169,8 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     /// <summary>Starts a wait; true when nothing needs waiting for.</summary>
     private bool Begin(long bytes, CancellationToken cancellationToken)
     {
-        _target = Math.Min(bytes, _length);
-        if (Available() >= _target)
+        _target = _streamed ? bytes : Math.Min(bytes, _length);
+        if (IsSatisfied())
         {
             return true;
         }
@@ -131,9 +194,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         if (_stalled)
         {
             TimeSpan stall = _connection.StallTimeout;
-            var violation = new ProtocolViolationException($"Protocol violation by peer process {_connection.Peer.ProcessId}: a pipelined payload stalled at {_known} of {_length} bytes for {stall.TotalSeconds:0.#} s.");
-            _connection.Terminate(violation);
-            throw violation;
+            throw Violate($"a pipelined payload stalled at {_known} of {(_streamed ? "an unknown number of" : _length)} bytes for {stall.TotalSeconds:0.#} s");
         }
 
         _connection.ThrowIfClosed();
@@ -141,7 +202,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         throw new InvalidOperationException("A pipelined wait ended without its bytes, a close, a cancellation or a stall.");
     }
 
-    public bool IsSatisfied() => Available() >= _target;
+    public bool IsSatisfied() => Available() >= _target || _end >= 0;
 
     /// <summary>
     /// Closed, cancelled, or stalled: no real progress for the stall timeout (a live sender that stopped
@@ -157,7 +218,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         }
 
         long now = Stopwatch.GetTimestamp();
-        if (_known - _progressSeen >= Math.Min(MinimumProgressBytes, _length - _progressSeen))
+        if (_known - _progressSeen >= (_streamed ? MinimumProgressBytes : Math.Min(MinimumProgressBytes, _length - _progressSeen)))
         {
             _progressSeen = _known;
             _progressAt = now;
@@ -190,7 +251,9 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
 
 /// <summary>
 /// A pipelined payload as a read-only stream: a read returns as soon as some bytes have landed, so the
-/// reader works on chunk k while chunk k+1 is still being copied. Disposing it gives the block back.
+/// reader works on chunk k while chunk k+1 is still being copied. A streamed payload (length unknown up
+/// front) is a ring: each read tells the sender what was taken, so it can write over it, and the stream
+/// ends where the sender marked the end (its Length is unknown). Disposing it gives the block back.
 /// </summary>
 internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
 {
@@ -222,7 +285,10 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
 
     public override bool CanWrite => false;
 
-    public override long Length => _progress.Length;
+    /// <summary>The payload's length; unknown (NotSupportedException) for a stream the client could not measure up front.</summary>
+    public override long Length => _progress.IsStreamed
+        ? throw new NotSupportedException("The Stream argument's length was not known when it was sent (the client's stream cannot seek): read it to its end.")
+        : _progress.Length;
 
     public override long Position
     {
@@ -230,26 +296,21 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
         set => throw new NotSupportedException();
     }
 
+    /// <summary>Every byte was read (for a streamed payload: up to the end the sender marked).</summary>
+    private bool AtEnd => _progress.EndPosition is var end and >= 0 && _position >= end;
+
     public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
 
     public override int Read(Span<byte> buffer)
     {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        if (buffer.IsEmpty || _position >= _progress.Length)
+        if (!BeginRead(buffer.IsEmpty))
         {
             return 0;
         }
 
-        // A Dispose on another thread may drop the stream's own mapping reference mid-read: hold one
-        // for the read so the block cannot be unmapped under us. It is added while the stream's own is
-        // held (or while the connection still owns the segment), which SafeHandle allows even after the
-        // owner disposed; it fails only when a racing Dispose dropped the very last reference.
-        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
-
         try
         {
-            long available = _progress.WaitFor(_position + 1, _cancellationToken) - _position;
-            return CopyOut(buffer, available);
+            return CopyOut(buffer, _progress.WaitFor(_position + 1, _cancellationToken) - _position);
         }
         finally
         {
@@ -260,14 +321,11 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
     /// <summary>Returns as soon as some bytes have landed, waiting without a thread (the process's poller watches the chunk word).</summary>
     public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
     {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        if (buffer.IsEmpty || _position >= _progress.Length)
+        if (!BeginRead(buffer.IsEmpty))
         {
             return 0;
         }
 
-        // As in Read: a reference for the read, across the await, so the block cannot be unmapped under it.
-        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
         try
         {
             using CancellationTokenSource? linked = Link(cancellationToken, out CancellationToken token);
@@ -283,18 +341,16 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
     /// <summary>The next bytes as soon as they have landed, in place (no copy): valid until the next read or until the stream is disposed.</summary>
     public async ValueTask<ReadOnlyMemory<byte>> ReadInPlaceAsync(int maxBytes, CancellationToken cancellationToken)
     {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        if (maxBytes <= 0 || _position >= _progress.Length)
+        if (!BeginRead(maxBytes <= 0))
         {
             return ReadOnlyMemory<byte>.Empty;
         }
 
-        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
         try
         {
             using CancellationTokenSource? linked = Link(cancellationToken, out CancellationToken token);
             long available = await _progress.WaitForAsync(_position + 1, token).ConfigureAwait(false) - _position;
-            return Slice((int)Math.Min(maxBytes, available));
+            return Slice((int)Math.Min(maxBytes, Contiguous(available)));
         }
         finally
         {
@@ -311,16 +367,27 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
     public override async Task CopyToAsync(Stream destination, int bufferSize, CancellationToken cancellationToken)
     {
         ValidateCopyToArguments(destination, bufferSize);
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+        if (!BeginRead(empty: false))
+        {
+            return;
+        }
+
         try
         {
             using CancellationTokenSource? linked = Link(cancellationToken, out CancellationToken token);
-            while (_position < _progress.Length)
+            while (!AtEnd)
             {
+                _progress.Consumed(_position); // the run written last is the destination's business now
                 long available = await _progress.WaitForAsync(_position + 1, token).ConfigureAwait(false) - _position;
+                if (available <= 0)
+                {
+                    break; // a streamed payload ended
+                }
+
                 await destination.WriteAsync(Slice(WriteSize(available)), token).ConfigureAwait(false);
             }
+
+            _progress.Consumed(_position);
         }
         finally
         {
@@ -332,18 +399,29 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
     public override unsafe void CopyTo(Stream destination, int bufferSize)
     {
         ValidateCopyToArguments(destination, bufferSize);
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+        if (!BeginRead(empty: false))
+        {
+            return;
+        }
+
         try
         {
-            while (_position < _progress.Length)
+            while (!AtEnd)
             {
+                _progress.Consumed(_position);
                 long available = _progress.WaitFor(_position + 1, _cancellationToken) - _position;
+                if (available <= 0)
+                {
+                    break;
+                }
+
                 int count = WriteSize(available);
-                byte* start = _data + _position;
+                byte* start = Here;
                 _position += count;
                 destination.Write(new ReadOnlySpan<byte>(start, count));
             }
+
+            _progress.Consumed(_position);
         }
         finally
         {
@@ -351,7 +429,33 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
         }
     }
 
-    private int WriteSize(long available) => (int)Math.Min(available, _writeLimit);
+    /// <summary>
+    /// The start of a read: false when there is nothing to read (at the end, or an empty request). Otherwise
+    /// the sender learns what was taken (the run handed out in place last is done with), and the read holds
+    /// a mapping reference the caller releases: a Dispose on another thread may drop the stream's own
+    /// mid-read, and the block must not be unmapped under it. It is added while the stream's own is held (or
+    /// while the connection still owns the segment), which SafeHandle allows even after the owner disposed;
+    /// it fails only when a racing Dispose dropped the very last reference.
+    /// </summary>
+    private bool BeginRead(bool empty)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (empty || AtEnd)
+        {
+            return false;
+        }
+
+        ObjectDisposedException.ThrowIf(!_segment.TryAddReference(), this);
+        _progress.Consumed(_position);
+        return true;
+    }
+
+    private unsafe byte* Here => _data + (_progress.IsStreamed ? _position % _progress.Length : _position);
+
+    /// <summary>Of <paramref name="available"/> bytes, those that lie in one run (a streamed payload's ring wraps).</summary>
+    private long Contiguous(long available) => _progress.IsStreamed ? Math.Min(available, _progress.Length - (_position % _progress.Length)) : available;
+
+    private int WriteSize(long available) => (int)Math.Min(Contiguous(available), _writeLimit);
 
     /// <summary>The caller's token and the call's as one (the linked source, if one was needed, is the caller's to dispose).</summary>
     private CancellationTokenSource? Link(CancellationToken cancellationToken, out CancellationToken token)
@@ -365,7 +469,7 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
 
     private unsafe ReadOnlyMemory<byte> Slice(int count)
     {
-        ReadOnlyMemory<byte> chunk = new InPlaceMemory(_data + _position, count).Memory;
+        ReadOnlyMemory<byte> chunk = new InPlaceMemory(Here, count).Memory;
         _position += count;
         return chunk;
     }
@@ -373,11 +477,13 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
     public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
         ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
 
+    /// <summary>Copies what is available (one run of a ring at most); 0 at a streamed payload's end.</summary>
     private unsafe int CopyOut(Span<byte> buffer, long available)
     {
-        int count = (int)Math.Min(buffer.Length, available);
-        new ReadOnlySpan<byte>(_data + _position, count).CopyTo(buffer);
+        int count = (int)Math.Min(buffer.Length, Math.Max(0, Contiguous(available)));
+        new ReadOnlySpan<byte>(Here, count).CopyTo(buffer);
         _position += count;
+        _progress.Consumed(_position); // copied out: the sender may write over it at once
         return count;
     }
 
@@ -397,6 +503,7 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
         {
             try
             {
+                _progress.CloseReader(); // while the block is still mapped: a sender waiting for room stops
                 _release();
             }
             finally

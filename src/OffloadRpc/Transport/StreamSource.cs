@@ -15,7 +15,7 @@ internal sealed class StreamSource
     private readonly CancellationToken _cancellationToken;
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    /// <param name="length">The bytes to send: the rest of a seekable stream, known before the message is built.</param>
+    /// <param name="length">The bytes to send: the rest of a seekable stream, known before the message is built; -1 when the stream cannot tell (it is then sent through a ring until it ends).</param>
     public StreamSource(Stream stream, long length, CancellationToken cancellationToken)
     {
         _stream = stream;
@@ -23,14 +23,23 @@ internal sealed class StreamSource
         _cancellationToken = cancellationToken;
     }
 
+    /// <summary>The bytes to send, or -1: unknown until the stream ends (<see cref="IsStreamed"/>).</summary>
     public long Length { get; }
+
+    /// <summary>The length is unknown: the block is a ring the receiver frees as it reads, and the end is marked when the stream ends.</summary>
+    public bool IsStreamed => Length < 0;
+
+    /// <summary>The ring of a streamed source on <paramref name="connection"/>: a few pipeline chunks, at most a quarter of the arena.</summary>
+    public static long RingBytes(RpcConnection connection) =>
+        Math.Max(4096, Math.Min(4 * connection.PipelineChunkBytes, connection.Arena.MaxBytes / 4) & ~(long)(PayloadArena.BlockAlignment - 1));
 
     /// <summary>Completes when every byte is in the block; fails with the stream's exception (or when it ends early); never started: stays pending.</summary>
     public Task Completion => _completion.Task;
 
     /// <summary>The message is out: read the stream into the block (on the thread pool; the caller awaits the reply meanwhile).</summary>
-    internal void Start(RpcConnection connection, ArenaBlock block, nint header, nint destination) =>
-        _ = PumpAsync(connection, block, header, destination);
+    /// <param name="capacity">The bytes after the header: the length, or the ring of a streamed source.</param>
+    internal void Start(RpcConnection connection, ArenaBlock block, nint header, nint destination, long capacity) =>
+        _ = IsStreamed ? PumpRingAsync(connection, block, header, destination, capacity) : PumpAsync(connection, block, header, destination);
 
     /// <summary>The message was never sent: nothing will be read.</summary>
     internal void Abandon(Exception reason) => _completion.TrySetException(reason);
@@ -64,16 +73,140 @@ internal sealed class StreamSource
         }
         finally
         {
-            try
+            FinishWriting(connection, block);
+        }
+    }
+
+    /// <summary>
+    /// A stream of unknown length, through a ring of <paramref name="capacity"/> bytes: each read lands at
+    /// the write position modulo the ring, never more than the ring past what the receiver has taken (the
+    /// writer waits for room, spinning briefly, then on the receiver's word through the poller). At the
+    /// stream's end the final length is published as the end mark. A receiver that stops reading (its
+    /// method returned) ends the pump early and without error; one that reports taking bytes it was never
+    /// given, or taking back, breaks the protocol.
+    /// </summary>
+    private async Task PumpRingAsync(RpcConnection connection, ArenaBlock block, nint header, nint destination, long capacity)
+    {
+        await Task.Yield(); // off the sending thread
+        var room = new RingRoom(connection, header, capacity, _cancellationToken);
+        try
+        {
+            long chunk = Math.Min(connection.PipelineChunkBytes, capacity);
+            while (true)
             {
-                connection.Arena.FinishWriting(block.Segment.Id, block.Offset);
-            }
-            catch (InvalidOperationException)
-            {
-                // The arena closed meanwhile (the connection ended).
+                long free = await room.WaitAsync().ConfigureAwait(false);
+                if (free < 0)
+                {
+                    break; // the receiver reads no more
+                }
+
+                long offset = room.Written % capacity;
+                int want = (int)Math.Min(Math.Min(chunk, free), capacity - offset);
+                int read = await _stream.ReadAsync(Window(destination + (nint)offset, want), _cancellationToken).ConfigureAwait(false);
+                if (read == 0)
+                {
+                    OutboundMessage.PublishEnd(header, room.Written);
+                    break;
+                }
+
+                room.Written += read;
+                OutboundMessage.PublishProgress(header, room.Written);
             }
 
-            block.Segment.Release();
+            TransferMetrics.Record(new TransferPlan(TransferMode.Pipelined, CachePolicy.Inject), room.Written);
+            _completion.TrySetResult();
+        }
+        catch (Exception ex)
+        {
+            _completion.TrySetException(ex);
+        }
+        finally
+        {
+            FinishWriting(connection, block);
+        }
+    }
+
+    private static void FinishWriting(RpcConnection connection, ArenaBlock block)
+    {
+        try
+        {
+            connection.Arena.FinishWriting(block.Segment.Id, block.Offset);
+        }
+        catch (InvalidOperationException)
+        {
+            // The arena closed meanwhile (the connection ended).
+        }
+
+        block.Segment.Release();
+    }
+
+    /// <summary>
+    /// The writer's view of a ring: room left past what the receiver has taken (validated: what it took only
+    /// grows and never passes what was written), waited for without a thread when there is none.
+    /// </summary>
+    private sealed class RingRoom(RpcConnection connection, nint header, long capacity, CancellationToken cancellationToken) : IAsyncWaitCondition
+    {
+        private long _taken;
+
+        /// <summary>Bytes written so far.</summary>
+        public long Written;
+
+        /// <summary>Room to write (&gt; 0), or -1 when the receiver reads no more; throws when the wait is abandoned.</summary>
+        public async ValueTask<long> WaitAsync()
+        {
+            if (IsSatisfied())
+            {
+                return Free();
+            }
+
+            var spin = new Spinner(this);
+            if (SharedWait.Spin(ref spin, connection.PipelineSpin.BudgetTicks) != SharedWait.SpinOutcome.Satisfied
+                && !await SharedWait.WaitAsync(this, SharedWait.DefaultSleepSliceMilliseconds, cancellationToken).ConfigureAwait(false))
+            {
+                connection.ThrowIfClosed();
+                cancellationToken.ThrowIfCancellationRequested();
+                throw new InvalidOperationException("A stream's wait for ring room ended without room, a close or a cancellation.");
+            }
+
+            Disarm();
+            return Free();
+        }
+
+        private unsafe ref PipelineHeader Header => ref *(PipelineHeader*)header;
+
+        private void Disarm() => Volatile.Write(ref Header.SenderWaiting, 0); // nobody sleeps on the word now: spare the receiver its wake syscall
+
+        private long Free() => Volatile.Read(ref Header.ReaderClosed) != 0 ? -1 : capacity - (Written - _taken);
+
+        public bool IsSatisfied()
+        {
+            long taken = Volatile.Read(ref Header.BytesConsumed);
+            if (taken < _taken || taken > Written)
+            {
+                var violation = new ProtocolViolationException($"Protocol violation by peer process {connection.Peer.ProcessId}: it reported taking {taken} bytes of a streamed argument after {_taken}, of {Written} written.");
+                connection.Terminate(violation);
+                throw violation;
+            }
+
+            _taken = taken;
+            return Written - taken < capacity || Volatile.Read(ref Header.ReaderClosed) != 0;
+        }
+
+        public bool IsAbandoned() => connection.IsClosed || cancellationToken.IsCancellationRequested;
+
+        public unsafe void Arm(out int* word, out int expected)
+        {
+            var progress = (PipelineHeader*)header;
+            expected = Volatile.Read(ref progress->ConsumedCount);
+            Interlocked.Exchange(ref progress->SenderWaiting, 1);
+            word = &progress->ConsumedCount;
+        }
+
+        private readonly struct Spinner(RingRoom room) : IWaitCondition
+        {
+            public bool IsSatisfied() => room.IsSatisfied();
+
+            public bool IsAbandoned() => room.IsAbandoned();
         }
     }
 

@@ -95,6 +95,15 @@ internal struct PayloadRef
     /// </summary>
     public const uint Pipelined = 2;
 
+    /// <summary>
+    /// With <see cref="Pipelined"/>: a payload whose length is not known up front (a Stream argument that
+    /// cannot seek). <see cref="Length"/> is the capacity of a ring after the header: the sender writes
+    /// at <see cref="PipelineHeader.BytesReady"/> modulo it, never more than the capacity past what the
+    /// receiver has taken (<see cref="PipelineHeader.BytesConsumed"/>), and marks the end by setting
+    /// <see cref="PipelineHeader.Total"/> (-1 until then) to the final byte count.
+    /// </summary>
+    public const uint Streamed = 4;
+
     public int SegmentId;
     public uint Flags;
     public long Offset;
