@@ -43,7 +43,9 @@ internal sealed class ClientHealthCheck(ManagedConnections connections, string e
         try
         {
             OffloadRpcConnection connected = await connection.ConnectAsync(cancellationToken).ConfigureAwait(false);
-            return HealthCheckResult.Healthy($"Connected to {endpoint} (server process {connected.PeerProcessId}).");
+            return HealthCheckResult.Healthy(connected.UsesSharedMemory
+                ? $"Connected to {endpoint} over shared memory (server process {connected.PeerProcessId})."
+                : $"Connected to {endpoint} over gRPC.");
         }
         catch (Exception ex) when (ex is not OperationCanceledException || !cancellationToken.IsCancellationRequested)
         {

@@ -61,6 +61,7 @@ public sealed class HostingTests
 
         HealthReport health = await client.GetRequiredService<HealthCheckService>().CheckHealthAsync();
         Assert.Equal(HealthStatus.Healthy, health.Status);
+        Assert.Contains(health.Entries.Values, e => e.Description == $"Connected to {endpoint} over shared memory (server process {server.Id}).");
     }
 
     [Fact]
