@@ -42,6 +42,7 @@ public sealed class OffloadRpcServerBuilder
             Registration.Descriptors.Add(descriptor);
         }
 
+        Registration.HasScopedServices |= lifetime != ServiceLifetime.Singleton;
         Registration.Services.Add(lifetime == ServiceLifetime.Singleton
             ? (server, provider) => server.Register<TService>(provider.GetRequiredService<TImplementation>())
             : (server, _) => server.Register<TService>(context => CallScope.Services(context).GetRequiredService<TImplementation>()));

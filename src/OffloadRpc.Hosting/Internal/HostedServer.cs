@@ -31,7 +31,11 @@ internal sealed class HostedServer : IHostedService, IAsyncDisposable
     public async Task StartAsync(CancellationToken cancellationToken)
     {
         OffloadRpcOptions options = _registration.BuildOptions(_services);
-        options.ServerInterceptors.Insert(0, new CallScopeInterceptor(_services.GetRequiredService<IServiceScopeFactory>(), [.. _registration.Interceptors]));
+        if (_registration.NeedsCallScope)
+        {
+            options.ServerInterceptors.Insert(0, new CallScopeInterceptor(_services.GetRequiredService<IServiceScopeFactory>(), [.. _registration.Interceptors]));
+        }
+
         var server = new OffloadRpcServer(_registration.Endpoint, options);
         try
         {

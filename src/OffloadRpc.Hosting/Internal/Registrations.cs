@@ -38,6 +38,15 @@ internal sealed class ServerRegistration(string endpoint) : EndpointRegistration
 
     /// <summary>The generated descriptors of the services added (what other transports, such as gRPC, bind).</summary>
     public List<OffloadRpc.Internal.ServiceDescriptor> Descriptors { get; } = [];
+
+    /// <summary>
+    /// Whether a call needs a DI scope: some service is scoped or transient, or an interceptor is registered.
+    /// A server of singletons alone makes no scope per call (it would be created and disposed for nothing).
+    /// </summary>
+    public bool NeedsCallScope => HasScopedServices || Interceptors.Count > 0;
+
+    /// <summary>Whether some service was added as scoped or transient (an instance resolved in each call's scope).</summary>
+    public bool HasScopedServices { get; set; }
 }
 
 /// <summary>Everything registered for the client of one endpoint.</summary>
