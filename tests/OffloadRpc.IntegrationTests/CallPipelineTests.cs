@@ -275,34 +275,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
     [Fact]
     public async Task Client_and_server_spans_share_the_trace_id_and_calls_are_measured_on_both_sides()
     {
-        var spans = new List<Activity>();
-        using var listener = new ActivityListener
-        {
-            ShouldListenTo = s => s.Name is OffloadRpcTelemetry.ActivitySourceName or "CallPipelineTests",
-            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
-            ActivityStopped = a =>
-            {
-                lock (spans)
-                {
-                    spans.Add(a);
-                }
-            },
-        };
-        ActivitySource.AddActivityListener(listener);
-        var measurements = new List<string>();
-        using var meters = new MeterListener
-        {
-            InstrumentPublished = (instrument, l) =>
-            {
-                if (instrument.Meter.Name == OffloadRpcTelemetry.MeterName)
-                {
-                    l.EnableMeasurementEvents(instrument);
-                }
-            },
-        };
-        meters.SetMeasurementEventCallback<double>((i, v, tags, _) => Measure(i, tags));
-        meters.SetMeasurementEventCallback<long>((i, v, tags, _) => Measure(i, tags));
-        meters.Start();
+        using var telemetry = new TelemetryRecorder("CallPipelineTests");
 
         await using OffloadRpcConnection connection = await ConnectAsync();
         ICallProbe probe = connection.GetService<ICallProbe>();
@@ -315,11 +288,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
             seen = await probe.TraceAsync();
         }
 
-        Activity client;
-        lock (spans)
-        {
-            client = spans.Single(a => a.Kind == ActivityKind.Client && a.DisplayName == "OffloadRpc.TestContracts.ICallProbe/TraceAsync");
-        }
+        Activity client = telemetry.Spans.Single(a => a.Kind == ActivityKind.Client && a.DisplayName == "OffloadRpc.TestContracts.ICallProbe/TraceAsync");
 
         string[] server = seen.Split(' ');
         string streamed;
@@ -329,11 +298,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
             Assert.Contains($" trace={root.TraceId} ", streamed, StringComparison.Ordinal);
         }
 
-        Activity streamClient;
-        lock (spans)
-        {
-            streamClient = spans.Single(a => a.Kind == ActivityKind.Client && a.DisplayName == "OffloadRpc.TestContracts.ICallProbe/WatchAsync");
-        }
+        Activity streamClient = telemetry.Spans.Single(a => a.Kind == ActivityKind.Client && a.DisplayName == "OffloadRpc.TestContracts.ICallProbe/WatchAsync");
 
         Assert.EndsWith($" trace={streamClient.TraceId} {streamClient.SpanId}", streamed, StringComparison.Ordinal); // the server span of a stream is its client span's child
         Assert.Equal("ok", streamClient.GetTagItem("rpc.offloadrpc.status_code"));
@@ -366,42 +331,18 @@ public sealed class CallPipelineTests : IAsyncLifetime
 
         byte[] big = new byte[1 << 20];
         await probe.ChecksumAsync(big);
-        meters.RecordObservableInstruments();
-        lock (measurements)
-        {
-            Assert.Contains("rpc.client.duration TraceAsync ok", measurements);
-            Assert.Contains("offloadrpc.client.calls.started TraceAsync", measurements);
-            Assert.Contains("offloadrpc.client.calls.completed TraceAsync ok", measurements);
-            Assert.Contains("offloadrpc.client.active_calls TraceAsync", measurements);
-            Assert.Contains("offloadrpc.client.calls.completed WaitForCancelAsync deadline_exceeded", measurements);
-            Assert.Contains("rpc.client.duration WatchAsync ok", measurements);
-            Assert.Contains("offloadrpc.client.calls.completed WatchAsync cancelled", measurements); // the consumer that left early
-            Assert.Contains("offloadrpc.client.active_calls WatchAsync", measurements);
-            Assert.Contains("offloadrpc.transfer.bytes", measurements);
-            Assert.Contains("offloadrpc.arena.bytes_in_use", measurements);
-            Assert.Contains("offloadrpc.connections", measurements);
-        }
-
-        void Measure(Instrument instrument, ReadOnlySpan<KeyValuePair<string, object?>> tags)
-        {
-            string method = "", status = "";
-            foreach (KeyValuePair<string, object?> tag in tags)
-            {
-                if (tag.Key == "rpc.method")
-                {
-                    method = (string)tag.Value!;
-                }
-                else if (tag.Key == "rpc.offloadrpc.status_code")
-                {
-                    status = (string)tag.Value!;
-                }
-            }
-
-            lock (measurements)
-            {
-                measurements.Add($"{instrument.Name} {method} {status}".TrimEnd());
-            }
-        }
+        string[] measurements = telemetry.Measurements("rpc.method", "rpc.offloadrpc.status_code");
+        Assert.Contains("rpc.client.duration TraceAsync ok", measurements);
+        Assert.Contains("offloadrpc.client.calls.started TraceAsync", measurements);
+        Assert.Contains("offloadrpc.client.calls.completed TraceAsync ok", measurements);
+        Assert.Contains("offloadrpc.client.active_calls TraceAsync", measurements);
+        Assert.Contains("offloadrpc.client.calls.completed WaitForCancelAsync deadline_exceeded", measurements);
+        Assert.Contains("rpc.client.duration WatchAsync ok", measurements);
+        Assert.Contains("offloadrpc.client.calls.completed WatchAsync cancelled", measurements); // the consumer that left early
+        Assert.Contains("offloadrpc.client.active_calls WatchAsync", measurements);
+        Assert.Contains("offloadrpc.transfer.bytes", measurements);
+        Assert.Contains("offloadrpc.arena.bytes_in_use", measurements);
+        Assert.Contains("offloadrpc.connections", measurements);
     }
 
     [Fact]

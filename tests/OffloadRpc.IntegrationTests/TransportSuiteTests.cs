@@ -284,34 +284,7 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
     public async Task Client_and_server_spans_share_the_trace_and_client_calls_are_measured_with_their_status()
     {
         const string Service = "OffloadRpc.TestContracts.ICallProbe";
-        var spans = new List<Activity>();
-        using var listener = new ActivityListener
-        {
-            ShouldListenTo = s => s.Name is OffloadRpcTelemetry.ActivitySourceName or nameof(TransportTests),
-            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
-            ActivityStopped = a =>
-            {
-                lock (spans)
-                {
-                    spans.Add(a);
-                }
-            },
-        };
-        ActivitySource.AddActivityListener(listener);
-        var measured = new List<string>();
-        using var meters = new MeterListener
-        {
-            InstrumentPublished = (instrument, l) =>
-            {
-                if (instrument.Meter.Name == OffloadRpcTelemetry.MeterName && instrument.Name is "rpc.client.duration" or "offloadrpc.client.calls.completed")
-                {
-                    l.EnableMeasurementEvents(instrument);
-                }
-            },
-        };
-        meters.SetMeasurementEventCallback<double>((i, _, tags, _) => Measure(i, tags));
-        meters.SetMeasurementEventCallback<long>((i, _, tags, _) => Measure(i, tags));
-        meters.Start();
+        using var telemetry = new TelemetryRecorder(nameof(TransportTests));
 
         using var source = new ActivitySource(nameof(TransportTests));
         string[] server;
@@ -322,12 +295,9 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
             await Assert.ThrowsAsync<RemoteInvocationException>(() => Sink.FailAsync("traced failure"));
         }
 
-        Activity client, failed;
-        lock (spans)
-        {
-            client = spans.Single(a => a.TraceId == root.TraceId && a.Kind == ActivityKind.Client && a.DisplayName == Service + "/TraceAsync");
-            failed = spans.Single(a => a.TraceId == root.TraceId && a.Kind == ActivityKind.Client && a.DisplayName.EndsWith("/FailAsync", StringComparison.Ordinal));
-        }
+        Activity[] spans = telemetry.Spans;
+        Activity client = spans.Single(a => a.TraceId == root.TraceId && a.Kind == ActivityKind.Client && a.DisplayName == Service + "/TraceAsync");
+        Activity failed = spans.Single(a => a.TraceId == root.TraceId && a.Kind == ActivityKind.Client && a.DisplayName.EndsWith("/FailAsync", StringComparison.Ordinal));
 
         Assert.Equal(3, server.Length);
         Assert.Equal(root.TraceId.ToString(), server[0]); // one trace across both processes, over either transport
@@ -343,33 +313,11 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
             async () => (await Probe.ServerLogAsync()).Any(l => l.StartsWith($"span Server OffloadRpc.TestContracts.IKitchenSink/FailAsync {root.TraceId} parent={failed.SpanId} system=offloadrpc method=FailAsync status=error", StringComparison.Ordinal)),
             "the server process recorded the failed call's span, a child of the client's");
 
-        lock (measured)
-        {
-            Assert.Contains($"rpc.client.duration offloadrpc {Service} TraceAsync ok", measured);
-            Assert.Contains($"offloadrpc.client.calls.completed offloadrpc {Service} TraceAsync ok", measured);
-            Assert.Contains("rpc.client.duration offloadrpc OffloadRpc.TestContracts.IKitchenSink FailAsync remote_error", measured);
-            Assert.Contains("offloadrpc.client.calls.completed offloadrpc OffloadRpc.TestContracts.IKitchenSink FailAsync remote_error", measured);
-        }
-
-        void Measure(Instrument instrument, ReadOnlySpan<KeyValuePair<string, object?>> tags)
-        {
-            string system = "", service = "", method = "", status = "";
-            foreach (KeyValuePair<string, object?> tag in tags)
-            {
-                switch (tag.Key)
-                {
-                    case "rpc.system": system = tag.Value as string ?? ""; break;
-                    case "rpc.service": service = tag.Value as string ?? ""; break;
-                    case "rpc.method": method = tag.Value as string ?? ""; break;
-                    case "rpc.offloadrpc.status_code": status = tag.Value as string ?? ""; break;
-                }
-            }
-
-            lock (measured)
-            {
-                measured.Add($"{instrument.Name} {system} {service} {method} {status}");
-            }
-        }
+        string[] measured = telemetry.Measurements("rpc.system", "rpc.service", "rpc.method", "rpc.offloadrpc.status_code");
+        Assert.Contains($"rpc.client.duration offloadrpc {Service} TraceAsync ok", measured);
+        Assert.Contains($"offloadrpc.client.calls.completed offloadrpc {Service} TraceAsync ok", measured);
+        Assert.Contains("rpc.client.duration offloadrpc OffloadRpc.TestContracts.IKitchenSink FailAsync remote_error", measured);
+        Assert.Contains("offloadrpc.client.calls.completed offloadrpc OffloadRpc.TestContracts.IKitchenSink FailAsync remote_error", measured);
     }
 
     [Fact]
