@@ -16,13 +16,16 @@ public sealed class OffloadCallScope : IDisposable
 {
     private static readonly AsyncLocal<OffloadCallScope?> s_current = new();
     private readonly OffloadCallScope? _outer;
-    private readonly Dictionary<string, string> _headers;
+
+    // Never changed in place: WithHeader puts a new map here, so a call in flight keeps the headers it started
+    // with (it holds this map without copying it), and a nested scope shares its outer one's until it adds its own.
+    private IReadOnlyDictionary<string, string> _headers;
     private bool _disposed;
 
     private OffloadCallScope(OffloadCallScope? outer)
     {
         _outer = outer;
-        _headers = outer is null ? new Dictionary<string, string>(StringComparer.Ordinal) : new Dictionary<string, string>(outer._headers, StringComparer.Ordinal);
+        _headers = outer?._headers ?? System.Collections.ObjectModel.ReadOnlyDictionary<string, string>.Empty;
         Deadline = outer?.Deadline;
     }
 
@@ -48,7 +51,7 @@ public sealed class OffloadCallScope : IDisposable
     {
         ArgumentException.ThrowIfNullOrEmpty(name);
         ArgumentNullException.ThrowIfNull(value);
-        _headers[name] = value;
+        _headers = new Dictionary<string, string>(_headers, StringComparer.Ordinal) { [name] = value };
         return this;
     }
 

@@ -413,11 +413,15 @@ internal struct DeadlineTimer : IDisposable
             : null;
     }
 
-    /// <summary>Ends the timer: the caller's token no longer reaches it, and a source that never fired goes back to the pool.</summary>
-    public readonly void Dispose()
+    /// <summary>
+    /// Ends the timer: the caller's token no longer reaches it, and a source that never fired goes back to the pool.
+    /// Once only: a second call (a stream disposed twice) must not return a source another call has rented since.
+    /// </summary>
+    public void Dispose()
     {
         if (_source is { } source)
         {
+            _source = null;
             _link.Dispose(); // waits for a cancellation in progress: nothing cancels the source once it is back
             DeadlineSources.Return(source);
         }
