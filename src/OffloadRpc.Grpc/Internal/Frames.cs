@@ -156,7 +156,8 @@ internal sealed class Frame
 
 /// <summary>
 /// A request, reply or stream item on its way out: its body and payloads copied (or, for leases,
-/// taken over) when it is made, so the builder it came from is free at once; then written as frames.
+/// taken over) when it is made, so the builder it came from is free at once, except a request's
+/// borrowed buffers (the caller's own, not transient), read as the frames go out; then written as frames.
 /// </summary>
 internal sealed class OutgoingMessage : IDisposable
 {

@@ -59,12 +59,13 @@ public sealed class MessageBuilder
         }
         else
         {
-            // Reinterpreting Memory<T> as bytes needs a view; the bytes are copied before the call returns.
+            // Reinterpreting Memory<T> as bytes needs a view over a pin that ends when the call's send returns: so it is
+            // transient (copied before then, never read later, e.g. by the gRPC transport's frame writer).
             MemoryHandle pin = buffer.Pin();
             _pins.Add(pin);
             unsafe
             {
-                _payloads.Add(OutboundPayload.Copy(new UnmanagedMemoryView((byte*)pin.Pointer, checked(buffer.Length * System.Runtime.CompilerServices.Unsafe.SizeOf<T>())).Memory, mode, cache));
+                _payloads.Add(OutboundPayload.CopyTransient(new UnmanagedMemoryView((byte*)pin.Pointer, checked(buffer.Length * System.Runtime.CompilerServices.Unsafe.SizeOf<T>())).Memory, mode, cache));
             }
         }
 
