@@ -279,7 +279,7 @@ internal static class StreamBench
             }
 
             double median = Median(times);
-            return new ChecksumRow(path, Bytes, median, times[0], Bytes / median / 1e6);
+            return new ChecksumRow(path, Bytes, median, times.Min(), Bytes / median / 1e6);
         }
 
         var copyTimes = new List<double>(rounds);
@@ -295,7 +295,7 @@ internal static class StreamBench
         }
 
         double copy = Median(copyTimes);
-        var rows = new List<ChecksumRow> { new("floor: copy 64 MiB", Bytes, copy, copyTimes[0], Bytes / copy / 1e6) };
+        var rows = new List<ChecksumRow> { new("floor: copy 64 MiB", Bytes, copy, copyTimes.Min(), Bytes / copy / 1e6) };
         rows.Add(await Time("floor: read (checksum) 64 MiB", () => Task.FromResult(PayloadChecksum.Compute(target))));
         rows.Add(await Time("offloadrpc unary ReadOnlyMemory<byte>", async () => await service.ChecksumAsync(data)));
         rows.Add(await Time("offloadrpc pipelined Stream argument, server ReadAsync into a 1 MiB array", async () => await service.ChecksumStreamAsync(new MemoryStream(data, writable: false))));

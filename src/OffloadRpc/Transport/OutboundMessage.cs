@@ -354,13 +354,8 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
     /// <summary>Marks a streamed payload's end at <paramref name="length"/> bytes (all of them published already) and wakes a receiver waiting for more.</summary>
     internal static unsafe void PublishEnd(nint header, long length)
     {
-        var progress = (PipelineHeader*)header;
-        Volatile.Write(ref progress->Total, length); // after BytesReady reached it: the receiver sees the end of what is ready
-        Interlocked.Increment(ref progress->ChunksReady);
-        if (Volatile.Read(ref progress->ReceiverWaiting) != 0)
-        {
-            Interop.LinuxNative.FutexWake(&progress->ChunksReady, int.MaxValue);
-        }
+        Volatile.Write(ref ((PipelineHeader*)header)->Total, length); // after BytesReady reached it: the receiver sees the end of what is ready
+        PublishProgress(header, length); // BytesReady is length already: this bumps the chunk count and wakes a waiter
     }
 
     /// <summary>Writes a pipelined payload chunk by chunk, publishing the progress after each so the receiver can start.</summary>

@@ -208,7 +208,8 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     /// Closed, cancelled, or stalled: no real progress for the stall timeout (a live sender that stopped
     /// writing would otherwise park us forever). Progress counts only in steps of
     /// <see cref="MinimumProgressBytes"/> (or to the end): a sender trickling a few bytes per timeout
-    /// does not keep the payload, its block and the reader alive forever.
+    /// does not keep the payload, its block and the reader alive forever. A streamed payload counts any
+    /// progress: its sender reads a source (a pipe, a socket) that may trickle, and its ring is bounded anyway.
     /// </summary>
     public bool IsAbandoned()
     {
@@ -218,7 +219,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         }
 
         long now = Stopwatch.GetTimestamp();
-        if (_known - _progressSeen >= (_streamed ? MinimumProgressBytes : Math.Min(MinimumProgressBytes, _length - _progressSeen)))
+        if (_known - _progressSeen >= (_streamed ? 1 : Math.Min(MinimumProgressBytes, _length - _progressSeen)))
         {
             _progressSeen = _known;
             _progressAt = now;
