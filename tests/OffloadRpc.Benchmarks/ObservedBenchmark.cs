@@ -123,17 +123,17 @@ internal static class ObservedBenchmark
             }
         }
 
-        double plainP50 = Percentile(variants[0].Latencies, 0.5);
-        double plainSpun = Percentile(Spun(variants[0].Latencies), 0.5);
+        double plainP50 = TransportBenchmark.Percentile(variants[0].Latencies, 0.5);
+        double plainSpun = TransportBenchmark.Percentile(Spun(variants[0].Latencies), 0.5);
         Console.WriteLine();
         Console.WriteLine($"{"variant",-36} {"p50 ns",7} {"p99 ns",7} {"ratio",6} {"woken",6} {"spun p50",9} {"ratio",6} {"client B",9} {"server B",9}");
         Console.WriteLine(new string('-', 103));
         foreach (Variant variant in variants)
         {
-            double p50 = Percentile(variant.Latencies, 0.5);
-            double spun = Percentile(Spun(variant.Latencies), 0.5);
+            double p50 = TransportBenchmark.Percentile(variant.Latencies, 0.5);
+            double spun = TransportBenchmark.Percentile(Spun(variant.Latencies), 0.5);
             string spunColumns = spun > 0 && plainSpun > 0 ? $"{ToNs(spun),9:0} {spun / plainSpun,5:0.00}x" : $"{"-",9} {"-",6}"; // no call was caught spinning
-            Console.WriteLine($"{variant.Name,-36} {ToNs(p50),7:0} {ToNs(Percentile(variant.Latencies, 0.99)),7:0} {p50 / plainP50,5:0.00}x {Woken(variant.Latencies),6:0%} {spunColumns} {(double)variant.ClientBytes / variant.Calls,9:0} {(double)variant.ServerBytes / variant.Calls,9:0}");
+            Console.WriteLine($"{variant.Name,-36} {ToNs(p50),7:0} {ToNs(TransportBenchmark.Percentile(variant.Latencies, 0.99)),7:0} {p50 / plainP50,5:0.00}x {Woken(variant.Latencies),6:0%} {spunColumns} {(double)variant.ClientBytes / variant.Calls,9:0} {(double)variant.ServerBytes / variant.Calls,9:0}");
         }
 
         Console.WriteLine("ratio: to the plain call; woken: calls over 10 us (a side slept); spun p50: the p50 of the others; client B, server B: bytes allocated per call in each process");
@@ -231,13 +231,6 @@ internal static class ObservedBenchmark
     }
 
     private static double ToNs(double ticks) => ticks * 1e9 / Stopwatch.Frequency;
-
-    private static double Percentile(List<long> values, double p)
-    {
-        long[] sorted = [.. values];
-        Array.Sort(sorted);
-        return sorted[Math.Min(sorted.Length - 1, (int)(p * sorted.Length))];
-    }
 
     private sealed class ObservedBench : IObservedBench
     {

@@ -176,9 +176,9 @@ internal static class TransportBenchmark
         }
     }
 
-    private static double Percentile(long[] values, double p)
+    internal static double Percentile(IEnumerable<long> values, double p)
     {
-        long[] sorted = (long[])values.Clone();
+        long[] sorted = [.. values];
         Array.Sort(sorted);
         return sorted[Math.Min(sorted.Length - 1, (int)(p * sorted.Length))];
     }

@@ -401,7 +401,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
 
         probe.Release(1);
         Assert.Equal("completed 1", await one.WaitAsync(TimeSpan.FromSeconds(30)));
-        Assert.False(stop.IsCompleted); // the other connection still serves a call
+        await Assert.ThrowsAsync<TimeoutException>(() => stop.WaitAsync(TimeSpan.FromMilliseconds(200))); // the other connection still serves a call
 
         probe.Release(2);
         await stop.WaitAsync(TimeSpan.FromSeconds(30)); // woken by the last call's end: the token never fires
@@ -426,7 +426,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
         using var timeout = new CancellationTokenSource();
         Task stop = server.StopAsync(timeout.Token);
         await Eventually.TrueAsync(() => logs.Has("ServerStopping", "1 calls in flight"), "the server waits for the call");
-        Assert.False(stop.IsCompleted); // nothing ends the call but the token
+        await Assert.ThrowsAsync<TimeoutException>(() => stop.WaitAsync(TimeSpan.FromMilliseconds(200))); // nothing ends the call but the token
 
         await timeout.CancelAsync();
         await stop.WaitAsync(TimeSpan.FromSeconds(30));

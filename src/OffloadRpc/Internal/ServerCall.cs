@@ -435,14 +435,10 @@ public sealed class ServerCall
     /// <summary>The method has completed: the memory it was lent goes back, and on failure the leases it was given too.</summary>
     internal void Complete(bool faulted)
     {
-        lock (_gate)
-        {
-            _completed = true;
-        }
-
         List<SharedBuffer>? moved;
         lock (_gate)
         {
+            _completed = true;
             moved = _moved;
             _moved = null;
         }
