@@ -9,6 +9,18 @@ internal static unsafe class RawWriter
     public static void WriteMessage(RpcConnection connection, MessageKind kind, ulong callId, int bodyLength, ReadOnlySpan<PayloadRef> refs, bool corruptSequence = false)
     {
         byte* slot = connection.ReserveRawSlot(out long position);
+        try
+        {
+            WriteSlot(connection, slot, position, callId, kind, bodyLength, refs, corruptSequence);
+        }
+        finally
+        {
+            connection.ExitOutbound();
+        }
+    }
+
+    private static void WriteSlot(RpcConnection connection, byte* slot, long position, ulong callId, MessageKind kind, int bodyLength, ReadOnlySpan<PayloadRef> refs, bool corruptSequence)
+    {
         var header = (MessageHeader*)slot;
         header->CallId = callId;
         header->Kind = kind;
@@ -31,10 +43,18 @@ internal static unsafe class RawWriter
 
     public static void PostRelease(RpcConnection connection, ulong handle)
     {
-        ControlRing ring = connection.OutboundArea.Releases;
-        byte* slot = ring.TryReserve(out long position);
-        *(ulong*)(slot + 8) = handle;
-        ring.Publish(position);
+        connection.EnterOutbound();
+        try
+        {
+            ControlRing ring = connection.OutboundArea.Releases;
+            byte* slot = ring.TryReserve(out long position);
+            *(ulong*)(slot + 8) = handle;
+            ring.Publish(position);
+        }
+        finally
+        {
+            connection.ExitOutbound();
+        }
     }
 
     /// <summary>Sends one byte of a frame header with this process's own socket attached (SCM_RIGHTS), and nothing more.</summary>

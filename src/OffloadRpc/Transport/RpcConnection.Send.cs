@@ -313,7 +313,27 @@ internal sealed partial class RpcConnection
     }
 
     /// <summary>
+    /// Test hook: holds this side's outbound area mapped, as an <see cref="OutboundMessage"/> does from
+    /// Begin to recycling. A writer between <see cref="ReserveSlot"/> and publishing (which may wait for
+    /// room) touches the ring and its wake words while a closing connection releases its resources on
+    /// another thread; without the hold it would write to an unmapped page. Throws the connection's
+    /// closed exception once the area is gone. Pair with <see cref="ExitOutbound"/>.
+    /// </summary>
+    internal void EnterOutbound()
+    {
+        if (!_outbound.Segment.TryAddReference())
+        {
+            throw ClosedException();
+        }
+    }
+
+    /// <summary>Lets go of the hold <see cref="EnterOutbound"/> took; the last holder of a closed connection unmaps.</summary>
+    internal void ExitOutbound() => _outbound.Segment.Release();
+
+    /// <summary>
     /// Reserves the next outbound slot, waiting (bounded by close and cancellation) while the ring is full.
+    /// The caller holds the outbound area until it has published the slot (an <see cref="OutboundMessage"/>
+    /// from Begin to recycling; a test's raw writer with <see cref="EnterOutbound"/>).
     /// An answer (response or fault) never waits long: the peer can have no more answers outstanding than
     /// calls in flight, and no more calls in flight than the ring has slots, so a full ring at answer
     /// time means it stopped consuming. On the poller (which serves every connection) an answer waits
@@ -380,10 +400,22 @@ internal sealed partial class RpcConnection
     /// <summary>Test hook: this side stops consuming what the peer sends (a peer that never reads its answers), the connection stays open.</summary>
     internal void StopReceivingForTests() => _receiver.RequestRemoval();
 
-    /// <summary>Test hook: reserves the next outbound slot without writing it.</summary>
-    internal unsafe byte* ReserveRawSlot(out long position) => ReserveSlot(out position, MessageKind.Request, CancellationToken.None);
+    /// <summary>Test hook: holds the outbound area and reserves the next slot without writing it; the caller ends with <see cref="ExitOutbound"/>.</summary>
+    internal unsafe byte* ReserveRawSlot(out long position)
+    {
+        EnterOutbound();
+        try
+        {
+            return ReserveSlot(out position, MessageKind.Request, CancellationToken.None);
+        }
+        catch
+        {
+            ExitOutbound();
+            throw;
+        }
+    }
 
-    /// <summary>Test hook: wakes the peer's receiver without publishing anything.</summary>
+    /// <summary>Test hook: wakes the peer's receiver without publishing anything (the caller holds the outbound area).</summary>
     internal unsafe void WakePeerConsumer() => SharedWait.WakeUnconditionally(_outbound.ConsumerWake);
 
     /// <summary>The one place a message is laid out in a reserved slot: header, payload references, inline body; then published and the receiver woken.</summary>
