@@ -25,6 +25,8 @@ public sealed class ProtocolViolationTests
     [InlineData("shrinkable-segment", "segment 50 that is not sealed against resizing")]
     [InlineData("missized-segment", "segment 50 of 1048576 bytes but announced 2097152")]
     [InlineData("pipelined-overrun", "pipelined payload's progress")]
+    [InlineData("ring-overrun", "a streamed payload's progress went from 0 to 8192 (taken 0, ring 1024, end -1)")]
+    [InlineData("ring-end-mismatch", "a streamed payload's progress went from 0 to 512 (taken 0, ring 1024, end 8192)")]
     [InlineData("bad-metadata-length", "a metadata block longer than its 5-byte body")]
     public async Task A_malicious_client_is_disconnected_with_ProtocolViolationException_and_others_are_unaffected(string kind, string cause)
     {
@@ -127,7 +129,9 @@ internal sealed class InProcessServer : IAsyncDisposable, IRequestHandler
     {
         for (int i = 0; i < call.PayloadCount; i++)
         {
-            using SharedBuffer payload = call.TakePayload(i); // a pipelined payload is followed to its end
+            // Read to its end: a pipelined payload is followed as it lands, a streamed one through its ring.
+            using Stream payload = call.OpenPayloadStream(i);
+            payload.CopyTo(Stream.Null);
         }
 
         call.Reply(call.Body);

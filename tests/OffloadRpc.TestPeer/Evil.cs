@@ -172,6 +172,22 @@ internal static class EvilClient
                 break;
             }
 
+            case "ring-overrun":
+            case "ring-end-mismatch":
+            {
+                // A streamed (ring) payload whose counters lie: more bytes past what the server took than its
+                // 1 KiB ring holds; an end mark that is not where the bytes end.
+                unsafe
+                {
+                    SharedBuffer lease = connection.Rent(4096);
+                    var header = (PipelineHeader*)(lease.Segment.Base + lease.Offset);
+                    (header->Total, header->BytesReady) = kind == "ring-overrun" ? (-1L, 8192L) : (8192L, 512L);
+                    RawWriter.WriteMessage(connection, MessageKind.Request, 1, 0, [new PayloadRef { SegmentId = lease.Segment.Id, Flags = PayloadRef.Pipelined | PayloadRef.Streamed, Offset = lease.Offset, Length = 1024 }]);
+                }
+
+                break;
+            }
+
             case "pipelined-stall":
             {
                 // A pipelined payload whose sender stays alive but stops writing after the first 4 KiB.
