@@ -69,6 +69,30 @@ public sealed class ProtocolViolationTests
         Assert.True(reply.Body.SequenceEqual("still here"u8));
     }
 
+    [Fact]
+    public async Task A_server_that_claims_more_of_a_streamed_argument_than_was_written_is_a_protocol_violation()
+    {
+        string endpoint = Endpoints.Unique("evil-server");
+        await using PeerProcess evil = PeerProcess.Start(["evil-server", endpoint, "ring-overclaim"]);
+        evil.WaitForLine("READY");
+        try
+        {
+            await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, new TransportOptions(), [], null, CancellationToken.None);
+
+            // Longer than the ring, so the client waits for room and reads the forged count.
+            var source = new StreamSource(new UnseekableStream(new byte[16 << 20]), -1, CancellationToken.None);
+            Task<RpcReply> call = connection.CallAsync(1, "hi"u8, [OutboundPayload.FromStream(source, CachePolicy.Auto)]).AsTask();
+            ProtocolViolationException pumped = await Assert.ThrowsAsync<ProtocolViolationException>(() => source.Completion.WaitAsync(TimeSpan.FromSeconds(30)));
+            Assert.Contains("it reported taking 1099511627776 bytes of a streamed argument", pumped.Message);
+            await Assert.ThrowsAsync<ProtocolViolationException>(() => call.WaitAsync(TimeSpan.FromSeconds(30)));
+            Assert.IsType<ProtocolViolationException>(connection.TerminalException);
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
+
     [Theory]
     [InlineData("bad-offset-response")]
     [InlineData("corrupt-seq-response")]
@@ -105,6 +129,12 @@ public sealed class ProtocolViolationTests
             Endpoints.RemoveStale(endpoint);
         }
     }
+}
+
+/// <summary>A stream that cannot seek, as a pipe or a socket: sent through a ring whose length is unknown up front.</summary>
+internal sealed class UnseekableStream(byte[] data) : MemoryStream(data, writable: false)
+{
+    public override bool CanSeek => false;
 }
 
 /// <summary>A listener in this process with an echo handler, reporting refused and failed connections.</summary>

@@ -368,6 +368,23 @@ internal sealed class EvilHandler : IRequestHandler
             case "malformed-fault":
                 RawWriter.WriteMessage(call.Connection, MessageKind.Fault, call.CallId, 3, []);
                 break;
+            case "ring-overclaim":
+                // The request streams a Stream of unknown length through a ring: claim to have taken more
+                // of it than was ever written, so the client would write over bytes still unread.
+                unsafe
+                {
+                    PipelineHeader* header = call.PipelineHeaderForTests(0);
+                    if (header is null)
+                    {
+                        throw new InvalidOperationException("ring-overclaim needs a request with a pipelined payload");
+                    }
+
+                    Volatile.Write(ref header->BytesConsumed, 1L << 40);
+                    Interlocked.Increment(ref header->ConsumedCount);
+                    LinuxNative.FutexWake(&header->ConsumedCount, int.MaxValue);
+                }
+
+                break;
             default:
                 throw new NotSupportedException(_kind);
         }

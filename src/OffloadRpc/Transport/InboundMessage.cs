@@ -173,6 +173,14 @@ internal abstract class InboundMessage
         return new PipelinedPayloadStream(Progress(payload), segment.Pointer(payload.Offset, payload.Length), segment, () => connection.ReleaseReceivedBlock(segment, blockOffset, ownArena: false), connection.PipelineChunkBytes, cancellationToken);
     }
 
+    /// <summary>Test hook: the progress header of pipelined payload <paramref name="index"/> (a hostile peer forges its counters).</summary>
+    internal unsafe PipelineHeader* PipelineHeaderForTests(int index)
+    {
+        ValidateIndex(index);
+        ref ReceivedPayload payload = ref _payloads[index];
+        return payload.Pipelined ? (PipelineHeader*)payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size) : null;
+    }
+
     private unsafe PipelinedPayload Progress(in ReceivedPayload payload) =>
         new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length, payload.Streamed);
 
