@@ -2,6 +2,7 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using OffloadRpc;
+using OpenTelemetry.Metrics;
 using OpenTelemetry.Resources;
 using OpenTelemetry.Trace;
 
@@ -16,10 +17,11 @@ internal static class Server
         builder.Services.AddOffloadRpcServer(endpoint)
             .AddService<IGreeter, Greeter>()                                 // a Greeter per call, in a DI scope of its own
             .AddInterceptor<TenantInterceptor>();                            // resolved from DI for each call
-        builder.Services.AddHealthChecks().AddOffloadRpcServer();
+        builder.Services.AddHealthChecks().AddOffloadRpcServer();            // healthy while listening
         builder.Services.AddOpenTelemetry()
             .ConfigureResource(resource => resource.AddService("hosted-worker-server"))
-            .WithTracing(tracing => tracing.AddSource(OffloadRpcTelemetry.ActivitySourceName).AddConsoleExporter());
+            .WithTracing(tracing => tracing.AddSource(OffloadRpcTelemetry.ActivitySourceName).AddConsoleExporter())
+            .WithMetrics(metrics => metrics.AddMeter(OffloadRpcTelemetry.MeterName).AddConsoleExporter()); // printed when the host stops
 
         using IHost host = builder.Build();
         StopWhenInputCloses(host);                                           // the demo's client process stops us so

@@ -12,7 +12,7 @@ internal sealed class TelemetryRecorder : IDisposable
     private readonly ActivityListener _listener;
     private readonly MeterListener _meters;
     private readonly List<Activity> _spans = [];
-    private readonly List<(string Instrument, KeyValuePair<string, object?>[] Tags)> _measurements = [];
+    private readonly List<(string Instrument, double Value, KeyValuePair<string, object?>[] Tags)> _measurements = [];
 
     /// <param name="sources">The test's own activity sources (its root spans), besides OffloadRpc's.</param>
     public TelemetryRecorder(params string[] sources)
@@ -40,8 +40,8 @@ internal sealed class TelemetryRecorder : IDisposable
                 }
             },
         };
-        _meters.SetMeasurementEventCallback<double>((i, _, tags, _) => Measure(i, tags));
-        _meters.SetMeasurementEventCallback<long>((i, _, tags, _) => Measure(i, tags));
+        _meters.SetMeasurementEventCallback<double>((i, value, tags, _) => Measure(i, value, tags));
+        _meters.SetMeasurementEventCallback<long>((i, value, tags, _) => Measure(i, value, tags));
         _meters.Start();
     }
 
@@ -71,18 +71,33 @@ internal sealed class TelemetryRecorder : IDisposable
         }
     }
 
+    /// <summary>Reads the observable instruments now and returns what <paramref name="instrument"/> reported for the tag <paramref name="tagKey"/> = <paramref name="tagValue"/>.</summary>
+    public double Observe(string instrument, string tagKey, string tagValue)
+    {
+        lock (_measurements)
+        {
+            _measurements.RemoveAll(m => m.Instrument == instrument);
+        }
+
+        _meters.RecordObservableInstruments();
+        lock (_measurements)
+        {
+            return _measurements.Last(m => m.Instrument == instrument && m.Tags.Any(t => t.Key == tagKey && Equals(t.Value, tagValue))).Value;
+        }
+    }
+
     public void Dispose()
     {
         _meters.Dispose();
         _listener.Dispose();
     }
 
-    private void Measure(Instrument instrument, ReadOnlySpan<KeyValuePair<string, object?>> tags)
+    private void Measure(Instrument instrument, double value, ReadOnlySpan<KeyValuePair<string, object?>> tags)
     {
         KeyValuePair<string, object?>[] copy = tags.ToArray();
         lock (_measurements)
         {
-            _measurements.Add((instrument.Name, copy));
+            _measurements.Add((instrument.Name, value, copy));
         }
     }
 }

@@ -81,6 +81,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
         }
 
         await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "cancelled deadline=yes", "the server's token fired for the call, which knew its deadline");
+        Assert.Contains("intercepted WaitForCancelAsync failed TaskCanceledException", await probe.ServerLogAsync()); // the server interceptor saw the method's exception
 
         using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromSeconds(30)))
         {
@@ -343,6 +344,71 @@ public sealed class CallPipelineTests : IAsyncLifetime
         Assert.Contains("offloadrpc.transfer.bytes", measurements);
         Assert.Contains("offloadrpc.arena.bytes_in_use", measurements);
         Assert.Contains("offloadrpc.connections", measurements);
+        Assert.Contains("offloadrpc.transfers", measurements);
+
+        using (SharedBuffer held = connection.Rent(3 << 20))
+        {
+            Assert.True(telemetry.Observe("offloadrpc.arena.bytes_in_use", "offloadrpc.role", "client") >= 3 << 20, "a lease held counts as arena bytes in use");
+            Assert.True(telemetry.Observe("offloadrpc.connections", "offloadrpc.role", "client") >= 1, "the open connection is counted");
+        }
+    }
+
+    [Fact]
+    public async Task Nothing_is_logged_per_call_at_Information_or_above_on_either_side()
+    {
+        var serverLogs = new CollectingLoggerFactory();
+        var clientLogs = new CollectingLoggerFactory();
+        var gated = new GatedProbe();
+        string endpoint = Endpoints.Unique("quiet");
+        var serverOptions = new OffloadRpcOptions { LoggerFactory = serverLogs, SlowCallThreshold = TimeSpan.FromMinutes(5) }; // slow calls are logged; these are ordinary ones
+        serverOptions.ServerInterceptors.Add(new DenyingInterceptor());
+        await using var server = new OffloadRpcServer(endpoint, serverOptions);
+        server.Register<ICallProbe>(gated);
+        await server.StartAsync();
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(endpoint, new OffloadRpcOptions { LoggerFactory = clientLogs, SlowCallThreshold = TimeSpan.FromMinutes(5) });
+        ICallProbe probe = connection.GetService<ICallProbe>();
+        await probe.PingAsync();
+        await Eventually.TrueAsync(() => serverLogs.Has("ConnectionAccepted") && clientLogs.Has("Connected"), "the connection is logged on both sides");
+        int serverBefore = serverLogs.Entries.Count(e => e.Level >= LogLevel.Information);
+        int clientBefore = clientLogs.Entries.Count(e => e.Level >= LogLevel.Information);
+
+        byte[] data = new byte[256 << 10];
+        Checksum64.Fill(data, 3);
+        for (int i = 0; i < 50; i++)
+        {
+            Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data)); // ok, with a payload
+        }
+
+        using (OffloadCallScope.Begin().WithHeader("tenant", "acme").WithDeadline(TimeSpan.FromMilliseconds(200)))
+        {
+            await Assert.ThrowsAsync<DeadlineExceededException>(async () => await probe.WaitForCancelAsync(1)); // deadline exceeded
+        }
+
+        using (var cts = new CancellationTokenSource())
+        {
+            Task<string> cancelled = probe.WaitForCancelAsync(2, cts.Token).AsTask();
+            await gated.WaitEnteredAsync(2);
+            await cts.CancelAsync();
+            Assert.IsAssignableFrom<OperationCanceledException>(await Record.ExceptionAsync(() => cancelled)); // cancelled by the caller
+        }
+
+        using (OffloadCallScope.Begin().WithHeader("deny", "yes"))
+        {
+            await Assert.ThrowsAsync<RemoteInvocationException>(async () => await probe.PingAsync()); // refused by an interceptor
+        }
+
+        Assert.Empty(await ToListAsync(probe.WatchAsync(3, 0))); // a streamed result
+        await Eventually.TrueAsync(() => gated.Outcomes.Contains("cancelled 1") && gated.Outcomes.Contains("cancelled 2"), "both waiting calls ended on the server");
+
+        Assert.Equal(serverBefore, serverLogs.Entries.Count(e => e.Level >= LogLevel.Information));
+        Assert.Equal(clientBefore, clientLogs.Entries.Count(e => e.Level >= LogLevel.Information));
+    }
+
+    /// <summary>Refuses calls carrying a "deny" header.</summary>
+    private sealed class DenyingInterceptor : ServerInterceptor
+    {
+        public override ValueTask<TResult> InterceptAsync<TResult>(ServerInterceptorContext context, ServerCallContinuation<TResult> continuation) =>
+            context.RequestHeaders.ContainsKey("deny") ? throw new UnauthorizedAccessException("denied") : continuation(context);
     }
 
     [Fact]
