@@ -49,7 +49,8 @@ public sealed partial class HostedWorkerTests
         HashSet<string> sample = [.. Directory.GetFiles(Path.Combine(Repository, "samples", "HostedWorker"), "*.cs").SelectMany(File.ReadAllLines).Select(Code)];
         string[] shown = [.. block.Split('\n').Select(Code).Where(l => l.Length > 0)];
         Assert.True(shown.Length > 30, block);
-        Assert.Empty(shown.Where(l => !sample.Contains(l)));
+        string[] missing = [.. shown.Where(l => !sample.Contains(l))];
+        Assert.True(missing.Length == 0, "README lines not in samples/HostedWorker:\n" + string.Join('\n', missing));
         foreach (string name in new[] { "AddOffloadRpcServer(", ".AddService<", ".AddInterceptor<", "AddOffloadRpcClient<", "RequestHeaders[", "WithHeader(", "WithDeadline(", "DeadlineExceededException", "AddConsoleExporter()" })
         {
             Assert.Contains(shown, l => l.Contains(name, StringComparison.Ordinal));
