@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Diagnostics;
 using OffloadRpc.Engines;
 
 namespace OffloadRpc.Transport;
@@ -88,10 +89,10 @@ internal sealed class StreamSource
     private async Task PumpRingAsync(RpcConnection connection, ArenaBlock block, nint header, nint destination, long capacity)
     {
         await Task.Yield(); // off the sending thread
-        var room = new RingRoom(connection, header, capacity, _cancellationToken);
+        long chunk = Math.Min(connection.PipelineChunkBytes, capacity);
+        var room = new RingRoom(connection, header, capacity, chunk, _cancellationToken);
         try
         {
-            long chunk = Math.Min(connection.PipelineChunkBytes, capacity);
             while (true)
             {
                 long free = await room.WaitAsync().ConfigureAwait(false);
@@ -142,9 +143,11 @@ internal sealed class StreamSource
 
     /// <summary>
     /// The writer's view of a ring: room left past what the receiver has taken (validated: what it took only
-    /// grows and never passes what was written), waited for without a thread when there is none.
+    /// grows and never passes what was written), waited for without a thread when there is none. Room counts
+    /// once a whole chunk (<paramref name="minimumRoom"/>) is free: a writer woken for every few KiB the
+    /// receiver takes would read its source in slivers, a wait and a read per sliver.
     /// </summary>
-    private sealed class RingRoom(RpcConnection connection, nint header, long capacity, CancellationToken cancellationToken) : IAsyncWaitCondition
+    private sealed class RingRoom(RpcConnection connection, nint header, long capacity, long minimumRoom, CancellationToken cancellationToken) : IAsyncWaitCondition
     {
         private long _taken;
 
@@ -159,13 +162,20 @@ internal sealed class StreamSource
                 return Free();
             }
 
+            // A receiver that reads on another core frees a chunk every few tens of microseconds: spin for it
+            // first, but never on the poller (it serves every connection). A long wait shrinks the next spin.
             var spin = new Spinner(this);
-            if (SharedWait.Spin(ref spin, connection.PipelineSpin.BudgetTicks) != SharedWait.SpinOutcome.Satisfied
-                && !await SharedWait.WaitAsync(this, SharedWait.DefaultSleepSliceMilliseconds, cancellationToken).ConfigureAwait(false))
+            if (SharedWait.Spin(ref spin, Poller.IsPollerThread ? 0 : connection.PipelineSpin.BudgetTicks) != SharedWait.SpinOutcome.Satisfied)
             {
-                connection.ThrowIfClosed();
-                cancellationToken.ThrowIfCancellationRequested();
-                throw new InvalidOperationException("A stream's wait for ring room ended without room, a close or a cancellation.");
+                long started = Stopwatch.GetTimestamp();
+                bool satisfied = await SharedWait.WaitAsync(this, SharedWait.DefaultSleepSliceMilliseconds, cancellationToken).ConfigureAwait(false);
+                connection.PipelineSpin.OnBlocked(Stopwatch.GetTimestamp() - started);
+                if (!satisfied)
+                {
+                    connection.ThrowIfClosed();
+                    cancellationToken.ThrowIfCancellationRequested();
+                    throw new InvalidOperationException("A stream's wait for ring room ended without room, a close or a cancellation.");
+                }
             }
 
             Disarm();
@@ -189,7 +199,7 @@ internal sealed class StreamSource
             }
 
             _taken = taken;
-            return Written - taken < capacity || Volatile.Read(ref Header.ReaderClosed) != 0;
+            return capacity - (Written - taken) >= minimumRoom || Volatile.Read(ref Header.ReaderClosed) != 0;
         }
 
         public bool IsAbandoned() => connection.IsClosed || cancellationToken.IsCancellationRequested;
