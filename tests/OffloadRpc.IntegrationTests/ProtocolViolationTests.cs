@@ -93,6 +93,21 @@ public sealed class ProtocolViolationTests
         }
     }
 
+    [Fact]
+    public async Task A_stream_argument_that_goes_quiet_fails_its_call_alone_after_the_stall_timeout()
+    {
+        var failures = new ConcurrentQueue<Exception>();
+        await using var server = new InProcessServer(failures, new TransportOptions { ArenaWaitTimeout = TimeSpan.FromSeconds(1) });
+
+        // A pipe that sends 1 KiB and then nothing: not the peer's fault, so not a protocol violation.
+        await using PeerProcess client = PeerProcess.Start(["client-idle-stream", server.Endpoint]);
+        string call = client.WaitForLine("CALL");
+        Assert.Contains("RemoteInvocationException System.TimeoutException", call);
+        Assert.Contains("sent no bytes for 1 s (after 1024 bytes)", call);
+        client.WaitForLine("SECOND OK"); // the same connection serves the next call
+        Assert.Empty(failures);
+    }
+
     [Theory]
     [InlineData("bad-offset-response")]
     [InlineData("corrupt-seq-response")]

@@ -208,6 +208,76 @@ public sealed class TypedServiceTests : IAsyncLifetime
         using SharedBuffer whole = small.Rent(8 << 20, new CancellationTokenSource(TimeSpan.FromSeconds(10)).Token); // every ring went back
     }
 
+    [Fact]
+    public async Task A_method_that_returns_before_the_end_of_a_quiet_Stream_answers_at_once()
+    {
+        // A pipe that sent 64 KiB and went quiet: the server reads 4 KiB and answers. The call completes
+        // without waiting for the pipe to speak again (its pending read is cancelled), and the ring goes back.
+        await using OffloadRpcConnection small = await OffloadRpcConnection.ConnectAsync(_endpoint, new OffloadRpcOptions { SegmentSize = 8 << 20, MaxArenaBytes = 8 << 20, ArenaWaitTimeout = TimeSpan.FromSeconds(10) });
+        IKitchenSink sink = small.GetService<IKitchenSink>();
+        for (int i = 0; i < 3; i++)
+        {
+            var quiet = new QuietAfter(64 << 10);
+            Assert.Equal(4096, await sink.ReadPrefixAsync(quiet, 4096).AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+            Assert.True(quiet.ReadCancelled);
+        }
+
+        using SharedBuffer whole = small.Rent(8 << 20, new CancellationTokenSource(TimeSpan.FromSeconds(10)).Token); // every ring went back
+    }
+
+    /// <summary>A stream that cannot seek: <c>count</c> bytes, then a read that waits until it is cancelled.</summary>
+    private sealed class QuietAfter(int count) : Stream
+    {
+        private int _left = count;
+
+        public bool ReadCancelled { get; private set; }
+
+        public override bool CanRead => true;
+
+        public override bool CanSeek => false;
+
+        public override bool CanWrite => false;
+
+        public override long Length => throw new NotSupportedException();
+
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+
+        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            if (_left > 0)
+            {
+                int n = Math.Min(_left, buffer.Length);
+                buffer.Span[..n].Fill(7);
+                _left -= n;
+                return n;
+            }
+
+            try
+            {
+                await Task.Delay(Timeout.Infinite, cancellationToken);
+            }
+            catch (OperationCanceledException)
+            {
+                ReadCancelled = true;
+                throw;
+            }
+
+            return 0;
+        }
+
+        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException("read asynchronously");
+
+        public override void Flush()
+        {
+        }
+
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+
+        public override void SetLength(long value) => throw new NotSupportedException();
+
+        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+    }
+
     /// <summary>A stream whose reads throw past <c>breakAt</c> bytes (seekable or not).</summary>
     private sealed class BreakingStream(byte[] data, int breakAt, bool seekable = true) : MemoryStream(data, writable: false)
     {

@@ -11,6 +11,7 @@ using OffloadRpc.Transport;
 //   client-hold <endpoint> <bytes>                    sends a payload to Hold and waits to be killed
 //   client-load <endpoint> <calls> [--callers N]      echo calls, each body unique and checked; prints READY, then OK <calls> or WRONG ...
 //   client-mixed <endpoint> <seconds>                 small, 1 MiB, SharedBuffer and pipelined calls for a while, each checked
+//   client-idle-stream <endpoint>                     a Stream argument that cannot seek sends 1 KiB and goes quiet; prints CALL <outcome>, then SECOND OK (another call)
 //   evil-client <endpoint> <kind>                     breaks the protocol in one way, prints what happened
 //   evil-server <endpoint> <kind>                     answers the first request with a broken response
 //   evil-raw <endpoint> <kind> <count>                raw sockets: fds-hangup, silent, trickle-hello
@@ -47,6 +48,7 @@ internal static class PeerProgram
                 "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
                 "client" => await ClientAsync(endpoint, options, contracts),
                 "client-hold" => await ClientHoldAsync(endpoint, options, int.Parse(args[2])),
+                "client-idle-stream" => await ClientIdleStreamAsync(endpoint, options),
                 "client-mixed" => await ClientMixedAsync(endpoint, options, int.Parse(args[2])),
                 "client-load" => await ClientLoadAsync(endpoint, options, int.Parse(args[2]), args.Contains("--callers") ? int.Parse(args[Array.IndexOf(args, "--callers") + 1]) : 1),
                 "evil-client" => await EvilClient.RunAsync(endpoint, options, args[2]),
@@ -118,6 +120,70 @@ internal static class PeerProgram
         // Serve until the test closes our standard input (or kills us).
         await Task.Run(() => Console.In.ReadToEnd());
         return 0;
+    }
+
+    private static async Task<int> ClientIdleStreamAsync(string endpoint, TransportOptions options)
+    {
+        await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, options, [], null, CancellationToken.None);
+        using var stop = new CancellationTokenSource();
+        var source = new StreamSource(new QuietAfterFirstRead(1024), -1, stop.Token);
+        try
+        {
+            using RpcReply reply = await connection.CallAsync(PeerMethods.Echo, "idle"u8, [OutboundPayload.FromStream(source, CachePolicy.Auto)]);
+            Console.WriteLine("CALL OK");
+        }
+        catch (Exception ex)
+        {
+            Console.WriteLine($"CALL {ex.GetType().Name} {(ex as RemoteInvocationException)?.RemoteExceptionType}: {ex.Message}");
+        }
+
+        stop.Cancel(); // the quiet source's pending read
+        await source.Completion.ContinueWith(_ => { }, TaskScheduler.Default);
+        using RpcReply second = await connection.CallAsync(PeerMethods.Echo, "again"u8, default);
+        Console.WriteLine(second.Body.SequenceEqual("again"u8) ? "SECOND OK" : "SECOND WRONG");
+        return 0;
+    }
+
+    /// <summary>A stream that cannot seek: its first read returns <c>count</c> bytes, the next waits until cancelled (a pipe that went quiet).</summary>
+    private sealed class QuietAfterFirstRead(int count) : Stream
+    {
+        private bool _sent;
+
+        public override bool CanRead => true;
+
+        public override bool CanSeek => false;
+
+        public override bool CanWrite => false;
+
+        public override long Length => throw new NotSupportedException();
+
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+
+        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
+        {
+            if (!_sent)
+            {
+                _sent = true;
+                int n = Math.Min(count, buffer.Length);
+                buffer.Span[..n].Fill(0x5A);
+                return n;
+            }
+
+            await Task.Delay(Timeout.Infinite, cancellationToken);
+            return 0;
+        }
+
+        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException("read asynchronously");
+
+        public override void Flush()
+        {
+        }
+
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+
+        public override void SetLength(long value) => throw new NotSupportedException();
+
+        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
     }
 
     private static async Task<int> ClientAsync(string endpoint, TransportOptions options, Dictionary<string, ulong> contracts)

@@ -394,11 +394,29 @@ public abstract class CallInvoker
             throw;
         }
 
+        // The server may answer before it read everything: it reads no more, so a stream still being read is
+        // stopped (its pending read cancelled: a pipe gone quiet would otherwise hold the answer back until it
+        // spoke again). The call returns once no read of the caller's streams is running, so the caller may
+        // dispose them. Only a stream that failed before the answer fails the call.
+        bool stopped = false;
+        if (Array.Exists(sources, static s => !s.Completion.IsCompleted))
+        {
+            stopped = true;
+            streamFailed.Cancel();
+        }
+
         try
         {
             foreach (StreamSource source in sources)
             {
-                await source.Completion.ConfigureAwait(false); // the server may answer before it read everything
+                try
+                {
+                    await source.Completion.ConfigureAwait(false);
+                }
+                catch (Exception) when (stopped && !cancellationToken.IsCancellationRequested)
+                {
+                    // Stopped by us after the answer (a cancelled read, or a stream that throws its own error when cancelled).
+                }
             }
         }
         catch

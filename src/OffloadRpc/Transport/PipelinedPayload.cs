@@ -9,7 +9,8 @@ namespace OffloadRpc.Transport;
 /// more bytes with <see cref="SharedWait"/> on the header's futex word, blocking
 /// (<see cref="WaitFor"/>) or not (<see cref="WaitForAsync"/>). A wait ends when the bytes arrive, the
 /// connection closes, the caller cancels, or the sender makes no progress for the stall timeout (a
-/// protocol violation): never a hang on a dead or stuck sender.
+/// protocol violation; for a stream of unknown length a <see cref="TimeoutException"/> of that read alone):
+/// never a hang on a dead or stuck sender.
 /// </summary>
 internal sealed class PipelinedPayload : IAsyncWaitCondition
 {
@@ -194,6 +195,14 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         if (_stalled)
         {
             TimeSpan stall = _connection.StallTimeout;
+            if (_streamed)
+            {
+                // A stream of unknown length reads a source (a pipe, a socket) that may go quiet without any
+                // fault of the peer's: only this read fails (the call with it, as an HTTP server fails a request
+                // body that stops arriving); the connection and its other calls go on.
+                throw new TimeoutException($"The Stream argument sent no bytes for {stall.TotalSeconds:0.#} s (after {_known} bytes).");
+            }
+
             throw Violate($"a pipelined payload stalled at {_known} of {(_streamed ? "an unknown number of" : _length)} bytes for {stall.TotalSeconds:0.#} s");
         }
 
