@@ -21,7 +21,11 @@ public sealed class OffloadCallContext
     }
 
     /// <summary>Fires when the caller cancels the call or disconnects, or at the caller's deadline.</summary>
-    /// <remarks>Created on first use (most calls never ask); read after the call completed it is a cancelled token.</remarks>
+    /// <remarks>
+    /// Created on first use; read after the call completed it is a cancelled token. It is the call's only while
+    /// the call runs: as ASP.NET Core does with <c>HttpContext.RequestAborted</c>, a source that never fired serves
+    /// the connection's next call, so work that outlives the call needs a token of its own.
+    /// </remarks>
     public CancellationToken CancellationToken => _call.CancellationToken;
 
     /// <summary>The headers the caller set for this call (<see cref="OffloadCallScope"/> or a client interceptor); empty when none.</summary>

@@ -96,6 +96,49 @@ public sealed class CallPipelineTests : IAsyncLifetime
         }
     }
 
+    /// <summary>
+    /// The server reuses a call's cancellation source for the connection's next call when it never fired (its
+    /// deadline timer stopped first): one armed for an earlier call, or one that fired, must not reach a later call.
+    /// </summary>
+    [Fact]
+    public async Task A_deadline_or_a_cancellation_of_one_call_never_reaches_a_later_call_on_the_connection()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync();
+        ICallProbe probe = connection.GetService<ICallProbe>();
+
+        // Calls four at a time, so that every request object the server pools for the connection serves some.
+        for (int round = 0; round < 3; round++)
+        {
+            using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(300)))
+            {
+                string[] quick = await Task.WhenAll(Enumerable.Range(0, 4).Select(_ => probe.WaitForCancelAsync(1).AsTask())); // each arms a timer, stopped when it completes
+                Assert.All(quick, outcome => Assert.Equal("completed", outcome));
+            }
+        }
+
+        string[] later = await Task.WhenAll(Enumerable.Range(0, 4).Select(_ => probe.WaitForCancelAsync(1500).AsTask()));
+        Assert.All(later, outcome => Assert.Equal("completed", outcome)); // no deadline: nothing fires at 300 ms
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(300)))
+        {
+            await Assert.ThrowsAsync<DeadlineExceededException>(async () => await probe.WaitForCancelAsync(60_000)); // a reused source arms its timer again
+        }
+
+        await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "cancelled deadline=yes", "the server's token fired at the deadline");
+        Assert.Equal("completed", await probe.WaitForCancelAsync(500)); // the source that fired is not reused
+
+        using (var cts = new CancellationTokenSource())
+        {
+            Task<string> cancelled = probe.WaitForCancelAsync(60_000, cts.Token).AsTask();
+            await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "waiting", "the call is being served");
+            await cts.CancelAsync();
+            Assert.IsAssignableFrom<OperationCanceledException>(await Record.ExceptionAsync(() => cancelled));
+        }
+
+        await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "cancelled deadline=no", "the caller's cancellation reached the method");
+        Assert.Equal("completed", await probe.WaitForCancelAsync(500)); // nor is one the caller cancelled
+    }
+
     [Fact]
     public async Task The_options_default_deadline_applies_to_calls_without_one()
     {

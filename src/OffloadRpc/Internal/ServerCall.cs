@@ -143,21 +143,23 @@ public sealed class ServerCall
 
     internal IInboundCall Inbound => _call;
 
-    private readonly object _gate = new();
+    // _completed and _moved are guarded by a lock on the call itself: nothing else locks a ServerCall (only
+    // generated stubs and this library hold one), and an object of its own would be an allocation per call.
     private bool _completed;
-    private CancellationToken? _token;
 
     /// <summary>
-    /// Fires when the caller cancels or disconnects. Created on first use; asked for after the call
-    /// completed (the pooled request behind it may already serve another call) it is a cancelled token.
+    /// Fires when the caller cancels or disconnects, or at the caller's deadline. Created on first use; asked
+    /// for after the call completed (the pooled request behind it may already serve another call) it is a
+    /// cancelled token. A token read during the call is the call's only while it runs: the request's source,
+    /// when it never fired, serves the connection's next call.
     /// </summary>
     public CancellationToken CancellationToken
     {
         get
         {
-            lock (_gate)
+            lock (this)
             {
-                return _completed ? new CancellationToken(canceled: true) : _token ??= _call.CancellationToken;
+                return _completed ? new CancellationToken(canceled: true) : _call.CancellationToken;
             }
         }
     }
@@ -347,7 +349,7 @@ public sealed class ServerCall
     /// <summary>A lease the method took from its streamed argument: given back if the method fails.</summary>
     private void Moved(SharedBuffer lease)
     {
-        lock (_gate)
+        lock (this)
         {
             if (!_completed)
             {
@@ -436,7 +438,7 @@ public sealed class ServerCall
     internal void Complete(bool faulted)
     {
         List<SharedBuffer>? moved;
-        lock (_gate)
+        lock (this)
         {
             _completed = true;
             moved = _moved;

@@ -24,6 +24,7 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
 
     private readonly object _gate = new();
     private CancellationTokenSource? _cancellation;
+    private int _cancelling; // Cancel calls that took the source and may not have fired it yet (guarded by _gate)
     private int _replyState;
     private bool _active;
 
@@ -125,7 +126,7 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
     /// <summary>The caller's deadline: the call's token fires after <paramref name="delay"/> (at once when it already passed).</summary>
     public void CancelAfter(TimeSpan delay)
     {
-        CancellationTokenSource source;
+        ulong callId;
         lock (_gate)
         {
             if (!_active)
@@ -133,23 +134,16 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
                 return;
             }
 
-            source = _cancellation ??= new CancellationTokenSource();
+            callId = CallId;
+            if (delay > TimeSpan.Zero)
+            {
+                // Under the lock, so Reset never sees a source whose timer is being armed; a positive delay runs no callback here.
+                (_cancellation ??= new CancellationTokenSource()).CancelAfter(delay);
+                return;
+            }
         }
 
-        if (delay <= TimeSpan.Zero)
-        {
-            Cancel(CallId);
-            return;
-        }
-
-        try
-        {
-            source.CancelAfter(delay);
-        }
-        catch (ObjectDisposedException)
-        {
-            // The call finished meanwhile.
-        }
+        Cancel(callId);
     }
 
     internal void Begin(ulong callId)
@@ -241,6 +235,7 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
             }
 
             source = _cancellation ??= new CancellationTokenSource();
+            _cancelling++; // until it has fired, Reset must not hand this source to the next call
         }
 
         // Outside the lock: user callbacks on the token run here and must not hold up Reset.
@@ -256,6 +251,13 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
         {
             // The call finished meanwhile.
         }
+        finally
+        {
+            lock (_gate)
+            {
+                _cancelling--;
+            }
+        }
     }
 
     /// <summary>Clears the call for reuse.</summary>
@@ -266,9 +268,16 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
         {
             _active = false;
             CallId = 0;
-            // Never reused: a token the method kept (background work, a stored context) must not fire for another call.
-            _cancellation?.Dispose();
-            _cancellation = null;
+            // The source serves the next call (no allocation of a source, nor of a timer, per call) only when it
+            // never fired, no Cancel is about to fire it, and its timer never fired and can no longer fire
+            // (TryReset checks those two and drops the registrations left on it), as the client's deadline
+            // sources and ASP.NET Core's RequestAborted do. Any other is disposed and the next call makes its own.
+            if (_cancellation is { } source && (_cancelling != 0 || !source.TryReset()))
+            {
+                source.Dispose();
+                _cancellation = null;
+            }
+
             _outbox = null;
             inbox = _inbox;
             _inbox = null;
