@@ -87,11 +87,11 @@ internal static class ServiceEmitter
         string name = Literal(method.Name.TrimStart('@'));
         if (method.Result is not { } result)
         {
-            w.Line($"internal static readonly {Internal}MethodDescriptor Method{id} = new {Internal}MethodDescriptor({Literal(service.ServiceName)}, {name}, {id});");
+            w.Line($"internal static readonly {Internal}MethodDescriptor Method{id} = new {Internal}MethodDescriptor({Literal(service.ServiceName)}, {name}, {id}) {{ Shape = {Shape(method)} }};");
         }
         else
         {
-            w.Line($"internal static readonly {Internal}MethodDescriptor<{result.Type}> Method{id} = new {Internal}MethodDescriptor<{result.Type}>({Literal(service.ServiceName)}, {name}, {id}, Decode{id});");
+            w.Line($"internal static readonly {Internal}MethodDescriptor<{result.Type}> Method{id} = new {Internal}MethodDescriptor<{result.Type}>({Literal(service.ServiceName)}, {name}, {id}, Decode{id}) {{ Shape = {Shape(method)} }};");
             w.Line();
             using (w.Open($"private static {result.Type} Decode{id}(in {Internal}CallReply {(method.Shape == ReturnShape.AsyncEnumerable ? "item" : "reply")})"))
             {
@@ -102,6 +102,38 @@ internal static class ServiceEmitter
             }
         }
     }
+
+    /// <summary>
+    /// What the method carries besides MessagePack (MethodShape flags): buffers or streams of items, each
+    /// way. A transport that frames messages binds a method that carries neither as a unary call.
+    /// </summary>
+    private static string Shape(MethodModel method)
+    {
+        string shape = Internal + "MethodShape.Described";
+        if (method.Parameters.Any(p => p.Value.Kind == ValueKind.Items))
+        {
+            shape += " | " + Internal + "MethodShape.StreamedArgument";
+        }
+
+        if (method.Parameters.Any(p => IsBuffer(p.Value.Kind)))
+        {
+            shape += " | " + Internal + "MethodShape.BufferArguments";
+        }
+
+        if (method.Shape == ReturnShape.AsyncEnumerable)
+        {
+            shape += " | " + Internal + "MethodShape.StreamedResult";
+        }
+        else if (method.Result is { } result && IsBuffer(result.Kind))
+        {
+            shape += " | " + Internal + "MethodShape.BufferResult";
+        }
+
+        return shape;
+    }
+
+    /// <summary>A value that crosses as a payload, not in the MessagePack body.</summary>
+    private static bool IsBuffer(ValueKind kind) => kind is not (ValueKind.Primitive or ValueKind.Enum or ValueKind.MessagePack or ValueKind.Items);
 
     /// <summary>The streamed argument of <paramref name="method"/> (one at most), or null.</summary>
     private static ParameterModel? ItemsParameter(MethodModel method) => method.Parameters.FirstOrDefault(p => p.Value.Kind == ValueKind.Items);

@@ -45,6 +45,19 @@ internal sealed class Frame
 
     private byte[]? _rented;
 
+    /// <summary>An outgoing frame over pooled memory: <see cref="Writing"/> while gRPC serializes it, <see cref="Released"/> once its owner let go.</summary>
+    private int _state;
+
+    private const int Idle = 0;
+    private const int Writing = 1;
+    private const int Released = 2;
+
+    /// <summary>An outgoing frame that owns its pooled buffer (<see cref="Owning"/>).</summary>
+    private readonly bool _owning;
+
+    /// <summary>The frame gives its buffer back once gRPC has written it (a unary reply: gRPC writes it after the method returned).</summary>
+    private readonly bool _releaseAfterWrite;
+
     public Frame(FrameKind kind, ReadOnlyMemory<byte> first, ReadOnlyMemory<byte> second = default, byte[]? rented = null)
     {
         Kind = kind;
@@ -52,6 +65,22 @@ internal sealed class Frame
         Second = second;
         _rented = rented;
     }
+
+    private Frame(FrameKind kind, ReadOnlyMemory<byte> first, byte[] rented, bool releaseAfterWrite)
+        : this(kind, first, default, rented)
+    {
+        _owning = true;
+        _releaseAfterWrite = releaseAfterWrite;
+    }
+
+    /// <summary>
+    /// An outgoing frame that owns <paramref name="rented"/>: with <paramref name="releaseAfterWrite"/> it
+    /// gives it back once written, otherwise when <see cref="Release"/> is called; if gRPC is serializing
+    /// it at that moment, the serializer gives it back when done (a call that failed before or while its
+    /// request was written cannot know whether gRPC still holds the frame).
+    /// </summary>
+    public static Frame Owning(FrameKind kind, byte[] rented, int length, bool releaseAfterWrite) =>
+        new(kind, rented.AsMemory(0, length), rented, releaseAfterWrite);
 
     public FrameKind Kind { get; }
 
@@ -62,8 +91,18 @@ internal sealed class Frame
 
     public int Length => 1 + First.Length + Second.Length;
 
-    /// <summary>Gives a received frame's pooled buffer back (idempotent).</summary>
+    /// <summary>Gives the frame's pooled buffer back (idempotent); an outgoing frame that gRPC is writing gives it back when written.</summary>
     public void Release()
+    {
+        if (Interlocked.Exchange(ref _state, Released) == Writing)
+        {
+            return; // the serializer sees Released when it is done and gives the buffer back then
+        }
+
+        ReturnBuffer();
+    }
+
+    private void ReturnBuffer()
     {
         if (Interlocked.Exchange(ref _rented, null) is { } rented)
         {
@@ -109,6 +148,32 @@ internal sealed class Frame
     public static readonly Marshaller<Frame> Marshaller = new(Serialize, Deserialize);
 
     private static void Serialize(Frame frame, SerializationContext context)
+    {
+        if (!frame._owning)
+        {
+            Write(frame, context); // its memory is its sender's, who waits for the write
+            return;
+        }
+
+        if (Interlocked.CompareExchange(ref frame._state, Writing, Idle) != Idle)
+        {
+            throw new ObjectDisposedException(nameof(Frame), "The call ended and gave the frame's buffer back before gRPC wrote it.");
+        }
+
+        try
+        {
+            Write(frame, context);
+        }
+        finally
+        {
+            if (Interlocked.CompareExchange(ref frame._state, Idle, Writing) == Released || frame._releaseAfterWrite)
+            {
+                frame.Release();
+            }
+        }
+    }
+
+    private static void Write(Frame frame, SerializationContext context)
     {
         context.SetPayloadLength(frame.Length);
         IBufferWriter<byte> writer = context.GetBufferWriter();
@@ -277,6 +342,29 @@ internal sealed class OutgoingMessage : IDisposable
 
     public Frame Head => new(FrameKind.Head, _head.AsMemory(0, _headLength));
 
+    private bool _headDetached;
+
+    /// <summary>
+    /// The head frame of a one-frame message, owning the head's pooled buffer from now on (the message
+    /// no longer gives it back): for a message gRPC writes on its own schedule, a unary call's request
+    /// or reply (see <see cref="Frame.Owning"/>).
+    /// </summary>
+    public Frame DetachHead(bool releaseAfterWrite)
+    {
+        if (ReferenceEquals(this, EmptyReply))
+        {
+            return Head; // shared and never given back
+        }
+
+        if (_headDetached || !IsSingleFrame)
+        {
+            throw new InvalidOperationException(_headDetached ? "The head was detached already." : "A message of several frames is not sent as its head alone.");
+        }
+
+        _headDetached = true;
+        return Frame.Owning(FrameKind.Head, _head, _headLength, releaseAfterWrite);
+    }
+
     public void Dispose()
     {
         if (ReferenceEquals(this, EmptyReply))
@@ -284,7 +372,11 @@ internal sealed class OutgoingMessage : IDisposable
             return;
         }
 
-        ArrayPool<byte>.Shared.Return(_head);
+        if (!_headDetached)
+        {
+            ArrayPool<byte>.Shared.Return(_head);
+        }
+
         foreach (Source source in _payloads)
         {
             source.Lease?.Dispose();

@@ -6,10 +6,12 @@ using OffloadRpc.Transport;
 namespace OffloadRpc.Grpc.Internal;
 
 /// <summary>
-/// One gRPC call of a contract method, client side. A request that is its head frame alone, without a
-/// streamed argument, goes as a server-streaming call; otherwise the call is duplex and a writer sends
-/// the request's frames, then the streamed argument's items (each as the server's credit allows, see
-/// <see cref="Outbox"/>), then the end or the caller's fault. What comes back is read with
+/// One streaming gRPC call of a contract method, client side (a one-frame request whose reply is one
+/// frame goes as a unary call instead, see GrpcInvoker). A request that is its head frame alone, without
+/// a streamed argument, goes as a server-streaming call; a larger request to a method whose reply is one
+/// frame as a client-streaming call; otherwise the call is duplex. A writer sends the request's frames,
+/// then the streamed argument's items (each as the server's credit allows, see <see cref="Outbox"/>),
+/// then the end or the caller's fault. What comes back is read with
 /// <see cref="ReadMessageAsync"/>: credit frames feed the outbox, items and the reply are assembled.
 /// </summary>
 internal sealed class GrpcClientCall : IStreamItemSink
@@ -19,32 +21,37 @@ internal sealed class GrpcClientCall : IStreamItemSink
     private readonly IDisposable _call;
     private readonly Channel<OutgoingMessage>? _items;
     private readonly Task? _writer;
+    private readonly Frame? _head;
     private Exception? _fault;
 
-    private GrpcClientCall(GrpcInvoker invoker, MethodDescriptor method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken)
+    private GrpcClientCall(GrpcInvoker invoker, GrpcMethod method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken)
     {
         _invoker = invoker;
         _message = message;
-        Metadata? headers = null; // the caller's identity is not sent: a server could not verify it anyway
-        if (!metadata.IsEmpty)
-        {
-            headers = new Metadata { { GrpcWire.MetadataHeader, metadata.ToArray() } };
-            if (CallMetadata.Decode(metadata).DeadlineRemaining is { } remaining)
-            {
-                Deadline = DateTime.UtcNow + remaining;
-            }
-        }
-
-        var options = new CallOptions(headers, Deadline, cancellationToken);
+        CallOptions options = OptionsOf(metadata, cancellationToken, out DateTime? deadline);
+        Deadline = deadline;
         if (message.IsSingleFrame && !streamsItems)
         {
-            AsyncServerStreamingCall<Frame> call = invoker.Channel.AsyncServerStreamingCall(invoker.MethodOf(method), null, options, message.Head);
+            _head = message.DetachHead(releaseAfterWrite: false); // gRPC writes it on its own schedule: see DisposeAsync
+            AsyncServerStreamingCall<Frame> call = invoker.Channel.AsyncServerStreamingCall(method.Bound, null, options, _head);
             _call = call;
             Responses = call.ResponseStream;
             return;
         }
 
-        AsyncDuplexStreamingCall<Frame, Frame> duplex = invoker.Channel.AsyncDuplexStreamingCall(invoker.MethodOf(method), null, options);
+        switch (method.Bound.Type)
+        {
+            case MethodType.ClientStreaming when !streamsItems:
+                AsyncClientStreamingCall<Frame, Frame> upload = invoker.Channel.AsyncClientStreamingCall(method.Bound, null, options);
+                _call = upload;
+                Responses = new OneResponse(upload.ResponseAsync);
+                _writer = WriteRequestAsync(upload.RequestStream, cancellationToken);
+                return;
+            case MethodType.Unary or MethodType.ClientStreaming or MethodType.ServerStreaming:
+                throw new InvalidOperationException($"{method.Bound.FullName} is bound as {method.Bound.Type} but its request carries {(streamsItems ? "a streamed argument" : "buffers")}: the contract's generated code and the method's shape disagree.");
+        }
+
+        AsyncDuplexStreamingCall<Frame, Frame> duplex = invoker.Channel.AsyncDuplexStreamingCall(method.Bound, null, options);
         _call = duplex;
         Responses = duplex.ResponseStream;
         if (streamsItems)
@@ -57,8 +64,28 @@ internal sealed class GrpcClientCall : IStreamItemSink
         _writer = WriteRequestAsync(duplex.RequestStream, cancellationToken);
     }
 
+    /// <summary>
+    /// The call's options: its metadata block as the binary header (the caller's identity is not sent: a
+    /// server could not verify it anyway), its deadline (from the block) as gRPC's own, and its token.
+    /// </summary>
+    internal static CallOptions OptionsOf(ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken, out DateTime? deadline)
+    {
+        deadline = null;
+        Metadata? headers = null;
+        if (!metadata.IsEmpty)
+        {
+            headers = new Metadata { { GrpcWire.MetadataHeader, metadata.ToArray() } };
+            if (CallMetadata.Decode(metadata).DeadlineRemaining is { } remaining)
+            {
+                deadline = DateTime.UtcNow + remaining;
+            }
+        }
+
+        return new CallOptions(headers, deadline, cancellationToken);
+    }
+
     /// <summary>Starts the call of <paramref name="method"/>; <paramref name="message"/> is the call's until it is disposed.</summary>
-    public static GrpcClientCall Start(GrpcInvoker invoker, MethodDescriptor method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken) =>
+    public static GrpcClientCall Start(GrpcInvoker invoker, GrpcMethod method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken) =>
         new(invoker, method, message, metadata, streamsItems, cancellationToken);
 
     /// <summary>The deadline the call's metadata set (gRPC's own deadline too), or null.</summary>
@@ -195,10 +222,31 @@ internal sealed class GrpcClientCall : IStreamItemSink
         }
 
         DiscardItems();
+        _head?.Release(); // a write of it still under way gives it back when done
         _message.Dispose();
     }
 
     /// <summary>gRPC's outcome as this library's exception (<see cref="GrpcInvoker.Translate"/>).</summary>
     public Exception Translate(Exception ex, MethodDescriptor method, CancellationToken cancellationToken) =>
         _invoker.Translate(ex, method, Deadline, cancellationToken);
+}
+
+/// <summary>The one response of a client-streaming call, read as a stream of one frame.</summary>
+internal sealed class OneResponse(Task<Frame> response) : IAsyncStreamReader<Frame>
+{
+    private bool _read;
+
+    public Frame Current { get; private set; } = null!;
+
+    public async Task<bool> MoveNext(CancellationToken cancellationToken)
+    {
+        if (_read)
+        {
+            return false;
+        }
+
+        _read = true;
+        Current = await response.WaitAsync(cancellationToken).ConfigureAwait(false);
+        return true;
+    }
 }

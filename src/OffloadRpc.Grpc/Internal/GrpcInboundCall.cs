@@ -11,8 +11,8 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     private readonly ServerCallContext _context;
     private CancellationTokenSource? _cancellation;
     private readonly byte[]? _metadata;
-    private readonly IAsyncStreamReader<Frame> _requests;
-    private readonly IServerStreamWriter<Frame> _responses;
+    private readonly IAsyncStreamReader<Frame>? _requests;
+    private readonly IServerStreamWriter<Frame>? _responses;
     private readonly int _window;
     private readonly int _maxBodyBytes;
     private OutgoingMessage? _reply;
@@ -23,7 +23,9 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     /// <summary>What the response writer sends before the reply: an item of the streamed result, or credit for the streamed argument.</summary>
     private readonly record struct Outgoing(OutgoingMessage? Item, int Credit);
 
-    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, IAsyncStreamReader<Frame> requests, IServerStreamWriter<Frame> responses, int window, int maxBodyBytes)
+    /// <param name="requests">The request stream after the request (null: the method is bound with one request message).</param>
+    /// <param name="responses">The response stream (null: the method is bound with one response message, written by gRPC).</param>
+    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
     {
         MethodId = methodId;
         _message = message;
@@ -111,7 +113,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     public Stream OpenPayloadStream(int index, CancellationToken cancellationToken) => new LeaseStream(TakePayload(index));
 
     /// <summary>The request stream's frames after the request: the items of the streamed argument, read as the method asks for them.</summary>
-    internal IAsyncStreamReader<Frame> Requests => _requests;
+    internal IAsyncStreamReader<Frame> Requests => _requests ?? throw new InvalidOperationException("The method is bound with one request message: it has no streamed argument to read.");
 
     internal int Window => _window;
 
@@ -169,6 +171,11 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     {
         if (_outgoing is null)
         {
+            if (_responses is null)
+            {
+                throw new InvalidOperationException("The method is bound with one response message: it has no stream to write items or credit on.");
+            }
+
             _outgoing = System.Threading.Channels.Channel.CreateUnbounded<Outgoing>(new() { SingleReader = true });
             _writer = WriteAsync(_outgoing.Reader);
         }
@@ -196,7 +203,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
             {
                 if (next.Item is not { } item)
                 {
-                    await _responses.WriteAsync(Frame.Credit(next.Credit), Cancellation.Token).ConfigureAwait(false);
+                    await _responses!.WriteAsync(Frame.Credit(next.Credit), Cancellation.Token).ConfigureAwait(false);
                     continue;
                 }
 
@@ -204,7 +211,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
                 {
                     foreach (Frame frame in item.Frames(FrameKind.ItemHead))
                     {
-                        await _responses.WriteAsync(frame, Cancellation.Token).ConfigureAwait(false);
+                        await _responses!.WriteAsync(frame, Cancellation.Token).ConfigureAwait(false);
                     }
                 }
 

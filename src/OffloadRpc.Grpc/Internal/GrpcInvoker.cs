@@ -16,7 +16,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 {
     private readonly global::Grpc.Core.CallInvoker _channel;
     private readonly GrpcRemoteConnection _connection;
-    private readonly ConcurrentDictionary<string, Method<Frame, Frame>> _methods = new();
+    private readonly ConcurrentDictionary<MethodDescriptor, GrpcMethod> _methods = new(ReferenceEqualityComparer.Instance);
     private readonly int _maxBodyBytes;
 
     /// <summary>The largest body a reply or a streamed item may assemble to (OffloadRpcOptions.MaxMessageBytes).</summary>
@@ -53,8 +53,8 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         return new GrpcServerStream<T>(this, method, context.TakeRequest(), block.WrittenMemory, context.CancellationToken);
     }
 
-    internal Method<Frame, Frame> MethodOf(MethodDescriptor method) =>
-        _methods.GetOrAdd(method.FullName, static (_, m) => GrpcWire.Method(m.ServiceName, m.Name), method);
+    internal GrpcMethod MethodOf(MethodDescriptor method) =>
+        _methods.TryGetValue(method, out GrpcMethod? known) ? known : _methods.GetOrAdd(method, static m => new GrpcMethod(m));
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         SendAsync(method, request, default, cancellationToken);
@@ -66,12 +66,18 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     /// </summary>
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
+        GrpcMethod grpc = MethodOf(method);
         ItemStream? items = request.TakeItemStream();
         OutgoingMessage message = OutgoingMessage.Create(request.WrittenBody, request.Payloads, borrow: true);
+        if (items is null && grpc.OneFrameReply && message.IsSingleFrame)
+        {
+            return UnaryAsync(grpc, method, message, metadata, cancellationToken);
+        }
+
         GrpcClientCall call;
         try
         {
-            call = GrpcClientCall.Start(this, method, message, metadata, items is not null, cancellationToken);
+            call = GrpcClientCall.Start(this, grpc, message, metadata, items is not null, cancellationToken);
         }
         catch
         {
@@ -81,6 +87,45 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 
         ValueTask<RpcReply> reply = ReplyAsync(call, method, cancellationToken);
         return items is null ? reply : items.SendWhileAwaitingAsync(reply, call.Outbox!, SerializerOptionsSource, cancellationToken);
+    }
+
+    /// <summary>
+    /// A request of one frame to a method whose reply is one frame: a unary call, whatever the method is
+    /// bound as (on the wire a unary call is a streaming call of one message each way), so gRPC makes no
+    /// stream reader, and its response and status come back as one completion.
+    /// </summary>
+    private async ValueTask<RpcReply> UnaryAsync(GrpcMethod grpc, MethodDescriptor method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
+    {
+        Frame head = message.DetachHead(releaseAfterWrite: false);
+        message.Dispose(); // a one-frame message holds nothing else
+        DateTime? deadline = null;
+        var assembler = new MessageAssembler(_maxBodyBytes);
+        try
+        {
+            CallOptions options = GrpcClientCall.OptionsOf(metadata, cancellationToken, out deadline);
+            Frame reply;
+            using (AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, options, head))
+            {
+                reply = await call.ResponseAsync.ConfigureAwait(false);
+            }
+
+            if (!assembler.Accept(reply) || assembler.HeadKind != FrameKind.Head)
+            {
+                throw new ProtocolViolationException($"The reply of {method.FullName} is not one frame.");
+            }
+
+            _connection.MarkAlive();
+            return new RpcReply(new GrpcReply(assembler, _connection), 0);
+        }
+        catch (Exception ex)
+        {
+            assembler.Dispose();
+            throw Translate(ex, method, deadline, cancellationToken);
+        }
+        finally
+        {
+            head.Release(); // written by now, or never will be: a write under way gives it back when done
+        }
     }
 
     private async ValueTask<RpcReply> ReplyAsync(GrpcClientCall call, MethodDescriptor method, CancellationToken cancellationToken)

@@ -43,7 +43,22 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
                     }
 
                     var route = new MethodRoute(hosted.For(registration), method);
-                    context.AddDuplexStreamingMethod(GrpcWire.Method(method.ServiceName, method.Name), [], (_, requests, responses, call) => route.ServeAsync(requests, responses, call));
+                    Method<Frame, Frame> grpc = GrpcWire.Method(method);
+                    switch (grpc.Type)
+                    {
+                        case MethodType.Unary:
+                            context.AddUnaryMethod(grpc, [], (_, request, call) => route.ServeUnaryAsync(request, call));
+                            break;
+                        case MethodType.ClientStreaming:
+                            context.AddClientStreamingMethod(grpc, [], (_, requests, call) => route.ServeClientStreamingAsync(requests, call));
+                            break;
+                        case MethodType.ServerStreaming:
+                            context.AddServerStreamingMethod(grpc, [], (_, request, responses, call) => route.ServeServerStreamingAsync(request, responses, call));
+                            break;
+                        default:
+                            context.AddDuplexStreamingMethod(grpc, [], (_, requests, responses, call) => route.ServeAsync(requests, responses, call));
+                            break;
+                    }
                 }
             }
         }
@@ -79,15 +94,75 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
     }
 }
 
-/// <summary>One bound method: reads the request's frames, dispatches, writes the reply's frames or ends with the fault.</summary>
+/// <summary>
+/// One bound method: reads the request's frames, dispatches, writes the reply's frames or ends with the
+/// fault. Bound as unary or client streaming (the reply is one frame), server streaming (the request is
+/// one frame) or duplex, by its shape (<see cref="GrpcWire.BindingOf"/>).
+/// </summary>
 internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 {
     private const int MaxTrailerChars = 4096;
 
+    /// <summary>A unary call: one frame in, one frame out (gRPC writes it with the status after this returns).</summary>
+    public async Task<Frame> ServeUnaryAsync(Frame request, ServerCallContext context)
+    {
+        OffloadRpcServer host = Host();
+        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), null, null, context).ConfigureAwait(false);
+        return ReplyFrame(call);
+    }
+
+    /// <summary>A client-streaming call: the request's frames (its buffers in chunks) in, one frame out.</summary>
+    public async Task<Frame> ServeClientStreamingAsync(IAsyncStreamReader<Frame> requests, ServerCallContext context)
+    {
+        OffloadRpcServer host = Host();
+        MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
+        using GrpcInboundCall call = await DispatchAsync(host, request, requests, null, context).ConfigureAwait(false);
+        return ReplyFrame(call);
+    }
+
+    /// <summary>A server-streaming call: one frame in; the streamed result's items, then the reply's frames out.</summary>
+    public async Task ServeServerStreamingAsync(Frame request, IServerStreamWriter<Frame> responses, ServerCallContext context)
+    {
+        OffloadRpcServer host = Host();
+        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), null, responses, context).ConfigureAwait(false);
+        await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
+    }
+
+    /// <summary>A duplex call: the request's frames, then a streamed argument's items in; credit, a streamed result's items, then the reply out.</summary>
     public async Task ServeAsync(IAsyncStreamReader<Frame> requests, IServerStreamWriter<Frame> responses, ServerCallContext context)
     {
-        OffloadRpcServer host = server.Server ?? throw new RpcException(new Status(StatusCode.Unavailable, $"The OffloadRpc server of {server.Endpoint} is not started."));
-        ServiceDispatcher dispatcher = host.Dispatcher;
+        OffloadRpcServer host = Host();
+        MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
+        using GrpcInboundCall call = await DispatchAsync(host, request, requests, responses, context).ConfigureAwait(false);
+        await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
+    }
+
+    private OffloadRpcServer Host() =>
+        server.Server ?? throw new RpcException(new Status(StatusCode.Unavailable, $"The OffloadRpc server of {server.Endpoint} is not started."));
+
+    /// <summary>The request of a method bound with one request message: its head frame must be all of it.</summary>
+    private MessageAssembler OneFrame(OffloadRpcServer host, Frame request)
+    {
+        var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
+        try
+        {
+            if (!assembler.Accept(request))
+            {
+                throw new ProtocolViolationException($"The request of {method.FullName} names buffers beyond its one frame, but the method takes none.");
+            }
+        }
+        catch (ProtocolViolationException violation)
+        {
+            assembler.Dispose();
+            throw Violation(violation);
+        }
+
+        return assembler;
+    }
+
+    /// <summary>Reads frames until the request is whole (a streamed argument's items come after it, read by the method).</summary>
+    private async Task<MessageAssembler> ReadRequestAsync(OffloadRpcServer host, IAsyncStreamReader<Frame> requests, ServerCallContext context)
+    {
         var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
         try
         {
@@ -113,22 +188,27 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
         }
 
-        GrpcInboundCall created;
+        return assembler;
+    }
+
+    /// <summary>Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the call with.</summary>
+    private async Task<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
+    {
+        GrpcInboundCall call;
         try
         {
-            created = new GrpcInboundCall(method.Id, assembler, context, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
+            call = new GrpcInboundCall(method.Id, request, context, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
         }
         catch
         {
-            assembler.Dispose(); // a metadata header that does not decode
+            request.Dispose(); // a metadata header that does not decode
             throw;
         }
 
-        using GrpcInboundCall call = created;
         Exception? failure = null;
         try
         {
-            await dispatcher.DispatchAsync(call).ConfigureAwait(false);
+            await host.Dispatcher.DispatchAsync(call).ConfigureAwait(false);
         }
         catch (Exception ex)
         {
@@ -143,12 +223,36 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         {
             failure ??= ex;
         }
+        catch
+        {
+            call.Dispose();
+            throw;
+        }
 
         if (failure is not null)
         {
-            throw Translate(failure, call, context);
+            RpcException status = Translate(failure, call, context);
+            call.Dispose();
+            throw status;
         }
 
+        return call;
+    }
+
+    /// <summary>The reply of a method whose reply is one frame, which gRPC writes (and gives back) after the method returned.</summary>
+    private Frame ReplyFrame(GrpcInboundCall call)
+    {
+        using OutgoingMessage reply = call.TakeReply();
+        if (!reply.IsSingleFrame)
+        {
+            throw Violation(new ProtocolViolationException($"The reply of {method.FullName} carries buffers its contract does not declare."));
+        }
+
+        return reply.DetachHead(releaseAfterWrite: true);
+    }
+
+    private static async Task WriteReplyAsync(GrpcInboundCall call, IServerStreamWriter<Frame> responses, ServerCallContext context)
+    {
         using OutgoingMessage reply = call.TakeReply();
         if (reply.IsSingleFrame)
         {

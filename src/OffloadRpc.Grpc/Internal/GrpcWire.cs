@@ -1,5 +1,6 @@
 using global::Grpc.Core;
 using MessagePack;
+using OffloadRpc.Internal;
 
 namespace OffloadRpc.Grpc.Internal;
 
@@ -19,11 +20,58 @@ internal static class GrpcWire
     public static readonly Method<Frame, Frame> Describe = new(MethodType.Unary, "offloadrpc.Server", "Describe", Frame.Marshaller, Frame.Marshaller);
 
     /// <summary>
-    /// Every contract method is bound as a duplex-streaming gRPC method (a request or reply with buffers is
-    /// several frames); a client whose request is one frame calls it as a server-streaming call.
+    /// How a contract method is bound, from its shape: a request with buffers or a streamed argument may
+    /// be several frames (a request stream), a reply with a buffer or a streamed result several frames
+    /// (a response stream), and credit for a streamed argument comes back on the response stream. A method
+    /// that carries none of them is unary: one frame each way. A method of unknown shape (generated
+    /// before methods had one) is duplex, which takes every message. On the wire every type is the same
+    /// HTTP/2 stream of length-prefixed messages, so a client calls a streaming method with the unary API
+    /// when the request is one frame and the reply is known to be (see <see cref="GrpcMethod"/>).
     /// </summary>
-    public static Method<Frame, Frame> Method(string serviceName, string name) =>
-        new(MethodType.DuplexStreaming, serviceName, name, Frame.Marshaller, Frame.Marshaller);
+    public static MethodType BindingOf(MethodDescriptor method)
+    {
+        MethodShape shape = method.Shape;
+        if ((shape & MethodShape.Described) == 0)
+        {
+            return MethodType.DuplexStreaming;
+        }
+
+        bool requestStream = (shape & (MethodShape.BufferArguments | MethodShape.StreamedArgument)) != 0;
+        bool responseStream = (shape & (MethodShape.BufferResult | MethodShape.StreamedResult | MethodShape.StreamedArgument)) != 0;
+        return (requestStream, responseStream) switch
+        {
+            (false, false) => MethodType.Unary,
+            (true, false) => MethodType.ClientStreaming,
+            (false, true) => MethodType.ServerStreaming,
+            _ => MethodType.DuplexStreaming,
+        };
+    }
+
+    /// <summary>The gRPC method of a contract method, of the type it is bound as.</summary>
+    public static Method<Frame, Frame> Method(MethodDescriptor method) =>
+        new(BindingOf(method), method.ServiceName, method.Name, Frame.Marshaller, Frame.Marshaller);
+}
+
+/// <summary>
+/// A contract method as the client calls it: the gRPC method it is bound as, and whether its reply is
+/// always one frame (unary or client-streaming binding), so that a request of one frame goes as a unary
+/// call (the least gRPC does per call), whatever the binding.
+/// </summary>
+internal sealed class GrpcMethod
+{
+    public GrpcMethod(MethodDescriptor method)
+    {
+        Bound = GrpcWire.Method(method);
+        OneFrameReply = Bound.Type is MethodType.Unary or MethodType.ClientStreaming;
+        Unary = Bound.Type == MethodType.Unary ? Bound : new Method<Frame, Frame>(MethodType.Unary, method.ServiceName, method.Name, Frame.Marshaller, Frame.Marshaller);
+    }
+
+    public Method<Frame, Frame> Bound { get; }
+
+    /// <summary>The same path as a unary method, for a one-frame request of a method whose reply is one frame.</summary>
+    public Method<Frame, Frame> Unary { get; }
+
+    public bool OneFrameReply { get; }
 }
 
 /// <summary>

@@ -603,7 +603,38 @@ public class MethodDescriptor
     /// <summary>Whether the method returns a value (a reply with a body to decode).</summary>
     internal virtual bool HasResult => false;
 
+    /// <summary>
+    /// What the method's request and reply can carry besides MessagePack, as the generator saw its
+    /// signature (<see cref="MethodShape.Unknown"/> when not told: assume buffers and streams both ways).
+    /// A transport that frames messages (gRPC) binds a method that carries neither as a unary call.
+    /// </summary>
+    public MethodShape Shape { get; init; }
+
     public override string ToString() => FullName;
+}
+
+/// <summary>What a method's request and reply carry besides their MessagePack body (generated per method).</summary>
+[Flags]
+[EditorBrowsable(EditorBrowsableState.Never)]
+public enum MethodShape
+{
+    /// <summary>Not described: a transport assumes buffers and streams both ways.</summary>
+    Unknown = 0,
+
+    /// <summary>Described: what the other flags do not name, the method does not carry.</summary>
+    Described = 1,
+
+    /// <summary>An argument crosses as a buffer (ReadOnlyMemory&lt;T&gt;, Memory&lt;T&gt;, T[], SharedBuffer, Stream).</summary>
+    BufferArguments = 2,
+
+    /// <summary>The result crosses as a buffer.</summary>
+    BufferResult = 4,
+
+    /// <summary>An argument is a stream of items (IAsyncEnumerable&lt;T&gt;).</summary>
+    StreamedArgument = 8,
+
+    /// <summary>The result is a stream of items (IAsyncEnumerable&lt;T&gt;).</summary>
+    StreamedResult = 16,
 }
 
 /// <summary>A method with a result, and the generated code that decodes it from a reply.</summary>

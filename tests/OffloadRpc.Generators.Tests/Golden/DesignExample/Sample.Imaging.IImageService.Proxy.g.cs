@@ -35,7 +35,7 @@ namespace Sample.Imaging
             return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method324153750, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<byte[]> Method324153750 = new global::OffloadRpc.Internal.MethodDescriptor<byte[]>("Sample.Imaging.IImageService", "EchoAsync", 324153750, Decode324153750);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<byte[]> Method324153750 = new global::OffloadRpc.Internal.MethodDescriptor<byte[]>("Sample.Imaging.IImageService", "EchoAsync", 324153750, Decode324153750) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static byte[] Decode324153750(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -63,7 +63,7 @@ namespace Sample.Imaging
             return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method720896971, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer> Method720896971 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer>("Sample.Imaging.IImageService", "RenderAsync", 720896971, Decode720896971);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer> Method720896971 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer>("Sample.Imaging.IImageService", "RenderAsync", 720896971, Decode720896971) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static global::OffloadRpc.SharedBuffer Decode720896971(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -91,7 +91,7 @@ namespace Sample.Imaging
             return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1263039390, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Imaging.Detection[]> Method1263039390 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Imaging.Detection[]>("Sample.Imaging.IImageService", "DetectAsync", 1263039390, Decode1263039390);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Imaging.Detection[]> Method1263039390 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Imaging.Detection[]>("Sample.Imaging.IImageService", "DetectAsync", 1263039390, Decode1263039390) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments };
 
         private static global::Sample.Imaging.Detection[] Decode1263039390(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -118,7 +118,7 @@ namespace Sample.Imaging
             return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1351954364, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method1351954364 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Imaging.IImageService", "ProcessAsync", 1351954364);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method1351954364 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Imaging.IImageService", "ProcessAsync", 1351954364) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments };
 
         global::System.Threading.Tasks.ValueTask<int> global::Sample.Imaging.IImageService.AddAsync(int a, int b, global::System.Threading.CancellationToken ct)
         {
@@ -140,7 +140,7 @@ namespace Sample.Imaging
             return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1490050280, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method1490050280 = new global::OffloadRpc.Internal.MethodDescriptor<int>("Sample.Imaging.IImageService", "AddAsync", 1490050280, Decode1490050280);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method1490050280 = new global::OffloadRpc.Internal.MethodDescriptor<int>("Sample.Imaging.IImageService", "AddAsync", 1490050280, Decode1490050280) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static int Decode1490050280(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -167,7 +167,7 @@ namespace Sample.Imaging
             return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method1681903504, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<ulong> Method1681903504 = new global::OffloadRpc.Internal.MethodDescriptor<ulong>("Sample.Imaging.IImageService", "ChecksumAsync", 1681903504, Decode1681903504);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<ulong> Method1681903504 = new global::OffloadRpc.Internal.MethodDescriptor<ulong>("Sample.Imaging.IImageService", "ChecksumAsync", 1681903504, Decode1681903504) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments };
 
         private static ulong Decode1681903504(in global::OffloadRpc.Internal.CallReply reply)
         {

@@ -34,7 +34,7 @@ namespace OffloadRpc.Generated
             return this._invoker.InvokeAsync(global::OffloadRpc.Generated.GlobalCalculatorProxy.Method623844223, __request, cancellationToken);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method623844223 = new global::OffloadRpc.Internal.MethodDescriptor("IGlobalCalculator", "ClearAsync", 623844223);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method623844223 = new global::OffloadRpc.Internal.MethodDescriptor("IGlobalCalculator", "ClearAsync", 623844223) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         global::System.Threading.Tasks.ValueTask<float[]> global::IGlobalCalculator.HistoryAsync()
         {
@@ -54,7 +54,7 @@ namespace OffloadRpc.Generated
             return this._invoker.InvokeAsync(global::OffloadRpc.Generated.GlobalCalculatorProxy.Method667527112, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<float[]> Method667527112 = new global::OffloadRpc.Internal.MethodDescriptor<float[]>("IGlobalCalculator", "HistoryAsync", 667527112, Decode667527112);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<float[]> Method667527112 = new global::OffloadRpc.Internal.MethodDescriptor<float[]>("IGlobalCalculator", "HistoryAsync", 667527112, Decode667527112) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static float[] Decode667527112(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -82,7 +82,7 @@ namespace OffloadRpc.Generated
             return this._invoker.InvokeAsync(global::OffloadRpc.Generated.GlobalCalculatorProxy.Method853741005, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method853741005 = new global::OffloadRpc.Internal.MethodDescriptor<int>("IGlobalCalculator", "AddAsync", 853741005, Decode853741005);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method853741005 = new global::OffloadRpc.Internal.MethodDescriptor<int>("IGlobalCalculator", "AddAsync", 853741005, Decode853741005) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static int Decode853741005(in global::OffloadRpc.Internal.CallReply reply)
         {

@@ -36,7 +36,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method248194261, __request, cancellationToken);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method248194261 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Sink.IKitchenSink", "ConsumeAsync", 248194261, Decode248194261);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method248194261 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Sink.IKitchenSink", "ConsumeAsync", 248194261, Decode248194261) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments };
 
         private static long Decode248194261(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -64,7 +64,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method420193125, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.DateTime> Method420193125 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.DateTime>("Sample.Sink.IKitchenSink", "ShiftAsync", 420193125, Decode420193125);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.DateTime> Method420193125 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.DateTime>("Sample.Sink.IKitchenSink", "ShiftAsync", 420193125, Decode420193125) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static global::System.DateTime Decode420193125(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -92,7 +92,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method485972202, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Channel> Method485972202 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Channel>("Sample.Sink.IKitchenSink", "NextChannelAsync", 485972202, Decode485972202);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Channel> Method485972202 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Channel>("Sample.Sink.IKitchenSink", "NextChannelAsync", 485972202, Decode485972202) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static global::Sample.Sink.Channel Decode485972202(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -118,7 +118,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method561976780, __request, cancellationToken);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method561976780 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Sink.IKitchenSink", "ResetAsync", 561976780);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method561976780 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Sink.IKitchenSink", "ResetAsync", 561976780) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         global::System.Threading.Tasks.Task<double[]> global::Sample.Sink.IKitchenSink.ScaleAsync(double[] values, double factor)
         {
@@ -140,7 +140,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method619346103, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double[]> Method619346103 = new global::OffloadRpc.Internal.MethodDescriptor<double[]>("Sample.Sink.IKitchenSink", "ScaleAsync", 619346103, Decode619346103);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double[]> Method619346103 = new global::OffloadRpc.Internal.MethodDescriptor<double[]>("Sample.Sink.IKitchenSink", "ScaleAsync", 619346103, Decode619346103) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static double[] Decode619346103(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -166,7 +166,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method801540263, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method801540263 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Sink.IKitchenSink", "DoNothingAsync", 801540263);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor Method801540263 = new global::OffloadRpc.Internal.MethodDescriptor("Sample.Sink.IKitchenSink", "DoNothingAsync", 801540263) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         global::System.Threading.Tasks.ValueTask<double> global::Sample.Sink.IKitchenSink.SumAsync(global::System.ReadOnlyMemory<float> floats, global::System.Memory<int> ints)
         {
@@ -188,7 +188,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method802093341, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double> Method802093341 = new global::OffloadRpc.Internal.MethodDescriptor<double>("Sample.Sink.IKitchenSink", "SumAsync", 802093341, Decode802093341);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double> Method802093341 = new global::OffloadRpc.Internal.MethodDescriptor<double>("Sample.Sink.IKitchenSink", "SumAsync", 802093341, Decode802093341) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments };
 
         private static double Decode802093341(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -215,7 +215,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method874497112, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer?> Method874497112 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer?>("Sample.Sink.IKitchenSink", "MaybeLeaseAsync", 874497112, Decode874497112);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer?> Method874497112 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer?>("Sample.Sink.IKitchenSink", "MaybeLeaseAsync", 874497112, Decode874497112) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static global::OffloadRpc.SharedBuffer? Decode874497112(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -244,7 +244,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method897847365, __request, @default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<bool> Method897847365 = new global::OffloadRpc.Internal.MethodDescriptor<bool>("Sample.Sink.IKitchenSink", "checked", 897847365, Decode897847365);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<bool> Method897847365 = new global::OffloadRpc.Internal.MethodDescriptor<bool>("Sample.Sink.IKitchenSink", "checked", 897847365, Decode897847365) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static bool Decode897847365(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -271,7 +271,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method960466944, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int[]?> Method960466944 = new global::OffloadRpc.Internal.MethodDescriptor<int[]?>("Sample.Sink.IKitchenSink", "MaybeAsync", 960466944, Decode960466944);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int[]?> Method960466944 = new global::OffloadRpc.Internal.MethodDescriptor<int[]?>("Sample.Sink.IKitchenSink", "MaybeAsync", 960466944, Decode960466944) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static int[]? Decode960466944(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -298,7 +298,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1045107197, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.Memory<short>> Method1045107197 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.Memory<short>>("Sample.Sink.IKitchenSink", "ShortsAsync", 1045107197, Decode1045107197);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.Memory<short>> Method1045107197 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.Memory<short>>("Sample.Sink.IKitchenSink", "ShortsAsync", 1045107197, Decode1045107197) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static global::System.Memory<short> Decode1045107197(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -325,7 +325,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1370471249, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method1370471249 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Sink.IKitchenSink", "ReverseAsync", 1370471249, Decode1370471249);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method1370471249 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Sink.IKitchenSink", "ReverseAsync", 1370471249, Decode1370471249) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult };
 
         private static global::System.ReadOnlyMemory<byte> Decode1370471249(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -353,7 +353,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1458818217, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<(int Count, string Text)> Method1458818217 = new global::OffloadRpc.Internal.MethodDescriptor<(int Count, string Text)>("Sample.Sink.IKitchenSink", "TupleAsync", 1458818217, Decode1458818217);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<(int Count, string Text)> Method1458818217 = new global::OffloadRpc.Internal.MethodDescriptor<(int Count, string Text)>("Sample.Sink.IKitchenSink", "TupleAsync", 1458818217, Decode1458818217) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static (int Count, string Text) Decode1458818217(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -381,7 +381,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1625685404, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.Collections.Generic.List<string>> Method1625685404 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.Collections.Generic.List<string>>("Sample.Sink.IKitchenSink", "SplitAsync", 1625685404, Decode1625685404);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.Collections.Generic.List<string>> Method1625685404 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.Collections.Generic.List<string>>("Sample.Sink.IKitchenSink", "SplitAsync", 1625685404, Decode1625685404) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static global::System.Collections.Generic.List<string> Decode1625685404(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -410,7 +410,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1743152058, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Point?> Method1743152058 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Point?>("Sample.Sink.IKitchenSink", "MoveAsync", 1743152058, Decode1743152058);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Point?> Method1743152058 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Sink.Point?>("Sample.Sink.IKitchenSink", "MoveAsync", 1743152058, Decode1743152058) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static global::Sample.Sink.Point? Decode1743152058(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -438,7 +438,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1879692759, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method1879692759 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Sink.IKitchenSink", "TotalLengthAsync", 1879692759, Decode1879692759);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method1879692759 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Sink.IKitchenSink", "TotalLengthAsync", 1879692759, Decode1879692759) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments };
 
         private static long Decode1879692759(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -466,7 +466,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1884731671, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<decimal> Method1884731671 = new global::OffloadRpc.Internal.MethodDescriptor<decimal>("Sample.Sink.IKitchenSink", "AddDecimalAsync", 1884731671, Decode1884731671);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<decimal> Method1884731671 = new global::OffloadRpc.Internal.MethodDescriptor<decimal>("Sample.Sink.IKitchenSink", "AddDecimalAsync", 1884731671, Decode1884731671) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static decimal Decode1884731671(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -493,7 +493,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1912296331, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<string?> Method1912296331 = new global::OffloadRpc.Internal.MethodDescriptor<string?>("Sample.Sink.IKitchenSink", "FindAsync", 1912296331, Decode1912296331);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<string?> Method1912296331 = new global::OffloadRpc.Internal.MethodDescriptor<string?>("Sample.Sink.IKitchenSink", "FindAsync", 1912296331, Decode1912296331) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static string? Decode1912296331(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -522,7 +522,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1948145934, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int?> Method1948145934 = new global::OffloadRpc.Internal.MethodDescriptor<int?>("Sample.Sink.IKitchenSink", "ParseAsync", 1948145934, Decode1948145934);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int?> Method1948145934 = new global::OffloadRpc.Internal.MethodDescriptor<int?>("Sample.Sink.IKitchenSink", "ParseAsync", 1948145934, Decode1948145934) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static int? Decode1948145934(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -550,7 +550,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method1972214419, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<string> Method1972214419 = new global::OffloadRpc.Internal.MethodDescriptor<string>("Sample.Sink.IKitchenSink", "ConcatAsync", 1972214419, Decode1972214419);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<string> Method1972214419 = new global::OffloadRpc.Internal.MethodDescriptor<string>("Sample.Sink.IKitchenSink", "ConcatAsync", 1972214419, Decode1972214419) { Shape = global::OffloadRpc.Internal.MethodShape.Described };
 
         private static string Decode1972214419(in global::OffloadRpc.Internal.CallReply reply)
         {

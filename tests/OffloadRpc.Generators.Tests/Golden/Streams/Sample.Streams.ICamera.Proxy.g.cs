@@ -52,7 +52,7 @@ namespace Sample.Streams
             }
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method432419621 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Streams.ICamera", "UploadAsync", 432419621, Decode432419621);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<long> Method432419621 = new global::OffloadRpc.Internal.MethodDescriptor<long>("Sample.Streams.ICamera", "UploadAsync", 432419621, Decode432419621) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.StreamedArgument };
 
         private static long Decode432419621(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -97,7 +97,7 @@ namespace Sample.Streams
             }
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method767610780 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Streams.ICamera", "TransformAsync", 767610780, Decode767610780);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method767610780 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Streams.ICamera", "TransformAsync", 767610780, Decode767610780) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.StreamedArgument | global::OffloadRpc.Internal.MethodShape.StreamedResult };
 
         private static global::System.ReadOnlyMemory<byte> Decode767610780(in global::OffloadRpc.Internal.CallReply item)
         {
@@ -124,7 +124,7 @@ namespace Sample.Streams
             return this._invoker.InvokeStream(global::Sample.Streams.CameraProxy.Method921647643, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method921647643 = new global::OffloadRpc.Internal.MethodDescriptor<int>("Sample.Streams.ICamera", "CountAsync", 921647643, Decode921647643);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int> Method921647643 = new global::OffloadRpc.Internal.MethodDescriptor<int>("Sample.Streams.ICamera", "CountAsync", 921647643, Decode921647643) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.StreamedResult };
 
         private static int Decode921647643(in global::OffloadRpc.Internal.CallReply item)
         {
@@ -152,7 +152,7 @@ namespace Sample.Streams
             return this._invoker.InvokeStream(global::Sample.Streams.CameraProxy.Method1130305443, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer> Method1130305443 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer>("Sample.Streams.ICamera", "RenderAsync", 1130305443, Decode1130305443);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer> Method1130305443 = new global::OffloadRpc.Internal.MethodDescriptor<global::OffloadRpc.SharedBuffer>("Sample.Streams.ICamera", "RenderAsync", 1130305443, Decode1130305443) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.StreamedResult };
 
         private static global::OffloadRpc.SharedBuffer Decode1130305443(in global::OffloadRpc.Internal.CallReply item)
         {
@@ -179,7 +179,7 @@ namespace Sample.Streams
             return this._invoker.InvokeStream(global::Sample.Streams.CameraProxy.Method1484459622, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<float>> Method1484459622 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<float>>("Sample.Streams.ICamera", "TensorsAsync", 1484459622, Decode1484459622);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<float>> Method1484459622 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<float>>("Sample.Streams.ICamera", "TensorsAsync", 1484459622, Decode1484459622) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.StreamedResult };
 
         private static global::System.ReadOnlyMemory<float> Decode1484459622(in global::OffloadRpc.Internal.CallReply item)
         {
@@ -206,7 +206,7 @@ namespace Sample.Streams
             return this._invoker.InvokeStream(global::Sample.Streams.CameraProxy.Method1493145482, __request, default);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method1493145482 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Streams.ICamera", "FramesAsync", 1493145482, Decode1493145482);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>> Method1493145482 = new global::OffloadRpc.Internal.MethodDescriptor<global::System.ReadOnlyMemory<byte>>("Sample.Streams.ICamera", "FramesAsync", 1493145482, Decode1493145482) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.StreamedResult };
 
         private static global::System.ReadOnlyMemory<byte> Decode1493145482(in global::OffloadRpc.Internal.CallReply item)
         {
@@ -233,7 +233,7 @@ namespace Sample.Streams
             return this._invoker.InvokeStream(global::Sample.Streams.CameraProxy.Method1776400125, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Streams.Detection> Method1776400125 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Streams.Detection>("Sample.Streams.ICamera", "WatchAsync", 1776400125, Decode1776400125);
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Streams.Detection> Method1776400125 = new global::OffloadRpc.Internal.MethodDescriptor<global::Sample.Streams.Detection>("Sample.Streams.ICamera", "WatchAsync", 1776400125, Decode1776400125) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.StreamedResult };
 
         private static global::Sample.Streams.Detection Decode1776400125(in global::OffloadRpc.Internal.CallReply item)
         {
