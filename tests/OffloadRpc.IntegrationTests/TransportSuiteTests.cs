@@ -123,6 +123,46 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task Each_call_is_the_least_streaming_gRPC_call_its_method_and_request_need()
+    {
+        var logs = new CollectingLoggerFactory(); // Grpc.Net.Client logs each call's method type as it starts
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, new OffloadRpcOptions { PreferSharedMemory = false, LoggerFactory = logs });
+        IImageService images = connection.GetService<IImageService>();
+        byte[] small = new byte[64];
+        Checksum64.Fill(small, 64);
+        byte[] large = new byte[3 << 20];
+        Checksum64.Fill(large, 3);
+
+        Assert.Equal(5, await images.AddAsync(2, 3));
+        Assert.Equal(Checksum64.Compute(small), await images.ChecksumAsync(small));
+        Assert.Equal(Checksum64.Compute(large), await images.ChecksumAsync(large));
+        Assert.Equal(small, await images.EchoAsync(small));
+        Assert.Equal(large, await images.EchoAsync(large));
+        using (SharedBuffer rendered = await images.RenderAsync(64, 48))
+        {
+            byte[] expected = new byte[64 * 48 * 3];
+            Checksum64.Fill(expected, (64 * 31) + 48);
+            Assert.Equal(Checksum64.Compute(expected), Checksum64.Compute(rendered.Span));
+        }
+
+        string[] calls = logs.Entries
+            .Where(e => e.EventName == "StartingCall" && e.Message.Contains("/OffloadRpc.TestContracts.IImageService/", StringComparison.Ordinal))
+            .Select(e => System.Text.RegularExpressions.Regex.Match(e.Message, "Method type: '(\\w+)', URI: '.*/(\\w+)'"))
+            .Select(m => $"{m.Groups[2].Value} {m.Groups[1].Value}")
+            .ToArray();
+        Assert.Equal(
+            [
+                "AddAsync Unary", // bound unary
+                "ChecksumAsync Unary", // bound client streaming; a one-frame request goes as a unary call
+                "ChecksumAsync ClientStreaming", // 1 MiB frames
+                "EchoAsync ServerStreaming", // bound duplex; a one-frame request needs no request stream
+                "EchoAsync DuplexStreaming",
+                "RenderAsync ServerStreaming", // bound server streaming
+            ],
+            calls);
+    }
+
+    [Fact]
     public async Task An_address_that_serves_nothing_fails_with_PeerDisconnectedException()
     {
         using var listener = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
@@ -164,6 +204,8 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
     private ICallProbe Probe => _connection.GetService<ICallProbe>();
 
     private IFrameSource Frames => _connection.GetService<IFrameSource>();
+
+    private IUploadProbe Uploads => _connection.GetService<IUploadProbe>();
 
     [Fact]
     public async Task The_design_example_and_every_parameter_kind_cross()
@@ -278,6 +320,54 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
             var denied = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await Probe.PingAsync());
             Assert.Equal(typeof(UnauthorizedAccessException).FullName, denied.RemoteExceptionType);
         }
+    }
+
+    [Theory]
+    [InlineData(64)] // over gRPC the request is one frame: a unary call
+    [InlineData(3 << 20)] // over gRPC 1 MiB frames: a client-streaming call
+    public async Task A_call_with_a_buffer_argument_keeps_headers_deadlines_cancellation_interceptors_and_faults(int size)
+    {
+        byte[] data = new byte[size];
+        Checksum64.Fill(data, (ulong)size);
+        ulong checksum = Checksum64.Compute(data);
+        string tenant = "acme-" + Guid.NewGuid().ToString("N"); // this run's, not another transport's
+        using (OffloadCallScope.Begin().WithHeader("tenant", tenant))
+        {
+            Assert.Equal($"{checksum} headers=tenant={tenant}", await Uploads.ChecksumAfterAsync(data, 0));
+        }
+
+        await Eventually.TrueAsync(
+            async () => (await Probe.ServerLogAsync()).Any(l => l.StartsWith("intercepted ChecksumAfterAsync request=", StringComparison.Ordinal) && l.EndsWith($"+{size} result={checksum} headers=tenant={tenant} ok", StringComparison.Ordinal)),
+            "the server's interceptor saw the call with its buffer");
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(300)))
+        {
+            DeadlineExceededException exceeded = await Assert.ThrowsAsync<DeadlineExceededException>(async () => await Uploads.ChecksumAfterAsync(data, 60_000));
+            Assert.Equal("/OffloadRpc.TestContracts.IUploadProbe/ChecksumAfterAsync", exceeded.Method);
+        }
+
+        await Eventually.TrueAsync(async () => await Probe.LastOutcomeAsync() == "cancelled deadline=yes", "the server's token fired at the deadline");
+
+        using (var cancel = new CancellationTokenSource(TimeSpan.FromMilliseconds(300)))
+        {
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await Uploads.ChecksumAfterAsync(data, 60_000, cancel.Token));
+        }
+
+        await Eventually.TrueAsync(async () => await Probe.LastOutcomeAsync() == "cancelled deadline=no", "the caller's cancellation reached the server's token");
+
+        using (OffloadCallScope.Begin().WithHeader("deny", "no tenant"))
+        {
+            RemoteInvocationException denied = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await Uploads.ChecksumAfterAsync(data, 0));
+            Assert.Equal(typeof(UnauthorizedAccessException).FullName, denied.RemoteExceptionType);
+            Assert.Equal("denied: no tenant", denied.RemoteMessage);
+        }
+
+        SharedBuffer frame = _connection.Rent(size);
+        data.CopyTo(frame.Span);
+        RemoteInvocationException rejected = await Assert.ThrowsAsync<RemoteInvocationException>(() => Sink.RejectAsync(frame));
+        Assert.Equal(typeof(InvalidOperationException).FullName, rejected.RemoteExceptionType);
+        Assert.Equal($"rejected a frame of {size} bytes starting with {data[0]}", rejected.RemoteMessage);
+        Assert.Contains(nameof(IKitchenSink.RejectAsync), rejected.RemoteStackTrace);
     }
 
     [Fact]

@@ -200,6 +200,21 @@ public interface IFrameSource
 }
 
 /// <summary>
+/// A call with a buffer argument and a plain result, as the transport suite asks it: over gRPC such a
+/// method is bound as client streaming and a call whose buffer fits the head frame goes as a unary call,
+/// so headers, deadlines, cancellation and faults are checked on both paths.
+/// </summary>
+[OffloadService]
+public interface IUploadProbe
+{
+    /// <summary>
+    /// Waits on the call's token up to <paramref name="milliseconds"/>, then "checksum headers=name=value;..."
+    /// of <paramref name="data"/>; records how the wait ended where <see cref="ICallProbe.LastOutcomeAsync"/> reads it.
+    /// </summary>
+    ValueTask<string> ChecksumAfterAsync(ReadOnlyMemory<byte> data, int milliseconds, CancellationToken ct = default);
+}
+
+/// <summary>
 /// What the hosting, metadata, interceptor and telemetry tests ask a server: what it saw of a call
 /// (headers, deadline, cancellation, trace context, which instance served it), and real work on bytes.
 /// </summary>

@@ -28,6 +28,7 @@ internal static class GrpcServer
             .AddService<IKitchenSink, KitchenSink>(ServiceLifetime.Singleton)
             .AddService<IFrameSource, FrameSource>(ServiceLifetime.Singleton)
             .AddService<ICallProbe, CallProbe>()
+            .AddService<IUploadProbe, CallProbe>()
             .AddInterceptor<ProbeServerInterceptor>();
         await using WebApplication app = builder.Build();
         app.MapOffloadRpcGrpc();

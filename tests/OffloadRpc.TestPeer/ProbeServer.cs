@@ -202,7 +202,7 @@ internal sealed class ProbeDependency : IDisposable
     }
 }
 
-internal sealed class CallProbe : ICallProbe
+internal sealed class CallProbe : ICallProbe, IUploadProbe
 {
     private static int s_next;
     private static string s_lastOutcome = "none";
@@ -230,6 +230,25 @@ internal sealed class CallProbe : ICallProbe
             Volatile.Write(ref s_lastOutcome, $"cancelled deadline={deadline}");
             throw;
         }
+    }
+
+    public async ValueTask<string> ChecksumAfterAsync(ReadOnlyMemory<byte> data, int milliseconds, CancellationToken ct = default)
+    {
+        OffloadCallContext call = OffloadCallContext.Current!;
+        string deadline = call.Deadline is null ? "no" : "yes";
+        Volatile.Write(ref s_lastOutcome, "waiting");
+        try
+        {
+            await Task.Delay(milliseconds, ct);
+        }
+        catch (OperationCanceledException)
+        {
+            Volatile.Write(ref s_lastOutcome, $"cancelled deadline={deadline}");
+            throw;
+        }
+
+        Volatile.Write(ref s_lastOutcome, "completed");
+        return $"{Checksum64.Compute(data.Span)} headers={Headers(call)}";
     }
 
     public ValueTask<string> LastOutcomeAsync(CancellationToken ct = default) => ValueTask.FromResult(Volatile.Read(ref s_lastOutcome));

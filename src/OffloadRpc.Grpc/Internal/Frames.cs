@@ -461,6 +461,7 @@ internal sealed class MessageAssembler : IDisposable
                 }
 
                 _payloads[i] = LocalLeases.Instance.Rent((int)length, clear: false); // every byte is filled before the message is whole
+                PayloadBytes += length;
             }
 
             Fill(frame.First.Span[position..]);
@@ -524,19 +525,8 @@ internal sealed class MessageAssembler : IDisposable
 
     public bool IsTaken(int index) => _payloads[index] is null;
 
-    public long PayloadBytes
-    {
-        get
-        {
-            long total = 0;
-            foreach (SharedBuffer? lease in _payloads)
-            {
-                total += lease?.Length ?? 0;
-            }
-
-            return total;
-        }
-    }
+    /// <summary>The bytes of every payload together, as the head announced them (taken or not: over shared memory the same figure).</summary>
+    public long PayloadBytes { get; private set; }
 
     /// <summary>The head's buffer and every payload not taken go back.</summary>
     public void Dispose()

@@ -33,7 +33,7 @@ internal sealed class GrpcClientCall : IStreamItemSink
         if (message.IsSingleFrame && !streamsItems)
         {
             _head = message.DetachHead(releaseAfterWrite: false); // gRPC writes it on its own schedule: see DisposeAsync
-            AsyncServerStreamingCall<Frame> call = invoker.Channel.AsyncServerStreamingCall(method.Bound, null, options, _head);
+            AsyncServerStreamingCall<Frame> call = invoker.Channel.AsyncServerStreamingCall(method.ServerStreaming, null, options, _head);
             _call = call;
             Responses = call.ResponseStream;
             return;

@@ -64,12 +64,16 @@ internal sealed class GrpcMethod
         Bound = GrpcWire.Method(method);
         OneFrameReply = Bound.Type is MethodType.Unary or MethodType.ClientStreaming;
         Unary = Bound.Type == MethodType.Unary ? Bound : new Method<Frame, Frame>(MethodType.Unary, method.ServiceName, method.Name, Frame.Marshaller, Frame.Marshaller);
+        ServerStreaming = Bound.Type == MethodType.ServerStreaming ? Bound : new Method<Frame, Frame>(MethodType.ServerStreaming, method.ServiceName, method.Name, Frame.Marshaller, Frame.Marshaller);
     }
 
     public Method<Frame, Frame> Bound { get; }
 
     /// <summary>The same path as a unary method, for a one-frame request of a method whose reply is one frame.</summary>
     public Method<Frame, Frame> Unary { get; }
+
+    /// <summary>The same path as a server-streaming method, for a one-frame request whose reply may be several frames.</summary>
+    public Method<Frame, Frame> ServerStreaming { get; }
 
     public bool OneFrameReply { get; }
 }
