@@ -27,6 +27,8 @@ public sealed class ProtocolViolationTests
     [InlineData("pipelined-overrun", "pipelined payload's progress")]
     [InlineData("ring-overrun", "a streamed payload's progress went from 0 to 8192 (taken 0, ring 1024, end -1)")]
     [InlineData("ring-end-mismatch", "a streamed payload's progress went from 0 to 512 (taken 0, ring 1024, end 8192)")]
+    [InlineData("ring-past-announced", "a streamed payload's progress went from 0 to 768 (taken 0, ring 1024, end -1, announced 512)")]
+    [InlineData("ring-negative-announced", "a streamed payload announced a length of -7 bytes")]
     [InlineData("bad-metadata-length", "a metadata block longer than its 5-byte body")]
     public async Task A_malicious_client_is_disconnected_with_ProtocolViolationException_and_others_are_unaffected(string kind, string cause)
     {

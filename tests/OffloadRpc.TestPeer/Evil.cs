@@ -174,15 +174,25 @@ internal static class EvilClient
 
             case "ring-overrun":
             case "ring-end-mismatch":
+            case "ring-past-announced":
+            case "ring-negative-announced":
             {
                 // A streamed (ring) payload whose counters lie: more bytes past what the server took than its
-                // 1 KiB ring holds; an end mark that is not where the bytes end.
+                // 1 KiB ring holds; an end mark that is not where the bytes end; more bytes than the length it
+                // announced; a negative announced length.
                 unsafe
                 {
                     SharedBuffer lease = connection.Rent(4096);
                     var header = (PipelineHeader*)(lease.Segment.Base + lease.Offset);
-                    (header->Total, header->BytesReady) = kind == "ring-overrun" ? (-1L, 8192L) : (8192L, 512L);
-                    RawWriter.WriteMessage(connection, MessageKind.Request, 1, 0, [new PayloadRef { SegmentId = lease.Segment.Id, Flags = PayloadRef.Pipelined | PayloadRef.Streamed, Offset = lease.Offset, Length = 1024 }]);
+                    (header->Total, header->BytesReady, header->Announced) = kind switch
+                    {
+                        "ring-overrun" => (-1L, 8192L, 0L),
+                        "ring-end-mismatch" => (8192L, 512L, 0L),
+                        "ring-past-announced" => (-1L, 768L, 512L),
+                        _ => (-1L, 0L, -7L),
+                    };
+                    uint announced = kind is "ring-past-announced" or "ring-negative-announced" ? PayloadRef.LengthAnnounced : 0;
+                    RawWriter.WriteMessage(connection, MessageKind.Request, 1, 0, [new PayloadRef { SegmentId = lease.Segment.Id, Flags = PayloadRef.Pipelined | PayloadRef.Streamed | announced, Offset = lease.Offset, Length = 1024 }]);
                 }
 
                 break;

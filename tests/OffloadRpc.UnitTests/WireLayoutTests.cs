@@ -57,10 +57,12 @@ public sealed class WireLayoutTests
             (nameof(PipelineHeader.BytesConsumed), 24),
             (nameof(PipelineHeader.ConsumedCount), 32),
             (nameof(PipelineHeader.SenderWaiting), 36),
-            (nameof(PipelineHeader.ReaderClosed), 40));
+            (nameof(PipelineHeader.ReaderClosed), 40),
+            (nameof(PipelineHeader.Announced), 48));
         Assert.Equal(0, (int)Marshal.OffsetOf<PipelineHeader>(nameof(PipelineHeader.ChunksReady)) % sizeof(int)); // futex words are 4-byte aligned
         Assert.Equal(0, (int)Marshal.OffsetOf<PipelineHeader>(nameof(PipelineHeader.ConsumedCount)) % sizeof(int));
-        Assert.Equal(4u, PayloadRef.Streamed); // a ring of unknown length: only with Pipelined
+        Assert.Equal(4u, PayloadRef.Streamed); // a ring: only with Pipelined
+        Assert.Equal(8u, PayloadRef.LengthAnnounced); // a ring whose length is in the header: only with Streamed
     }
 
     [Fact]

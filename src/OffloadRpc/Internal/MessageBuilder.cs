@@ -124,9 +124,10 @@ public sealed class MessageBuilder
         {
             if (pipelineStreams && deferred.Stream is { } piped && deferred.Mode is TransferMode.Auto or TransferMode.Pipelined)
             {
-                // A stream that cannot seek has no length to announce: it goes through a ring, its end marked when it ends.
+                // Through a ring of a few chunks, whatever its length (over 2 GiB too); a seekable stream
+                // announces its length, one that cannot seek has none to announce and marks its end when it ends.
                 long remaining = piped.CanSeek ? Math.Max(0, piped.Length - piped.Position) : -1;
-                if (remaining is -1 or (> 0 and <= TransportProtocol.MaxPayloadLength))
+                if (remaining != 0)
                 {
                     var source = new StreamSource(piped, remaining, cancellationToken);
                     (sources ??= new List<StreamSource>(1)).Add(source);

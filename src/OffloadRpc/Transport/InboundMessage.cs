@@ -22,6 +22,9 @@ internal struct ReceivedPayload
     /// <summary>Pipelined with no length known up front: <see cref="Length"/> is the capacity of its ring; it can only be read as a stream.</summary>
     public bool Streamed;
 
+    /// <summary>Streamed, with its length announced in the header (<see cref="PayloadRef.LengthAnnounced"/>).</summary>
+    public bool Announced;
+
     /// <summary>Where the arena block starts (the release handle): <see cref="Offset"/>, or the header of a pipelined payload.</summary>
     public long BlockOffset;
 }
@@ -182,7 +185,7 @@ internal abstract class InboundMessage
     }
 
     private unsafe PipelinedPayload Progress(in ReceivedPayload payload) =>
-        new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length, payload.Streamed);
+        new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length, payload.Streamed, payload.Announced);
 
     /// <summary>A streamed payload has no length to wait for: only a Stream parameter can take it (a peer that sends one for a buffer breaks the contract).</summary>
     private void ThrowIfStreamed(in ReceivedPayload payload, int index)

@@ -244,16 +244,16 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         }
     }
 
-    /// <summary>A pipelined block for a stream: published empty, then filled by <see cref="StreamSource.PumpAsync"/> straight from the stream.</summary>
+    /// <summary>A ring for a stream: published empty, then filled by the stream's pump straight from the stream.</summary>
     private unsafe void AddStream(StreamSource stream, CancellationToken cancellationToken)
     {
         RpcConnection connection = _connection!;
-        long capacity = stream.IsStreamed ? StreamSource.RingBytes(connection) : stream.Length; // a stream of unknown length goes through a ring
+        long capacity = stream.RingBytes(connection);
         ArenaBlock block = connection.Arena.Allocate(PipelineHeader.Size + capacity, mayWait: !Poller.IsPollerThread, cancellationToken);
         _allocated[_allocatedCount++] = block;
         SharedMemorySegment segment = block.Segment;
         var progress = (PipelineHeader*)segment.Pointer(block.Offset, PipelineHeader.Size);
-        *progress = new PipelineHeader { Total = stream.Length }; // -1 for a ring: no end yet
+        *progress = new PipelineHeader { Total = -1, Announced = stream.Length }; // no end yet; the length if known
         _deferred[_deferredCount++] = new DeferredCopy
         {
             SourceStream = stream,
@@ -262,7 +262,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
             Destination = (nint)(segment.Pointer(block.Offset, PipelineHeader.Size + capacity) + PipelineHeader.Size),
             Capacity = capacity,
         };
-        _refs[_refCount++] = new PayloadRef { SegmentId = segment.Id, Flags = PayloadRef.Pipelined | (stream.IsStreamed ? PayloadRef.Streamed : 0), Offset = block.Offset, Length = capacity };
+        _refs[_refCount++] = new PayloadRef { SegmentId = segment.Id, Flags = PayloadRef.Pipelined | PayloadRef.Streamed | (stream.IsStreamed ? 0 : PayloadRef.LengthAnnounced), Offset = block.Offset, Length = capacity };
     }
 
     /// <summary>Only a payload the caller explicitly offloaded, from an array it owns (pinnable for the duration), goes asynchronously.</summary>

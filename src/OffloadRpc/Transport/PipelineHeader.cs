@@ -44,4 +44,8 @@ internal struct PipelineHeader
     /// <summary>Set by the receiver when it will read no more (its stream was disposed): the sender stops.</summary>
     [FieldOffset(40)]
     public int ReaderClosed;
+
+    /// <summary>A streamed payload with <see cref="PayloadRef.LengthAnnounced"/>: the bytes the sender will write in all (written before the message is published; the receiver reads it once).</summary>
+    [FieldOffset(48)]
+    public long Announced;
 }

@@ -24,6 +24,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     private readonly unsafe PipelineHeader* _header;
     private readonly long _length;
     private readonly bool _streamed;
+    private readonly long _announced = -1; // a streamed payload's length, when the sender announced it
     private long _known;
     private long _end = -1; // a streamed payload's final length, once the sender marked it
     private long _consumed;
@@ -35,13 +36,22 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     private bool _stalled;
     private CancellationToken _cancellationToken;
 
-    /// <param name="length">The payload's length; for a <paramref name="streamed"/> one (length unknown up front), the capacity of its ring.</param>
-    public unsafe PipelinedPayload(RpcConnection connection, byte* header, long length, bool streamed = false)
+    /// <param name="length">The payload's length; for a <paramref name="streamed"/> one, the capacity of its ring.</param>
+    /// <param name="announced">A streamed payload whose sender announced its length in the header (read here, once).</param>
+    public unsafe PipelinedPayload(RpcConnection connection, byte* header, long length, bool streamed = false, bool announced = false)
     {
         _connection = connection;
         _header = (PipelineHeader*)header;
         _length = length;
         _streamed = streamed;
+        if (streamed && announced)
+        {
+            _announced = Volatile.Read(ref _header->Announced);
+            if (_announced < 0)
+            {
+                throw Violate($"a streamed payload announced a length of {_announced} bytes");
+            }
+        }
     }
 
     /// <summary>The payload's length; for a streamed payload the capacity of its ring (see <see cref="IsStreamed"/>).</summary>
@@ -50,8 +60,11 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     /// <summary>The length was not known up front: the data is a ring of <see cref="Length"/> bytes and <see cref="EndPosition"/> tells where it ends.</summary>
     public bool IsStreamed => _streamed;
 
-    /// <summary>Where the payload ends: its length, or for a streamed payload the final length once the sender marked it (-1 until then).</summary>
-    public long EndPosition => _streamed ? _end : _length;
+    /// <summary>Where the payload ends: its length, or for a streamed payload the announced length, else the final length once the sender marked it (-1 until then).</summary>
+    public long EndPosition => !_streamed ? _length : _announced >= 0 ? _announced : _end;
+
+    /// <summary>A streamed payload's length as its sender announced it up front, or -1 (unknown until the end).</summary>
+    public long AnnouncedLength => _announced;
 
     /// <summary>Bytes known to be in place right now (validated).</summary>
     public unsafe long Available()
@@ -62,9 +75,10 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         {
             // The sender raises BytesReady before it sets Total, so an end seen is an end of what is ready;
             // it never writes more than the ring holds past what this side took, and never moves the end.
-            if (ready < _known || ready - _consumed > _length || total < -1 || (total >= 0 && total != ready) || (_end >= 0 && total != _end))
+            if (ready < _known || ready - _consumed > _length || total < -1 || (total >= 0 && total != ready) || (_end >= 0 && total != _end)
+                || (_announced >= 0 && (ready > _announced || (total >= 0 && total != _announced))))
             {
-                throw Violate($"a streamed payload's progress went from {_known} to {ready} (taken {_consumed}, ring {_length}, end {total})");
+                throw Violate($"a streamed payload's progress went from {_known} to {ready} (taken {_consumed}, ring {_length}, end {total}{(_announced >= 0 ? $", announced {_announced}" : string.Empty)})");
             }
 
             _end = total;
@@ -200,7 +214,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
                 // A stream of unknown length reads a source (a pipe, a socket) that may go quiet without any
                 // fault of the peer's: only this read fails (the call with it, as an HTTP server fails a request
                 // body that stops arriving); the connection and its other calls go on.
-                throw new TimeoutException($"The Stream argument sent no bytes for {stall.TotalSeconds:0.#} s (after {_known} bytes).");
+                throw new TimeoutException($"The Stream argument sent no bytes for {stall.TotalSeconds:0.#} s (after {_known}{(_announced >= 0 ? $" of {_announced}" : string.Empty)} bytes).");
             }
 
             throw Violate($"a pipelined payload stalled at {_known} of {(_streamed ? "an unknown number of" : _length)} bytes for {stall.TotalSeconds:0.#} s");
@@ -296,9 +310,9 @@ internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
     public override bool CanWrite => false;
 
     /// <summary>The payload's length; unknown (NotSupportedException) for a stream the client could not measure up front.</summary>
-    public override long Length => _progress.IsStreamed
-        ? throw new NotSupportedException("The Stream argument's length was not known when it was sent (the client's stream cannot seek): read it to its end.")
-        : _progress.Length;
+    public override long Length => !_progress.IsStreamed ? _progress.Length
+        : _progress.AnnouncedLength >= 0 ? _progress.AnnouncedLength
+        : throw new NotSupportedException("The Stream argument's length was not known when it was sent (the client's stream cannot seek): read it to its end.");
 
     public override long Position
     {

@@ -376,9 +376,10 @@ internal sealed partial class RpcConnection
             throw Violation($"a payload at unaligned offset {reference.Offset}");
         }
 
-        if ((reference.Flags & ~(PayloadRef.ReceiverOwned | PayloadRef.Pipelined | PayloadRef.Streamed)) != 0
+        if ((reference.Flags & ~(PayloadRef.ReceiverOwned | PayloadRef.Pipelined | PayloadRef.Streamed | PayloadRef.LengthAnnounced)) != 0
             || ((reference.Flags & PayloadRef.ReceiverOwned) != 0 && (reference.Flags & PayloadRef.Pipelined) != 0)
-            || ((reference.Flags & PayloadRef.Streamed) != 0 && ((reference.Flags & PayloadRef.Pipelined) == 0 || reference.Length <= 0)))
+            || ((reference.Flags & PayloadRef.Streamed) != 0 && ((reference.Flags & PayloadRef.Pipelined) == 0 || reference.Length <= 0))
+            || ((reference.Flags & PayloadRef.LengthAnnounced) != 0 && (reference.Flags & PayloadRef.Streamed) == 0))
         {
             throw Violation($"payload flags 0x{reference.Flags:x}{((reference.Flags & PayloadRef.Streamed) != 0 ? $" (a streamed payload's ring of {reference.Length} bytes)" : string.Empty)}");
         }
@@ -411,7 +412,7 @@ internal sealed partial class RpcConnection
             throw Violation($"a payload in retired segment {id}");
         }
 
-        return new ReceivedPayload { Segment = segment, Offset = reference.Offset + header, BlockOffset = reference.Offset, Length = (int)reference.Length, OwnArena = false, Pipelined = pipelined, Streamed = (reference.Flags & PayloadRef.Streamed) != 0 };
+        return new ReceivedPayload { Segment = segment, Offset = reference.Offset + header, BlockOffset = reference.Offset, Length = (int)reference.Length, OwnArena = false, Pipelined = pipelined, Streamed = (reference.Flags & PayloadRef.Streamed) != 0, Announced = (reference.Flags & PayloadRef.LengthAnnounced) != 0 };
     }
 
     private ProtocolViolationException Violation(string what) =>

@@ -96,13 +96,20 @@ internal struct PayloadRef
     public const uint Pipelined = 2;
 
     /// <summary>
-    /// With <see cref="Pipelined"/>: a payload whose length is not known up front (a Stream argument that
-    /// cannot seek). <see cref="Length"/> is the capacity of a ring after the header: the sender writes
-    /// at <see cref="PipelineHeader.BytesReady"/> modulo it, never more than the capacity past what the
+    /// With <see cref="Pipelined"/>: a payload sent through a ring (a Stream argument). <see cref="Length"/>
+    /// is the capacity of the ring after the header: the sender writes at
+    /// <see cref="PipelineHeader.BytesReady"/> modulo it, never more than the capacity past what the
     /// receiver has taken (<see cref="PipelineHeader.BytesConsumed"/>), and marks the end by setting
     /// <see cref="PipelineHeader.Total"/> (-1 until then) to the final byte count.
     /// </summary>
     public const uint Streamed = 4;
+
+    /// <summary>
+    /// With <see cref="Streamed"/>: the sender knew the length up front (a seekable Stream) and wrote it to
+    /// <see cref="PipelineHeader.Announced"/>; it writes exactly that many bytes and the end it marks is that
+    /// length. Without it the length is unknown until the end (a Stream that cannot seek).
+    /// </summary>
+    public const uint LengthAnnounced = 8;
 
     public int SegmentId;
     public uint Flags;
