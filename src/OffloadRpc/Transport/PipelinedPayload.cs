@@ -29,10 +29,13 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     private long _end = -1; // a streamed payload's final length, once the sender marked it
     private long _consumed;
 
+    // The sender's last real progress, across waits: a reader that waits for each few bytes in turn must not
+    // restart the stall clock with every wait, or a sender trickling a few bytes per wait would never stall.
+    private long _progressAt = Stopwatch.GetTimestamp();
+    private long _progressSeen;
+
     // The wait in progress (one reader at a time, as for any stream).
     private long _target;
-    private long _progressAt;
-    private long _progressSeen;
     private bool _stalled;
     private CancellationToken _cancellationToken;
 
@@ -191,8 +194,6 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
         }
 
         _cancellationToken = cancellationToken;
-        _progressAt = Stopwatch.GetTimestamp();
-        _progressSeen = _known;
         _stalled = false;
         return false;
     }
