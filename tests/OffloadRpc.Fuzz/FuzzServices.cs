@@ -103,6 +103,19 @@ internal sealed class FuzzServices : IFuzzContract, IKitchenSink, IImageService
         return [0, sink.Length, 0, 0, 0];
     }
 
+    public async ValueTask<long[]> VerifyPatternAsync(Stream data, CancellationToken cancellationToken = default)
+    {
+        byte[] buffer = new byte[4096];
+        long read = 0;
+        int n;
+        while ((n = await data.ReadAsync(buffer, cancellationToken).ConfigureAwait(false)) > 0)
+        {
+            read += n;
+        }
+
+        return [read, -1, -1];
+    }
+
     public async ValueTask<long> ReadPrefixAsync(Stream data, int bytes, CancellationToken cancellationToken = default)
     {
         byte[] buffer = new byte[4096];

@@ -209,6 +209,60 @@ public sealed class TypedServiceTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_seekable_Stream_longer_than_2_GiB_goes_through_its_ring_with_its_Length()
+    {
+        // Past int.MaxValue: no single payload could carry it; through a ring of a few MiB it goes, each byte checked.
+        long length = (2L << 30) + 12345;
+        long[] result = await Sink.VerifyPatternAsync(new PatternStream(length)).AsTask().WaitAsync(TimeSpan.FromSeconds(240));
+        Assert.True(result[0] == length, $"result {string.Join(", ", result)}");
+        Assert.Equal(-1, result[1]);
+        Assert.Equal(length, result[2]);
+    }
+
+    /// <summary>A seekable stream of <c>length</c> bytes of the block pattern, made as it is read.</summary>
+    private sealed class PatternStream(long length) : Stream
+    {
+        private long _position;
+
+        public override bool CanRead => true;
+
+        public override bool CanSeek => true;
+
+        public override bool CanWrite => false;
+
+        public override long Length => length;
+
+        public override long Position { get => _position; set => _position = value; }
+
+        public override int Read(Span<byte> buffer)
+        {
+            int count = (int)Math.Min(buffer.Length, length - _position);
+            BlockPattern.Fill(buffer[..count], _position);
+            _position += count;
+            return count;
+        }
+
+        public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
+
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) => ValueTask.FromResult(Read(buffer.Span));
+
+        public override void Flush()
+        {
+        }
+
+        public override long Seek(long offset, SeekOrigin origin) => _position = origin switch
+        {
+            SeekOrigin.Begin => offset,
+            SeekOrigin.Current => _position + offset,
+            _ => length + offset,
+        };
+
+        public override void SetLength(long value) => throw new NotSupportedException();
+
+        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+    }
+
+    [Fact]
     public async Task A_method_that_returns_before_the_end_of_a_quiet_Stream_answers_at_once()
     {
         // A pipe that sent 64 KiB and went quiet: the server reads 4 KiB and answers. The call completes

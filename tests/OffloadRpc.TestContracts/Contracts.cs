@@ -115,6 +115,9 @@ public interface IKitchenSink
 
     /// <summary>Reads the first <paramref name="bytes"/> bytes of the Stream (fewer when it ends first) and returns how many, leaving the rest unread.</summary>
     ValueTask<long> ReadPrefixAsync(Stream data, int bytes, CancellationToken cancellationToken = default);
+
+    /// <summary>Reads the Stream to its end, checking every byte against the test's block pattern. Returns bytes read, the first wrong position (-1: none), and the stream's Length (-1: unknown).</summary>
+    ValueTask<long[]> VerifyPatternAsync(Stream data, CancellationToken cancellationToken = default);
 }
 
 [MessagePackObject]

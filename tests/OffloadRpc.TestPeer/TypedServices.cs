@@ -233,6 +233,35 @@ internal sealed class KitchenSink : IKitchenSink
         }
     }
 
+    public async ValueTask<long[]> VerifyPatternAsync(Stream data, CancellationToken cancellationToken = default)
+    {
+        long length;
+        try
+        {
+            length = data.Length; // known when the client's stream could tell, though the server's cannot seek
+        }
+        catch (NotSupportedException)
+        {
+            length = -1;
+        }
+
+        byte[] buffer = new byte[1 << 20];
+        long read = 0;
+        long wrong = -1;
+        int n;
+        while ((n = await data.ReadAsync(buffer, cancellationToken)) > 0)
+        {
+            if (wrong < 0)
+            {
+                wrong = BlockPattern.FirstMismatch(buffer.AsSpan(0, n), read);
+            }
+
+            read += n;
+        }
+
+        return [read, wrong, length];
+    }
+
     public async ValueTask<long> ReadPrefixAsync(Stream data, int bytes, CancellationToken cancellationToken = default)
     {
         byte[] buffer = new byte[64 << 10];
