@@ -163,6 +163,54 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task A_metadata_header_that_does_not_decode_fails_that_call_alone()
+    {
+        var forging = new MetadataHandler(new System.Net.Http.SocketsHttpHandler());
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel => channel.HttpHandler = forging);
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        IImageService images = connection.GetService<IImageService>();
+        byte[] large = new byte[3 << 20]; // read in 1 MiB frames only once the header decoded
+        Checksum64.Fill(large, 5);
+
+        forging.Value = "not base64!";
+        foreach (Func<Task> call in new Func<Task>[] { () => images.AddAsync(1, 2).AsTask(), () => images.ChecksumAsync(large).AsTask() })
+        {
+            RemoteInvocationException refused = await Assert.ThrowsAsync<RemoteInvocationException>(call);
+            Assert.Equal(typeof(global::Grpc.Core.RpcException).FullName, refused.RemoteExceptionType);
+            Assert.StartsWith("InvalidArgument: The offloadrpc-metadata-bin header is not base64", refused.RemoteMessage, StringComparison.Ordinal);
+        }
+
+        forging.Value = Convert.ToBase64String([0xc1, 0xc1, 0xc1]); // base64, but no metadata block
+        foreach (Func<Task> call in new Func<Task>[] { () => images.AddAsync(1, 2).AsTask(), () => images.ChecksumAsync(large).AsTask() })
+        {
+            ProtocolViolationException violation = await Assert.ThrowsAsync<ProtocolViolationException>(call);
+            Assert.StartsWith("The server refused the call as a protocol violation", violation.Message, StringComparison.Ordinal);
+        }
+
+        forging.Value = null;
+        Assert.Equal(3, await images.AddAsync(1, 2)); // the server and the connection serve on
+        Assert.Equal(Checksum64.Compute(large), await images.ChecksumAsync(large));
+    }
+
+    /// <summary>Sends <see cref="Value"/> (when set) as the raw offloadrpc-metadata-bin header, as a broken or hostile client could.</summary>
+    private sealed class MetadataHandler(System.Net.Http.HttpMessageHandler inner) : System.Net.Http.DelegatingHandler(inner)
+    {
+        public volatile string? Value;
+
+        protected override Task<System.Net.Http.HttpResponseMessage> SendAsync(System.Net.Http.HttpRequestMessage request, CancellationToken cancellationToken)
+        {
+            if (Value is { } value && request.RequestUri?.AbsolutePath.StartsWith("/OffloadRpc.", StringComparison.Ordinal) == true)
+            {
+                request.Headers.Remove("offloadrpc-metadata-bin");
+                request.Headers.TryAddWithoutValidation("offloadrpc-metadata-bin", value);
+            }
+
+            return base.SendAsync(request, cancellationToken);
+        }
+    }
+
+    [Fact]
     public async Task An_address_that_serves_nothing_fails_with_PeerDisconnectedException()
     {
         using var listener = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);

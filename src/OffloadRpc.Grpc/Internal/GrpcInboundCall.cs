@@ -25,7 +25,8 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     /// <param name="requests">The request stream after the request (null: the method is bound with one request message).</param>
     /// <param name="responses">The response stream (null: the method is bound with one response message, written by gRPC).</param>
-    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
+    /// <param name="metadata">The request's metadata block (<see cref="MetadataOf"/>), null when it has none.</param>
+    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, byte[]? metadata, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
     {
         MethodId = methodId;
         _message = message;
@@ -34,14 +35,16 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         _window = window;
         _maxBodyBytes = maxBodyBytes;
         _context = context;
-        _metadata = MetadataOf(context);
+        _metadata = metadata;
     }
 
     /// <summary>
     /// The request's metadata block, read from the one HTTP header that carries it: asking gRPC for
     /// <see cref="ServerCallContext.RequestHeaders"/> would build a collection of every header per call.
+    /// Read before the request's frames, so a call whose header is not base64 is refused before its
+    /// buffers are read (status InvalidArgument).
     /// </summary>
-    private static byte[]? MetadataOf(ServerCallContext context)
+    public static byte[]? MetadataOf(ServerCallContext context)
     {
         if (context.GetHttpContext().Request.Headers.TryGetValue(GrpcWire.MetadataHeader, out Microsoft.Extensions.Primitives.StringValues values) && values.Count > 0 && values[0] is { } base64)
         {

@@ -107,7 +107,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task<Frame> ServeUnaryAsync(Frame request, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
-        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), null, null, context).ConfigureAwait(false);
+        byte[]? metadata = MetadataOf(context, request);
+        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), metadata, null, null, context).ConfigureAwait(false);
         return ReplyFrame(call);
     }
 
@@ -115,8 +116,9 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task<Frame> ServeClientStreamingAsync(IAsyncStreamReader<Frame> requests, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
+        byte[]? metadata = MetadataOf(context, null);
         MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
-        using GrpcInboundCall call = await DispatchAsync(host, request, requests, null, context).ConfigureAwait(false);
+        using GrpcInboundCall call = await DispatchAsync(host, request, metadata, null, null, context).ConfigureAwait(false);
         return ReplyFrame(call);
     }
 
@@ -124,7 +126,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task ServeServerStreamingAsync(Frame request, IServerStreamWriter<Frame> responses, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
-        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), null, responses, context).ConfigureAwait(false);
+        byte[]? metadata = MetadataOf(context, request);
+        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), metadata, null, responses, context).ConfigureAwait(false);
         await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
     }
 
@@ -132,9 +135,24 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task ServeAsync(IAsyncStreamReader<Frame> requests, IServerStreamWriter<Frame> responses, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
+        byte[]? metadata = MetadataOf(context, null);
         MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
-        using GrpcInboundCall call = await DispatchAsync(host, request, requests, responses, context).ConfigureAwait(false);
+        using GrpcInboundCall call = await DispatchAsync(host, request, metadata, requests, responses, context).ConfigureAwait(false);
         await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
+    }
+
+    /// <summary>The request's metadata block, before anything else of the request is read; a header that is not base64 ends the call (InvalidArgument) and gives <paramref name="request"/> back.</summary>
+    private static byte[]? MetadataOf(ServerCallContext context, Frame? request)
+    {
+        try
+        {
+            return GrpcInboundCall.MetadataOf(context);
+        }
+        catch
+        {
+            request?.Release();
+            throw;
+        }
     }
 
     private OffloadRpcServer Host() =>
@@ -192,18 +210,9 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     }
 
     /// <summary>Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the call with.</summary>
-    private async Task<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
+    private async Task<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, byte[]? metadata, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
-        GrpcInboundCall call;
-        try
-        {
-            call = new GrpcInboundCall(method.Id, request, context, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
-        }
-        catch
-        {
-            request.Dispose(); // a metadata header that does not decode
-            throw;
-        }
+        var call = new GrpcInboundCall(method.Id, request, context, metadata, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
 
         Exception? failure = null;
         try
