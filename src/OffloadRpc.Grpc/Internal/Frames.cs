@@ -268,7 +268,7 @@ internal sealed class OutgoingMessage : IDisposable
         bool inline = total <= Frame.InlineBytes;
         int headLength = 4 + body.Length + 2 + (8 * payloads.Length) + (inline ? (int)total : 0);
         byte[] head = ArrayPool<byte>.Shared.Rent(headLength);
-        var sources = payloads.Length == 0 ? [] : new Source[payloads.Length];
+        Source[] sources = inline || payloads.Length == 0 ? [] : new Source[payloads.Length];
         int position = 0;
         try
         {
@@ -323,7 +323,7 @@ internal sealed class OutgoingMessage : IDisposable
             throw;
         }
 
-        return new OutgoingMessage(head, headLength, inline ? [] : sources, inline);
+        return new OutgoingMessage(head, headLength, sources, inline);
     }
 
     /// <summary>The message as frames: the head, then each payload in chunks.</summary>

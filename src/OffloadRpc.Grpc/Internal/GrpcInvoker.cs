@@ -94,6 +94,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     /// bound as (on the wire a unary call is a streaming call of one message each way), so gRPC makes no
     /// stream reader, and its response and status come back as one completion.
     /// </summary>
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
     private async ValueTask<RpcReply> UnaryAsync(GrpcMethod grpc, MethodDescriptor method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
     {
         Frame head = message.DetachHead(releaseAfterWrite: false);

@@ -179,7 +179,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     }
 
     /// <summary>Reads frames until the request is whole (a streamed argument's items come after it, read by the method).</summary>
-    private async Task<MessageAssembler> ReadRequestAsync(OffloadRpcServer host, IAsyncStreamReader<Frame> requests, ServerCallContext context)
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<MessageAssembler> ReadRequestAsync(OffloadRpcServer host, IAsyncStreamReader<Frame> requests, ServerCallContext context)
     {
         var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
         try
@@ -210,7 +211,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     }
 
     /// <summary>Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the call with.</summary>
-    private async Task<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, byte[]? metadata, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, byte[]? metadata, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
         var call = new GrpcInboundCall(method.Id, request, context, metadata, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
 
