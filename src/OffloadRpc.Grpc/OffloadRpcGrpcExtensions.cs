@@ -50,7 +50,17 @@ namespace Microsoft.AspNetCore.Builder
                 throw new InvalidOperationException("MapOffloadRpcGrpc serves the services of AddOffloadRpcServer(...).AddService<...>(): register them (or call services.AddOffloadRpcGrpc()) before the application is built.");
             }
 
-            return endpoints.MapGrpcService<OffloadRpcGrpcService>();
+            // A unary method's request (one frame: MessagePack up to MaxMessageBytes) is read whole before the
+            // method runs, under Kestrel's request body limit (30 MB by default); the streaming methods lift
+            // that limit themselves, and gRPC's message limit (the transport's frame size) bounds both.
+            return endpoints.MapGrpcService<OffloadRpcGrpcService>().WithMetadata(NoRequestBodyLimit.Instance);
+        }
+
+        private sealed class NoRequestBodyLimit : Microsoft.AspNetCore.Http.Metadata.IRequestSizeLimitMetadata
+        {
+            public static readonly NoRequestBodyLimit Instance = new();
+
+            public long? MaxRequestBodySize => null;
         }
     }
 }

@@ -163,6 +163,24 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task A_unary_request_above_Kestrels_body_limit_crosses_when_the_message_limit_allows_it()
+    {
+        string endpoint = Endpoints.Unique("large-body");
+        await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-message-bytes", (64 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)]))
+        {
+            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false, MaxMessageBytes = 64 << 20 });
+            string a = new('a', 20_000_000);
+            string b = new('b', 20_000_000); // a 40 MB MessagePack body, one frame of a unary call: Kestrel refuses bodies above 30 MB unless told not to
+            string joined = await connection.GetService<IKitchenSink>().ConcatAsync(a, b);
+            Assert.Equal(40_000_000, joined.Length);
+            Assert.True(joined.AsSpan(0, 20_000_000).SequenceEqual(a) && joined.AsSpan(20_000_000).SequenceEqual(b));
+        }
+
+        Endpoints.RemoveStale(endpoint);
+    }
+
+    [Fact]
     public async Task A_metadata_header_that_does_not_decode_fails_that_call_alone()
     {
         var forging = new MetadataHandler(new System.Net.Http.SocketsHttpHandler());

@@ -11,7 +11,8 @@ using OffloadRpc.TestContracts;
 /// The typed services and the call probe in an ASP.NET Core app that serves them both ways: over shared
 /// memory on <c>endpoint</c> (AddOffloadRpcServer) and over gRPC (h2c) on 127.0.0.1 with a port the
 /// system picks (MapOffloadRpcGrpc). Prints READY, the socket path and the gRPC address. With --traces, the
-/// spans and server metrics of OffloadRpc are recorded for <see cref="ICallProbe.ServerLogAsync"/>.
+/// spans and server metrics of OffloadRpc are recorded for <see cref="ICallProbe.ServerLogAsync"/>; with
+/// --max-message-bytes N, its OffloadRpcOptions.MaxMessageBytes is N.
 /// </summary>
 internal static class GrpcServer
 {
@@ -23,7 +24,13 @@ internal static class GrpcServer
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(kestrel => kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2));
         builder.Services.AddScoped<ProbeDependency>();
-        builder.Services.AddOffloadRpcServer(endpoint, o => o.DispatchToThreadPool = true)
+        int index = Array.IndexOf(args, "--max-message-bytes");
+        int? maxMessageBytes = index >= 0 ? int.Parse(args[index + 1], System.Globalization.CultureInfo.InvariantCulture) : null;
+        builder.Services.AddOffloadRpcServer(endpoint, o =>
+            {
+                o.DispatchToThreadPool = true;
+                o.MaxMessageBytes = maxMessageBytes ?? o.MaxMessageBytes;
+            })
             .AddService<IImageService, ImageService>(ServiceLifetime.Singleton)
             .AddService<IKitchenSink, KitchenSink>(ServiceLifetime.Singleton)
             .AddService<IFrameSource, FrameSource>(ServiceLifetime.Singleton)

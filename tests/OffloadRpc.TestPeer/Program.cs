@@ -18,7 +18,8 @@ using OffloadRpc.Transport;
 //   pingpong-server <file> / (see Benchmarks)         raw spin ping-pong partner
 //   probe-server <endpoint> [--traces]                serves ICallProbe with a server interceptor (and span/metric listeners)
 //   hosted-server <endpoint> [--singleton] [--shutdown-ms N]   ICallProbe in a Generic Host (DI per call, interceptor, health)
-//   grpc-server <endpoint> [--traces]                 typed services and ICallProbe over shared memory and gRPC (127.0.0.1, port 0); prints READY <socket> <http address>
+//   grpc-server <endpoint> [--traces] [--max-message-bytes N]
+//                                                     typed services and ICallProbe over shared memory and gRPC (127.0.0.1, port 0); prints READY <socket> <http address>
 //   probe-call <endpoint>                             one ICallProbe call; prints OK or FAILED <type>: <message>
 return await PeerProgram.RunAsync(args);
 
