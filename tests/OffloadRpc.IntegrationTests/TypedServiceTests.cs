@@ -271,65 +271,12 @@ public sealed class TypedServiceTests : IAsyncLifetime
         IKitchenSink sink = small.GetService<IKitchenSink>();
         for (int i = 0; i < 3; i++)
         {
-            var quiet = new QuietAfter(64 << 10);
+            var quiet = new QuietStream(64 << 10);
             Assert.Equal(4096, await sink.ReadPrefixAsync(quiet, 4096).AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
             Assert.True(quiet.ReadCancelled);
         }
 
         using SharedBuffer whole = small.Rent(8 << 20, new CancellationTokenSource(TimeSpan.FromSeconds(10)).Token); // every ring went back
-    }
-
-    /// <summary>A stream that cannot seek: <c>count</c> bytes, then a read that waits until it is cancelled.</summary>
-    private sealed class QuietAfter(int count) : Stream
-    {
-        private int _left = count;
-
-        public bool ReadCancelled { get; private set; }
-
-        public override bool CanRead => true;
-
-        public override bool CanSeek => false;
-
-        public override bool CanWrite => false;
-
-        public override long Length => throw new NotSupportedException();
-
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-
-        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
-        {
-            if (_left > 0)
-            {
-                int n = Math.Min(_left, buffer.Length);
-                buffer.Span[..n].Fill(7);
-                _left -= n;
-                return n;
-            }
-
-            try
-            {
-                await Task.Delay(Timeout.Infinite, cancellationToken);
-            }
-            catch (OperationCanceledException)
-            {
-                ReadCancelled = true;
-                throw;
-            }
-
-            return 0;
-        }
-
-        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException("read asynchronously");
-
-        public override void Flush()
-        {
-        }
-
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
     }
 
     /// <summary>A stream whose reads throw past <c>breakAt</c> bytes (seekable or not).</summary>

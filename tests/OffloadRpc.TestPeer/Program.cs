@@ -127,7 +127,7 @@ internal static class PeerProgram
     {
         await using RpcConnection connection = await Handshake.ConnectAsync(endpoint, options, [], null, CancellationToken.None);
         using var stop = new CancellationTokenSource();
-        var source = new StreamSource(new QuietAfterFirstRead(1024), -1, stop.Token);
+        var source = new StreamSource(new QuietStream(1024), -1, stop.Token);
         try
         {
             using RpcReply reply = await connection.CallAsync(PeerMethods.Echo, "idle"u8, [OutboundPayload.FromStream(source, CachePolicy.Auto)]);
@@ -143,48 +143,6 @@ internal static class PeerProgram
         using RpcReply second = await connection.CallAsync(PeerMethods.Echo, "again"u8, default);
         Console.WriteLine(second.Body.SequenceEqual("again"u8) ? "SECOND OK" : "SECOND WRONG");
         return 0;
-    }
-
-    /// <summary>A stream that cannot seek: its first read returns <c>count</c> bytes, the next waits until cancelled (a pipe that went quiet).</summary>
-    private sealed class QuietAfterFirstRead(int count) : Stream
-    {
-        private bool _sent;
-
-        public override bool CanRead => true;
-
-        public override bool CanSeek => false;
-
-        public override bool CanWrite => false;
-
-        public override long Length => throw new NotSupportedException();
-
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-
-        public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
-        {
-            if (!_sent)
-            {
-                _sent = true;
-                int n = Math.Min(count, buffer.Length);
-                buffer.Span[..n].Fill(0x5A);
-                return n;
-            }
-
-            await Task.Delay(Timeout.Infinite, cancellationToken);
-            return 0;
-        }
-
-        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException("read asynchronously");
-
-        public override void Flush()
-        {
-        }
-
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-
-        public override void SetLength(long value) => throw new NotSupportedException();
-
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
     }
 
     private static async Task<int> ClientAsync(string endpoint, TransportOptions options, Dictionary<string, ulong> contracts)
