@@ -82,7 +82,10 @@ internal sealed class TelemetryRecorder : IDisposable
         _meters.RecordObservableInstruments();
         lock (_measurements)
         {
-            return _measurements.Last(m => m.Instrument == instrument && m.Tags.Any(t => t.Key == tagKey && Equals(t.Value, tagValue))).Value;
+            (string Instrument, double Value, KeyValuePair<string, object?>[] Tags) found = _measurements.FindLast(m => m.Instrument == instrument && m.Tags.Any(t => t.Key == tagKey && Equals(t.Value, tagValue)));
+            return found.Instrument is not null
+                ? found.Value
+                : throw new InvalidOperationException($"{instrument} reported nothing for {tagKey} = {tagValue}: the instruments are made with the first call in this process.");
         }
     }
 

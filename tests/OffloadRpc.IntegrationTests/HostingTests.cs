@@ -116,6 +116,72 @@ public sealed class HostingTests
     }
 
     [Fact]
+    public async Task The_managed_client_connects_on_first_use_not_when_its_proxy_is_resolved()
+    {
+        string endpoint = Endpoints.Unique("lazy");
+        await using PeerProcess server = StartHosted(endpoint);
+        using var telemetry = new TelemetryRecorder();
+        await using OffloadRpcConnection other = await OffloadRpcConnection.ConnectAsync(endpoint);
+        await other.GetService<ICallProbe>().PingAsync(); // a call makes the instruments
+        double before = telemetry.Observe("offloadrpc.connections", "offloadrpc.role", "client");
+
+        await using ServiceProvider client = Client(endpoint);
+        ICallProbe probe = client.GetRequiredService<ICallProbe>();
+        await Task.Delay(300); // time enough for a connection an eager client would have opened meanwhile
+        Assert.Equal(before, telemetry.Observe("offloadrpc.connections", "offloadrpc.role", "client")); // resolving the proxy did not connect
+
+        await probe.PingAsync();
+        Assert.Equal(before + 1, telemetry.Observe("offloadrpc.connections", "offloadrpc.role", "client")); // the first call did
+        await probe.PingAsync();
+        Assert.Same(probe, client.GetRequiredService<ICallProbe>());
+        Assert.Equal(before + 1, telemetry.Observe("offloadrpc.connections", "offloadrpc.role", "client")); // and later calls share it
+    }
+
+    [Fact]
+    public async Task After_failed_attempts_the_managed_client_waits_a_doubling_backoff_and_calls_meanwhile_fail_at_once()
+    {
+        string endpoint = Endpoints.Unique("backoff");
+        await using ServiceProvider client = Client(endpoint); // nobody serves the endpoint
+        ICallProbe probe = client.GetRequiredService<ICallProbe>();
+
+        int attempts = 0, refused = 0;
+        var elapsed = Stopwatch.StartNew();
+        for (int i = 0; i < 300; i++)
+        {
+            Exception failure = await Assert.ThrowsAnyAsync<Exception>(async () => await probe.PingAsync());
+            Assert.IsNotType<Xunit.Sdk.XunitException>(failure);
+            if (failure is PeerDisconnectedException && failure.Message.Contains("the last attempt failed", StringComparison.Ordinal))
+            {
+                refused++; // within the backoff: no attempt made
+                Assert.NotNull(failure.InnerException); // the failure of the last attempt
+            }
+            else
+            {
+                attempts++;
+            }
+        }
+
+        // Attempts k >= 2 come at least 80 ms x (2^(k-1) - 1) after the first (100 ms doubling, jitter down to 0.8x).
+        double bound = 1 + Math.Log2((elapsed.Elapsed.TotalMilliseconds / 80) + 1);
+        Assert.InRange(attempts, 1, (int)Math.Floor(bound));
+        Assert.Equal(300 - attempts, refused);
+
+        await using PeerProcess server = StartHosted(endpoint);
+        await Eventually.TrueAsync(async () =>
+        {
+            try
+            {
+                await probe.PingAsync();
+                return true;
+            }
+            catch (PeerDisconnectedException)
+            {
+                return false; // within the backoff after the last failed attempt
+            }
+        }, "a call after the backoff connects");
+    }
+
+    [Fact]
     public async Task On_host_stop_a_call_in_flight_finishes_within_the_shutdown_timeout_and_the_health_check_turns_unhealthy()
     {
         string endpoint = Endpoints.Unique("graceful");
