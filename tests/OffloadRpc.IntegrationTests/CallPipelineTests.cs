@@ -96,6 +96,18 @@ public sealed class CallPipelineTests : IAsyncLifetime
         }
     }
 
+    [Fact]
+    public async Task The_server_ends_a_call_at_its_deadline_by_itself_when_the_caller_never_cancels_it()
+    {
+        await using (PeerProcess caller = PeerProcess.Start(["probe-deadline-only", _endpoint, "300"]))
+        {
+            Assert.Equal("REPLY fault System.Threading.Tasks.TaskCanceledException", caller.WaitForLine("REPLY")); // long before the method's minute
+        }
+
+        await using OffloadRpcConnection connection = await ConnectAsync();
+        Assert.Equal("cancelled deadline=yes", await connection.GetService<ICallProbe>().LastOutcomeAsync());
+    }
+
     /// <summary>
     /// The server reuses a call's cancellation source for the connection's next call when it never fired (its
     /// deadline timer stopped first): one armed for an earlier call, or one that fired, must not reach a later call.
@@ -169,6 +181,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
         Checksum64.Fill(data, 5);
         Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data));
         Assert.Contains($"ChecksumAsync payload=100000 count=1 result={Checksum64.Compute(data)}", recorder.Lines);
+        Assert.Contains("OffloadRpc.TestContracts.ICallProbe /OffloadRpc.TestContracts.ICallProbe/ChecksumAsync", recorder.Lines); // the service and method
 
         Assert.Equal("short-circuited", await probe.InstanceAsync()); // never sent
         Assert.Contains("InstanceAsync payload=0 count=0 result=short-circuited", recorder.Lines);
@@ -194,7 +207,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
         {
             RemoteInvocationException refused = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await probe.InstanceAsync());
             Assert.Equal("System.UnauthorizedAccessException", refused.RemoteExceptionType);
-            Assert.Contains("denied: no tenant", refused.Message);
+            Assert.Contains("denied: no tenant (/OffloadRpc.TestContracts.ICallProbe/InstanceAsync of OffloadRpc.TestContracts.ICallProbe)", refused.Message); // the interceptor saw the service and method
         }
 
         using (OffloadCallScope.Begin().WithHeader("skip", "PingAsync"))
@@ -699,6 +712,7 @@ public sealed class CallPipelineTests : IAsyncLifetime
             try
             {
                 TResult result = await continuation(context);
+                Lines.Add($"{context.ServiceName} {context.FullName}");
                 Lines.Add($"{context.MethodName} payload={context.RequestPayloadBytes} count={context.RequestPayloadCount} result={result}");
                 return result;
             }

@@ -47,6 +47,37 @@ internal static class ProbeServer
         return 0;
     }
 
+    /// <summary>
+    /// Calls <see cref="ICallProbe.WaitForCancelAsync"/>(60000) over a raw connection whose request carries a deadline of
+    /// <paramref name="deadlineMs"/> ms and which never cancels the call (no caller-side timer): only the server's own
+    /// timer can end it before a minute. Prints "REPLY ok" or "REPLY fault type".
+    /// </summary>
+    public static async Task<int> DeadlineOnlyAsync(string endpoint, OffloadRpc.Transport.TransportOptions options, int deadlineMs)
+    {
+        RuntimeHelpers.RunModuleConstructor(typeof(ICallProbe).Module.ModuleHandle);
+        int method = OffloadRpc.Internal.ServiceRegistry.Find<ICallProbe>()!.Methods.First(m => m.Name == nameof(ICallProbe.WaitForCancelAsync)).Id;
+        var metadata = new System.Buffers.ArrayBufferWriter<byte>();
+        OffloadRpc.Internal.CallMetadata.Encode(metadata, null, TimeSpan.FromMilliseconds(deadlineMs), traceParent: null, traceState: null);
+        byte[] arguments = [0x91, 0xCD, 0xEA, 0x60]; // [60000]
+        byte[] body = new byte[4 + metadata.WrittenCount + arguments.Length];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32LittleEndian(body, (uint)metadata.WrittenCount);
+        metadata.WrittenSpan.CopyTo(body.AsSpan(4));
+        arguments.CopyTo(body.AsSpan(4 + metadata.WrittenCount));
+
+        await using OffloadRpc.Transport.RpcConnection connection = await OffloadRpc.Transport.Handshake.ConnectAsync(endpoint, options, [], null, CancellationToken.None);
+        try
+        {
+            using OffloadRpc.Transport.RpcReply reply = await connection.CallAsync(method, body, default, OffloadRpc.Transport.MessageFlags.HasMetadata, CancellationToken.None);
+            Console.WriteLine("REPLY ok");
+        }
+        catch (RemoteInvocationException ex)
+        {
+            Console.WriteLine($"REPLY fault {ex.RemoteExceptionType}");
+        }
+
+        return 0;
+    }
+
     /// <summary>Records every OffloadRpc span that ends in this process in <see cref="ProbeLog"/>.</summary>
     internal static ActivityListener ListenToSpans()
     {
@@ -129,7 +160,7 @@ internal sealed class ProbeServerInterceptor : ServerInterceptor
         if (context.RequestHeaders.TryGetValue("deny", out string? why))
         {
             ProbeLog.Add($"denied {context.MethodName} {why}");
-            throw new UnauthorizedAccessException("denied: " + why);
+            throw new UnauthorizedAccessException($"denied: {why} ({context.FullName} of {context.ServiceName})");
         }
 
         if (context.RequestHeaders.TryGetValue("skip", out string? skipped) && skipped == context.MethodName)

@@ -17,6 +17,7 @@ using OffloadRpc.Transport;
 //   evil-raw <endpoint> <kind> <count>                raw sockets: fds-hangup, silent, trickle-hello
 //   pingpong-server <file> / (see Benchmarks)         raw spin ping-pong partner
 //   probe-server <endpoint> [--traces]                serves ICallProbe with a server interceptor (and span/metric listeners)
+//   probe-deadline-only <endpoint> <ms>               WaitForCancelAsync with a deadline the caller never enforces (the server's timer must)
 //   hosted-server <endpoint> [--singleton] [--shutdown-ms N]   ICallProbe in a Generic Host (DI per call, interceptor, health)
 //   grpc-server <endpoint> [--traces] [--max-message-bytes N]
 //                                                     typed services and ICallProbe over shared memory and gRPC (127.0.0.1, port 0); prints READY <socket> <http address>
@@ -44,6 +45,7 @@ internal static class PeerProgram
                 "typed-server" => await TypedServer.RunAsync(endpoint, versioned: args.Contains("--versioned")),
                 "probe-server" => await ProbeServer.RunAsync(endpoint, args),
                 "probe-call" => await ProbeServer.CallAsync(endpoint, args),
+                "probe-deadline-only" => await ProbeServer.DeadlineOnlyAsync(endpoint, options, int.Parse(args[2])),
                 "hosted-server" => await HostedProbeServer.RunAsync(endpoint, args),
                 "grpc-server" => await GrpcServer.RunAsync(endpoint, args),
                 "evil-server" => await ServeAsync(endpoint, options, contracts, new EvilHandler(args[2])),
