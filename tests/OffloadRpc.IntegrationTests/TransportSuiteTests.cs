@@ -181,6 +181,18 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task The_frames_of_a_replys_buffer_are_read_into_its_lease_as_they_arrive()
+    {
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, new OffloadRpcOptions { PreferSharedMemory = false });
+        byte[] data = new byte[(5 << 20) + 7]; // six 1 MiB frames after the head
+        Checksum64.Fill(data, 55);
+        long before = OffloadRpc.Grpc.Internal.MessageAssembler.FramesFilledInPlace;
+        byte[] echoed = await connection.GetService<IImageService>().EchoAsync(data);
+        Assert.Equal(Checksum64.Compute(data), Checksum64.Compute(echoed));
+        Assert.Equal(6, OffloadRpc.Grpc.Internal.MessageAssembler.FramesFilledInPlace - before); // not copied through a pooled array first
+    }
+
+    [Fact]
     public async Task A_metadata_header_that_does_not_decode_fails_that_call_alone()
     {
         var forging = new MetadataHandler(new System.Net.Http.SocketsHttpHandler());

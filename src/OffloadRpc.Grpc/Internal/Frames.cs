@@ -205,6 +205,11 @@ internal sealed class Frame
             throw new ProtocolViolationException($"A gRPC frame of {sequence.Length} bytes (at most {MaxFrameBytes}).");
         }
 
+        if (MessageAssembler.Receiving is { } receiver && sequence.FirstSpan[0] == (byte)FrameKind.Data && receiver.TryFill(sequence.Slice(1)))
+        {
+            return new Frame(FrameKind.Data, default); // its bytes are in the receiver's payload already
+        }
+
         int length = (int)sequence.Length;
         byte[] rented = ArrayPool<byte>.Shared.Rent(length);
         sequence.CopyTo(rented);
@@ -401,6 +406,68 @@ internal sealed class MessageAssembler : IDisposable
     private long _filled;
 
     public MessageAssembler(int maxBodyBytes) => _maxBodyBytes = maxBodyBytes;
+
+    private static readonly AsyncLocal<MessageAssembler?> s_receiving = new();
+
+    /// <summary>
+    /// The message whose payload bytes the frames read in this flow belong to, set by <see cref="ReceiveInPlace"/>:
+    /// the deserializer then copies a data frame's bytes from gRPC's buffers into the payload's lease
+    /// directly, instead of into a pooled array that <see cref="Accept"/> copies again.
+    /// </summary>
+    internal static MessageAssembler? Receiving => s_receiving.Value;
+
+    private static long s_filledInPlace;
+
+    /// <summary>Data frames this process filled into their leases as they were deserialized (a test hook).</summary>
+    internal static long FramesFilledInPlace => Interlocked.Read(ref s_filledInPlace);
+
+    /// <summary>
+    /// From here to the end of the calling async method (whose flow the value does not outlive), data frames
+    /// read are filled into this message's payloads as they are deserialized. Call it once the head is in
+    /// and the message is not complete: a one-frame message pays nothing.
+    /// </summary>
+    public void ReceiveInPlace()
+    {
+        if (_head is not null && !IsComplete && !ReferenceEquals(s_receiving.Value, this))
+        {
+            s_receiving.Value = this;
+        }
+    }
+
+    /// <summary>
+    /// Fills <paramref name="bytes"/> (a data frame's, from gRPC's buffers) into the payloads when they all
+    /// fit what the head announced; false leaves them to the ordinary path (and <see cref="Accept"/> to
+    /// refuse them as it would).
+    /// </summary>
+    public bool TryFill(ReadOnlySequence<byte> bytes)
+    {
+        if (_head is null || IsComplete || bytes.Length > RemainingPayloadBytes)
+        {
+            return false;
+        }
+
+        foreach (ReadOnlyMemory<byte> segment in bytes)
+        {
+            Fill(segment.Span);
+        }
+
+        Interlocked.Increment(ref s_filledInPlace);
+        return true;
+    }
+
+    private long RemainingPayloadBytes
+    {
+        get
+        {
+            long remaining = -_filled;
+            for (int i = _current; i < _payloads.Length; i++)
+            {
+                remaining += _payloads[i]?.Length ?? 0;
+            }
+
+            return remaining;
+        }
+    }
 
     public bool IsComplete { get; private set; }
 

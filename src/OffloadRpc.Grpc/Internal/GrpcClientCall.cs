@@ -120,6 +120,8 @@ internal sealed class GrpcClientCall : IStreamItemSink
             {
                 return true;
             }
+
+            assembler.ReceiveInPlace(); // the buffers' frames go straight into their leases (for the rest of this method)
         }
 
         return false;

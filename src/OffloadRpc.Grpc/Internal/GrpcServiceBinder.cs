@@ -187,7 +187,10 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         {
             while (!assembler.IsComplete && await requests.MoveNext(context.CancellationToken).ConfigureAwait(false))
             {
-                assembler.Accept(requests.Current);
+                if (!assembler.Accept(requests.Current))
+                {
+                    assembler.ReceiveInPlace(); // the buffers' frames go straight into their leases (for the rest of this method)
+                }
             }
         }
         catch (ProtocolViolationException violation)
