@@ -437,7 +437,7 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
         {
             RemoteInvocationException denied = await Assert.ThrowsAsync<RemoteInvocationException>(async () => await Uploads.ChecksumAfterAsync(data, 0));
             Assert.Equal(typeof(UnauthorizedAccessException).FullName, denied.RemoteExceptionType);
-            Assert.Equal("denied: no tenant", denied.RemoteMessage);
+            Assert.Equal("denied: no tenant (/OffloadRpc.TestContracts.IUploadProbe/ChecksumAfterAsync of OffloadRpc.TestContracts.IUploadProbe)", denied.RemoteMessage);
         }
 
         SharedBuffer frame = _connection.Rent(size);
