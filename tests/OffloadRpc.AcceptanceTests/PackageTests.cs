@@ -34,4 +34,20 @@ public sealed class PackageTests
             Directory.Delete(output, recursive: true);
         }
     }
+
+    /// <summary>README's quickstart installs, with `dotnet add package`, the packages the projects pack as.</summary>
+    [Fact]
+    public void The_readme_quickstart_adds_the_packages_by_the_ids_they_are_packed_as()
+    {
+        string repository = Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "..", "..", "..", "..", ".."));
+        string readme = File.ReadAllText(Path.Combine(repository, "README.md"));
+        int start = readme.IndexOf("\n### Quickstart\n", StringComparison.Ordinal);
+        Assert.True(start >= 0, "README has a Quickstart");
+        string quickstart = readme[start..readme.IndexOf("\n## ", start, StringComparison.Ordinal)];
+        foreach ((string id, string project) in new[] { ("OffloadRpc", "src/OffloadRpc/OffloadRpc.csproj"), ("OffloadRpc.Hosting", "src/OffloadRpc.Hosting/OffloadRpc.Hosting.csproj") })
+        {
+            Assert.Contains($"<PackageId>{id}</PackageId>", File.ReadAllText(Path.Combine(repository, project)), StringComparison.Ordinal);
+            Assert.Matches($@"(?m)^dotnet add package {System.Text.RegularExpressions.Regex.Escape(id)}(\s|$)", quickstart);
+        }
+    }
 }
