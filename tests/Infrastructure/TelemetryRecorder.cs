@@ -89,6 +89,15 @@ internal sealed class TelemetryRecorder : IDisposable
         }
     }
 
+    /// <summary>The sum of what <paramref name="instrument"/> recorded so far with the tag <paramref name="tagKey"/> = <paramref name="tagValue"/> (an up-down counter's current value).</summary>
+    public double Sum(string instrument, string tagKey, string tagValue)
+    {
+        lock (_measurements)
+        {
+            return _measurements.Where(m => m.Instrument == instrument && m.Tags.Any(t => t.Key == tagKey && Equals(t.Value, tagValue))).Sum(m => m.Value);
+        }
+    }
+
     public void Dispose()
     {
         _meters.Dispose();

@@ -381,6 +381,16 @@ public sealed class CallPipelineTests : IAsyncLifetime
         Assert.Contains(serverLog, l => l.StartsWith($"span Server OffloadRpc.TestContracts.ICallProbe/WatchAsync {streamClient.TraceId} parent={streamClient.SpanId} system=offloadrpc method=WatchAsync status=ok", StringComparison.Ordinal));
         Assert.Contains("metric rpc.server.duration WatchAsync ok", serverLog);
 
+        using (var cts = new CancellationTokenSource())
+        {
+            Task<string> waiting = probe.WaitForCancelAsync(60_000, cts.Token).AsTask();
+            await Eventually.TrueAsync(async () => await probe.LastOutcomeAsync() == "waiting", "the call is being served");
+            Assert.Equal(1, telemetry.Sum("offloadrpc.client.active_calls", "rpc.method", "WaitForCancelAsync")); // in flight
+            await cts.CancelAsync();
+            await Record.ExceptionAsync(() => waiting);
+            Assert.Equal(0, telemetry.Sum("offloadrpc.client.active_calls", "rpc.method", "WaitForCancelAsync")); // over
+        }
+
         using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromMilliseconds(200)))
         {
             await Assert.ThrowsAsync<DeadlineExceededException>(async () => await probe.WaitForCancelAsync(60_000));
