@@ -68,7 +68,7 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
         {
             lock (_gate)
             {
-                return _outbox ??= new StreamOutbox();
+                return _outbox ??= NewOutbox();
             }
         }
     }
@@ -89,8 +89,15 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
     {
         lock (_gate)
         {
-            return _active && callId == CallId ? _outbox ??= new StreamOutbox() : null;
+            return _active && callId == CallId ? _outbox ??= NewOutbox() : null;
         }
+    }
+
+    /// <summary>This call streams its result: its producer runs on other threads until the call is reset (the connection counts it).</summary>
+    private StreamOutbox NewOutbox()
+    {
+        Interlocked.Increment(ref Connection.StreamsBeingProduced);
+        return new StreamOutbox();
     }
 
     StreamInbox Internal.IInboundCall.OpenInbox() => OpenInbox(Connection.StreamWindow);
@@ -278,7 +285,12 @@ internal sealed class IncomingCall : InboundMessage, Internal.IInboundCall
                 _cancellation = null;
             }
 
-            _outbox = null;
+            if (_outbox is not null)
+            {
+                Interlocked.Decrement(ref Connection.StreamsBeingProduced);
+                _outbox = null;
+            }
+
             inbox = _inbox;
             _inbox = null;
         }

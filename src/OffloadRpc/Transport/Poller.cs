@@ -66,6 +66,12 @@ internal abstract unsafe class PollSource
     /// <summary>Whether this source's peer is calling actively now and competes for a spin grant (a server's connection).</summary>
     public virtual bool CompetesForSpin(long now) => false;
 
+    /// <summary>
+    /// Whether work this source started runs on other threads of this process now (a served call's stream
+    /// producer): a spinning poller then offers its core, which that work needs, even while it serves.
+    /// </summary>
+    public virtual bool HasWorkElsewhere => false;
+
     /// <summary>Tells the peer whether it may spin waiting for our replies (see <see cref="Poller"/>).</summary>
     public virtual void GrantSpin(bool granted)
     {
@@ -297,11 +303,17 @@ internal sealed unsafe partial class Poller
                     return false;
                 }
 
-                if (now >= nextYield && !_serving)
+                if (now >= nextYield)
                 {
                     // A poller serving actively calling clients keeps its core (yielding it would put it
-                    // behind every spinning client, and all of them would then wait for it); others offer theirs.
-                    SpinGate.YieldCore();
+                    // behind every spinning client, and all of them would then wait for it), unless a call it
+                    // serves streams its result: the producer, on the thread pool, then waits for the core this
+                    // poller spins on (a frame stream ran at a third of its rate). Others offer theirs.
+                    if (!_serving || AnyWorkElsewhere())
+                    {
+                        SpinGate.YieldCore();
+                    }
+
                     nextYield = now + SpinGate.YieldIntervalTicks;
                 }
             }
@@ -310,6 +322,20 @@ internal sealed unsafe partial class Poller
         {
             SpinGate.Exit();
         }
+    }
+
+    private bool AnyWorkElsewhere()
+    {
+        PollSource[] sources = _sources;
+        for (int i = 0; i < _count; i++)
+        {
+            if (sources[i].HasWorkElsewhere)
+            {
+                return true;
+            }
+        }
+
+        return false;
     }
 
     /// <summary>Arms every source and the doorbell, polls once more, then sleeps on all the words at once.</summary>

@@ -110,6 +110,9 @@ internal sealed partial class RpcConnection
 
         public override bool CompetesForSpin(long now) => _connection._handler is not null && _connection._spin.IsPeerActive(now);
 
+        /// <summary>Served calls streaming their results: their producers run on the thread pool and need a core to make the next item.</summary>
+        public override bool HasWorkElsewhere => Volatile.Read(ref _connection.StreamsBeingProduced) > 0;
+
         public override void GrantSpin(bool granted)
         {
             int value = granted ? 1 : 0;
@@ -450,6 +453,9 @@ internal sealed partial class RpcConnection
 
     /// <summary>Requests dispatched whose handling (method and answer) has not finished: what a stopping server waits for.</summary>
     private int _callsBeingServed;
+
+    /// <summary>Served calls that stream their results and have not been reset (their producers run off the poller).</summary>
+    internal int StreamsBeingProduced;
 
     /// <summary>Called each time the requests being served drop to none (a stopping server looks again instead of polling).</summary>
     internal Action? ServedCallsDrained { get; set; }
