@@ -81,9 +81,9 @@ public sealed class MessageBuilder
         where T : unmanaged => array is null ? -1 : AddBuffer<T>(array, mode, cache);
 
     /// <summary>
-    /// Adds the rest of <paramref name="stream"/> (null gives -1). Over shared memory it is read into shared
-    /// memory as the server reads it out (Pipelined or Auto; a stream that cannot seek through a ring, its
-    /// end marked when it ends); otherwise it is read whole, asynchronously, before the request is sent.
+    /// Adds the rest of <paramref name="stream"/> (null gives -1). Over shared memory (Pipelined or Auto) it is
+    /// read through a ring as the server reads it out (a seekable stream announces its length, one that cannot
+    /// seek marks its end when it ends); otherwise it is read whole, asynchronously, before the request is sent.
     /// </summary>
     public int AddStream(Stream? stream, TransferMode mode = TransferMode.Auto, CachePolicy cache = CachePolicy.Auto) =>
         stream is null ? -1 : AddDeferred(new DeferredPayload(_payloads.Count, stream, null, mode, cache));
@@ -108,9 +108,8 @@ public sealed class MessageBuilder
     /// <summary>
     /// Reads every deferred argument into a pooled buffer, without blocking a thread. With
     /// <paramref name="pipelineStreams"/>, a <see cref="Stream"/> argument sent Pipelined (or Auto) is not
-    /// read here: it becomes a <see cref="StreamSource"/>, read straight into shared memory after the
-    /// request is out (one that cannot seek through a ring, its length unknown until it ends), and
-    /// returned so that the caller can await its last byte.
+    /// read here: it becomes a <see cref="StreamSource"/>, read straight into a ring in shared memory after
+    /// the request is out, and returned so that the caller can await its last byte.
     /// </summary>
     internal async ValueTask<StreamSource[]?> GatherAsync(CancellationToken cancellationToken, bool pipelineStreams = false)
     {

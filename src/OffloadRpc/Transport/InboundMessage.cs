@@ -19,7 +19,7 @@ internal struct ReceivedPayload
     /// <summary>Still being written by the sender: <see cref="BlockOffset"/> holds its progress header.</summary>
     public bool Pipelined;
 
-    /// <summary>Pipelined with no length known up front: <see cref="Length"/> is the capacity of its ring; it can only be read as a stream.</summary>
+    /// <summary>Pipelined through a ring (a Stream argument): <see cref="Length"/> is the ring's capacity; it can only be read as a stream.</summary>
     public bool Streamed;
 
     /// <summary>Streamed, with its length announced in the header (<see cref="PayloadRef.LengthAnnounced"/>).</summary>
@@ -187,12 +187,12 @@ internal abstract class InboundMessage
     private unsafe PipelinedPayload Progress(in ReceivedPayload payload) =>
         new(Connection, payload.Segment.Pointer(payload.BlockOffset, PipelineHeader.Size), payload.Length, payload.Streamed, payload.Announced);
 
-    /// <summary>A streamed payload has no length to wait for: only a Stream parameter can take it (a peer that sends one for a buffer breaks the contract).</summary>
+    /// <summary>A streamed payload is a ring, never whole at once: only a Stream parameter can take it (a peer that sends one for a buffer breaks the contract).</summary>
     private void ThrowIfStreamed(in ReceivedPayload payload, int index)
     {
         if (payload.Streamed)
         {
-            var violation = new ProtocolViolationException($"Protocol violation by peer process {Connection.Peer.ProcessId}: payload {index} is a stream of unknown length where a buffer was expected.");
+            var violation = new ProtocolViolationException($"Protocol violation by peer process {Connection.Peer.ProcessId}: payload {index} is a stream (a ring) where a buffer was expected.");
             Connection.Terminate(violation);
             throw violation;
         }

@@ -262,7 +262,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
             Destination = (nint)(segment.Pointer(block.Offset, PipelineHeader.Size + capacity) + PipelineHeader.Size),
             Capacity = capacity,
         };
-        _refs[_refCount++] = new PayloadRef { SegmentId = segment.Id, Flags = PayloadRef.Pipelined | PayloadRef.Streamed | (stream.IsStreamed ? 0 : PayloadRef.LengthAnnounced), Offset = block.Offset, Length = capacity };
+        _refs[_refCount++] = new PayloadRef { SegmentId = segment.Id, Flags = PayloadRef.Pipelined | PayloadRef.Streamed | (stream.IsLengthKnown ? PayloadRef.LengthAnnounced : 0), Offset = block.Offset, Length = capacity };
     }
 
     /// <summary>Only a payload the caller explicitly offloaded, from an array it owns (pinnable for the duration), goes asynchronously.</summary>
@@ -516,7 +516,7 @@ internal sealed class OutboundMessage : IThreadPoolWorkItem
         public SharedBuffer? SourceLease;
         public StreamSource? SourceStream;
 
-        /// <summary>The bytes after a stream's header: its length, or its ring's.</summary>
+        /// <summary>The bytes of a stream's ring, after its header.</summary>
         public long Capacity;
         public ArenaBlock Block;
         public nint Header;

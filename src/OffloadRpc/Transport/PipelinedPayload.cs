@@ -9,7 +9,7 @@ namespace OffloadRpc.Transport;
 /// more bytes with <see cref="SharedWait"/> on the header's futex word, blocking
 /// (<see cref="WaitFor"/>) or not (<see cref="WaitForAsync"/>). A wait ends when the bytes arrive, the
 /// connection closes, the caller cancels, or the sender makes no progress for the stall timeout (a
-/// protocol violation; for a stream of unknown length a <see cref="TimeoutException"/> of that read alone):
+/// protocol violation; for a streamed payload, a Stream argument's ring, a <see cref="TimeoutException"/> of that read alone):
 /// never a hang on a dead or stuck sender.
 /// </summary>
 internal sealed class PipelinedPayload : IAsyncWaitCondition
@@ -60,7 +60,7 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
     /// <summary>The payload's length; for a streamed payload the capacity of its ring (see <see cref="IsStreamed"/>).</summary>
     public long Length => _length;
 
-    /// <summary>The length was not known up front: the data is a ring of <see cref="Length"/> bytes and <see cref="EndPosition"/> tells where it ends.</summary>
+    /// <summary>The data is a ring of <see cref="Length"/> bytes (a Stream argument) and <see cref="EndPosition"/> tells where it ends.</summary>
     public bool IsStreamed => _streamed;
 
     /// <summary>Where the payload ends: its length, or for a streamed payload the announced length, else the final length once the sender marked it (-1 until then).</summary>
@@ -212,13 +212,13 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
             TimeSpan stall = _connection.StallTimeout;
             if (_streamed)
             {
-                // A stream of unknown length reads a source (a pipe, a socket) that may go quiet without any
-                // fault of the peer's: only this read fails (the call with it, as an HTTP server fails a request
+                // A Stream argument's sender reads a source (a pipe, a socket, a network file) that may go quiet
+                // without any fault of the peer's: only this read fails (the call with it, as an HTTP server fails a request
                 // body that stops arriving); the connection and its other calls go on.
                 throw new TimeoutException($"The Stream argument sent no bytes for {stall.TotalSeconds:0.#} s (after {_known}{(_announced >= 0 ? $" of {_announced}" : string.Empty)} bytes).");
             }
 
-            throw Violate($"a pipelined payload stalled at {_known} of {(_streamed ? "an unknown number of" : _length)} bytes for {stall.TotalSeconds:0.#} s");
+            throw Violate($"a pipelined payload stalled at {_known} of {_length} bytes for {stall.TotalSeconds:0.#} s");
         }
 
         _connection.ThrowIfClosed();
@@ -276,9 +276,10 @@ internal sealed class PipelinedPayload : IAsyncWaitCondition
 
 /// <summary>
 /// A pipelined payload as a read-only stream: a read returns as soon as some bytes have landed, so the
-/// reader works on chunk k while chunk k+1 is still being copied. A streamed payload (length unknown up
-/// front) is a ring: each read tells the sender what was taken, so it can write over it, and the stream
-/// ends where the sender marked the end (its Length is unknown). Disposing it gives the block back.
+/// reader works on chunk k while chunk k+1 is still being copied. A streamed payload (a Stream argument) is
+/// a ring: each read tells the sender what was taken, so it can write over it, and the stream ends at the
+/// length the sender announced or, without one, where it marked the end (its Length is then unknown).
+/// Disposing it gives the block back.
 /// </summary>
 internal sealed class PipelinedPayloadStream : Stream, IInPlaceReadable
 {

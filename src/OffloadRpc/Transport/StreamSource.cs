@@ -28,11 +28,11 @@ internal sealed class StreamSource
         _cancellationToken = cancellationToken;
     }
 
-    /// <summary>The bytes to send, or -1: unknown until the stream ends (<see cref="IsStreamed"/>).</summary>
+    /// <summary>The bytes to send, or -1: unknown until the stream ends (<see cref="IsLengthKnown"/>).</summary>
     public long Length { get; }
 
-    /// <summary>The length is unknown: the end is marked when the stream ends.</summary>
-    public bool IsStreamed => Length < 0;
+    /// <summary>The length is known up front and announced to the receiver; otherwise the end is marked when the stream ends.</summary>
+    public bool IsLengthKnown => Length >= 0;
 
     /// <summary>The ring of a stream on <paramref name="connection"/>: a few pipeline chunks, at most a quarter of the arena, no more than the stream's announced length.</summary>
     public long RingBytes(RpcConnection connection)
