@@ -245,7 +245,17 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         await _writer!.ConfigureAwait(false);
     }
 
-    public void CancelAfter(TimeSpan delay) => Cancellation.CancelAfter(delay);
+    /// <summary>
+    /// The call's deadline. Our client sends it as gRPC's own too (grpc-timeout), and Grpc.AspNetCore then
+    /// cancels the request at it, which the call's token follows: a second timer only for a caller that set none.
+    /// </summary>
+    public void CancelAfter(TimeSpan delay)
+    {
+        if (_context.Deadline == DateTime.MaxValue)
+        {
+            Cancellation.CancelAfter(delay);
+        }
+    }
 
     public void Dispose()
     {

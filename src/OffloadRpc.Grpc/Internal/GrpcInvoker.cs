@@ -54,7 +54,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     }
 
     internal GrpcMethod MethodOf(MethodDescriptor method) =>
-        _methods.TryGetValue(method, out GrpcMethod? known) ? known : _methods.GetOrAdd(method, static m => new GrpcMethod(m));
+        _methods.GetOrAdd(method, static m => new GrpcMethod(m));
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         SendAsync(method, request, default, cancellationToken);

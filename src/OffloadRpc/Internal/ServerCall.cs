@@ -197,7 +197,7 @@ public sealed class ServerCall
         }
 
         SharedBuffer lease = Take(index);
-        (_moved ??= new List<SharedBuffer>(1)).Add(lease);
+        Moved(lease);
         return lease;
     }
 
