@@ -124,14 +124,21 @@ internal sealed class Runner : IAsyncDisposable
             }
         }
 
+        // The systems of one operation and size take turns: first to last in the first round, last to first
+        // in the second, so no system always runs right after another (whose server's threads may still be
+        // winding down, whose garbage the client may still be collecting).
+        int systems = _clients.Count;
+        int Reversed(int i) => i - (i % systems) + (systems - 1 - (i % systems));
+
         var samples = new CellSample[cells.Count];
         var bestModes = new int[cells.Count];
         async Task MeasureAllAsync(Action<string> report)
         {
             for (int round = 0; round < Rounds; round++)
             {
-                for (int c = 0; c < cells.Count; c++)
+                for (int i = 0; i < cells.Count; i++)
                 {
+                    int c = round % 2 == 0 ? i : Reversed(i);
                     (PeerClient client, ProcessCpu serverCpu, Op op, int length, ulong expected) = cells[c];
                     _current = $"round {round + 1}/{Rounds}: {op.ToString().ToLowerInvariant()} {(op == Op.Add ? string.Empty : Report.Size(length) + " ")}{client.System}";
                     report(_current);
