@@ -241,6 +241,67 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task A_deadline_goes_as_gRPCs_own_grpc_timeout_and_a_call_without_one_sends_none()
+    {
+        var sent = new TimeoutHandler(new System.Net.Http.SocketsHttpHandler());
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel => channel.HttpHandler = sent);
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        ICallProbe probe = connection.GetService<ICallProbe>();
+
+        Assert.Empty(await probe.HeadersAsync());
+        Assert.Null(sent.Last); // no deadline, no grpc-timeout (and no metadata block)
+
+        using (OffloadCallScope.Begin().WithDeadline(TimeSpan.FromSeconds(30)))
+        {
+            Assert.Empty(await probe.HeadersAsync());
+        }
+
+        // grpc-timeout is an integer and a unit (H, M, S, m, u, n): 30 s from the scope, less the time since.
+        string timeout = Assert.IsType<string>(sent.Last);
+        TimeSpan value = ParseTimeout(timeout);
+        Assert.InRange(value, TimeSpan.FromSeconds(20), TimeSpan.FromSeconds(30));
+
+        using (OffloadCallScope.Begin().WithDeadline(DateTime.MaxValue))
+        {
+            Assert.Empty(await probe.HeadersAsync()); // "no deadline to speak of" goes as the longest the block carries, not an overflow
+        }
+
+        Assert.True(ParseTimeout(Assert.IsType<string>(sent.Last)) > TimeSpan.FromDays(365));
+    }
+
+    private static TimeSpan ParseTimeout(string value)
+    {
+        long amount = long.Parse(value.AsSpan(0, value.Length - 1), System.Globalization.CultureInfo.InvariantCulture);
+        return value[^1] switch
+        {
+            'H' => TimeSpan.FromHours(amount),
+            'M' => TimeSpan.FromMinutes(amount),
+            'S' => TimeSpan.FromSeconds(amount),
+            'm' => TimeSpan.FromMilliseconds(amount),
+            'u' => TimeSpan.FromMicroseconds(amount),
+            'n' => TimeSpan.FromTicks(amount / 100),
+            _ => throw new FormatException($"grpc-timeout '{value}' has no unit"),
+        };
+    }
+
+    /// <summary>Keeps the grpc-timeout header of the last OffloadRpc call (null when it had none).</summary>
+    private sealed class TimeoutHandler(System.Net.Http.HttpMessageHandler inner) : System.Net.Http.DelegatingHandler(inner)
+    {
+        public volatile string? Last;
+
+        protected override Task<System.Net.Http.HttpResponseMessage> SendAsync(System.Net.Http.HttpRequestMessage request, CancellationToken cancellationToken)
+        {
+            if (request.RequestUri?.AbsolutePath.StartsWith("/OffloadRpc.", StringComparison.Ordinal) == true)
+            {
+                Last = request.Headers.TryGetValues("grpc-timeout", out IEnumerable<string>? values) ? values.Single() : null;
+            }
+
+            return base.SendAsync(request, cancellationToken);
+        }
+    }
+
+    [Fact]
     public async Task An_address_that_serves_nothing_fails_with_PeerDisconnectedException()
     {
         using var listener = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);

@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Threading.Channels;
 using global::Grpc.Core;
 using OffloadRpc.Internal;
@@ -24,12 +25,12 @@ internal sealed class GrpcClientCall : IStreamItemSink
     private readonly Frame? _head;
     private Exception? _fault;
 
-    private GrpcClientCall(GrpcInvoker invoker, GrpcMethod method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken)
+    private GrpcClientCall(GrpcInvoker invoker, GrpcMethod method, OutgoingMessage message, in GrpcCallMetadata metadata, bool streamsItems, CancellationToken cancellationToken)
     {
         _invoker = invoker;
         _message = message;
-        CallOptions options = OptionsOf(metadata, cancellationToken, out DateTime? deadline);
-        Deadline = deadline;
+        CallOptions options = OptionsOf(metadata, cancellationToken);
+        Deadline = metadata.Deadline;
         if (message.IsSingleFrame && !streamsItems)
         {
             _head = message.DetachHead(releaseAfterWrite: false); // gRPC writes it on its own schedule: see DisposeAsync
@@ -66,26 +67,13 @@ internal sealed class GrpcClientCall : IStreamItemSink
 
     /// <summary>
     /// The call's options: its metadata block as the binary header (the caller's identity is not sent: a
-    /// server could not verify it anyway), its deadline (from the block) as gRPC's own, and its token.
+    /// server could not verify it anyway), its deadline as gRPC's own, and its token.
     /// </summary>
-    internal static CallOptions OptionsOf(ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken, out DateTime? deadline)
-    {
-        deadline = null;
-        Metadata? headers = null;
-        if (!metadata.IsEmpty)
-        {
-            headers = new Metadata { { GrpcWire.MetadataHeader, metadata.ToArray() } };
-            if (CallMetadata.Decode(metadata).DeadlineRemaining is { } remaining)
-            {
-                deadline = DateTime.UtcNow + remaining;
-            }
-        }
-
-        return new CallOptions(headers, deadline, cancellationToken);
-    }
+    internal static CallOptions OptionsOf(in GrpcCallMetadata metadata, CancellationToken cancellationToken) =>
+        new(metadata.Header is { } header ? new Metadata { { GrpcWire.MetadataHeader, header } } : null, metadata.Deadline, cancellationToken);
 
     /// <summary>Starts the call of <paramref name="method"/>; <paramref name="message"/> is the call's until it is disposed.</summary>
-    public static GrpcClientCall Start(GrpcInvoker invoker, GrpcMethod method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, bool streamsItems, CancellationToken cancellationToken) =>
+    public static GrpcClientCall Start(GrpcInvoker invoker, GrpcMethod method, OutgoingMessage message, in GrpcCallMetadata metadata, bool streamsItems, CancellationToken cancellationToken) =>
         new(invoker, method, message, metadata, streamsItems, cancellationToken);
 
     /// <summary>The deadline the call's metadata set (gRPC's own deadline too), or null.</summary>
@@ -250,5 +238,45 @@ internal sealed class OneResponse(Task<Frame> response) : IAsyncStreamReader<Fra
         _read = true;
         Current = await response.WaitAsync(cancellationToken).ConfigureAwait(false);
         return true;
+    }
+}
+
+/// <summary>
+/// What a call sends besides its request: the metadata block (headers, deadline, trace context) as the
+/// binary header, and the deadline again as gRPC's own, taken from the caller's context rather than
+/// decoded back out of the block.
+/// </summary>
+internal readonly struct GrpcCallMetadata
+{
+    private GrpcCallMetadata(byte[] header, DateTime? deadline)
+    {
+        Header = header;
+        Deadline = deadline;
+    }
+
+    /// <summary>The encoded block, or null when the call has no headers, deadline or trace context.</summary>
+    public byte[]? Header { get; }
+
+    /// <summary>The deadline (UTC), no later than the block's longest (<see cref="CallMetadata.MaxDeadline"/>), or null.</summary>
+    public DateTime? Deadline { get; }
+
+    public static GrpcCallMetadata Of(in OutgoingMetadata metadata)
+    {
+        if (metadata.IsEmpty)
+        {
+            return default;
+        }
+
+        var block = new ArrayBufferWriter<byte>(128);
+        metadata.Encode(block);
+        DateTime? deadline = null;
+        if (metadata.Deadline is { } due)
+        {
+            DateTime now = DateTime.UtcNow;
+            DateTime utc = due.Kind == DateTimeKind.Local ? due.ToUniversalTime() : due;
+            deadline = utc - now > CallMetadata.MaxDeadline ? now + CallMetadata.MaxDeadline : utc;
+        }
+
+        return new GrpcCallMetadata(block.WrittenSpan.ToArray(), deadline);
     }
 }

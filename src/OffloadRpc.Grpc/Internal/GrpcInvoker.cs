@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Collections.Concurrent;
 using global::Grpc.Core;
 using OffloadRpc.Internal;
@@ -44,27 +43,24 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     internal override IAsyncEnumerable<T> CreateObservedServerStream<T>(MethodDescriptor<T> method, ClientInterceptorContext context)
     {
         OutgoingMetadata metadata = OutgoingMetadata.Of(context);
-        var block = new ArrayBufferWriter<byte>(128);
-        if (!metadata.IsEmpty)
-        {
-            metadata.Encode(block);
-        }
-
-        return new GrpcServerStream<T>(this, method, context.TakeRequest(), block.WrittenMemory, context.CancellationToken);
+        return new GrpcServerStream<T>(this, method, context.TakeRequest(), GrpcCallMetadata.Of(metadata), context.CancellationToken);
     }
 
     internal GrpcMethod MethodOf(MethodDescriptor method) =>
         _methods.GetOrAdd(method, static m => new GrpcMethod(m));
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
-        SendAsync(method, request, default, cancellationToken);
+        SendAsync(method, request, default(GrpcCallMetadata), cancellationToken);
+
+    internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, CancellationToken cancellationToken) =>
+        SendAsync(method, request, GrpcCallMetadata.Of(metadata), cancellationToken);
 
     /// <summary>
     /// Takes the request (and its streamed argument) over before it returns, the reply comes through the
     /// task. The caller's buffers are not copied: they are read as the frames go out, and the task
     /// completes only after the request's writer has let go of them (pooled, transient ones are copied).
     /// </summary>
-    internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
+    private ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in GrpcCallMetadata metadata, CancellationToken cancellationToken)
     {
         GrpcMethod grpc = MethodOf(method);
         ItemStream? items = request.TakeItemStream();
@@ -95,15 +91,14 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     /// stream reader, and its response and status come back as one completion.
     /// </summary>
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
-    private async ValueTask<RpcReply> UnaryAsync(GrpcMethod grpc, MethodDescriptor method, OutgoingMessage message, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
+    private async ValueTask<RpcReply> UnaryAsync(GrpcMethod grpc, MethodDescriptor method, OutgoingMessage message, GrpcCallMetadata metadata, CancellationToken cancellationToken)
     {
         Frame head = message.DetachHead(releaseAfterWrite: false);
         message.Dispose(); // a one-frame message holds nothing else
-        DateTime? deadline = null;
         var assembler = new MessageAssembler(_maxBodyBytes);
         try
         {
-            CallOptions options = GrpcClientCall.OptionsOf(metadata, cancellationToken, out deadline);
+            CallOptions options = GrpcClientCall.OptionsOf(metadata, cancellationToken);
             Frame reply;
             using (AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, options, head))
             {
@@ -121,7 +116,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         catch (Exception ex)
         {
             assembler.Dispose();
-            throw Translate(ex, method, deadline, cancellationToken);
+            throw Translate(ex, method, metadata.Deadline, cancellationToken);
         }
         finally
         {

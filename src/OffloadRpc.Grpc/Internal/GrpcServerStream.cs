@@ -28,10 +28,10 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
     private int _enumerated;
     private bool _finished;
 
-    private readonly ReadOnlyMemory<byte> _metadata;
+    private readonly GrpcCallMetadata _metadata;
 
-    /// <param name="metadata">The call's metadata block (headers, deadline, trace context), empty when none.</param>
-    public GrpcServerStream(GrpcInvoker invoker, MethodDescriptor<T> method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken)
+    /// <param name="metadata">The call's metadata (headers, deadline, trace context), default when none.</param>
+    public GrpcServerStream(GrpcInvoker invoker, MethodDescriptor<T> method, MessageBuilder request, GrpcCallMetadata metadata, CancellationToken cancellationToken)
     {
         _invoker = invoker;
         _method = method;
