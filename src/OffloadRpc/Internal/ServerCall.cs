@@ -353,12 +353,32 @@ public sealed class ServerCall
         {
             if (!_completed)
             {
-                (_moved ??= new List<SharedBuffer>(4)).Add(lease);
+                List<SharedBuffer> moved = _moved ??= new List<SharedBuffer>(4);
+                if (moved.Count == moved.Capacity)
+                {
+                    // A long streamed argument hands over a lease per item: the ones the method has disposed
+                    // or passed on are nobody's to give back, so the list holds only what the method still has.
+                    moved.RemoveAll(static held => !held.IsValid);
+                }
+
+                moved.Add(lease);
                 return;
             }
         }
 
         lease.Dispose(); // taken after the call completed (nothing should come then): nobody owns it
+    }
+
+    /// <summary>Leases noted as the method's that it may still hold (the ones a failure gives back).</summary>
+    internal int MovedLeaseCount
+    {
+        get
+        {
+            lock (this)
+            {
+                return _moved?.Count ?? 0;
+            }
+        }
     }
 
     /// <summary>The leases of a streamed argument as the method takes them, each noted as moved to it.</summary>
