@@ -61,6 +61,53 @@ public sealed class GrpcBindingTests
         Assert.Equal("/Svc/Old", new GrpcMethod(unknown).Unary.FullName); // the same path, whatever the call
     }
 
+    [Fact]
+    public void A_served_calls_token_asked_for_after_the_call_ended_is_cancelled_and_links_to_nothing()
+    {
+        using var aborted = new CancellationTokenSource();
+        var context = new FakeServerCallContext(aborted.Token);
+        var call = new GrpcInboundCall(1, new MessageAssembler(1024), context, null, null, null, 4, 1024);
+        CancellationToken during = call.CancellationToken; // made on first use, linked to the request's
+        Assert.False(during.IsCancellationRequested);
+
+        call.Dispose();
+        CancellationToken after = call.CancellationToken; // a late writer failure or a kept context asks again
+        Assert.True(after.IsCancellationRequested);
+        call.CancelAfter(TimeSpan.FromMilliseconds(1)); // harmless once ended
+        call.Dispose();
+
+        aborted.Cancel(); // the request's token fires later (Kestrel reuses it): nothing of this call is linked to it
+        Assert.True(after.IsCancellationRequested);
+    }
+
+    /// <summary>Just the parts of a gRPC server call a <see cref="GrpcInboundCall"/> reads.</summary>
+    private sealed class FakeServerCallContext(CancellationToken aborted) : ServerCallContext
+    {
+        protected override string MethodCore => "/Svc/M";
+
+        protected override string HostCore => "localhost";
+
+        protected override string PeerCore => "unix:";
+
+        protected override DateTime DeadlineCore => DateTime.MaxValue;
+
+        protected override Metadata RequestHeadersCore => [];
+
+        protected override CancellationToken CancellationTokenCore => aborted;
+
+        protected override Metadata ResponseTrailersCore => [];
+
+        protected override Status StatusCore { get; set; }
+
+        protected override WriteOptions? WriteOptionsCore { get; set; }
+
+        protected override AuthContext AuthContextCore => new(null, []);
+
+        protected override ContextPropagationToken CreatePropagationTokenCore(ContextPropagationOptions? options) => throw new NotSupportedException();
+
+        protected override Task WriteResponseHeadersAsyncCore(Metadata responseHeaders) => Task.CompletedTask;
+    }
+
     /// <summary>Bound, never called here.</summary>
     private sealed class ImageService : IImageService
     {

@@ -10,6 +10,9 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     private readonly MessageAssembler _message;
     private readonly ServerCallContext _context;
     private CancellationTokenSource? _cancellation;
+
+    /// <summary>What the call's cancellation is once the call is disposed: already cancelled, never disposed.</summary>
+    private static readonly CancellationTokenSource Ended = CancelledSource();
     private readonly byte[]? _metadata;
     private readonly IAsyncStreamReader<Frame>? _requests;
     private readonly IServerStreamWriter<Frame>? _responses;
@@ -70,7 +73,11 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     public CancellationToken CancellationToken => Cancellation.Token;
 
-    /// <summary>The caller's cancellation (the request aborted) and the deadline: made on first use, most calls never ask.</summary>
+    /// <summary>
+    /// The caller's cancellation (the request aborted) and the deadline: made on first use, most calls never
+    /// ask. Asked after the call was disposed (a writer failing late, a token kept past the call), it is
+    /// <see cref="Ended"/>: a source linked then to the request's token would outlive the call.
+    /// </summary>
     private CancellationTokenSource Cancellation
     {
         get
@@ -261,6 +268,17 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     {
         _reply?.Dispose();
         _message.Dispose();
-        _cancellation?.Dispose();
+        CancellationTokenSource? cancellation = Interlocked.Exchange(ref _cancellation, Ended);
+        if (cancellation != Ended)
+        {
+            cancellation?.Dispose();
+        }
+    }
+
+    private static CancellationTokenSource CancelledSource()
+    {
+        var source = new CancellationTokenSource();
+        source.Cancel();
+        return source;
     }
 }
