@@ -28,7 +28,19 @@ if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
 
 const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]\n"
     + "       OffloadRpc.PeerBench --streams [--checksums] [--quick] [--window-ms N] [--json FILE]\n"
-    + "       OffloadRpc.PeerBench --clients [1,2,4,8,16] [--quick] [--json FILE] [--systems a,b,...] [--sizes 1048576,...] [--window-ms N] [--warmup-ms N] [--spin-us N]";
+    + "       OffloadRpc.PeerBench --clients [1,2,4,8,16] [--quick] [--json FILE] [--systems a,b,...] [--sizes 1048576,...] [--window-ms N] [--warmup-ms N] [--spin-us N]\n"
+    + "       OffloadRpc.PeerBench --pairs [SECONDS]   (grpc-uds and offloadrpc-grpc at 64 B in alternating blocks, SECONDS per operation, default 10)";
+if (args is ["--pairs", .. string[] pairArgs])
+{
+    if (pairArgs is not ([] or [_]) || (pairArgs is [string given] && !(int.TryParse(given, NumberStyles.None, CultureInfo.InvariantCulture, out int s) && s is >= 1 and <= 600)))
+    {
+        Console.Error.WriteLine($"--pairs takes at most one number of seconds per operation, 1 to 600; {Usage}");
+        return 2;
+    }
+
+    return await PairBench.RunAsync(TimeSpan.FromSeconds(pairArgs is [string seconds] ? int.Parse(seconds, CultureInfo.InvariantCulture) : 10));
+}
+
 Settings settings = args.Contains("--quick") ? Settings.QuickRun : Settings.Full; // first, so that options given before it still apply
 string? json = null;
 string? plot = null;

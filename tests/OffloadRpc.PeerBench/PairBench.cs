@@ -1,0 +1,96 @@
+using System.Diagnostics;
+using OffloadRpc.Cli;
+
+namespace OffloadRpc.PeerBench;
+
+/// <summary>
+/// <c>--pairs</c>: grpc-uds against offloadrpc-grpc on small calls, where the two differ by a few percent
+/// and a shared two-core machine drifts by more than that within seconds. The two take turns in blocks
+/// of <see cref="Block"/> calls (about 30 ms), the order swapped every round, and each block of one is
+/// compared with the block of the other next to it in time: the median of those ratios is what drift
+/// leaves alone, and its quartiles say how far to trust it.
+/// </summary>
+internal static class PairBench
+{
+    private const int Block = 400;
+
+    public static async Task<int> RunAsync(TimeSpan perOperation)
+    {
+        string directory = Path.Combine(Path.GetTempPath(), $"offloadrpc-pairs-{Environment.ProcessId}");
+        Directory.CreateDirectory(directory);
+        try
+        {
+            byte[] source = new byte[64];
+            new Random(20261125).NextBytes(source);
+            string grpcSocket = Path.Combine(directory, "grpc.sock");
+            string oursSocket = Path.Combine(directory, "offloadrpc-grpc.sock");
+            await using ServerProcess grpcServer = await ServerProcess.StartAsync("grpc", grpcSocket);
+            await using ServerProcess oursServer = await ServerProcess.StartAsync("offloadrpc-grpc", oursSocket);
+            await using OffloadRpcConnection connection = await OffloadGrpcPeerClient.ConnectAsync(oursSocket);
+            PeerClient[] clients = [new GrpcPeerClient(grpcSocket, source), new OffloadGrpcPeerClient(connection, source)];
+            ProcessCpu[] servers = [ProcessCpu.Of(grpcServer.ProcessId), ProcessCpu.Of(oursServer.ProcessId)];
+            var expected = new Dictionary<Op, ulong> { [Op.Add] = 65, [Op.Checksum] = PayloadChecksum.Compute(source), [Op.Touch] = 64 };
+
+            foreach (PeerClient client in clients)
+            {
+                var warm = Stopwatch.StartNew();
+                while (warm.Elapsed < TimeSpan.FromSeconds(3)) // past the tier-1 compiles of both processes
+                {
+                    foreach ((Op op, ulong value) in expected)
+                    {
+                        await CheckAsync(client, op, value);
+                    }
+                }
+            }
+
+            Console.WriteLine($"grpc-uds vs offloadrpc-grpc, 64 B, blocks of {Block} calls taking turns, {perOperation.TotalSeconds:0.#} s per operation ({Environment.ProcessorCount} cores)");
+            Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"client CPU us",16} {"server CPU us",16}");
+            foreach ((Op op, ulong value) in expected)
+            {
+                var wall = new[] { new List<double>(), new List<double>() };
+                var clientCpu = new[] { new List<double>(), new List<double>() };
+                var serverCpu = new[] { new List<double>(), new List<double>() };
+                var clock = Stopwatch.StartNew();
+                for (int round = 0; clock.Elapsed < perOperation; round++)
+                {
+                    for (int turn = 0; turn < 2; turn++)
+                    {
+                        int s = round % 2 == 0 ? turn : 1 - turn;
+                        long client0 = ProcessCpu.Self.Nanoseconds, server0 = servers[s].Nanoseconds, start = Stopwatch.GetTimestamp();
+                        for (int i = 0; i < Block; i++)
+                        {
+                            await CheckAsync(clients[s], op, value);
+                        }
+
+                        wall[s].Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds / Block);
+                        clientCpu[s].Add((ProcessCpu.Self.Nanoseconds - client0) / 1e3 / Block);
+                        serverCpu[s].Add((servers[s].Nanoseconds - server0) / 1e3 / Block);
+                    }
+                }
+
+                double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
+                Console.WriteLine(
+                    $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {Median(wall[0]),8:F1} {Median(wall[1]),8:F1} {$"{Quantile(ratios, 0.25):F3} {Quantile(ratios, 0.5):F3} {Quantile(ratios, 0.75):F3}",26} {$"{Median(clientCpu[0]):F1} {Median(clientCpu[1]):F1}",16} {$"{Median(serverCpu[0]):F1} {Median(serverCpu[1]):F1}",16}");
+            }
+
+            return 0;
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
+    private static async ValueTask CheckAsync(PeerClient client, Op op, ulong expected)
+    {
+        ulong result = await client.InvokeAsync(op, 64);
+        if (result != expected)
+        {
+            throw new InvalidDataException($"{client.System} {op} of 64 bytes returned {result:x16}, expected {expected:x16}.");
+        }
+    }
+
+    private static double Median(List<double> values) => Quantile([.. values.Order()], 0.5);
+
+    private static double Quantile(double[] sorted, double q) => sorted.Length == 0 ? double.NaN : sorted[(int)Math.Round(q * (sorted.Length - 1))];
+}
