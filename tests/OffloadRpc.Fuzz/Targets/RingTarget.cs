@@ -114,8 +114,23 @@ internal sealed unsafe class RingTarget : FuzzTarget
             _ = reply.Body.Length;
             for (int i = 0; i < reply.PayloadCount; i++)
             {
-                using SharedBuffer lease = reply.TakePayload(i);
-                _ = lease.Span.IndexOf((byte)0xFF);
+                SharedBuffer lease;
+                try
+                {
+                    lease = reply.TakePayload(i);
+                }
+                catch (Exception ex)
+                {
+                    // A reply whose payload is not what a buffer may be (a ring, say) is refused when a decoder takes it;
+                    // the reply's other payloads go back with it.
+                    Verdict.Check(ex, e => e is ProtocolViolationException, "taking the reply's payloads");
+                    return;
+                }
+
+                using (lease)
+                {
+                    _ = lease.Span.IndexOf((byte)0xFF);
+                }
             }
 
             return;
