@@ -20,7 +20,11 @@ public sealed unsafe class SharedBuffer : IDisposable
     private readonly SharedMemorySegment _segment;
     private readonly long _offset;
     private readonly int _length;
-    private int _state; // 0 live, 1 disposed or moved
+    private int _state; // Live, Gone (disposed, or sent on for good), or Detached (being sent on: back to Live if the send fails)
+
+    private const int Live = 0;
+    private const int Gone = 1;
+    private const int Detached = 2;
     private Manager<byte>? _manager;
 
     internal SharedBuffer(ILeaseHost host, SharedMemorySegment segment, long offset, int length, bool ownedBySender, long? blockOffset = null)
@@ -59,7 +63,10 @@ public sealed unsafe class SharedBuffer : IDisposable
     }
 
     /// <summary>True while the lease may be used: not disposed and not passed on.</summary>
-    public bool IsValid => Volatile.Read(ref _state) == 0;
+    public bool IsValid => Volatile.Read(ref _state) == Live;
+
+    /// <summary>Disposed, or sent on in a message that was published: nobody here will own it again (unlike a lease still being sent).</summary>
+    internal bool IsGone => Volatile.Read(ref _state) == Gone;
 
     internal ILeaseHost Host => _host;
 
@@ -79,7 +86,7 @@ public sealed unsafe class SharedBuffer : IDisposable
     /// <summary>Returns the block: to this side's arena, or to the peer that lent it.</summary>
     public void Dispose()
     {
-        if (Interlocked.Exchange(ref _state, 1) == 0)
+        if (Interlocked.CompareExchange(ref _state, Gone, Live) == Live) // a lease being sent on stays the send's
         {
             try
             {
@@ -93,7 +100,7 @@ public sealed unsafe class SharedBuffer : IDisposable
     }
 
     /// <summary>Ends the lease without returning the block, because it is being sent on; false when it was already gone.</summary>
-    internal bool TryDetach() => Interlocked.Exchange(ref _state, 1) == 0;
+    internal bool TryDetach() => Interlocked.CompareExchange(ref _state, Detached, Live) == Live;
 
     /// <summary>The lease's bytes as memory of <typeparamref name="T"/> (whole elements only), valid while the lease is.</summary>
     internal Memory<T> CreateMemory<T>()
@@ -116,14 +123,18 @@ public sealed unsafe class SharedBuffer : IDisposable
     }
 
     /// <summary>Undoes <see cref="TryDetach"/> when the send that detached the lease failed.</summary>
-    internal void Reattach() => Volatile.Write(ref _state, 0);
+    internal void Reattach() => Volatile.Write(ref _state, Live);
 
     /// <summary>Drops the mapping reference of a detached lease once the message carrying it is published.</summary>
-    internal void ReleaseDetachedMapping() => _segment.Release();
+    internal void ReleaseDetachedMapping()
+    {
+        Volatile.Write(ref _state, Gone);
+        _segment.Release();
+    }
 
     private void ThrowIfGone()
     {
-        if (Volatile.Read(ref _state) != 0)
+        if (Volatile.Read(ref _state) != Live)
         {
             throw new ObjectDisposedException(nameof(SharedBuffer), "The lease was disposed or passed on to another process.");
         }

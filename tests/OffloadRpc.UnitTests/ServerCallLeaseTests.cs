@@ -55,6 +55,34 @@ public sealed class ServerCallLeaseTests
         Assert.Equal(0, call.MovedLeaseCount);
     }
 
+    [Fact]
+    public async Task A_lease_still_being_sent_on_when_the_list_is_pruned_goes_back_if_its_send_and_the_method_fail()
+    {
+        var inbound = new StreamingCall(1_000);
+        var call = new ServerCall(inbound, Method, new OffloadRpcOptions().CreateSerializerOptions());
+        SharedBuffer? inFlight = null;
+        await foreach (SharedBuffer item in call.ReadItems<SharedBuffer>(0, Decode)!)
+        {
+            if (inFlight is null)
+            {
+                inFlight = item;
+                Assert.True(item.TryDetach()); // handed to a send that has not published yet
+            }
+            else
+            {
+                item.Dispose();
+            }
+        }
+
+        Assert.True(call.MovedLeaseCount < 16, "the disposed ones were pruned");
+        inFlight!.Reattach(); // the send failed: the lease is the method's again
+        Assert.True(inFlight.IsValid);
+
+        call.Complete(faulted: true);
+
+        Assert.False(inFlight.IsValid); // still noted through every pruning, so the failure gave it back
+    }
+
     private static SharedBuffer Decode(in CallReply reply) => throw new InvalidOperationException("the fake call yields leases without decoding");
 
     /// <summary>An inbound call whose streamed argument is <paramref name="count"/> leases of ordinary memory, each stamped with its index.</summary>

@@ -357,8 +357,14 @@ public sealed class ServerCall
                 if (moved.Count == moved.Capacity)
                 {
                     // A long streamed argument hands over a lease per item: the ones the method has disposed
-                    // or passed on are nobody's to give back, so the list holds only what the method still has.
-                    moved.RemoveAll(static held => !held.IsValid);
+                    // or sent on for good are nobody's to give back, so the list holds only what the method
+                    // still has (a lease still being sent on may come back to it, so it stays). Growing when
+                    // half is still held keeps this amortized O(1) for a method that holds many at once.
+                    moved.RemoveAll(static held => held.IsGone);
+                    if (moved.Count >= moved.Capacity / 2)
+                    {
+                        moved.Capacity *= 2;
+                    }
                 }
 
                 moved.Add(lease);
