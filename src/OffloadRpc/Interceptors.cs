@@ -138,8 +138,17 @@ public sealed class ClientInterceptorContext
     /// <summary>The headers to send: this call's own copy once an interceptor asked for it, the scope's otherwise; null when none.</summary>
     internal IReadOnlyDictionary<string, string>? HeadersOrNull => _headers is null ? _scopeHeaders : _headers.Count > 0 ? _headers : null;
 
-    /// <summary>The call's deadline (UTC; from the scope or <see cref="OffloadRpcOptions.DefaultDeadline"/>), or null; may be changed.</summary>
-    public DateTime? Deadline { get; set; }
+    /// <summary>
+    /// The call's deadline (UTC; from the scope or <see cref="OffloadRpcOptions.DefaultDeadline"/>), or null; may
+    /// be changed (a local time is converted to UTC, an unspecified one is read as UTC).
+    /// </summary>
+    public DateTime? Deadline
+    {
+        get => _deadline;
+        set => _deadline = value is { } deadline ? Internal.CallMetadata.ToUtc(deadline) : null;
+    }
+
+    private DateTime? _deadline;
 
     /// <summary>The caller's token; may be replaced (a linked token, for instance).</summary>
     public CancellationToken CancellationToken { get; set; }

@@ -63,10 +63,13 @@ public sealed class OffloadCallScope : IDisposable
         return WithDeadline(timeout >= DateTime.MaxValue - now ? DateTime.MaxValue : now + timeout);
     }
 
-    /// <summary>Calls in the scope must complete by <paramref name="deadlineUtc"/> (or the outer scope's deadline, if sooner).</summary>
+    /// <summary>
+    /// Calls in the scope must complete by <paramref name="deadlineUtc"/> (or the outer scope's deadline, if
+    /// sooner). A local time is converted to UTC; one of unspecified kind is read as UTC.
+    /// </summary>
     public OffloadCallScope WithDeadline(DateTime deadlineUtc)
     {
-        DateTime deadline = deadlineUtc.Kind == DateTimeKind.Local ? deadlineUtc.ToUniversalTime() : deadlineUtc;
+        DateTime deadline = Internal.CallMetadata.ToUtc(deadlineUtc);
         Deadline = Deadline is { } outer && outer < deadline ? outer : deadline;
         return this;
     }

@@ -241,7 +241,7 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
-    public async Task A_deadline_goes_as_gRPCs_own_grpc_timeout_and_a_call_without_one_sends_none()
+    public async Task A_deadline_of_any_kind_goes_as_gRPCs_own_grpc_timeout_and_a_call_without_one_sends_none()
     {
         var sent = new TimeoutHandler(new System.Net.Http.SocketsHttpHandler());
         var options = new OffloadRpcOptions { PreferSharedMemory = false };
@@ -261,6 +261,14 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
         string timeout = Assert.IsType<string>(sent.Last);
         TimeSpan value = ParseTimeout(timeout);
         Assert.InRange(value, TimeSpan.FromSeconds(20), TimeSpan.FromSeconds(30));
+
+        var unspecified = new DateTime(DateTime.UtcNow.AddSeconds(30).Ticks, DateTimeKind.Unspecified); // read as UTC, as over shared memory
+        using (OffloadCallScope.Begin().WithDeadline(unspecified))
+        {
+            Assert.Empty(await probe.HeadersAsync());
+        }
+
+        Assert.InRange(ParseTimeout(Assert.IsType<string>(sent.Last)), TimeSpan.FromSeconds(20), TimeSpan.FromSeconds(30));
 
         using (OffloadCallScope.Begin().WithDeadline(DateTime.MaxValue))
         {

@@ -273,7 +273,7 @@ internal readonly struct GrpcCallMetadata
         if (metadata.Deadline is { } due)
         {
             DateTime now = DateTime.UtcNow;
-            DateTime utc = due.Kind == DateTimeKind.Local ? due.ToUniversalTime() : due;
+            DateTime utc = CallMetadata.ToUtc(due); // Grpc.Net.Client takes UTC only
             deadline = utc - now > CallMetadata.MaxDeadline ? now + CallMetadata.MaxDeadline : utc;
         }
 

@@ -17,6 +17,14 @@ internal sealed class CallMetadata
     /// <summary>A deadline further away than this is read as this far (ten years: a date any clock can add).</summary>
     public static readonly TimeSpan MaxDeadline = TimeSpan.FromDays(3650);
 
+    /// <summary>A deadline as UTC: a local time converted, an unspecified one read as UTC (as it always was: the deadline is compared with UtcNow).</summary>
+    public static DateTime ToUtc(DateTime deadline) => deadline.Kind switch
+    {
+        DateTimeKind.Local => deadline.ToUniversalTime(),
+        DateTimeKind.Unspecified => DateTime.SpecifyKind(deadline, DateTimeKind.Utc),
+        _ => deadline,
+    };
+
     /// <summary>The longest delay a token's timer takes; a deadline further away arms none (it would not fire in practice).</summary>
     public static readonly TimeSpan MaxTimerDelay = TimeSpan.FromMilliseconds(int.MaxValue - 1);
 
@@ -207,8 +215,8 @@ internal sealed class CallMetadata
                     int distinct = 0;
                     for (int i = 0; i < headerCount; i++)
                     {
-                        string key = reader.ReadString() ?? throw new ProtocolViolationException("A header without a name.");
-                        distinct = ReceivedHeaders.Set(entries, distinct, key, reader.ReadString() ?? string.Empty);
+                        (string key, string value) = ReadHeader(ref reader);
+                        distinct = ReceivedHeaders.Set(entries, distinct, key, value);
                     }
 
                     headers = new ReceivedHeaders(entries, distinct);
@@ -218,8 +226,8 @@ internal sealed class CallMetadata
                     var map = new Dictionary<string, string>(headerCount, StringComparer.Ordinal);
                     for (int i = 0; i < headerCount; i++)
                     {
-                        string key = reader.ReadString() ?? throw new ProtocolViolationException("A header without a name.");
-                        map[key] = reader.ReadString() ?? string.Empty;
+                        (string key, string value) = ReadHeader(ref reader);
+                        map[key] = value; // a name sent twice keeps its last value, as in ReceivedHeaders
                     }
 
                     headers = map;
@@ -248,6 +256,13 @@ internal sealed class CallMetadata
         {
             throw new ProtocolViolationException("A call's metadata block does not decode: " + ex.Message, ex);
         }
+    }
+
+    /// <summary>One header of the block's map: a name (never nil) and its value (nil reads as empty).</summary>
+    private static (string Key, string Value) ReadHeader(ref MessagePackReader reader)
+    {
+        string key = reader.ReadString() ?? throw new ProtocolViolationException("A header without a name.");
+        return (key, reader.ReadString() ?? string.Empty);
     }
 }
 
@@ -435,12 +450,16 @@ internal struct DeadlineTimer : IDisposable
 /// </summary>
 internal static class DeadlineSources
 {
-    private static readonly CancellationTokenSource?[] s_sources = new CancellationTokenSource?[Math.Max(8, Environment.ProcessorCount * 4)];
+    private const int PerCore = 4;
+
+    private static readonly CancellationTokenSource?[] s_sources = new CancellationTokenSource?[Math.Max(8, Environment.ProcessorCount * PerCore)];
 
     public static CancellationTokenSource Rent()
     {
-        for (int i = 0; i < s_sources.Length; i++)
+        int start = Start();
+        for (int n = 0; n < s_sources.Length; n++)
         {
+            int i = (start + n) % s_sources.Length;
             CancellationTokenSource? source = Volatile.Read(ref s_sources[i]);
             if (source is not null && Interlocked.CompareExchange(ref s_sources[i], null, source) == source)
             {
@@ -455,9 +474,10 @@ internal static class DeadlineSources
     {
         if (source.TryReset())
         {
-            for (int i = 0; i < s_sources.Length; i++)
+            int start = Start();
+            for (int n = 0; n < s_sources.Length; n++)
             {
-                if (Interlocked.CompareExchange(ref s_sources[i], source, null) is null)
+                if (Interlocked.CompareExchange(ref s_sources[(start + n) % s_sources.Length], source, null) is null)
                 {
                     return;
                 }
@@ -466,6 +486,9 @@ internal static class DeadlineSources
 
         source.Dispose();
     }
+
+    /// <summary>Each core starts at its own slots: threads on different cores do not all fight over the first ones, and a core mostly finds the source it gave back.</summary>
+    private static int Start() => (int)((uint)Thread.GetCurrentProcessorId() * PerCore % (uint)s_sources.Length);
 }
 
 /// <summary>How a chain of interceptors is made: each one wraps the continuation of the next, the last wraps the call itself.</summary>
