@@ -28,49 +28,16 @@ internal static class PairBench
             await using ServerProcess oursServer = await ServerProcess.StartAsync("offloadrpc-grpc", oursSocket);
             await using OffloadRpcConnection connection = await OffloadGrpcPeerClient.ConnectAsync(oursSocket);
             PeerClient[] clients = [new GrpcPeerClient(grpcSocket, source), new OffloadGrpcPeerClient(connection, source)];
-            ProcessCpu[] servers = [ProcessCpu.Of(grpcServer.ProcessId), ProcessCpu.Of(oursServer.ProcessId)];
-            var expected = new Dictionary<Op, ulong> { [Op.Add] = 65, [Op.Checksum] = PayloadChecksum.Compute(source), [Op.Touch] = 64 };
-
-            foreach (PeerClient client in clients)
+            try
             {
-                var warm = Stopwatch.StartNew();
-                while (warm.Elapsed < TimeSpan.FromSeconds(3)) // past the tier-1 compiles of both processes
-                {
-                    foreach ((Op op, ulong value) in expected)
-                    {
-                        await CheckAsync(client, op, value);
-                    }
-                }
+                await MeasureAsync(clients, grpcServer, oursServer, source, perOperation);
             }
-
-            Console.WriteLine($"grpc-uds vs offloadrpc-grpc, 64 B, blocks of {Block} calls taking turns, {perOperation.TotalSeconds:0.#} s per operation ({Environment.ProcessorCount} cores)");
-            Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"client CPU us",16} {"server CPU us",16}");
-            foreach ((Op op, ulong value) in expected)
+            finally
             {
-                var wall = new[] { new List<double>(), new List<double>() };
-                var clientCpu = new[] { new List<double>(), new List<double>() };
-                var serverCpu = new[] { new List<double>(), new List<double>() };
-                var clock = Stopwatch.StartNew();
-                for (int round = 0; clock.Elapsed < perOperation; round++)
+                foreach (PeerClient client in clients)
                 {
-                    for (int turn = 0; turn < 2; turn++)
-                    {
-                        int s = round % 2 == 0 ? turn : 1 - turn;
-                        long client0 = ProcessCpu.Self.Nanoseconds, server0 = servers[s].Nanoseconds, start = Stopwatch.GetTimestamp();
-                        for (int i = 0; i < Block; i++)
-                        {
-                            await CheckAsync(clients[s], op, value);
-                        }
-
-                        wall[s].Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds / Block);
-                        clientCpu[s].Add((ProcessCpu.Self.Nanoseconds - client0) / 1e3 / Block);
-                        serverCpu[s].Add((servers[s].Nanoseconds - server0) / 1e3 / Block);
-                    }
+                    await client.DisposeAsync();
                 }
-
-                double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
-                Console.WriteLine(
-                    $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {Median(wall[0]),8:F1} {Median(wall[1]),8:F1} {$"{Quantile(ratios, 0.25):F3} {Quantile(ratios, 0.5):F3} {Quantile(ratios, 0.75):F3}",26} {$"{Median(clientCpu[0]):F1} {Median(clientCpu[1]):F1}",16} {$"{Median(serverCpu[0]):F1} {Median(serverCpu[1]):F1}",16}");
             }
 
             return 0;
@@ -78,6 +45,54 @@ internal static class PairBench
         finally
         {
             Directory.Delete(directory, recursive: true);
+        }
+    }
+
+    private static async Task MeasureAsync(PeerClient[] clients, ServerProcess grpcServer, ServerProcess oursServer, byte[] source, TimeSpan perOperation)
+    {
+        ProcessCpu[] servers = [ProcessCpu.Of(grpcServer.ProcessId), ProcessCpu.Of(oursServer.ProcessId)];
+        var expected = new Dictionary<Op, ulong> { [Op.Add] = 65, [Op.Checksum] = PayloadChecksum.Compute(source), [Op.Touch] = 64 };
+
+        foreach (PeerClient client in clients)
+        {
+            var warm = Stopwatch.StartNew();
+            while (warm.Elapsed < TimeSpan.FromSeconds(3)) // past the tier-1 compiles of both processes
+            {
+                foreach ((Op op, ulong value) in expected)
+                {
+                    await CheckAsync(client, op, value);
+                }
+            }
+        }
+
+        Console.WriteLine($"grpc-uds vs offloadrpc-grpc, 64 B, blocks of {Block} calls taking turns, {perOperation.TotalSeconds:0.#} s per operation ({Environment.ProcessorCount} cores)");
+        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"client CPU us",16} {"server CPU us",16}");
+        foreach ((Op op, ulong value) in expected)
+        {
+            var wall = new[] { new List<double>(), new List<double>() };
+            var clientCpu = new[] { new List<double>(), new List<double>() };
+            var serverCpu = new[] { new List<double>(), new List<double>() };
+            var clock = Stopwatch.StartNew();
+            for (int round = 0; clock.Elapsed < perOperation; round++)
+            {
+                for (int turn = 0; turn < 2; turn++)
+                {
+                    int s = round % 2 == 0 ? turn : 1 - turn;
+                    long client0 = ProcessCpu.Self.Nanoseconds, server0 = servers[s].Nanoseconds, start = Stopwatch.GetTimestamp();
+                    for (int i = 0; i < Block; i++)
+                    {
+                        await CheckAsync(clients[s], op, value);
+                    }
+
+                    wall[s].Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds / Block);
+                    clientCpu[s].Add((ProcessCpu.Self.Nanoseconds - client0) / 1e3 / Block);
+                    serverCpu[s].Add((servers[s].Nanoseconds - server0) / 1e3 / Block);
+                }
+            }
+
+            double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
+            Console.WriteLine(
+                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {Median(wall[0]),8:F1} {Median(wall[1]),8:F1} {$"{Quantile(ratios, 0.25):F3} {Quantile(ratios, 0.5):F3} {Quantile(ratios, 0.75):F3}",26} {$"{Median(clientCpu[0]):F1} {Median(clientCpu[1]):F1}",16} {$"{Median(serverCpu[0]):F1} {Median(serverCpu[1]):F1}",16}");
         }
     }
 
