@@ -175,15 +175,33 @@ internal sealed class Frame
 
     private static void Write(Frame frame, SerializationContext context)
     {
-        context.SetPayloadLength(frame.Length);
+        int length = frame.Length;
+        context.SetPayloadLength(length);
         IBufferWriter<byte> writer = context.GetBufferWriter();
-        Span<byte> kind = writer.GetSpan(1);
-        kind[0] = (byte)frame.Kind;
-        writer.Advance(1);
-        Write(writer, frame.First.Span);
-        Write(writer, frame.Second.Span);
+        if (length <= SmallFrameBytes)
+        {
+            // A small frame (most heads) in one span of gRPC's buffer: one request of the writer, not one per part.
+            Span<byte> span = writer.GetSpan(length);
+            span[0] = (byte)frame.Kind;
+            ReadOnlySpan<byte> first = frame.First.Span;
+            first.CopyTo(span[1..]);
+            frame.Second.Span.CopyTo(span[(1 + first.Length)..]);
+            writer.Advance(length);
+        }
+        else
+        {
+            Span<byte> kind = writer.GetSpan(1);
+            kind[0] = (byte)frame.Kind;
+            writer.Advance(1);
+            Write(writer, frame.First.Span);
+            Write(writer, frame.Second.Span);
+        }
+
         context.Complete();
     }
+
+    /// <summary>Frames up to this size are written into one span of gRPC's buffer.</summary>
+    private const int SmallFrameBytes = 4096;
 
     private static void Write(IBufferWriter<byte> writer, ReadOnlySpan<byte> bytes)
     {
