@@ -204,13 +204,13 @@ public sealed class ServerInterceptorContext
     /// <summary>Fires when the caller cancels, disconnects, or the deadline passes.</summary>
     public CancellationToken CancellationToken => Call.CancellationToken;
 
-    /// <summary>The calling process's id (from the kernel); -1 when the transport cannot verify it (gRPC). See <see cref="OffloadCallContext.PeerProcessId"/>.</summary>
+    /// <summary>The calling process's id (from the kernel); -1 when the transport cannot verify it (gRPC over TCP). See <see cref="OffloadCallContext.PeerProcessId"/>.</summary>
     public int PeerProcessId => Call.Inbound.PeerProcessId;
 
-    /// <summary>The calling process's user id (from the kernel); <see cref="uint.MaxValue"/> when the transport cannot verify it (gRPC).</summary>
+    /// <summary>The calling process's user id (from the kernel); <see cref="uint.MaxValue"/> when the transport cannot verify it (gRPC over TCP).</summary>
     public uint PeerUserId => Call.Inbound.PeerUserId;
 
-    /// <summary>True when the peer's ids come from the kernel (shared memory); false over gRPC (see <see cref="OffloadCallContext.IsPeerVerified"/>).</summary>
+    /// <summary>True when the peer's ids come from the kernel (shared memory, gRPC over a Unix socket); false over gRPC on TCP (see <see cref="OffloadCallContext.IsPeerVerified"/>).</summary>
     public bool IsPeerVerified => Call.Inbound.PeerProcessId >= 0;
 
     /// <summary>Bytes of the MessagePack-encoded arguments.</summary>

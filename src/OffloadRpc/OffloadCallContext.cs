@@ -41,19 +41,22 @@ public sealed class OffloadCallContext
     public string MethodName => _call.Method.Name;
 
     /// <summary>
-    /// The calling process's id, from the kernel (SO_PEERCRED on the shared-memory socket; 0 when the
-    /// caller is in a process namespace this one cannot see); -1 when the transport cannot verify who
-    /// called (gRPC: the caller may be on another host, and nothing it claims is reported). See <see cref="IsPeerVerified"/>.
+    /// The calling process's id, from the kernel (SO_PEERCRED on the shared-memory socket, or on the Unix
+    /// socket a gRPC call came over; 0 when the caller is in a process namespace this one cannot see); -1
+    /// when the transport cannot verify who called (gRPC over TCP: the caller may be on another host, and
+    /// nothing it claims is reported). See <see cref="IsPeerVerified"/>.
     /// </summary>
     public int PeerProcessId => _call.Inbound.PeerProcessId;
 
-    /// <summary>The calling process's user id, from the kernel (SO_PEERCRED); <see cref="uint.MaxValue"/> when the transport cannot verify it (gRPC).</summary>
+    /// <summary>The calling process's user id, from the kernel (SO_PEERCRED); <see cref="uint.MaxValue"/> when the transport cannot verify it (gRPC over TCP).</summary>
     public uint PeerUserId => _call.Inbound.PeerUserId;
 
     /// <summary>
     /// True when <see cref="PeerProcessId"/> and <see cref="PeerUserId"/> come from the kernel (the
-    /// shared-memory transport); false over gRPC, where they are -1 and <see cref="uint.MaxValue"/>:
-    /// authorize such calls by the channel (TLS client certificates, tokens checked by an interceptor).
+    /// shared-memory transport, or gRPC over a Unix socket, where they name the process at the other end
+    /// of the socket: a proxy, if one is in between); false over gRPC on TCP, where they are -1 and
+    /// <see cref="uint.MaxValue"/>: authorize such calls by the channel (TLS client certificates, tokens
+    /// checked by an interceptor).
     /// </summary>
     public bool IsPeerVerified => _call.Inbound.PeerProcessId >= 0;
 

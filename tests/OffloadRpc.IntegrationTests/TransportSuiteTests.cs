@@ -23,18 +23,21 @@ public sealed class BothWaysServer : IAsyncLifetime
 
     public string GrpcAddress { get; private set; } = null!;
 
+    /// <summary>The same gRPC server on a Unix socket (Kestrel's ListenUnixSocket).</summary>
+    public string GrpcSocketPath { get; private set; } = null!;
+
     public async Task InitializeAsync()
     {
         _endpoint = Endpoints.Unique("both");
-        (_process, SocketPath, GrpcAddress) = await StartAsync(_endpoint);
+        (_process, SocketPath, GrpcAddress, GrpcSocketPath) = await StartAsync(_endpoint);
     }
 
-    /// <summary>Starts a server process serving both ways; returns it with its socket path and gRPC address.</summary>
-    internal static Task<(PeerProcess Process, string SocketPath, string GrpcAddress)> StartAsync(string endpoint)
+    /// <summary>Starts a server process serving both ways; returns it with its socket path, gRPC address and gRPC Unix socket.</summary>
+    internal static Task<(PeerProcess Process, string SocketPath, string GrpcAddress, string GrpcSocketPath)> StartAsync(string endpoint)
     {
         PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--traces"]); // spans and server metrics recorded for ServerLogAsync
         string[] ready = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ');
-        return Task.FromResult((process, ready[1], ready[2]));
+        return Task.FromResult((process, ready[1], ready[2], ready[3]));
     }
 
     public async Task DisposeAsync()
@@ -92,6 +95,42 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
         Assert.True(local.PeerProcessId > 0); // verified by the shared-memory handshake
         Assert.Equal(-1, remote.PeerProcessId); // over gRPC the server's description is not proof
         Assert.Equal(uint.MaxValue, remote.PeerUserId);
+    }
+
+    [Fact]
+    public async Task Over_a_Unix_socket_the_kernel_vouches_for_the_caller_of_a_gRPC_call()
+    {
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        string path = Server.GrpcSocketPath;
+        options.ConfigureGrpcChannel(channel => channel.HttpHandler = new System.Net.Http.SocketsHttpHandler
+        {
+            ConnectCallback = async (_, cancellationToken) =>
+            {
+                var socket = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+                try
+                {
+                    await socket.ConnectAsync(new System.Net.Sockets.UnixDomainSocketEndPoint(path), cancellationToken);
+                    return new System.Net.Sockets.NetworkStream(socket, ownsSocket: true);
+                }
+                catch
+                {
+                    socket.Dispose();
+                    throw;
+                }
+            },
+        });
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync("http://localhost", options);
+        Assert.False(connection.UsesSharedMemory);
+        IKitchenSink sink = connection.GetService<IKitchenSink>();
+
+        // SO_PEERCRED of the HTTP/2 connection: this process, verified; the same on the connection's next call.
+        string expected = $"{Environment.ProcessId}:{Interop.LinuxNative.GetEuid()}";
+        Assert.Equal(expected, await sink.WhoCalledAsync());
+        Assert.Equal(expected, await sink.WhoCalledAsync());
+        using (OffloadCallScope.Begin().WithHeader("offloadrpc-peer", "1:0"))
+        {
+            Assert.Equal(expected, await sink.WhoCalledAsync()); // a claim in a header changes nothing
+        }
     }
 
     [Fact]
@@ -823,7 +862,7 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
     public async Task A_server_that_goes_away_fails_the_call_with_PeerDisconnectedException()
     {
         string endpoint = Endpoints.Unique("gone");
-        (PeerProcess process, string socket, string address) = await BothWaysServer.StartAsync(endpoint);
+        (PeerProcess process, string socket, string address, _) = await BothWaysServer.StartAsync(endpoint);
         await using (process)
         {
             await using OffloadRpcConnection connection = await ConnectToAsync(AddressOf(socket, address));

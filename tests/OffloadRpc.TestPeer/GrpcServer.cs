@@ -10,7 +10,8 @@ using OffloadRpc.TestContracts;
 /// <summary>
 /// The typed services and the call probe in an ASP.NET Core app that serves them both ways: over shared
 /// memory on <c>endpoint</c> (AddOffloadRpcServer) and over gRPC (h2c) on 127.0.0.1 with a port the
-/// system picks (MapOffloadRpcGrpc). Prints READY, the socket path and the gRPC address. With --traces, the
+/// system picks and on a Unix socket beside the shared-memory one (MapOffloadRpcGrpc). Prints READY, the
+/// socket path, the gRPC address and the gRPC Unix socket's path. With --traces, the
 /// spans and server metrics of OffloadRpc are recorded for <see cref="ICallProbe.ServerLogAsync"/>; with
 /// --max-message-bytes N, its OffloadRpcOptions.MaxMessageBytes is N.
 /// </summary>
@@ -22,7 +23,13 @@ internal static class GrpcServer
         using System.Diagnostics.Metrics.MeterListener? metrics = args.Contains("--traces") ? ProbeServer.ListenToMetrics() : null;
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
-        builder.WebHost.ConfigureKestrel(kestrel => kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2));
+        string socket = OffloadRpc.Transport.EndpointPath.Resolve(endpoint);
+        string grpcSocket = socket + ".grpc";
+        builder.WebHost.ConfigureKestrel(kestrel =>
+        {
+            kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2);
+            kestrel.ListenUnixSocket(grpcSocket, listen => listen.Protocols = HttpProtocols.Http2);
+        });
         builder.Services.AddScoped<ProbeDependency>();
         int index = Array.IndexOf(args, "--max-message-bytes");
         int? maxMessageBytes = index >= 0 ? int.Parse(args[index + 1], System.Globalization.CultureInfo.InvariantCulture) : null;
@@ -40,11 +47,11 @@ internal static class GrpcServer
         await using WebApplication app = builder.Build();
         app.MapOffloadRpcGrpc();
         await app.StartAsync();
-        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
-        string socket = OffloadRpc.Transport.EndpointPath.Resolve(endpoint);
-        Console.WriteLine($"READY {socket} {address}");
+        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First(a => a.StartsWith("http://127.0.0.1:", StringComparison.Ordinal));
+        Console.WriteLine($"READY {socket} {address} {grpcSocket}");
         await Task.Run(() => Console.In.ReadToEnd());
         await app.StopAsync();
+        File.Delete(grpcSocket);
         return 0;
     }
 }

@@ -10,6 +10,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     private readonly MessageAssembler _message;
     private readonly ServerCallContext _context;
     private CancellationTokenSource? _cancellation;
+    private PeerCredentials? _peer;
 
     /// <summary>What the call's cancellation is once the call is disposed: already cancelled, never disposed.</summary>
     private static readonly CancellationTokenSource Ended = CancelledSource();
@@ -99,13 +100,18 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     }
 
     /// <summary>
-    /// Unknown (-1): over HTTP/2 the kernel vouches for nobody (the caller may be on another host), and
-    /// whatever a caller might claim in a header is not reported as its identity.
+    /// The calling process, when the kernel vouches for it: over a Unix socket, SO_PEERCRED of the
+    /// connection (the process at the other end of the socket, a proxy if one is in between). Over TCP
+    /// unknown (-1): the caller may be on another host, and whatever it might claim in a header is not
+    /// reported as its identity.
     /// </summary>
-    public int PeerProcessId => -1;
+    public int PeerProcessId => Peer.ProcessId;
 
-    /// <summary>Unknown (<see cref="uint.MaxValue"/>), as <see cref="PeerProcessId"/>.</summary>
-    public uint PeerUserId => uint.MaxValue;
+    /// <summary>The calling process's user id, as <see cref="PeerProcessId"/>: <see cref="uint.MaxValue"/> when unknown.</summary>
+    public uint PeerUserId => Peer.UserId;
+
+    /// <summary>Read on first use (most calls never ask), once per connection.</summary>
+    private PeerCredentials Peer => _peer ??= PeerCredentials.Of(_context);
 
     public bool HasMetadata => _metadata is not null;
 
@@ -280,5 +286,61 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         var source = new CancellationTokenSource();
         source.Cancel();
         return source;
+    }
+}
+
+/// <summary>Who is at the other end of a gRPC connection, as the kernel says (Unix sockets only), kept with the connection.</summary>
+internal sealed class PeerCredentials(int processId, uint userId)
+{
+    private static readonly object Key = new();
+
+    public static readonly PeerCredentials Unknown = new(-1, uint.MaxValue);
+
+    public int ProcessId { get; } = processId;
+
+    public uint UserId { get; } = userId;
+
+    public static PeerCredentials Of(ServerCallContext context)
+    {
+        Microsoft.AspNetCore.Http.HttpContext? http = context.GetHttpContext();
+        if (http is null)
+        {
+            return Unknown;
+        }
+
+        IDictionary<object, object?>? items = http.Features.Get<Microsoft.AspNetCore.Connections.Features.IConnectionItemsFeature>()?.Items;
+        if (items is not null && items.TryGetValue(Key, out object? known) && known is PeerCredentials kept)
+        {
+            return kept;
+        }
+
+        PeerCredentials credentials = Read(http.Features.Get<Microsoft.AspNetCore.Connections.Features.IConnectionSocketFeature>()?.Socket);
+        if (items is not null)
+        {
+            items[Key] = credentials;
+        }
+
+        return credentials;
+    }
+
+    private static PeerCredentials Read(System.Net.Sockets.Socket? socket)
+    {
+        if (socket is not { AddressFamily: System.Net.Sockets.AddressFamily.Unix })
+        {
+            return Unknown;
+        }
+
+        try
+        {
+            Span<byte> ucred = stackalloc byte[12]; // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+            int length = socket.GetRawSocketOption(Interop.LinuxNative.SOL_SOCKET, Interop.LinuxNative.SO_PEERCRED, ucred);
+            int pid = System.Buffers.Binary.BinaryPrimitives.ReadInt32LittleEndian(ucred);
+            // pid 0: a caller in a process namespace this one cannot see (its uid is still the kernel's word), as over shared memory.
+            return length < 12 || pid < 0 ? Unknown : new PeerCredentials(pid, System.Buffers.Binary.BinaryPrimitives.ReadUInt32LittleEndian(ucred[4..]));
+        }
+        catch (Exception ex) when (ex is System.Net.Sockets.SocketException or ObjectDisposedException)
+        {
+            return Unknown; // the connection is gone: nobody to vouch for
+        }
     }
 }
