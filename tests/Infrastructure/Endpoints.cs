@@ -9,13 +9,16 @@ internal static class Endpoints
     /// <summary>A fresh endpoint name, unique to this test run.</summary>
     public static string Unique(string purpose) => $"t{Environment.ProcessId}-{Interlocked.Increment(ref s_counter)}-{purpose}";
 
-    /// <summary>Removes the socket file a killed server could not remove itself.</summary>
+    /// <summary>Removes the socket files a killed server could not remove itself (its gRPC Unix socket, <c>.grpc</c>, too).</summary>
     public static void RemoveStale(string endpoint)
     {
         string path = EndpointPath.Resolve(endpoint);
-        if (File.Exists(path))
+        foreach (string socket in new[] { path, path + ".grpc" })
         {
-            File.Delete(path);
+            if (File.Exists(socket))
+            {
+                File.Delete(socket);
+            }
         }
     }
 }
