@@ -53,10 +53,10 @@ public sealed class OffloadCallContext
 
     /// <summary>
     /// True when <see cref="PeerProcessId"/> and <see cref="PeerUserId"/> come from the kernel (the
-    /// shared-memory transport, or gRPC over a Unix socket, where they name the process at the other end
-    /// of the socket: a proxy, if one is in between); false over gRPC on TCP, where they are -1 and
-    /// <see cref="uint.MaxValue"/>: authorize such calls by the channel (TLS client certificates, tokens
-    /// checked by an interceptor).
+    /// shared-memory transport, or gRPC over a Unix socket, where they name the process that connected the
+    /// socket: a proxy, if one is in between, and no AllowedUserIds check ran, only the socket file's
+    /// permissions); false over gRPC on TCP, where they are -1 and <see cref="uint.MaxValue"/>: authorize
+    /// such calls by the channel (TLS client certificates, tokens checked by an interceptor).
     /// </summary>
     public bool IsPeerVerified => _call.Inbound.PeerProcessId >= 0;
 

@@ -10,6 +10,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     private readonly MessageAssembler _message;
     private readonly ServerCallContext _context;
     private CancellationTokenSource? _cancellation;
+    private readonly System.Net.Sockets.Socket? _socket;
     private PeerCredentials? _peer;
 
     /// <summary>What the call's cancellation is once the call is disposed: already cancelled, never disposed.</summary>
@@ -40,6 +41,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         _maxBodyBytes = maxBodyBytes;
         _context = context;
         _metadata = metadata;
+        _socket = PeerCredentials.SocketOf(context); // while the request is live: its HttpContext is gone after the call
     }
 
     /// <summary>
@@ -110,8 +112,8 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     /// <summary>The calling process's user id, as <see cref="PeerProcessId"/>: <see cref="uint.MaxValue"/> when unknown.</summary>
     public uint PeerUserId => Peer.UserId;
 
-    /// <summary>Read on first use (most calls never ask), once per connection.</summary>
-    private PeerCredentials Peer => _peer ??= PeerCredentials.Of(_context);
+    /// <summary>Read on first use (most calls never ask), once per connection; after the call too, while its connection is open.</summary>
+    private PeerCredentials Peer => _peer ??= PeerCredentials.Of(_socket);
 
     public bool HasMetadata => _metadata is not null;
 
@@ -289,10 +291,11 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     }
 }
 
-/// <summary>Who is at the other end of a gRPC connection, as the kernel says (Unix sockets only), kept with the connection.</summary>
+/// <summary>Who is at the other end of a gRPC connection, as the kernel says (Unix sockets only), kept with the connection's socket.</summary>
 internal sealed class PeerCredentials(int processId, uint userId)
 {
-    private static readonly object Key = new();
+    /// <summary>One reading per connection, however many of its streams ask at once (the table is thread-safe and lets go of closed sockets).</summary>
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<System.Net.Sockets.Socket, PeerCredentials> Known = new();
 
     public static readonly PeerCredentials Unknown = new(-1, uint.MaxValue);
 
@@ -300,41 +303,33 @@ internal sealed class PeerCredentials(int processId, uint userId)
 
     public uint UserId { get; } = userId;
 
-    public static PeerCredentials Of(ServerCallContext context)
+    /// <summary>The socket of the call's connection when the transport exposes it (Kestrel's socket transport does); null otherwise.</summary>
+    public static System.Net.Sockets.Socket? SocketOf(ServerCallContext context)
     {
-        Microsoft.AspNetCore.Http.HttpContext? http = context.GetHttpContext();
-        if (http is null)
+        Microsoft.AspNetCore.Http.HttpContext http;
+        try
         {
-            return Unknown;
+            http = context.GetHttpContext();
+        }
+        catch (InvalidOperationException)
+        {
+            return null; // not served by ASP.NET Core (a context made by hand)
         }
 
-        IDictionary<object, object?>? items = http.Features.Get<Microsoft.AspNetCore.Connections.Features.IConnectionItemsFeature>()?.Items;
-        if (items is not null && items.TryGetValue(Key, out object? known) && known is PeerCredentials kept)
-        {
-            return kept;
-        }
-
-        PeerCredentials credentials = Read(http.Features.Get<Microsoft.AspNetCore.Connections.Features.IConnectionSocketFeature>()?.Socket);
-        if (items is not null)
-        {
-            items[Key] = credentials;
-        }
-
-        return credentials;
+        return http.Features.Get<Microsoft.AspNetCore.Connections.Features.IConnectionSocketFeature>()?.Socket;
     }
 
-    private static PeerCredentials Read(System.Net.Sockets.Socket? socket)
-    {
-        if (socket is not { AddressFamily: System.Net.Sockets.AddressFamily.Unix })
-        {
-            return Unknown;
-        }
+    public static PeerCredentials Of(System.Net.Sockets.Socket? socket) =>
+        socket is { AddressFamily: System.Net.Sockets.AddressFamily.Unix } ? Known.GetValue(socket, Read) : Unknown;
 
+    private static PeerCredentials Read(System.Net.Sockets.Socket socket)
+    {
         try
         {
             Span<byte> ucred = stackalloc byte[12]; // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
             int length = socket.GetRawSocketOption(Interop.LinuxNative.SOL_SOCKET, Interop.LinuxNative.SO_PEERCRED, ucred);
             int pid = System.Buffers.Binary.BinaryPrimitives.ReadInt32LittleEndian(ucred);
+
             // pid 0: a caller in a process namespace this one cannot see (its uid is still the kernel's word), as over shared memory.
             return length < 12 || pid < 0 ? Unknown : new PeerCredentials(pid, System.Buffers.Binary.BinaryPrimitives.ReadUInt32LittleEndian(ucred[4..]));
         }
