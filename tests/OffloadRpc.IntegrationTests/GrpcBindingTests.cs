@@ -68,7 +68,7 @@ public sealed class GrpcBindingTests
         // it, and asking again neither throws nor makes another.
         using var aborted = new CancellationTokenSource();
         var context = new FakeServerCallContext(aborted.Token);
-        var call = new GrpcInboundCall(1, new MessageAssembler(1024), context, null, null, null, 4, 1024);
+        var call = new GrpcInboundCall(1, new MessageAssembler(1024), context, default, null, null, 4, 1024);
         Assert.False(call.CancellationToken.IsCancellationRequested); // made on first use, linked to the request's
         call.Dispose();
         Assert.True(call.CancellationToken.IsCancellationRequested);
@@ -78,7 +78,7 @@ public sealed class GrpcBindingTests
         // Asked for only after the call ended (a writer failing late, a context kept past the call): the
         // request's token (which Kestrel reuses for later requests) is not even read.
         var late = new FakeServerCallContext(aborted.Token);
-        var ended = new GrpcInboundCall(2, new MessageAssembler(1024), late, null, null, null, 4, 1024);
+        var ended = new GrpcInboundCall(2, new MessageAssembler(1024), late, default, null, null, 4, 1024);
         ended.Dispose();
         Assert.True(ended.CancellationToken.IsCancellationRequested);
         Assert.Equal(0, late.TokenReads);

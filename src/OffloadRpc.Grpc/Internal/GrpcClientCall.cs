@@ -270,11 +270,10 @@ internal readonly struct GrpcCallMetadata
         var block = new ArrayBufferWriter<byte>(128);
         metadata.Encode(block);
         DateTime? deadline = null;
-        if (metadata.Deadline is { } due)
+        if (metadata.Deadline is { } due) // UTC, as Grpc.Net.Client requires: ClientInterceptorContext.Deadline makes it so
         {
             DateTime now = DateTime.UtcNow;
-            DateTime utc = CallMetadata.ToUtc(due); // Grpc.Net.Client takes UTC only
-            deadline = utc - now > CallMetadata.MaxDeadline ? now + CallMetadata.MaxDeadline : utc;
+            deadline = due - now > CallMetadata.MaxDeadline ? now + CallMetadata.MaxDeadline : due;
         }
 
         return new GrpcCallMetadata(block.WrittenSpan.ToArray(), deadline);

@@ -7,14 +7,14 @@ namespace OffloadRpc.Grpc.Internal;
 /// <summary>A request that came over gRPC, as the dispatcher and the generated stub see it.</summary>
 internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 {
-    private readonly MessageAssembler _message;
-    private readonly ServerCallContext _context;
-    private CancellationTokenSource? _cancellation;
-    private readonly System.Net.Sockets.Socket? _socket;
-    private PeerCredentials? _peer;
-
     /// <summary>What the call's cancellation is once the call is disposed: already cancelled, never disposed.</summary>
     private static readonly CancellationTokenSource Ended = CancelledSource();
+
+    private readonly MessageAssembler _message;
+    private readonly ServerCallContext _context;
+    private readonly System.Net.Sockets.Socket? _socket;
+    private CancellationTokenSource? _cancellation;
+    private PeerCredentials? _peer;
     private readonly byte[]? _metadata;
     private readonly IAsyncStreamReader<Frame>? _requests;
     private readonly IServerStreamWriter<Frame>? _responses;
@@ -30,8 +30,8 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     /// <param name="requests">The request stream after the request (null: the method is bound with one request message).</param>
     /// <param name="responses">The response stream (null: the method is bound with one response message, written by gRPC).</param>
-    /// <param name="metadata">The request's metadata block (<see cref="MetadataOf"/>), null when it has none.</param>
-    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, byte[]? metadata, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
+    /// <param name="request">The request's metadata block and connection (<see cref="InboundRequest.Of"/>), default when there is no HTTP request behind the call.</param>
+    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, InboundRequest request, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
     {
         MethodId = methodId;
         _message = message;
@@ -40,32 +40,8 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         _window = window;
         _maxBodyBytes = maxBodyBytes;
         _context = context;
-        _metadata = metadata;
-        _socket = PeerCredentials.SocketOf(context); // while the request is live: its HttpContext is gone after the call
-    }
-
-    /// <summary>
-    /// The request's metadata block, read from the one HTTP header that carries it: asking gRPC for
-    /// <see cref="ServerCallContext.RequestHeaders"/> would build a collection of every header per call.
-    /// Read before the request's frames, so a call whose header is not base64 is refused before its
-    /// buffers are read (status InvalidArgument).
-    /// </summary>
-    public static byte[]? MetadataOf(ServerCallContext context)
-    {
-        if (context.GetHttpContext().Request.Headers.TryGetValue(GrpcWire.MetadataHeader, out Microsoft.Extensions.Primitives.StringValues values) && values.Count > 0 && values[0] is { } base64)
-        {
-            int padding = (4 - (base64.Length % 4)) % 4; // gRPC allows unpadded base64 in -bin headers
-            try
-            {
-                return Convert.FromBase64String(padding == 0 ? base64 : base64 + new string('=', padding));
-            }
-            catch (FormatException ex)
-            {
-                throw new RpcException(new Status(StatusCode.InvalidArgument, $"The {GrpcWire.MetadataHeader} header is not base64: {ex.Message}"));
-            }
-        }
-
-        return null;
+        _metadata = request.Metadata;
+        _socket = request.Socket;
     }
 
     public int MethodId { get; }
@@ -303,22 +279,6 @@ internal sealed class PeerCredentials(int processId, uint userId)
 
     public uint UserId { get; } = userId;
 
-    /// <summary>The socket of the call's connection when the transport exposes it (Kestrel's socket transport does); null otherwise.</summary>
-    public static System.Net.Sockets.Socket? SocketOf(ServerCallContext context)
-    {
-        Microsoft.AspNetCore.Http.HttpContext http;
-        try
-        {
-            http = context.GetHttpContext();
-        }
-        catch (InvalidOperationException)
-        {
-            return null; // not served by ASP.NET Core (a context made by hand)
-        }
-
-        return http.Features.Get<Microsoft.AspNetCore.Connections.Features.IConnectionSocketFeature>()?.Socket;
-    }
-
     public static PeerCredentials Of(System.Net.Sockets.Socket? socket) =>
         socket is { AddressFamily: System.Net.Sockets.AddressFamily.Unix } ? Known.GetValue(socket, Read) : Unknown;
 
@@ -337,5 +297,45 @@ internal sealed class PeerCredentials(int processId, uint userId)
         {
             return Unknown; // the connection is gone: nobody to vouch for
         }
+    }
+}
+
+/// <summary>
+/// What a served call takes from its HTTP request while the request is live (its HttpContext is gone
+/// after the call): the metadata block, and the connection's socket for <see cref="PeerCredentials"/>.
+/// </summary>
+internal readonly record struct InboundRequest(byte[]? Metadata, System.Net.Sockets.Socket? Socket)
+{
+    /// <summary>
+    /// Read before the request's frames, so a call whose metadata header is not base64 is refused before
+    /// its buffers are read (status InvalidArgument). The socket is there when the transport exposes it
+    /// (Kestrel's socket transport does).
+    /// </summary>
+    public static InboundRequest Of(ServerCallContext context)
+    {
+        Microsoft.AspNetCore.Http.HttpContext http = context.GetHttpContext();
+        return new(MetadataOf(http), http.Features.Get<Microsoft.AspNetCore.Connections.Features.IConnectionSocketFeature>()?.Socket);
+    }
+
+    /// <summary>
+    /// The request's metadata block, read from the one HTTP header that carries it: asking gRPC for
+    /// <see cref="ServerCallContext.RequestHeaders"/> would build a collection of every header per call.
+    /// </summary>
+    private static byte[]? MetadataOf(Microsoft.AspNetCore.Http.HttpContext http)
+    {
+        if (http.Request.Headers.TryGetValue(GrpcWire.MetadataHeader, out Microsoft.Extensions.Primitives.StringValues values) && values.Count > 0 && values[0] is { } base64)
+        {
+            int padding = (4 - (base64.Length % 4)) % 4; // gRPC allows unpadded base64 in -bin headers
+            try
+            {
+                return Convert.FromBase64String(padding == 0 ? base64 : base64 + new string('=', padding));
+            }
+            catch (FormatException ex)
+            {
+                throw new RpcException(new Status(StatusCode.InvalidArgument, $"The {GrpcWire.MetadataHeader} header is not base64: {ex.Message}"));
+            }
+        }
+
+        return null;
     }
 }

@@ -107,8 +107,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task<Frame> ServeUnaryAsync(Frame request, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
-        byte[]? metadata = MetadataOf(context, request);
-        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), metadata, null, null, context).ConfigureAwait(false);
+        InboundRequest inbound = RequestOf(context, request);
+        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), inbound, null, null, context).ConfigureAwait(false);
         return ReplyFrame(call);
     }
 
@@ -116,9 +116,9 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task<Frame> ServeClientStreamingAsync(IAsyncStreamReader<Frame> requests, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
-        byte[]? metadata = MetadataOf(context, null);
+        InboundRequest inbound = RequestOf(context, null);
         MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
-        using GrpcInboundCall call = await DispatchAsync(host, request, metadata, null, null, context).ConfigureAwait(false);
+        using GrpcInboundCall call = await DispatchAsync(host, request, inbound, null, null, context).ConfigureAwait(false);
         return ReplyFrame(call);
     }
 
@@ -126,8 +126,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task ServeServerStreamingAsync(Frame request, IServerStreamWriter<Frame> responses, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
-        byte[]? metadata = MetadataOf(context, request);
-        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), metadata, null, responses, context).ConfigureAwait(false);
+        InboundRequest inbound = RequestOf(context, request);
+        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), inbound, null, responses, context).ConfigureAwait(false);
         await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
     }
 
@@ -135,18 +135,18 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     public async Task ServeAsync(IAsyncStreamReader<Frame> requests, IServerStreamWriter<Frame> responses, ServerCallContext context)
     {
         OffloadRpcServer host = Host();
-        byte[]? metadata = MetadataOf(context, null);
+        InboundRequest inbound = RequestOf(context, null);
         MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
-        using GrpcInboundCall call = await DispatchAsync(host, request, metadata, requests, responses, context).ConfigureAwait(false);
+        using GrpcInboundCall call = await DispatchAsync(host, request, inbound, requests, responses, context).ConfigureAwait(false);
         await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
     }
 
-    /// <summary>The request's metadata block, before anything else of the request is read; a header that is not base64 ends the call (InvalidArgument) and gives <paramref name="request"/> back.</summary>
-    private static byte[]? MetadataOf(ServerCallContext context, Frame? request)
+    /// <summary>The request's metadata block and connection, before anything else of the request is read; a header that is not base64 ends the call (InvalidArgument) and gives <paramref name="request"/> back.</summary>
+    private static InboundRequest RequestOf(ServerCallContext context, Frame? request)
     {
         try
         {
-            return GrpcInboundCall.MetadataOf(context);
+            return InboundRequest.Of(context);
         }
         catch
         {
@@ -215,9 +215,9 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 
     /// <summary>Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the call with.</summary>
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
-    private async ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, byte[]? metadata, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
+    private async ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
-        var call = new GrpcInboundCall(method.Id, request, context, metadata, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
+        var call = new GrpcInboundCall(method.Id, request, context, inbound, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
 
         Exception? failure = null;
         try

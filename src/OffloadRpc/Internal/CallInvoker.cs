@@ -198,21 +198,10 @@ public abstract class CallInvoker
     }
 
     /// <summary>
-    /// Sends the request with its metadata block (<see cref="CallMetadata"/>) before the body. The default
-    /// encodes the block and hands it to the transport's other overload; a transport may write it in place.
+    /// Sends the request with its metadata (headers, deadline, trace context). Each transport that carries
+    /// metadata writes it its own way (in the ring message, as a gRPC header); one that carries none drops it (the default).
     /// </summary>
-    internal virtual ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, CancellationToken cancellationToken)
-    {
-        var block = new ArrayBufferWriter<byte>(128);
-        metadata.Encode(block);
-        return SendAsync(method, request, block.WrittenMemory, cancellationToken);
-    }
-
-    /// <summary>
-    /// Sends the request with an encoded metadata block before the body. A transport that carries no
-    /// metadata drops it (the default).
-    /// </summary>
-    internal virtual ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, ReadOnlyMemory<byte> metadata, CancellationToken cancellationToken) =>
+    internal virtual ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, CancellationToken cancellationToken) =>
         SendAsync(method, request, cancellationToken);
 
     /// <summary>
