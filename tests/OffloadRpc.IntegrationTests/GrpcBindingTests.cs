@@ -6,6 +6,7 @@ using Microsoft.Extensions.DependencyInjection;
 using OffloadRpc.Grpc.Internal;
 using OffloadRpc.Internal;
 using OffloadRpc.Testing;
+using OffloadRpc.Transport;
 using OffloadRpc.TestContracts;
 using OffloadRpc.Tests.Infrastructure;
 using Xunit;
@@ -82,6 +83,113 @@ public sealed class GrpcBindingTests
         ended.Dispose();
         Assert.True(ended.CancellationToken.IsCancellationRequested);
         Assert.Equal(0, late.TokenReads);
+    }
+
+    [Theory]
+    [InlineData(0, new int[0])]
+    [InlineData(7, new[] { 3 })]
+    [InlineData(300, new[] { 0, 1, 4096, 60_000 })] // 64,097 bytes: still one frame
+    public void A_one_frame_message_written_as_its_head_alone_is_the_frame_the_whole_message_gives(int bodyBytes, int[] payloadBytes)
+    {
+        var random = new Random(bodyBytes + payloadBytes.Length);
+        byte[] body = new byte[bodyBytes];
+        random.NextBytes(body);
+        byte[][] payloads = [.. payloadBytes.Select(n => { byte[] b = new byte[n]; random.NextBytes(b); return b; })];
+
+        // Each payload once as the caller's memory, once as a lease: a lease's bytes are copied in and the lease given back.
+        SharedBuffer[] leases = [.. payloads.Select(p => { SharedBuffer lease = LocalLeases.Instance.Rent(p.Length); p.CopyTo(lease.Span); return lease; })];
+        OutboundPayload[] copied = [.. payloads.Select(p => OutboundPayload.Copy(p))];
+        OutboundPayload[] moved = [.. leases.Select(OutboundPayload.Move)];
+        Assert.True(OutgoingMessage.IsInline(copied));
+
+        using OutgoingMessage message = OutgoingMessage.Create(body, copied);
+        Frame expected = message.DetachHead(releaseAfterWrite: false);
+        Frame head = OutgoingMessage.HeadFrame(body, moved, releaseAfterWrite: false);
+        Assert.Equal(FrameKind.Head, head.Kind);
+        Assert.Equal(expected.First.ToArray(), head.First.ToArray());
+        Assert.All(leases, lease => Assert.True(lease.IsGone));
+
+        // And read back as a reply: the body and every payload as sent.
+        var assembler = new MessageAssembler(1 << 20);
+        Assert.True(assembler.Accept(head));
+        RpcReply reply = assembler.ToReply(new NoPeer());
+        Assert.Equal(body, reply.Body.ToArray());
+        Assert.Equal(payloads.Length, reply.PayloadCount);
+        for (int i = 0; i < payloads.Length; i++)
+        {
+            using SharedBuffer payload = reply.TakePayload(i);
+            Assert.Equal(payloads[i], payload.Span.ToArray());
+        }
+
+        reply.Dispose();
+        expected.Release();
+    }
+
+    [Fact]
+    public void A_reply_read_from_its_assembler_refuses_a_payload_twice_and_is_gone_once_disposed()
+    {
+        byte[] data = [1, 2, 3, 4, 5];
+        var assembler = new MessageAssembler(1 << 20);
+        Assert.True(assembler.Accept(OutgoingMessage.HeadFrame([0x90], [OutboundPayload.Copy(data), OutboundPayload.Copy(data)], releaseAfterWrite: false)));
+        var peer = new NoPeer();
+        RpcReply reply = assembler.ToReply(peer);
+
+        SharedBuffer taken = reply.TakePayload(0);
+        Assert.Throws<ProtocolViolationException>(() => reply.TakePayload(0));
+        SharedBuffer lent = reply.LendPayload(1); // lent: given back with the reply
+        Assert.Equal(data, lent.Span.ToArray());
+        reply.AbortConnection(new ProtocolViolationException("test"));
+        Assert.Equal(1, peer.Aborted);
+
+        reply.Dispose();
+        reply.Dispose(); // idempotent
+        Assert.True(lent.IsGone);
+        Assert.False(taken.IsGone); // the caller's, until it disposes it
+        Assert.Throws<ObjectDisposedException>(() => reply.Body.Length);
+        taken.Dispose();
+    }
+
+    [Fact]
+    public void A_unary_bound_calls_reply_of_one_frame_is_taken_as_that_frame_and_a_larger_one_as_a_message()
+    {
+        var context = new FakeServerCallContext(CancellationToken.None);
+
+        // One frame: the frame alone (gRPC writes it after the method returned), the message path empty.
+        var call = new GrpcInboundCall(1, new MessageAssembler(1024), context, default, null, null, 4, 1024);
+        call.Reply([0x2A], [OutboundPayload.Copy(new byte[] { 9, 8, 7 })]);
+        Assert.Throws<InvalidOperationException>(() => call.Reply([0x2A], default));
+        Frame? head = call.TakeReplyHead();
+        Assert.NotNull(head);
+        Assert.Same(OutgoingMessage.EmptyReply, call.TakeReply());
+        var assembler = new MessageAssembler(1024);
+        Assert.True(assembler.Accept(head));
+        Assert.Equal(new byte[] { 0x2A }, assembler.Body.ToArray());
+        assembler.Dispose();
+        call.Dispose();
+
+        // A reply made but never taken (the call failed after it) is given back with the call.
+        var unanswered = new GrpcInboundCall(2, new MessageAssembler(1024), context, default, null, null, 4, 1024);
+        unanswered.Reply([0x2A], default);
+        unanswered.Dispose();
+        Assert.Null(unanswered.TakeReplyHead());
+
+        // Buffers beyond one frame: a message, which the route refuses for a method bound with one response message.
+        var large = new GrpcInboundCall(3, new MessageAssembler(1024), context, default, null, null, 4, 1024);
+        large.Reply([0x2A], [OutboundPayload.Copy(new byte[Frame.InlineBytes + 1])]);
+        Assert.Null(large.TakeReplyHead());
+        using (OutgoingMessage message = large.TakeReply())
+        {
+            Assert.False(message.IsSingleFrame);
+        }
+
+        large.Dispose();
+    }
+
+    private sealed class NoPeer : IGrpcPeer
+    {
+        public int Aborted { get; private set; }
+
+        public void AbortConnection(ProtocolViolationException violation) => Aborted++;
     }
 
     /// <summary>Just the parts of a gRPC server call a <see cref="GrpcInboundCall"/> reads.</summary>

@@ -277,46 +277,15 @@ internal sealed class OutgoingMessage : IDisposable
     /// </summary>
     public static OutgoingMessage Create(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, bool borrow = false)
     {
-        if (payloads.Length > Frame.MaxPayloads)
-        {
-            throw new ArgumentException($"A message carries at most {Frame.MaxPayloads} buffers.");
-        }
-
-        long total = 0;
-        foreach (OutboundPayload payload in payloads)
-        {
-            total += payload.Length;
-        }
-
-        bool inline = total <= Frame.InlineBytes;
-        int headLength = 4 + body.Length + 2 + (8 * payloads.Length) + (inline ? (int)total : 0);
-        byte[] head = ArrayPool<byte>.Shared.Rent(headLength);
+        bool inline = IsInline(payloads);
+        byte[] head = RentHead(body, payloads, inline, out int headLength);
         Source[] sources = inline || payloads.Length == 0 ? [] : new Source[payloads.Length];
-        int position = 0;
         try
         {
-            BinaryPrimitives.WriteUInt32LittleEndian(head, (uint)body.Length);
-            body.CopyTo(head.AsSpan(4));
-            position = 4 + body.Length;
-            BinaryPrimitives.WriteUInt16LittleEndian(head.AsSpan(position), (ushort)payloads.Length);
-            position += 2;
-            foreach (OutboundPayload payload in payloads)
-            {
-                BinaryPrimitives.WriteInt64LittleEndian(head.AsSpan(position), payload.Length);
-                position += 8;
-            }
-
-            for (int i = 0; i < payloads.Length; i++)
+            for (int i = 0; i < sources.Length; i++)
             {
                 OutboundPayload payload = payloads[i];
-                if (inline)
-                {
-                    ReadOnlySpan<byte> bytes = payload.Lease is { } lease ? lease.Span : payload.Data.Span;
-                    bytes.CopyTo(head.AsSpan(position));
-                    position += bytes.Length;
-                    payload.Lease?.Dispose(); // its bytes are in the head: the lease goes back now
-                }
-                else if (payload.Lease is { } lease)
+                if (payload.Lease is { } lease)
                 {
                     sources[i] = new Source(default, lease, null); // read while the frames go out
                 }
@@ -347,6 +316,84 @@ internal sealed class OutgoingMessage : IDisposable
         }
 
         return new OutgoingMessage(head, headLength, sources, inline);
+    }
+
+    /// <summary>True when payloads this large ride in the head frame (the message is one frame).</summary>
+    public static bool IsInline(ReadOnlySpan<OutboundPayload> payloads)
+    {
+        long total = 0;
+        foreach (OutboundPayload payload in payloads)
+        {
+            total += payload.Length;
+        }
+
+        return total <= Frame.InlineBytes;
+    }
+
+    /// <summary>
+    /// A message of one frame (<see cref="IsInline"/> payloads) as that frame, owning its pooled buffer, with
+    /// no message around it: what <see cref="Create"/> then <see cref="DetachHead"/> give, for the common
+    /// small call. Leases are copied in and disposed.
+    /// </summary>
+    public static Frame HeadFrame(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, bool releaseAfterWrite)
+    {
+        byte[] head = RentHead(body, payloads, inline: true, out int headLength);
+        return Frame.Owning(FrameKind.Head, head, headLength, releaseAfterWrite);
+    }
+
+    /// <summary>
+    /// The head in a pooled buffer: [u32 body length][body][u16 payload count][i64 length per payload], then
+    /// with <paramref name="inline"/> the payloads' bytes (their leases disposed once copied).
+    /// </summary>
+    private static byte[] RentHead(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads, bool inline, out int headLength)
+    {
+        if (payloads.Length > Frame.MaxPayloads)
+        {
+            throw new ArgumentException($"A message carries at most {Frame.MaxPayloads} buffers.");
+        }
+
+        long inlineBytes = 0;
+        if (inline)
+        {
+            foreach (OutboundPayload payload in payloads)
+            {
+                inlineBytes += payload.Length;
+            }
+        }
+
+        headLength = 4 + body.Length + 2 + (8 * payloads.Length) + (int)inlineBytes;
+        byte[] head = ArrayPool<byte>.Shared.Rent(headLength);
+        BinaryPrimitives.WriteUInt32LittleEndian(head, (uint)body.Length);
+        body.CopyTo(head.AsSpan(4));
+        int position = 4 + body.Length;
+        BinaryPrimitives.WriteUInt16LittleEndian(head.AsSpan(position), (ushort)payloads.Length);
+        position += 2;
+        foreach (OutboundPayload payload in payloads)
+        {
+            BinaryPrimitives.WriteInt64LittleEndian(head.AsSpan(position), payload.Length);
+            position += 8;
+        }
+
+        if (inline)
+        {
+            try
+            {
+                foreach (OutboundPayload payload in payloads)
+                {
+                    ReadOnlySpan<byte> bytes = payload.Lease is { } lease ? lease.Span : payload.Data.Span;
+                    bytes.CopyTo(head.AsSpan(position));
+                    position += bytes.Length;
+                    payload.Lease?.Dispose(); // its bytes are in the head: the lease goes back now
+                }
+            }
+            catch
+            {
+                ArrayPool<byte>.Shared.Return(head); // a lease the caller disposed already, say
+                throw;
+            }
+        }
+
+        return head;
     }
 
     /// <summary>The message as frames: the head, then each payload in chunks.</summary>
@@ -414,8 +461,10 @@ internal sealed class OutgoingMessage : IDisposable
 /// <summary>
 /// Puts a message back together from its frames: the body, and each payload in a lease of ordinary
 /// (process-local) memory. Every length is checked against the limits before anything is allocated.
+/// Once whole, a reply or stream item is read through it as the call's <see cref="IReplySource"/>
+/// (<see cref="ToReply"/>): the message is its own reply, no second object per call.
 /// </summary>
-internal sealed class MessageAssembler : IDisposable
+internal sealed class MessageAssembler : IDisposable, IReplySource
 {
     private readonly int _maxBodyBytes;
     private Frame? _head;
@@ -612,6 +661,50 @@ internal sealed class MessageAssembler : IDisposable
 
     /// <summary>The bytes of every payload together, as the head announced them (taken or not: over shared memory the same figure).</summary>
     public long PayloadBytes { get; private set; }
+
+    private IGrpcPeer? _peer;
+    private List<SharedBuffer>? _lent;
+    private int _replyDisposed;
+
+    /// <summary>The whole message as a reply from <paramref name="peer"/> (told when it does not decode); disposing the reply disposes this.</summary>
+    public RpcReply ToReply(IGrpcPeer peer)
+    {
+        _peer = peer;
+        return new RpcReply(this, 0);
+    }
+
+    ReadOnlySpan<byte> IReplySource.Body => Body.Span;
+
+    ReadOnlyMemory<byte> IReplySource.BodyMemory => Body;
+
+    SharedBuffer IReplySource.TakePayload(int index) =>
+        Take(index) ?? throw new ProtocolViolationException($"The reply names payload {index} twice.");
+
+    SharedBuffer IReplySource.LendPayload(int index)
+    {
+        SharedBuffer lease = Take(index) ?? throw new ProtocolViolationException($"The reply names payload {index} twice.");
+        (_lent ??= []).Add(lease); // lent until the reply is disposed
+        return lease;
+    }
+
+    void IReplySource.ThrowIfReplyGone(short version) => ObjectDisposedException.ThrowIf(Volatile.Read(ref _replyDisposed) != 0, typeof(RpcReply));
+
+    void IReplySource.DisposeReply(short version)
+    {
+        if (Interlocked.Exchange(ref _replyDisposed, 1) == 0)
+        {
+            Dispose();
+            if (_lent is not null)
+            {
+                foreach (SharedBuffer lease in _lent)
+                {
+                    lease.Dispose();
+                }
+            }
+        }
+    }
+
+    void IReplySource.AbortConnection(ProtocolViolationException violation) => _peer?.AbortConnection(violation);
 
     /// <summary>The head's buffer and every payload not taken go back.</summary>
     public void Dispose()

@@ -87,7 +87,7 @@ internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumera
 
                 if (assembler.Accept(frame))
                 {
-                    _item = new RpcReply(new GrpcReply(assembler, _call), 0);
+                    _item = assembler.ToReply(_call);
                     _hasItem = true;
                     _current = _decoder(new CallReply(_item, _options));
                     return true;

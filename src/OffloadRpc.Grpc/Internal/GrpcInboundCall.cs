@@ -21,6 +21,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     private readonly int _window;
     private readonly int _maxBodyBytes;
     private OutgoingMessage? _reply;
+    private Frame? _replyHead;
     private StreamOutbox? _outbox;
     private System.Threading.Channels.Channel<Outgoing>? _outgoing;
     private Task? _writer;
@@ -123,12 +124,28 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     public void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads)
     {
-        if (_reply is not null)
+        if (_reply is not null || _replyHead is not null)
         {
             throw new InvalidOperationException("The call was already answered.");
         }
 
+        if (_responses is null && OutgoingMessage.IsInline(payloads))
+        {
+            // Bound with one response message, which gRPC writes after the method returned: the frame alone,
+            // given back once written (or when the call is disposed unanswered).
+            _replyHead = OutgoingMessage.HeadFrame(body, payloads, releaseAfterWrite: true);
+            return;
+        }
+
         _reply = OutgoingMessage.Create(body, payloads);
+    }
+
+    /// <summary>The reply as its one frame, when the stub's reply was one frame of a method bound with one response message (null: see <see cref="TakeReply"/>).</summary>
+    public Frame? TakeReplyHead()
+    {
+        Frame? head = _replyHead;
+        _replyHead = null;
+        return head;
     }
 
     /// <summary>The reply the stub made (a call without one gets an empty reply).</summary>
@@ -251,6 +268,9 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     public void Dispose()
     {
         _reply?.Dispose();
+        _reply = null;
+        _replyHead?.Release(); // a reply made but never returned to gRPC (the call failed after it)
+        _replyHead = null;
         _message.Dispose();
         CancellationTokenSource? cancellation = Interlocked.Exchange(ref _cancellation, Ended);
         if (cancellation != Ended)

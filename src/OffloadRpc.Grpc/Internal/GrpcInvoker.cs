@@ -86,6 +86,36 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     }
 
     /// <summary>
+    /// A call with nothing around it whose request is one frame, to a method whose reply is one frame: the
+    /// request's head frame is written straight from the builder, and the reply decoded in the same async
+    /// step that awaits it (see <see cref="UnaryDecodeAsync"/>). Anything else goes the general way.
+    /// </summary>
+    internal override ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    {
+        GrpcMethod grpc = MethodOf(method);
+        if (!grpc.OneFrameReply || request.HasItemStream || !OutgoingMessage.IsInline(request.Payloads))
+        {
+            return base.InvokeLeanAsync(method, request, cancellationToken);
+        }
+
+        Frame head;
+        try
+        {
+            head = OutgoingMessage.HeadFrame(request.WrittenBody, request.Payloads, releaseAfterWrite: false);
+        }
+        catch (Exception exception)
+        {
+            return ValueTask.FromException<T>(exception); // a failed call is a failed task, never a throw from the proxy
+        }
+        finally
+        {
+            request.Return();
+        }
+
+        return UnaryDecodeAsync(grpc, method, head, cancellationToken);
+    }
+
+    /// <summary>
     /// A request of one frame to a method whose reply is one frame: a unary call, whatever the method is
     /// bound as (on the wire a unary call is a streaming call of one message each way), so gRPC makes no
     /// stream reader, and its response and status come back as one completion.
@@ -95,33 +125,65 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     {
         Frame head = message.DetachHead(releaseAfterWrite: false);
         message.Dispose(); // a one-frame message holds nothing else
-        var assembler = new MessageAssembler(_maxBodyBytes);
         try
         {
-            CallOptions options = GrpcClientCall.OptionsOf(metadata, cancellationToken);
-            Frame reply;
-            using (AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, options, head))
-            {
-                reply = await call.ResponseAsync.ConfigureAwait(false);
-            }
-
-            if (!assembler.Accept(reply) || assembler.HeadKind != FrameKind.Head)
-            {
-                throw new ProtocolViolationException($"The reply of {method.FullName} is not one frame.");
-            }
-
-            _connection.MarkAlive();
-            return new RpcReply(new GrpcReply(assembler, _connection), 0);
+            using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, GrpcClientCall.OptionsOf(metadata, cancellationToken), head);
+            return AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method);
         }
         catch (Exception ex)
         {
-            assembler.Dispose();
             throw Translate(ex, method, metadata.Deadline, cancellationToken);
         }
         finally
         {
             head.Release(); // written by now, or never will be: a write under way gives it back when done
         }
+    }
+
+    /// <summary><see cref="UnaryAsync"/> of a call with no metadata, its result decoded in the same step (one state machine per call, not two).</summary>
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<T> UnaryDecodeAsync<T>(GrpcMethod grpc, MethodDescriptor<T> method, Frame head, CancellationToken cancellationToken)
+    {
+        RpcReply reply;
+        try
+        {
+            using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head);
+            reply = AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method);
+        }
+        catch (Exception ex)
+        {
+            throw Translate(ex, method, null, cancellationToken);
+        }
+        finally
+        {
+            head.Release(); // written by now, or never will be: a write under way gives it back when done
+        }
+
+        using (reply)
+        {
+            return Decode(method.Decoder, reply);
+        }
+    }
+
+    /// <summary>The reply frame of a unary call as the call's reply; a reply of several frames breaks the protocol.</summary>
+    private RpcReply AcceptReply(Frame frame, MethodDescriptor method)
+    {
+        var assembler = new MessageAssembler(_maxBodyBytes);
+        try
+        {
+            if (!assembler.Accept(frame) || assembler.HeadKind != FrameKind.Head)
+            {
+                throw new ProtocolViolationException($"The reply of {method.FullName} is not one frame.");
+            }
+        }
+        catch
+        {
+            assembler.Dispose();
+            throw;
+        }
+
+        _connection.MarkAlive();
+        return assembler.ToReply(_connection);
     }
 
     private async ValueTask<RpcReply> ReplyAsync(GrpcClientCall call, MethodDescriptor method, CancellationToken cancellationToken)
@@ -144,7 +206,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
             }
 
             _connection.MarkAlive();
-            return new RpcReply(new GrpcReply(assembler, _connection), 0);
+            return assembler.ToReply(_connection);
         }
         catch (Exception ex)
         {
@@ -195,57 +257,4 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 internal interface IGrpcPeer
 {
     void AbortConnection(ProtocolViolationException violation);
-}
-
-/// <summary>A reply or stream item that came over gRPC: its body and payloads (ordinary memory) until it is disposed.</summary>
-internal sealed class GrpcReply : IReplySource
-{
-    private readonly MessageAssembler _message;
-    private readonly IGrpcPeer _peer;
-    private int _disposed;
-
-    public GrpcReply(MessageAssembler message, IGrpcPeer peer)
-    {
-        _message = message;
-        _peer = peer;
-    }
-
-    public ReadOnlySpan<byte> Body => _message.Body.Span;
-
-    public ReadOnlyMemory<byte> BodyMemory => _message.Body;
-
-    public int PayloadCount => _message.PayloadCount;
-
-    public SharedBuffer TakePayload(int index) =>
-        _message.Take(index) ?? throw new ProtocolViolationException($"The reply names payload {index} twice.");
-
-    public SharedBuffer LendPayload(int index) =>
-        _message.Take(index) is { } lease ? Lent(index, lease) : throw new ProtocolViolationException($"The reply names payload {index} twice.");
-
-    private List<SharedBuffer>? _lent;
-
-    private SharedBuffer Lent(int index, SharedBuffer lease)
-    {
-        (_lent ??= []).Add(lease);
-        return lease;
-    }
-
-    public void ThrowIfReplyGone(short version) => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, typeof(RpcReply));
-
-    public void DisposeReply(short version)
-    {
-        if (Interlocked.Exchange(ref _disposed, 1) == 0)
-        {
-            _message.Dispose();
-            if (_lent is not null)
-            {
-                foreach (SharedBuffer lease in _lent)
-                {
-                    lease.Dispose();
-                }
-            }
-        }
-    }
-
-    public void AbortConnection(ProtocolViolationException violation) => _peer.AbortConnection(violation);
 }

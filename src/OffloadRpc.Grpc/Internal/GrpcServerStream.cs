@@ -99,7 +99,7 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             {
                 if (assembler.HeadKind == FrameKind.ItemHead)
                 {
-                    _item = new RpcReply(new GrpcReply(assembler, _invoker.Connection), 0);
+                    _item = assembler.ToReply(_invoker.Connection);
                     _hasItem = true;
                     _current = _invoker.DecodeItem(_method.Decoder, _item);
                     return true;

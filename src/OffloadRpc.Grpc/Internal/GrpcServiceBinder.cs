@@ -256,6 +256,11 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     /// <summary>The reply of a method whose reply is one frame, which gRPC writes (and gives back) after the method returned.</summary>
     private Frame ReplyFrame(GrpcInboundCall call)
     {
+        if (call.TakeReplyHead() is { } head)
+        {
+            return head; // a reply of one frame: the frame alone, no message around it
+        }
+
         using OutgoingMessage reply = call.TakeReply();
         if (!reply.IsSingleFrame)
         {

@@ -62,8 +62,17 @@ public abstract class CallInvoker
 
         return request.HasDeferredPayloads
             ? GatherThenAwaitAsync(method, request, cancellationToken)
-            : AwaitAsync(Send(method, request, cancellationToken), method.Decoder);
+            : InvokeLeanAsync(method, request, cancellationToken);
     }
+
+    /// <summary>
+    /// A call with nothing around it (no interceptors, metadata or telemetry) and no stream to gather:
+    /// sends, awaits the reply and decodes it. A transport overrides it to do all of that in one async
+    /// step where it can (a gRPC unary call), which saves a state machine and a reply object per call.
+    /// Takes <paramref name="request"/> over, whatever happens.
+    /// </summary>
+    internal virtual ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
+        AwaitAsync(Send(method, request, cancellationToken), method.Decoder);
 
     /// <summary>
     /// False while the invoker cannot send yet (a managed connection that is connecting or reconnecting):
@@ -445,7 +454,7 @@ public abstract class CallInvoker
     }
 
     /// <summary>A reply that does not decode is the peer's protocol violation: its connection ends, and the caller gets that.</summary>
-    private T Decode<T>(ReplyDecoder<T> decoder, RpcReply reply)
+    internal T Decode<T>(ReplyDecoder<T> decoder, RpcReply reply)
     {
         try
         {

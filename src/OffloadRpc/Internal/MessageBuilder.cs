@@ -246,6 +246,9 @@ public sealed class MessageBuilder
         return 0;
     }
 
+    /// <summary>Whether the request has a streamed argument (not taken yet).</summary>
+    internal bool HasItemStream => _items is not null;
+
     /// <summary>The streamed argument, taken by the transport that sends the request (null: none).</summary>
     internal ItemStream? TakeItemStream()
     {
