@@ -54,9 +54,25 @@ internal sealed class GrpcPeerClient : PeerClient
     private readonly PeerBench.Grpc.PeerBench.PeerBenchClient _client;
 
     public GrpcPeerClient(string socketPath, byte[] source)
+        : this(UnixSocketHandler(socketPath), source)
+    {
+    }
+
+    /// <summary>Over <paramref name="handler"/> (the in-process comparison's TestServer), otherwise as over a Unix socket.</summary>
+    public GrpcPeerClient(HttpMessageHandler handler, byte[] source)
         : base("grpc-uds", source)
     {
-        var handler = new SocketsHttpHandler
+        _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
+        {
+            HttpHandler = handler,
+            MaxReceiveMessageSize = null,
+            MaxSendMessageSize = null,
+        });
+        _client = new PeerBench.Grpc.PeerBench.PeerBenchClient(_channel);
+    }
+
+    private static SocketsHttpHandler UnixSocketHandler(string socketPath) =>
+        new SocketsHttpHandler
         {
             ConnectCallback = async (_, cancellationToken) =>
             {
@@ -75,14 +91,6 @@ internal sealed class GrpcPeerClient : PeerClient
             InitialHttp2StreamWindowSize = Servers.ClientWindowBytes,
             EnableMultipleHttp2Connections = true,
         };
-        _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
-        {
-            HttpHandler = handler,
-            MaxReceiveMessageSize = null,
-            MaxSendMessageSize = null,
-        });
-        _client = new PeerBench.Grpc.PeerBench.PeerBenchClient(_channel);
-    }
 
     public override async ValueTask<ulong> InvokeAsync(Op op, int length)
     {
@@ -135,6 +143,14 @@ internal sealed class OffloadGrpcPeerClient(OffloadRpcConnection connection, byt
                 EnableMultipleHttp2Connections = true,
             };
         });
+        return OffloadRpcConnection.ConnectAsync("http://localhost", options);
+    }
+
+    /// <summary>Over <paramref name="handler"/>: the in-process comparison's TestServer.</summary>
+    public static Task<OffloadRpcConnection> ConnectAsync(HttpMessageHandler handler)
+    {
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel => channel.HttpHandler = handler);
         return OffloadRpcConnection.ConnectAsync("http://localhost", options);
     }
 

@@ -29,16 +29,20 @@ if (Environment.GetEnvironmentVariable(ServerProcess.RoleVariable) is not null)
 const string Usage = "usage: OffloadRpc.PeerBench [--quick] [--json FILE] [--plot FILE.png] [--systems a,b,...] [--sizes 64,1048576,...] [--cell-ms N] [--spin-us N]\n"
     + "       OffloadRpc.PeerBench --streams [--checksums] [--quick] [--window-ms N] [--json FILE]\n"
     + "       OffloadRpc.PeerBench --clients [1,2,4,8,16] [--quick] [--json FILE] [--systems a,b,...] [--sizes 1048576,...] [--window-ms N] [--warmup-ms N] [--spin-us N]\n"
-    + "       OffloadRpc.PeerBench --pairs [SECONDS]   (grpc-uds and offloadrpc-grpc at 64 B in alternating blocks, SECONDS per operation, default 10)";
+    + "       OffloadRpc.PeerBench --pairs [SECONDS] [--in-process]   (grpc-uds and offloadrpc-grpc at 64 B in alternating blocks, SECONDS per operation, default 10;\n"
+    + "                                                               --in-process: both served in this process over ASP.NET Core's TestServer)";
 if (args is ["--pairs", .. string[] pairArgs])
 {
+    bool inProcess = pairArgs.Contains("--in-process");
+    pairArgs = [.. pairArgs.Where(a => a != "--in-process")];
     if (pairArgs is not ([] or [_]) || (pairArgs is [string given] && !(int.TryParse(given, NumberStyles.None, CultureInfo.InvariantCulture, out int s) && s is >= 1 and <= 600)))
     {
-        Console.Error.WriteLine($"--pairs takes at most one number of seconds per operation, 1 to 600; {Usage}");
+        Console.Error.WriteLine($"--pairs takes at most one number of seconds per operation, 1 to 600, and --in-process; {Usage}");
         return 2;
     }
 
-    return await PairBench.RunAsync(TimeSpan.FromSeconds(pairArgs is [string seconds] ? int.Parse(seconds, CultureInfo.InvariantCulture) : 10));
+    TimeSpan perOperation = TimeSpan.FromSeconds(pairArgs is [string seconds] ? int.Parse(seconds, CultureInfo.InvariantCulture) : 10);
+    return inProcess ? await InProcessPairs.RunAsync(perOperation) : await PairBench.RunAsync(perOperation);
 }
 
 Settings settings = args.Contains("--quick") ? Settings.QuickRun : Settings.Full; // first, so that options given before it still apply

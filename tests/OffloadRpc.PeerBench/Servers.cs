@@ -156,7 +156,7 @@ internal static class Servers
     /// <summary>The <c>touch</c> operation: reads the first and the last byte (the sum can never be 511, so the reads cannot be dropped) and returns the length.</summary>
     public static long Touch(ReadOnlySpan<byte> data) => data.Length > 0 && data[0] + data[^1] == 511 ? -1 : data.Length;
 
-    private sealed class OffloadService : IPeerBenchService
+    internal sealed class OffloadService : IPeerBenchService
     {
         public ValueTask<int> AddAsync(int a, int b) => new(a + b);
 
@@ -262,7 +262,7 @@ internal static class Servers
         protected override void Consume(ReadOnlySpan<byte> bytes, bool inPlace) => _checksum.Append(bytes);
     }
 
-    private sealed class GrpcService : PeerBench.Grpc.PeerBench.PeerBenchBase
+    internal sealed class GrpcService : PeerBench.Grpc.PeerBench.PeerBenchBase
     {
         public override Task<AddReply> Add(AddRequest request, ServerCallContext context) => Task.FromResult(new AddReply { Sum = request.A + request.B });
 

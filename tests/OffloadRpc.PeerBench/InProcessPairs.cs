@@ -1,0 +1,130 @@
+using System.Diagnostics;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.TestHost;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using OffloadRpc.Cli;
+
+namespace OffloadRpc.PeerBench;
+
+/// <summary>
+/// <c>--pairs --in-process</c>: plain gRPC and this library's gRPC transport served by one ASP.NET Core app
+/// over its in-memory TestServer, called from the same process in alternating blocks. No sockets and no
+/// second process: what is left is what each stack does per call (both run the same gRPC client and
+/// server underneath), so a difference of a few percent that the two-process <c>--pairs</c> loses in the
+/// scheduler's noise shows here, with the CPU and the bytes allocated per call of each.
+/// </summary>
+internal static class InProcessPairs
+{
+    private const int Block = 1000;
+
+    public static async Task<int> RunAsync(TimeSpan perOperation)
+    {
+        string directory = Path.Combine(Path.GetTempPath(), $"offloadrpc-inprocess-{Environment.ProcessId}");
+        Directory.CreateDirectory(directory);
+        try
+        {
+            WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+            builder.Logging.ClearProviders();
+            builder.WebHost.UseTestServer();
+            builder.Services.AddGrpc(options =>
+            {
+                options.MaxReceiveMessageSize = null;
+                options.MaxSendMessageSize = null;
+            });
+
+            // As the offloadrpc-grpc server process: a hosted server (listening on shared memory too, unused here) served over gRPC.
+            builder.Services.AddOffloadRpcServer(Path.Combine(directory, "server.shm")).AddService<IPeerBenchService, Servers.OffloadService>(ServiceLifetime.Singleton);
+            builder.Services.AddOffloadRpcGrpc();
+            await using WebApplication app = builder.Build();
+            app.MapGrpcService<Servers.GrpcService>();
+            app.MapOffloadRpcGrpc();
+            await app.StartAsync();
+            TestServer server = app.GetTestServer();
+
+            byte[] source = new byte[64];
+            new Random(20261125).NextBytes(source);
+            await using OffloadRpcConnection connection = await OffloadGrpcPeerClient.ConnectAsync(server.CreateHandler());
+            PeerClient[] clients = [new GrpcPeerClient(server.CreateHandler(), source), new OffloadGrpcPeerClient(connection, source)];
+            try
+            {
+                await MeasureAsync(clients, source, perOperation);
+            }
+            finally
+            {
+                foreach (PeerClient client in clients)
+                {
+                    await client.DisposeAsync();
+                }
+
+                await app.StopAsync();
+            }
+
+            return 0;
+        }
+        finally
+        {
+            Directory.Delete(directory, recursive: true);
+        }
+    }
+
+    private static async Task MeasureAsync(PeerClient[] clients, byte[] source, TimeSpan perOperation)
+    {
+        var expected = new Dictionary<Op, ulong> { [Op.Add] = 65, [Op.Checksum] = PayloadChecksum.Compute(source), [Op.Touch] = 64 };
+        var warm = Stopwatch.StartNew();
+        while (warm.Elapsed < TimeSpan.FromSeconds(4)) // both stacks past their tier-1 compiles
+        {
+            foreach (PeerClient client in clients)
+            {
+                foreach ((Op op, ulong value) in expected)
+                {
+                    await CheckAsync(client, op, value);
+                }
+            }
+        }
+
+        Console.WriteLine($"grpc vs offloadrpc-grpc in one process over TestServer, 64 B, blocks of {Block} calls taking turns, {perOperation.TotalSeconds:0.#} s per operation ({Environment.ProcessorCount} cores)");
+        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"CPU us/call",14} {"alloc B/call",14}");
+        foreach ((Op op, ulong value) in expected)
+        {
+            var wall = new[] { new List<double>(), new List<double>() };
+            var cpu = new[] { new List<double>(), new List<double>() };
+            var allocated = new[] { new List<double>(), new List<double>() };
+            var clock = Stopwatch.StartNew();
+            for (int round = 0; clock.Elapsed < perOperation; round++)
+            {
+                for (int turn = 0; turn < 2; turn++)
+                {
+                    int s = round % 2 == 0 ? turn : 1 - turn;
+                    long cpu0 = ProcessCpu.Self.Nanoseconds, bytes0 = GC.GetTotalAllocatedBytes(precise: false), start = Stopwatch.GetTimestamp();
+                    for (int i = 0; i < Block; i++)
+                    {
+                        await CheckAsync(clients[s], op, value);
+                    }
+
+                    wall[s].Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds / Block);
+                    cpu[s].Add((ProcessCpu.Self.Nanoseconds - cpu0) / 1e3 / Block);
+                    allocated[s].Add((GC.GetTotalAllocatedBytes(precise: false) - bytes0) / (double)Block);
+                }
+            }
+
+            double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
+            Console.WriteLine(
+                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {Median(wall[0]),8:F2} {Median(wall[1]),8:F2} {$"{Quantile(ratios, 0.25):F3} {Quantile(ratios, 0.5):F3} {Quantile(ratios, 0.75):F3}",26} {$"{Median(cpu[0]):F1} {Median(cpu[1]):F1}",14} {$"{Median(allocated[0]):F0} {Median(allocated[1]):F0}",14}");
+        }
+    }
+
+    private static async ValueTask CheckAsync(PeerClient client, Op op, ulong expected)
+    {
+        ulong result = await client.InvokeAsync(op, 64);
+        if (result != expected)
+        {
+            throw new InvalidDataException($"{client.System} {op} of 64 bytes returned {result:x16}, expected {expected:x16}.");
+        }
+    }
+
+    private static double Median(List<double> values) => Quantile([.. values.Order()], 0.5);
+
+    private static double Quantile(double[] sorted, double q) => sorted.Length == 0 ? double.NaN : sorted[(int)Math.Round(q * (sorted.Length - 1))];
+}
