@@ -85,6 +85,33 @@ public sealed class GrpcBindingTests
         Assert.Equal(0, late.TokenReads);
     }
 
+    [Fact]
+    public async Task A_served_calls_token_asked_for_while_the_call_is_disposed_is_a_token_not_an_exception()
+    {
+        // The first read of the token makes a linked source; Dispose, at the same moment, disposes it. Whichever
+        // wins, the reader gets a token (the call's, or the ended call's cancelled one), never ObjectDisposedException.
+        using var aborted = new CancellationTokenSource();
+        var context = new FakeServerCallContext(aborted.Token);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (clock.Elapsed < TimeSpan.FromSeconds(2)) // bounded; the race is narrow, so as many tries as fit
+        {
+            var call = new GrpcInboundCall(1, new MessageAssembler(1024), context, default, null, null, 4, 1024);
+            using var start = new Barrier(2);
+            Task<CancellationToken> read = Task.Run(() =>
+            {
+                start.SignalAndWait();
+                return call.CancellationToken;
+            });
+            Task dispose = Task.Run(() =>
+            {
+                start.SignalAndWait();
+                call.Dispose();
+                call.CancelAfter(TimeSpan.FromMilliseconds(1)); // harmless once ended
+            });
+            await Task.WhenAll(read, dispose);
+        }
+    }
+
     [Theory]
     [InlineData(0, new int[0])]
     [InlineData(7, new[] { 3 })]

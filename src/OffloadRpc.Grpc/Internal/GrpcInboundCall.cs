@@ -51,7 +51,22 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     public int PayloadCount => _message.PayloadCount;
 
-    public CancellationToken CancellationToken => Cancellation.Token;
+    /// <summary>The call's token (<see cref="Cancellation"/>); the ended call's cancelled one once the call is disposed.</summary>
+    public CancellationToken CancellationToken
+    {
+        get
+        {
+            CancellationTokenSource source = Cancellation;
+            try
+            {
+                return source.Token;
+            }
+            catch (ObjectDisposedException)
+            {
+                return Ended.Token; // Dispose disposed the source between the read and here: the call has ended
+            }
+        }
+    }
 
     /// <summary>
     /// The caller's cancellation (the request aborted) and the deadline: made on first use, most calls never
@@ -214,7 +229,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
             {
                 if (next.Item is not { } item)
                 {
-                    await _responses!.WriteAsync(Frame.Credit(next.Credit), Cancellation.Token).ConfigureAwait(false);
+                    await _responses!.WriteAsync(Frame.Credit(next.Credit), CancellationToken).ConfigureAwait(false);
                     continue;
                 }
 
@@ -222,7 +237,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
                 {
                     foreach (Frame frame in item.Frames(FrameKind.ItemHead))
                     {
-                        await _responses!.WriteAsync(frame, Cancellation.Token).ConfigureAwait(false);
+                        await _responses!.WriteAsync(frame, CancellationToken).ConfigureAwait(false);
                     }
                 }
 
@@ -231,7 +246,14 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         }
         catch
         {
-            Cancellation.Cancel(); // the caller is gone or the write failed: the producer stops at its next credit wait
+            try
+            {
+                Cancellation.Cancel(); // the caller is gone or the write failed: the producer stops at its next credit wait
+            }
+            catch (ObjectDisposedException)
+            {
+                // the call was disposed meanwhile: it has ended, and its producer with it
+            }
             while (outgoing.TryRead(out Outgoing left))
             {
                 left.Item?.Dispose();
@@ -261,7 +283,14 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     {
         if (_context.Deadline == DateTime.MaxValue)
         {
-            Cancellation.CancelAfter(delay);
+            try
+            {
+                Cancellation.CancelAfter(delay);
+            }
+            catch (ObjectDisposedException)
+            {
+                // disposed with the call while this ran: an ended call needs no timer
+            }
         }
     }
 
