@@ -129,11 +129,27 @@ public sealed class GrpcBindingTests
         OutboundPayload[] moved = [.. leases.Select(OutboundPayload.Move)];
         Assert.True(OutgoingMessage.IsInline(copied));
 
+        // The wire layout, written out here: [u32 body length][body][u16 payload count][i64 length each][payload bytes].
+        var expected = new List<byte>();
+        expected.AddRange(BitConverter.GetBytes((uint)body.Length));
+        expected.AddRange(body);
+        expected.AddRange(BitConverter.GetBytes((ushort)payloads.Length));
+        foreach (byte[] payload in payloads)
+        {
+            expected.AddRange(BitConverter.GetBytes((long)payload.Length));
+        }
+
+        foreach (byte[] payload in payloads)
+        {
+            expected.AddRange(payload);
+        }
+
         using OutgoingMessage message = OutgoingMessage.Create(body, copied);
-        Frame expected = message.DetachHead(releaseAfterWrite: false);
+        Assert.True(message.IsSingleFrame);
+        Assert.Equal(expected, message.Head.First.ToArray());
         Frame head = OutgoingMessage.HeadFrame(body, moved, releaseAfterWrite: false);
         Assert.Equal(FrameKind.Head, head.Kind);
-        Assert.Equal(expected.First.ToArray(), head.First.ToArray());
+        Assert.Equal(expected, head.First.ToArray());
         Assert.All(leases, lease => Assert.True(lease.IsGone));
 
         // And read back as a reply: the body and every payload as sent.
@@ -149,7 +165,31 @@ public sealed class GrpcBindingTests
         }
 
         reply.Dispose();
-        expected.Release();
+    }
+
+    [Fact]
+    public void A_message_that_cannot_be_made_gives_back_the_leases_it_was_handed()
+    {
+        // The first lease is already gone when the head is written: the copy fails, and the lease after it,
+        // which the message had taken over too, goes back instead of leaking.
+        SharedBuffer gone = LocalLeases.Instance.Rent(8);
+        SharedBuffer after = LocalLeases.Instance.Rent(8);
+        gone.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => OutgoingMessage.HeadFrame([0x90], [OutboundPayload.Move(gone), OutboundPayload.Move(after)], releaseAfterWrite: false));
+        Assert.True(after.IsGone);
+    }
+
+    [Fact]
+    public void A_reply_disposed_as_a_message_is_gone_as_a_reply_too()
+    {
+        var assembler = new MessageAssembler(1 << 20);
+        Assert.True(assembler.Accept(OutgoingMessage.HeadFrame([0x90], [OutboundPayload.Copy(new byte[] { 1, 2 })], releaseAfterWrite: false)));
+        RpcReply reply = assembler.ToReply(new NoPeer());
+        SharedBuffer lent = reply.LendPayload(0);
+        assembler.Dispose(); // the way an error path ends it
+        Assert.True(lent.IsGone);
+        Assert.Throws<ObjectDisposedException>(() => reply.PayloadCount);
+        reply.Dispose();
     }
 
     [Fact]
@@ -169,7 +209,6 @@ public sealed class GrpcBindingTests
         Assert.Equal(1, peer.Aborted);
 
         reply.Dispose();
-        reply.Dispose(); // idempotent
         Assert.True(lent.IsGone);
         Assert.False(taken.IsGone); // the caller's, until it disposes it
         Assert.Throws<ObjectDisposedException>(() => reply.Body.Length);
@@ -197,7 +236,9 @@ public sealed class GrpcBindingTests
         // A reply made but never taken (the call failed after it) is given back with the call.
         var unanswered = new GrpcInboundCall(2, new MessageAssembler(1024), context, default, null, null, 4, 1024);
         unanswered.Reply([0x2A], default);
+        Frame made = unanswered.PendingReplyHead!;
         unanswered.Dispose();
+        Assert.True(made.IsReleased);
         Assert.Null(unanswered.TakeReplyHead());
 
         // Buffers beyond one frame: a message, which the route refuses for a method bound with one response message.

@@ -54,13 +54,13 @@ internal sealed class GrpcPeerClient : PeerClient
     private readonly PeerBench.Grpc.PeerBench.PeerBenchClient _client;
 
     public GrpcPeerClient(string socketPath, byte[] source)
-        : this(UnixSocketHandler(socketPath), source)
+        : this("grpc-uds", UnixSocketHandler(socketPath), source)
     {
     }
 
     /// <summary>Over <paramref name="handler"/> (the in-process comparison's TestServer), otherwise as over a Unix socket.</summary>
-    public GrpcPeerClient(HttpMessageHandler handler, byte[] source)
-        : base("grpc-uds", source)
+    public GrpcPeerClient(string system, HttpMessageHandler handler, byte[] source)
+        : base(system, source)
     {
         _channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
         {

@@ -45,8 +45,8 @@ internal static class InProcessPairs
 
             byte[] source = new byte[64];
             new Random(20261125).NextBytes(source);
-            await using OffloadRpcConnection connection = await OffloadGrpcPeerClient.ConnectAsync(server.CreateHandler());
-            PeerClient[] clients = [new GrpcPeerClient(server.CreateHandler(), source), new OffloadGrpcPeerClient(connection, source)];
+            OffloadRpcConnection connection = await OffloadGrpcPeerClient.ConnectAsync(server.CreateHandler());
+            PeerClient[] clients = [new GrpcPeerClient("grpc", server.CreateHandler(), source), new OffloadGrpcPeerClient(connection, source)]; // each disposes its channel or connection
             try
             {
                 await MeasureAsync(clients, source, perOperation);

@@ -91,6 +91,9 @@ internal sealed class Frame
 
     public int Length => 1 + First.Length + Second.Length;
 
+    /// <summary>The frame's owner let go of it (<see cref="Release"/>), whether or not its buffer is back yet.</summary>
+    internal bool IsReleased => Volatile.Read(ref _state) == Released;
+
     /// <summary>Gives the frame's pooled buffer back (idempotent); an outgoing frame that gRPC is writing gives it back when written.</summary>
     public void Release()
     {
@@ -270,7 +273,8 @@ internal sealed class OutgoingMessage : IDisposable
     public bool IsSingleFrame => _inline || _payloads.Length == 0;
 
     /// <summary>
-    /// Copies the body and the payloads' bytes; leases are taken over (disposed with the message). With
+    /// Copies the body and the payloads' bytes; leases are taken over (disposed with the message, or at once
+    /// when it cannot be made). With
     /// <paramref name="borrow"/>, a payload in the caller's own memory (not a pooled, transient one) is
     /// not copied but read while the frames go out: only for a request whose caller awaits the reply,
     /// which is not given before the frames are written.
@@ -312,6 +316,7 @@ internal sealed class OutgoingMessage : IDisposable
                 }
             }
 
+            DisposeLeases(payloads); // the message took them over: they go back, not leak
             throw;
         }
 
@@ -349,6 +354,7 @@ internal sealed class OutgoingMessage : IDisposable
     {
         if (payloads.Length > Frame.MaxPayloads)
         {
+            DisposeLeases(payloads);
             throw new ArgumentException($"A message carries at most {Frame.MaxPayloads} buffers.");
         }
 
@@ -389,11 +395,21 @@ internal sealed class OutgoingMessage : IDisposable
             catch
             {
                 ArrayPool<byte>.Shared.Return(head); // a lease the caller disposed already, say
+                DisposeLeases(payloads); // the ones after it too: the message took them over
                 throw;
             }
         }
 
         return head;
+    }
+
+    /// <summary>Every lease among <paramref name="payloads"/> goes back (disposing one twice is harmless).</summary>
+    private static void DisposeLeases(ReadOnlySpan<OutboundPayload> payloads)
+    {
+        foreach (OutboundPayload payload in payloads)
+        {
+            payload.Lease?.Dispose();
+        }
     }
 
     /// <summary>The message as frames: the head, then each payload in chunks.</summary>
@@ -664,7 +680,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
     private IGrpcPeer? _peer;
     private List<SharedBuffer>? _lent;
-    private int _replyDisposed;
+    private int _disposed;
 
     /// <summary>The whole message as a reply from <paramref name="peer"/> (told when it does not decode); disposing the reply disposes this.</summary>
     public RpcReply ToReply(IGrpcPeer peer)
@@ -687,28 +703,28 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
         return lease;
     }
 
-    void IReplySource.ThrowIfReplyGone(short version) => ObjectDisposedException.ThrowIf(Volatile.Read(ref _replyDisposed) != 0, typeof(RpcReply));
+    void IReplySource.ThrowIfReplyGone(short version) => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, typeof(RpcReply));
 
-    void IReplySource.DisposeReply(short version)
-    {
-        if (Interlocked.Exchange(ref _replyDisposed, 1) == 0)
-        {
-            Dispose();
-            if (_lent is not null)
-            {
-                foreach (SharedBuffer lease in _lent)
-                {
-                    lease.Dispose();
-                }
-            }
-        }
-    }
+    void IReplySource.DisposeReply(short version) => Dispose();
 
     void IReplySource.AbortConnection(ProtocolViolationException violation) => _peer?.AbortConnection(violation);
 
-    /// <summary>The head's buffer and every payload not taken go back.</summary>
+    /// <summary>The head's buffer, every payload not taken and every one lent go back (once: as a message or as the reply it became).</summary>
     public void Dispose()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+
+        if (_lent is not null)
+        {
+            foreach (SharedBuffer lease in _lent)
+            {
+                lease.Dispose();
+            }
+        }
+
         _head?.Release();
         _head = null;
         Body = default;

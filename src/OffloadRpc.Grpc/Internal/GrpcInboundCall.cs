@@ -155,6 +155,9 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         _reply = OutgoingMessage.Create(body, payloads);
     }
 
+    /// <summary>The one-frame reply made and not taken yet (a test reads it).</summary>
+    internal Frame? PendingReplyHead => _replyHead;
+
     /// <summary>The reply as its one frame, when the stub's reply was one frame of a method bound with one response message (null: see <see cref="TakeReply"/>).</summary>
     public Frame? TakeReplyHead()
     {

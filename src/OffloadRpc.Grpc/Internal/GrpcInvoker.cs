@@ -92,20 +92,30 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     /// </summary>
     internal override ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
     {
-        GrpcMethod grpc = MethodOf(method);
+        GrpcMethod grpc;
+        try
+        {
+            grpc = MethodOf(method);
+        }
+        catch (Exception exception)
+        {
+            request.Discard();
+            return ValueTask.FromException<T>(exception); // a failed call is a failed task, never a throw from the proxy
+        }
+
         if (!grpc.OneFrameReply || request.HasItemStream || !OutgoingMessage.IsInline(request.Payloads))
         {
-            return base.InvokeLeanAsync(method, request, cancellationToken);
+            return base.InvokeLeanAsync(method, request, cancellationToken); // takes the request over
         }
 
         Frame head;
         try
         {
-            head = OutgoingMessage.HeadFrame(request.WrittenBody, request.Payloads, releaseAfterWrite: false);
+            head = OutgoingMessage.HeadFrame(request.WrittenBody, request.Payloads, releaseAfterWrite: false); // takes its leases over, whatever happens
         }
         catch (Exception exception)
         {
-            return ValueTask.FromException<T>(exception); // a failed call is a failed task, never a throw from the proxy
+            return ValueTask.FromException<T>(exception);
         }
         finally
         {

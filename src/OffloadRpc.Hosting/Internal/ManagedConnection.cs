@@ -175,6 +175,23 @@ internal sealed class ManagedConnection : IAsyncDisposable
         internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, CancellationToken cancellationToken) =>
             Connection().Invoker.SendAsync(method, request, metadata, cancellationToken);
 
+        /// <summary>A call with nothing around it: as the connection of the moment makes it (over gRPC, in one step).</summary>
+        internal override ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+        {
+            OffloadRpcConnection connection;
+            try
+            {
+                connection = Connection();
+            }
+            catch (Exception exception)
+            {
+                request.Discard(); // the request is the call's, sent or not
+                return ValueTask.FromException<T>(exception);
+            }
+
+            return connection.Invoker.InvokeLeanAsync(method, request, cancellationToken);
+        }
+
         /// <summary>A streamed result: connects when enumerated, then streams as the connection of the moment does (shared memory or another transport).</summary>
         internal override IAsyncEnumerable<T> CreateServerStream<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
             StreamAsync(method, request, null, cancellationToken);
