@@ -79,7 +79,7 @@ internal static class InProcessPairs
             {
                 foreach ((Op op, ulong value) in expected)
                 {
-                    await CheckAsync(client, op, value);
+                    await PairBench.CheckAsync(client, op, value);
                 }
             }
         }
@@ -100,7 +100,7 @@ internal static class InProcessPairs
                     long cpu0 = ProcessCpu.Self.Nanoseconds, bytes0 = GC.GetTotalAllocatedBytes(precise: false), start = Stopwatch.GetTimestamp();
                     for (int i = 0; i < Block; i++)
                     {
-                        await CheckAsync(clients[s], op, value);
+                        await PairBench.CheckAsync(clients[s], op, value);
                     }
 
                     wall[s].Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds / Block);
@@ -111,20 +111,7 @@ internal static class InProcessPairs
 
             double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
             Console.WriteLine(
-                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {Median(wall[0]),8:F2} {Median(wall[1]),8:F2} {$"{Quantile(ratios, 0.25):F3} {Quantile(ratios, 0.5):F3} {Quantile(ratios, 0.75):F3}",26} {$"{Median(cpu[0]):F1} {Median(cpu[1]):F1}",14} {$"{Median(allocated[0]):F0} {Median(allocated[1]):F0}",14}");
+                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {PairBench.Median(wall[0]),8:F2} {PairBench.Median(wall[1]),8:F2} {$"{PairBench.Quantile(ratios, 0.25):F3} {PairBench.Quantile(ratios, 0.5):F3} {PairBench.Quantile(ratios, 0.75):F3}",26} {$"{PairBench.Median(cpu[0]):F1} {PairBench.Median(cpu[1]):F1}",14} {$"{PairBench.Median(allocated[0]):F0} {PairBench.Median(allocated[1]):F0}",14}");
         }
     }
-
-    private static async ValueTask CheckAsync(PeerClient client, Op op, ulong expected)
-    {
-        ulong result = await client.InvokeAsync(op, 64);
-        if (result != expected)
-        {
-            throw new InvalidDataException($"{client.System} {op} of 64 bytes returned {result:x16}, expected {expected:x16}.");
-        }
-    }
-
-    private static double Median(List<double> values) => Quantile([.. values.Order()], 0.5);
-
-    private static double Quantile(double[] sorted, double q) => sorted.Length == 0 ? double.NaN : sorted[(int)Math.Round(q * (sorted.Length - 1))];
 }

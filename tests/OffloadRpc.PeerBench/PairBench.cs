@@ -96,7 +96,8 @@ internal static class PairBench
         }
     }
 
-    private static async ValueTask CheckAsync(PeerClient client, Op op, ulong expected)
+    /// <summary>One call of 64 bytes, its result checked.</summary>
+    internal static async ValueTask CheckAsync(PeerClient client, Op op, ulong expected)
     {
         ulong result = await client.InvokeAsync(op, 64);
         if (result != expected)
@@ -105,7 +106,7 @@ internal static class PairBench
         }
     }
 
-    private static double Median(List<double> values) => Quantile([.. values.Order()], 0.5);
+    internal static double Median(List<double> values) => Quantile([.. values.Order()], 0.5);
 
-    private static double Quantile(double[] sorted, double q) => sorted.Length == 0 ? double.NaN : sorted[(int)Math.Round(q * (sorted.Length - 1))];
+    internal static double Quantile(double[] sorted, double q) => sorted.Length == 0 ? double.NaN : sorted[(int)Math.Round(q * (sorted.Length - 1))];
 }
