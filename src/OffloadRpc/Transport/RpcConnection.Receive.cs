@@ -20,7 +20,7 @@ internal sealed partial class RpcConnection
     {
         if (IsClosed)
         {
-            return PollResult.Finished;
+            return FinishClosed();
         }
 
         Debug.Assert(Poller.IsPollerThread, "a connection's inbound side is polled by a poller");
@@ -70,7 +70,38 @@ internal sealed partial class RpcConnection
             return PollResult.Finished;
         }
 
-        return IsClosed ? PollResult.Finished : worked ? PollResult.Worked : PollResult.Idle;
+        return IsClosed ? FinishClosed() : worked ? PollResult.Worked : PollResult.Idle;
+    }
+
+    /// <summary>
+    /// The receiver's last poll. When the peer closed the connection (the socket loop read end of stream),
+    /// the answers it published before closing are still taken: a server that answers a call and then
+    /// closes (a stop that waited for its calls, a dispose after a reply) must not lose the reply to the
+    /// race between this side's socket loop, which sees the end of stream, and this receiver, which had not
+    /// yet read the ring. Only responses and faults are taken, up to the first message of another kind;
+    /// requests and stream messages of a peer that is gone are left, and whatever is left fails with the close.
+    /// </summary>
+    private unsafe PollResult FinishClosed()
+    {
+        if (Volatile.Read(ref _terminal) is not PeerDisconnectedException)
+        {
+            return PollResult.Finished;
+        }
+
+        try
+        {
+            ControlRing ring = _inbound.Messages;
+            byte* slot;
+            while ((slot = ring.TryPeek()) is not null && ((MessageHeader*)slot)->Kind is MessageKind.Response or MessageKind.Fault)
+            {
+                ProcessMessage(slot); // a call answered twice or not waiting throws: the rest fail with the close
+            }
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+        }
+
+        return PollResult.Finished;
     }
 
     /// <summary>The connection's inbound side as the poller sees it.</summary>
