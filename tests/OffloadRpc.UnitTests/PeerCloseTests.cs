@@ -30,6 +30,23 @@ public sealed class PeerCloseTests
     }
 
     [Fact]
+    public async Task After_the_close_only_the_answers_at_the_head_of_the_ring_are_taken()
+    {
+        // A message of another kind ahead of the answer (here a cancel, as a peer that is gone may have left)
+        // ends the drain: nothing of a closed peer but its answers is acted on, and the answer behind it fails.
+        var rig = new ConnectionRig(serve: false);
+        ulong callId = rig.RequestIds[0];
+        Assert.True(rig.WriteMessage(MessageKind.Cancel, callId, 0, MessageFlags.None, [], []));
+        Assert.True(rig.WriteMessage(MessageKind.Response, callId, 0x7EED, MessageFlags.None, [1, 2, 3], []));
+
+        rig.Connection.Terminate(new PeerDisconnectedException("The peer process closed the connection (it exited or died)."));
+        Assert.False(rig.Poll());
+        rig.Dispose();
+
+        await Assert.ThrowsAsync<PeerDisconnectedException>(() => rig.FirstCall);
+    }
+
+    [Fact]
     public async Task A_call_the_peer_never_answered_fails_with_the_close()
     {
         var rig = new ConnectionRig(serve: false);

@@ -18,12 +18,12 @@ internal sealed partial class RpcConnection
     /// </summary>
     internal unsafe PollResult PollInbound(long now)
     {
+        Debug.Assert(Poller.IsPollerThread, "a connection's inbound side is polled by a poller");
         if (IsClosed)
         {
             return FinishClosed();
         }
 
-        Debug.Assert(Poller.IsPollerThread, "a connection's inbound side is polled by a poller");
         bool worked = false;
         try
         {
@@ -92,9 +92,12 @@ internal sealed partial class RpcConnection
         {
             ControlRing ring = _inbound.Messages;
             byte* slot;
-            while ((slot = ring.TryPeek()) is not null && ((MessageHeader*)slot)->Kind is MessageKind.Response or MessageKind.Fault)
+            for (int taken = 0; taken < Geometry.SlotCount && (slot = ring.TryPeek()) is not null; taken++) // at most one answer per call
             {
-                ProcessMessage(slot); // a call answered twice or not waiting throws: the rest fail with the close
+                if (!ProcessMessage(slot, answersOnly: true)) // a call answered twice or not waiting throws: the rest fail with the close
+                {
+                    break;
+                }
             }
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
@@ -157,10 +160,19 @@ internal sealed partial class RpcConnection
         public override void OnRemoved() => _connection.PartStopped();
     }
 
-    /// <summary>Reads one published slot: header once into a local, every field validated before use.</summary>
-    private unsafe void ProcessMessage(byte* slot)
+    /// <summary>
+    /// Reads one published slot: header once into a local, every field validated before use. With
+    /// <paramref name="answersOnly"/> (a connection the peer closed) only a response or fault is taken: false
+    /// leaves any other message, judged on the local copy, so a peer rewriting the slot cannot slip one past.
+    /// </summary>
+    private unsafe bool ProcessMessage(byte* slot, bool answersOnly = false)
     {
         MessageHeader header = *(MessageHeader*)slot;
+        if (answersOnly && header.Kind is not (MessageKind.Response or MessageKind.Fault))
+        {
+            return false;
+        }
+
         int count = header.PayloadCount;
         bool bodyInPayload = (header.Flags & MessageFlags.BodyInPayload) != 0;
         if (count > TransportProtocol.MaxPayloadsPerMessage)
@@ -231,7 +243,7 @@ internal sealed partial class RpcConnection
                 _inbound.Messages.Consume();
                 SharedWait.Wake(_inbound.MessageProducerWake);
                 CancelServedCall(header.CallId);
-                return;
+                return true;
 
             case MessageKind.StreamItem:
                 if (FindInbox(header.CallId) is { } inbox)
@@ -274,7 +286,7 @@ internal sealed partial class RpcConnection
                     FindInbox(header.CallId)?.Complete(null, discardQueued: false);
                 }
 
-                return;
+                return true;
 
             case MessageKind.StreamFault:
                 if (count != 0)
@@ -286,7 +298,7 @@ internal sealed partial class RpcConnection
                 _inbound.Messages.Consume();
                 SharedWait.Wake(_inbound.MessageProducerWake);
                 FindInbox(header.CallId)?.Complete(streamFault, discardQueued: false);
-                return;
+                return true;
 
             default:
                 throw Violation($"message kind {(int)header.Kind}");
@@ -376,6 +388,8 @@ internal sealed partial class RpcConnection
                 pending.CompleteWithException(fault);
                 break;
         }
+
+        return true;
     }
 
     private unsafe void TakeBodyFromArena(InboundMessage target, int methodId, ReceivedPayload payload)
