@@ -90,39 +90,60 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     /// request's head frame is written straight from the builder, and the reply decoded in the same async
     /// step that awaits it (see <see cref="UnaryDecodeAsync"/>). Anything else goes the general way.
     /// </summary>
-    internal override ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+    internal override ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
+        TryLeanHead(method, request, out GrpcMethod? grpc, out Frame? head) switch
+        {
+            { } failure => ValueTask.FromException<T>(failure), // a failed call is a failed task, never a throw from the proxy
+            null when head is null => base.InvokeLeanAsync(method, request, cancellationToken),
+            _ => UnaryDecodeAsync(grpc!, method, head, cancellationToken),
+        };
+
+    /// <inheritdoc cref="InvokeLeanAsync{T}"/>
+    internal override ValueTask InvokeLeanAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
+        TryLeanHead(method, request, out GrpcMethod? grpc, out Frame? head) switch
+        {
+            { } failure => ValueTask.FromException(failure),
+            null when head is null => base.InvokeLeanAsync(method, request, cancellationToken),
+            _ => UnaryVoidAsync(grpc!, method, head, cancellationToken),
+        };
+
+    /// <summary>
+    /// The request's head frame when the call can go as one unary step (the builder is given back); null
+    /// <paramref name="head"/> and no exception when it cannot (the builder untouched, for the general way);
+    /// the exception when the call failed (the builder and its leases given back).
+    /// </summary>
+    private Exception? TryLeanHead(MethodDescriptor method, MessageBuilder request, out GrpcMethod? grpc, out Frame? head)
     {
-        GrpcMethod grpc;
+        head = null;
         try
         {
             grpc = MethodOf(method);
         }
         catch (Exception exception)
         {
+            grpc = null;
             request.Discard();
-            return ValueTask.FromException<T>(exception); // a failed call is a failed task, never a throw from the proxy
+            return exception;
         }
 
         if (!grpc.OneFrameReply || request.HasItemStream || !OutgoingMessage.IsInline(request.Payloads))
         {
-            return base.InvokeLeanAsync(method, request, cancellationToken); // takes the request over
+            return null;
         }
 
-        Frame head;
         try
         {
             head = OutgoingMessage.HeadFrame(request.WrittenBody, request.Payloads, releaseAfterWrite: false); // takes its leases over, whatever happens
+            return null;
         }
         catch (Exception exception)
         {
-            return ValueTask.FromException<T>(exception);
+            return exception;
         }
         finally
         {
             request.Return();
         }
-
-        return UnaryDecodeAsync(grpc, method, head, cancellationToken);
     }
 
     /// <summary>
@@ -172,6 +193,25 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         using (reply)
         {
             return Decode(method.Decoder, reply);
+        }
+    }
+
+    /// <summary><see cref="UnaryDecodeAsync"/> of a method without a result: the reply is checked and given back.</summary>
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask UnaryVoidAsync(GrpcMethod grpc, MethodDescriptor method, Frame head, CancellationToken cancellationToken)
+    {
+        try
+        {
+            using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head);
+            AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method).Dispose();
+        }
+        catch (Exception ex)
+        {
+            throw Translate(ex, method, null, cancellationToken);
+        }
+        finally
+        {
+            head.Release(); // written by now, or never will be: a write under way gives it back when done
         }
     }
 

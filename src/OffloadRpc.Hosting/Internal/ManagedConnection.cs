@@ -176,20 +176,23 @@ internal sealed class ManagedConnection : IAsyncDisposable
             Connection().Invoker.SendAsync(method, request, metadata, cancellationToken);
 
         /// <summary>A call with nothing around it: as the connection of the moment makes it (over gRPC, in one step).</summary>
-        internal override ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
+        internal override ValueTask<T> InvokeLeanAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken) =>
+            ConnectionFor(request) is { } connection ? connection.Invoker.InvokeLeanAsync(method, request, cancellationToken) : ValueTask.FromException<T>(Disconnected());
+
+        /// <inheritdoc cref="InvokeLeanAsync{T}"/>
+        internal override ValueTask InvokeLeanAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
+            ConnectionFor(request) is { } connection ? connection.Invoker.InvokeLeanAsync(method, request, cancellationToken) : ValueTask.FromException(Disconnected());
+
+        /// <summary>The connection of the moment, or null when it closed since the readiness check: then the request is discarded (it is the call's, sent or not).</summary>
+        private OffloadRpcConnection? ConnectionFor(MessageBuilder request)
         {
-            OffloadRpcConnection connection;
-            try
+            if (Volatile.Read(ref owner._current) is { } connection)
             {
-                connection = Connection();
-            }
-            catch (Exception exception)
-            {
-                request.Discard(); // the request is the call's, sent or not
-                return ValueTask.FromException<T>(exception);
+                return connection;
             }
 
-            return connection.Invoker.InvokeLeanAsync(method, request, cancellationToken);
+            request.Discard();
+            return null;
         }
 
         /// <summary>A streamed result: connects when enumerated, then streams as the connection of the moment does (shared memory or another transport).</summary>
@@ -240,7 +243,9 @@ internal sealed class ManagedConnection : IAsyncDisposable
 
         /// <summary>The connection of the moment; one that closed since the readiness check fails the call, and the next call reconnects.</summary>
         private OffloadRpcConnection Connection() =>
-            Volatile.Read(ref owner._current) ?? throw new PeerDisconnectedException($"Not connected to {owner.Endpoint}.");
+            Volatile.Read(ref owner._current) ?? throw Disconnected();
+
+        private PeerDisconnectedException Disconnected() => new($"Not connected to {owner.Endpoint}.");
     }
 }
 

@@ -47,8 +47,12 @@ public abstract class CallInvoker
 
         return request.HasDeferredPayloads
             ? GatherThenAwaitAsync(method, request, cancellationToken)
-            : AwaitAsync(Send(method, request, cancellationToken));
+            : InvokeLeanAsync(method, request, cancellationToken);
     }
+
+    /// <summary><see cref="InvokeLeanAsync{T}"/> of a method without a result: sends and awaits the reply.</summary>
+    internal virtual ValueTask InvokeLeanAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
+        AwaitAsync(Send(method, request, cancellationToken));
 
     /// <summary>Calls <paramref name="method"/> and decodes its result. Takes <paramref name="request"/> over, whatever happens.</summary>
     public ValueTask<T> InvokeAsync<T>(MethodDescriptor<T> method, MessageBuilder request, CancellationToken cancellationToken)
