@@ -138,9 +138,7 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     [Fact]
     public async Task A_caller_that_claims_an_identity_in_a_header_is_not_reported_as_that_caller()
     {
-        var options = new OffloadRpcOptions { PreferSharedMemory = false };
-        options.ConfigureGrpcChannel(channel => channel.HttpHandler = new ClaimingHandler(new System.Net.Http.SocketsHttpHandler()));
-        await using OffloadRpcConnection forger = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        await using OffloadRpcConnection forger = await ConnectOverGrpcAsync(new ClaimingHandler(new System.Net.Http.SocketsHttpHandler()));
         using (OffloadCallScope.Begin().WithHeader("offloadrpc-peer", "1:0"))
         {
             Assert.Equal(ExpectedCaller, await forger.GetService<IKitchenSink>().WhoCalledAsync());
@@ -237,9 +235,7 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     public async Task A_metadata_header_that_does_not_decode_fails_that_call_alone()
     {
         var forging = new MetadataHandler(new System.Net.Http.SocketsHttpHandler());
-        var options = new OffloadRpcOptions { PreferSharedMemory = false };
-        options.ConfigureGrpcChannel(channel => channel.HttpHandler = forging);
-        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        await using OffloadRpcConnection connection = await ConnectOverGrpcAsync(forging);
         IImageService images = connection.GetService<IImageService>();
         byte[] large = new byte[3 << 20]; // read in 1 MiB frames only once the header decoded
         Checksum64.Fill(large, 5);
@@ -264,6 +260,14 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
         Assert.Equal(Checksum64.Compute(large), await images.ChecksumAsync(large));
     }
 
+    /// <summary>A gRPC connection (never switched to shared memory) whose requests go through <paramref name="handler"/>.</summary>
+    private Task<OffloadRpcConnection> ConnectOverGrpcAsync(System.Net.Http.HttpMessageHandler handler)
+    {
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel => channel.HttpHandler = handler);
+        return OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+    }
+
     /// <summary>Sends <see cref="Value"/> (when set) as the raw offloadrpc-metadata-bin header, as a broken or hostile client could.</summary>
     private sealed class MetadataHandler(System.Net.Http.HttpMessageHandler inner) : System.Net.Http.DelegatingHandler(inner)
     {
@@ -285,9 +289,7 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     public async Task A_deadline_of_any_kind_goes_as_gRPCs_own_grpc_timeout_and_a_call_without_one_sends_none()
     {
         var sent = new TimeoutHandler(new System.Net.Http.SocketsHttpHandler());
-        var options = new OffloadRpcOptions { PreferSharedMemory = false };
-        options.ConfigureGrpcChannel(channel => channel.HttpHandler = sent);
-        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        await using OffloadRpcConnection connection = await ConnectOverGrpcAsync(sent);
         ICallProbe probe = connection.GetService<ICallProbe>();
 
         Assert.Empty(await probe.HeadersAsync());

@@ -227,17 +227,7 @@ internal sealed class ManagedConnection : IAsyncDisposable
 
         internal override ValueTask<RpcReply> SendStreamingAsync(MethodDescriptor method, MessageBuilder request, in OutgoingMetadata metadata, out StreamInbox inbox, CancellationToken cancellationToken)
         {
-            OffloadRpcConnection connection;
-            try
-            {
-                connection = Connection();
-            }
-            catch
-            {
-                request.Discard(); // the request is the call's, sent or not
-                throw;
-            }
-
+            OffloadRpcConnection connection = ConnectionFor(request) ?? throw Disconnected();
             return connection.Invoker.SendStreamingAsync(method, request, metadata, out inbox, cancellationToken);
         }
 
