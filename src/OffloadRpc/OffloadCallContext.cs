@@ -8,16 +8,20 @@ namespace OffloadRpc;
 /// </summary>
 public sealed class OffloadCallContext
 {
-    private static readonly AsyncLocal<OffloadCallContext?> s_current = new();
+    /// <summary>The call being served: its context is made when first asked for (most methods never ask).</summary>
+    private static readonly AsyncLocal<ServerCall?> s_serving = new();
     private readonly ServerCall _call;
 
     internal OffloadCallContext(ServerCall call) => _call = call;
 
     /// <summary>The call being served on this logical thread, or null.</summary>
-    public static OffloadCallContext? Current
+    public static OffloadCallContext? Current => s_serving.Value?.CallContext;
+
+    /// <summary>Sets the call being served on this logical thread (null: none).</summary>
+    internal static ServerCall? Serving
     {
-        get => s_current.Value;
-        internal set => s_current.Value = value;
+        get => s_serving.Value;
+        set => s_serving.Value = value;
     }
 
     /// <summary>Fires when the caller cancels the call or disconnects, or at the caller's deadline.</summary>

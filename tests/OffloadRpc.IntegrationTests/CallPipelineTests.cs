@@ -478,6 +478,27 @@ public sealed class CallPipelineTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_slow_call_of_a_service_with_nothing_around_it_is_logged_and_an_ordinary_one_is_not()
+    {
+        // One implementation, no interceptors: the dispatcher runs the stub directly, timing the call only for this log.
+        foreach ((TimeSpan threshold, bool logged) in new[] { (TimeSpan.Zero, true), (TimeSpan.FromMinutes(5), false) })
+        {
+            var logs = new CollectingLoggerFactory();
+            string endpoint = Endpoints.Unique("slow");
+            await using var server = new OffloadRpcServer(endpoint, new OffloadRpcOptions { LoggerFactory = logs, SlowCallThreshold = threshold });
+            server.Register<ICallProbe>(new LocalProbe());
+            await server.StartAsync();
+            await using (PeerProcess good = PeerProcess.Start(["probe-call", endpoint]))
+            {
+                good.WaitForLine("OK");
+            }
+
+            await Eventually.TrueAsync(() => logs.Has("PeerDisconnected"), "the client process's going away is logged");
+            Assert.Equal(logged, logs.Has("SlowCall", "ChecksumAsync"));
+        }
+    }
+
+    [Fact]
     public async Task A_refused_client_and_a_protocol_violation_are_logged_by_the_server()
     {
         var logs = new CollectingLoggerFactory();

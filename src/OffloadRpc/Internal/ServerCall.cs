@@ -48,6 +48,24 @@ public sealed class ServerCall
     private object? _implementation;
     private Delegate? _handler;
 
+    private OffloadCallContext? _callContext;
+
+    /// <summary>The call as the method sees it (<see cref="OffloadCallContext.Current"/>): made on first use, the same object after.</summary>
+    internal OffloadCallContext CallContext
+    {
+        get
+        {
+            OffloadCallContext? made = Volatile.Read(ref _callContext);
+            if (made is not null)
+            {
+                return made;
+            }
+
+            Interlocked.CompareExchange(ref _callContext, new OffloadCallContext(this), null);
+            return _callContext!;
+        }
+    }
+
     /// <summary>The call as interceptors and the implementation factory see it.</summary>
     internal ServerInterceptorContext Context => _context ??= new ServerInterceptorContext(this);
 
@@ -176,7 +194,13 @@ public sealed class ServerCall
             return Memory<T>.Empty;
         }
 
-        SharedBuffer lease = Take(index);
+        ValidatePayload(index);
+        if (typeof(T) == typeof(byte) && _call.TryLendPayload(index, out Memory<byte> lent))
+        {
+            return System.Runtime.CompilerServices.Unsafe.As<Memory<byte>, Memory<T>>(ref lent); // the request's own memory, as long as the call runs
+        }
+
+        SharedBuffer lease = _call.TakePayload(index);
         (_leases ??= new List<SharedBuffer>(2)).Add(lease);
         return lease.CreateMemory<T>();
     }
@@ -526,6 +550,17 @@ internal interface IInboundCall
     bool IsPayloadTaken(int index);
 
     SharedBuffer TakePayload(int index);
+
+    /// <summary>
+    /// Payload <paramref name="index"/> (in range, not taken) in the request's own memory until the call
+    /// completes, without a lease: a transport whose request carries it in its message (gRPC's one frame).
+    /// False: take it (<see cref="TakePayload"/>).
+    /// </summary>
+    bool TryLendPayload(int index, out Memory<byte> bytes)
+    {
+        bytes = default;
+        return false;
+    }
 
     Stream OpenPayloadStream(int index, CancellationToken cancellationToken);
 

@@ -52,7 +52,11 @@ internal sealed class ServiceDispatcher : IRequestHandler
 
     public ValueTask HandleAsync(IncomingCall call) => DispatchAsync(call);
 
-    /// <summary>Serves one request of any transport.</summary>
+    /// <summary>
+    /// Serves one request of any transport. A call with nothing around it (no per-call implementation, no
+    /// interceptors, metadata or telemetry) runs the stub directly, timed only for the slow-call log when
+    /// the server logs; anything else goes through <see cref="DispatchObservedAsync"/>.
+    /// </summary>
     public ValueTask DispatchAsync(IInboundCall call)
     {
         if (!_methods.TryGetValue(call.MethodId, out Target? target))
@@ -60,15 +64,18 @@ internal sealed class ServiceDispatcher : IRequestHandler
             throw new ProtocolViolationException($"No service registered on this server has method id {call.MethodId}: the client and the server were built from different contracts.");
         }
 
-        if (target.Factory is not null || _pipeline is not null || call.HasMetadata || Telemetry.ServerObserved)
+        ServerPipeline? pipeline = _pipeline;
+        if (target.Factory is not null || pipeline is { Interceptors.Length: > 0 } || call.HasMetadata || Telemetry.ServerObserved)
         {
             return DispatchObservedAsync(call, target);
         }
 
+        CallLogging? logging = pipeline is { SlowCallMilliseconds: < double.PositiveInfinity } ? pipeline : null;
+        long started = logging is null ? 0 : System.Diagnostics.Stopwatch.GetTimestamp();
         var serverCall = new ServerCall(call, target.Method, _serializerOptions);
         ValueTask task;
-        OffloadCallContext? previous = OffloadCallContext.Current;
-        OffloadCallContext.Current = new OffloadCallContext(serverCall);
+        ServerCall? previous = OffloadCallContext.Serving;
+        OffloadCallContext.Serving = serverCall;
         try
         {
             task = target.Stub.InvokeAsync(call.MethodId, serverCall);
@@ -76,25 +83,41 @@ internal sealed class ServiceDispatcher : IRequestHandler
         catch (Exception ex) when (AsDecodeFailure(serverCall, ex) is { } violation)
         {
             serverCall.Complete(faulted: true);
+            LogIfSlow(logging, started, target.Method, violation);
             throw violation;
         }
-        catch
+        catch (Exception ex)
         {
             serverCall.Complete(faulted: true);
+            LogIfSlow(logging, started, target.Method, ex);
             throw;
         }
         finally
         {
-            OffloadCallContext.Current = previous; // the method's own continuations keep the context they captured
+            OffloadCallContext.Serving = previous; // the method's own continuations keep the call they captured
         }
 
         if (task.IsCompletedSuccessfully)
         {
             serverCall.Complete(faulted: false);
+            LogIfSlow(logging, started, target.Method, null);
             return ValueTask.CompletedTask;
         }
 
-        return CompleteAfterAsync(task, serverCall);
+        return CompleteAfterAsync(task, serverCall, logging, started);
+    }
+
+    /// <summary>The slow-call log of a call that went the direct way (an observed call logs through its <see cref="CallObservation"/>).</summary>
+    private static void LogIfSlow(CallLogging? logging, long started, MethodDescriptor method, Exception? failure)
+    {
+        if (logging is not null)
+        {
+            double elapsed = System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds;
+            if (elapsed >= logging.SlowCallMilliseconds)
+            {
+                Diagnostics.Log.SlowCall(logging.Logger, Telemetry.Server.Side, method.FullName, elapsed, Telemetry.StatusOf(failure));
+            }
+        }
     }
 
     /// <summary>
@@ -136,7 +159,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
         serverCall.Pipeline = pipeline;
         serverCall.ImplementationFactory = target.Factory;
         CallObservation observation = CallObservation.StartServer(method, metadata);
-        OffloadCallContext.Current = new OffloadCallContext(serverCall); // an async method: the caller's context is back when it returns
+        OffloadCallContext.Serving = serverCall; // an async method: the caller's context is back when it returns
         Exception? failure = null;
         bool faulted = true;
         try
@@ -163,21 +186,27 @@ internal sealed class ServiceDispatcher : IRequestHandler
     }
 
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder))]
-    private static async ValueTask CompleteAfterAsync(ValueTask task, ServerCall call)
+    private static async ValueTask CompleteAfterAsync(ValueTask task, ServerCall call, CallLogging? logging, long started)
     {
-        bool faulted = true;
+        Exception? failure = null;
         try
         {
             await task.ConfigureAwait(false);
-            faulted = false;
         }
         catch (Exception ex) when (AsDecodeFailure(call, ex) is { } violation)
         {
+            failure = violation;
             throw violation;
+        }
+        catch (Exception ex)
+        {
+            failure = ex;
+            throw;
         }
         finally
         {
-            call.Complete(faulted);
+            call.Complete(faulted: failure is not null);
+            LogIfSlow(logging, started, call.Method, failure);
         }
     }
 
