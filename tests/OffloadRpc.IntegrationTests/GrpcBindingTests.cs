@@ -253,6 +253,105 @@ public sealed class GrpcBindingTests
         large.Dispose();
     }
 
+    /// <summary>A received head frame, laid out by hand: [u32 body length][body][u16 count][i64 length per payload][payload bytes].</summary>
+    private static Frame ReceivedHead(byte[] body, byte[][] payloads, int extra = 0, FrameKind kind = FrameKind.Head)
+    {
+        var bytes = new List<byte>();
+        bytes.AddRange(BitConverter.GetBytes(body.Length));
+        bytes.AddRange(body);
+        bytes.AddRange(BitConverter.GetBytes((ushort)payloads.Length));
+        foreach (byte[] payload in payloads)
+        {
+            bytes.AddRange(BitConverter.GetBytes((long)payload.Length));
+        }
+
+        foreach (byte[] payload in payloads)
+        {
+            bytes.AddRange(payload);
+        }
+
+        bytes.AddRange(new byte[extra]);
+        return new Frame(kind, bytes.ToArray());
+    }
+
+    [Fact]
+    public void A_frame_is_a_whole_message_only_when_its_payloads_bytes_are_exactly_the_rest_of_it()
+    {
+        byte[] body = [0x92, 0x01, 0x02];
+        Assert.Equal(0, ReceivedHead(body, []).WholeMessagePayloads(1024));
+        Assert.True(ReceivedHead(body, []).IsWholeMessage(1024));
+        Assert.Equal(2, ReceivedHead(body, [[1, 2, 3], [4, 5, 6, 7]]).WholeMessagePayloads(1024));
+        Assert.False(ReceivedHead(body, [[1, 2, 3]]).IsWholeMessage(1024)); // a reply serves as its frame only without payloads
+
+        Assert.Equal(-1, ReceivedHead(body, [[1, 2, 3]], extra: 1).WholeMessagePayloads(1024)); // a byte no payload announced
+        Assert.Equal(-1, ReceivedHead(body, [[1, 2, 3]], kind: FrameKind.ItemHead).WholeMessagePayloads(1024));
+        Assert.Equal(-1, ReceivedHead(body, []).WholeMessagePayloads(2)); // the body beyond the limit
+        Assert.Equal(-1, ReceivedHead(body, [.. Enumerable.Repeat(new byte[1], Frame.MaxWholePayloads + 1)]).WholeMessagePayloads(1024));
+        Assert.Equal(Frame.MaxWholePayloads, ReceivedHead(body, [.. Enumerable.Repeat(new byte[1], Frame.MaxWholePayloads)]).WholeMessagePayloads(1024));
+
+        // Payload bytes that follow in data frames (the head announces more than it holds): assembled, not whole.
+        Frame partial = ReceivedHead(body, [[1, 2, 3, 4]]);
+        Frame truncated = new(FrameKind.Head, partial.First[..^1]);
+        Assert.Equal(-1, truncated.WholeMessagePayloads(1024));
+        var assembler = new MessageAssembler(1024);
+        Assert.False(assembler.Accept(truncated));
+        assembler.Dispose();
+
+        // A length that is negative or runs past the frame.
+        byte[] bad = ReceivedHead(body, [[1, 2, 3]]).First.ToArray();
+        BitConverter.GetBytes(-1L).CopyTo(bad, 4 + body.Length + 2);
+        Assert.Equal(-1, new Frame(FrameKind.Head, bad).WholeMessagePayloads(1024));
+        BitConverter.GetBytes(long.MaxValue).CopyTo(bad, 4 + body.Length + 2);
+        Assert.Equal(-1, new Frame(FrameKind.Head, bad).WholeMessagePayloads(1024));
+    }
+
+    [Fact]
+    public void A_request_of_one_frame_is_served_from_it_its_byte_payloads_lent_in_place_and_the_others_copied_when_taken()
+    {
+        byte[] body = [0x92, 0x00, 0x01];
+        Frame head = ReceivedHead(body, [[1, 2, 3], [4, 5, 6, 7], [8, 9]]);
+        Assert.Equal(3, head.WholeMessagePayloads(1024));
+        var call = new GrpcInboundCall(1, new ReceivedRequest(head, 3), new FakeServerCallContext(CancellationToken.None), default, null, null, 4, 1024);
+        Assert.Equal(body, call.BodyMemory.ToArray());
+        Assert.Equal(3, call.PayloadCount);
+        Assert.Equal(9, call.PayloadBytes);
+
+        var served = new ServerCall(call, new MethodDescriptor("Svc", "M", 1), new OffloadRpcOptions().CreateSerializerOptions());
+        Memory<byte> lent = served.GetMemory<byte>(0);
+        Assert.Equal(new byte[] { 1, 2, 3 }, lent.ToArray());
+        Assert.True(System.Runtime.InteropServices.MemoryMarshal.TryGetArray<byte>(lent, out ArraySegment<byte> inFrame));
+        Assert.True(System.Runtime.InteropServices.MemoryMarshal.TryGetArray(head.First, out ArraySegment<byte> frame));
+        Assert.Same(frame.Array, inFrame.Array); // in place: no lease, no copy
+        Assert.True(call.IsPayloadTaken(0));
+
+        SharedBuffer taken = served.TakeSharedBuffer(1)!; // the method's beyond the call: a lease of its own
+        Assert.Equal(new byte[] { 4, 5, 6, 7 }, taken.Span.ToArray());
+        Assert.Equal(new ushort[] { 0x0908 }, served.GetMemory<ushort>(2).ToArray()); // not bytes: through a lease
+
+        Assert.Throws<ProtocolViolationException>(() => served.GetMemory<byte>(0)); // each payload once
+        Assert.Throws<ProtocolViolationException>(() => served.TakeSharedBuffer(1));
+        Assert.Throws<ProtocolViolationException>(() => served.GetMemory<byte>(3)); // beyond what the frame carries
+
+        served.Complete(faulted: false);
+        call.Dispose();
+        Assert.True(head.IsReleased);
+        Assert.Equal(new byte[] { 4, 5, 6, 7 }, taken.Span.ToArray()); // the taken lease outlives the frame
+        taken.Dispose();
+    }
+
+    [Fact]
+    public void A_reply_frame_without_payloads_is_its_own_reply_until_disposed()
+    {
+        Frame head = ReceivedHead([0x2A], []);
+        var reply = new RpcReply(head, 0);
+        Assert.Equal(new byte[] { 0x2A }, reply.Body.ToArray());
+        Assert.Equal(0, reply.PayloadCount);
+        Assert.Throws<ProtocolViolationException>(() => reply.TakePayload(0));
+        reply.Dispose();
+        Assert.True(head.IsReleased);
+        Assert.Throws<ObjectDisposedException>(() => reply.Body.Length);
+    }
+
     private sealed class NoPeer : IGrpcPeer
     {
         public int Aborted { get; private set; }

@@ -30,7 +30,7 @@ internal enum FrameKind : byte
 /// larger than <see cref="Frame.ChunkBytes"/>; so no message nears gRPC's 4 MB default limit.
 /// Head: [u32 body length][body][u16 payload count][i64 length per payload][payload bytes that fit].
 /// </summary>
-internal sealed class Frame
+internal sealed class Frame : IReplySource
 {
     /// <summary>The most payload bytes one frame carries.</summary>
     public const int ChunkBytes = 1 << 20;
@@ -111,6 +111,105 @@ internal sealed class Frame
         {
             ArrayPool<byte>.Shared.Return(rented);
         }
+    }
+
+    /// <summary>The most payloads a whole message (<see cref="WholeMessagePayloads"/>) may carry.</summary>
+    public const int MaxWholePayloads = 64;
+
+    /// <summary>Whether this received frame is a whole message without payloads (most small replies): it is then its own reply (<see cref="IReplySource"/>).</summary>
+    public bool IsWholeMessage(int maxBodyBytes) => WholeMessagePayloads(maxBodyBytes) == 0;
+
+    /// <summary>
+    /// How many payloads this received frame carries when it is a whole message (most small requests): a
+    /// head of [u32 body length][body][u16 count][i64 length per payload] whose payloads' bytes are all the
+    /// rest of it, the body within <paramref name="maxBodyBytes"/>, at most <see cref="MaxWholePayloads"/>
+    /// payloads. -1 when it is not: such a message goes through a <see cref="MessageAssembler"/>, which also
+    /// names what is wrong with it.
+    /// </summary>
+    public int WholeMessagePayloads(int maxBodyBytes)
+    {
+        ReadOnlySpan<byte> head = First.Span;
+        if (Kind != FrameKind.Head || head.Length < 6 || !Second.IsEmpty)
+        {
+            return -1;
+        }
+
+        uint bodyLength = BinaryPrimitives.ReadUInt32LittleEndian(head);
+        if (bodyLength > (uint)maxBodyBytes || bodyLength > (uint)(head.Length - 6))
+        {
+            return -1;
+        }
+
+        int position = 4 + (int)bodyLength;
+        int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
+        position += 2;
+        if (count > MaxWholePayloads || head.Length - position < 8 * count)
+        {
+            return -1;
+        }
+
+        long rest = head.Length - position - (8L * count);
+        for (int i = 0; i < count; i++)
+        {
+            long length = BinaryPrimitives.ReadInt64LittleEndian(head[(position + (8 * i))..]);
+            if (length < 0 || length > rest)
+            {
+                return -1;
+            }
+
+            rest -= length;
+        }
+
+        return rest == 0 ? count : -1;
+    }
+
+    /// <summary>The body of a whole message (<see cref="WholeMessagePayloads"/>).</summary>
+    public ReadOnlyMemory<byte> WholeBody => First.Slice(4, (int)BinaryPrimitives.ReadUInt32LittleEndian(First.Span));
+
+    /// <summary>Payload <paramref name="index"/> of a whole message, in the frame's own buffer (valid until the frame is released).</summary>
+    public Memory<byte> WholePayload(int index)
+    {
+        ReadOnlySpan<byte> head = First.Span;
+        int position = 4 + (int)BinaryPrimitives.ReadUInt32LittleEndian(head);
+        int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
+        position += 2;
+        int offset = position + (8 * count);
+        for (int i = 0; i < index; i++)
+        {
+            offset += (int)BinaryPrimitives.ReadInt64LittleEndian(head[(position + (8 * i))..]);
+        }
+
+        int length = (int)BinaryPrimitives.ReadInt64LittleEndian(head[(position + (8 * index))..]);
+        return System.Runtime.InteropServices.MemoryMarshal.AsMemory(First.Slice(offset, length));
+    }
+
+    /// <summary>The bytes of every payload of a whole message together.</summary>
+    public long WholePayloadBytes
+    {
+        get
+        {
+            ReadOnlySpan<byte> head = First.Span;
+            int position = 4 + (int)BinaryPrimitives.ReadUInt32LittleEndian(head);
+            int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
+            return head.Length - (position + 2 + (8 * count));
+        }
+    }
+
+    ReadOnlySpan<byte> IReplySource.Body => WholeBody.Span;
+
+    ReadOnlyMemory<byte> IReplySource.BodyMemory => WholeBody;
+
+    int IReplySource.PayloadCount => 0;
+
+    SharedBuffer IReplySource.TakePayload(int index) => throw new ProtocolViolationException($"The reply names payload {index} but carries none.");
+
+    void IReplySource.ThrowIfReplyGone(short version) => ObjectDisposedException.ThrowIf(IsReleased, typeof(RpcReply));
+
+    void IReplySource.DisposeReply(short version) => Release();
+
+    /// <summary>A frame does not know its connection: whoever made it a reply ends that when the reply does not decode.</summary>
+    void IReplySource.AbortConnection(ProtocolViolationException violation)
+    {
     }
 
     /// <summary>A credit frame: the client may send <paramref name="items"/> more items of its streamed argument.</summary>

@@ -10,7 +10,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     /// <summary>What the call's cancellation is once the call is disposed: already cancelled, never disposed.</summary>
     private static readonly CancellationTokenSource Ended = CancelledSource();
 
-    private readonly MessageAssembler _message;
+    private ReceivedRequest _message; // mutable: it notes which payloads were taken
     private readonly ServerCallContext _context;
     private readonly System.Net.Sockets.Socket? _socket;
     private CancellationTokenSource? _cancellation;
@@ -32,7 +32,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     /// <param name="requests">The request stream after the request (null: the method is bound with one request message).</param>
     /// <param name="responses">The response stream (null: the method is bound with one response message, written by gRPC).</param>
     /// <param name="request">The request's metadata block and connection (<see cref="InboundRequest.Of"/>), default when there is no HTTP request behind the call.</param>
-    public GrpcInboundCall(int methodId, MessageAssembler message, ServerCallContext context, InboundRequest request, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
+    public GrpcInboundCall(int methodId, ReceivedRequest message, ServerCallContext context, InboundRequest request, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
     {
         MethodId = methodId;
         _message = message;
@@ -119,6 +119,9 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     public bool IsPayloadTaken(int index) => _message.IsTaken(index);
 
     public SharedBuffer TakePayload(int index) => _message.Take(index) ?? throw new ProtocolViolationException($"The request names payload {index} twice.");
+
+    /// <summary>A payload that rode in the request's one frame is lent in place (no lease, no copy) until the call is disposed.</summary>
+    public bool TryLendPayload(int index, out Memory<byte> bytes) => _message.TryLend(index, out bytes);
 
     public Stream OpenPayloadStream(int index, CancellationToken cancellationToken) => new LeaseStream(TakePayload(index));
 
@@ -389,5 +392,79 @@ internal readonly record struct InboundRequest(byte[]? Metadata, System.Net.Sock
         }
 
         return null;
+    }
+}
+
+/// <summary>
+/// A served call's request: one received frame that is the whole message (most small calls: no payloads,
+/// or payloads that ride in the frame, lent in place or copied into a lease when taken), or the message
+/// assembled from its frames.
+/// </summary>
+internal struct ReceivedRequest
+{
+    private readonly Frame? _whole;
+    private readonly MessageAssembler? _assembled;
+    private readonly int _wholePayloads;
+
+    /// <summary>The payloads of the whole frame lent or taken (one bit each: at most <see cref="Frame.MaxWholePayloads"/>).</summary>
+    private ulong _taken;
+
+    /// <param name="whole">A frame that is a whole message of <paramref name="payloads"/> payloads (<see cref="Frame.WholeMessagePayloads"/>).</param>
+    public ReceivedRequest(Frame whole, int payloads)
+    {
+        _whole = whole;
+        _wholePayloads = payloads;
+    }
+
+    public ReceivedRequest(MessageAssembler assembled) => _assembled = assembled;
+
+    public static implicit operator ReceivedRequest(MessageAssembler assembled) => new(assembled);
+
+    public readonly ReadOnlyMemory<byte> Body => _whole?.WholeBody ?? _assembled!.Body;
+
+    public readonly int PayloadCount => _assembled?.PayloadCount ?? _wholePayloads;
+
+    public readonly long PayloadBytes => _assembled?.PayloadBytes ?? _whole!.WholePayloadBytes;
+
+    public readonly bool IsTaken(int index) => _assembled?.IsTaken(index) ?? (_taken & (1UL << index)) != 0;
+
+    /// <summary>Payload <paramref name="index"/> (not taken, in range) in the frame's own memory, until the request is disposed; false when the message was assembled.</summary>
+    public bool TryLend(int index, out Memory<byte> bytes)
+    {
+        if (_whole is null)
+        {
+            bytes = default;
+            return false;
+        }
+
+        _taken |= 1UL << index;
+        bytes = _whole.WholePayload(index);
+        return true;
+    }
+
+    /// <summary>Payload <paramref name="index"/> (in range), now the caller's; null when taken already. A payload of the whole frame is copied into a lease of its own.</summary>
+    public SharedBuffer? Take(int index)
+    {
+        if (_assembled is { } assembled)
+        {
+            return assembled.Take(index);
+        }
+
+        if ((_taken & (1UL << index)) != 0)
+        {
+            return null;
+        }
+
+        _taken |= 1UL << index;
+        Memory<byte> bytes = _whole!.WholePayload(index);
+        SharedBuffer lease = LocalLeases.Instance.Rent(bytes.Length, clear: false);
+        bytes.Span.CopyTo(lease.Span);
+        return lease;
+    }
+
+    public readonly void Dispose()
+    {
+        _whole?.Release();
+        _assembled?.Dispose();
     }
 }

@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using global::Grpc.Core;
 using OffloadRpc.Internal;
 using OffloadRpc.Transport;
@@ -15,7 +14,6 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 {
     private readonly global::Grpc.Core.CallInvoker _channel;
     private readonly GrpcRemoteConnection _connection;
-    private readonly ConcurrentDictionary<MethodDescriptor, GrpcMethod> _methods = new(ReferenceEqualityComparer.Instance);
     private readonly int _maxBodyBytes;
 
     /// <summary>The largest body a reply or a streamed item may assemble to (OffloadRpcOptions.MaxMessageBytes).</summary>
@@ -46,8 +44,16 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         return new GrpcServerStream<T>(this, method, context.TakeRequest(), GrpcCallMetadata.Of(metadata), context.CancellationToken);
     }
 
-    internal GrpcMethod MethodOf(MethodDescriptor method) =>
-        _methods.GetOrAdd(method, static m => new GrpcMethod(m));
+    internal static GrpcMethod MethodOf(MethodDescriptor method)
+    {
+        if (Volatile.Read(ref method.TransportMethod) is GrpcMethod made)
+        {
+            return made;
+        }
+
+        Interlocked.CompareExchange(ref method.TransportMethod, new GrpcMethod(method), null);
+        return (GrpcMethod)method.TransportMethod!;
+    }
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>
         SendAsync(method, request, default(GrpcCallMetadata), cancellationToken);
@@ -112,7 +118,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     /// <paramref name="head"/> and no exception when it cannot (the builder untouched, for the general way);
     /// the exception when the call failed (the builder and its leases given back).
     /// </summary>
-    private Exception? TryLeanHead(MethodDescriptor method, MessageBuilder request, out GrpcMethod? grpc, out Frame? head)
+    private static Exception? TryLeanHead(MethodDescriptor method, MessageBuilder request, out GrpcMethod? grpc, out Frame? head)
     {
         head = null;
         try
@@ -179,7 +185,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         try
         {
             using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head);
-            reply = AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method);
+            reply = AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method, frameMayServe: true);
         }
         catch (Exception ex)
         {
@@ -192,7 +198,15 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 
         using (reply)
         {
-            return Decode(method.Decoder, reply);
+            try
+            {
+                return Decode(method.Decoder, reply);
+            }
+            catch (ProtocolViolationException violation)
+            {
+                _connection.AbortConnection(violation); // a reply that is its frame cannot tell the connection itself
+                throw;
+            }
         }
     }
 
@@ -203,7 +217,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         try
         {
             using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head);
-            AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method).Dispose();
+            AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method, frameMayServe: true).Dispose();
         }
         catch (Exception ex)
         {
@@ -215,9 +229,19 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         }
     }
 
-    /// <summary>The reply frame of a unary call as the call's reply; a reply of several frames breaks the protocol.</summary>
-    private RpcReply AcceptReply(Frame frame, MethodDescriptor method)
+    /// <summary>
+    /// The reply frame of a unary call as the call's reply; a reply of several frames breaks the protocol.
+    /// With <paramref name="frameMayServe"/> (the caller ends the connection itself when the reply does not
+    /// decode), a whole message without payloads is its own reply, with no assembler around it.
+    /// </summary>
+    private RpcReply AcceptReply(Frame frame, MethodDescriptor method, bool frameMayServe = false)
     {
+        if (frameMayServe && frame.IsWholeMessage(_maxBodyBytes))
+        {
+            _connection.MarkAlive();
+            return new RpcReply(frame, 0);
+        }
+
         var assembler = new MessageAssembler(_maxBodyBytes);
         try
         {

@@ -171,7 +171,7 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
 
         try
         {
-            _call = GrpcClientCall.Start(_invoker, _invoker.MethodOf(_method), message, _metadata, items is not null, _cancel.Token);
+            _call = GrpcClientCall.Start(_invoker, GrpcInvoker.MethodOf(_method), message, _metadata, items is not null, _cancel.Token);
         }
         catch
         {

@@ -103,12 +103,47 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 {
     private const int MaxTrailerChars = 4096;
 
-    /// <summary>A unary call: one frame in, one frame out (gRPC writes it with the status after this returns).</summary>
-    public async Task<Frame> ServeUnaryAsync(Frame request, ServerCallContext context)
+    /// <summary>
+    /// A unary call: one frame in, one frame out (gRPC writes it with the status after this returns). A
+    /// method that completes at once is answered without an async step of this method's own.
+    /// </summary>
+    public Task<Frame> ServeUnaryAsync(Frame request, ServerCallContext context)
     {
-        OffloadRpcServer host = Host();
-        InboundRequest inbound = RequestOf(context, request);
-        using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), inbound, null, null, context).ConfigureAwait(false);
+        ValueTask<GrpcInboundCall> dispatched;
+        try
+        {
+            OffloadRpcServer host = Host(request);
+            InboundRequest inbound = RequestOf(context, request);
+            dispatched = DispatchAsync(host, OneFrame(host, request), inbound, null, null, context);
+        }
+        catch (Exception ex)
+        {
+            return Task.FromException<Frame>(ex);
+        }
+
+        if (!dispatched.IsCompletedSuccessfully)
+        {
+            return ReplyAfterAsync(dispatched);
+        }
+
+        GrpcInboundCall call = dispatched.Result;
+        try
+        {
+            return Task.FromResult(ReplyFrame(call));
+        }
+        catch (Exception ex)
+        {
+            return Task.FromException<Frame>(ex);
+        }
+        finally
+        {
+            call.Dispose();
+        }
+    }
+
+    private async Task<Frame> ReplyAfterAsync(ValueTask<GrpcInboundCall> dispatched)
+    {
+        using GrpcInboundCall call = await dispatched.ConfigureAwait(false);
         return ReplyFrame(call);
     }
 
@@ -117,7 +152,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     {
         OffloadRpcServer host = Host();
         InboundRequest inbound = RequestOf(context, null);
-        MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
+        ReceivedRequest request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
         using GrpcInboundCall call = await DispatchAsync(host, request, inbound, null, null, context).ConfigureAwait(false);
         return ReplyFrame(call);
     }
@@ -125,7 +160,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     /// <summary>A server-streaming call: one frame in; the streamed result's items, then the reply's frames out.</summary>
     public async Task ServeServerStreamingAsync(Frame request, IServerStreamWriter<Frame> responses, ServerCallContext context)
     {
-        OffloadRpcServer host = Host();
+        OffloadRpcServer host = Host(request);
         InboundRequest inbound = RequestOf(context, request);
         using GrpcInboundCall call = await DispatchAsync(host, OneFrame(host, request), inbound, null, responses, context).ConfigureAwait(false);
         await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
@@ -136,7 +171,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     {
         OffloadRpcServer host = Host();
         InboundRequest inbound = RequestOf(context, null);
-        MessageAssembler request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
+        ReceivedRequest request = await ReadRequestAsync(host, requests, context).ConfigureAwait(false);
         using GrpcInboundCall call = await DispatchAsync(host, request, inbound, requests, responses, context).ConfigureAwait(false);
         await WriteReplyAsync(call, responses, context).ConfigureAwait(false);
     }
@@ -158,9 +193,26 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     private OffloadRpcServer Host() =>
         server.Server ?? throw new RpcException(new Status(StatusCode.Unavailable, $"The OffloadRpc server of {server.Endpoint} is not started."));
 
-    /// <summary>The request of a method bound with one request message: its head frame must be all of it.</summary>
-    private MessageAssembler OneFrame(OffloadRpcServer host, Frame request)
+    /// <summary><see cref="Host()"/>, giving <paramref name="request"/> back when there is none.</summary>
+    private OffloadRpcServer Host(Frame request)
     {
+        if (server.Server is { } host)
+        {
+            return host;
+        }
+
+        request.Release();
+        return Host();
+    }
+
+    /// <summary>The request of a method bound with one request message: its head frame must be all of it.</summary>
+    private ReceivedRequest OneFrame(OffloadRpcServer host, Frame request)
+    {
+        if (request.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
+        {
+            return new ReceivedRequest(request, payloads); // the frame is the message, its payloads in it
+        }
+
         var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
         try
         {
@@ -180,11 +232,27 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 
     /// <summary>Reads frames until the request is whole (a streamed argument's items come after it, read by the method).</summary>
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
-    private async ValueTask<MessageAssembler> ReadRequestAsync(OffloadRpcServer host, IAsyncStreamReader<Frame> requests, ServerCallContext context)
+    private async ValueTask<ReceivedRequest> ReadRequestAsync(OffloadRpcServer host, IAsyncStreamReader<Frame> requests, ServerCallContext context)
     {
+        if (!await requests.MoveNext(context.CancellationToken).ConfigureAwait(false))
+        {
+            throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
+        }
+
+        Frame head = requests.Current;
+        if (head.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
+        {
+            return new ReceivedRequest(head, payloads); // one frame, its payloads in it: no assembler
+        }
+
         var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
         try
         {
+            if (!assembler.Accept(head))
+            {
+                assembler.ReceiveInPlace();
+            }
+
             while (!assembler.IsComplete && await requests.MoveNext(context.CancellationToken).ConfigureAwait(false))
             {
                 if (!assembler.Accept(requests.Current))
@@ -215,7 +283,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 
     /// <summary>Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the call with.</summary>
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
-    private async ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, MessageAssembler request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
+    private async ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, ReceivedRequest request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
         var call = new GrpcInboundCall(method.Id, request, context, inbound, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
 

@@ -612,6 +612,12 @@ public class MethodDescriptor
     /// </summary>
     public MethodShape Shape { get; init; }
 
+    /// <summary>
+    /// What a framing transport made of this method (the gRPC transport's method objects), made on first
+    /// use and kept: it depends on the method alone, so every connection shares it, without a lookup per call.
+    /// </summary>
+    internal object? TransportMethod;
+
     public override string ToString() => FullName;
 }
 
