@@ -260,6 +260,26 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
         Assert.Equal(Checksum64.Compute(large), await images.ChecksumAsync(large));
     }
 
+    [Theory]
+    [InlineData("AddAsync")] // bound unary
+    [InlineData("ChecksumAsync")] // bound client streaming: its first frame read by the route itself
+    [InlineData("EchoAsync")] // bound duplex
+    public async Task A_first_frame_that_is_not_a_frame_is_refused_as_a_protocol_violation(string method)
+    {
+        using var channel = global::Grpc.Net.Client.GrpcChannel.ForAddress(Server.GrpcAddress);
+        var raw = new global::Grpc.Core.Marshaller<byte[]>(static bytes => bytes, static bytes => bytes);
+        var call = new global::Grpc.Core.Method<byte[], byte[]>(global::Grpc.Core.MethodType.Unary, "OffloadRpc.TestContracts.IImageService", method, raw, raw);
+        foreach (byte[] message in new[] { new byte[] { 0x09, 1, 2, 3 }, [] }) // an unknown kind; no kind at all
+        {
+            global::Grpc.Core.RpcException refused = await Assert.ThrowsAsync<global::Grpc.Core.RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(call, null, default, message).ResponseAsync);
+            Assert.Equal(global::Grpc.Core.StatusCode.Internal, refused.StatusCode);
+            Assert.StartsWith("A gRPC frame of ", refused.Trailers.GetValue(OffloadRpc.Grpc.Internal.GrpcWire.ViolationTrailer), StringComparison.Ordinal);
+        }
+
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, new OffloadRpcOptions { PreferSharedMemory = false });
+        Assert.Equal(3, await connection.GetService<IImageService>().AddAsync(1, 2)); // the server serves on
+    }
+
     /// <summary>A gRPC connection (never switched to shared memory) whose requests go through <paramref name="handler"/>.</summary>
     private Task<OffloadRpcConnection> ConnectOverGrpcAsync(System.Net.Http.HttpMessageHandler handler)
     {

@@ -249,6 +249,25 @@ internal sealed class Frame : IReplySource
     /// </summary>
     public static readonly Marshaller<Frame> Marshaller = new(Serialize, Deserialize);
 
+    /// <summary>
+    /// <see cref="Marshaller"/> for the one request message of a served call, which gRPC deserializes before
+    /// the method runs: a frame that does not deserialize ends the call with status Internal and the
+    /// violation trailer, as a malformed request read by the route does, not as an unknown error.
+    /// </summary>
+    public static readonly Marshaller<Frame> OneRequestMarshaller = new(Serialize, DeserializeRequest);
+
+    private static Frame DeserializeRequest(DeserializationContext context)
+    {
+        try
+        {
+            return Deserialize(context);
+        }
+        catch (ProtocolViolationException violation)
+        {
+            throw MethodRoute.Violation(violation);
+        }
+    }
+
     private static void Serialize(Frame frame, SerializationContext context)
     {
         if (!frame._owning)

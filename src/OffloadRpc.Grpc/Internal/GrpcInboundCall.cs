@@ -402,9 +402,10 @@ internal readonly record struct InboundRequest(byte[]? Metadata, System.Net.Sock
 /// </summary>
 internal struct ReceivedRequest
 {
-    private readonly Frame? _whole;
-    private readonly MessageAssembler? _assembled;
+    private Frame? _whole;
+    private MessageAssembler? _assembled;
     private readonly int _wholePayloads;
+    private readonly long _wholePayloadBytes;
 
     /// <summary>The payloads of the whole frame lent or taken (one bit each: at most <see cref="Frame.MaxWholePayloads"/>).</summary>
     private ulong _taken;
@@ -414,17 +415,20 @@ internal struct ReceivedRequest
     {
         _whole = whole;
         _wholePayloads = payloads;
+        _wholePayloadBytes = whole.WholePayloadBytes;
     }
 
     public ReceivedRequest(MessageAssembler assembled) => _assembled = assembled;
 
     public static implicit operator ReceivedRequest(MessageAssembler assembled) => new(assembled);
 
-    public readonly ReadOnlyMemory<byte> Body => _whole?.WholeBody ?? _assembled!.Body;
+    /// <summary>The body; empty once the request is disposed (as an assembled message's).</summary>
+    public readonly ReadOnlyMemory<byte> Body => _whole is { } whole ? whole.WholeBody : _assembled?.Body ?? default;
 
     public readonly int PayloadCount => _assembled?.PayloadCount ?? _wholePayloads;
 
-    public readonly long PayloadBytes => _assembled?.PayloadBytes ?? _whole!.WholePayloadBytes;
+    /// <summary>The bytes of every payload together, as the head announced them (after the request is disposed too).</summary>
+    public readonly long PayloadBytes => _assembled?.PayloadBytes ?? _wholePayloadBytes;
 
     public readonly bool IsTaken(int index) => _assembled?.IsTaken(index) ?? (_taken & (1UL << index)) != 0;
 
@@ -450,21 +454,23 @@ internal struct ReceivedRequest
             return assembled.Take(index);
         }
 
-        if ((_taken & (1UL << index)) != 0)
+        if (_whole is null || (_taken & (1UL << index)) != 0)
         {
-            return null;
+            return null; // taken already, or asked for after the request was disposed
         }
 
         _taken |= 1UL << index;
-        Memory<byte> bytes = _whole!.WholePayload(index);
+        Memory<byte> bytes = _whole.WholePayload(index);
         SharedBuffer lease = LocalLeases.Instance.Rent(bytes.Length, clear: false);
         bytes.Span.CopyTo(lease.Span);
         return lease;
     }
 
-    public readonly void Dispose()
+    /// <summary>Gives the frame's buffer (or the assembled message) back; what is read after is empty.</summary>
+    public void Dispose()
     {
         _whole?.Release();
+        _whole = null;
         _assembled?.Dispose();
     }
 }

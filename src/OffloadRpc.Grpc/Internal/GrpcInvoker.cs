@@ -51,8 +51,8 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
             return made;
         }
 
-        Interlocked.CompareExchange(ref method.TransportMethod, new GrpcMethod(method), null);
-        return (GrpcMethod)method.TransportMethod!;
+        var grpc = new GrpcMethod(method);
+        return Interlocked.CompareExchange(ref method.TransportMethod, grpc, null) as GrpcMethod ?? grpc; // another thread's, or ours
     }
 
     internal override ValueTask<RpcReply> SendAsync(MethodDescriptor method, MessageBuilder request, CancellationToken cancellationToken) =>

@@ -43,7 +43,7 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
                     }
 
                     var route = new MethodRoute(hosted.For(registration), method);
-                    Method<Frame, Frame> grpc = GrpcWire.Method(method);
+                    Method<Frame, Frame> grpc = GrpcWire.ServerMethod(method);
                     switch (grpc.Type)
                     {
                         case MethodType.Unary:
@@ -234,12 +234,21 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
     private async ValueTask<ReceivedRequest> ReadRequestAsync(OffloadRpcServer host, IAsyncStreamReader<Frame> requests, ServerCallContext context)
     {
-        if (!await requests.MoveNext(context.CancellationToken).ConfigureAwait(false))
+        Frame head;
+        try
         {
-            throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
+            if (!await requests.MoveNext(context.CancellationToken).ConfigureAwait(false))
+            {
+                throw new ProtocolViolationException($"The request of {method.FullName} ended before its last byte.");
+            }
+
+            head = requests.Current;
+        }
+        catch (ProtocolViolationException violation)
+        {
+            throw Violation(violation); // a frame that does not deserialize, or none
         }
 
-        Frame head = requests.Current;
         if (head.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
             return new ReceivedRequest(head, payloads); // one frame, its payloads in it: no assembler
@@ -386,7 +395,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         return Fault(ex);
     }
 
-    private static RpcException Violation(ProtocolViolationException violation) =>
+    /// <summary>A request that breaks the protocol, as the status it ends the call with (Internal, the violation in a trailer).</summary>
+    internal static RpcException Violation(ProtocolViolationException violation) =>
         new(new Status(StatusCode.Internal, violation.Message), new Metadata { { GrpcWire.ViolationTrailer, Ascii(violation.Message) } });
 
     /// <summary>The implementation's exception as status Unknown, its type and stack in trailers (as the shared-memory fault carries them).</summary>

@@ -50,6 +50,19 @@ internal static class GrpcWire
     /// <summary>The gRPC method of a contract method, of the type it is bound as.</summary>
     public static Method<Frame, Frame> Method(MethodDescriptor method) =>
         new(BindingOf(method), method.ServiceName, method.Name, Frame.Marshaller, Frame.Marshaller);
+
+    /// <summary>
+    /// The gRPC method a server binds a contract method as: a method of one request message gets it from
+    /// gRPC already deserialized, so a frame that does not deserialize is refused there as the protocol
+    /// violation it is (<see cref="Frame.OneRequestMarshaller"/>); a request stream's frames are read, and
+    /// refused, by the route itself.
+    /// </summary>
+    public static Method<Frame, Frame> ServerMethod(MethodDescriptor method)
+    {
+        MethodType type = BindingOf(method);
+        Marshaller<Frame> requests = type is MethodType.Unary or MethodType.ServerStreaming ? Frame.OneRequestMarshaller : Frame.Marshaller;
+        return new(type, method.ServiceName, method.Name, requests, Frame.Marshaller);
+    }
 }
 
 /// <summary>
