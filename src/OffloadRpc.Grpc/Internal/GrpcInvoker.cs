@@ -164,7 +164,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         message.Dispose(); // a one-frame message holds nothing else
         try
         {
-            using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, GrpcClientCall.OptionsOf(metadata, cancellationToken), head);
+            AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, GrpcClientCall.OptionsOf(metadata, cancellationToken), head); // not disposed: see UnaryDecodeAsync
             return AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method);
         }
         catch (Exception ex)
@@ -184,7 +184,9 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         RpcReply reply;
         try
         {
-            using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head);
+            // Not disposed: a unary call cleans itself up once its response has been read or it failed (as
+            // gRPC's generated clients, which never dispose one); disposing it after that runs the clean-up again.
+            AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head);
             reply = AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method, frameMayServe: true);
         }
         catch (Exception ex)
@@ -216,7 +218,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     {
         try
         {
-            using AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head);
+            AsyncUnaryCall<Frame> call = _channel.AsyncUnaryCall(grpc.Unary, null, new CallOptions(cancellationToken: cancellationToken), head); // not disposed: see UnaryDecodeAsync
             AcceptReply(await call.ResponseAsync.ConfigureAwait(false), method, frameMayServe: true).Dispose();
         }
         catch (Exception ex)
