@@ -74,7 +74,8 @@ internal sealed class ServiceDispatcher : IRequestHandler
         long started = logging is null ? 0 : System.Diagnostics.Stopwatch.GetTimestamp();
         var serverCall = new ServerCall(call, target.Method, _serializerOptions);
         ValueTask task;
-        ServerCall? previous = OffloadCallContext.Serving;
+        ExecutionContext? outer = ExecutionContext.Capture(); // null only while the flow is suppressed
+        ServerCall? previous = outer is null ? OffloadCallContext.Serving : null;
         OffloadCallContext.Serving = serverCall;
         try
         {
@@ -94,7 +95,17 @@ internal sealed class ServiceDispatcher : IRequestHandler
         }
         finally
         {
-            OffloadCallContext.Serving = previous; // the method's own continuations keep the call they captured
+            // Back to the caller's context, as an async method would be: this call, and any async local the
+            // method set before it first awaited (Activity.Current, say), stay with the method's own
+            // continuations and do not leak into the thread (the poller, on shared memory) that called it.
+            if (outer is not null)
+            {
+                ExecutionContext.Restore(outer);
+            }
+            else
+            {
+                OffloadCallContext.Serving = previous;
+            }
         }
 
         if (task.IsCompletedSuccessfully)
