@@ -129,21 +129,7 @@ public sealed class GrpcBindingTests
         OutboundPayload[] moved = [.. leases.Select(OutboundPayload.Move)];
         Assert.True(OutgoingMessage.IsInline(copied));
 
-        // The wire layout, written out here: [u32 body length][body][u16 payload count][i64 length each][payload bytes].
-        var expected = new List<byte>();
-        expected.AddRange(BitConverter.GetBytes((uint)body.Length));
-        expected.AddRange(body);
-        expected.AddRange(BitConverter.GetBytes((ushort)payloads.Length));
-        foreach (byte[] payload in payloads)
-        {
-            expected.AddRange(BitConverter.GetBytes((long)payload.Length));
-        }
-
-        foreach (byte[] payload in payloads)
-        {
-            expected.AddRange(payload);
-        }
-
+        byte[] expected = HeadBytes(body, payloads);
         using OutgoingMessage message = OutgoingMessage.Create(body, copied);
         Assert.True(message.IsSingleFrame);
         Assert.Equal(expected, message.Head.First.ToArray());
@@ -253,11 +239,11 @@ public sealed class GrpcBindingTests
         large.Dispose();
     }
 
-    /// <summary>A received head frame, laid out by hand: [u32 body length][body][u16 count][i64 length per payload][payload bytes].</summary>
-    private static Frame ReceivedHead(byte[] body, byte[][] payloads, int extra = 0, FrameKind kind = FrameKind.Head)
+    /// <summary>A head frame's bytes after its kind, laid out by hand: [u32 body length][body][u16 count][i64 length per payload][payload bytes].</summary>
+    private static byte[] HeadBytes(byte[] body, byte[][] payloads)
     {
         var bytes = new List<byte>();
-        bytes.AddRange(BitConverter.GetBytes(body.Length));
+        bytes.AddRange(BitConverter.GetBytes((uint)body.Length));
         bytes.AddRange(body);
         bytes.AddRange(BitConverter.GetBytes((ushort)payloads.Length));
         foreach (byte[] payload in payloads)
@@ -270,9 +256,12 @@ public sealed class GrpcBindingTests
             bytes.AddRange(payload);
         }
 
-        bytes.AddRange(new byte[extra]);
-        return new Frame(kind, bytes.ToArray());
+        return [.. bytes];
     }
+
+    /// <summary>A received head frame of <see cref="HeadBytes"/>, with <paramref name="extra"/> bytes after it.</summary>
+    private static Frame ReceivedHead(byte[] body, byte[][] payloads, int extra = 0, FrameKind kind = FrameKind.Head) =>
+        new(kind, (byte[])[.. HeadBytes(body, payloads), .. new byte[extra]]);
 
     [Fact]
     public void A_frame_is_a_whole_message_only_when_its_payloads_bytes_are_exactly_the_rest_of_it()

@@ -61,32 +61,10 @@ public sealed class DirectDispatchTests
     }
 
     /// <summary>A request of a body and no payloads, answered in place.</summary>
-    private sealed class OneCall(int methodId, byte[] body) : IInboundCall
+    private sealed class OneCall(int methodId, byte[] body) : FakeInboundCall(methodId, body)
     {
         public byte[]? ReplyBody { get; private set; }
 
-        public int MethodId => methodId;
-
-        public ReadOnlyMemory<byte> BodyMemory => body;
-
-        public int PayloadCount => 0;
-
-        public CancellationToken CancellationToken => CancellationToken.None;
-
-        public int PeerProcessId => Environment.ProcessId;
-
-        public uint PeerUserId => 0;
-
-        public bool IsPayloadTaken(int index) => throw new NotSupportedException();
-
-        public SharedBuffer TakePayload(int index) => throw new NotSupportedException();
-
-        public Stream OpenPayloadStream(int index, CancellationToken cancellationToken) => throw new NotSupportedException();
-
-        public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => LocalLeases.Instance.Rent(bytes);
-
-        public void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads) => ReplyBody = body.ToArray();
-
-        public void AbortConnection(ProtocolViolationException violation) => throw violation;
+        public override void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads) => ReplyBody = body.ToArray();
     }
 }

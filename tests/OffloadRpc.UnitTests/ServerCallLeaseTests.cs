@@ -86,35 +86,9 @@ public sealed class ServerCallLeaseTests
     private static SharedBuffer Decode(in CallReply reply) => throw new InvalidOperationException("the fake call yields leases without decoding");
 
     /// <summary>An inbound call whose streamed argument is <paramref name="count"/> leases of ordinary memory, each stamped with its index.</summary>
-    private sealed class StreamingCall(int count) : IInboundCall
+    private sealed class StreamingCall(int count) : FakeInboundCall(Method.Id), IInboundCall
     {
         public int Sent { get; private set; }
-
-        public int MethodId => Method.Id;
-
-        public ReadOnlyMemory<byte> BodyMemory => default;
-
-        public int PayloadCount => 0;
-
-        public CancellationToken CancellationToken => CancellationToken.None;
-
-        public int PeerProcessId => Environment.ProcessId;
-
-        public uint PeerUserId => 0;
-
-        public bool IsPayloadTaken(int index) => throw new NotSupportedException();
-
-        public SharedBuffer TakePayload(int index) => throw new NotSupportedException();
-
-        public Stream OpenPayloadStream(int index, CancellationToken cancellationToken) => throw new NotSupportedException();
-
-        public SharedBuffer Rent(int bytes, CancellationToken cancellationToken) => LocalLeases.Instance.Rent(bytes);
-
-        public void Reply(ReadOnlySpan<byte> body, ReadOnlySpan<OutboundPayload> payloads)
-        {
-        }
-
-        public void AbortConnection(ProtocolViolationException violation) => throw violation;
 
         public async IAsyncEnumerable<T> ReadItems<T>(ReplyDecoder<T> decoder, SerializerOptionsSource options)
         {
