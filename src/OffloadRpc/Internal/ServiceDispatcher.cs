@@ -98,6 +98,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
             // Back to the caller's context, as an async method would be: this call, and any async local the
             // method set before it first awaited (Activity.Current, say), stay with the method's own
             // continuations and do not leak into the thread (the poller, on shared memory) that called it.
+            // With the flow suppressed (no caller here does that) only the call itself is reset.
             if (outer is not null)
             {
                 ExecutionContext.Restore(outer);
