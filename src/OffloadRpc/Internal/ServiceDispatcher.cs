@@ -137,6 +137,13 @@ internal sealed class ServiceDispatcher : IRequestHandler
     /// decoded (the token fires at the deadline), the server span made the caller's span's child, the
     /// interceptors run around the stub, and the call's duration and status recorded.
     /// </summary>
+    /// <summary>
+    /// How early a cancellation may come and still be the deadline's: the call's timer (or the caller's,
+    /// whose cancel then arrives) counts in ticks of the runtime's timer queue, and fires up to a tick
+    /// before the deadline by this process's precise clock (the coarse clock it reads moves every few ms on Linux, 15.6 on Windows).
+    /// </summary>
+    private static readonly TimeSpan DeadlineSlack = TimeSpan.FromMilliseconds(20);
+
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask DispatchObservedAsync(IInboundCall call, Target target)
     {
@@ -192,7 +199,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
         finally
         {
             serverCall.Complete(faulted);
-            string status = failure is OperationCanceledException && serverCall.Deadline is { } due && DateTime.UtcNow >= due ? "deadline_exceeded" : Telemetry.StatusOf(failure);
+            string status = failure is OperationCanceledException && serverCall.Deadline is { } due && DateTime.UtcNow >= due - DeadlineSlack ? "deadline_exceeded" : Telemetry.StatusOf(failure);
             observation.Stop(status, failure, pipeline);
         }
     }
