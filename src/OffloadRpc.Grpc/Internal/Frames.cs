@@ -169,17 +169,13 @@ internal sealed class Frame : IReplySource
     /// <summary>Payload <paramref name="index"/> of a whole message, in the frame's own buffer (valid until the frame is released).</summary>
     public Memory<byte> WholePayload(int index)
     {
-        ReadOnlySpan<byte> head = First.Span;
-        int position = 4 + (int)BinaryPrimitives.ReadUInt32LittleEndian(head);
-        int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
-        position += 2;
-        int offset = position + (8 * count);
+        ReadOnlySpan<byte> lengths = WholePayloadLengths(out int offset);
         for (int i = 0; i < index; i++)
         {
-            offset += (int)BinaryPrimitives.ReadInt64LittleEndian(head[(position + (8 * i))..]);
+            offset += (int)BinaryPrimitives.ReadInt64LittleEndian(lengths[(8 * i)..]);
         }
 
-        int length = (int)BinaryPrimitives.ReadInt64LittleEndian(head[(position + (8 * index))..]);
+        int length = (int)BinaryPrimitives.ReadInt64LittleEndian(lengths[(8 * index)..]);
         return System.Runtime.InteropServices.MemoryMarshal.AsMemory(First.Slice(offset, length));
     }
 
@@ -188,11 +184,20 @@ internal sealed class Frame : IReplySource
     {
         get
         {
-            ReadOnlySpan<byte> head = First.Span;
-            int position = 4 + (int)BinaryPrimitives.ReadUInt32LittleEndian(head);
-            int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
-            return head.Length - (position + 2 + (8 * count));
+            WholePayloadLengths(out int payloads);
+            return First.Length - payloads;
         }
+    }
+
+    /// <summary>A whole message's table of payload lengths (i64 each), and where its payloads' bytes start.</summary>
+    private ReadOnlySpan<byte> WholePayloadLengths(out int payloads)
+    {
+        ReadOnlySpan<byte> head = First.Span;
+        int position = 4 + (int)BinaryPrimitives.ReadUInt32LittleEndian(head);
+        int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
+        position += 2;
+        payloads = position + (8 * count);
+        return head[position..payloads];
     }
 
     ReadOnlySpan<byte> IReplySource.Body => WholeBody.Span;

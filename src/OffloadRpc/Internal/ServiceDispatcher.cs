@@ -133,17 +133,17 @@ internal sealed class ServiceDispatcher : IRequestHandler
     }
 
     /// <summary>
-    /// A call with metadata, interceptors, a per-call implementation or telemetry: headers and deadline
-    /// decoded (the token fires at the deadline), the server span made the caller's span's child, the
-    /// interceptors run around the stub, and the call's duration and status recorded.
-    /// </summary>
-    /// <summary>
     /// How early a cancellation may come and still be the deadline's: the call's timer (or the caller's,
     /// whose cancel then arrives) counts in ticks of the runtime's timer queue, and fires up to a tick
     /// before the deadline by this process's precise clock (the coarse clock it reads moves every few ms on Linux, 15.6 on Windows).
     /// </summary>
     private static readonly TimeSpan DeadlineSlack = TimeSpan.FromMilliseconds(20);
 
+    /// <summary>
+    /// A call with metadata, interceptors, a per-call implementation or telemetry: headers and deadline
+    /// decoded (the token fires at the deadline), the server span made the caller's span's child, the
+    /// interceptors run around the stub, and the call's duration and status recorded.
+    /// </summary>
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask DispatchObservedAsync(IInboundCall call, Target target)
     {
