@@ -270,6 +270,9 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     }
 
     /// <summary>Waits for the items and credit already queued to be written (before the reply or the fault, which end the call).</summary>
+    /// <summary>Whether a streamed result's items were written (<see cref="FinishItemsAsync"/> then has them to finish).</summary>
+    public bool HasItems => _outgoing is not null;
+
     public async Task FinishItemsAsync()
     {
         if (_outgoing is null)

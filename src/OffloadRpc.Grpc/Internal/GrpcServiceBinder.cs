@@ -290,16 +290,34 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         return assembler;
     }
 
-    /// <summary>Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the call with.</summary>
-    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
-    private async ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, ReceivedRequest request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
+    /// <summary>
+    /// Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the
+    /// call with. A method that completed at once with nothing streamed is done without an async step.
+    /// </summary>
+    private ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, ReceivedRequest request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
         var call = new GrpcInboundCall(method.Id, request, context, inbound, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
+        ValueTask dispatched;
+        try
+        {
+            dispatched = host.Dispatcher.DispatchAsync(call);
+        }
+        catch (Exception ex)
+        {
+            dispatched = ValueTask.FromException(ex);
+        }
 
+        return dispatched.IsCompletedSuccessfully && !call.HasItems ? new ValueTask<GrpcInboundCall>(call) : FinishAsync(dispatched, call, context);
+    }
+
+    /// <summary>The rest of <see cref="DispatchAsync"/>: awaits the method, then its streamed result's items.</summary>
+    [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<GrpcInboundCall> FinishAsync(ValueTask dispatched, GrpcInboundCall call, ServerCallContext context)
+    {
         Exception? failure = null;
         try
         {
-            await host.Dispatcher.DispatchAsync(call).ConfigureAwait(false);
+            await dispatched.ConfigureAwait(false);
         }
         catch (Exception ex)
         {

@@ -71,7 +71,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
         }
 
         CallLogging? logging = pipeline is { SlowCallMilliseconds: < double.PositiveInfinity } ? pipeline : null;
-        long started = logging is null ? 0 : System.Diagnostics.Stopwatch.GetTimestamp();
+        long started = logging is null ? 0 : logging.Now();
         var serverCall = new ServerCall(call, target.Method, _serializerOptions);
         ValueTask task;
         ExecutionContext? outer = ExecutionContext.Capture(); // null only while the flow is suppressed
@@ -124,7 +124,7 @@ internal sealed class ServiceDispatcher : IRequestHandler
     {
         if (logging is not null)
         {
-            double elapsed = System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds;
+            double elapsed = logging.ElapsedMilliseconds(started);
             if (elapsed >= logging.SlowCallMilliseconds)
             {
                 Diagnostics.Log.SlowCall(logging.Logger, Telemetry.Server.Side, method.FullName, elapsed, Telemetry.StatusOf(failure));
