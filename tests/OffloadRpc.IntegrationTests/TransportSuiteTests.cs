@@ -261,14 +261,15 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Theory]
-    [InlineData("AddAsync")] // bound unary
-    [InlineData("ChecksumAsync")] // bound client streaming: its first frame read by the route itself
-    [InlineData("EchoAsync")] // bound duplex
-    public async Task A_first_frame_that_is_not_a_frame_is_refused_as_a_protocol_violation(string method)
+    [InlineData("OffloadRpc.TestContracts.IImageService", "AddAsync")] // bound unary
+    [InlineData("OffloadRpc.TestContracts.IImageService", "ChecksumAsync")] // bound client streaming: its first frame read by the route itself
+    [InlineData("OffloadRpc.TestContracts.IImageService", "EchoAsync")] // bound duplex
+    [InlineData("offloadrpc.Server", "Describe")] // the server's description, which a client asks for first
+    public async Task A_first_frame_that_is_not_a_frame_is_refused_as_a_protocol_violation(string service, string method)
     {
         using var channel = global::Grpc.Net.Client.GrpcChannel.ForAddress(Server.GrpcAddress);
         var raw = new global::Grpc.Core.Marshaller<byte[]>(static bytes => bytes, static bytes => bytes);
-        var call = new global::Grpc.Core.Method<byte[], byte[]>(global::Grpc.Core.MethodType.Unary, "OffloadRpc.TestContracts.IImageService", method, raw, raw);
+        var call = new global::Grpc.Core.Method<byte[], byte[]>(global::Grpc.Core.MethodType.Unary, service, method, raw, raw);
         foreach (byte[] message in new[] { new byte[] { 0x09, 1, 2, 3 }, [] }) // an unknown kind; no kind at all
         {
             global::Grpc.Core.RpcException refused = await Assert.ThrowsAsync<global::Grpc.Core.RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(call, null, default, message).ResponseAsync);

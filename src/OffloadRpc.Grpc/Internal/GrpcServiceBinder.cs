@@ -24,7 +24,7 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
     {
         ServerRegistration[] registrations = [.. services.GetServices<ServerRegistration>()];
         HostedServers hosted = services.GetRequiredService<HostedServers>();
-        context.AddUnaryMethod(GrpcWire.Describe, [], (_, request, call) =>
+        context.AddUnaryMethod(GrpcWire.DescribeServed, [], (_, request, call) =>
         {
             request.Release();
             return Task.FromResult(new Frame(FrameKind.Head, Describe(registrations, hosted).Encode()));

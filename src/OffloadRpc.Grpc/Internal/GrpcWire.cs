@@ -19,6 +19,9 @@ internal static class GrpcWire
     /// <summary>The well-known method every server of this transport serves: who it is and what it serves.</summary>
     public static readonly Method<Frame, Frame> Describe = new(MethodType.Unary, "offloadrpc.Server", "Describe", Frame.Marshaller, Frame.Marshaller);
 
+    /// <summary><see cref="Describe"/> as the server binds it: a request that is not a frame is a protocol violation (<see cref="Frame.OneRequestMarshaller"/>).</summary>
+    public static readonly Method<Frame, Frame> DescribeServed = new(MethodType.Unary, Describe.ServiceName, Describe.Name, Frame.OneRequestMarshaller, Frame.Marshaller);
+
     /// <summary>
     /// How a contract method is bound, from its shape: a request with buffers or a streamed argument may
     /// be several frames (a request stream), a reply with a buffer or a streamed result several frames
