@@ -269,10 +269,10 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         }
     }
 
-    /// <summary>Waits for the items and credit already queued to be written (before the reply or the fault, which end the call).</summary>
-    /// <summary>Whether a streamed result's items were written (<see cref="FinishItemsAsync"/> then has them to finish).</summary>
-    public bool HasItems => _outgoing is not null;
+    /// <summary>Whether the call started its response writer (items of a streamed result, or credit for a streamed argument), which <see cref="FinishItemsAsync"/> then has to finish.</summary>
+    public bool HasResponseWriter => _outgoing is not null;
 
+    /// <summary>Waits for the items and credit already queued to be written (before the reply or the fault, which end the call).</summary>
     public async Task FinishItemsAsync()
     {
         if (_outgoing is null)

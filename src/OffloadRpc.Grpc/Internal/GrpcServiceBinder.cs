@@ -292,7 +292,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 
     /// <summary>
     /// Dispatches the call; the returned call holds the reply. A failure is thrown as the status it ends the
-    /// call with. A method that completed at once with nothing streamed is done without an async step.
+    /// call with. A method that completed at once without starting the response writer is done without an async step.
     /// </summary>
     private ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, ReceivedRequest request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
@@ -307,7 +307,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             dispatched = ValueTask.FromException(ex);
         }
 
-        return dispatched.IsCompletedSuccessfully && !call.HasItems ? new ValueTask<GrpcInboundCall>(call) : FinishAsync(dispatched, call, context);
+        return dispatched.IsCompletedSuccessfully && !call.HasResponseWriter ? new ValueTask<GrpcInboundCall>(call) : FinishAsync(dispatched, call, context);
     }
 
     /// <summary>The rest of <see cref="DispatchAsync"/>: awaits the method, then its streamed result's items.</summary>

@@ -270,11 +270,12 @@ internal class CallLogging
     /// </summary>
     private const double CoarseClockFromMilliseconds = 50;
 
-    private bool Coarse => SlowCallMilliseconds >= CoarseClockFromMilliseconds;
+    /// <summary>Whether calls are timed on the coarse clock (<see cref="Environment.TickCount64"/>), not <see cref="Stopwatch"/>.</summary>
+    internal bool UsesCoarseClock => SlowCallMilliseconds >= CoarseClockFromMilliseconds;
 
     /// <summary>A call's start on the clock of this threshold, for <see cref="ElapsedMilliseconds"/>.</summary>
-    public long Now() => Coarse ? Environment.TickCount64 : Stopwatch.GetTimestamp();
+    public long Now() => UsesCoarseClock ? Environment.TickCount64 : Stopwatch.GetTimestamp();
 
     /// <summary>Milliseconds since <paramref name="started"/> (<see cref="Now"/>).</summary>
-    public double ElapsedMilliseconds(long started) => Coarse ? Environment.TickCount64 - started : Stopwatch.GetElapsedTime(started).TotalMilliseconds;
+    public double ElapsedMilliseconds(long started) => UsesCoarseClock ? Environment.TickCount64 - started : Stopwatch.GetElapsedTime(started).TotalMilliseconds;
 }
