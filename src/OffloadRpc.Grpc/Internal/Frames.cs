@@ -269,7 +269,7 @@ internal sealed class Frame : IReplySource
         }
         catch (ProtocolViolationException violation)
         {
-            throw MethodRoute.Violation(violation);
+            throw GrpcWire.Violation(violation);
         }
     }
 

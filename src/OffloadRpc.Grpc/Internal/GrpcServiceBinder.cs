@@ -1,4 +1,3 @@
-using System.Text;
 using global::Grpc.AspNetCore.Server.Model;
 using global::Grpc.Core;
 using Microsoft.Extensions.DependencyInjection;
@@ -101,8 +100,6 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
 /// </summary>
 internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 {
-    private const int MaxTrailerChars = 4096;
-
     /// <summary>
     /// A unary call: one frame in, one frame out (gRPC writes it with the status after this returns). A
     /// method that completes at once is answered without an async step of this method's own.
@@ -224,7 +221,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         catch (ProtocolViolationException violation)
         {
             assembler.Dispose();
-            throw Violation(violation);
+            throw GrpcWire.Violation(violation);
         }
 
         return assembler;
@@ -246,7 +243,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         }
         catch (ProtocolViolationException violation)
         {
-            throw Violation(violation); // a frame that does not deserialize, or none
+            throw GrpcWire.Violation(violation); // a frame that does not deserialize, or none
         }
 
         if (head.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
@@ -273,7 +270,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         catch (ProtocolViolationException violation)
         {
             assembler.Dispose();
-            throw Violation(violation);
+            throw GrpcWire.Violation(violation);
         }
         catch
         {
@@ -284,7 +281,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         if (!assembler.IsComplete)
         {
             assembler.Dispose();
-            throw Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
+            throw GrpcWire.Violation(new ProtocolViolationException($"The request of {method.FullName} ended before its last byte."));
         }
 
         return assembler;
@@ -359,7 +356,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         using OutgoingMessage reply = call.TakeReply();
         if (!reply.IsSingleFrame)
         {
-            throw Violation(new ProtocolViolationException($"The reply of {method.FullName} carries buffers its contract does not declare."));
+            throw GrpcWire.Violation(new ProtocolViolationException($"The reply of {method.FullName} carries buffers its contract does not declare."));
         }
 
         return reply.DetachHead(releaseAfterWrite: true);
@@ -397,7 +394,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     {
         if (call.Violation is not null || ex is ProtocolViolationException)
         {
-            return Violation(call.Violation ?? (ProtocolViolationException)ex);
+            return GrpcWire.Violation(call.Violation ?? (ProtocolViolationException)ex);
         }
 
         if (ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested)
@@ -410,37 +407,6 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             return new RpcException(new Status(StatusCode.DeadlineExceeded, $"{method.FullName} passed its deadline."));
         }
 
-        return Fault(ex);
-    }
-
-    /// <summary>A request that breaks the protocol, as the status it ends the call with (Internal, the violation in a trailer).</summary>
-    internal static RpcException Violation(ProtocolViolationException violation) =>
-        new(new Status(StatusCode.Internal, violation.Message), new Metadata { { GrpcWire.ViolationTrailer, Ascii(violation.Message) } });
-
-    /// <summary>The implementation's exception as status Unknown, its type and stack in trailers (as the shared-memory fault carries them).</summary>
-    internal static RpcException Fault(Exception ex)
-    {
-        var trailers = new Metadata
-        {
-            { GrpcWire.FaultTypeTrailer, Ascii(ex.GetType().FullName ?? ex.GetType().Name) },
-        };
-        if (ex.StackTrace is { Length: > 0 } stack)
-        {
-            trailers.Add(GrpcWire.FaultStackTrailer, Ascii(stack));
-        }
-
-        return new RpcException(new Status(StatusCode.Unknown, ex.Message.Length > MaxTrailerChars ? ex.Message[..MaxTrailerChars] : ex.Message), trailers);
-    }
-
-    /// <summary>Trailer values are printable ASCII: others become '?', long ones are cut.</summary>
-    private static string Ascii(string value)
-    {
-        var text = new StringBuilder(Math.Min(value.Length, MaxTrailerChars));
-        foreach (char c in value.AsSpan(0, Math.Min(value.Length, MaxTrailerChars)))
-        {
-            text.Append(c is >= ' ' and <= '~' ? c : c is '\n' ? '|' : '?');
-        }
-
-        return text.ToString();
+        return GrpcWire.Fault(ex);
     }
 }

@@ -4,7 +4,7 @@ using OffloadRpc.Internal;
 
 namespace OffloadRpc.Grpc.Internal;
 
-/// <summary>Names both sides of the gRPC transport agree on.</summary>
+/// <summary>Names both sides of the gRPC transport agree on, and the statuses (with their trailers) a server ends a call with.</summary>
 internal static class GrpcWire
 {
     /// <summary>The request's metadata block (headers, deadline, trace context), as the shared-memory transport encodes it.</summary>
@@ -15,6 +15,9 @@ internal static class GrpcWire
     public const string FaultStackTrailer = "offloadrpc-fault-stack";
 
     public const string ViolationTrailer = "offloadrpc-violation";
+
+    /// <summary>The most characters of a trailer value (an exception's message, type or stack) or a status detail.</summary>
+    private const int MaxTrailerChars = 4096;
 
     /// <summary>The well-known method every server of this transport serves: who it is and what it serves.</summary>
     public static readonly Method<Frame, Frame> Describe = new(MethodType.Unary, "offloadrpc.Server", "Describe", Frame.Marshaller, Frame.Marshaller);
@@ -65,6 +68,37 @@ internal static class GrpcWire
         MethodType type = BindingOf(method);
         Marshaller<Frame> requests = type is MethodType.Unary or MethodType.ServerStreaming ? Frame.OneRequestMarshaller : Frame.Marshaller;
         return new(type, method.ServiceName, method.Name, requests, Frame.Marshaller);
+    }
+
+    /// <summary>A request that breaks the protocol, as the status it ends the call with (Internal, the violation in a trailer).</summary>
+    public static RpcException Violation(ProtocolViolationException violation) =>
+        new(new Status(StatusCode.Internal, violation.Message), new Metadata { { ViolationTrailer, Ascii(violation.Message) } });
+
+    /// <summary>The implementation's exception as status Unknown, its type and stack in trailers (as the shared-memory fault carries them).</summary>
+    public static RpcException Fault(Exception ex)
+    {
+        var trailers = new Metadata
+        {
+            { FaultTypeTrailer, Ascii(ex.GetType().FullName ?? ex.GetType().Name) },
+        };
+        if (ex.StackTrace is { Length: > 0 } stack)
+        {
+            trailers.Add(FaultStackTrailer, Ascii(stack));
+        }
+
+        return new RpcException(new Status(StatusCode.Unknown, ex.Message.Length > MaxTrailerChars ? ex.Message[..MaxTrailerChars] : ex.Message), trailers);
+    }
+
+    /// <summary>Trailer values are printable ASCII: others become '?', long ones are cut.</summary>
+    private static string Ascii(string value)
+    {
+        var text = new System.Text.StringBuilder(Math.Min(value.Length, MaxTrailerChars));
+        foreach (char c in value.AsSpan(0, Math.Min(value.Length, MaxTrailerChars)))
+        {
+            text.Append(c is >= ' ' and <= '~' ? c : c is '\n' ? '|' : '?');
+        }
+
+        return text.ToString();
     }
 }
 
