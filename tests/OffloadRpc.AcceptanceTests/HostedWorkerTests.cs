@@ -1,5 +1,4 @@
 using System.Text.RegularExpressions;
-using OffloadRpc.Tests.Infrastructure;
 using Xunit;
 
 namespace OffloadRpc.Tests;
@@ -7,18 +6,12 @@ namespace OffloadRpc.Tests;
 /// <summary>samples/HostedWorker as a user runs it: a Generic Host server process and a client, one trace across both.</summary>
 public sealed partial class HostedWorkerTests
 {
-    private static readonly string Repository = Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "..", "..", "..", "..", ".."));
+    private static readonly string Repository = Samples.Repository;
 
     [Fact]
     public async Task The_hosted_worker_sample_shows_one_trace_across_both_processes()
     {
-        string here = AppContext.BaseDirectory.TrimEnd('/');
-        string framework = Path.GetFileName(here);
-        string configuration = Path.GetFileName(Path.GetDirectoryName(here)!);
-        string sample = Path.Combine(Repository, "samples", "HostedWorker", "bin", configuration, framework, "HostedWorker.dll");
-        string dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host && File.Exists(host) ? host : "dotnet";
-
-        (int exit, string output) = await ProcessRunner.RunAsync(dotnet, ["exec", sample, "demo", $"t{Environment.ProcessId}-hosted-worker"], TimeSpan.FromMinutes(2));
+        (int exit, string output) = await Samples.RunAsync("HostedWorker", ["demo", $"t{Environment.ProcessId}-hosted-worker"], TimeSpan.FromMinutes(2));
         Assert.True(exit == 0, output);
         Assert.Contains("Hello world (tenant acme, greeting #1", output, StringComparison.Ordinal);
         Assert.Contains("As expected: /HostedWorker.IGreeter/SlowAsync did not complete before its deadline", output, StringComparison.Ordinal);

@@ -1,5 +1,4 @@
 using System.Text.RegularExpressions;
-using OffloadRpc.Tests.Infrastructure;
 using Xunit;
 
 namespace OffloadRpc.Tests;
@@ -13,20 +12,12 @@ namespace OffloadRpc.Tests;
 /// </summary>
 public sealed partial class ImagePipelineTests
 {
-    private static readonly string Repository = Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "..", "..", "..", "..", ".."));
-
     private static readonly string[] Checks = ["ping", "histogram", "batch stats", "thumbnail", "frame stream", "bad call"];
 
     [Fact]
     public async Task The_main_job_verifies_its_results_over_gRPC_and_then_over_shared_memory_after_the_switch()
     {
-        string here = AppContext.BaseDirectory.TrimEnd('/');
-        string framework = Path.GetFileName(here);
-        string configuration = Path.GetFileName(Path.GetDirectoryName(here)!);
-        string sample = Path.Combine(Repository, "samples", "ImagePipeline", "bin", configuration, framework, "ImagePipeline.dll");
-        string dotnet = Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host && File.Exists(host) ? host : "dotnet";
-
-        (int exit, string output) = await ProcessRunner.RunAsync(dotnet, ["exec", sample, "--quick", "--grpc"], TimeSpan.FromMinutes(4));
+        (int exit, string output) = await Samples.RunAsync("ImagePipeline", ["--quick", "--grpc"], TimeSpan.FromMinutes(4));
         Assert.True(exit == 0, output);
         string text = Whitespace().Replace(output, " "); // the console may wrap long lines
 
