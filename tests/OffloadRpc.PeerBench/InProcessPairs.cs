@@ -85,7 +85,7 @@ internal static class InProcessPairs
         }
 
         Console.WriteLine($"grpc vs offloadrpc-grpc in one process over TestServer, 64 B, blocks of {Block} calls taking turns, {perOperation.TotalSeconds:0.#} s per operation ({Environment.ProcessorCount} cores)");
-        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"CPU us/call",14} {"alloc B/call",14} {"pool items/call",16}");
+        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"p50 95% CI",16} {"CPU us/call",14} {"alloc B/call",14} {"pool items/call",16}");
         foreach ((Op op, ulong value) in expected)
         {
             var wall = new[] { new List<double>(), new List<double>() };
@@ -113,7 +113,7 @@ internal static class InProcessPairs
 
             double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
             Console.WriteLine(
-                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {PairBench.Median(wall[0]),8:F2} {PairBench.Median(wall[1]),8:F2} {$"{PairBench.Quantile(ratios, 0.25):F3} {PairBench.Quantile(ratios, 0.5):F3} {PairBench.Quantile(ratios, 0.75):F3}",26} {$"{PairBench.Median(cpu[0]):F1} {PairBench.Median(cpu[1]):F1}",14} {$"{PairBench.Median(allocated[0]):F0} {PairBench.Median(allocated[1]):F0}",14} {$"{PairBench.Median(items[0]):F2} {PairBench.Median(items[1]):F2}",16}");
+                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {PairBench.Median(wall[0]),8:F2} {PairBench.Median(wall[1]),8:F2} {$"{PairBench.Quantile(ratios, 0.25):F3} {PairBench.Quantile(ratios, 0.5):F3} {PairBench.Quantile(ratios, 0.75):F3}",26} {PairBench.MedianInterval(ratios),16} {$"{PairBench.Median(cpu[0]):F1} {PairBench.Median(cpu[1]):F1}",14} {$"{PairBench.Median(allocated[0]):F0} {PairBench.Median(allocated[1]):F0}",14} {$"{PairBench.Median(items[0]):F2} {PairBench.Median(items[1]):F2}",16}");
         }
     }
 }

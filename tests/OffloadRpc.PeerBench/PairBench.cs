@@ -66,7 +66,7 @@ internal static class PairBench
         }
 
         Console.WriteLine($"grpc-uds vs offloadrpc-grpc, 64 B, blocks of {Block} calls taking turns, {perOperation.TotalSeconds:0.#} s per operation ({Environment.ProcessorCount} cores)");
-        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"client CPU us",16} {"server CPU us",16}");
+        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"p50 95% CI",16} {"client CPU us",16} {"server CPU us",16}");
         foreach ((Op op, ulong value) in expected)
         {
             var wall = new[] { new List<double>(), new List<double>() };
@@ -92,7 +92,7 @@ internal static class PairBench
 
             double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
             Console.WriteLine(
-                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {Median(wall[0]),8:F1} {Median(wall[1]),8:F1} {$"{Quantile(ratios, 0.25):F3} {Quantile(ratios, 0.5):F3} {Quantile(ratios, 0.75):F3}",26} {$"{Median(clientCpu[0]):F1} {Median(clientCpu[1]):F1}",16} {$"{Median(serverCpu[0]):F1} {Median(serverCpu[1]):F1}",16}");
+                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {Median(wall[0]),8:F1} {Median(wall[1]),8:F1} {$"{Quantile(ratios, 0.25):F3} {Quantile(ratios, 0.5):F3} {Quantile(ratios, 0.75):F3}",26} {MedianInterval(ratios),16} {$"{Median(clientCpu[0]):F1} {Median(clientCpu[1]):F1}",16} {$"{Median(serverCpu[0]):F1} {Median(serverCpu[1]):F1}",16}");
         }
     }
 
@@ -107,6 +107,26 @@ internal static class PairBench
     }
 
     internal static double Median(List<double> values) => Quantile([.. values.Order()], 0.5);
+
+    /// <summary>
+    /// A 95% interval for the median of <paramref name="sorted"/>, from order statistics alone (no
+    /// assumption about the ratios' distribution, only that the pairs are independent): the values of ranks
+    /// n/2 - 0.98 sqrt(n) and 1 + n/2 + 0.98 sqrt(n). Printed as "[lo hi]"; a median is told from 1 only
+    /// when 1 is outside it.
+    /// </summary>
+    internal static string MedianInterval(double[] sorted)
+    {
+        int n = sorted.Length;
+        if (n < 6)
+        {
+            return "[too few]";
+        }
+
+        double half = 0.98 * Math.Sqrt(n);
+        int lower = Math.Max(1, (int)Math.Floor((n / 2.0) - half));
+        int upper = Math.Min(n, (int)Math.Ceiling(1 + (n / 2.0) + half));
+        return $"[{sorted[lower - 1]:F3} {sorted[upper - 1]:F3}]";
+    }
 
     internal static double Quantile(double[] sorted, double q) => sorted.Length == 0 ? double.NaN : sorted[(int)Math.Round(q * (sorted.Length - 1))];
 }
