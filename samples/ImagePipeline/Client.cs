@@ -79,7 +79,7 @@ internal static class Client
     }
 
     /// <summary>
-    /// Fewer calls over gRPC, which is 10-100x slower per call than shared memory on one host; enough pings
+    /// Fewer calls over gRPC, which is 5 to 60x slower per call than shared memory on one host; enough pings
     /// first (about a second) for the JIT to have compiled both stacks' hot paths at their final tier.
     /// </summary>
     private static readonly Plan GrpcPlan = new(PingWarmup: 10_000, Pings: 10_000, FrameWarmup: 2, Frames: 30, BatchWarmup: 1, Batches: 5);
@@ -326,8 +326,9 @@ internal static class Client
     }
 
     /// <summary>
-    /// Each iteration rents a frame in shared memory, renders into it in place (this replaces the copy
-    /// the other workloads make), moves it to the worker and gets the thumbnail lease back: all timed.
+    /// Each iteration rents a frame from the connection (shared memory; ordinary memory over gRPC), renders into
+    /// it in place (this replaces the copy the other workloads make), moves it to the worker and gets the
+    /// thumbnail lease back (without a copy over shared memory, copied over gRPC): all timed.
     /// </summary>
     private static async Task<(ResultRow Row, double RenderMilliseconds)> MeasureThumbnailAsync(OffloadRpcConnection connection, IImageWorker service, Plan plan, ProgressTask task)
     {
@@ -366,7 +367,7 @@ internal static class Client
     }
 
     /// <summary>
-    /// The streaming stage: one call, the worker renders every frame into shared memory and streams it back while
+    /// The streaming stage: one call, the worker renders every frame into a lease (shared memory; ordinary memory over gRPC) and streams it back while
     /// the client consumes the previous ones (a histogram of each, here). Latency per frame: from asking for the next
     /// frame to having it (render and transfer overlap with the client's work, up to StreamWindow frames ahead).
     /// </summary>
@@ -463,7 +464,7 @@ internal static class Client
               "Frame stream: one call; the worker renders each frame into shared memory and streams it back as a lease while the client " +
               "computes the previous frame's histogram; calls = frames, latency = waiting for the next frame."
             : "GB/s = payload bytes x calls / wall time, work included. Latency: one call as the caller sees it " +
-              "(the request's frames over HTTP/2, the worker's work, the reply's frames). Over gRPC a SharedBuffer is ordinary memory: " +
+              "(the request's gRPC messages over HTTP/2, the worker's work, the reply's). Over gRPC a SharedBuffer is ordinary memory: " +
               $"the thumbnail's frame is rendered into one ({render} ms per frame, included), copied into the request, and the thumbnail " +
               "copied out of the reply. Frame stream: one call; the worker renders each frame and streams it back as gRPC messages, " +
               "copied into a buffer the client owns, while the client computes the previous frame's histogram; calls = frames, latency = " +

@@ -2,10 +2,10 @@ using OffloadRpc;
 
 namespace ImagePipeline;
 
-/// <summary>The worker process's implementation: runs the fast kernels on memory that lives in shared memory.</summary>
+/// <summary>The worker process's implementation: runs the fast kernels on the request's memory in place (shared memory; over gRPC, the received copy).</summary>
 internal sealed class ImageWorker : IImageWorker
 {
-    /// <summary><paramref name="rgbFrame"/> points into shared memory and is valid until this method returns.</summary>
+    /// <summary><paramref name="rgbFrame"/> points into shared memory (over gRPC, into the received request) and is valid until this method returns.</summary>
     public ValueTask<HistogramResult> HistogramAsync(ReadOnlyMemory<byte> rgbFrame, int width, int height, CancellationToken ct = default) =>
         ValueTask.FromResult(Kernels.Histogram(rgbFrame.Span, width, height));
 

@@ -25,7 +25,11 @@ internal static class ProcessRunner
         catch (OperationCanceledException)
         {
             process.Kill(entireProcessTree: true);
-            throw new TimeoutException($"{file} {string.Join(' ', arguments)} did not finish within {timeout}.");
+            // The pipes close with the process tree; a descendant that escaped the kill and kept them open
+            // must not hang the test, so its output is waited for a few seconds at most.
+            await Task.WhenAny(Task.WhenAll(stdout, stderr), Task.Delay(TimeSpan.FromSeconds(5)));
+            string printed = (stdout.IsCompletedSuccessfully ? stdout.Result : "(stdout still open)") + (stderr.IsCompletedSuccessfully ? stderr.Result : "(stderr still open)");
+            throw new TimeoutException($"{file} {string.Join(' ', arguments)} did not finish within {timeout}. It printed:\n{printed}");
         }
 
         return (process.ExitCode, await stdout + await stderr);

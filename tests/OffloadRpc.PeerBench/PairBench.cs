@@ -110,9 +110,10 @@ internal static class PairBench
 
     /// <summary>
     /// A 95% interval for the median of <paramref name="sorted"/>, from order statistics alone (no
-    /// assumption about the ratios' distribution, only that the pairs are independent): the values of ranks
-    /// n/2 - 0.98 sqrt(n) and 1 + n/2 + 0.98 sqrt(n). Printed as "[lo hi]"; a median is told from 1 only
-    /// when 1 is outside it.
+    /// assumption about the ratios' distribution, only that the pairs are independent): the values of
+    /// (1-based) ranks floor(n/2 - 0.98 sqrt(n)) and ceil(1 + n/2 + 0.98 sqrt(n)), rounded outwards. Printed as
+    /// "[lo hi]"; a median is told from 1 only when 1 is outside it. It is one run's: between runs the
+    /// median moves by more.
     /// </summary>
     internal static string MedianInterval(double[] sorted)
     {
