@@ -8,8 +8,11 @@ public static class OffloadRpcGrpcOptionsExtensions
 {
     /// <summary>
     /// Configures the <see cref="GrpcChannelOptions"/> of connections made with these options to
-    /// <c>http://</c> and <c>https://</c> addresses: credentials, the HTTP handler, message limits (frames
-    /// are at most 1 MiB of buffer bytes, a head at most the options' <see cref="OffloadRpcOptions.MaxMessageBytes"/>).
+    /// <c>http://</c> and <c>https://</c> addresses: credentials, the HTTP handler, message limits. Buffers
+    /// cross in frames of 1 MiB and a kind byte, so <c>ConnectAsync</c> refuses a <c>MaxSendMessageSize</c> or
+    /// <c>MaxReceiveMessageSize</c> below 1,048,577 bytes (null: no limit); a call's MessagePack arguments or
+    /// result go in one frame (at most the options' <see cref="OffloadRpcOptions.MaxMessageBytes"/>), and a call
+    /// whose frame is above a limit fails with an <see cref="OffloadRpcException"/>.
     /// </summary>
     public static OffloadRpcOptions ConfigureGrpcChannel(this OffloadRpcOptions options, Action<GrpcChannelOptions> configure)
     {

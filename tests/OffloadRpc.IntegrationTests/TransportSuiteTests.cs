@@ -97,6 +97,67 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
         Assert.Equal(uint.MaxValue, remote.PeerUserId);
     }
 
+    [Theory]
+    [InlineData(64 << 10, null)]
+    [InlineData(null, 1 << 20)] // one byte short of a whole data frame
+    public async Task Message_limits_below_one_frame_are_refused_when_connecting(int? send, int? receive)
+    {
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel =>
+        {
+            channel.MaxSendMessageSize = send;
+            channel.MaxReceiveMessageSize = receive;
+        });
+        ArgumentException refused = await Assert.ThrowsAsync<ArgumentException>(() => OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options));
+        Assert.Contains("1,048,577", refused.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task A_request_above_the_channels_send_limit_fails_the_call_and_the_connection_serves_on()
+    {
+        const int limit = (1 << 20) + 1; // the least the transport takes: one whole data frame
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel => channel.MaxSendMessageSize = limit);
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        string large = new('x', 2 << 20); // its MessagePack goes in the head frame, above the limit
+
+        // A unary call, and a call that writes its request itself (a streamed argument): before this was
+        // caught the second waited for ever for the rest of a request gRPC had refused to send.
+        OffloadRpcException unary = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IKitchenSink>().ConcatAsync(large, "y"));
+        Assert.Contains("too large", unary.Message, StringComparison.Ordinal);
+        OffloadRpcException streamed = await Assert.ThrowsAsync<OffloadRpcException>(async () =>
+            await connection.GetService<IFrameSource>().SlowDrainAsync(large, Values(), 0).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Contains("too large", streamed.Message, StringComparison.Ordinal);
+
+        // Buffers cross in data frames of exactly the limit, and the connection serves on.
+        byte[] buffer = new byte[(3 << 20) + 17];
+        new Random(15).NextBytes(buffer);
+        IImageService images = connection.GetService<IImageService>();
+        Assert.Equal(Checksum64.Compute(buffer), await images.ChecksumAsync(buffer));
+        Assert.Equal(3, await images.AddAsync(1, 2));
+
+        static async IAsyncEnumerable<int> Values()
+        {
+            for (int i = 0; i < 3; i++)
+            {
+                await Task.Yield();
+                yield return i;
+            }
+        }
+    }
+
+    [Fact]
+    public async Task A_reply_above_the_channels_receive_limit_fails_the_call_as_too_large_not_as_a_remote_fault()
+    {
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        options.ConfigureGrpcChannel(channel => channel.MaxReceiveMessageSize = (1 << 20) + 1);
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(Server.GrpcAddress, options);
+        IKitchenSink sink = connection.GetService<IKitchenSink>();
+        OffloadRpcException refused = await Assert.ThrowsAsync<OffloadRpcException>(() => sink.ConcatAsync(new string('x', 3 << 19), "y")); // 1.5 MiB back in one frame
+        Assert.Contains("too large", refused.Message, StringComparison.Ordinal);
+        Assert.Equal("ab", await sink.ConcatAsync("a", "b"));
+    }
+
     [Fact]
     public async Task Over_a_Unix_socket_the_kernel_vouches_for_the_caller_of_a_gRPC_call()
     {

@@ -35,6 +35,9 @@ internal sealed class Frame : IReplySource
     /// <summary>The most payload bytes one frame carries.</summary>
     public const int ChunkBytes = 1 << 20;
 
+    /// <summary>The smallest gRPC message limit the transport works with: a data frame is its kind byte and up to <see cref="ChunkBytes"/> bytes.</summary>
+    public const int MinMessageLimit = 1 + ChunkBytes;
+
     /// <summary>Payloads this small together ride in the head frame.</summary>
     public const int InlineBytes = 64 << 10;
 

@@ -25,6 +25,9 @@ internal sealed class GrpcClientCall : IStreamItemSink
     private readonly Frame? _head;
     private Exception? _fault;
 
+    /// <summary>gRPC refused to send one of the request's frames (above the channel's MaxSendMessageSize): the call failed with this.</summary>
+    private RpcException? _refused;
+
     private GrpcClientCall(GrpcInvoker invoker, GrpcMethod method, OutgoingMessage message, in GrpcCallMetadata metadata, bool streamsItems, CancellationToken cancellationToken)
     {
         _invoker = invoker;
@@ -162,6 +165,15 @@ internal sealed class GrpcClientCall : IStreamItemSink
 
             await requests.CompleteAsync().ConfigureAwait(false);
         }
+        catch (RpcException ex) when (ex.StatusCode == StatusCode.ResourceExhausted)
+        {
+            // gRPC refused a frame above the channel's send limit before it went out. The call has not ended:
+            // the server would wait for the rest of the request and this side for the reply, for ever. It
+            // ends here, failed with the refusal (Translate), its unsent items given back.
+            Volatile.Write(ref _refused, ex);
+            DiscardItems();
+            _call.Dispose();
+        }
         catch (Exception ex) when (ex is RpcException or OperationCanceledException or InvalidOperationException or IOException or ObjectDisposedException)
         {
             // The call ended (answered, cancelled, or the server went away): its status says how; unsent items go back.
@@ -216,9 +228,11 @@ internal sealed class GrpcClientCall : IStreamItemSink
         _message.Dispose();
     }
 
-    /// <summary>gRPC's outcome as this library's exception (<see cref="GrpcInvoker.Translate"/>).</summary>
+    /// <summary>gRPC's outcome as this library's exception (<see cref="GrpcInvoker.Translate"/>); a request gRPC refused to send ends the call whatever the reader saw.</summary>
     public Exception Translate(Exception ex, MethodDescriptor method, CancellationToken cancellationToken) =>
-        _invoker.Translate(ex, method, Deadline, cancellationToken);
+        Volatile.Read(ref _refused) is { } refused
+            ? GrpcInvoker.ResourceExhausted(refused, method)
+            : _invoker.Translate(ex, method, Deadline, cancellationToken);
 }
 
 /// <summary>The one response of a client-streaming call, read as a stream of one frame.</summary>

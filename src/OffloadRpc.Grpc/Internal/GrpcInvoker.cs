@@ -321,12 +321,22 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
             case StatusCode.Internal when rpc.Status.DebugException is not null:
                 _connection.MarkDisconnected();
                 return new PeerDisconnectedException($"The gRPC server at {_connection.Address} went away during {method.FullName}: {rpc.Status.Detail}", rpc);
+            case StatusCode.ResourceExhausted:
+                return ResourceExhausted(rpc, method);
             case StatusCode.Unimplemented:
                 return new ContractMismatchException($"The gRPC server at {_connection.Address} does not serve {method.FullName}.", rpc) { ServiceName = method.ServiceName };
             default:
                 return new RemoteInvocationException(typeof(RpcException).FullName!, $"{rpc.StatusCode}: {rpc.Status.Detail}", null);
         }
     }
+
+    /// <summary>
+    /// A call that gRPC ended with ResourceExhausted: a message above a size limit, this side's (refused
+    /// before it was sent, or when it arrived) or the server's. The connection serves on.
+    /// </summary>
+    internal static OffloadRpcException ResourceExhausted(RpcException rpc, MethodDescriptor method) =>
+        new($"{method.FullName} failed: gRPC refused a message as too large ({rpc.Status.Detail}). Buffers cross in frames of at most {Frame.MinMessageLimit:N0} bytes, but a call's "
+            + "MessagePack arguments or result go in one frame: raise MaxSendMessageSize and MaxReceiveMessageSize (OffloadRpcOptions.ConfigureGrpcChannel; null for no limit) or pass large data as a buffer.", rpc);
 }
 
 /// <summary>The side a message came from, told when the message breaks the protocol.</summary>

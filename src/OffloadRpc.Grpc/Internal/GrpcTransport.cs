@@ -37,6 +37,14 @@ internal static class GrpcTransport
             ((Action<GrpcChannelOptions>)configure)(channelOptions);
         }
 
+        if (channelOptions.MaxSendMessageSize < Frame.MinMessageLimit || channelOptions.MaxReceiveMessageSize < Frame.MinMessageLimit)
+        {
+            throw new ArgumentException(
+                $"The gRPC channel's message limits (send {channelOptions.MaxSendMessageSize?.ToString("N0") ?? "none"}, receive {channelOptions.MaxReceiveMessageSize?.ToString("N0") ?? "none"} bytes) "
+                + $"are below one frame of this transport: buffers cross in frames of {Frame.MinMessageLimit:N0} bytes. Set both to at least that, or null for no limit.",
+                nameof(options));
+        }
+
         GrpcChannel channel = GrpcChannel.ForAddress(address, channelOptions);
         ServerDescription description;
         try
