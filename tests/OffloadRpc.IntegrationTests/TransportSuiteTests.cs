@@ -569,6 +569,7 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
         Assert.Equal(typeof(InvalidOperationException).FullName, ex.RemoteExceptionType);
         Assert.Equal("no such frame", ex.RemoteMessage);
         Assert.Contains(nameof(IKitchenSink.FailAsync), ex.RemoteStackTrace);
+        Assert.Contains("\n   at ", ex.RemoteStackTrace, StringComparison.Ordinal); // its lines as thrown, on either transport
     }
 
     [Fact]

@@ -302,7 +302,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         string? type = rpc.Trailers.GetValue(GrpcWire.FaultTypeTrailer);
         if (type is not null)
         {
-            return new RemoteInvocationException(type, rpc.Status.Detail, rpc.Trailers.GetValue(GrpcWire.FaultStackTrailer));
+            return new RemoteInvocationException(type, rpc.Status.Detail, rpc.Trailers.GetValueBytes(GrpcWire.FaultStackTrailer) is { } stack ? System.Text.Encoding.UTF8.GetString(stack) : null);
         }
 
         if (rpc.Trailers.GetValue(GrpcWire.ViolationTrailer) is { } violation)

@@ -12,7 +12,8 @@ internal static class GrpcWire
 
     public const string FaultTypeTrailer = "offloadrpc-fault-type";
 
-    public const string FaultStackTrailer = "offloadrpc-fault-stack";
+    /// <summary>The stack trace as UTF-8 in a binary trailer: its lines and any character kept, as the shared-memory fault carries it.</summary>
+    public const string FaultStackTrailer = "offloadrpc-fault-stack-bin";
 
     public const string ViolationTrailer = "offloadrpc-violation";
 
@@ -83,11 +84,14 @@ internal static class GrpcWire
         };
         if (ex.StackTrace is { Length: > 0 } stack)
         {
-            trailers.Add(FaultStackTrailer, Ascii(stack));
+            trailers.Add(FaultStackTrailer, System.Text.Encoding.UTF8.GetBytes(stack.Length > MaxStackChars ? stack[..MaxStackChars] : stack));
         }
 
         return new RpcException(new Status(StatusCode.Unknown, ex.Message.Length > MaxTrailerChars ? ex.Message[..MaxTrailerChars] : ex.Message), trailers);
     }
+
+    /// <summary>The most characters of a stack trace sent (a trailer's block is bounded by the peer's header limits, 64 KB by default).</summary>
+    private const int MaxStackChars = 8192;
 
     /// <summary>Trailer values are printable ASCII: others become '?', long ones are cut.</summary>
     private static string Ascii(string value)
