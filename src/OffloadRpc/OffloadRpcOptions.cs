@@ -58,6 +58,15 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public bool PreferSharedMemory { get; set; } = true;
 
+    /// <summary>
+    /// Server served over gRPC as well (<c>MapOffloadRpcGrpc</c>): whether its answer to a connecting client
+    /// names its shared-memory endpoint, with the host's boot id, its user id and process id, so that
+    /// clients on this host switch to shared memory (<see cref="PreferSharedMemory"/>). Default true; false:
+    /// every client stays on gRPC, and a caller that can reach the gRPC port learns nothing of this host
+    /// but the contracts served.
+    /// </summary>
+    public bool AdvertiseSharedMemory { get; set; } = true;
+
     /// <summary>Settings of other transports (the gRPC channel's), keyed by the assembly that owns them.</summary>
     internal Dictionary<object, object> TransportSettings { get; } = [];
 

@@ -263,6 +263,34 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task A_server_that_does_not_advertise_its_shared_memory_keeps_clients_on_gRPC_and_tells_nothing_of_its_host()
+    {
+        string endpoint = Endpoints.Unique("no-advertise");
+        await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--no-advertise"]))
+        {
+            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address); // prefers shared memory
+            Assert.False(connection.UsesSharedMemory);
+            byte[] data = new byte[(2 << 20) + 3];
+            Checksum64.Fill(data, 21);
+            Assert.Equal(Checksum64.Compute(data), await connection.GetService<IImageService>().ChecksumAsync(data));
+
+            using var channel = global::Grpc.Net.Client.GrpcChannel.ForAddress(address);
+            OffloadRpc.Grpc.Internal.Frame answer = await channel.CreateCallInvoker().AsyncUnaryCall(
+                OffloadRpc.Grpc.Internal.GrpcWire.Describe, null, default, new OffloadRpc.Grpc.Internal.Frame(OffloadRpc.Grpc.Internal.FrameKind.Head, default)).ResponseAsync;
+            OffloadRpc.Grpc.Internal.ServerDescription description = OffloadRpc.Grpc.Internal.ServerDescription.Decode(answer.First);
+            answer.Release();
+            Assert.Equal(string.Empty, description.BootId);
+            Assert.Null(description.SocketPath);
+            Assert.Equal(-1, description.ProcessId);
+            Assert.Equal(uint.MaxValue, description.UserId);
+            Assert.Contains(typeof(IImageService).FullName!, description.Contracts.Keys);
+        }
+
+        Endpoints.RemoveStale(endpoint);
+    }
+
+    [Fact]
     public async Task A_unary_request_above_Kestrels_body_limit_crosses_when_the_message_limit_allows_it()
     {
         string endpoint = Endpoints.Unique("large-body");

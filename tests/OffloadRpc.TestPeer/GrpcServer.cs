@@ -13,7 +13,8 @@ using OffloadRpc.TestContracts;
 /// system picks and on a Unix socket beside the shared-memory one (MapOffloadRpcGrpc). Prints READY, the
 /// socket path, the gRPC address and the gRPC Unix socket's path. With --traces, the
 /// spans and server metrics of OffloadRpc are recorded for <see cref="ICallProbe.ServerLogAsync"/>; with
-/// --max-message-bytes N, its OffloadRpcOptions.MaxMessageBytes is N.
+/// --max-message-bytes N, its OffloadRpcOptions.MaxMessageBytes is N; with --no-advertise, its
+/// OffloadRpcOptions.AdvertiseSharedMemory is false.
 /// </summary>
 internal static class GrpcServer
 {
@@ -37,6 +38,7 @@ internal static class GrpcServer
             {
                 o.DispatchToThreadPool = true;
                 o.MaxMessageBytes = maxMessageBytes ?? o.MaxMessageBytes;
+                o.AdvertiseSharedMemory = !args.Contains("--no-advertise");
             })
             .AddService<IImageService, ImageService>(ServiceLifetime.Singleton)
             .AddService<IKitchenSink, KitchenSink>(ServiceLifetime.Singleton)

@@ -68,6 +68,7 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
         var contracts = new Dictionary<string, ulong>();
         string? socket = null;
         int listening = 0;
+        bool advertise = true;
         foreach (ServerRegistration registration in registrations)
         {
             foreach (OffloadRpc.Internal.ServiceDescriptor descriptor in registration.Descriptors)
@@ -75,11 +76,19 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
                 contracts[descriptor.Name] = descriptor.ContractHash;
             }
 
-            if (hosted.For(registration).Server is { IsListening: true, SocketPath: { } path })
+            OffloadRpcServer? server = hosted.For(registration).Server;
+            advertise &= server?.Options.AdvertiseSharedMemory ?? true;
+            if (server is { IsListening: true, SocketPath: { } path })
             {
                 socket = path;
                 listening++;
             }
+        }
+
+        if (!advertise)
+        {
+            // No boot id: no client takes this for its own host, and nothing of the host or the process is told.
+            return new ServerDescription { UserId = uint.MaxValue, ProcessId = -1, Contracts = contracts };
         }
 
         return new ServerDescription
