@@ -23,6 +23,9 @@ public sealed class BothWaysServer : IAsyncLifetime
 
     public string GrpcAddress { get; private set; } = null!;
 
+    /// <summary>The server process's id (its memory mappings are read from /proc).</summary>
+    public int ProcessId => _process.Id;
+
     /// <summary>The same gRPC server on a Unix socket (Kestrel's ListenUnixSocket).</summary>
     public string GrpcSocketPath { get; private set; } = null!;
 

@@ -14,7 +14,8 @@ using OffloadRpc.TestContracts;
 /// socket path, the gRPC address and the gRPC Unix socket's path. With --traces, the
 /// spans and server metrics of OffloadRpc are recorded for <see cref="ICallProbe.ServerLogAsync"/>; with
 /// --max-message-bytes N, its OffloadRpcOptions.MaxMessageBytes is N; with --no-advertise, its
-/// OffloadRpcOptions.AdvertiseSharedMemory is false.
+/// OffloadRpcOptions.AdvertiseSharedMemory is false; with --max-mappings N, buffers may add at most N
+/// memory mappings to those the started server holds.
 /// </summary>
 internal static class GrpcServer
 {
@@ -49,6 +50,13 @@ internal static class GrpcServer
         await using WebApplication app = builder.Build();
         app.MapOffloadRpcGrpc();
         await app.StartAsync();
+        int mappings = Array.IndexOf(args, "--max-mappings");
+        if (mappings >= 0)
+        {
+            // The most mappings buffers may add from here (the backstop a hostile peer meets): a test sets it low.
+            OffloadRpc.Transport.LocalLeases.MaxLiveMappings = OffloadRpc.Transport.SharedMemorySegment.LiveSegments + int.Parse(args[mappings + 1], System.Globalization.CultureInfo.InvariantCulture);
+        }
+
         string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First(a => a.StartsWith("http://127.0.0.1:", StringComparison.Ordinal));
         Console.WriteLine($"READY {socket} {address} {grpcSocket}");
         await Task.Run(() => Console.In.ReadToEnd());

@@ -41,7 +41,8 @@ internal sealed class Frame : IReplySource
     /// <summary>Payloads this small together ride in the head frame.</summary>
     public const int InlineBytes = 64 << 10;
 
-    public const int MaxPayloads = ushort.MaxValue;
+    /// <summary>The most buffers a message carries, as over shared memory (a request has one per buffer argument).</summary>
+    public const int MaxPayloads = TransportProtocol.MaxPayloadsPerMessage;
 
     /// <summary>The largest frame: a head with a body at the options' largest (16 MiB by default) and its payload lengths.</summary>
     public const int MaxFrameBytes = 64 << 20;
@@ -117,7 +118,7 @@ internal sealed class Frame : IReplySource
     }
 
     /// <summary>The most payloads a whole message (<see cref="WholeMessagePayloads"/>) may carry.</summary>
-    public const int MaxWholePayloads = 64;
+    public const int MaxWholePayloads = MaxPayloads;
 
     /// <summary>Whether this received frame is a whole message without payloads (most small replies): it is then its own reply (<see cref="IReplySource"/>).</summary>
     public bool IsWholeMessage(int maxBodyBytes) => WholeMessagePayloads(maxBodyBytes) == 0;
@@ -611,6 +612,9 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     private readonly int _maxBodyBytes;
     private Frame? _head;
     private SharedBuffer?[] _payloads = [];
+
+    /// <summary>The payloads' lengths as the head announced them; each lease is made when its first byte arrives (<see cref="Lease"/>), so a head that names buffers costs nothing until their bytes come.</summary>
+    private long[] _lengths = [];
     private int _current;
     private long _filled;
 
@@ -650,7 +654,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     /// </summary>
     public bool TryFill(ReadOnlySequence<byte> bytes)
     {
-        if (_head is null || IsComplete || bytes.Length > RemainingPayloadBytes)
+        if (_head is null || IsComplete || bytes.Length > RemainingPayloadBytes || !TryLeaseAhead(bytes.Length))
         {
             return false;
         }
@@ -664,6 +668,29 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
         return true;
     }
 
+    /// <summary>
+    /// Makes the leases the next <paramref name="bytes"/> go into, so that filling them in gRPC's deserializer
+    /// cannot fail halfway; false when this process has no room for one (<see cref="Accept"/> then meets the
+    /// failure on the ordinary path, where the call ends with it).
+    /// </summary>
+    private bool TryLeaseAhead(long bytes)
+    {
+        try
+        {
+            for (int i = _current; i < _lengths.Length && bytes > 0; i++)
+            {
+                _ = Lease(i);
+                bytes -= i == _current ? _lengths[i] - _filled : _lengths[i];
+            }
+
+            return true;
+        }
+        catch (ArenaExhaustedException)
+        {
+            return false;
+        }
+    }
+
     private long RemainingPayloadBytes
     {
         get
@@ -671,7 +698,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
             long remaining = -_filled;
             for (int i = _current; i < _payloads.Length; i++)
             {
-                remaining += _payloads[i]?.Length ?? 0;
+                remaining += _lengths[i];
             }
 
             return remaining;
@@ -721,12 +748,18 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
             int position = 4 + (int)bodyLength;
             int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
             position += 2;
+            if (count > Frame.MaxPayloads)
+            {
+                throw new ProtocolViolationException($"A message head names {count} payloads (at most {Frame.MaxPayloads}).");
+            }
+
             if (head.Length - position < 8L * count)
             {
                 throw new ProtocolViolationException($"A message head names {count} payloads but is {head.Length} bytes.");
             }
 
             _payloads = count == 0 ? [] : new SharedBuffer?[count];
+            _lengths = count == 0 ? [] : new long[count];
             for (int i = 0; i < count; i++)
             {
                 long length = BinaryPrimitives.ReadInt64LittleEndian(head[position..]);
@@ -736,7 +769,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
                     throw new ProtocolViolationException($"A payload of {length} bytes (at most {TransportProtocol.MaxPayloadLength}).");
                 }
 
-                _payloads[i] = LocalLeases.Instance.Rent((int)length, clear: false); // every byte is filled before the message is whole
+                _lengths[i] = length;
                 PayloadBytes += length;
             }
 
@@ -774,7 +807,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
                 throw new ProtocolViolationException("More payload bytes than the message head announced.");
             }
 
-            SharedBuffer lease = _payloads[_current]!;
+            SharedBuffer lease = Lease(_current);
             int n = (int)Math.Min(bytes.Length, lease.Length - _filled);
             bytes[..n].CopyTo(lease.Span[(int)_filled..]);
             _filled += n;
@@ -784,12 +817,17 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
     private void SkipFull()
     {
-        while (_current < _payloads.Length && _filled == _payloads[_current]!.Length)
+        while (_current < _payloads.Length && _filled == _lengths[_current])
         {
+            _ = Lease(_current); // an empty payload's lease, made when the bytes before it are in
             _current++;
             _filled = 0;
         }
     }
+
+    /// <summary>Payload <paramref name="index"/>'s lease, made now if its bytes start arriving (every byte is filled before the message is whole).</summary>
+    private SharedBuffer Lease(int index) =>
+        _payloads[index] ??= LocalLeases.Instance.Rent((int)_lengths[index], clear: false);
 
     /// <summary>Payload <paramref name="index"/>, now the caller's; null when taken already.</summary>
     public SharedBuffer? Take(int index)

@@ -332,11 +332,14 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 
     /// <summary>
     /// A call that gRPC ended with ResourceExhausted: a message above a size limit, this side's (refused
-    /// before it was sent, or when it arrived) or the server's. The connection serves on.
+    /// before it was sent, or when it arrived) or the server's, or a server without room for the request's
+    /// buffers at the moment. The connection serves on.
     /// </summary>
     internal static OffloadRpcException ResourceExhausted(RpcException rpc, MethodDescriptor method) =>
-        new($"{method.FullName} failed: gRPC refused a message as too large ({rpc.Status.Detail}). Buffers cross in frames of at most {Frame.MinMessageLimit:N0} bytes, but a call's "
-            + "MessagePack arguments or result go in one frame: raise MaxSendMessageSize and MaxReceiveMessageSize (OffloadRpcOptions.ConfigureGrpcChannel; null for no limit) or pass large data as a buffer.", rpc);
+        new(rpc.Status.Detail.Contains("message size", StringComparison.OrdinalIgnoreCase)
+            ? $"{method.FullName} failed: gRPC refused a message as too large ({rpc.Status.Detail}). Buffers cross in frames of at most {Frame.MinMessageLimit:N0} bytes, but a call's "
+                + "MessagePack arguments or result go in one frame: raise MaxSendMessageSize and MaxReceiveMessageSize (OffloadRpcOptions.ConfigureGrpcChannel; null for no limit) or pass large data as a buffer."
+            : $"{method.FullName} failed: the server had no room for it ({rpc.Status.Detail}).", rpc);
 }
 
 /// <summary>The side a message came from, told when the message breaks the protocol.</summary>

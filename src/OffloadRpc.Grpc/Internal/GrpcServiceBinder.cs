@@ -281,6 +281,11 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             assembler.Dispose();
             throw GrpcWire.Violation(violation);
         }
+        catch (ArenaExhaustedException full)
+        {
+            assembler.Dispose();
+            throw new RpcException(new Status(StatusCode.ResourceExhausted, full.Message)); // no room for the request's buffers now: the caller may retry
+        }
         catch
         {
             assembler.Dispose();

@@ -28,6 +28,25 @@ internal sealed unsafe class LocalLeases : ILeaseHost
     private long _keptBytes;
     private int _nextId;
 
+    /// <summary>
+    /// The most mappings (leases, arenas and peers' segments together) this process holds before a new
+    /// local lease is refused: a quarter of the kernel's vm.max_map_count (65,530 by default), leaving the
+    /// rest to the runtime, the GC and native code.
+    /// </summary>
+    internal static long MaxLiveMappings { get; set; } = ReadMaxMapCount() / 4;
+
+    private static long ReadMaxMapCount()
+    {
+        try
+        {
+            return long.TryParse(File.ReadAllText("/proc/sys/vm/max_map_count").Trim(), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out long count) && count > 0 ? count : 65_530;
+        }
+        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
+        {
+            return 65_530; // the kernel's default
+        }
+    }
+
     private LocalLeases()
     {
         for (int i = 0; i < Classes; i++)
@@ -66,6 +85,15 @@ internal sealed unsafe class LocalLeases : ILeaseHost
 
         if (segment is null)
         {
+            if (SharedMemorySegment.LiveSegments >= MaxLiveMappings)
+            {
+                // Each lease is a mapping of its own, and the kernel allows a process only so many
+                // (vm.max_map_count): past it even the runtime cannot map code and the process dies. A
+                // peer that declares buffers faster than calls give them back meets this instead.
+                throw new ArenaExhaustedException(
+                    $"This process holds {SharedMemorySegment.LiveSegments:N0} memory mappings, the most it takes for buffers ({MaxLiveMappings:N0}, a quarter of vm.max_map_count): a buffer of {bytes:N0} bytes has no room until others are given back.");
+            }
+
             segment = SharedMemorySegment.Create(Interlocked.Increment(ref _nextId), size, "offloadrpc-local", populate: false);
             segment.CloseDescriptor(); // never passed to anybody
             if (!segment.TryAddReference())

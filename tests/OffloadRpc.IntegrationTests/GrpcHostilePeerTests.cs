@@ -1,0 +1,179 @@
+using System.Buffers.Binary;
+using Grpc.Core;
+using Grpc.Net.Client;
+using OffloadRpc.Grpc.Internal;
+using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
+using OffloadRpc.Tests.Infrastructure;
+using Xunit;
+
+namespace OffloadRpc.Tests;
+
+/// <summary>
+/// A raw gRPC client that writes frames by hand against a real server process: the buffers a request's
+/// head names cost the server nothing until their bytes come, a head may name no more buffers than a
+/// message carries, and a server out of room for buffers refuses calls instead of dying.
+/// </summary>
+[Collection(TransportSuite.Name)]
+public sealed class GrpcHostilePeerTests(BothWaysServer server)
+{
+    private static readonly Marshaller<byte[]> Raw = new(static bytes => bytes, static bytes => bytes);
+
+    /// <summary>ChecksumAsync takes one buffer: bound client-streaming, its request read frame by frame by the route.</summary>
+    private static readonly Method<byte[], byte[]> Checksum = new(MethodType.DuplexStreaming, typeof(IImageService).FullName!, nameof(IImageService.ChecksumAsync), Raw, Raw);
+
+    [Fact]
+    public async Task A_head_that_names_more_buffers_than_a_message_carries_is_refused_as_a_protocol_violation()
+    {
+        using GrpcChannel channel = GrpcChannel.ForAddress(server.GrpcAddress);
+        using AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30)));
+        await call.RequestStream.WriteAsync(Head([.. Enumerable.Repeat(1L, Frame.MaxPayloads + 1)]));
+        RpcException refused = await Assert.ThrowsAsync<RpcException>(() => call.ResponseStream.MoveNext());
+        Assert.Equal(StatusCode.Internal, refused.StatusCode);
+        Assert.Contains($"names {Frame.MaxPayloads + 1} payloads (at most {Frame.MaxPayloads})", refused.Trailers.GetValue(GrpcWire.ViolationTrailer), StringComparison.Ordinal);
+        await AssertServesAsync(server.GrpcAddress);
+    }
+
+    [Fact]
+    public async Task The_buffers_a_head_names_cost_the_server_no_mapping_until_their_bytes_arrive()
+    {
+        const int calls = 48;
+        using GrpcChannel channel = GrpcChannel.ForAddress(server.GrpcAddress);
+        using var stop = new CancellationTokenSource(TimeSpan.FromSeconds(120));
+        await AssertServesAsync(server.GrpcAddress); // the server's buffers of an ordinary call made, and kept for the next
+        int before = Mappings(server.ProcessId);
+        var open = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
+        try
+        {
+            for (int i = 0; i < calls; i++)
+            {
+                // Sixteen buffers of 256 MiB named, one byte of the first sent: the server needs a lease for
+                // that byte, and none yet for the fifteen others (before, it made all sixteen at the head).
+                AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(cancellationToken: stop.Token));
+                open.Add(call);
+                await call.RequestStream.WriteAsync(Head([.. Enumerable.Repeat(256L << 20, Frame.MaxPayloads)]));
+                await call.RequestStream.WriteAsync(Data(1));
+            }
+
+            await Eventually.TrueAsync(() => Mappings(server.ProcessId) - before >= calls, "the server made the first buffer's lease of every call");
+            int grown = Mappings(server.ProcessId) - before;
+            Assert.True(grown < calls * 3, $"{calls} calls that sent one byte each took {grown} more mappings: the buffers not yet begun were mapped too ({calls * Frame.MaxPayloads} if all were)");
+        }
+        finally
+        {
+            foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in open)
+            {
+                call.Dispose(); // cancels it: the server gives the leases back
+            }
+        }
+
+        await Eventually.TrueAsync(() => Mappings(server.ProcessId) - before < calls / 2, "the leases of the cancelled calls given back");
+        await AssertServesAsync(server.GrpcAddress);
+    }
+
+    [Fact]
+    public async Task A_server_out_of_room_for_buffers_refuses_calls_with_ResourceExhausted_and_lives_on()
+    {
+        string endpoint = Endpoints.Unique("mappings");
+        await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-mappings", "24"]))
+        {
+            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+            using GrpcChannel channel = GrpcChannel.ForAddress(address);
+            var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
+            var reads = new List<Task<bool>>();
+            try
+            {
+                for (int i = 0; i < 48; i++)
+                {
+                    // A buffer of 1 MiB begun and never finished: each call holds its lease.
+                    AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
+                    held.Add(call);
+                    await call.RequestStream.WriteAsync(Head(1 << 20));
+                    await call.RequestStream.WriteAsync(Data(1));
+                    reads.Add(call.ResponseStream.MoveNext());
+                }
+
+                await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 12, "the calls past the server's room refused");
+                foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
+                {
+                    RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
+                    Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
+                    Assert.Contains("memory mappings", refused.Status.Detail, StringComparison.Ordinal);
+                }
+
+                Assert.True(reads.Count(read => !read.IsCompleted) >= 12, "the calls within the server's room still wait for their bytes");
+                Assert.False(process.HasExited);
+
+                // A typed client meets the same refusal while the room is taken...
+                await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+                byte[] buffer = new byte[(2 << 20) + 5];
+                Checksum64.Fill(buffer, 77);
+                OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask());
+                Assert.Contains("no room", full.Message, StringComparison.Ordinal);
+
+                // ...and is served once the held calls end.
+                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                {
+                    call.Dispose();
+                }
+
+                ulong expected = Checksum64.Compute(buffer);
+                await Eventually.TrueAsync(
+                    async () =>
+                    {
+                        try
+                        {
+                            return await connection.GetService<IImageService>().ChecksumAsync(buffer) == expected;
+                        }
+                        catch (OffloadRpcException)
+                        {
+                            return false; // the server has not seen every cancellation yet
+                        }
+                    },
+                    "a call with a buffer served after the held calls ended");
+            }
+            finally
+            {
+                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                {
+                    call.Dispose();
+                }
+            }
+        }
+
+        Endpoints.RemoveStale(endpoint);
+    }
+
+    /// <summary>A head frame with an empty MessagePack body naming buffers of <paramref name="lengths"/> bytes, none inline.</summary>
+    private static byte[] Head(params long[] lengths)
+    {
+        byte[] frame = new byte[1 + 4 + 1 + 2 + (8 * lengths.Length)];
+        frame[0] = (byte)FrameKind.Head;
+        BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(1), 1);
+        frame[5] = 0x90; // an empty MessagePack array
+        BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(6), (ushort)lengths.Length);
+        for (int i = 0; i < lengths.Length; i++)
+        {
+            BinaryPrimitives.WriteInt64LittleEndian(frame.AsSpan(8 + (8 * i)), lengths[i]);
+        }
+
+        return frame;
+    }
+
+    private static byte[] Data(int bytes)
+    {
+        byte[] frame = new byte[1 + bytes];
+        frame[0] = (byte)FrameKind.Data;
+        return frame;
+    }
+
+    private static int Mappings(int processId) => File.ReadAllLines($"/proc/{processId}/maps").Length;
+
+    private static async Task AssertServesAsync(string address)
+    {
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+        byte[] buffer = new byte[(1 << 20) + 3];
+        Checksum64.Fill(buffer, 5);
+        Assert.Equal(Checksum64.Compute(buffer), await connection.GetService<IImageService>().ChecksumAsync(buffer));
+    }
+}
