@@ -150,6 +150,49 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task A_Stream_argument_larger_than_one_array_fails_before_anything_is_read_or_sent()
+    {
+        await using OffloadRpcConnection connection = await ConnectAsync(new OffloadRpcOptions());
+        var huge = new ClaimedLengthStream(3L << 30); // over gRPC a Stream argument is gathered into one array first
+        ArgumentException refused = await Assert.ThrowsAsync<ArgumentException>(() => connection.GetService<IKitchenSink>().ConsumeStreamAsync(huge).AsTask());
+        Assert.Contains(Array.MaxLength.ToString("N0", System.Globalization.CultureInfo.InvariantCulture), refused.Message, StringComparison.Ordinal);
+        Assert.Equal(0, huge.Reads);
+        Assert.Equal(3, await connection.GetService<IImageService>().AddAsync(1, 2));
+    }
+
+    /// <summary>A seekable stream that claims <paramref name="length"/> bytes and counts the reads asked of it.</summary>
+    private sealed class ClaimedLengthStream(long length) : Stream
+    {
+        public int Reads { get; private set; }
+
+        public override bool CanRead => true;
+
+        public override bool CanSeek => true;
+
+        public override bool CanWrite => false;
+
+        public override long Length => length;
+
+        public override long Position { get; set; }
+
+        public override int Read(byte[] buffer, int offset, int count)
+        {
+            Reads++;
+            return 0;
+        }
+
+        public override void Flush()
+        {
+        }
+
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+
+        public override void SetLength(long value) => throw new NotSupportedException();
+
+        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+    }
+
+    [Fact]
     public async Task A_reply_above_the_channels_receive_limit_fails_the_call_as_too_large_not_as_a_remote_fault()
     {
         var options = new OffloadRpcOptions { PreferSharedMemory = false };

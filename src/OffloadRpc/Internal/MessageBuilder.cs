@@ -147,10 +147,18 @@ public sealed class MessageBuilder
         return sources?.ToArray();
     }
 
+    /// <summary>The most bytes a gathered argument holds: one payload, in one array.</summary>
+    private static readonly int MaxGatheredBytes = (int)Math.Min(TransportProtocol.MaxPayloadLength, Array.MaxLength);
+
     private static async ValueTask<(byte[] Buffer, int Length)> ReadWholeAsync(Stream stream, CancellationToken cancellationToken)
     {
         long remaining = stream.CanSeek ? Math.Max(0, stream.Length - stream.Position) : 0;
-        byte[] buffer = ArrayPool<byte>.Shared.Rent((int)Math.Clamp(remaining, 4096, TransportProtocol.MaxPayloadLength));
+        if (remaining > MaxGatheredBytes)
+        {
+            throw TooLarge(remaining);
+        }
+
+        byte[] buffer = ArrayPool<byte>.Shared.Rent((int)Math.Max(remaining, 4096));
         int length = 0;
         try
         {
@@ -194,7 +202,7 @@ public sealed class MessageBuilder
             {
                 if (chunk.Length > buffer.Length - length)
                 {
-                    Grow(ref buffer, length, checked(length + chunk.Length));
+                    Grow(ref buffer, length, (long)length + chunk.Length);
                 }
 
                 chunk.Span.CopyTo(buffer.AsSpan(length));
@@ -210,15 +218,18 @@ public sealed class MessageBuilder
         return (buffer, length);
     }
 
+    private static ArgumentException TooLarge(long bytes) =>
+        new($"A Stream or chunk-sequence argument of {bytes:N0} bytes or more: gathered into one buffer before the call is sent (over gRPC, or when it is not pipelined), it may be at most {MaxGatheredBytes:N0} bytes.");
+
     /// <summary>Moves the first <paramref name="length"/> bytes into a pooled buffer of at least <paramref name="needed"/> (doubling).</summary>
-    private static void Grow(ref byte[] buffer, int length, int needed)
+    private static void Grow(ref byte[] buffer, int length, long needed)
     {
-        if (needed > TransportProtocol.MaxPayloadLength)
+        if (needed > MaxGatheredBytes)
         {
-            throw new ArgumentException($"A streamed argument is larger than the {TransportProtocol.MaxPayloadLength}-byte payload limit.");
+            throw TooLarge(needed);
         }
 
-        byte[] larger = ArrayPool<byte>.Shared.Rent((int)Math.Min(Math.Max((long)buffer.Length * 2, needed), TransportProtocol.MaxPayloadLength));
+        byte[] larger = ArrayPool<byte>.Shared.Rent((int)Math.Min(Math.Max((long)buffer.Length * 2, needed), MaxGatheredBytes));
         buffer.AsSpan(0, length).CopyTo(larger);
         ArrayPool<byte>.Shared.Return(buffer);
         buffer = larger;
