@@ -34,6 +34,24 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         await AssertServesAsync(server.GrpcAddress);
     }
 
+    [Theory]
+    [InlineData(nameof(IImageService.AddAsync), (byte)FrameKind.ItemHead)] // bound unary: the frame gRPC deserialized
+    [InlineData(nameof(IImageService.AddAsync), (byte)FrameKind.Credit)]
+    [InlineData(nameof(IImageService.ChecksumAsync), (byte)FrameKind.Fault)] // bound client streaming: read by the route
+    [InlineData(nameof(IImageService.ChecksumAsync), (byte)FrameKind.ItemHead)]
+    public async Task A_request_that_does_not_start_with_its_head_is_refused_as_a_protocol_violation(string method, byte kindByte)
+    {
+        var kind = (FrameKind)kindByte;
+        byte[] head = Head();
+        head[0] = (byte)kind; // a well-formed head's bytes under another kind
+        using GrpcChannel channel = GrpcChannel.ForAddress(server.GrpcAddress);
+        var call = new Method<byte[], byte[]>(MethodType.Unary, typeof(IImageService).FullName!, method, Raw, Raw);
+        RpcException refused = await Assert.ThrowsAsync<RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(call, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30)), head).ResponseAsync);
+        Assert.Equal(StatusCode.Internal, refused.StatusCode);
+        Assert.Contains($"starts with a {kind} frame", refused.Trailers.GetValue(GrpcWire.ViolationTrailer), StringComparison.Ordinal);
+        await AssertServesAsync(server.GrpcAddress);
+    }
+
     [Fact]
     public async Task The_buffers_a_head_names_cost_the_server_no_mapping_until_their_bytes_arrive()
     {

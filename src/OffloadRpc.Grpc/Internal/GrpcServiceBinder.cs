@@ -214,6 +214,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     /// <summary>The request of a method bound with one request message: its head frame must be all of it.</summary>
     private ReceivedRequest OneFrame(OffloadRpcServer host, Frame request)
     {
+        RequireHead(request);
         if (request.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
             return new ReceivedRequest(request, payloads); // the frame is the message, its payloads in it
@@ -236,6 +237,16 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         return assembler;
     }
 
+    /// <summary>A request starts with a head frame: an item's head, credit, a fault or data there breaks the protocol (the frame is given back).</summary>
+    private void RequireHead(Frame first)
+    {
+        if (first.Kind != FrameKind.Head)
+        {
+            first.Release();
+            throw GrpcWire.Violation(new ProtocolViolationException($"The request of {method.FullName} starts with a {first.Kind} frame, not its head."));
+        }
+    }
+
     /// <summary>Reads frames until the request is whole (a streamed argument's items come after it, read by the method).</summary>
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
     private async ValueTask<ReceivedRequest> ReadRequestAsync(OffloadRpcServer host, IAsyncStreamReader<Frame> requests, ServerCallContext context)
@@ -254,6 +265,8 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         {
             throw GrpcWire.Violation(violation); // a frame that does not deserialize, or none
         }
+
+        RequireHead(head);
 
         if (head.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
