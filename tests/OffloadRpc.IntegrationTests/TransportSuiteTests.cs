@@ -150,6 +150,16 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
     }
 
     [Fact]
+    public async Task A_call_pending_when_its_connection_is_disposed_ends_saying_so_not_that_the_server_went_away()
+    {
+        OffloadRpcConnection connection = await ConnectAsync(new OffloadRpcOptions());
+        Task pending = connection.GetService<IKitchenSink>().SleepAsync(60_000, CancellationToken.None);
+        await connection.DisposeAsync();
+        PeerDisconnectedException ended = await Assert.ThrowsAsync<PeerDisconnectedException>(() => pending.WaitAsync(TimeSpan.FromSeconds(30)));
+        Assert.Contains("was disposed", ended.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public async Task A_Stream_argument_larger_than_one_array_fails_before_anything_is_read_or_sent()
     {
         await using OffloadRpcConnection connection = await ConnectAsync(new OffloadRpcOptions());

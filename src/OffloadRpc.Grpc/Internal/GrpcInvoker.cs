@@ -319,6 +319,11 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
             case StatusCode.Unavailable:
             case StatusCode.Cancelled:
             case StatusCode.Internal when rpc.Status.DebugException is not null:
+                if (_connection.IsDisposed)
+                {
+                    return new PeerDisconnectedException($"The connection to the gRPC server at {_connection.Address} was disposed during {method.FullName}.", rpc);
+                }
+
                 _connection.MarkDisconnected();
                 return new PeerDisconnectedException($"The gRPC server at {_connection.Address} went away during {method.FullName}: {rpc.Status.Detail}", rpc);
             case StatusCode.ResourceExhausted:

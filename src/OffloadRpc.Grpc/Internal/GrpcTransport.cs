@@ -139,6 +139,9 @@ internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
 
     public override string Description => "grpc " + Address;
 
+    /// <summary>This side disposed the connection (its pending calls end as cancelled by gRPC, not by the server).</summary>
+    public bool IsDisposed => _disposed;
+
     public void MarkDisconnected() => _disconnected = true;
 
     public void MarkAlive() => _disconnected = false;
