@@ -7,7 +7,9 @@ namespace OffloadRpc.Grpc.Internal;
 /// A streamed argument over gRPC as the server's method sees it: the request stream's frames after the
 /// request, read as the method asks for the next item. Opening it grants the client the window; moving
 /// past an item gives it back in batches (credit frames on the response stream), so the client never
-/// has more than the window in flight, as over shared memory; one more is a protocol violation. Ends
+/// has more than the window in flight, as over shared memory. Items are taken off the request stream one
+/// at a time, so one sent past the credit is refused only when it is read with none granted for it;
+/// a client that floods is held back by HTTP/2 flow control on the unread stream. Ends
 /// when the client completes its request stream; a fault frame (the client's enumerable threw) is
 /// thrown as <see cref="RemoteInvocationException"/>; the call's cancellation as <see cref="OperationCanceledException"/>.
 /// </summary>
