@@ -22,6 +22,12 @@ internal sealed class GrpcClientCall : IStreamItemSink
     private readonly IDisposable _call;
     private readonly Channel<OutgoingMessage>? _items;
     private readonly Task? _writer;
+
+    /// <summary>
+    /// Stops the writer (the caller's token linked in): a server that answered, or failed, before it read
+    /// the whole request no longer reads it, and a write waiting for HTTP/2 flow control would wait for ever.
+    /// </summary>
+    private readonly CancellationTokenSource? _writing;
     private readonly Frame? _head;
     private Exception? _fault;
 
@@ -49,7 +55,8 @@ internal sealed class GrpcClientCall : IStreamItemSink
                 AsyncClientStreamingCall<Frame, Frame> upload = invoker.Channel.AsyncClientStreamingCall(method.Bound, null, options);
                 _call = upload;
                 Responses = new OneResponse(upload.ResponseAsync);
-                _writer = WriteRequestAsync(upload.RequestStream, cancellationToken);
+                _writing = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+                _writer = WriteRequestAsync(upload.RequestStream, _writing.Token);
                 return;
             case MethodType.Unary or MethodType.ClientStreaming or MethodType.ServerStreaming:
                 throw new InvalidOperationException($"{method.Bound.FullName} is bound as {method.Bound.Type} but its request carries {(streamsItems ? "a streamed argument" : "buffers")}: the contract's generated code and the method's shape disagree.");
@@ -65,7 +72,8 @@ internal sealed class GrpcClientCall : IStreamItemSink
             Outbox.Attach(this);
         }
 
-        _writer = WriteRequestAsync(duplex.RequestStream, cancellationToken);
+        _writing = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        _writer = WriteRequestAsync(duplex.RequestStream, _writing.Token);
     }
 
     /// <summary>
@@ -220,7 +228,9 @@ internal sealed class GrpcClientCall : IStreamItemSink
         _items?.Writer.TryComplete(); // a writer waiting for the next item stops
         if (_writer is not null)
         {
+            _writing!.Cancel(); // a write the server will never take (it answered or failed first) stops waiting for window
             await _writer.ConfigureAwait(false); // never throws
+            _writing.Dispose();
         }
 
         DiscardItems();
