@@ -130,6 +130,22 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
                 OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
                 Assert.Contains("no room", full.Message, StringComparison.Ordinal);
 
+                // ...as does an item of a streamed argument that needs a lease...
+                OffloadRpcException item = await Assert.ThrowsAsync<OffloadRpcException>(async () =>
+                {
+                    await foreach (ulong _ in connection.GetService<IFrameSource>().ChecksumEachAsync(OneItem()).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
+                    {
+                        Assert.Fail("an item was served with no room for its lease");
+                    }
+                });
+                Assert.Contains("no room", item.Message, StringComparison.Ordinal);
+
+                // ...and a one-message request whose inline bytes do not make it whole (it goes through a lease).
+                byte[] odd = [.. Head(8, 8, 100), .. new byte[16]];
+                var unary = new Method<byte[], byte[]>(MethodType.Unary, typeof(IImageService).FullName!, nameof(IImageService.AddAsync), Raw, Raw);
+                RpcException oneFrame = await Assert.ThrowsAsync<RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(unary, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30)), odd).ResponseAsync);
+                Assert.Equal(StatusCode.ResourceExhausted, oneFrame.StatusCode);
+
                 // ...and is served once the held calls end.
                 foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
                 {
@@ -161,6 +177,12 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         }
 
         Endpoints.RemoveStale(endpoint);
+    }
+
+    private static async IAsyncEnumerable<ReadOnlyMemory<int>> OneItem()
+    {
+        await Task.Yield();
+        yield return new int[64 << 10]; // 256 KiB: its bytes go in data frames, into a lease
     }
 
     /// <summary>A head frame with an empty MessagePack body naming buffers of <paramref name="lengths"/> bytes, none inline.</summary>

@@ -132,12 +132,35 @@ public sealed class GrpcTransportTests(BothWaysServer server) : TransportTests(s
             await connection.GetService<IFrameSource>().SlowDrainAsync(large, Values(), 0).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
         Assert.Contains("too large", streamed.Message, StringComparison.Ordinal);
 
+        // The same refusal on a call whose result is a stream (its reader, not the reply's, meets it).
+        IFrameSource frames = connection.GetService<IFrameSource>();
+        OffloadRpcException duplex = await Assert.ThrowsAsync<OffloadRpcException>(async () =>
+        {
+            await foreach (int length in frames.LabelLengthsAsync(Ticks(large)).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
+            {
+                Assert.Fail($"an item came back ({length}) for a tick gRPC refused to send");
+            }
+        });
+        Assert.Contains("too large", duplex.Message, StringComparison.Ordinal);
+        Assert.True(connection.IsConnected);
+        int[] lengths = await frames.LabelLengthsAsync(Ticks("a", "bb")).ToArrayAsync();
+        Assert.Equal(new[] { 1, 2 }, lengths);
+
         // Buffers cross in data frames of exactly the limit, and the connection serves on.
         byte[] buffer = new byte[(3 << 20) + 17];
         new Random(15).NextBytes(buffer);
         IImageService images = connection.GetService<IImageService>();
         Assert.Equal(Checksum64.Compute(buffer), await images.ChecksumAsync(buffer));
         Assert.Equal(3, await images.AddAsync(1, 2));
+
+        static async IAsyncEnumerable<Tick> Ticks(params string[] labels)
+        {
+            for (int i = 0; i < labels.Length; i++)
+            {
+                await Task.Yield();
+                yield return new Tick { Index = i, Label = labels[i] };
+            }
+        }
 
         static async IAsyncEnumerable<int> Values()
         {

@@ -198,6 +198,9 @@ public interface IFrameSource
     /// <summary>Duplex: for each frame that comes in, its checksum goes out.</summary>
     IAsyncEnumerable<ulong> ChecksumEachAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, CancellationToken ct = default);
 
+    /// <summary>Duplex: for each tick that comes in, the length of its label goes out (-1 for none).</summary>
+    IAsyncEnumerable<int> LabelLengthsAsync(IAsyncEnumerable<Tick> ticks, CancellationToken ct = default);
+
     /// <summary>One frame as a plain array result: <paramref name="length"/> bytes filled from <paramref name="seed"/> (Checksum64.Fill).</summary>
     ValueTask<byte[]> FillAsync(int length, int seed, CancellationToken ct = default);
 }

@@ -510,6 +510,14 @@ internal sealed class FrameSource : IFrameSource
         }
     }
 
+    public async IAsyncEnumerable<int> LabelLengthsAsync(IAsyncEnumerable<Tick> ticks, [EnumeratorCancellation] CancellationToken ct = default)
+    {
+        await foreach (Tick tick in ticks.WithCancellation(ct))
+        {
+            yield return tick.Label?.Length ?? -1;
+        }
+    }
+
     public ValueTask<byte[]> FillAsync(int length, int seed, CancellationToken ct = default)
     {
         byte[] frame = GC.AllocateUninitializedArray<byte>(length);

@@ -121,9 +121,9 @@ internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumera
                 throw;
             }
 
-            if (ex is RemoteInvocationException or OperationCanceledException)
+            if (ex is RemoteInvocationException or OperationCanceledException or ArenaExhaustedException)
             {
-                throw;
+                throw; // an item this process had no room for: the call ends with ResourceExhausted (MethodRoute.Translate)
             }
 
             if (_hasItem)

@@ -70,7 +70,10 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
         {
             _finished = true;
             CancellationToken token = _cancel?.Token ?? default;
-            Exception translated = _invoker.Translate(ex, _method, _call?.Deadline, token.IsCancellationRequested ? token : _callToken);
+            CancellationToken caller = token.IsCancellationRequested ? token : _callToken;
+            Exception translated = _call is { } call
+                ? call.Translate(ex, _method, caller) // a request frame gRPC refused to send ended the call: that, not "the server went away"
+                : _invoker.Translate(ex, _method, null, caller);
             await ThrowOwnFailureAsync().ConfigureAwait(false);
             throw translated;
         }

@@ -77,7 +77,7 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
             }
 
             OffloadRpcServer? server = hosted.For(registration).Server;
-            advertise &= server?.Options.AdvertiseSharedMemory ?? true;
+            advertise &= server?.Options.AdvertiseSharedMemory ?? false; // not started: no socket to switch to, nothing to tell
             if (server is { IsListening: true, SocketPath: { } path })
             {
                 socket = path;
@@ -233,6 +233,16 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             assembler.Dispose();
             throw GrpcWire.Violation(violation);
         }
+        catch (ArenaExhaustedException full)
+        {
+            assembler.Dispose();
+            throw NoRoom(full);
+        }
+        catch
+        {
+            assembler.Dispose();
+            throw;
+        }
 
         return assembler;
     }
@@ -246,6 +256,9 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             throw GrpcWire.Violation(new ProtocolViolationException($"The request of {method.FullName} starts with a {first.Kind} frame, not its head."));
         }
     }
+
+    /// <summary>No room in this process for the request's buffers now (<see cref="LocalLeases"/>): the caller may retry.</summary>
+    private static RpcException NoRoom(ArenaExhaustedException full) => new(new Status(StatusCode.ResourceExhausted, full.Message));
 
     /// <summary>Reads frames until the request is whole (a streamed argument's items come after it, read by the method).</summary>
     [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
@@ -297,7 +310,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         catch (ArenaExhaustedException full)
         {
             assembler.Dispose();
-            throw new RpcException(new Status(StatusCode.ResourceExhausted, full.Message)); // no room for the request's buffers now: the caller may retry
+            throw NoRoom(full);
         }
         catch
         {
@@ -422,6 +435,11 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         if (call.Violation is not null || ex is ProtocolViolationException)
         {
             return GrpcWire.Violation(call.Violation ?? (ProtocolViolationException)ex);
+        }
+
+        if (ex is ArenaExhaustedException full)
+        {
+            return NoRoom(full); // an item of a streamed argument this process had no room for
         }
 
         if (ex is OperationCanceledException && context.CancellationToken.IsCancellationRequested)

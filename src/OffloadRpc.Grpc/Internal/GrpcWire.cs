@@ -84,14 +84,25 @@ internal static class GrpcWire
         };
         if (ex.StackTrace is { Length: > 0 } stack)
         {
-            trailers.Add(FaultStackTrailer, System.Text.Encoding.UTF8.GetBytes(stack.Length > MaxStackChars ? stack[..MaxStackChars] : stack));
+            trailers.Add(FaultStackTrailer, Utf8Prefix(stack, MaxStackBytes));
         }
 
         return new RpcException(new Status(StatusCode.Unknown, ex.Message.Length > MaxTrailerChars ? ex.Message[..MaxTrailerChars] : ex.Message), trailers);
     }
 
-    /// <summary>The most characters of a stack trace sent (a trailer's block is bounded by the peer's header limits, 64 KB by default).</summary>
-    private const int MaxStackChars = 8192;
+    /// <summary>
+    /// The most UTF-8 bytes of a stack trace sent (about 11 KB as base64): with the message and the type,
+    /// the trailers stay within the client's limit on response headers (64 KB by default).
+    /// </summary>
+    private const int MaxStackBytes = 8192;
+
+    /// <summary>The UTF-8 bytes of <paramref name="text"/>, cut at a character boundary to at most <paramref name="maxBytes"/>.</summary>
+    private static byte[] Utf8Prefix(string text, int maxBytes)
+    {
+        byte[] bytes = new byte[Math.Min(maxBytes, System.Text.Encoding.UTF8.GetMaxByteCount(text.Length))];
+        System.Text.Unicode.Utf8.FromUtf16(text, bytes, out _, out int written, replaceInvalidSequences: true, isFinalBlock: false);
+        return bytes[..written];
+    }
 
     /// <summary>Trailer values are printable ASCII: others become '?', long ones are cut.</summary>
     private static string Ascii(string value)
