@@ -228,19 +228,14 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
                 throw new ProtocolViolationException($"The request of {method.FullName} names buffers beyond its one frame, but the method takes none.");
             }
         }
-        catch (ProtocolViolationException violation)
+        catch (Exception ex)
         {
             assembler.Dispose();
-            throw GrpcWire.Violation(violation);
-        }
-        catch (ArenaExhaustedException full)
-        {
-            assembler.Dispose();
-            throw NoRoom(full);
-        }
-        catch
-        {
-            assembler.Dispose();
+            if (StatusOf(ex) is { } status)
+            {
+                throw status;
+            }
+
             throw;
         }
 
@@ -256,6 +251,14 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             throw GrpcWire.Violation(new ProtocolViolationException($"The request of {method.FullName} starts with a {first.Kind} frame, not its head."));
         }
     }
+
+    /// <summary>A request that could not be assembled, as the status its call ends with: a violation, or no room; null for anything else (thrown as it is).</summary>
+    private static RpcException? StatusOf(Exception failure) => failure switch
+    {
+        ProtocolViolationException violation => GrpcWire.Violation(violation),
+        ArenaExhaustedException full => NoRoom(full),
+        _ => null,
+    };
 
     /// <summary>No room in this process for the request's buffers now (<see cref="LocalLeases"/>): the caller may retry.</summary>
     private static RpcException NoRoom(ArenaExhaustedException full) => new(new Status(StatusCode.ResourceExhausted, full.Message));
@@ -302,19 +305,14 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
                 }
             }
         }
-        catch (ProtocolViolationException violation)
+        catch (Exception ex)
         {
             assembler.Dispose();
-            throw GrpcWire.Violation(violation);
-        }
-        catch (ArenaExhaustedException full)
-        {
-            assembler.Dispose();
-            throw NoRoom(full);
-        }
-        catch
-        {
-            assembler.Dispose();
+            if (StatusOf(ex) is { } status)
+            {
+                throw status;
+            }
+
             throw;
         }
 
