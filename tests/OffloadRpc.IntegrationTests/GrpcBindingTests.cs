@@ -275,8 +275,8 @@ public sealed class GrpcBindingTests
         Assert.Equal(-1, ReceivedHead(body, [[1, 2, 3]], extra: 1).WholeMessagePayloads(1024)); // a byte no payload announced
         Assert.Equal(-1, ReceivedHead(body, [[1, 2, 3]], kind: FrameKind.ItemHead).WholeMessagePayloads(1024));
         Assert.Equal(-1, ReceivedHead(body, []).WholeMessagePayloads(2)); // the body beyond the limit
-        Assert.Equal(-1, ReceivedHead(body, [.. Enumerable.Repeat(new byte[1], Frame.MaxWholePayloads + 1)]).WholeMessagePayloads(1024));
-        Assert.Equal(Frame.MaxWholePayloads, ReceivedHead(body, [.. Enumerable.Repeat(new byte[1], Frame.MaxWholePayloads)]).WholeMessagePayloads(1024));
+        Assert.Equal(-1, ReceivedHead(body, [.. Enumerable.Repeat(new byte[1], Frame.MaxPayloads + 1)]).WholeMessagePayloads(1024));
+        Assert.Equal(Frame.MaxPayloads, ReceivedHead(body, [.. Enumerable.Repeat(new byte[1], Frame.MaxPayloads)]).WholeMessagePayloads(1024));
 
         // Payload bytes that follow in data frames (the head announces more than it holds): assembled, not whole.
         Frame partial = ReceivedHead(body, [[1, 2, 3, 4]]);

@@ -117,16 +117,13 @@ internal sealed class Frame : IReplySource
         }
     }
 
-    /// <summary>The most payloads a whole message (<see cref="WholeMessagePayloads"/>) may carry.</summary>
-    public const int MaxWholePayloads = MaxPayloads;
-
     /// <summary>Whether this received frame is a whole message without payloads (most small replies): it is then its own reply (<see cref="IReplySource"/>).</summary>
     public bool IsWholeMessage(int maxBodyBytes) => WholeMessagePayloads(maxBodyBytes) == 0;
 
     /// <summary>
     /// How many payloads this received frame carries when it is a whole message (most small requests): a
     /// head of [u32 body length][body][u16 count][i64 length per payload] whose payloads' bytes are all the
-    /// rest of it, the body within <paramref name="maxBodyBytes"/>, at most <see cref="MaxWholePayloads"/>
+    /// rest of it, the body within <paramref name="maxBodyBytes"/>, at most <see cref="MaxPayloads"/>
     /// payloads. -1 when it is not: such a message goes through a <see cref="MessageAssembler"/>, which also
     /// names what is wrong with it.
     /// </summary>
@@ -147,7 +144,7 @@ internal sealed class Frame : IReplySource
         int position = 4 + (int)bodyLength;
         int count = BinaryPrimitives.ReadUInt16LittleEndian(head[position..]);
         position += 2;
-        if (count > MaxWholePayloads || head.Length - position < 8 * count)
+        if (count > MaxPayloads || head.Length - position < 8 * count)
         {
             return -1;
         }

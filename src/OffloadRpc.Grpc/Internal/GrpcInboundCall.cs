@@ -410,7 +410,7 @@ internal struct ReceivedRequest
     private readonly int _wholePayloads;
     private readonly long _wholePayloadBytes;
 
-    /// <summary>The payloads of the whole frame lent or taken (one bit each: at most <see cref="Frame.MaxWholePayloads"/>).</summary>
+    /// <summary>The payloads of the whole frame lent or taken (one bit each: at most <see cref="Frame.MaxPayloads"/>).</summary>
     private ulong _taken;
 
     /// <param name="whole">A frame that is a whole message of <paramref name="payloads"/> payloads (<see cref="Frame.WholeMessagePayloads"/>).</param>
