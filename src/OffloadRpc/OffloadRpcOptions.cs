@@ -76,6 +76,17 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public long MaxPeerMappedBytes { get; set; } = 8L << 30;
 
+    /// <summary>
+    /// Server served over gRPC as well (<c>MapOffloadRpcGrpc</c>): the most bytes the buffers of the requests
+    /// in flight may hold in this server's own memory, all callers together (gRPC delivers a buffer into the
+    /// receiving process, where shared memory leaves it in the peer's segments, which
+    /// <see cref="MaxPeerMappedBytes"/> bounds). A call whose buffer would pass it ends with gRPC's
+    /// ResourceExhausted, which the caller gets as an <see cref="OffloadRpcException"/> ("no room") and may
+    /// retry; the connection serves on. A buffer counts, at its size rounded up to a power of two of pages,
+    /// from its first byte until it is disposed (a method that keeps a buffer argument keeps it counted). Default 4 GiB.
+    /// </summary>
+    public long MaxBufferedRequestBytes { get; set; } = 4L << 30;
+
     /// <summary>The most segments one peer may have this process map (each is a mapping; the kernel limits mappings per process). Default 256.</summary>
     public int MaxPeerSegments { get; set; } = 256;
 

@@ -12,7 +12,7 @@ namespace OffloadRpc.Tests;
 /// <summary>
 /// A raw gRPC client that writes frames by hand against a real server process: the buffers a request's
 /// head names cost the server nothing until their bytes come, a head may name no more buffers than a
-/// message carries, and a server out of room for buffers refuses calls instead of dying.
+/// message carries, and a server out of room for buffers (mappings, or its budget of bytes) refuses calls instead of dying.
 /// </summary>
 [Collection(TransportSuite.Name)]
 public sealed class GrpcHostilePeerTests(BothWaysServer server)
@@ -65,11 +65,12 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         {
             for (int i = 0; i < calls; i++)
             {
-                // Sixteen buffers of 256 MiB named, one byte of the first sent: the server needs a lease for
+                // Sixteen buffers of 64 MiB named, one byte of the first sent: the server needs a lease for
                 // that byte, and none yet for the fifteen others (before, it made all sixteen at the head).
+                // The 48 first leases take 3 GiB of the server's budget for request buffers (4 GiB by default).
                 AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(cancellationToken: stop.Token));
                 open.Add(call);
-                await call.RequestStream.WriteAsync(Head([.. Enumerable.Repeat(256L << 20, Frame.MaxPayloads)]));
+                await call.RequestStream.WriteAsync(Head([.. Enumerable.Repeat(64L << 20, Frame.MaxPayloads)]));
                 await call.RequestStream.WriteAsync(Data(1));
             }
 
@@ -166,6 +167,91 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
                         }
                     },
                     "a call with a buffer served after the held calls ended");
+            }
+            finally
+            {
+                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                {
+                    call.Dispose();
+                }
+            }
+        }
+
+        Endpoints.RemoveStale(endpoint);
+    }
+
+    [Fact]
+    public async Task A_server_past_its_budget_of_request_buffer_bytes_refuses_calls_with_ResourceExhausted_and_serves_again_when_they_end()
+    {
+        const long budget = 64L << 20;
+        const int buffer = 16 << 20; // a whole number of pages, a power of two: it counts exactly its bytes
+        string endpoint = Endpoints.Unique("buffered");
+        await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-buffered-request-bytes", budget.ToString(System.Globalization.CultureInfo.InvariantCulture)]))
+        {
+            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+            using GrpcChannel channel = GrpcChannel.ForAddress(address);
+            var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
+            var reads = new List<Task<bool>>();
+            try
+            {
+                for (int i = 0; i < 8; i++)
+                {
+                    // A buffer of 16 MiB begun and never finished: each call holds its lease, 16 MiB of the server's memory.
+                    AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
+                    held.Add(call);
+                    await call.RequestStream.WriteAsync(Head(buffer));
+                    await call.RequestStream.WriteAsync(Data(1));
+                    reads.Add(call.ResponseStream.MoveNext());
+                }
+
+                // Four fit the budget exactly; the other four are refused, whatever order they came in.
+                await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 4, "the calls past the server's budget refused");
+                await Task.Delay(200); // room for a wrong fifth refusal to show
+                Assert.Equal(4, reads.Count(read => read.IsFaulted));
+                foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
+                {
+                    RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
+                    Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
+                    Assert.Contains("MaxBufferedRequestBytes", refused.Status.Detail, StringComparison.Ordinal);
+                }
+
+                Assert.False(process.HasExited);
+
+                // A typed call with a buffer meets the same refusal while the budget is taken...
+                await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+                byte[] bytes = new byte[(2 << 20) + 5];
+                Checksum64.Fill(bytes, 91);
+                OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+                Assert.Contains("no room", full.Message, StringComparison.Ordinal);
+
+                // ...a call without buffers is served meanwhile...
+                Assert.Equal(5, await connection.GetService<IImageService>().AddAsync(2, 3));
+
+                // ...and the calls with buffers are served again once the held calls end and give their bytes back.
+                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                {
+                    call.Dispose();
+                }
+
+                ulong expected = Checksum64.Compute(bytes);
+                await Eventually.TrueAsync(
+                    async () =>
+                    {
+                        try
+                        {
+                            return await connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)) == expected;
+                        }
+                        catch (OffloadRpcException)
+                        {
+                            return false; // the server has not seen every cancellation yet
+                        }
+                    },
+                    "a call with a buffer served after the held calls ended");
+
+                // All of the budget is back: four calls of 16 MiB at once are served, and each checksum is right.
+                byte[][] four = [.. Enumerable.Range(0, 4).Select(i => { byte[] b = new byte[buffer]; Checksum64.Fill(b, (ulong)i); return b; })];
+                ulong[] sums = await Task.WhenAll(four.Select(b => connection.GetService<IImageService>().ChecksumAsync(b).AsTask().WaitAsync(TimeSpan.FromSeconds(60))));
+                Assert.Equal(four.Select(b => Checksum64.Compute(b)), sums);
             }
             finally
             {

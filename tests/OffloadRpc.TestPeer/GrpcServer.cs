@@ -15,7 +15,8 @@ using OffloadRpc.TestContracts;
 /// spans and server metrics of OffloadRpc are recorded for <see cref="ICallProbe.ServerLogAsync"/>; with
 /// --max-message-bytes N, its OffloadRpcOptions.MaxMessageBytes is N; with --no-advertise, its
 /// OffloadRpcOptions.AdvertiseSharedMemory is false; with --max-mappings N, buffers may add at most N
-/// memory mappings to those the started server holds.
+/// memory mappings to those the started server holds; with --max-buffered-request-bytes N, its
+/// OffloadRpcOptions.MaxBufferedRequestBytes is N.
 /// </summary>
 internal static class GrpcServer
 {
@@ -35,11 +36,13 @@ internal static class GrpcServer
         builder.Services.AddScoped<ProbeDependency>();
         int index = Array.IndexOf(args, "--max-message-bytes");
         int? maxMessageBytes = index >= 0 ? int.Parse(args[index + 1], System.Globalization.CultureInfo.InvariantCulture) : null;
+        int buffered = Array.IndexOf(args, "--max-buffered-request-bytes");
         builder.Services.AddOffloadRpcServer(endpoint, o =>
             {
                 o.DispatchToThreadPool = true;
                 o.MaxMessageBytes = maxMessageBytes ?? o.MaxMessageBytes;
                 o.AdvertiseSharedMemory = !args.Contains("--no-advertise");
+                o.MaxBufferedRequestBytes = buffered >= 0 ? long.Parse(args[buffered + 1], System.Globalization.CultureInfo.InvariantCulture) : o.MaxBufferedRequestBytes;
             })
             .AddService<IImageService, ImageService>(ServiceLifetime.Singleton)
             .AddService<IKitchenSink, KitchenSink>(ServiceLifetime.Singleton)

@@ -607,6 +607,7 @@ internal sealed class OutgoingMessage : IDisposable
 internal sealed class MessageAssembler : IDisposable, IReplySource
 {
     private readonly int _maxBodyBytes;
+    private readonly LeaseBudget? _budget;
     private Frame? _head;
     private SharedBuffer?[] _payloads = [];
 
@@ -615,7 +616,12 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     private int _current;
     private long _filled;
 
-    public MessageAssembler(int maxBodyBytes) => _maxBodyBytes = maxBodyBytes;
+    /// <param name="budget">What the payloads' leases count against (a server's requests: <see cref="OffloadRpcOptions.MaxBufferedRequestBytes"/>); null: only the process's mapping cap.</param>
+    public MessageAssembler(int maxBodyBytes, LeaseBudget? budget = null)
+    {
+        _maxBodyBytes = maxBodyBytes;
+        _budget = budget;
+    }
 
     private static readonly AsyncLocal<MessageAssembler?> s_receiving = new();
 
@@ -824,7 +830,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
     /// <summary>Payload <paramref name="index"/>'s lease, made now if its bytes start arriving (every byte is filled before the message is whole).</summary>
     private SharedBuffer Lease(int index) =>
-        _payloads[index] ??= LocalLeases.Instance.Rent((int)_lengths[index], clear: false);
+        _payloads[index] ??= _budget is { } budget ? budget.Rent((int)_lengths[index]) : LocalLeases.Instance.Rent((int)_lengths[index], clear: false);
 
     /// <summary>Payload <paramref name="index"/>, now the caller's; null when taken already.</summary>
     public SharedBuffer? Take(int index)

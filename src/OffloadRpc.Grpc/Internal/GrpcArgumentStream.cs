@@ -61,7 +61,7 @@ internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumera
         }
 
         CancellationToken token = _cancel!.Token;
-        var assembler = new MessageAssembler(_call.MaxBodyBytes);
+        var assembler = new MessageAssembler(_call.MaxBodyBytes, _call.Budget);
         try
         {
             while (await _call.Requests.MoveNext(token).ConfigureAwait(false))

@@ -20,6 +20,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     private readonly IServerStreamWriter<Frame>? _responses;
     private readonly int _window;
     private readonly int _maxBodyBytes;
+    private readonly LeaseBudget? _budget;
     private OutgoingMessage? _reply;
     private Frame? _replyHead;
     private StreamOutbox? _outbox;
@@ -32,8 +33,10 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     /// <param name="requests">The request stream after the request (null: the method is bound with one request message).</param>
     /// <param name="responses">The response stream (null: the method is bound with one response message, written by gRPC).</param>
     /// <param name="request">The request's metadata block and connection (<see cref="InboundRequest.Of"/>), default when there is no HTTP request behind the call.</param>
-    public GrpcInboundCall(int methodId, ReceivedRequest message, ServerCallContext context, InboundRequest request, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes)
+    /// <param name="budget">What the leases of the request's buffers and a streamed argument's items count against (null: only the process's mapping cap).</param>
+    public GrpcInboundCall(int methodId, ReceivedRequest message, ServerCallContext context, InboundRequest request, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, int window, int maxBodyBytes, LeaseBudget? budget = null)
     {
+        _budget = budget;
         MethodId = methodId;
         _message = message;
         _requests = requests;
@@ -118,7 +121,7 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     public bool IsPayloadTaken(int index) => _message.IsTaken(index);
 
-    public SharedBuffer TakePayload(int index) => _message.Take(index) ?? throw new ProtocolViolationException($"The request names payload {index} twice.");
+    public SharedBuffer TakePayload(int index) => _message.Take(index, _budget) ?? throw new ProtocolViolationException($"The request names payload {index} twice.");
 
     /// <summary>A payload that rode in the request's one frame is lent in place (no lease, no copy) until the call is disposed.</summary>
     public bool TryLendPayload(int index, out Memory<byte> bytes) => _message.TryLend(index, out bytes);
@@ -131,6 +134,9 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     internal int Window => _window;
 
     internal int MaxBodyBytes => _maxBodyBytes;
+
+    /// <summary>What the leases of a streamed argument's items count against.</summary>
+    internal LeaseBudget? Budget => _budget;
 
     public IAsyncEnumerable<T> ReadItems<T>(ReplyDecoder<T> decoder, SerializerOptionsSource options) => new GrpcArgumentStream<T>(this, decoder, options);
 
@@ -450,7 +456,8 @@ internal struct ReceivedRequest
     }
 
     /// <summary>Payload <paramref name="index"/> (in range), now the caller's; null when taken already. A payload of the whole frame is copied into a lease of its own.</summary>
-    public SharedBuffer? Take(int index)
+    /// <summary>Payload <paramref name="index"/>, now the caller's (a payload of the whole frame copied into a lease counted against <paramref name="budget"/>); null when taken already.</summary>
+    public SharedBuffer? Take(int index, LeaseBudget? budget)
     {
         if (_assembled is { } assembled)
         {
@@ -464,7 +471,7 @@ internal struct ReceivedRequest
 
         _taken |= 1UL << index;
         Memory<byte> bytes = _whole.WholePayload(index);
-        SharedBuffer lease = LocalLeases.Instance.Rent(bytes.Length, clear: false);
+        SharedBuffer lease = budget is not null ? budget.Rent(bytes.Length) : LocalLeases.Instance.Rent(bytes.Length, clear: false);
         bytes.Span.CopyTo(lease.Span);
         return lease;
     }

@@ -3,6 +3,7 @@ using global::Grpc.Core;
 using Microsoft.Extensions.DependencyInjection;
 using OffloadRpc.Hosting.Internal;
 using OffloadRpc.Internal;
+using OffloadRpc.Transport;
 
 namespace OffloadRpc.Grpc.Internal;
 
@@ -109,6 +110,26 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
 /// </summary>
 internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 {
+    /// <summary>Each server's budget for the buffers of requests in flight (<see cref="OffloadRpcOptions.MaxBufferedRequestBytes"/>), shared by its methods.</summary>
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<OffloadRpcServer, LeaseBudget> Budgets = new();
+
+    /// <summary>The budget of the server last served, kept here so a call costs no table look-up.</summary>
+    private HostBudget? _budget;
+
+    private sealed record HostBudget(OffloadRpcServer Host, LeaseBudget Budget);
+
+    private LeaseBudget BudgetOf(OffloadRpcServer host)
+    {
+        if (_budget is { } cached && ReferenceEquals(cached.Host, host))
+        {
+            return cached.Budget;
+        }
+
+        LeaseBudget budget = Budgets.GetValue(host, static h => new LeaseBudget(Math.Max(0, h.Options.MaxBufferedRequestBytes)));
+        _budget = new HostBudget(host, budget);
+        return budget;
+    }
+
     /// <summary>
     /// A unary call: one frame in, one frame out (gRPC writes it with the status after this returns). A
     /// method that completes at once is answered without an async step of this method's own.
@@ -220,7 +241,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             return new ReceivedRequest(request, payloads); // the frame is the message, its payloads in it
         }
 
-        var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
+        var assembler = new MessageAssembler(host.Options.MaxMessageBytes, BudgetOf(host));
         try
         {
             if (!assembler.Accept(request))
@@ -289,7 +310,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             return new ReceivedRequest(head, payloads); // one frame, its payloads in it: no assembler
         }
 
-        var assembler = new MessageAssembler(host.Options.MaxMessageBytes);
+        var assembler = new MessageAssembler(host.Options.MaxMessageBytes, BudgetOf(host));
         try
         {
             if (!assembler.Accept(head))
@@ -331,7 +352,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     /// </summary>
     private ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, ReceivedRequest request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
-        var call = new GrpcInboundCall(method.Id, request, context, inbound, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes);
+        var call = new GrpcInboundCall(method.Id, request, context, inbound, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes, BudgetOf(host));
         ValueTask dispatched;
         try
         {

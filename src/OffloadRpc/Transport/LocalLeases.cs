@@ -59,7 +59,10 @@ internal sealed unsafe class LocalLeases : ILeaseHost
     public SharedBuffer Rent(int bytes) => Rent(bytes, clear: true);
 
     /// <summary>A lease of exactly <paramref name="bytes"/> bytes; without <paramref name="clear"/> its bytes are whatever a previous lease left (for a receiver that fills all of them).</summary>
-    public SharedBuffer Rent(int bytes, bool clear)
+    public SharedBuffer Rent(int bytes, bool clear) => Rent(bytes, clear, this);
+
+    /// <summary><see cref="Rent(int, bool)"/>, given back through <paramref name="host"/> (a <see cref="LeaseBudget"/>, which then gives it back here).</summary>
+    internal SharedBuffer Rent(int bytes, bool clear, ILeaseHost host)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(bytes);
         long pages = Math.Max(1, (bytes + 4095L) >> PageShift);
@@ -103,7 +106,7 @@ internal sealed unsafe class LocalLeases : ILeaseHost
             }
         }
 
-        return new SharedBuffer(this, segment, 0, bytes, ownedBySender: true);
+        return new SharedBuffer(host, segment, 0, bytes, ownedBySender: true);
     }
 
     /// <summary>
@@ -127,5 +130,54 @@ internal sealed unsafe class LocalLeases : ILeaseHost
         }
 
         segment.Dispose();
+    }
+}
+
+/// <summary>
+/// A bound on the bytes of the local leases rented through it and not given back yet: a gRPC server's
+/// budget for the buffers of the requests in flight, which gRPC delivers into this process's own memory
+/// (over shared memory they stay in the peer's segments, bounded by <see cref="OffloadRpcOptions.MaxPeerMappedBytes"/>).
+/// A lease counts its whole mapping until it is disposed, whoever holds it by then (a method that keeps
+/// a buffer argument keeps it counted).
+/// </summary>
+internal sealed class LeaseBudget(long limit) : ILeaseHost
+{
+    private long _held;
+
+    public long Limit => limit;
+
+    /// <summary>The bytes of the leases rented through this budget and not given back.</summary>
+    public long HeldBytes => Interlocked.Read(ref _held);
+
+    /// <summary>A lease of <paramref name="bytes"/> bytes (not cleared: the receiver fills all of them), or <see cref="ArenaExhaustedException"/> when it would take the held bytes past the limit.</summary>
+    public SharedBuffer Rent(int bytes)
+    {
+        long held = Interlocked.Add(ref _held, bytes);
+        if (held > limit && bytes > 0)
+        {
+            Interlocked.Add(ref _held, -bytes);
+            throw new ArenaExhaustedException(
+                $"The buffers of the gRPC requests in flight hold {held - bytes:N0} bytes of this server's memory, its budget is {limit:N0} (OffloadRpcOptions.MaxBufferedRequestBytes): a buffer of {bytes:N0} bytes has no room until calls in flight end.");
+        }
+
+        SharedBuffer lease;
+        try
+        {
+            lease = LocalLeases.Instance.Rent(bytes, clear: false, this);
+        }
+        catch
+        {
+            Interlocked.Add(ref _held, -bytes);
+            throw;
+        }
+
+        Interlocked.Add(ref _held, lease.Segment.Size - bytes); // the whole mapping, as given back
+        return lease;
+    }
+
+    void ILeaseHost.ReturnLease(SharedBuffer lease)
+    {
+        Interlocked.Add(ref _held, -lease.Segment.Size);
+        LocalLeases.Instance.ReturnLease(lease);
     }
 }
