@@ -77,13 +77,15 @@ public sealed class OffloadRpcOptions
     public long MaxPeerMappedBytes { get; set; } = 8L << 30;
 
     /// <summary>
-    /// Server served over gRPC as well (<c>MapOffloadRpcGrpc</c>): the most bytes the buffers of the requests
-    /// in flight may hold in this server's own memory, all callers together (gRPC delivers a buffer into the
-    /// receiving process, where shared memory leaves it in the peer's segments, which
-    /// <see cref="MaxPeerMappedBytes"/> bounds). A call whose buffer would pass it ends with gRPC's
+    /// Server served over gRPC as well (<c>MapOffloadRpcGrpc</c>): the most bytes the requests in flight may
+    /// hold in this server's own memory, all callers together (gRPC delivers a buffer into the receiving
+    /// process, where shared memory leaves it in the peer's segments, which <see cref="MaxPeerMappedBytes"/>
+    /// bounds). A buffer counts at the size of its memory mapping from its first byte until it is disposed
+    /// (a method that keeps a buffer argument keeps it counted); a request's head frame above 64 KiB (a large
+    /// MessagePack body) counts while its call runs. Small requests (a head of at most 64 KiB, its buffers
+    /// lent to the method in place) count nothing. A call that would pass it ends with gRPC's
     /// ResourceExhausted, which the caller gets as an <see cref="OffloadRpcException"/> ("no room") and may
-    /// retry; the connection serves on. A buffer counts, at its size rounded up to a power of two of pages,
-    /// from its first byte until it is disposed (a method that keeps a buffer argument keeps it counted). Default 4 GiB.
+    /// retry; the connection serves on. Default 4 GiB.
     /// </summary>
     public long MaxBufferedRequestBytes { get; set; } = 4L << 30;
 

@@ -61,22 +61,28 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         await AssertServesAsync(server.GrpcAddress); // the server's buffers of an ordinary call made, and kept for the next
         int before = Mappings(server.ProcessId);
         var open = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
+        var reads = new List<Task<bool>>();
         try
         {
             for (int i = 0; i < calls; i++)
             {
-                // Sixteen buffers of 64 MiB named, one byte of the first sent: the server needs a lease for
+                // Sixteen buffers of 40 MiB named, one byte of the first sent: the server needs a lease for
                 // that byte, and none yet for the fifteen others (before, it made all sixteen at the head).
-                // The 48 first leases take 3 GiB of the server's budget for request buffers (4 GiB by default).
+                // The first leases take 1.9 GiB of the server's budget for request buffers (4 GiB by
+                // default); all sixteen of every call would pass it, and the calls past it would be refused.
+                // (Above 32 MiB, so no mapping kept from an earlier call is reused: each lease is a new one.)
                 AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(cancellationToken: stop.Token));
                 open.Add(call);
-                await call.RequestStream.WriteAsync(Head([.. Enumerable.Repeat(64L << 20, Frame.MaxPayloads)]));
+                await call.RequestStream.WriteAsync(Head([.. Enumerable.Repeat(40L << 20, Frame.MaxPayloads)]));
                 await call.RequestStream.WriteAsync(Data(1));
+                reads.Add(call.ResponseStream.MoveNext());
             }
 
             await Eventually.TrueAsync(() => Mappings(server.ProcessId) - before >= calls, "the server made the first buffer's lease of every call");
+            await Task.Delay(500); // time for leases made past the first of each call, or for calls refused, to show
             int grown = Mappings(server.ProcessId) - before;
-            Assert.True(grown < calls * 3, $"{calls} calls that sent one byte each took {grown} more mappings: the buffers not yet begun were mapped too ({calls * Frame.MaxPayloads} if all were)");
+            Assert.True(grown < calls * 2, $"{calls} calls that sent one byte each took {grown} more mappings: the buffers not yet begun were mapped too ({calls * Frame.MaxPayloads} if all were)");
+            Assert.DoesNotContain(reads, read => read.IsCompleted); // every call still waits for its bytes: none was refused
         }
         finally
         {
@@ -94,90 +100,95 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
     public async Task A_server_out_of_room_for_buffers_refuses_calls_with_ResourceExhausted_and_lives_on()
     {
         string endpoint = Endpoints.Unique("mappings");
-        await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-mappings", "24"]))
+        try
         {
-            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
-            using GrpcChannel channel = GrpcChannel.ForAddress(address);
-            var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
-            var reads = new List<Task<bool>>();
-            try
+            await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-mappings", "24"]))
             {
-                for (int i = 0; i < 48; i++)
+                string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+                using GrpcChannel channel = GrpcChannel.ForAddress(address);
+                var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
+                var reads = new List<Task<bool>>();
+                try
                 {
-                    // A buffer of 1 MiB begun and never finished: each call holds its lease.
-                    AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
-                    held.Add(call);
-                    await call.RequestStream.WriteAsync(Head(1 << 20));
-                    await call.RequestStream.WriteAsync(Data(1));
-                    reads.Add(call.ResponseStream.MoveNext());
-                }
-
-                await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 12, "the calls past the server's room refused");
-                foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
-                {
-                    RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
-                    Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
-                    Assert.Contains("memory mappings", refused.Status.Detail, StringComparison.Ordinal);
-                }
-
-                Assert.True(reads.Count(read => !read.IsCompleted) >= 12, "the calls within the server's room still wait for their bytes");
-                Assert.False(process.HasExited);
-
-                // A typed client meets the same refusal while the room is taken: refused at its first data frame,
-                // with most of its 64 MiB still to send and HTTP/2's window long used up, it ends all the same.
-                await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
-                byte[] buffer = new byte[(64 << 20) + 5];
-                Checksum64.Fill(buffer, 77);
-                OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-                Assert.Contains("no room", full.Message, StringComparison.Ordinal);
-
-                // ...as does an item of a streamed argument that needs a lease...
-                OffloadRpcException item = await Assert.ThrowsAsync<OffloadRpcException>(async () =>
-                {
-                    await foreach (ulong _ in connection.GetService<IFrameSource>().ChecksumEachAsync(OneItem()).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
+                    for (int i = 0; i < 48; i++)
                     {
-                        Assert.Fail("an item was served with no room for its lease");
+                        // A buffer of 1 MiB begun and never finished: each call holds its lease.
+                        AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
+                        held.Add(call);
+                        await call.RequestStream.WriteAsync(Head(1 << 20));
+                        await call.RequestStream.WriteAsync(Data(1));
+                        reads.Add(call.ResponseStream.MoveNext());
                     }
-                });
-                Assert.Contains("no room", item.Message, StringComparison.Ordinal);
 
-                // ...and a one-message request whose inline bytes do not make it whole (it goes through a lease).
-                byte[] odd = [.. Head(8, 8, 100), .. new byte[16]];
-                var unary = new Method<byte[], byte[]>(MethodType.Unary, typeof(IImageService).FullName!, nameof(IImageService.AddAsync), Raw, Raw);
-                RpcException oneFrame = await Assert.ThrowsAsync<RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(unary, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30)), odd).ResponseAsync);
-                Assert.Equal(StatusCode.ResourceExhausted, oneFrame.StatusCode);
-
-                // ...and is served once the held calls end.
-                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
-                {
-                    call.Dispose();
-                }
-
-                ulong expected = Checksum64.Compute(buffer);
-                await Eventually.TrueAsync(
-                    async () =>
+                    await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 12, "the calls past the server's room refused");
+                    foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
                     {
-                        try
+                        RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
+                        Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
+                        Assert.Contains("memory mappings", refused.Status.Detail, StringComparison.Ordinal);
+                    }
+
+                    Assert.True(reads.Count(read => !read.IsCompleted) >= 12, "the calls within the server's room still wait for their bytes");
+                    Assert.False(process.HasExited);
+
+                    // A typed client meets the same refusal while the room is taken: refused at its first data frame,
+                    // with most of its 64 MiB still to send and HTTP/2's window long used up, it ends all the same.
+                    await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+                    byte[] buffer = new byte[(64 << 20) + 5];
+                    Checksum64.Fill(buffer, 77);
+                    OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+                    Assert.Contains("no room", full.Message, StringComparison.Ordinal);
+
+                    // ...as does an item of a streamed argument that needs a lease...
+                    OffloadRpcException item = await Assert.ThrowsAsync<OffloadRpcException>(async () =>
+                    {
+                        await foreach (ulong _ in connection.GetService<IFrameSource>().ChecksumEachAsync(OneItem()).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
                         {
-                            return await connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)) == expected;
+                            Assert.Fail("an item was served with no room for its lease");
                         }
-                        catch (OffloadRpcException)
+                    });
+                    Assert.Contains("no room", item.Message, StringComparison.Ordinal);
+
+                    // ...and a one-message request whose inline bytes do not make it whole (it goes through a lease).
+                    byte[] odd = [.. Head(8, 8, 100), .. new byte[16]];
+                    var unary = new Method<byte[], byte[]>(MethodType.Unary, typeof(IImageService).FullName!, nameof(IImageService.AddAsync), Raw, Raw);
+                    RpcException oneFrame = await Assert.ThrowsAsync<RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(unary, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30)), odd).ResponseAsync);
+                    Assert.Equal(StatusCode.ResourceExhausted, oneFrame.StatusCode);
+
+                    // ...and is served once the held calls end.
+                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                    {
+                        call.Dispose();
+                    }
+
+                    ulong expected = Checksum64.Compute(buffer);
+                    await Eventually.TrueAsync(
+                        async () =>
                         {
-                            return false; // the server has not seen every cancellation yet
-                        }
-                    },
-                    "a call with a buffer served after the held calls ended");
-            }
-            finally
-            {
-                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                            try
+                            {
+                                return await connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)) == expected;
+                            }
+                            catch (OffloadRpcException)
+                            {
+                                return false; // the server has not seen every cancellation yet
+                            }
+                        },
+                        "a call with a buffer served after the held calls ended");
+                }
+                finally
                 {
-                    call.Dispose();
+                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                    {
+                        call.Dispose();
+                    }
                 }
             }
         }
-
-        Endpoints.RemoveStale(endpoint);
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
     }
 
     [Fact]
@@ -186,89 +197,156 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         const long budget = 64L << 20;
         const int buffer = 16 << 20; // a whole number of pages, a power of two: it counts exactly its bytes
         string endpoint = Endpoints.Unique("buffered");
-        await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-buffered-request-bytes", budget.ToString(System.Globalization.CultureInfo.InvariantCulture)]))
+        try
         {
-            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
-            using GrpcChannel channel = GrpcChannel.ForAddress(address);
-            var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
-            var reads = new List<Task<bool>>();
-            try
+            await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-buffered-request-bytes", budget.ToString(System.Globalization.CultureInfo.InvariantCulture)]))
             {
-                for (int i = 0; i < 8; i++)
+                string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+                using GrpcChannel channel = GrpcChannel.ForAddress(address);
+                var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
+                var reads = new List<Task<bool>>();
+                try
                 {
-                    // A buffer of 16 MiB begun and never finished: each call holds its lease, 16 MiB of the server's memory.
-                    AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
-                    held.Add(call);
-                    await call.RequestStream.WriteAsync(Head(buffer));
-                    await call.RequestStream.WriteAsync(Data(1));
-                    reads.Add(call.ResponseStream.MoveNext());
-                }
-
-                // Four fit the budget exactly; the other four are refused, whatever order they came in.
-                await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 4, "the calls past the server's budget refused");
-                await Task.Delay(200); // room for a wrong fifth refusal to show
-                Assert.Equal(4, reads.Count(read => read.IsFaulted));
-                foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
-                {
-                    RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
-                    Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
-                    Assert.Contains("MaxBufferedRequestBytes", refused.Status.Detail, StringComparison.Ordinal);
-                }
-
-                Assert.False(process.HasExited);
-
-                // A typed call with a buffer meets the same refusal while the budget is taken...
-                await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
-                byte[] bytes = new byte[(2 << 20) + 5];
-                Checksum64.Fill(bytes, 91);
-                OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-                Assert.Contains("no room", full.Message, StringComparison.Ordinal);
-
-                // ...a call without buffers is served meanwhile...
-                Assert.Equal(5, await connection.GetService<IImageService>().AddAsync(2, 3));
-
-                // ...and the calls with buffers are served again once the held calls end and give their bytes back.
-                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
-                {
-                    call.Dispose();
-                }
-
-                ulong expected = Checksum64.Compute(bytes);
-                await Eventually.TrueAsync(
-                    async () =>
+                    for (int i = 0; i < 8; i++)
                     {
-                        try
-                        {
-                            return await connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)) == expected;
-                        }
-                        catch (OffloadRpcException)
-                        {
-                            return false; // the server has not seen every cancellation yet
-                        }
-                    },
-                    "a call with a buffer served after the held calls ended");
+                        // A buffer of 16 MiB begun and never finished: each call holds its lease, 16 MiB of the server's memory.
+                        AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
+                        held.Add(call);
+                        await call.RequestStream.WriteAsync(Head(buffer));
+                        await call.RequestStream.WriteAsync(Data(1));
+                        reads.Add(call.ResponseStream.MoveNext());
+                    }
 
-                // All of the budget is back: four calls of 16 MiB at once are served, and each checksum is right.
-                byte[][] four = [.. Enumerable.Range(0, 4).Select(i => { byte[] b = new byte[buffer]; Checksum64.Fill(b, (ulong)i); return b; })];
-                ulong[] sums = await Task.WhenAll(four.Select(b => connection.GetService<IImageService>().ChecksumAsync(b).AsTask().WaitAsync(TimeSpan.FromSeconds(60))));
-                Assert.Equal(four.Select(b => Checksum64.Compute(b)), sums);
-            }
-            finally
-            {
-                foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                    // Four fit the budget exactly; the other four are refused, whatever order they came in.
+                    await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 4, "the calls past the server's budget refused");
+                    await Task.Delay(200); // room for a wrong fifth refusal to show
+                    Assert.Equal(4, reads.Count(read => read.IsFaulted));
+                    foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
+                    {
+                        RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
+                        Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
+                        Assert.Contains("MaxBufferedRequestBytes", refused.Status.Detail, StringComparison.Ordinal);
+                    }
+
+                    Assert.False(process.HasExited);
+
+                    // A typed call with a buffer meets the same refusal while the budget is taken...
+                    await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+                    byte[] bytes = new byte[(2 << 20) + 5];
+                    Checksum64.Fill(bytes, 91);
+                    OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+                    Assert.Contains("no room", full.Message, StringComparison.Ordinal);
+
+                    // ...as does a small array argument, which rides in the request's one frame and is copied into a
+                    // lease while the arguments are decoded (no room there is not arguments that do not decode)...
+                    OffloadRpcException small = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().EchoAsync(new byte[1000]).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+                    Assert.Contains("no room", small.Message, StringComparison.Ordinal);
+
+                    // ...and a head of 1 MiB (a large MessagePack body), which the server would keep while the call runs.
+                    AsyncDuplexStreamingCall<byte[], byte[]> big = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(60)));
+                    held.Add(big);
+                    await big.RequestStream.WriteAsync(LargeHead(1 << 20, buffer));
+                    RpcException bigHead = await Assert.ThrowsAsync<RpcException>(() => big.ResponseStream.MoveNext());
+                    Assert.Equal(StatusCode.ResourceExhausted, bigHead.StatusCode);
+                    Assert.Contains("a request frame", bigHead.Status.Detail, StringComparison.Ordinal);
+
+                    // A call without buffers is served meanwhile...
+                    Assert.Equal(5, await connection.GetService<IImageService>().AddAsync(2, 3));
+
+                    // ...and the calls with buffers are served again once the held calls end and give their bytes back.
+                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                    {
+                        call.Dispose();
+                    }
+
+                    // All of the budget comes back: four calls of 16 MiB at once are served, and each checksum is right.
+                    byte[][] four = [.. Enumerable.Range(0, 4).Select(i => { byte[] b = new byte[buffer]; Checksum64.Fill(b, (ulong)i); return b; })];
+                    ulong[] expected = [.. four.Select(b => Checksum64.Compute(b))];
+                    await Eventually.TrueAsync(
+                        async () =>
+                        {
+                            try
+                            {
+                                ulong[] sums = await Task.WhenAll(four.Select(b => connection.GetService<IImageService>().ChecksumAsync(b).AsTask().WaitAsync(TimeSpan.FromSeconds(60))));
+                                return sums.SequenceEqual(expected) ? true : throw new InvalidDataException($"wrong checksums: {string.Join(", ", sums)}");
+                            }
+                            catch (OffloadRpcException)
+                            {
+                                return false; // the server has not seen every cancellation yet
+                            }
+                        },
+                        "four calls of 16 MiB served at once after the held calls ended");
+                    Assert.Equal(Checksum64.Compute(bytes), await connection.GetService<IImageService>().ChecksumAsync(bytes));
+                }
+                finally
                 {
-                    call.Dispose();
+                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
+                    {
+                        call.Dispose();
+                    }
                 }
             }
         }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
 
-        Endpoints.RemoveStale(endpoint);
+    [Fact]
+    public async Task An_item_of_a_streamed_argument_that_the_method_never_disposes_goes_back_to_the_budget_when_the_call_ends()
+    {
+        string endpoint = Endpoints.Unique("sloppy");
+        try
+        {
+            await using PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-buffered-request-bytes", (8L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            IFrameSource frames = connection.GetService<IFrameSource>();
+
+            // Each call keeps its first chunk of 1 MiB (a lease) past its end: were it not given back with the
+            // call, the ninth call would find the 8 MiB budget full.
+            for (int call = 0; call < 20; call++)
+            {
+                int[] first = new int[256 << 10];
+                Checksum64.Fill(System.Runtime.InteropServices.MemoryMarshal.AsBytes(first.AsSpan()), (ulong)call);
+                ulong expected = Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(first.AsSpan()));
+                Assert.Equal(expected, await frames.FirstChecksumAsync(Items(first, new int[256 << 10])).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            }
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
+
+    private static async IAsyncEnumerable<ReadOnlyMemory<int>> Items(params int[][] items)
+    {
+        foreach (int[] item in items)
+        {
+            await Task.Yield();
+            yield return item;
+        }
     }
 
     private static async IAsyncEnumerable<ReadOnlyMemory<int>> OneItem()
     {
         await Task.Yield();
         yield return new int[64 << 10]; // 256 KiB: its bytes go in data frames, into a lease
+    }
+
+    /// <summary>A head frame whose MessagePack body is <paramref name="bodyBytes"/> bytes (an array holding one bin), naming one buffer of <paramref name="buffer"/> bytes.</summary>
+    private static byte[] LargeHead(int bodyBytes, long buffer)
+    {
+        byte[] frame = new byte[1 + 4 + bodyBytes + 2 + 8];
+        frame[0] = (byte)FrameKind.Head;
+        BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(1), (uint)bodyBytes);
+        frame[5] = 0x91; // [bin32 of the rest]
+        frame[6] = 0xc6;
+        BinaryPrimitives.WriteUInt32BigEndian(frame.AsSpan(7), (uint)(bodyBytes - 6));
+        BinaryPrimitives.WriteUInt16LittleEndian(frame.AsSpan(5 + bodyBytes), 1);
+        BinaryPrimitives.WriteInt64LittleEndian(frame.AsSpan(7 + bodyBytes), buffer);
+        return frame;
     }
 
     /// <summary>A head frame with an empty MessagePack body naming buffers of <paramref name="lengths"/> bytes, none inline.</summary>

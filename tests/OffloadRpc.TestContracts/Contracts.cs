@@ -201,6 +201,9 @@ public interface IFrameSource
     /// <summary>Duplex: for each tick that comes in, the length of its label goes out (-1 for none).</summary>
     IAsyncEnumerable<int> LabelLengthsAsync(IAsyncEnumerable<Tick> ticks, CancellationToken ct = default);
 
+    /// <summary>Client streaming, sloppily: the checksum of the first frame's bytes, read with an enumerator the method never disposes (the runtime must give the frame back when the call ends).</summary>
+    ValueTask<ulong> FirstChecksumAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, CancellationToken ct = default);
+
     /// <summary>One frame as a plain array result: <paramref name="length"/> bytes filled from <paramref name="seed"/> (Checksum64.Fill).</summary>
     ValueTask<byte[]> FillAsync(int length, int seed, CancellationToken ct = default);
 }

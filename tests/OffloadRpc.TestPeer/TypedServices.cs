@@ -518,6 +518,12 @@ internal sealed class FrameSource : IFrameSource
         }
     }
 
+    public async ValueTask<ulong> FirstChecksumAsync(IAsyncEnumerable<ReadOnlyMemory<int>> frames, CancellationToken ct = default)
+    {
+        IAsyncEnumerator<ReadOnlyMemory<int>> first = frames.GetAsyncEnumerator(ct); // never disposed, on purpose
+        return await first.MoveNextAsync() ? Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(first.Current.Span)) : 0;
+    }
+
     public ValueTask<byte[]> FillAsync(int length, int seed, CancellationToken ct = default)
     {
         byte[] frame = GC.AllocateUninitializedArray<byte>(length);

@@ -32,10 +32,8 @@ public sealed class LeaseBudgetTests
         SharedBuffer rest = budget.Rent(512 << 10); // exactly the limit
         Assert.Equal(1 << 20, budget.HeldBytes);
         Assert.Throws<ArenaExhaustedException>(() => budget.Rent(1));
-        using (SharedBuffer empty = budget.Rent(0))
-        {
-            Assert.Equal(0, empty.Length); // an empty buffer always has room, and counts one page
-        }
+        Assert.Throws<ArenaExhaustedException>(() => budget.Rent(0)); // an empty buffer is a mapping of a page too
+        Assert.Equal(1 << 20, budget.HeldBytes);
 
         half.Dispose();
         half.Dispose(); // a second dispose gives nothing back twice
@@ -46,6 +44,60 @@ public sealed class LeaseBudgetTests
         }
 
         rest.Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+    }
+
+    [Fact]
+    public void A_lease_is_refused_by_the_size_of_its_mapping_so_the_held_bytes_never_pass_the_limit()
+    {
+        var budget = new LeaseBudget(64L << 20);
+        var leases = Enumerable.Range(0, 5).Select(_ => budget.Rent(8 << 20)).ToList(); // 40 MiB
+        Assert.Equal(16L << 20, LocalLeases.MappingSize((16 << 20) - 1));
+        Assert.Equal(32L << 20, LocalLeases.MappingSize((16 << 20) + 1)); // a power of two of pages up to 32 MiB
+        Assert.Equal((32L << 20) + 4096, LocalLeases.MappingSize((32 << 20) + 1)); // whole pages above
+        Assert.Throws<ArenaExhaustedException>(() => budget.Rent((16 << 20) + 1)); // 24 MiB left: its 16 MiB + 1 byte map 32
+        Assert.Equal(40L << 20, budget.HeldBytes);
+        leases.Add(budget.Rent(16 << 20));
+        Assert.Equal(56L << 20, budget.HeldBytes);
+
+        // A large request frame kept while its call runs counts too.
+        Assert.Throws<ArenaExhaustedException>(() => budget.Reserve(16L << 20, "a request frame"));
+        budget.Reserve(8L << 20, "a request frame");
+        Assert.Equal(64L << 20, budget.HeldBytes);
+        budget.Release(8L << 20);
+
+        leases.ForEach(lease => lease.Dispose());
+        Assert.Equal(0, budget.HeldBytes);
+    }
+
+    [Fact]
+    public async Task Leases_rented_and_given_back_from_many_threads_never_take_more_than_the_limit_and_all_come_back()
+    {
+        var budget = new LeaseBudget(1 << 20);
+        long most = 0;
+        int refused = 0;
+        await Task.WhenAll(Enumerable.Range(0, 4).Select(t => Task.Run(() =>
+        {
+            var random = new Random(t);
+            for (int i = 0; i < 2000; i++)
+            {
+                try
+                {
+                    using SharedBuffer lease = budget.Rent(random.Next(1, 300 << 10));
+                    long held = budget.HeldBytes;
+                    long seen;
+                    while (held > (seen = Interlocked.Read(ref most)) && Interlocked.CompareExchange(ref most, held, seen) != seen)
+                    {
+                    }
+                }
+                catch (ArenaExhaustedException)
+                {
+                    Interlocked.Increment(ref refused);
+                }
+            }
+        })));
+
+        Assert.InRange(most, 4096, 1 << 20);
         Assert.Equal(0, budget.HeldBytes);
     }
 }

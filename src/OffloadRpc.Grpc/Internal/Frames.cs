@@ -49,6 +49,10 @@ internal sealed class Frame : IReplySource
 
     private byte[]? _rented;
 
+    /// <summary>The budget this received frame's buffer counts against until it goes back (<see cref="ChargeTo"/>), and how much.</summary>
+    private LeaseBudget? _budget;
+    private int _charged;
+
     /// <summary>An outgoing frame over pooled memory: <see cref="Writing"/> while gRPC serializes it, <see cref="Released"/> once its owner let go.</summary>
     private int _state;
 
@@ -114,6 +118,23 @@ internal sealed class Frame : IReplySource
         if (Interlocked.Exchange(ref _rented, null) is { } rented)
         {
             ArrayPool<byte>.Shared.Return(rented);
+            Interlocked.Exchange(ref _budget, null)?.Release(_charged);
+        }
+    }
+
+    /// <summary>
+    /// Counts this received frame's buffer against <paramref name="budget"/> until the frame is released: a
+    /// request's head kept while its call runs, which a peer may make as large as a message (MaxMessageBytes)
+    /// or more. A frame whose buffer is at most <see cref="InlineBytes"/> counts nothing (every small call);
+    /// a frame counted already is not counted again. <see cref="ArenaExhaustedException"/> when there is no room (the frame is the caller's still).
+    /// </summary>
+    public void ChargeTo(LeaseBudget budget)
+    {
+        if (_rented is { Length: > InlineBytes } rented && _budget is null)
+        {
+            budget.Reserve(rented.Length, "a request frame");
+            _charged = rented.Length;
+            _budget = budget;
         }
     }
 
@@ -735,6 +756,11 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
             }
 
             _head = frame;
+            if (_budget is not null)
+            {
+                frame.ChargeTo(_budget); // a large head is memory the peer holds here as much as its buffers
+            }
+
             ReadOnlySpan<byte> head = frame.First.Span;
             if (head.Length < 6)
             {

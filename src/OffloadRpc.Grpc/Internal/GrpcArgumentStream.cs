@@ -13,7 +13,7 @@ namespace OffloadRpc.Grpc.Internal;
 /// when the client completes its request stream; a fault frame (the client's enumerable threw) is
 /// thrown as <see cref="RemoteInvocationException"/>; the call's cancellation as <see cref="OperationCanceledException"/>.
 /// </summary>
-internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumerator<T>
+internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumerator<T>, IDisposable
 {
     private readonly GrpcInboundCall _call;
     private readonly ReplyDecoder<T> _decoder;
@@ -161,5 +161,13 @@ internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumera
         _finished = true;
         _cancel?.Dispose();
         return ValueTask.CompletedTask;
+    }
+
+    /// <summary>The call ended (<see cref="GrpcInboundCall.Dispose"/>): the item a method left undisposed goes back, and no credit is sent for it.</summary>
+    public void Dispose()
+    {
+        _finished = true;
+        ReleaseItem();
+        _cancel?.Dispose();
     }
 }

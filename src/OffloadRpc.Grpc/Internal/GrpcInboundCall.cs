@@ -138,7 +138,16 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     /// <summary>What the leases of a streamed argument's items count against.</summary>
     internal LeaseBudget? Budget => _budget;
 
-    public IAsyncEnumerable<T> ReadItems<T>(ReplyDecoder<T> decoder, SerializerOptionsSource options) => new GrpcArgumentStream<T>(this, decoder, options);
+    public IAsyncEnumerable<T> ReadItems<T>(ReplyDecoder<T> decoder, SerializerOptionsSource options)
+    {
+        var items = new GrpcArgumentStream<T>(this, decoder, options);
+        _argument = items; // its current item goes back with the call, should the method not dispose its enumerator
+        return items;
+    }
+
+#pragma warning disable CA1859 // a GrpcArgumentStream<T> of any T: the interface is the one type they share
+    private IDisposable? _argument;
+#pragma warning restore CA1859
 
     /// <summary>Lets the client send <paramref name="items"/> more items of its streamed argument (ignored once the call is answered).</summary>
     internal void SendCredit(int items) => Writer().TryWrite(new Outgoing(null, items));
@@ -266,12 +275,24 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
             {
                 // the call was disposed meanwhile: it has ended, and its producer with it
             }
-            while (outgoing.TryRead(out Outgoing left))
-            {
-                left.Item?.Dispose();
-            }
 
+            DrainOutgoing(); // and an item it still queues is refused (and given back) by the closed channel
             throw;
+        }
+    }
+
+    /// <summary>Closes the queue of items and credit and gives back the items in it: nothing written after is kept.</summary>
+    private void DrainOutgoing()
+    {
+        if (_outgoing is not { } outgoing)
+        {
+            return;
+        }
+
+        outgoing.Writer.TryComplete();
+        while (outgoing.Reader.TryRead(out Outgoing left))
+        {
+            left.Item?.Dispose();
         }
     }
 
@@ -315,6 +336,16 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
         _reply = null;
         _replyHead?.Release(); // a reply made but never returned to gRPC (the call failed after it)
         _replyHead = null;
+        _argument?.Dispose();
+        if (_writer is null || _writer.IsCompleted)
+        {
+            DrainOutgoing(); // items the writer never took (a producer that ran past a failed write)
+        }
+        else
+        {
+            _outgoing?.Writer.TryComplete(); // the writer, still running, writes or gives back what is queued
+        }
+
         _message.Dispose();
         CancellationTokenSource? cancellation = Interlocked.Exchange(ref _cancellation, Ended);
         if (cancellation != Ended)
@@ -455,7 +486,6 @@ internal struct ReceivedRequest
         return true;
     }
 
-    /// <summary>Payload <paramref name="index"/> (in range), now the caller's; null when taken already. A payload of the whole frame is copied into a lease of its own.</summary>
     /// <summary>Payload <paramref name="index"/>, now the caller's (a payload of the whole frame copied into a lease counted against <paramref name="budget"/>); null when taken already.</summary>
     public SharedBuffer? Take(int index, LeaseBudget? budget)
     {
@@ -469,9 +499,9 @@ internal struct ReceivedRequest
             return null; // taken already, or asked for after the request was disposed
         }
 
-        _taken |= 1UL << index;
         Memory<byte> bytes = _whole.WholePayload(index);
         SharedBuffer lease = budget is not null ? budget.Rent(bytes.Length) : LocalLeases.Instance.Rent(bytes.Length, clear: false);
+        _taken |= 1UL << index; // taken once its lease is made: a refused one can be asked for again
         bytes.Span.CopyTo(lease.Span);
         return lease;
     }

@@ -236,6 +236,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     private ReceivedRequest OneFrame(OffloadRpcServer host, Frame request)
     {
         RequireHead(request);
+        Charge(host, request);
         if (request.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
             return new ReceivedRequest(request, payloads); // the frame is the message, its payloads in it
@@ -273,6 +274,20 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         }
     }
 
+    /// <summary>A large request head, kept while its call runs, counts against the server's budget (<see cref="Frame.ChargeTo"/>); without room the call ends with ResourceExhausted and the frame is given back.</summary>
+    private void Charge(OffloadRpcServer host, Frame head)
+    {
+        try
+        {
+            head.ChargeTo(BudgetOf(host));
+        }
+        catch (ArenaExhaustedException full)
+        {
+            head.Release();
+            throw NoRoom(full);
+        }
+    }
+
     /// <summary>A request that could not be assembled, as the status its call ends with: a violation, or no room; null for anything else (thrown as it is).</summary>
     private static RpcException? StatusOf(Exception failure) => failure switch
     {
@@ -304,6 +319,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         }
 
         RequireHead(head);
+        Charge(host, head);
 
         if (head.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {

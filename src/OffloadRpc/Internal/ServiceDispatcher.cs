@@ -233,11 +233,12 @@ internal sealed class ServiceDispatcher : IRequestHandler
     /// A failure before the arguments were decoded is the peer's: a body that does not decode (MessagePack
     /// errors, missing or malformed arguments) is a protocol violation that ends its connection, as any
     /// other malformed input does, not a fault answered to a caller that sent garbage. A failure before
-    /// the stub was entered (an interceptor threw) is not.
+    /// the stub was entered (an interceptor threw) is not, nor is no room for a buffer argument
+    /// (<see cref="ArenaExhaustedException"/>: well-formed arguments this process cannot hold now).
     /// </summary>
     private static ProtocolViolationException? AsDecodeFailure(ServerCall call, Exception ex)
     {
-        if (!call.StubInvoked || call.HasDecodedArguments || ex is OperationCanceledException)
+        if (!call.StubInvoked || call.HasDecodedArguments || ex is OperationCanceledException or ArenaExhaustedException)
         {
             return null;
         }

@@ -55,6 +55,16 @@ internal sealed unsafe class LocalLeases : ILeaseHost
         }
     }
 
+    /// <summary>The bytes of the mapping a lease of <paramref name="bytes"/> bytes holds: a power of two of pages up to 32 MiB, whole pages above.</summary>
+    public static long MappingSize(int bytes) => SizeOf(bytes).Size;
+
+    private static (int SizeClass, long Size) SizeOf(int bytes)
+    {
+        long pages = Math.Max(1, (bytes + 4095L) >> PageShift);
+        int sizeClass = 63 - BitOperations.LeadingZeroCount((ulong)(pages - 1)) + 1; // ceil(log2(pages))
+        return (sizeClass, sizeClass < Classes ? 1L << (sizeClass + PageShift) : pages << PageShift);
+    }
+
     /// <summary>A lease of exactly <paramref name="bytes"/> bytes (zero allowed), zero-filled.</summary>
     public SharedBuffer Rent(int bytes) => Rent(bytes, clear: true);
 
@@ -65,9 +75,7 @@ internal sealed unsafe class LocalLeases : ILeaseHost
     internal SharedBuffer Rent(int bytes, bool clear, ILeaseHost host)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(bytes);
-        long pages = Math.Max(1, (bytes + 4095L) >> PageShift);
-        int sizeClass = 63 - BitOperations.LeadingZeroCount((ulong)(pages - 1)) + 1; // ceil(log2(pages))
-        long size = sizeClass < Classes ? 1L << (sizeClass + PageShift) : pages << PageShift;
+        (int sizeClass, long size) = SizeOf(bytes);
         SharedMemorySegment? segment = null;
         if (sizeClass < Classes && _kept[sizeClass].TryDequeue(out SharedMemorySegment? kept))
         {
@@ -134,11 +142,12 @@ internal sealed unsafe class LocalLeases : ILeaseHost
 }
 
 /// <summary>
-/// A bound on the bytes of the local leases rented through it and not given back yet: a gRPC server's
-/// budget for the buffers of the requests in flight, which gRPC delivers into this process's own memory
-/// (over shared memory they stay in the peer's segments, bounded by <see cref="OffloadRpcOptions.MaxPeerMappedBytes"/>).
-/// A lease counts its whole mapping until it is disposed, whoever holds it by then (a method that keeps
-/// a buffer argument keeps it counted).
+/// A bound on the bytes a gRPC server holds for the requests in flight, which gRPC delivers into this
+/// process's own memory (over shared memory they stay in the peer's segments, bounded by
+/// <see cref="OffloadRpcOptions.MaxPeerMappedBytes"/>): the leases of their buffers, rented through it and
+/// counted at their mapping's size until disposed, whoever holds them by then (a method that keeps a
+/// buffer argument keeps it counted), and the large request frames kept while their calls run
+/// (<see cref="Reserve"/>). The bytes held never pass the limit.
 /// </summary>
 internal sealed class LeaseBudget(long limit) : ILeaseHost
 {
@@ -146,38 +155,55 @@ internal sealed class LeaseBudget(long limit) : ILeaseHost
 
     public long Limit => limit;
 
-    /// <summary>The bytes of the leases rented through this budget and not given back.</summary>
+    /// <summary>The bytes reserved through this budget and not given back.</summary>
     public long HeldBytes => Interlocked.Read(ref _held);
 
-    /// <summary>A lease of <paramref name="bytes"/> bytes (not cleared: the receiver fills all of them), or <see cref="ArenaExhaustedException"/> when it would take the held bytes past the limit.</summary>
+    /// <summary>Takes <paramref name="bytes"/> of the budget, or throws <see cref="ArenaExhaustedException"/> (taking nothing) when they would take it past the limit.</summary>
+    public void Reserve(long bytes, string what)
+    {
+        long held = Interlocked.Read(ref _held);
+        while (true)
+        {
+            if (bytes > limit - held)
+            {
+                throw new ArenaExhaustedException(
+                    $"The gRPC requests in flight hold {held:N0} bytes of this server's memory, its budget is {limit:N0} (OffloadRpcOptions.MaxBufferedRequestBytes): {what} of {bytes:N0} bytes has no room until calls in flight end.");
+            }
+
+            long seen = Interlocked.CompareExchange(ref _held, held + bytes, held);
+            if (seen == held)
+            {
+                return;
+            }
+
+            held = seen;
+        }
+    }
+
+    /// <summary>Gives back bytes taken by <see cref="Reserve"/>.</summary>
+    public void Release(long bytes) => Interlocked.Add(ref _held, -bytes);
+
+    /// <summary>A lease of <paramref name="bytes"/> bytes (not cleared: the receiver fills all of them), its whole mapping counted, or <see cref="ArenaExhaustedException"/> when that would pass the limit.</summary>
     public SharedBuffer Rent(int bytes)
     {
-        long held = Interlocked.Add(ref _held, bytes);
-        if (held > limit && bytes > 0)
-        {
-            Interlocked.Add(ref _held, -bytes);
-            throw new ArenaExhaustedException(
-                $"The buffers of the gRPC requests in flight hold {held - bytes:N0} bytes of this server's memory, its budget is {limit:N0} (OffloadRpcOptions.MaxBufferedRequestBytes): a buffer of {bytes:N0} bytes has no room until calls in flight end.");
-        }
-
-        SharedBuffer lease;
+        long size = LocalLeases.MappingSize(bytes);
+        Reserve(size, "a buffer");
         try
         {
-            lease = LocalLeases.Instance.Rent(bytes, clear: false, this);
+            SharedBuffer lease = LocalLeases.Instance.Rent(bytes, clear: false, this);
+            System.Diagnostics.Debug.Assert(lease.Segment.Size == size, "the mapping is the size reserved");
+            return lease;
         }
         catch
         {
-            Interlocked.Add(ref _held, -bytes);
+            Release(size);
             throw;
         }
-
-        Interlocked.Add(ref _held, lease.Segment.Size - bytes); // the whole mapping, as given back
-        return lease;
     }
 
     void ILeaseHost.ReturnLease(SharedBuffer lease)
     {
-        Interlocked.Add(ref _held, -lease.Segment.Size);
+        Release(lease.Segment.Size);
         LocalLeases.Instance.ReturnLease(lease);
     }
 }
