@@ -97,214 +97,108 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
     }
 
     [Fact]
-    public async Task A_server_out_of_room_for_buffers_refuses_calls_with_ResourceExhausted_and_lives_on()
-    {
-        string endpoint = Endpoints.Unique("mappings");
-        try
+    public Task A_server_out_of_room_for_buffers_refuses_calls_with_ResourceExhausted_and_lives_on() =>
+        WithServerAsync("mappings", ["--max-mappings", "24"], async (process, address) =>
         {
-            await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-mappings", "24"]))
+            using GrpcChannel channel = GrpcChannel.ForAddress(address);
+            using var held = new HeldCalls(channel);
+            await held.OpenAsync(48, 1 << 20); // a buffer of 1 MiB begun and never finished: each call holds its lease
+
+            await Eventually.TrueAsync(() => held.Reads.Count(read => read.IsFaulted) >= 12, "the calls past the server's room refused");
+            held.AssertRefused("memory mappings");
+            Assert.True(held.Reads.Count(read => !read.IsCompleted) >= 12, "the calls within the server's room still wait for their bytes");
+            Assert.False(process.HasExited);
+
+            // A typed client meets the same refusal while the room is taken: refused at its first data frame,
+            // with most of its 64 MiB still to send and HTTP/2's window long used up, it ends all the same.
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            byte[] buffer = new byte[(64 << 20) + 5];
+            Checksum64.Fill(buffer, 77);
+            OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("no room", full.Message, StringComparison.Ordinal);
+
+            // ...as does an item of a streamed argument that needs a lease...
+            OffloadRpcException item = await Assert.ThrowsAsync<OffloadRpcException>(async () =>
             {
-                string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
-                using GrpcChannel channel = GrpcChannel.ForAddress(address);
-                var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
-                var reads = new List<Task<bool>>();
-                try
+                await foreach (ulong _ in connection.GetService<IFrameSource>().ChecksumEachAsync(OneItem()).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
                 {
-                    for (int i = 0; i < 48; i++)
-                    {
-                        // A buffer of 1 MiB begun and never finished: each call holds its lease.
-                        AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
-                        held.Add(call);
-                        await call.RequestStream.WriteAsync(Head(1 << 20));
-                        await call.RequestStream.WriteAsync(Data(1));
-                        reads.Add(call.ResponseStream.MoveNext());
-                    }
-
-                    await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 12, "the calls past the server's room refused");
-                    foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
-                    {
-                        RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
-                        Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
-                        Assert.Contains("memory mappings", refused.Status.Detail, StringComparison.Ordinal);
-                    }
-
-                    Assert.True(reads.Count(read => !read.IsCompleted) >= 12, "the calls within the server's room still wait for their bytes");
-                    Assert.False(process.HasExited);
-
-                    // A typed client meets the same refusal while the room is taken: refused at its first data frame,
-                    // with most of its 64 MiB still to send and HTTP/2's window long used up, it ends all the same.
-                    await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
-                    byte[] buffer = new byte[(64 << 20) + 5];
-                    Checksum64.Fill(buffer, 77);
-                    OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-                    Assert.Contains("no room", full.Message, StringComparison.Ordinal);
-
-                    // ...as does an item of a streamed argument that needs a lease...
-                    OffloadRpcException item = await Assert.ThrowsAsync<OffloadRpcException>(async () =>
-                    {
-                        await foreach (ulong _ in connection.GetService<IFrameSource>().ChecksumEachAsync(OneItem()).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
-                        {
-                            Assert.Fail("an item was served with no room for its lease");
-                        }
-                    });
-                    Assert.Contains("no room", item.Message, StringComparison.Ordinal);
-
-                    // ...and a one-message request whose inline bytes do not make it whole (it goes through a lease).
-                    byte[] odd = [.. Head(8, 8, 100), .. new byte[16]];
-                    var unary = new Method<byte[], byte[]>(MethodType.Unary, typeof(IImageService).FullName!, nameof(IImageService.AddAsync), Raw, Raw);
-                    RpcException oneFrame = await Assert.ThrowsAsync<RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(unary, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30)), odd).ResponseAsync);
-                    Assert.Equal(StatusCode.ResourceExhausted, oneFrame.StatusCode);
-
-                    // ...and is served once the held calls end.
-                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
-                    {
-                        call.Dispose();
-                    }
-
-                    ulong expected = Checksum64.Compute(buffer);
-                    await Eventually.TrueAsync(
-                        async () =>
-                        {
-                            try
-                            {
-                                return await connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)) == expected;
-                            }
-                            catch (OffloadRpcException)
-                            {
-                                return false; // the server has not seen every cancellation yet
-                            }
-                        },
-                        "a call with a buffer served after the held calls ended");
+                    Assert.Fail("an item was served with no room for its lease");
                 }
-                finally
-                {
-                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
-                    {
-                        call.Dispose();
-                    }
-                }
-            }
-        }
-        finally
-        {
-            Endpoints.RemoveStale(endpoint);
-        }
-    }
+            });
+            Assert.Contains("no room", item.Message, StringComparison.Ordinal);
+
+            // ...and a one-message request whose inline bytes do not make it whole (it goes through a lease).
+            byte[] odd = [.. Head(8, 8, 100), .. new byte[16]];
+            var unary = new Method<byte[], byte[]>(MethodType.Unary, typeof(IImageService).FullName!, nameof(IImageService.AddAsync), Raw, Raw);
+            RpcException oneFrame = await Assert.ThrowsAsync<RpcException>(() => channel.CreateCallInvoker().AsyncUnaryCall(unary, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(30)), odd).ResponseAsync);
+            Assert.Equal(StatusCode.ResourceExhausted, oneFrame.StatusCode);
+
+            // ...and is served once the held calls end.
+            held.Dispose();
+            ulong expected = Checksum64.Compute(buffer);
+            await ServedAgainAsync(async () => await connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)) == expected, "a call with a buffer served after the held calls ended");
+        });
 
     [Fact]
-    public async Task A_server_past_its_budget_of_request_buffer_bytes_refuses_calls_with_ResourceExhausted_and_serves_again_when_they_end()
-    {
-        const long budget = 64L << 20;
-        const int buffer = 16 << 20; // a whole number of pages, a power of two: it counts exactly its bytes
-        string endpoint = Endpoints.Unique("buffered");
-        try
+    public Task A_server_past_its_budget_of_request_buffer_bytes_refuses_calls_with_ResourceExhausted_and_serves_again_when_they_end() =>
+        WithServerAsync("buffered", ["--max-buffered-request-bytes", (64L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (process, address) =>
         {
-            await using (PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-buffered-request-bytes", budget.ToString(System.Globalization.CultureInfo.InvariantCulture)]))
-            {
-                string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
-                using GrpcChannel channel = GrpcChannel.ForAddress(address);
-                var held = new List<AsyncDuplexStreamingCall<byte[], byte[]>>();
-                var reads = new List<Task<bool>>();
-                try
+            const int buffer = 16 << 20; // a whole number of pages, a power of two: it counts exactly its bytes
+            using GrpcChannel channel = GrpcChannel.ForAddress(address);
+            using var held = new HeldCalls(channel);
+            await held.OpenAsync(8, buffer); // each call holds its lease, 16 MiB of the server's memory
+
+            // Four fit the budget of 64 MiB exactly; the other four are refused, whatever order they came in.
+            await Eventually.TrueAsync(() => held.Reads.Count(read => read.IsFaulted) >= 4, "the calls past the server's budget refused");
+            await Task.Delay(200); // room for a wrong fifth refusal to show
+            Assert.Equal(4, held.Reads.Count(read => read.IsFaulted));
+            held.AssertRefused("MaxBufferedRequestBytes");
+            Assert.False(process.HasExited);
+
+            // A typed call with a buffer meets the same refusal while the budget is taken...
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            byte[] bytes = new byte[(2 << 20) + 5];
+            Checksum64.Fill(bytes, 91);
+            OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("no room", full.Message, StringComparison.Ordinal);
+
+            // ...as does a small array argument, which rides in the request's one frame and is copied into a
+            // lease while the arguments are decoded (no room there is not arguments that do not decode)...
+            OffloadRpcException small = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().EchoAsync(new byte[1000]).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("no room", small.Message, StringComparison.Ordinal);
+
+            // ...and a head of 1 MiB (a large MessagePack body), which the server would keep while the call runs.
+            AsyncDuplexStreamingCall<byte[], byte[]> big = held.Start();
+            await big.RequestStream.WriteAsync(LargeHead(1 << 20, buffer));
+            RpcException bigHead = await Assert.ThrowsAsync<RpcException>(() => big.ResponseStream.MoveNext());
+            Assert.Equal(StatusCode.ResourceExhausted, bigHead.StatusCode);
+            Assert.Contains("a request frame", bigHead.Status.Detail, StringComparison.Ordinal);
+
+            // A call without buffers is served meanwhile...
+            Assert.Equal(5, await connection.GetService<IImageService>().AddAsync(2, 3));
+
+            // ...and all of the budget comes back once the held calls end: four calls of 16 MiB at once are served, each checksum right.
+            held.Dispose();
+            byte[][] four = [.. Enumerable.Range(0, 4).Select(i => { byte[] b = new byte[buffer]; Checksum64.Fill(b, (ulong)i); return b; })];
+            ulong[] expected = [.. four.Select(b => Checksum64.Compute(b))];
+            await ServedAgainAsync(
+                async () =>
                 {
-                    for (int i = 0; i < 8; i++)
-                    {
-                        // A buffer of 16 MiB begun and never finished: each call holds its lease, 16 MiB of the server's memory.
-                        AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
-                        held.Add(call);
-                        await call.RequestStream.WriteAsync(Head(buffer));
-                        await call.RequestStream.WriteAsync(Data(1));
-                        reads.Add(call.ResponseStream.MoveNext());
-                    }
-
-                    // Four fit the budget exactly; the other four are refused, whatever order they came in.
-                    await Eventually.TrueAsync(() => reads.Count(read => read.IsFaulted) >= 4, "the calls past the server's budget refused");
-                    await Task.Delay(200); // room for a wrong fifth refusal to show
-                    Assert.Equal(4, reads.Count(read => read.IsFaulted));
-                    foreach (Task<bool> read in reads.Where(read => read.IsCompleted))
-                    {
-                        RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
-                        Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
-                        Assert.Contains("MaxBufferedRequestBytes", refused.Status.Detail, StringComparison.Ordinal);
-                    }
-
-                    Assert.False(process.HasExited);
-
-                    // A typed call with a buffer meets the same refusal while the budget is taken...
-                    await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
-                    byte[] bytes = new byte[(2 << 20) + 5];
-                    Checksum64.Fill(bytes, 91);
-                    OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-                    Assert.Contains("no room", full.Message, StringComparison.Ordinal);
-
-                    // ...as does a small array argument, which rides in the request's one frame and is copied into a
-                    // lease while the arguments are decoded (no room there is not arguments that do not decode)...
-                    OffloadRpcException small = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().EchoAsync(new byte[1000]).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-                    Assert.Contains("no room", small.Message, StringComparison.Ordinal);
-
-                    // ...and a head of 1 MiB (a large MessagePack body), which the server would keep while the call runs.
-                    AsyncDuplexStreamingCall<byte[], byte[]> big = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(60)));
-                    held.Add(big);
-                    await big.RequestStream.WriteAsync(LargeHead(1 << 20, buffer));
-                    RpcException bigHead = await Assert.ThrowsAsync<RpcException>(() => big.ResponseStream.MoveNext());
-                    Assert.Equal(StatusCode.ResourceExhausted, bigHead.StatusCode);
-                    Assert.Contains("a request frame", bigHead.Status.Detail, StringComparison.Ordinal);
-
-                    // A call without buffers is served meanwhile...
-                    Assert.Equal(5, await connection.GetService<IImageService>().AddAsync(2, 3));
-
-                    // ...and the calls with buffers are served again once the held calls end and give their bytes back.
-                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
-                    {
-                        call.Dispose();
-                    }
-
-                    // All of the budget comes back: four calls of 16 MiB at once are served, and each checksum is right.
-                    byte[][] four = [.. Enumerable.Range(0, 4).Select(i => { byte[] b = new byte[buffer]; Checksum64.Fill(b, (ulong)i); return b; })];
-                    ulong[] expected = [.. four.Select(b => Checksum64.Compute(b))];
-                    await Eventually.TrueAsync(
-                        async () =>
-                        {
-                            try
-                            {
-                                ulong[] sums = await Task.WhenAll(four.Select(b => connection.GetService<IImageService>().ChecksumAsync(b).AsTask().WaitAsync(TimeSpan.FromSeconds(60))));
-                                return sums.SequenceEqual(expected) ? true : throw new InvalidDataException($"wrong checksums: {string.Join(", ", sums)}");
-                            }
-                            catch (OffloadRpcException)
-                            {
-                                return false; // the server has not seen every cancellation yet
-                            }
-                        },
-                        "four calls of 16 MiB served at once after the held calls ended");
-                    Assert.Equal(Checksum64.Compute(bytes), await connection.GetService<IImageService>().ChecksumAsync(bytes));
-                }
-                finally
-                {
-                    foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in held)
-                    {
-                        call.Dispose();
-                    }
-                }
-            }
-        }
-        finally
-        {
-            Endpoints.RemoveStale(endpoint);
-        }
-    }
+                    ulong[] sums = await Task.WhenAll(four.Select(b => connection.GetService<IImageService>().ChecksumAsync(b).AsTask().WaitAsync(TimeSpan.FromSeconds(60))));
+                    return sums.SequenceEqual(expected) ? true : throw new InvalidDataException($"wrong checksums: {string.Join(", ", sums)}");
+                },
+                "four calls of 16 MiB served at once after the held calls ended");
+            Assert.Equal(Checksum64.Compute(bytes), await connection.GetService<IImageService>().ChecksumAsync(bytes));
+        });
 
     [Fact]
-    public async Task An_item_of_a_streamed_argument_that_the_method_never_disposes_goes_back_to_the_budget_when_the_call_ends()
-    {
-        string endpoint = Endpoints.Unique("sloppy");
-        try
+    public Task An_item_of_a_streamed_argument_that_the_method_never_disposes_goes_back_to_the_budget_when_the_call_ends() =>
+        WithServerAsync("sloppy", ["--max-buffered-request-bytes", (8L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (_, address) =>
         {
-            await using PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, "--max-buffered-request-bytes", (8L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)]);
-            string address = process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
             await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
             IFrameSource frames = connection.GetService<IFrameSource>();
 
-            // Each call keeps its first chunk of 1 MiB (a lease) past its end: were it not given back with the
+            // Each call keeps its first item of 1 MiB (a lease) past its end: were it not given back with the
             // call, the ninth call would find the 8 MiB budget full.
             for (int call = 0; call < 20; call++)
             {
@@ -313,10 +207,83 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
                 ulong expected = Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(first.AsSpan()));
                 Assert.Equal(expected, await frames.FirstChecksumAsync(Items(first, new int[256 << 10])).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
             }
+        });
+
+    /// <summary>A grpc-server test peer started with <paramref name="args"/>, given to <paramref name="body"/> with its gRPC address; its sockets removed after.</summary>
+    private static async Task WithServerAsync(string name, string[] args, Func<PeerProcess, string, Task> body)
+    {
+        string endpoint = Endpoints.Unique(name);
+        try
+        {
+            await using PeerProcess process = PeerProcess.Start(["grpc-server", endpoint, .. args]);
+            await body(process, process.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2]);
         }
         finally
         {
             Endpoints.RemoveStale(endpoint);
+        }
+    }
+
+    /// <summary>Retries <paramref name="attempt"/> until it succeeds: refused with "no room" until the server has seen every held call end.</summary>
+    private static Task ServedAgainAsync(Func<Task<bool>> attempt, string what) =>
+        Eventually.TrueAsync(
+            async () =>
+            {
+                try
+                {
+                    return await attempt();
+                }
+                catch (OffloadRpcException)
+                {
+                    return false; // the server has not seen every cancellation yet
+                }
+            },
+            what);
+
+    /// <summary>Raw calls of ChecksumAsync that each begin a buffer and never finish it, holding its lease on the server; disposing cancels them all.</summary>
+    private sealed class HeldCalls(GrpcChannel channel) : IDisposable
+    {
+        private readonly List<AsyncDuplexStreamingCall<byte[], byte[]>> _calls = [];
+
+        /// <summary>The first read of each call opened by <see cref="OpenAsync"/>: faulted when the server refused it, pending while it waits for the rest of its buffer.</summary>
+        public List<Task<bool>> Reads { get; } = [];
+
+        public AsyncDuplexStreamingCall<byte[], byte[]> Start()
+        {
+            AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(deadline: DateTime.UtcNow.AddSeconds(120)));
+            _calls.Add(call);
+            return call;
+        }
+
+        /// <summary><paramref name="count"/> calls, each a head naming one buffer of <paramref name="bytes"/> bytes and its first byte.</summary>
+        public async Task OpenAsync(int count, long bytes)
+        {
+            for (int i = 0; i < count; i++)
+            {
+                AsyncDuplexStreamingCall<byte[], byte[]> call = Start();
+                await call.RequestStream.WriteAsync(Head(bytes));
+                await call.RequestStream.WriteAsync(Data(1));
+                Reads.Add(call.ResponseStream.MoveNext());
+            }
+        }
+
+        /// <summary>Every call that ended was refused with ResourceExhausted, its detail naming <paramref name="why"/>.</summary>
+        public void AssertRefused(string why)
+        {
+            foreach (Task<bool> read in Reads.Where(read => read.IsCompleted))
+            {
+                RpcException refused = Assert.IsType<RpcException>(read.Exception!.InnerException);
+                Assert.Equal(StatusCode.ResourceExhausted, refused.StatusCode);
+                Assert.Contains(why, refused.Status.Detail, StringComparison.Ordinal);
+            }
+        }
+
+        public void Dispose()
+        {
+            foreach (AsyncDuplexStreamingCall<byte[], byte[]> call in _calls)
+            {
+                call.Dispose();
+            }
         }
     }
 
