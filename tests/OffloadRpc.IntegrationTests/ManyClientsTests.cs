@@ -33,7 +33,9 @@ public sealed class ManyClientsTests
 
             // All sixteen are connected (most of them calling): the server still has one thread of each kind.
             Dictionary<string, int> threads = ThreadsOf(server.Process.Id);
-            Assert.Equal(1, threads.GetValueOrDefault("OffloadRpc poll"));
+            // (A second poller only while one that the machine's load stalled in a handler hands its sources over
+            // to its successor, the watchdog's: both threads are "OffloadRpc poll" in /proc. Seen once under load.)
+            Assert.InRange(threads.GetValueOrDefault("OffloadRpc poll"), 1, 2);
             Assert.Equal(1, threads.GetValueOrDefault("OffloadRpc sock"));
             Assert.DoesNotContain(threads.Keys, name => name.StartsWith("OffloadRpc rec", StringComparison.Ordinal));
 

@@ -49,9 +49,8 @@ internal sealed class Frame : IReplySource
 
     private byte[]? _rented;
 
-    /// <summary>The budget this received frame's buffer counts against until it goes back (<see cref="ChargeTo"/>), and how much.</summary>
+    /// <summary>The budget this received frame's buffer (all of it) counts against until it goes back (<see cref="ChargeTo"/>).</summary>
     private LeaseBudget? _budget;
-    private int _charged;
 
     /// <summary>An outgoing frame over pooled memory: <see cref="Writing"/> while gRPC serializes it, <see cref="Released"/> once its owner let go.</summary>
     private int _state;
@@ -118,7 +117,11 @@ internal sealed class Frame : IReplySource
         if (Interlocked.Exchange(ref _rented, null) is { } rented)
         {
             ArrayPool<byte>.Shared.Return(rented);
-            Interlocked.Exchange(ref _budget, null)?.Release(_charged);
+            if (_budget is { } budget) // only the thread that took the buffer above gets here
+            {
+                _budget = null;
+                budget.Release(rented.Length);
+            }
         }
     }
 
@@ -130,13 +133,15 @@ internal sealed class Frame : IReplySource
     /// </summary>
     public void ChargeTo(LeaseBudget budget)
     {
-        if (_rented is { Length: > InlineBytes } rented && _budget is null)
+        if (IsChargeable)
         {
-            budget.Reserve(rented.Length, "a request frame");
-            _charged = rented.Length;
+            budget.Reserve(_rented!.Length, "a request frame");
             _budget = budget;
         }
     }
+
+    /// <summary>Whether <see cref="ChargeTo"/> would count this frame: a received buffer above <see cref="InlineBytes"/>, not counted yet.</summary>
+    public bool IsChargeable => _rented is { Length: > InlineBytes } && _budget is null;
 
     /// <summary>Whether this received frame is a whole message without payloads (most small replies): it is then its own reply (<see cref="IReplySource"/>).</summary>
     public bool IsWholeMessage(int maxBodyBytes) => WholeMessagePayloads(maxBodyBytes) == 0;

@@ -28,6 +28,7 @@ internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumera
     private long _granted;
     private long _received;
     private int _uncredited;
+    private int _disposed; // the call ended (Dispose): an item read after is given back at once
 
     public GrpcArgumentStream(GrpcInboundCall call, ReplyDecoder<T> decoder, SerializerOptionsSource options)
     {
@@ -91,6 +92,13 @@ internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumera
                 {
                     _item = assembler.ToReply(_call);
                     _hasItem = true;
+                    if (Volatile.Read(ref _disposed) != 0)
+                    {
+                        _item.Dispose(); // the call ended while this read was pending (the method did not wait for it): nobody takes the item
+                        _hasItem = false;
+                        return false;
+                    }
+
                     _current = _decoder(new CallReply(_item, _options));
                     return true;
                 }
@@ -166,7 +174,17 @@ internal sealed class GrpcArgumentStream<T> : IAsyncEnumerable<T>, IAsyncEnumera
     /// <summary>The call ended (<see cref="GrpcInboundCall.Dispose"/>): the item a method left undisposed goes back, and no credit is sent for it.</summary>
     public void Dispose()
     {
+        Volatile.Write(ref _disposed, 1);
         _finished = true;
+        try
+        {
+            _cancel?.Cancel(); // a read still pending ends
+        }
+        catch (ObjectDisposedException)
+        {
+            // DisposeAsync ran already
+        }
+
         ReleaseItem();
         _cancel?.Dispose();
     }

@@ -236,7 +236,11 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     private ReceivedRequest OneFrame(OffloadRpcServer host, Frame request)
     {
         RequireHead(request);
-        Charge(host, request);
+        if (request.IsChargeable)
+        {
+            Charge(host, request);
+        }
+
         if (request.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
             return new ReceivedRequest(request, payloads); // the frame is the message, its payloads in it
@@ -319,7 +323,11 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         }
 
         RequireHead(head);
-        Charge(host, head);
+        if (head.IsChargeable)
+        {
+            Charge(host, head);
+        }
+
 
         if (head.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
