@@ -82,8 +82,10 @@ public sealed class OffloadRpcOptions
     /// process, where shared memory leaves it in the peer's segments, which <see cref="MaxPeerMappedBytes"/>
     /// bounds). A buffer counts at the size of its memory mapping from its first byte until it is disposed
     /// (a method that keeps a buffer argument keeps it counted); a request's head frame above 64 KiB (a large
-    /// MessagePack body) counts while its call runs. Small requests (a head of at most 64 KiB, its buffers
-    /// lent to the method in place) count nothing. A call that would pass it ends with gRPC's
+    /// MessagePack body) counts while its call runs. A small request (a head of at most 64 KiB) counts nothing
+    /// of itself: a buffer in it that the method takes as <c>ReadOnlyMemory&lt;byte&gt;</c> is lent in place, and
+    /// one it takes as an array, a <see cref="SharedBuffer"/>, memory of another element type or a stream is
+    /// copied into a lease, which counts. A call that would pass it ends with gRPC's
     /// ResourceExhausted, which the caller gets as an <see cref="OffloadRpcException"/> ("no room") and may
     /// retry; the connection serves on. Default 4 GiB.
     /// </summary>
