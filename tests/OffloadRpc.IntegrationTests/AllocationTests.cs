@@ -4,7 +4,11 @@ using Xunit;
 
 namespace OffloadRpc.Tests;
 
-/// <summary>A small call allocates nothing, on the calling thread or anywhere else in the process.</summary>
+/// <summary>
+/// A small call allocates nothing, on the calling thread or anywhere else in the process. Alone, so that
+/// the process-wide count does not take in what tests running beside it allocate.
+/// </summary>
+[Collection(nameof(AllocationTests))]
 public sealed class AllocationTests
 {
     [Fact]
@@ -17,15 +21,26 @@ public sealed class AllocationTests
         // Warm up: pools, JIT tiers, the thread pool.
         RunCalls(connection, body, 20_000);
 
-        long threadBefore = GC.GetAllocatedBytesForCurrentThread();
-        long processBefore = GC.GetTotalAllocatedBytes(precise: true);
-        RunCalls(connection, body, 100_000);
-        long threadDelta = GC.GetAllocatedBytesForCurrentThread() - threadBefore;
-        long processDelta = GC.GetTotalAllocatedBytes(precise: true) - processBefore;
+        // Any per-call allocation would be >= 24 bytes x 100k = 2.4 MB in every window. Something else in the
+        // process may allocate once in a while (a one-off of about 600 KB shows in a fresh test host now and
+        // then, with or without this library's latest changes), so the process's count is taken over up to
+        // three windows and one of them must be clean; the calling thread must allocate nothing in any.
+        var windows = new List<long>();
+        for (int window = 0; window < 3; window++)
+        {
+            long threadBefore = GC.GetAllocatedBytesForCurrentThread();
+            long processBefore = GC.GetTotalAllocatedBytes(precise: true);
+            RunCalls(connection, body, 100_000);
+            long threadDelta = GC.GetAllocatedBytesForCurrentThread() - threadBefore;
+            windows.Add(GC.GetTotalAllocatedBytes(precise: true) - processBefore);
+            Assert.True(threadDelta == 0, $"The calling thread allocated {threadDelta} bytes over 100k calls.");
+            if (windows[^1] < 100_000)
+            {
+                return;
+            }
+        }
 
-        // Any per-call allocation would be >= 24 bytes x 100k = 2.4 MB. Allow the test host's own background noise.
-        Assert.True(threadDelta == 0, $"The calling thread allocated {threadDelta} bytes over 100k calls.");
-        Assert.True(processDelta < 100_000, $"The process allocated {processDelta} bytes over 100k calls ({processDelta / 100_000.0:0.00} per call).");
+        Assert.Fail($"The process allocated in every window of 100k calls: {string.Join(", ", windows.Select(bytes => $"{bytes:N0} B ({bytes / 100_000.0:0.00} per call)"))}.");
     }
 
     /// <summary>Calls one at a time from this thread, waiting by polling the ValueTask (no Task, no continuation object).</summary>
@@ -51,4 +66,10 @@ public sealed class AllocationTests
             }
         }
     }
+}
+
+/// <summary>Runs <see cref="AllocationTests"/> after the parallel tests, with nothing beside it.</summary>
+[CollectionDefinition(nameof(AllocationTests), DisableParallelization = true)]
+public sealed class AllocationTestsCollection
+{
 }
