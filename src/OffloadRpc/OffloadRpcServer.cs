@@ -32,6 +32,12 @@ public sealed class OffloadRpcServer : IAsyncDisposable
 
     internal OffloadRpcOptions Options => _options;
 
+    private Transport.LeaseBudget? _requestBudget;
+
+    /// <summary>What the gRPC requests in flight hold in this process (<see cref="OffloadRpcOptions.MaxBufferedRequestBytes"/>), shared by every method served over gRPC.</summary>
+    internal Transport.LeaseBudget RequestBudget =>
+        LazyInitializer.EnsureInitialized(ref _requestBudget, () => new Transport.LeaseBudget(Math.Max(0, _options.MaxBufferedRequestBytes)));
+
     /// <summary>The socket path clients connect to (known once started).</summary>
     public string? SocketPath => _listener?.SocketPath;
 

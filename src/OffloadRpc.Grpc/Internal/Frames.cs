@@ -861,7 +861,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
     /// <summary>Payload <paramref name="index"/>'s lease, made now if its bytes start arriving (every byte is filled before the message is whole).</summary>
     private SharedBuffer Lease(int index) =>
-        _payloads[index] ??= _budget is { } budget ? budget.Rent((int)_lengths[index]) : LocalLeases.Instance.Rent((int)_lengths[index], clear: false);
+        _payloads[index] ??= LeaseBudget.Rent(_budget, (int)_lengths[index]);
 
     /// <summary>Payload <paramref name="index"/>, now the caller's; null when taken already.</summary>
     public SharedBuffer? Take(int index)

@@ -500,7 +500,7 @@ internal struct ReceivedRequest
         }
 
         Memory<byte> bytes = _whole.WholePayload(index);
-        SharedBuffer lease = budget is not null ? budget.Rent(bytes.Length) : LocalLeases.Instance.Rent(bytes.Length, clear: false);
+        SharedBuffer lease = LeaseBudget.Rent(budget, bytes.Length);
         _taken |= 1UL << index; // taken once its lease is made: a refused one can be asked for again
         bytes.Span.CopyTo(lease.Span);
         return lease;

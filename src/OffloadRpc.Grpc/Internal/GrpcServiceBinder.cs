@@ -110,26 +110,6 @@ internal sealed class GrpcServiceBinder(IServiceProvider services) : IServiceMet
 /// </summary>
 internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
 {
-    /// <summary>Each server's budget for the buffers of requests in flight (<see cref="OffloadRpcOptions.MaxBufferedRequestBytes"/>), shared by its methods.</summary>
-    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<OffloadRpcServer, LeaseBudget> Budgets = new();
-
-    /// <summary>The budget of the server last served, kept here so a call costs no table look-up.</summary>
-    private HostBudget? _budget;
-
-    private sealed record HostBudget(OffloadRpcServer Host, LeaseBudget Budget);
-
-    private LeaseBudget BudgetOf(OffloadRpcServer host)
-    {
-        if (_budget is { } cached && ReferenceEquals(cached.Host, host))
-        {
-            return cached.Budget;
-        }
-
-        LeaseBudget budget = Budgets.GetValue(host, static h => new LeaseBudget(Math.Max(0, h.Options.MaxBufferedRequestBytes)));
-        _budget = new HostBudget(host, budget);
-        return budget;
-    }
-
     /// <summary>
     /// A unary call: one frame in, one frame out (gRPC writes it with the status after this returns). A
     /// method that completes at once is answered without an async step of this method's own.
@@ -235,18 +215,13 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     /// <summary>The request of a method bound with one request message: its head frame must be all of it.</summary>
     private ReceivedRequest OneFrame(OffloadRpcServer host, Frame request)
     {
-        RequireHead(request);
-        if (request.IsChargeable)
-        {
-            Charge(host, request);
-        }
-
+        AcceptHead(host, request);
         if (request.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
             return new ReceivedRequest(request, payloads); // the frame is the message, its payloads in it
         }
 
-        var assembler = new MessageAssembler(host.Options.MaxMessageBytes, BudgetOf(host));
+        var assembler = new MessageAssembler(host.Options.MaxMessageBytes, host.RequestBudget);
         try
         {
             if (!assembler.Accept(request))
@@ -268,22 +243,31 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         return assembler;
     }
 
-    /// <summary>A request starts with a head frame: an item's head, credit, a fault or data there breaks the protocol (the frame is given back).</summary>
-    private void RequireHead(Frame first)
+    /// <summary>
+    /// A request starts with a head frame: an item's head, credit, a fault or data there breaks the protocol.
+    /// A large head counts against the server's budget while its call runs (<see cref="Charge"/>). Either
+    /// failure gives the frame back.
+    /// </summary>
+    private void AcceptHead(OffloadRpcServer host, Frame first)
     {
         if (first.Kind != FrameKind.Head)
         {
             first.Release();
             throw GrpcWire.Violation(new ProtocolViolationException($"The request of {method.FullName} starts with a {first.Kind} frame, not its head."));
         }
+
+        if (first.IsChargeable)
+        {
+            Charge(host, first);
+        }
     }
 
     /// <summary>A large request head, kept while its call runs, counts against the server's budget (<see cref="Frame.ChargeTo"/>); without room the call ends with ResourceExhausted and the frame is given back.</summary>
-    private void Charge(OffloadRpcServer host, Frame head)
+    private static void Charge(OffloadRpcServer host, Frame head)
     {
         try
         {
-            head.ChargeTo(BudgetOf(host));
+            head.ChargeTo(host.RequestBudget);
         }
         catch (ArenaExhaustedException full)
         {
@@ -322,19 +306,14 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
             throw GrpcWire.Violation(violation); // a frame that does not deserialize, or none
         }
 
-        RequireHead(head);
-        if (head.IsChargeable)
-        {
-            Charge(host, head);
-        }
-
+        AcceptHead(host, head);
 
         if (head.WholeMessagePayloads(host.Options.MaxMessageBytes) is >= 0 and int payloads)
         {
             return new ReceivedRequest(head, payloads); // one frame, its payloads in it: no assembler
         }
 
-        var assembler = new MessageAssembler(host.Options.MaxMessageBytes, BudgetOf(host));
+        var assembler = new MessageAssembler(host.Options.MaxMessageBytes, host.RequestBudget);
         try
         {
             if (!assembler.Accept(head))
@@ -376,7 +355,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
     /// </summary>
     private ValueTask<GrpcInboundCall> DispatchAsync(OffloadRpcServer host, ReceivedRequest request, InboundRequest inbound, IAsyncStreamReader<Frame>? requests, IServerStreamWriter<Frame>? responses, ServerCallContext context)
     {
-        var call = new GrpcInboundCall(method.Id, request, context, inbound, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes, BudgetOf(host));
+        var call = new GrpcInboundCall(method.Id, request, context, inbound, requests, responses, host.Options.StreamWindow, host.Options.MaxMessageBytes, host.RequestBudget);
         ValueTask dispatched;
         try
         {

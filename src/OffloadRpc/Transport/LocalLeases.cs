@@ -201,6 +201,10 @@ internal sealed class LeaseBudget(long limit) : ILeaseHost
         }
     }
 
+    /// <summary><paramref name="budget"/>'s lease of <paramref name="bytes"/> bytes, or without a budget an uncounted local one (neither cleared).</summary>
+    public static SharedBuffer Rent(LeaseBudget? budget, int bytes) =>
+        budget is not null ? budget.Rent(bytes) : LocalLeases.Instance.Rent(bytes, clear: false);
+
     void ILeaseHost.ReturnLease(SharedBuffer lease)
     {
         Release(lease.Segment.Size);
