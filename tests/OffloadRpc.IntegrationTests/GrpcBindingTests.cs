@@ -22,6 +22,22 @@ public sealed class GrpcBindingTests
     private const string Images = "/OffloadRpc.TestContracts.IImageService/";
 
     [Fact]
+    public void The_client_side_ships_without_ASP_NET_Core()
+    {
+        // A client-only application references OffloadRpc.Grpc.Client and runs on the .NET runtime alone:
+        // the client's code and every assembly it references stay out of the ASP.NET Core framework.
+        System.Reflection.Assembly client = typeof(OffloadRpc.Grpc.OffloadRpcGrpcOptionsExtensions).Assembly;
+        Assert.Equal("OffloadRpc.Grpc.Client", client.GetName().Name);
+        Assert.Same(client, typeof(GrpcInvoker).Assembly);
+        Assert.DoesNotContain(client.GetReferencedAssemblies(), name => name.Name!.StartsWith("Microsoft.AspNetCore", StringComparison.Ordinal) || name.Name == "OffloadRpc.Hosting");
+
+        // The server's side is the other assembly, which brings the client with it.
+        System.Reflection.Assembly server = typeof(GrpcServiceBinder).Assembly;
+        Assert.Equal("OffloadRpc.Grpc", server.GetName().Name);
+        Assert.Contains(server.GetReferencedAssemblies(), name => name.Name == "OffloadRpc.Grpc.Client");
+    }
+
+    [Fact]
     public async Task The_server_binds_each_method_as_the_least_streaming_its_shape_needs()
     {
         string endpoint = Endpoints.Unique("binding");

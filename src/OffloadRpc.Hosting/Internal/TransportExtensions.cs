@@ -4,7 +4,8 @@ namespace OffloadRpc.Hosting.Internal;
 
 /// <summary>
 /// Transports besides shared memory that serve the hosted servers' services (today gRPC, in the
-/// OffloadRpc.Grpc assembly, which this one does not reference). An application that references
+/// OffloadRpc.Grpc assembly, which this one does not reference: a client-only application ships the gRPC
+/// client, OffloadRpc.Grpc.Client, without ASP.NET Core). An application that references
 /// OffloadRpc.Grpc gets its services registered by AddOffloadRpcServer, so that
 /// <c>app.MapOffloadRpcGrpc()</c> is all it writes.
 /// </summary>
@@ -20,7 +21,7 @@ internal static class TransportExtensions
     {
         if (Volatile.Read(ref s_grpc) is null)
         {
-            OffloadRpc.Internal.RemoteTransports.LoadGrpcAssembly();
+            OffloadRpc.Internal.RemoteTransports.RunModuleInitializerOf("OffloadRpc.Grpc.Internal.GrpcServerTransport, OffloadRpc.Grpc");
         }
 
         Volatile.Read(ref s_grpc)?.Invoke(services);

@@ -3,7 +3,7 @@ using System.Diagnostics.CodeAnalysis;
 namespace OffloadRpc.Internal;
 
 /// <summary>
-/// A connection over a transport to another host (gRPC, in the OffloadRpc.Grpc assembly): what an
+/// A connection over a transport to another host (gRPC, in the OffloadRpc.Grpc.Client assembly): what an
 /// <see cref="OffloadRpcConnection"/> needs from it besides the invoker its proxies call.
 /// </summary>
 internal abstract class RemoteConnection : IAsyncDisposable
@@ -27,9 +27,10 @@ internal abstract class RemoteConnection : IAsyncDisposable
 
 /// <summary>
 /// Transports to other hosts, found by the address's scheme. The core assembly references none: the
-/// OffloadRpc.Grpc assembly registers itself from its module initializer, which runs when any of its code
-/// runs, or when <see cref="Find"/> loads it by name (an application that connects to http:// or https://
-/// addresses references the OffloadRpc.Grpc package, and so ships the assembly).
+/// OffloadRpc.Grpc.Client assembly registers itself from its module initializer, which runs when any of its
+/// code runs, or when <see cref="Find"/> loads it by name (an application that connects to http:// or
+/// https:// addresses references the OffloadRpc.Grpc.Client package, or OffloadRpc.Grpc which includes it,
+/// and so ships the assembly).
 /// </summary>
 internal static class RemoteTransports
 {
@@ -39,13 +40,13 @@ internal static class RemoteTransports
     public static bool IsNetworkAddress(string endpoint) =>
         endpoint.StartsWith("http://", StringComparison.OrdinalIgnoreCase) || endpoint.StartsWith("https://", StringComparison.OrdinalIgnoreCase);
 
-    /// <summary>Called by the OffloadRpc.Grpc assembly's module initializer.</summary>
+    /// <summary>Called by the OffloadRpc.Grpc.Client assembly's module initializer.</summary>
     public static void RegisterGrpc(Func<string, OffloadRpcOptions, CancellationToken, Task<OffloadRpcConnection>> connect) => s_grpc = connect;
 
     public static Task<OffloadRpcConnection> ConnectAsync(string endpoint, OffloadRpcOptions options, CancellationToken cancellationToken)
     {
         Func<string, OffloadRpcOptions, CancellationToken, Task<OffloadRpcConnection>> connect = Find()
-            ?? throw new NotSupportedException($"'{endpoint}' is a gRPC address: reference the OffloadRpc.Grpc package (and its assembly must be deployed with the application) to connect over gRPC.");
+            ?? throw new NotSupportedException($"'{endpoint}' is a gRPC address: reference the OffloadRpc.Grpc.Client package (a client) or OffloadRpc.Grpc (a server, which includes it), and deploy its assembly with the application, to connect over gRPC.");
         return connect(endpoint, options, cancellationToken);
     }
 
@@ -60,16 +61,23 @@ internal static class RemoteTransports
     }
 
     /// <summary>
-    /// Runs the OffloadRpc.Grpc assembly's module initializer when the application ships that assembly (it
-    /// registers itself here and with the hosting package); does nothing when it does not.
+    /// Runs the OffloadRpc.Grpc.Client assembly's module initializer when the application ships that
+    /// assembly (it registers itself here); does nothing when it does not.
     /// </summary>
-    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string: the trimmer keeps it when its assembly is part of the application, and without the assembly the lookup finds nothing and the caller is told which package is missing.")]
-    internal static void LoadGrpcAssembly()
+    internal static void LoadGrpcAssembly() => RunModuleInitializerOf("OffloadRpc.Grpc.Internal.GrpcTransport, OffloadRpc.Grpc.Client");
+
+    /// <summary>
+    /// Runs the module initializer of the assembly of <paramref name="typeName"/> (assembly-qualified) when the
+    /// application ships it; does nothing when it does not (the gRPC client here, the gRPC server for the hosting package).
+    /// </summary>
+    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string of this library's: the trimmer keeps it when its assembly is part of the application, and without the assembly the lookup finds nothing and the caller is told which package is missing.")]
+    [UnconditionalSuppressMessage("Trimming", "IL2057", Justification = "Callers pass constant names of this library's own types (see IL2026).")]
+    internal static void RunModuleInitializerOf(string typeName)
     {
         Type? transport;
         try
         {
-            transport = Type.GetType("OffloadRpc.Grpc.Internal.GrpcTransport, OffloadRpc.Grpc", throwOnError: false);
+            transport = Type.GetType(typeName, throwOnError: false);
         }
         catch (IOException)
         {

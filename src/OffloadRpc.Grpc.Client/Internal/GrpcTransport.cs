@@ -5,7 +5,7 @@ using OffloadRpc.Internal;
 
 namespace OffloadRpc.Grpc.Internal;
 
-/// <summary>The client side of the gRPC transport: registered with the core assembly when this assembly loads.</summary>
+/// <summary>The client side of the gRPC transport: registered with the core assembly when this assembly loads (the server side, in OffloadRpc.Grpc, registers with the hosting package: <c>GrpcServerTransport</c>).</summary>
 internal static class GrpcTransport
 {
     internal static readonly object SettingsKey = new();
@@ -15,7 +15,6 @@ internal static class GrpcTransport
     internal static void Register()
     {
         RemoteTransports.RegisterGrpc(ConnectAsync);
-        OffloadRpc.Hosting.Internal.TransportExtensions.RegisterGrpc(static services => Microsoft.Extensions.DependencyInjection.OffloadRpcGrpcServiceCollectionExtensions.AddOffloadRpcGrpc(services));
     }
 #pragma warning restore CA2255
 
