@@ -77,8 +77,90 @@ public sealed class PackageRestoreTests
         }
     }
 
+    /// <summary>
+    /// A client-only application: the gRPC client package restored alone into a fresh project, which runs on
+    /// the .NET runtime without the ASP.NET Core framework and calls a gRPC server in another process (the
+    /// test peer), over gRPC and, with the locality switch on, over shared memory.
+    /// </summary>
+    [Fact]
+    public async Task The_grpc_client_package_alone_gives_a_client_without_ASP_NET_Core_that_calls_a_server_process()
+    {
+        string repository = Path.GetFullPath(Path.Combine(AppContext.BaseDirectory, "..", "..", "..", "..", ".."));
+        string work = Directory.CreateTempSubdirectory("offloadrpc-grpc-client-").FullName;
+        string endpoint = Endpoints.Unique("grpc-client-package");
+        try
+        {
+            string feed = Directory.CreateDirectory(Path.Combine(work, "feed")).FullName;
+            foreach (string project in new[] { "src/OffloadRpc/OffloadRpc.csproj", "src/OffloadRpc.Grpc.Client/OffloadRpc.Grpc.Client.csproj" })
+            {
+                (int packed, string packLog) = await ProcessRunner.RunAsync(Dotnet, ["pack", Path.Combine(repository, project), "-c", "Release", "-o", feed, "-nologo"], TimeSpan.FromMinutes(5));
+                Assert.True(packed == 0, packLog);
+            }
+
+            using (ZipArchive zip = ZipFile.OpenRead(Path.Combine(feed, "OffloadRpc.Grpc.Client.0.1.0.nupkg")))
+            using (Stream nuspecStream = zip.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open())
+            {
+                XElement metadata = XDocument.Load(nuspecStream).Root!.Elements().Single(e => e.Name.LocalName == "metadata");
+                Assert.DoesNotContain(metadata.Elements(), e => e.Name.LocalName == "frameworkReferences");
+                string[] dependencies = [.. metadata.Descendants().Where(e => e.Name.LocalName == "dependency").Select(e => e.Attribute("id")!.Value)];
+                Assert.Contains("Grpc.Net.Client", dependencies);
+                Assert.DoesNotContain(dependencies, id => id.StartsWith("Grpc.AspNetCore", StringComparison.Ordinal) || id == "OffloadRpc.Hosting");
+            }
+
+            string app = Directory.CreateDirectory(Path.Combine(work, "app")).FullName;
+            WriteFreshProject(app, feed, "OffloadRpc.Grpc.Client", ClientOnlyProgram, Path.Combine(repository, "tests", "OffloadRpc.TestContracts", "Contracts.cs"));
+            (int built, string buildLog) = await ProcessRunner.RunAsync(Dotnet, ["build", Path.Combine(app, "app.csproj"), "-c", "Release", "-nologo"], TimeSpan.FromMinutes(5));
+            Assert.True(built == 0, buildLog);
+            Assert.True(Directory.Exists(Path.Combine(app, "packages", "offloadrpc.grpc.client", "0.1.0")), "restored from the feed, not referenced as a project");
+            string output = Path.Combine(app, "bin", "Release", "net10.0");
+            string runtimeConfig = File.ReadAllText(Path.Combine(output, "app.runtimeconfig.json"));
+            Assert.Contains("Microsoft.NETCore.App", runtimeConfig, StringComparison.Ordinal);
+            Assert.DoesNotContain("Microsoft.AspNetCore.App", runtimeConfig, StringComparison.Ordinal);
+            Assert.False(File.Exists(Path.Combine(output, "Grpc.AspNetCore.Server.dll")), "the server's gRPC library is not shipped with a client");
+
+            await using PeerProcess server = PeerProcess.Start(["grpc-server", endpoint]);
+            string address = server.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+            string dll = Path.Combine(output, "app.dll");
+            (int stayed, string overGrpc) = await ProcessRunner.RunAsync(Dotnet, ["exec", dll, address, "stay"], TimeSpan.FromMinutes(1));
+            Assert.True(stayed == 0, overGrpc);
+            Assert.Contains($"5 echoed 3145728 bytes intact via OffloadRpcConnection(grpc {address}, connected)", overGrpc, StringComparison.Ordinal);
+            (int switched, string overSharedMemory) = await ProcessRunner.RunAsync(Dotnet, ["exec", dll, address, "switch"], TimeSpan.FromMinutes(1));
+            Assert.True(switched == 0, overSharedMemory);
+            Assert.Contains($"5 echoed 3145728 bytes intact via OffloadRpcConnection(server pid {server.Id}, connected)", overSharedMemory, StringComparison.Ordinal);
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+            Directory.Delete(work, recursive: true);
+        }
+    }
+
+    /// <summary>The client-only application: AddAsync and a 3 MiB echo (three 1 MiB frames each way over gRPC), its bytes compared.</summary>
+    private const string ClientOnlyProgram = """
+        using OffloadRpc;
+        using OffloadRpc.TestContracts;
+
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(args[0], new OffloadRpcOptions { PreferSharedMemory = args[1] == "switch" });
+        IImageService images = connection.GetService<IImageService>();
+        byte[] data = new byte[3 << 20];
+        new Random(20261207).NextBytes(data);
+        byte[] echoed = await images.EchoAsync(data);
+        if (!echoed.AsSpan().SequenceEqual(data))
+        {
+            Console.WriteLine("the echo differs");
+            return 1;
+        }
+
+        Console.WriteLine($"{await images.AddAsync(2, 3)} echoed {echoed.Length} bytes intact via {connection}");
+        return 0;
+        """;
+
     /// <summary>A project outside the repository: its own empty Directory.* files, a nuget.config with the feed and the machine's cache only.</summary>
-    private static void WriteFreshProject(string app, string feed)
+    private static void WriteFreshProject(string app, string feed) => WriteFreshProject(app, feed, null, null, null);
+
+    /// <inheritdoc cref="WriteFreshProject(string, string)"/>
+    /// <param name="package">The one OffloadRpc package it references, its Program.cs and a source file it compiles besides (null: the hosted greeter below).</param>
+    private static void WriteFreshProject(string app, string feed, string? package, string? program, string? linked)
     {
         foreach (string file in new[] { "Directory.Build.props", "Directory.Build.targets", "Directory.Packages.props" })
         {
@@ -113,6 +195,27 @@ public sealed class PackageRestoreTests
               </ItemGroup>
             </Project>
             """);
+        if (package is not null)
+        {
+            File.WriteAllText(Path.Combine(app, "app.csproj"), $"""
+                <Project Sdk="Microsoft.NET.Sdk">
+                  <PropertyGroup>
+                    <OutputType>Exe</OutputType>
+                    <TargetFramework>net10.0</TargetFramework>
+                    <Nullable>enable</Nullable>
+                    <ImplicitUsings>enable</ImplicitUsings>
+                    <RestorePackagesPath>{Path.Combine(app, "packages")}</RestorePackagesPath>
+                  </PropertyGroup>
+                  <ItemGroup>
+                    <PackageReference Include="{package}" Version="0.1.0" />
+                    <Compile Include="{linked}" Link="Contracts.cs" />
+                  </ItemGroup>
+                </Project>
+                """);
+            File.WriteAllText(Path.Combine(app, "Program.cs"), program);
+            return;
+        }
+
         File.WriteAllText(Path.Combine(app, "Program.cs"), """
             using Microsoft.Extensions.DependencyInjection;
             using Microsoft.Extensions.Hosting;
