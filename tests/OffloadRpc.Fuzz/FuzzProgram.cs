@@ -79,7 +79,7 @@ public static class FuzzProgram
     }
 
     /// <summary>The targets' names, known without touching their (instrumented) dependencies.</summary>
-    public static readonly string[] TargetNames = ["handshake", "frames", "ring", "stub", "reply", "metadata"];
+    public static readonly string[] TargetNames = ["handshake", "frames", "ring", "stub", "reply", "metadata", "grpc"];
 
     /// <summary>tests/OffloadRpc.Fuzz/corpus, found from the working folder or the program's own.</summary>
     public static string DefaultCorpus()

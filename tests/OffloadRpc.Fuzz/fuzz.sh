@@ -16,7 +16,7 @@ root=$(cd "$here/../.." && pwd)
 target=${1:-}
 seconds=${2:-600}
 resume=${3:-}
-targets="handshake frames ring stub reply metadata"
+targets="handshake frames ring stub reply metadata grpc"
 if [ -z "$target" ] || { [ "$target" != all ] && ! grep -qw -- "$target" <<<"$targets"; }; then
   echo "usage: $0 <all|${targets// /|}> [seconds per target] [--resume]" >&2
   exit 2
@@ -41,9 +41,9 @@ fi
 out="$here/out/bin"
 rm -rf "$out"
 dotnet build "$here/OffloadRpc.Fuzz.csproj" -c Debug -o "$out" -nologo -v quiet -p:TreatWarningsAsErrors=false >/dev/null
-# The assemblies whose code reads peer input: the runtime, MessagePack, and the generated stubs and
+# The assemblies whose code reads peer input: the runtime, the gRPC client and wire, MessagePack, and the generated stubs and
 # proxies (of the test contracts and of the fuzz contract). Never the harness itself (OffloadRpc.Fuzz.dll).
-for dll in OffloadRpc.dll MessagePack.dll OffloadRpc.TestContracts.dll OffloadRpc.Fuzz.Contracts.dll; do
+for dll in OffloadRpc.dll OffloadRpc.Grpc.Client.dll MessagePack.dll OffloadRpc.TestContracts.dll OffloadRpc.Fuzz.Contracts.dll; do
   (cd "$root" && dotnet sharpfuzz "$out/$dll" >/dev/null)
 done
 

@@ -215,6 +215,12 @@ internal sealed class ServerDescription
         {
             throw new ProtocolViolationException("The server description is truncated.", ex);
         }
+        catch (Exception ex) when (ex is OverflowException or ArgumentOutOfRangeException)
+        {
+            // A number out of its field's range (a negative user id, say), or a string length of 2 GiB or
+            // more, which MessagePack's reader meets as a slice out of range (found by the fuzzer, target grpc).
+            throw new ProtocolViolationException("The server description does not decode: " + ex.Message, ex);
+        }
     }
 
     private static string ReadBootId()

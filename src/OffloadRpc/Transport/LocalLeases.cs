@@ -55,6 +55,21 @@ internal sealed unsafe class LocalLeases : ILeaseHost
         }
     }
 
+    /// <summary>The mappings kept for reuse now (no lease holds them): live mappings less these are the leases' own (the fuzzer's leak check).</summary>
+    internal int KeptMappings
+    {
+        get
+        {
+            int kept = 0;
+            foreach (ConcurrentQueue<SharedMemorySegment> size in _kept)
+            {
+                kept += size.Count;
+            }
+
+            return kept;
+        }
+    }
+
     /// <summary>The bytes of the mapping a lease of <paramref name="bytes"/> bytes holds: a power of two of pages up to 32 MiB, whole pages above.</summary>
     public static long MappingSize(int bytes) => SizeOf(bytes).Size;
 

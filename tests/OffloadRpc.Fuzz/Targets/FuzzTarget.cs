@@ -25,6 +25,7 @@ internal abstract class FuzzTarget
         new StubTarget(),
         new ReplyTarget(),
         new MetadataTarget(),
+        new GrpcTarget(),
     ];
 
     public static FuzzTarget? Find(string name) => All.FirstOrDefault(t => t.Name == name);
