@@ -17,11 +17,12 @@ internal static class TransportExtensions
     public static void RegisterGrpc(Action<IServiceCollection> addServices) => s_grpc = addServices;
 
     /// <summary>Adds the services of every transport the application ships (none when it ships only shared memory).</summary>
+    [System.Diagnostics.CodeAnalysis.UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string (see RemoteTransports.RunModuleInitializerOf): kept when its assembly is part of the application; without it nothing is found and nothing is added.")]
     public static void AddTo(IServiceCollection services)
     {
         if (Volatile.Read(ref s_grpc) is null)
         {
-            OffloadRpc.Internal.RemoteTransports.RunModuleInitializerOf("OffloadRpc.Grpc.Internal.GrpcServerTransport, OffloadRpc.Grpc");
+            OffloadRpc.Internal.RemoteTransports.RunModuleInitializerOf(static () => Type.GetType("OffloadRpc.Grpc.Internal.GrpcServerTransport, OffloadRpc.Grpc", throwOnError: false));
         }
 
         Volatile.Read(ref s_grpc)?.Invoke(services);

@@ -64,20 +64,23 @@ internal static class RemoteTransports
     /// Runs the OffloadRpc.Grpc.Client assembly's module initializer when the application ships that
     /// assembly (it registers itself here); does nothing when it does not.
     /// </summary>
-    internal static void LoadGrpcAssembly() => RunModuleInitializerOf("OffloadRpc.Grpc.Internal.GrpcTransport, OffloadRpc.Grpc.Client");
+    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string: the trimmer keeps it when its assembly is part of the application, and without the assembly the lookup finds nothing and the caller is told which package is missing.")]
+    internal static void LoadGrpcAssembly() =>
+        RunModuleInitializerOf(static () => Type.GetType("OffloadRpc.Grpc.Internal.GrpcTransport, OffloadRpc.Grpc.Client", throwOnError: false));
 
     /// <summary>
-    /// Runs the module initializer of the assembly of <paramref name="typeName"/> (assembly-qualified) when the
-    /// application ships it; does nothing when it does not (the gRPC client here, the gRPC server for the hosting package).
+    /// Runs the module initializer of the assembly of the type <paramref name="find"/> looks up when the
+    /// application ships it; does nothing when it does not (the gRPC client here, the gRPC server for the
+    /// hosting package). Each caller names its type with a constant string in its own call to
+    /// <see cref="Type.GetType(string, bool)"/>, where the trimmer sees it and keeps that type and its
+    /// module initializer (a name passed through a parameter would not be seen: the assembly would be trimmed away).
     /// </summary>
-    [UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "A type named by a constant string of this library's: the trimmer keeps it when its assembly is part of the application, and without the assembly the lookup finds nothing and the caller is told which package is missing.")]
-    [UnconditionalSuppressMessage("Trimming", "IL2057", Justification = "Callers pass constant names of this library's own types (see IL2026).")]
-    internal static void RunModuleInitializerOf(string typeName)
+    internal static void RunModuleInitializerOf(Func<Type?> find)
     {
         Type? transport;
         try
         {
-            transport = Type.GetType(typeName, throwOnError: false);
+            transport = find();
         }
         catch (IOException)
         {
