@@ -13,8 +13,9 @@ public sealed class FuzzSmokeCollection
 /// The fuzzer's smoke run (tests/OffloadRpc.Fuzz): every seed of the checked-in corpus and a few
 /// thousand deterministic mutations of them go through every parser of peer input (handshake, socket
 /// frames, ring slots and payload references, release handles, pipeline headers, generated stubs and
-/// reply decoders), each bounded in time; none may fail otherwise than as documented, and the
-/// descriptors they opened are all closed again. Alone in its collection, so the descriptor count is its own.
+/// reply decoders, the gRPC transport's frames and message assembly), each bounded in time; none may
+/// fail otherwise than as documented, and the descriptors they opened are all closed again. Alone in
+/// its collection, so the descriptor count is its own.
 /// </summary>
 [Collection(nameof(FuzzSmokeCollection))]
 public sealed class FuzzSmokeTests

@@ -55,20 +55,10 @@ internal sealed unsafe class LocalLeases : ILeaseHost
         }
     }
 
-    /// <summary>The mappings kept for reuse now (no lease holds them): live mappings less these are the leases' own (the fuzzer's leak check).</summary>
-    internal int KeptMappings
-    {
-        get
-        {
-            int kept = 0;
-            foreach (ConcurrentQueue<SharedMemorySegment> size in _kept)
-            {
-                kept += size.Count;
-            }
+    private long _outstanding;
 
-            return kept;
-        }
-    }
+    /// <summary>Leases rented here and not given back yet, in this process (the fuzzer's leak check).</summary>
+    internal long OutstandingLeases => Interlocked.Read(ref _outstanding);
 
     /// <summary>The bytes of the mapping a lease of <paramref name="bytes"/> bytes holds: a power of two of pages up to 32 MiB, whole pages above.</summary>
     public static long MappingSize(int bytes) => SizeOf(bytes).Size;
@@ -129,7 +119,9 @@ internal sealed unsafe class LocalLeases : ILeaseHost
             }
         }
 
-        return new SharedBuffer(host, segment, 0, bytes, ownedBySender: true);
+        var lease = new SharedBuffer(host, segment, 0, bytes, ownedBySender: true);
+        Interlocked.Increment(ref _outstanding);
+        return lease;
     }
 
     /// <summary>
@@ -138,6 +130,7 @@ internal sealed unsafe class LocalLeases : ILeaseHost
     /// </summary>
     public void ReturnLease(SharedBuffer lease)
     {
+        Interlocked.Decrement(ref _outstanding);
         SharedMemorySegment segment = lease.Segment;
         long pages = segment.Size >> PageShift;
         int sizeClass = BitOperations.Log2((ulong)pages);
