@@ -91,24 +91,23 @@ public sealed class PackageRestoreTests
         try
         {
             string feed = Directory.CreateDirectory(Path.Combine(work, "feed")).FullName;
-            foreach (string project in new[] { "src/OffloadRpc/OffloadRpc.csproj", "src/OffloadRpc.Grpc.Client/OffloadRpc.Grpc.Client.csproj" })
+            foreach (string project in new[] { "src/OffloadRpc/OffloadRpc.csproj", "src/OffloadRpc.Grpc.Client/OffloadRpc.Grpc.Client.csproj", "src/OffloadRpc.Grpc/OffloadRpc.Grpc.csproj" })
             {
                 (int packed, string packLog) = await ProcessRunner.RunAsync(Dotnet, ["pack", Path.Combine(repository, project), "-c", "Release", "-o", feed, "-nologo"], TimeSpan.FromMinutes(5));
                 Assert.True(packed == 0, packLog);
             }
 
-            using (ZipArchive zip = ZipFile.OpenRead(Path.Combine(feed, "OffloadRpc.Grpc.Client.0.1.0.nupkg")))
-            using (Stream nuspecStream = zip.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open())
-            {
-                XElement metadata = XDocument.Load(nuspecStream).Root!.Elements().Single(e => e.Name.LocalName == "metadata");
-                Assert.DoesNotContain(metadata.Elements(), e => e.Name.LocalName == "frameworkReferences");
-                string[] dependencies = [.. metadata.Descendants().Where(e => e.Name.LocalName == "dependency").Select(e => e.Attribute("id")!.Value)];
-                Assert.Contains("Grpc.Net.Client", dependencies);
-                Assert.DoesNotContain(dependencies, id => id.StartsWith("Grpc.AspNetCore", StringComparison.Ordinal) || id == "OffloadRpc.Hosting");
-            }
+            (XElement clientPackage, string[] clientDependencies) = Nuspec(feed, "OffloadRpc.Grpc.Client");
+            Assert.DoesNotContain(clientPackage.Elements(), e => e.Name.LocalName == "frameworkReferences");
+            Assert.Contains("Grpc.Net.Client", clientDependencies);
+            Assert.DoesNotContain(clientDependencies, id => id.StartsWith("Grpc.AspNetCore", StringComparison.Ordinal) || id == "OffloadRpc.Hosting");
+            (XElement serverPackage, string[] serverDependencies) = Nuspec(feed, "OffloadRpc.Grpc");
+            Assert.Contains("OffloadRpc.Grpc.Client", serverDependencies); // a server's package brings the client with it
+            Assert.Contains("Grpc.AspNetCore", serverDependencies);
+            Assert.Contains(serverPackage.Descendants(), e => e.Name.LocalName == "frameworkReference" && (string?)e.Attribute("name") == "Microsoft.AspNetCore.App");
 
             string app = Directory.CreateDirectory(Path.Combine(work, "app")).FullName;
-            WriteFreshProject(app, feed, "OffloadRpc.Grpc.Client", ClientOnlyProgram, Path.Combine(repository, "tests", "OffloadRpc.TestContracts", "Contracts.cs"));
+            WriteFreshProject(app, feed, "OffloadRpc.Grpc.Client", ClientOnlyProgram, Path.Combine(repository, "tests", "OffloadRpc.TestContracts", "Contracts.cs"), await MachineSourcesAsync(work));
             (int built, string buildLog) = await ProcessRunner.RunAsync(Dotnet, ["build", Path.Combine(app, "app.csproj"), "-c", "Release", "-nologo"], TimeSpan.FromMinutes(5));
             Assert.True(built == 0, buildLog);
             Assert.True(Directory.Exists(Path.Combine(app, "packages", "offloadrpc.grpc.client", "0.1.0")), "restored from the feed, not referenced as a project");
@@ -127,12 +126,45 @@ public sealed class PackageRestoreTests
             (int switched, string overSharedMemory) = await ProcessRunner.RunAsync(Dotnet, ["exec", dll, address, "switch"], TimeSpan.FromMinutes(1));
             Assert.True(switched == 0, overSharedMemory);
             Assert.Contains($"5 echoed 3145728 bytes intact via OffloadRpcConnection(server pid {server.Id}, connected)", overSharedMemory, StringComparison.Ordinal);
+
+            // Trimmed: the core finds the gRPC client by name, and the trimmer must keep it all the same.
+            string trimmed = Path.Combine(work, "trimmed");
+            (int published, string publishLog) = await ProcessRunner.RunAsync(
+                Dotnet, ["publish", Path.Combine(app, "app.csproj"), "-c", "Release", "-r", "linux-x64", "--self-contained", "-p:PublishTrimmed=true", "-o", trimmed, "-nologo"], TimeSpan.FromMinutes(5));
+            Assert.True(published == 0, publishLog);
+            Assert.True(File.Exists(Path.Combine(trimmed, "OffloadRpc.Grpc.Client.dll")), "the trimmer kept the gRPC client");
+            (int trimmedStayed, string trimmedGrpc) = await ProcessRunner.RunAsync(Path.Combine(trimmed, "app"), [address, "stay"], TimeSpan.FromMinutes(1));
+            Assert.True(trimmedStayed == 0, trimmedGrpc);
+            Assert.Contains($"5 echoed 3145728 bytes intact via OffloadRpcConnection(grpc {address}, connected)", trimmedGrpc, StringComparison.Ordinal);
+            (int trimmedSwitched, string trimmedSharedMemory) = await ProcessRunner.RunAsync(Path.Combine(trimmed, "app"), [address, "switch"], TimeSpan.FromMinutes(1));
+            Assert.True(trimmedSwitched == 0, trimmedSharedMemory);
+            Assert.Contains($"via OffloadRpcConnection(server pid {server.Id}, connected)", trimmedSharedMemory, StringComparison.Ordinal);
         }
         finally
         {
             Endpoints.RemoveStale(endpoint);
             Directory.Delete(work, recursive: true);
         }
+    }
+
+    /// <summary>A package's nuspec metadata in <paramref name="feed"/> and the ids of its dependencies.</summary>
+    private static (XElement Metadata, string[] Dependencies) Nuspec(string feed, string id)
+    {
+        using ZipArchive zip = ZipFile.OpenRead(Path.Combine(feed, $"{id}.0.1.0.nupkg"));
+        using Stream nuspecStream = zip.Entries.Single(e => e.FullName.EndsWith(".nuspec", StringComparison.Ordinal)).Open();
+        XElement metadata = XDocument.Load(nuspecStream).Root!.Elements().Single(e => e.Name.LocalName == "metadata");
+        return (metadata, [.. metadata.Descendants().Where(e => e.Name.LocalName == "dependency").Select(e => e.Attribute("id")!.Value)]);
+    }
+
+    /// <summary>
+    /// The package sources this machine is configured with (as seen outside the repository): a self-contained
+    /// publish needs the runtime and trimmer packs, which only a run that published before may have cached.
+    /// </summary>
+    private static async Task<string[]> MachineSourcesAsync(string outside)
+    {
+        (int listed, string sources) = await ProcessRunner.RunAsync(Dotnet, ["nuget", "list", "source", "--format", "short"], TimeSpan.FromMinutes(1), workingDirectory: outside);
+        Assert.True(listed == 0, sources);
+        return [.. sources.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Where(line => line.StartsWith("E ", StringComparison.Ordinal)).Select(line => line[2..].Trim())];
     }
 
     /// <summary>The client-only application: AddAsync and a 3 MiB echo (three 1 MiB frames each way over gRPC), its bytes compared.</summary>
@@ -156,11 +188,12 @@ public sealed class PackageRestoreTests
         """;
 
     /// <summary>A project outside the repository: its own empty Directory.* files, a nuget.config with the feed and the machine's cache only.</summary>
-    private static void WriteFreshProject(string app, string feed) => WriteFreshProject(app, feed, null, null, null);
+    private static void WriteFreshProject(string app, string feed) => WriteFreshProject(app, feed, null, null, null, []);
 
     /// <inheritdoc cref="WriteFreshProject(string, string)"/>
     /// <param name="package">The one OffloadRpc package it references, its Program.cs and a source file it compiles besides (null: the hosted greeter below).</param>
-    private static void WriteFreshProject(string app, string feed, string? package, string? program, string? linked)
+    /// <param name="moreSources">Sources besides the feed and the cache, for every package but OffloadRpc's (which come from the feed alone).</param>
+    private static void WriteFreshProject(string app, string feed, string? package, string? program, string? linked, string[] moreSources)
     {
         foreach (string file in new[] { "Directory.Build.props", "Directory.Build.targets", "Directory.Packages.props" })
         {
@@ -177,7 +210,13 @@ public sealed class PackageRestoreTests
                 <clear />
                 <add key="local-feed" value="{feed}" />
                 <add key="machine-cache" value="{cache}" />
+                {string.Concat(moreSources.Select((source, i) => $"<add key=\"machine-source-{i}\" value=\"{source}\" />"))}
               </packageSources>
+              <packageSourceMapping>
+                <packageSource key="local-feed"><package pattern="OffloadRpc" /><package pattern="OffloadRpc.*" /></packageSource>
+                <packageSource key="machine-cache"><package pattern="*" /></packageSource>
+                {string.Concat(moreSources.Select((_, i) => $"<packageSource key=\"machine-source-{i}\"><package pattern=\"*\" /></packageSource>"))}
+              </packageSourceMapping>
             </configuration>
             """);
         File.WriteAllText(Path.Combine(app, "app.csproj"), $"""
