@@ -219,6 +219,15 @@ public sealed class PackageRestoreTests
               </packageSourceMapping>
             </configuration>
             """);
+        string items = package is null
+            ? """
+              <PackageReference Include="OffloadRpc.Hosting" Version="0.1.0" />
+              <PackageReference Include="Microsoft.Extensions.Hosting" Version="10.0.15" />
+              """
+            : $"""
+              <PackageReference Include="{package}" Version="0.1.0" />
+              <Compile Include="{linked}" Link="Contracts.cs" />
+              """;
         File.WriteAllText(Path.Combine(app, "app.csproj"), $"""
             <Project Sdk="Microsoft.NET.Sdk">
               <PropertyGroup>
@@ -229,28 +238,12 @@ public sealed class PackageRestoreTests
                 <RestorePackagesPath>{Path.Combine(app, "packages")}</RestorePackagesPath>
               </PropertyGroup>
               <ItemGroup>
-                <PackageReference Include="OffloadRpc.Hosting" Version="0.1.0" />
-                <PackageReference Include="Microsoft.Extensions.Hosting" Version="10.0.15" />
+            {items}
               </ItemGroup>
             </Project>
             """);
         if (package is not null)
         {
-            File.WriteAllText(Path.Combine(app, "app.csproj"), $"""
-                <Project Sdk="Microsoft.NET.Sdk">
-                  <PropertyGroup>
-                    <OutputType>Exe</OutputType>
-                    <TargetFramework>net10.0</TargetFramework>
-                    <Nullable>enable</Nullable>
-                    <ImplicitUsings>enable</ImplicitUsings>
-                    <RestorePackagesPath>{Path.Combine(app, "packages")}</RestorePackagesPath>
-                  </PropertyGroup>
-                  <ItemGroup>
-                    <PackageReference Include="{package}" Version="0.1.0" />
-                    <Compile Include="{linked}" Link="Contracts.cs" />
-                  </ItemGroup>
-                </Project>
-                """);
             File.WriteAllText(Path.Combine(app, "Program.cs"), program);
             return;
         }
