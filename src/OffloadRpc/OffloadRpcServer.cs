@@ -34,9 +34,14 @@ public sealed class OffloadRpcServer : IAsyncDisposable
 
     private Transport.LeaseBudget? _requestBudget;
 
-    /// <summary>What the gRPC requests in flight hold in this process (<see cref="OffloadRpcOptions.MaxBufferedRequestBytes"/>), shared by every method served over gRPC.</summary>
-    internal Transport.LeaseBudget RequestBudget =>
-        LazyInitializer.EnsureInitialized(ref _requestBudget, () => new Transport.LeaseBudget(Math.Max(0, _options.MaxBufferedRequestBytes)));
+    /// <summary>What the gRPC requests in flight hold in this process (<see cref="OffloadRpcOptions.MaxBufferedRequestBytes"/>), shared by every method served over gRPC (read per call: no delegate made once it exists).</summary>
+    internal Transport.LeaseBudget RequestBudget => Volatile.Read(ref _requestBudget) ?? MakeRequestBudget();
+
+    private Transport.LeaseBudget MakeRequestBudget()
+    {
+        var made = new Transport.LeaseBudget(Math.Max(0, _options.MaxBufferedRequestBytes));
+        return Interlocked.CompareExchange(ref _requestBudget, made, null) ?? made; // another thread's, or ours
+    }
 
     /// <summary>The socket path clients connect to (known once started).</summary>
     public string? SocketPath => _listener?.SocketPath;
