@@ -323,9 +323,9 @@ internal sealed class GrpcTarget : FuzzTarget
         yield return ("request-budget", Input(2 | 4, [Head(FrameKind.Head, body, [large, small]), .. Data([.. large, .. small], 40_000)]));
         yield return ("request-past-budget", Input(2, [Head(FrameKind.Head, body, [Pattern(300_000, 3)]), .. Data(Pattern(300_000, 3), 60_000)]));
         byte[] wideInline = Pattern(90_000, 4);
-        yield return ("large-head-charged", Wide(2 | 32, Head(FrameKind.Head, body, [wideInline], wideInline)));
-        yield return ("large-head-past-budget", Wide(2 | 32, Head(FrameKind.Head, body, [Pattern(300_000, 5)], Pattern(300_000, 5))));
-        yield return ("large-head-unbudgeted", Wide(32 | 1, [Head(FrameKind.Head, body, [wideInline, large], wideInline), .. Data(large, 60_000)]));
+        yield return ("large-head-charged", Input(2 | 32, Head(FrameKind.Head, body, [wideInline], wideInline)));
+        yield return ("large-head-past-budget", Input(2 | 32, Head(FrameKind.Head, body, [Pattern(300_000, 5)], Pattern(300_000, 5))));
+        yield return ("large-head-unbudgeted", Input(32 | 1, [Head(FrameKind.Head, body, [wideInline, large], wideInline), .. Data(large, 60_000)]));
         yield return ("empty-payloads", Input(0, Head(FrameKind.Head, body, [[], small, []], small)));
         yield return ("items", Input(1 << 3, Head(FrameKind.ItemHead, result, []), Head(FrameKind.ItemHead, body, [small], small), Head(FrameKind.Head, result, [])));
         yield return ("items-chunked", Input((1 << 3) | 1, [Head(FrameKind.ItemHead, body, [large]), .. Data(large, 50_000), Head(FrameKind.Head, result, [])]));
@@ -372,6 +372,7 @@ internal sealed class GrpcTarget : FuzzTarget
         return bytes;
     }
 
+    /// <summary>An input: the flags, then each message after its length (24 bits with flag bit 5, else 16).</summary>
     private static byte[] Input(int flags, params byte[][] messages)
     {
         var input = new List<byte> { (byte)flags };
@@ -379,21 +380,11 @@ internal sealed class GrpcTarget : FuzzTarget
         {
             input.Add((byte)message.Length);
             input.Add((byte)(message.Length >> 8));
-            input.AddRange(message);
-        }
+            if ((flags & 32) != 0)
+            {
+                input.Add((byte)(message.Length >> 16));
+            }
 
-        return [.. input];
-    }
-
-    /// <summary><see cref="Input"/> with lengths of 24 bits (flag bit 5).</summary>
-    private static byte[] Wide(int flags, params byte[][] messages)
-    {
-        var input = new List<byte> { (byte)flags };
-        foreach (byte[] message in messages)
-        {
-            input.Add((byte)message.Length);
-            input.Add((byte)(message.Length >> 8));
-            input.Add((byte)(message.Length >> 16));
             input.AddRange(message);
         }
 
