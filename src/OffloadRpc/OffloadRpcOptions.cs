@@ -91,6 +91,20 @@ public sealed class OffloadRpcOptions
     /// </summary>
     public long MaxBufferedRequestBytes { get; set; } = 4L << 30;
 
+    /// <summary>
+    /// Client connected over gRPC: the most bytes the replies and streamed results in flight may hold in
+    /// this process's own memory, all calls of the connection together. Over gRPC a reply's buffers are
+    /// delivered into the caller's memory (over shared memory they stay in the server's segments), so a
+    /// server that sends more than the caller can hold (a broken or hostile one, or results kept and never
+    /// disposed) meets this bound instead of exhausting the process. A buffer counts at the size of its
+    /// memory mapping from its first byte until it is copied out or given back (an array or memory result is
+    /// copied at once, a <see cref="SharedBuffer"/> result counts until disposed, a streamed item's buffer
+    /// until the next item is asked for); a MessagePack result is bounded by <see cref="MaxMessageBytes"/> instead. A
+    /// call that would pass it ends with <see cref="ArenaExhaustedException"/> and stops the server's
+    /// sending; the connection serves on. Default 4 GiB.
+    /// </summary>
+    public long MaxBufferedReplyBytes { get; set; } = 4L << 30;
+
     /// <summary>The most segments one peer may have this process map (each is a mapping; the kernel limits mappings per process). Default 256.</summary>
     public int MaxPeerSegments { get; set; } = 256;
 

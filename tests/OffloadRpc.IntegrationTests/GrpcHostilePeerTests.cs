@@ -12,7 +12,8 @@ namespace OffloadRpc.Tests;
 /// <summary>
 /// A raw gRPC client that writes frames by hand against a real server process: the buffers a request's
 /// head names cost the server nothing until their bytes come, a head may name no more buffers than a
-/// message carries, and a server out of room for buffers (mappings, or its budget of bytes) refuses calls instead of dying.
+/// message carries, and a server out of room for buffers (mappings, or its budget of bytes) refuses calls instead of dying;
+/// and a client does not take more of a server's replies into its memory than its own budget.
 /// </summary>
 [Collection(TransportSuite.Name)]
 public sealed class GrpcHostilePeerTests(BothWaysServer server)
@@ -208,6 +209,78 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
                 Assert.Equal(expected, await frames.FirstChecksumAsync(Items(first, new int[256 << 10])).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
             }
         });
+
+    [Fact]
+    public async Task A_client_past_its_budget_of_reply_buffer_bytes_ends_the_call_with_ArenaExhaustedException_and_serves_on()
+    {
+        const int FrameBytes = 1024 * 1024 * 3; // RenderAsync(1024, 1024): a 4 MiB mapping
+        await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(server.GrpcAddress, new OffloadRpcOptions { PreferSharedMemory = false, MaxBufferedReplyBytes = 16 << 20 });
+        IImageService images = connection.GetService<IImageService>();
+
+        // A reply larger than all of the budget is refused at its first bytes: the call ends, and so does the server's sending.
+        byte[] large = new byte[24 << 20];
+        Checksum64.Fill(large, 5);
+        ArenaExhaustedException refused = await Assert.ThrowsAsync<ArenaExhaustedException>(() => images.EchoAsync(large).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Contains("OffloadRpcOptions.MaxBufferedReplyBytes", refused.Message, StringComparison.Ordinal);
+
+        // An array result is copied out of its lease at once: replies within the budget are served one after another, every byte right.
+        byte[] fits = new byte[12 << 20];
+        Checksum64.Fill(fits, 6);
+        for (int i = 0; i < 3; i++)
+        {
+            Assert.Equal(Checksum64.Compute(fits), Checksum64.Compute(await images.EchoAsync(fits).AsTask().WaitAsync(TimeSpan.FromSeconds(60))));
+        }
+
+        // Results the caller keeps count until disposed: four frames fill the budget, a fifth is refused...
+        byte[] rendered = new byte[FrameBytes];
+        Checksum64.Fill(rendered, (1024 * 31) + 1024);
+        ulong expected = Checksum64.Compute(rendered);
+        var held = new List<SharedBuffer>();
+        try
+        {
+            for (int i = 0; i < 4; i++)
+            {
+                held.Add(await images.RenderAsync(1024, 1024).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+                Assert.Equal(expected, Checksum64.Compute(held[^1].Span));
+            }
+
+            await Assert.ThrowsAsync<ArenaExhaustedException>(() => images.RenderAsync(1024, 1024).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+
+            // ...as is an item of a streamed result past it, the items before it in the consumer's hands...
+            ArenaExhaustedException item = await Assert.ThrowsAsync<ArenaExhaustedException>(async () =>
+            {
+                held[0].Dispose();
+                held.RemoveAt(0);
+                await foreach (SharedBuffer frame in connection.GetService<IFrameSource>().RenderAsync(3, FrameBytes, 40).WithCancellation(new CancellationTokenSource(TimeSpan.FromSeconds(60)).Token))
+                {
+                    held.Add(frame); // the first fits the room one disposed result left; the second does not
+                }
+            });
+            Assert.Contains("MaxBufferedReplyBytes", item.Message, StringComparison.Ordinal);
+            Assert.Equal(4, held.Count);
+            Checksum64.Fill(rendered, 40);
+            Assert.Equal(Checksum64.Compute(rendered), Checksum64.Compute(held[^1].Span));
+
+            // ...while a call without buffers is served, and the room a disposed result leaves serves the next.
+            Assert.Equal(5, await images.AddAsync(2, 3));
+            held[0].Dispose();
+            held.RemoveAt(0);
+            using SharedBuffer again = await images.RenderAsync(1024, 1024).AsTask().WaitAsync(TimeSpan.FromSeconds(60));
+            Assert.Equal(expected, Checksum64.Compute(again.Span));
+        }
+        finally
+        {
+            foreach (SharedBuffer frame in held)
+            {
+                frame.Dispose();
+            }
+        }
+
+        // All of it back: a reply as large as the whole budget fits.
+        byte[] whole = new byte[16 << 20];
+        Checksum64.Fill(whole, 7);
+        Assert.Equal(Checksum64.Compute(whole), Checksum64.Compute(await images.EchoAsync(whole).AsTask().WaitAsync(TimeSpan.FromSeconds(60))));
+    }
 
     /// <summary>A grpc-server test peer started with <paramref name="args"/>, given to <paramref name="body"/> with its gRPC address; its sockets removed after.</summary>
     private static async Task WithServerAsync(string name, string[] args, Func<PeerProcess, string, Task> body)

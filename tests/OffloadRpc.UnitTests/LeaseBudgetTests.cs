@@ -3,9 +3,22 @@ using Xunit;
 
 namespace OffloadRpc.Tests;
 
-/// <summary>The budget of a gRPC server's request buffers: what it counts, what it refuses, what it gets back.</summary>
+/// <summary>The budget of a gRPC server's request buffers (and of a client's replies): what it counts, what it refuses, what it gets back.</summary>
 public sealed class LeaseBudgetTests
 {
+    [Fact]
+    public void A_client_s_budget_of_replies_names_its_own_option_when_it_refuses()
+    {
+        var budget = new LeaseBudget(64 << 10, forReplies: true);
+        using SharedBuffer lease = budget.Rent(64 << 10);
+        ArenaExhaustedException refused = Assert.Throws<ArenaExhaustedException>(() => budget.Rent(1));
+        Assert.Contains("OffloadRpcOptions.MaxBufferedReplyBytes", refused.Message, StringComparison.Ordinal);
+        Assert.Contains("client's memory", refused.Message, StringComparison.Ordinal);
+        Assert.DoesNotContain("MaxBufferedRequestBytes", refused.Message, StringComparison.Ordinal);
+        Assert.Equal("a reply frame", budget.HeadFrameName);
+        Assert.Equal("a request frame", new LeaseBudget(1).HeadFrameName);
+    }
+
     [Fact]
     public void A_lease_counts_its_whole_mapping_until_it_is_disposed()
     {

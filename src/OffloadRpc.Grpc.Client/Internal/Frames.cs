@@ -135,7 +135,7 @@ internal sealed class Frame : IReplySource
     {
         if (IsChargeable)
         {
-            budget.Reserve(_rented!.Length, "a request frame");
+            budget.Reserve(_rented!.Length, budget.HeadFrameName);
             _budget = budget;
         }
     }

@@ -15,16 +15,21 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     private readonly global::Grpc.Core.CallInvoker _channel;
     private readonly GrpcRemoteConnection _connection;
     private readonly int _maxBodyBytes;
+    private readonly LeaseBudget? _replyBudget;
 
     /// <summary>The largest body a reply or a streamed item may assemble to (OffloadRpcOptions.MaxMessageBytes).</summary>
     internal int MaxBodyBytes => _maxBodyBytes;
 
-    public GrpcInvoker(global::Grpc.Core.CallInvoker channel, GrpcRemoteConnection connection, SerializerOptionsSource serializerOptions, int maxBodyBytes)
+    /// <summary>What the buffers of replies and streamed items count against (OffloadRpcOptions.MaxBufferedReplyBytes); null: only the process's mapping cap.</summary>
+    internal LeaseBudget? ReplyBudget => _replyBudget;
+
+    public GrpcInvoker(global::Grpc.Core.CallInvoker channel, GrpcRemoteConnection connection, SerializerOptionsSource serializerOptions, int maxBodyBytes, LeaseBudget? replyBudget = null)
         : base(serializerOptions)
     {
         _channel = channel;
         _connection = connection;
         _maxBodyBytes = maxBodyBytes;
+        _replyBudget = replyBudget;
     }
 
     internal global::Grpc.Core.CallInvoker Channel => _channel;
@@ -244,7 +249,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
             return new RpcReply(frame, 0);
         }
 
-        var assembler = new MessageAssembler(_maxBodyBytes);
+        var assembler = new MessageAssembler(_maxBodyBytes, _replyBudget);
         try
         {
             if (!assembler.Accept(frame) || assembler.HeadKind != FrameKind.Head)
@@ -264,7 +269,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
 
     private async ValueTask<RpcReply> ReplyAsync(GrpcClientCall call, MethodDescriptor method, CancellationToken cancellationToken)
     {
-        var assembler = new MessageAssembler(_maxBodyBytes);
+        var assembler = new MessageAssembler(_maxBodyBytes, _replyBudget);
         try
         {
             try

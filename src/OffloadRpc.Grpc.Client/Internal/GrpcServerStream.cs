@@ -95,7 +95,7 @@ internal sealed class GrpcServerStream<T> : IAsyncEnumerable<T>, IAsyncEnumerato
             await StartAsync().ConfigureAwait(false);
         }
 
-        var assembler = new MessageAssembler(_invoker.MaxBodyBytes);
+        var assembler = new MessageAssembler(_invoker.MaxBodyBytes, _invoker.ReplyBudget);
         try
         {
             if (await _call!.ReadMessageAsync(assembler, _cancel!.Token).ConfigureAwait(false))

@@ -118,7 +118,7 @@ internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
         Address = address;
         _channel = channel;
         _server = server;
-        Invoker = new GrpcInvoker(channel.CreateCallInvoker(), this, options.CreateSerializerOptions(), options.MaxMessageBytes);
+        Invoker = new GrpcInvoker(channel.CreateCallInvoker(), this, options.CreateSerializerOptions(), options.MaxMessageBytes, new OffloadRpc.Transport.LeaseBudget(Math.Max(0, options.MaxBufferedReplyBytes), forReplies: true));
     }
 
     public string Address { get; }

@@ -155,11 +155,15 @@ internal sealed unsafe class LocalLeases : ILeaseHost
 /// <see cref="OffloadRpcOptions.MaxPeerMappedBytes"/>): the leases of their buffers, rented through it and
 /// counted at their mapping's size until disposed, whoever holds them by then (a method that keeps a
 /// buffer argument keeps it counted), and the large request frames kept while their calls run
-/// (<see cref="Reserve"/>). The bytes held never pass the limit.
+/// (<see cref="Reserve"/>). The bytes held never pass the limit. With <paramref name="forReplies"/>, the
+/// same bound on a gRPC client's replies and streamed results (<see cref="OffloadRpcOptions.MaxBufferedReplyBytes"/>).
 /// </summary>
-internal sealed class LeaseBudget(long limit) : ILeaseHost
+internal sealed class LeaseBudget(long limit, bool forReplies = false) : ILeaseHost
 {
     private long _held;
+
+    /// <summary>What a large head frame counted against this budget is, in the refusal's message.</summary>
+    public string HeadFrameName => forReplies ? "a reply frame" : "a request frame";
 
     public long Limit => limit;
 
@@ -174,8 +178,9 @@ internal sealed class LeaseBudget(long limit) : ILeaseHost
         {
             if (bytes > limit - held)
             {
-                throw new ArenaExhaustedException(
-                    $"The gRPC requests in flight hold {held:N0} bytes of this server's memory, its budget is {limit:N0} (OffloadRpcOptions.MaxBufferedRequestBytes): {what} of {bytes:N0} bytes has no room until calls in flight end.");
+                throw new ArenaExhaustedException(forReplies
+                    ? $"The gRPC replies in flight hold {held:N0} bytes of this client's memory, its budget is {limit:N0} (OffloadRpcOptions.MaxBufferedReplyBytes): {what} of {bytes:N0} bytes has no room until results held are disposed."
+                    : $"The gRPC requests in flight hold {held:N0} bytes of this server's memory, its budget is {limit:N0} (OffloadRpcOptions.MaxBufferedRequestBytes): {what} of {bytes:N0} bytes has no room until calls in flight end.");
             }
 
             long seen = Interlocked.CompareExchange(ref _held, held + bytes, held);
