@@ -3,52 +3,9 @@ using OffloadRpc;
 
 // Two processes, one binary: `AotPing serve ENDPOINT` and `AotPing call ENDPOINT`. Published with
 // NativeAOT, it shows that GetService/Register and the generated proxy and stub need no reflection.
+// `AotPing call http://HOST:PORT [--stay-on-grpc]` calls a server of IPing over gRPC instead (the test
+// peer serves it): switched to the server's shared memory when it is on this host, unless told to stay.
 namespace AotPing;
-
-[OffloadService]
-public interface IPing
-{
-    ValueTask<int> AddAsync(int a, int b, CancellationToken ct = default);
-
-    Task<string> GreetAsync(string name);
-
-    ValueTask<ulong> SumAsync(ReadOnlyMemory<byte> data, CancellationToken ct = default);
-
-    Task<byte[]> ReverseAsync(byte[] data);
-
-    ValueTask<SharedBuffer> FillAsync(int length, byte value);
-}
-
-internal sealed class Ping : IPing
-{
-    public ValueTask<int> AddAsync(int a, int b, CancellationToken ct = default) => ValueTask.FromResult(a + b);
-
-    public Task<string> GreetAsync(string name) => Task.FromResult($"hello, {name}, from process {Environment.ProcessId}");
-
-    public ValueTask<ulong> SumAsync(ReadOnlyMemory<byte> data, CancellationToken ct = default)
-    {
-        ulong sum = 0;
-        foreach (byte b in data.Span)
-        {
-            sum += b;
-        }
-
-        return ValueTask.FromResult(sum);
-    }
-
-    public Task<byte[]> ReverseAsync(byte[] data)
-    {
-        Array.Reverse(data);
-        return Task.FromResult(data);
-    }
-
-    public ValueTask<SharedBuffer> FillAsync(int length, byte value)
-    {
-        SharedBuffer lease = OffloadCallContext.Current!.Rent(length);
-        lease.Span.Fill(value);
-        return ValueTask.FromResult(lease);
-    }
-}
 
 internal static class Program
 {
@@ -64,9 +21,10 @@ internal static class Program
             return 0;
         }
 
-        if (args.Length == 2 && args[0] == "call")
+        if (args is ["call", _] or ["call", _, "--stay-on-grpc"])
         {
-            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(args[1]);
+            var options = new OffloadRpcOptions { PreferSharedMemory = args.Length == 2 };
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(args[1], options);
             IPing ping = connection.GetService<IPing>();
             int sum = await ping.AddAsync(40, 2);
             string greeting = await ping.GreetAsync("aot");
@@ -86,12 +44,12 @@ internal static class Program
             byte[] reversed = await ping.ReverseAsync([1, 2, 3]);
             using SharedBuffer filled = await ping.FillAsync(1 << 20, 7);
             bool ok = sum == 42 && remote == expected && reversed.SequenceEqual(new byte[] { 3, 2, 1 }) && filled.Length == 1 << 20 && filled.Span.IndexOfAnyExcept((byte)7) < 0;
-            Console.WriteLine($"add={sum} sum={remote}/{expected} reversed={string.Join(",", reversed)} filled={filled.Length} greeting=\"{greeting}\" server-pid={connection.PeerProcessId}");
+            Console.WriteLine($"add={sum} sum={remote}/{expected} reversed={string.Join(",", reversed)} filled={filled.Length} greeting=\"{greeting}\" server-pid={connection.PeerProcessId} via {connection}");
             Console.WriteLine(ok ? "AOT OK" : "AOT WRONG");
             return ok ? 0 : 1;
         }
 
-        Console.Error.WriteLine("usage: AotPing serve|call ENDPOINT");
+        Console.Error.WriteLine("usage: AotPing serve ENDPOINT | AotPing call ENDPOINT | AotPing call http://HOST:PORT [--stay-on-grpc]");
         return 2;
     }
 }

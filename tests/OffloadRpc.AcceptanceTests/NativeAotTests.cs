@@ -6,7 +6,8 @@ namespace OffloadRpc.Tests;
 
 /// <summary>
 /// GetService/Register and the generated proxies and stubs need no reflection: samples/AotPing is
-/// published with NativeAOT and run as a server process and a client process.
+/// published with NativeAOT and run as a server process and a client process; the same binary then calls
+/// a gRPC server process (the test peer) over gRPC, and switched to its shared memory.
 /// </summary>
 public sealed class NativeAotTests
 {
@@ -47,6 +48,27 @@ public sealed class NativeAotTests
                 }
 
                 Endpoints.RemoveStale(endpoint);
+            }
+
+            // The gRPC client (OffloadRpc.Grpc.Client) under NativeAOT too: its transport is found by name,
+            // its frames and Describe answer are read without reflection, and the switch maps shared memory.
+            string grpcEndpoint = Endpoints.Unique("aot-grpc");
+            try
+            {
+                await using PeerProcess grpcServer = PeerProcess.Start(["grpc-server", grpcEndpoint]);
+                string address = grpcServer.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+                (int stayedExit, string stayedLog) = await ProcessRunner.RunAsync(binary, ["call", address, "--stay-on-grpc"], TimeSpan.FromSeconds(60));
+                Assert.True(stayedExit == 0, stayedLog);
+                Assert.Contains("AOT OK", stayedLog);
+                Assert.Contains($"via OffloadRpcConnection(grpc {address}, connected)", stayedLog);
+                (int switchedExit, string switchedLog) = await ProcessRunner.RunAsync(binary, ["call", address], TimeSpan.FromSeconds(60));
+                Assert.True(switchedExit == 0, switchedLog);
+                Assert.Contains("AOT OK", switchedLog);
+                Assert.Contains($"via OffloadRpcConnection(server pid {grpcServer.Id}, connected)", switchedLog);
+            }
+            finally
+            {
+                Endpoints.RemoveStale(grpcEndpoint);
             }
         }
         finally

@@ -49,6 +49,7 @@ internal static class GrpcServer
             .AddService<IFrameSource, FrameSource>(ServiceLifetime.Singleton)
             .AddService<ICallProbe, CallProbe>()
             .AddService<IUploadProbe, CallProbe>()
+            .AddService<AotPing.IPing, AotPing.Ping>(ServiceLifetime.Singleton)
             .AddInterceptor<ProbeServerInterceptor>();
         await using WebApplication app = builder.Build();
         app.MapOffloadRpcGrpc();
