@@ -182,6 +182,85 @@ public sealed class GrpcBindingTests
     }
 
     [Fact]
+    public void A_reply_whose_result_is_an_array_is_read_into_that_array_and_decoded_as_it_is()
+    {
+        float[] sent = [.. Enumerable.Range(0, 400_000).Select(i => i * 0.5f)]; // 1.6 MB: a head, then data frames
+        byte[] bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(sent.AsSpan()).ToArray();
+        var budget = new LeaseBudget(4 << 20, forReplies: true);
+        var assembler = new MessageAssembler(1 << 20, budget);
+        assembler.ReceiveArray(ArrayReceiver.For<float[]>());
+        Assert.False(assembler.Accept(new Frame(FrameKind.Head, ReplyHead([0x00], bytes.Length)))); // body: MessagePack 0, the payload's index
+        Assert.False(assembler.Accept(new Frame(FrameKind.Data, bytes.AsMemory(0, 1000).ToArray())));
+        assembler.ReceiveArray(ArrayReceiver.For<int[]>()); // too late: the head decided
+        Assert.Equal(bytes.Length, budget.HeldBytes); // the array counts as a lease would, at its bytes
+        Assert.True(assembler.TryFill(new System.Buffers.ReadOnlySequence<byte>(bytes.AsMemory(1000, 1 << 20)))); // the deserializer's way, in place
+        Assert.True(assembler.Accept(new Frame(FrameKind.Data, bytes.AsMemory(1000 + (1 << 20)).ToArray())));
+
+        RpcReply reply = assembler.ToReply(new NoPeer());
+        var decoded = new CallReply(reply, new OffloadRpcOptions().CreateSerializerOptions());
+        Assert.False(reply.TryTakeArray(0, out int[]? _)); // an array of another type is not it
+        float[]? result = decoded.CopyArray<float>(0);
+        Assert.Equal(sent, result);
+        Assert.Equal(0, budget.HeldBytes); // the caller's memory from here
+        Assert.Throws<ProtocolViolationException>(() => decoded.CopyArray<float>(0)); // named twice
+        reply.Dispose();
+        Assert.Equal(sent, result); // not a view of anything the reply gave back
+    }
+
+    [Fact]
+    public void A_reply_that_cannot_be_its_result_s_array_keeps_its_leases_and_decodes_as_before()
+    {
+        var options = new OffloadRpcOptions().CreateSerializerOptions();
+
+        // Ten bytes are no whole number of floats: received into a lease, and refused when decoded.
+        var odd = new MessageAssembler(1 << 20);
+        odd.ReceiveArray(ArrayReceiver.For<float[]>());
+        Assert.True(odd.Accept(new Frame(FrameKind.Head, ReplyHead([0x00], 10, new byte[10]))));
+        RpcReply oddReply = odd.ToReply(new NoPeer());
+        Assert.Throws<ProtocolViolationException>(() => new CallReply(oddReply, options).CopyArray<float>(0));
+        oddReply.Dispose();
+
+        // Two payloads: neither is the result's array.
+        var two = new MessageAssembler(1 << 20);
+        two.ReceiveArray(ArrayReceiver.For<byte[]>());
+        Assert.True(two.Accept(OutgoingMessage.HeadFrame([0x01], [OutboundPayload.Copy(new byte[] { 1, 2 }), OutboundPayload.Copy(new byte[] { 3 })], releaseAfterWrite: false)));
+        RpcReply twoReply = two.ToReply(new NoPeer());
+        Assert.False(twoReply.TryTakeArray(0, out byte[]? _));
+        Assert.Equal(new byte[] { 3 }, new CallReply(twoReply, options).CopyArray<byte>(1));
+        twoReply.Dispose();
+
+        // A decoder that asks for the payload as a lease gets its bytes all the same (copied out of the array).
+        var asLease = new MessageAssembler(1 << 20);
+        asLease.ReceiveArray(ArrayReceiver.For<byte[]>());
+        Assert.True(asLease.Accept(new Frame(FrameKind.Head, ReplyHead([0x00], 3, [7, 8, 9]))));
+        RpcReply leaseReply = asLease.ToReply(new NoPeer());
+        using (SharedBuffer lease = leaseReply.TakePayload(0))
+        {
+            Assert.Equal(new byte[] { 7, 8, 9 }, lease.Span.ToArray());
+        }
+
+        Assert.False(leaseReply.TryTakeArray(0, out byte[]? _));
+        leaseReply.Dispose();
+
+        // Not an array of a primitive type: no receiver at all.
+        Assert.Null(ArrayReceiver.For<string[]>());
+        Assert.Null(ArrayReceiver.For<DetectOptions[]>());
+        Assert.NotNull(ArrayReceiver.For<double[]>());
+    }
+
+    /// <summary>A head of one payload of <paramref name="length"/> bytes, <paramref name="inline"/> of them in it.</summary>
+    private static byte[] ReplyHead(byte[] body, long length, byte[]? inline = null)
+    {
+        byte[] head = new byte[4 + body.Length + 2 + 8 + (inline?.Length ?? 0)];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32LittleEndian(head, (uint)body.Length);
+        body.CopyTo(head, 4);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt16LittleEndian(head.AsSpan(4 + body.Length), 1);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt64LittleEndian(head.AsSpan(6 + body.Length), length);
+        inline?.CopyTo(head, 14 + body.Length);
+        return head;
+    }
+
+    [Fact]
     public void A_reply_disposed_as_a_message_is_gone_as_a_reply_too()
     {
         var assembler = new MessageAssembler(1 << 20);

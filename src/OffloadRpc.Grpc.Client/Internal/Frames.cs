@@ -642,6 +642,12 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     private int _current;
     private long _filled;
 
+    /// <summary>Makes the array the message's one payload goes into, when the caller's result is that array (<see cref="ReceiveArray"/>).</summary>
+    private ArrayReceiver? _arrayReceiver;
+
+    /// <summary>Payload 0's array, while its bytes arrive and until it is taken (<see cref="TryTakeArray{T}"/>).</summary>
+    private ReceivedArray? _array;
+
     /// <param name="budget">What the payloads' leases count against (a server's requests: <see cref="OffloadRpcOptions.MaxBufferedRequestBytes"/>); null: only the process's mapping cap.</param>
     public MessageAssembler(int maxBodyBytes, LeaseBudget? budget = null)
     {
@@ -677,6 +683,20 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     }
 
     /// <summary>
+    /// The message's one payload goes straight into the array <paramref name="receiver"/> makes (a reply whose
+    /// result is that array: <see cref="Internal.MethodDescriptor.ResultArray"/>), counted against the budget
+    /// like a lease, and the decoder takes it as it is: one copy of its bytes, not two. Set before the head
+    /// arrives; a message of any other shape keeps its leases.
+    /// </summary>
+    public void ReceiveArray(ArrayReceiver? receiver)
+    {
+        if (_head is null)
+        {
+            _arrayReceiver = receiver;
+        }
+    }
+
+    /// <summary>
     /// Fills <paramref name="bytes"/> (a data frame's, from gRPC's buffers) into the payloads when they all
     /// fit what the head announced; false leaves them to the ordinary path (and <see cref="Accept"/> to
     /// refuse them as it would).
@@ -708,7 +728,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
         {
             for (int i = _current; i < _lengths.Length && bytes > 0; i++)
             {
-                _ = Lease(i);
+                Prepare(i);
                 bytes -= i == _current ? _lengths[i] - _filled : _lengths[i];
             }
 
@@ -807,6 +827,11 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
                 PayloadBytes += length;
             }
 
+            if (count != 1 || frame.Kind != FrameKind.Head)
+            {
+                _arrayReceiver = null; // only a reply's one buffer is its result's array
+            }
+
             Fill(frame.First.Span[position..]);
         }
         else
@@ -841,9 +866,9 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
                 throw new ProtocolViolationException("More payload bytes than the message head announced.");
             }
 
-            SharedBuffer lease = Lease(_current);
-            int n = (int)Math.Min(bytes.Length, lease.Length - _filled);
-            bytes[..n].CopyTo(lease.Span[(int)_filled..]);
+            Span<byte> destination = Destination(_current);
+            int n = (int)Math.Min(bytes.Length, _lengths[_current] - _filled);
+            bytes[..n].CopyTo(destination[(int)_filled..]);
             _filled += n;
             bytes = bytes[n..];
         }
@@ -853,7 +878,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     {
         while (_current < _payloads.Length && _filled == _lengths[_current])
         {
-            _ = Lease(_current); // an empty payload's lease, made when the bytes before it are in
+            Prepare(_current); // an empty payload's lease (or array), made when the bytes before it are in
             _current++;
             _filled = 0;
         }
@@ -863,15 +888,84 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     private SharedBuffer Lease(int index) =>
         _payloads[index] ??= LeaseBudget.Rent(_budget, (int)_lengths[index]);
 
-    /// <summary>Payload <paramref name="index"/>, now the caller's; null when taken already.</summary>
+    /// <summary>Makes payload <paramref name="index"/>'s array (<see cref="ReceiveArray"/>) or lease, if not made yet, as its bytes start arriving.</summary>
+    private void Prepare(int index)
+    {
+        if (index == 0 && _arrayReceiver is { } receiver)
+        {
+            if (_array is not null)
+            {
+                return;
+            }
+
+            long bytes = _lengths[0];
+            _budget?.Reserve(bytes, "a buffer");
+            _array = receiver.TryCreate(bytes);
+            _arrayReceiver = null; // made once: from here the array is there, or a lease is
+            if (_array is not null)
+            {
+                return;
+            }
+
+            _budget?.Release(bytes); // not a whole number of elements: a lease, which the decoder refuses
+        }
+
+        if (index != 0 || _array is null)
+        {
+            _ = Lease(index);
+        }
+    }
+
+    /// <summary>Where payload <paramref name="index"/>'s bytes go: its array or its lease (made now if need be).</summary>
+    private Span<byte> Destination(int index)
+    {
+        Prepare(index);
+        return index == 0 && _array is { } array ? array.Bytes : Lease(index).Span;
+    }
+
+    /// <summary>Payload <paramref name="index"/>, now the caller's; null when taken already. One received into an array is copied into a lease (a decoder that did not ask for the array).</summary>
     public SharedBuffer? Take(int index)
     {
+        if (index == 0 && TakeArray() is { } array)
+        {
+            SharedBuffer copy = LeaseBudget.Rent(_budget, (int)array.ByteLength);
+            array.Bytes.CopyTo(copy.Span);
+            return copy;
+        }
+
         SharedBuffer? lease = _payloads[index];
         _payloads[index] = null;
         return lease;
     }
 
-    public bool IsTaken(int index) => _payloads[index] is null;
+    /// <summary>Payload 0's array, now the caller's (its bytes leave the budget: ordinary memory from here); null when there is none.</summary>
+    private ReceivedArray? TakeArray()
+    {
+        ReceivedArray? array = _array;
+        if (array is not null)
+        {
+            _array = null;
+            _budget?.Release(array.ByteLength);
+        }
+
+        return array;
+    }
+
+    /// <summary>Payload <paramref name="index"/> as the array of <typeparamref name="T"/> it was received into; false when it was not (or was taken).</summary>
+    public bool TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array)
+        where T : unmanaged
+    {
+        if (index == 0 && _array is ReceivedArray<T> && TakeArray() is ReceivedArray<T> received)
+        {
+            array = received.Array;
+            return true;
+        }
+
+        array = null;
+        return false;
+    }
+
+    public bool IsTaken(int index) => _payloads[index] is null && (index != 0 || _array is null);
 
     /// <summary>The bytes of every payload together, as the head announced them (taken or not: over shared memory the same figure).</summary>
     public long PayloadBytes { get; private set; }
@@ -893,6 +987,8 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
     SharedBuffer IReplySource.TakePayload(int index) =>
         Take(index) ?? throw new ProtocolViolationException($"The reply names payload {index} twice.");
+
+    bool IReplySource.TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array) => TryTakeArray(index, out array);
 
     SharedBuffer IReplySource.LendPayload(int index)
     {
@@ -926,6 +1022,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
         _head?.Release();
         _head = null;
         Body = default;
+        TakeArray(); // back to the budget, left to the collector
         for (int i = 0; i < _payloads.Length; i++)
         {
             _payloads[i]?.Dispose();

@@ -250,6 +250,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
         }
 
         var assembler = new MessageAssembler(_maxBodyBytes, _replyBudget);
+        assembler.ReceiveArray(method.ResultArray); // an array result is read into its array, not copied out of a lease
         try
         {
             if (!assembler.Accept(frame) || assembler.HeadKind != FrameKind.Head)
@@ -270,6 +271,7 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     private async ValueTask<RpcReply> ReplyAsync(GrpcClientCall call, MethodDescriptor method, CancellationToken cancellationToken)
     {
         var assembler = new MessageAssembler(_maxBodyBytes, _replyBudget);
+        assembler.ReceiveArray(method.ResultArray);
         try
         {
             try

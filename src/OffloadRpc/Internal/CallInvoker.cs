@@ -606,6 +606,12 @@ public class MethodDescriptor
     internal virtual bool HasResult => false;
 
     /// <summary>
+    /// Makes the array a reply's one buffer is received into when the result is a <c>T[]</c> of a primitive
+    /// type sent as a buffer (a transport that copies replies into this process fills it in place); null otherwise.
+    /// </summary>
+    internal virtual ArrayReceiver? ResultArray => null;
+
+    /// <summary>
     /// What the method's request and reply can carry besides MessagePack, as the generator saw its
     /// signature (<see cref="MethodShape.Unknown"/> when not told: assume buffers and streams both ways).
     /// A transport that frames messages (gRPC) binds a method that carries neither as a unary call.
@@ -656,6 +662,10 @@ public sealed class MethodDescriptor<TResult> : MethodDescriptor
     public ReplyDecoder<TResult> Decoder { get; }
 
     internal override bool HasResult => true;
+
+    /// <summary>Only for a buffer result, not a stream: the reply's one payload is then the array.</summary>
+    internal override ArrayReceiver? ResultArray =>
+        (Shape & (MethodShape.Described | MethodShape.BufferResult | MethodShape.StreamedResult)) == (MethodShape.Described | MethodShape.BufferResult) ? ArrayReceiver.For<TResult>() : null;
 }
 
 /// <summary>Decodes a reply into the method's return value (generated per method).</summary>
@@ -682,9 +692,20 @@ public readonly struct CallReply
     /// <summary>A reader over the MessagePack body.</summary>
     public MessagePackReader CreateReader() => new(_reply.BodyMemory);
 
-    /// <summary>Copies payload <paramref name="index"/> out of shared memory into a new array (-1: null).</summary>
+    /// <summary>
+    /// Copies payload <paramref name="index"/> out of shared memory into a new array (-1: null); a transport
+    /// that received it straight into the array (gRPC, <see cref="ArrayReceiver"/>) gives that array as it is.
+    /// </summary>
     public T[]? CopyArray<T>(int index)
-        where T : unmanaged => index < 0 ? null : PayloadConversion.CopyOut<T>(Take(index));
+        where T : unmanaged
+    {
+        if (index < 0)
+        {
+            return null;
+        }
+
+        return _reply.TryTakeArray(index, out T[]? received) ? received : PayloadConversion.CopyOut<T>(Take(index));
+    }
 
     /// <summary>Takes payload <paramref name="index"/> as a lease the caller owns (-1: null).</summary>
     public SharedBuffer? TakeSharedBuffer(int index) => index < 0 ? null : Take(index);

@@ -297,6 +297,17 @@ internal interface IReplySource
     /// <summary>Payload <paramref name="index"/> in place, valid until the source is released (stream items only: a unary reply is gone once decoded).</summary>
     SharedBuffer LendPayload(int index) => throw new InvalidOperationException("A reply's payloads are copied or taken: it is gone once decoded.");
 
+    /// <summary>
+    /// Payload <paramref name="index"/> as the array of <typeparamref name="T"/> it was received into
+    /// (<see cref="ArrayReceiver"/>), now the caller's; false when it was not (a lease holds it: copy it out).
+    /// </summary>
+    bool TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array)
+        where T : unmanaged
+    {
+        array = null;
+        return false;
+    }
+
     /// <summary>Throws <see cref="ObjectDisposedException"/> when the reply of <paramref name="version"/> was disposed.</summary>
     void ThrowIfReplyGone(short version);
 
@@ -355,6 +366,13 @@ internal readonly struct RpcReply : IDisposable
     {
         _call.ThrowIfReplyGone(_version);
         return _call.LendPayload(index);
+    }
+
+    public bool TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array)
+        where T : unmanaged
+    {
+        _call.ThrowIfReplyGone(_version);
+        return _call.TryTakeArray(index, out array);
     }
 
     /// <summary>The reply does not decode: end the connection it came on.</summary>
