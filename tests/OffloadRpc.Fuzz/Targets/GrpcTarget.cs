@@ -16,7 +16,8 @@ namespace OffloadRpc.Fuzz.Targets;
 /// Input: a flags byte (bit 0: fill in place; bit 1: a budget of 256 KiB; bit 5: lengths of 24 bits; bit 2: messages in segments of
 /// 1 to 8 bytes; bits 3-4: assemble one message, several in a row (a stream's items, with credit frames
 /// between them as a client reads them), the one-frame
-/// shortcut, or Describe), then gRPC messages of [u16 or u24 length][bytes]. Every input ends in a message or a
+/// shortcut, or Describe; bit 6: a reply whose result is a float[], its one payload read into the array;
+/// bit 7: that payload taken as the array, not as a lease), then gRPC messages of [u16 or u24 length][bytes]. Every input ends in a message or a
 /// <see cref="ProtocolViolationException"/> (<see cref="ArenaExhaustedException"/> past the budget), and
 /// gives every lease and every byte of the budget back.
 /// </summary>
@@ -46,13 +47,15 @@ internal sealed class GrpcTarget : FuzzTarget
         LeaseBudget? budget = (flags & 2) != 0 ? new LeaseBudget(Budget) : null;
         int segment = (flags & 4) != 0 ? 1 + (data.Length % 8) : 0;
         int mode = (flags >> 3) & 3;
+        ArrayReceiver? arrays = (flags & 64) != 0 ? ArrayReceiver.For<float[]>() : null;
+        bool takeArrays = (flags & 128) != 0;
         List<byte[]> messages = Messages(data.AsSpan(Math.Min(1, data.Length)), wide: (flags & 32) != 0);
         long leases = LocalLeases.Instance.OutstandingLeases;
         switch (mode)
         {
             case 0:
             case 1:
-                Assemble(messages, segment, inPlace, budget, several: mode == 1);
+                Assemble(messages, segment, inPlace, budget, several: mode == 1, arrays, takeArrays);
                 break;
             case 2:
                 OneFrame(messages, segment, budget);
@@ -75,7 +78,7 @@ internal sealed class GrpcTarget : FuzzTarget
     }
 
     /// <summary>Frames fed to assemblers as gRPC reads them: a message that does not deserialize ends the call, as does one the assembler refuses.</summary>
-    private static void Assemble(List<byte[]> messages, int segment, bool inPlace, LeaseBudget? budget, bool several)
+    private static void Assemble(List<byte[]> messages, int segment, bool inPlace, LeaseBudget? budget, bool several, ArrayReceiver? arrays, bool takeArrays)
     {
         MessageAssembler? assembler = null;
         var received = new List<byte[]>(); // the current message's gRPC messages, as sent: what its payloads must hold
@@ -95,7 +98,12 @@ internal sealed class GrpcTarget : FuzzTarget
                     continue;
                 }
 
-                assembler ??= new MessageAssembler(MaxBody, budget);
+                if (assembler is null)
+                {
+                    assembler = new MessageAssembler(MaxBody, budget);
+                    assembler.ReceiveArray(arrays);
+                }
+
                 received.Add(message);
                 if (!assembler.Accept(frame))
                 {
@@ -107,7 +115,7 @@ internal sealed class GrpcTarget : FuzzTarget
                     continue;
                 }
 
-                CheckWhole(assembler, received);
+                CheckWhole(assembler, received, takeArrays);
                 assembler.Dispose();
                 assembler = null;
                 received.Clear();
@@ -133,7 +141,7 @@ internal sealed class GrpcTarget : FuzzTarget
     /// A whole message: its body within the limit, and every payload a lease of the length its head announced,
     /// holding, in order, the bytes sent after the head's length table and in the data frames (filled in place or not).
     /// </summary>
-    private static void CheckWhole(MessageAssembler message, List<byte[]> sent)
+    private static void CheckWhole(MessageAssembler message, List<byte[]> sent, bool takeArrays)
     {
         if (message.Body.Length > MaxBody || message.PayloadCount > Frame.MaxPayloads)
         {
@@ -148,7 +156,26 @@ internal sealed class GrpcTarget : FuzzTarget
         }
 
         long total = 0;
-        for (int i = 0; i < message.PayloadCount; i++)
+        int first = 0;
+        if (takeArrays && message.PayloadCount > 0 && message.TryTakeArray(0, out float[]? array))
+        {
+            // Read into the result's array: exactly its payload's bytes, and gone from the message once taken.
+            byte[] bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(array.AsSpan()).ToArray();
+            if (message.PayloadCount != 1 || !bytes.AsSpan().SequenceEqual(expected.ToArray()))
+            {
+                throw new FuzzFailure($"The array of a message of {message.PayloadCount} payloads holds other bytes than were sent for it.");
+            }
+
+            if (message.TryTakeArray(0, out float[]? _) || message.Take(0) is not null)
+            {
+                throw new FuzzFailure("The array was taken twice.");
+            }
+
+            total = bytes.Length;
+            first = 1;
+        }
+
+        for (int i = first; i < message.PayloadCount; i++)
         {
             using SharedBuffer lease = message.Take(i) ?? throw new FuzzFailure($"Payload {i} of a whole message has no lease.");
             if (!lease.Span.SequenceEqual(expected.GetRange((int)total, lease.Length).ToArray()))
@@ -327,6 +354,10 @@ internal sealed class GrpcTarget : FuzzTarget
         yield return ("large-head-past-budget", Input(2 | 32, Head(FrameKind.Head, body, [Pattern(300_000, 5)], Pattern(300_000, 5))));
         yield return ("large-head-unbudgeted", Input(32 | 1, [Head(FrameKind.Head, body, [wideInline, large], wideInline), .. Data(large, 60_000)]));
         yield return ("empty-payloads", Input(0, Head(FrameKind.Head, body, [[], small, []], small)));
+        byte[] floats = Pattern(100_000, 6); // 25,000 floats
+        yield return ("reply-array", Input(64 | 128 | 1, [Head(FrameKind.Head, result, [floats]), .. Data(floats, 60_000)]));
+        yield return ("reply-array-as-lease", Input(64 | 2, [Head(FrameKind.Head, result, [floats]), .. Data(floats, 60_000)]));
+        yield return ("reply-array-odd-length", Input(64 | 128, Head(FrameKind.Head, result, [small[..10]], small[..10])));
         yield return ("items", Input(1 << 3, Head(FrameKind.ItemHead, result, []), Head(FrameKind.ItemHead, body, [small], small), Head(FrameKind.Head, result, [])));
         yield return ("items-chunked", Input((1 << 3) | 1, [Head(FrameKind.ItemHead, body, [large]), .. Data(large, 50_000), Head(FrameKind.Head, result, [])]));
         yield return ("one-frame", Input(2 << 3, Head(FrameKind.Head, body, [small, small], [.. small, .. small])));
