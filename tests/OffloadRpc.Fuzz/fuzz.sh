@@ -7,8 +7,10 @@
 # from the repo's tool manifest), builds the fuzzer into out/bin, instruments the assemblies under test
 # there, and runs afl-fuzz on each target in turn (one at a time, at nice 10), seeded with
 # corpus/<target>. Findings go to findings/<target>/default/{crashes,hangs,queue}; each run appends a
-# line (time, execs, paths, coverage, crashes, hangs) to findings/summary.tsv. Replay a finding with
-#   dotnet out/bin/OffloadRpc.Fuzz.dll replay <target> findings/<target>/default/crashes
+# line (time, execs, paths, coverage, crashes, hangs) to findings/summary.tsv. Replay a finding with an
+# ordinary build (out/bin's instrumented assemblies write coverage into AFL's shared memory, which only
+# afl-fuzz sets up: run outside it, they fail with an AccessViolationException):
+#   dotnet run -c Release --project tests/OffloadRpc.Fuzz -- replay <target> findings/<target>/default/crashes
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
