@@ -212,13 +212,34 @@ public sealed class GrpcBindingTests
     {
         var options = new OffloadRpcOptions().CreateSerializerOptions();
 
-        // Ten bytes are no whole number of floats: received into a lease, and refused when decoded.
-        var odd = new MessageAssembler(1 << 20);
+        // Ten bytes are no whole number of floats: received into a lease, and refused when decoded; the
+        // budget the array would have taken is back, and the lease's goes back with the reply.
+        var budget = new LeaseBudget(1 << 20, forReplies: true);
+        var odd = new MessageAssembler(1 << 20, budget);
         odd.ReceiveArray(ArrayReceiver.For<float[]>());
         Assert.True(odd.Accept(new Frame(FrameKind.Head, ReplyHead([0x00], 10, new byte[10]))));
+        Assert.Equal(4096, budget.HeldBytes); // a lease of one page, not an array of ten bytes
         RpcReply oddReply = odd.ToReply(new NoPeer());
         Assert.Throws<ProtocolViolationException>(() => new CallReply(oddReply, options).CopyArray<float>(0));
         oddReply.Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+
+        // An array the process cannot allocate is no room, and takes nothing of the budget.
+        var noMemory = new MessageAssembler(1 << 20, budget);
+        noMemory.ReceiveArray(new NoMemoryReceiver());
+        ArenaExhaustedException full = Assert.Throws<ArenaExhaustedException>(() => noMemory.Accept(new Frame(FrameKind.Head, ReplyHead([0x00], 3, [1, 2, 3]))));
+        Assert.Contains("no room for a buffer of 3 bytes", full.Message, StringComparison.Ordinal);
+        noMemory.Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+
+        // A large MessagePack reply (a head above 64 KiB) is bounded by MaxMessageBytes, not by the reply budget.
+        Frame head = OutgoingMessage.HeadFrame(new byte[100_000], [], releaseAfterWrite: false); // in a pooled buffer of 128 KiB
+        Assert.True(head.IsChargeable);
+        var tight = new LeaseBudget(1024, forReplies: true);
+        var bigHead = new MessageAssembler(1 << 20, tight);
+        Assert.True(bigHead.Accept(head));
+        Assert.Equal(0, tight.HeldBytes);
+        bigHead.Dispose();
 
         // Two payloads: neither is the result's array.
         var two = new MessageAssembler(1 << 20);
@@ -246,6 +267,12 @@ public sealed class GrpcBindingTests
         Assert.Null(ArrayReceiver.For<string[]>());
         Assert.Null(ArrayReceiver.For<DetectOptions[]>());
         Assert.NotNull(ArrayReceiver.For<double[]>());
+    }
+
+    /// <summary>A receiver whose array the GC cannot give (a heap limit reached).</summary>
+    private sealed class NoMemoryReceiver : ArrayReceiver
+    {
+        public override ReceivedArray? TryCreate(long bytes) => throw new OutOfMemoryException();
     }
 
     /// <summary>A head of one payload of <paramref name="length"/> bytes, <paramref name="inline"/> of them in it.</summary>

@@ -223,7 +223,7 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         ArenaExhaustedException refused = await Assert.ThrowsAsync<ArenaExhaustedException>(() => images.EchoAsync(large).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
         Assert.Contains("OffloadRpcOptions.MaxBufferedReplyBytes", refused.Message, StringComparison.Ordinal);
 
-        // An array result is copied out of its lease at once: replies within the budget are served one after another, every byte right.
+        // An array result is the caller's own memory once decoded: replies within the budget are served one after another, every byte right.
         byte[] fits = new byte[12 << 20];
         Checksum64.Fill(fits, 6);
         for (int i = 0; i < 3; i++)

@@ -135,7 +135,7 @@ internal sealed class Frame : IReplySource
     {
         if (IsChargeable)
         {
-            budget.Reserve(_rented!.Length, budget.HeadFrameName);
+            budget.Reserve(_rented!.Length, "a request frame");
             _budget = budget;
         }
     }
@@ -781,9 +781,9 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
             }
 
             _head = frame;
-            if (_budget is not null)
+            if (_budget is { CountsHeads: true })
             {
-                frame.ChargeTo(_budget); // a large head is memory the peer holds here as much as its buffers
+                frame.ChargeTo(_budget); // a large request head is memory the peer holds here as much as its buffers
             }
 
             ReadOnlySpan<byte> head = frame.First.Span;
@@ -900,8 +900,19 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
             long bytes = _lengths[0];
             _budget?.Reserve(bytes, "a buffer");
-            _array = receiver.TryCreate(bytes);
             _arrayReceiver = null; // made once: from here the array is there, or a lease is
+            try
+            {
+                _array = receiver.TryCreate(bytes);
+            }
+            catch (OutOfMemoryException)
+            {
+                // The array is ordinary managed memory, made at the payload's first byte: a length the GC
+                // cannot give (past a container's heap limit, say) is no room, as a lease past the mapping cap is.
+                _budget?.Release(bytes);
+                throw new ArenaExhaustedException($"This process has no room for a buffer of {bytes:N0} bytes (the array of the call's result).");
+            }
+
             if (_array is not null)
             {
                 return;

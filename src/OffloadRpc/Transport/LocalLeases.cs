@@ -162,8 +162,12 @@ internal sealed class LeaseBudget(long limit, bool forReplies = false) : ILeaseH
 {
     private long _held;
 
-    /// <summary>What a large head frame counted against this budget is, in the refusal's message.</summary>
-    public string HeadFrameName => forReplies ? "a reply frame" : "a request frame";
+    /// <summary>
+    /// Whether a large head frame counts too: a server's request heads do (a peer may make them as large as
+    /// it likes and the server keeps them while their calls run); a client's reply heads do not, each bounded
+    /// by OffloadRpcOptions.MaxMessageBytes and gone once decoded, on every call path alike.
+    /// </summary>
+    public bool CountsHeads => !forReplies;
 
     public long Limit => limit;
 

@@ -357,7 +357,7 @@ internal sealed class GrpcTarget : FuzzTarget
         byte[] floats = Pattern(100_000, 6); // 25,000 floats
         yield return ("reply-array", Input(64 | 128 | 1, [Head(FrameKind.Head, result, [floats]), .. Data(floats, 60_000)]));
         yield return ("reply-array-as-lease", Input(64 | 2, [Head(FrameKind.Head, result, [floats]), .. Data(floats, 60_000)]));
-        yield return ("reply-array-odd-length", Input(64 | 128, Head(FrameKind.Head, result, [small[..10]], small[..10])));
+        yield return ("reply-array-odd-length", Input(64 | 128 | 2, Head(FrameKind.Head, result, [small[..10]], small[..10])));
         yield return ("items", Input(1 << 3, Head(FrameKind.ItemHead, result, []), Head(FrameKind.ItemHead, body, [small], small), Head(FrameKind.Head, result, [])));
         yield return ("items-chunked", Input((1 << 3) | 1, [Head(FrameKind.ItemHead, body, [large]), .. Data(large, 50_000), Head(FrameKind.Head, result, [])]));
         yield return ("one-frame", Input(2 << 3, Head(FrameKind.Head, body, [small, small], [.. small, .. small])));
