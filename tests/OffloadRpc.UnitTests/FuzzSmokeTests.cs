@@ -1,4 +1,5 @@
 using OffloadRpc.Fuzz;
+using OffloadRpc.Fuzz.Targets;
 using Xunit;
 using Xunit.Abstractions;
 
@@ -39,6 +40,44 @@ public sealed class FuzzSmokeTests
         GC.Collect();
         GC.WaitForPendingFinalizers();
         Assert.True(OpenDescriptors() <= descriptors + 32, $"descriptors before the run: {descriptors}, after: {OpenDescriptors()}");
+    }
+
+    /// <summary>
+    /// The checked-in seeds are what <c>generate</c> writes today: a seed names a method by its index in the
+    /// contracts and carries their hashes, so a contract that changes without a regeneration leaves seeds that
+    /// still run but aim at a neighbouring method or a mismatched contract.
+    /// </summary>
+    [Fact]
+    public void The_checked_in_seeds_are_what_generate_writes_from_the_contracts_of_today()
+    {
+        string corpus = FuzzProgram.DefaultCorpus();
+        var stale = new List<string>();
+        foreach (FuzzTarget target in FuzzTarget.All)
+        {
+            string folder = Path.Combine(corpus, target.Name);
+            var made = new Dictionary<string, byte[]>();
+            foreach ((string name, byte[] data) in target.Seeds())
+            {
+                made["seed-" + name] = data;
+            }
+
+            foreach ((string file, byte[] data) in made)
+            {
+                string path = Path.Combine(folder, file);
+                if (!File.Exists(path))
+                {
+                    stale.Add($"{target.Name}/{file} is missing");
+                }
+                else if (!File.ReadAllBytes(path).AsSpan().SequenceEqual(data))
+                {
+                    stale.Add($"{target.Name}/{file} differs");
+                }
+            }
+
+            stale.AddRange(Directory.GetFiles(folder, "seed-*").Select(Path.GetFileName).Where(file => !made.ContainsKey(file!)).Select(file => $"{target.Name}/{file} is no seed any more"));
+        }
+
+        Assert.True(stale.Count == 0, "run `dotnet run --project tests/OffloadRpc.Fuzz -- generate` and commit the seeds: " + string.Join("; ", stale));
     }
 
     private static int OpenDescriptors() => Directory.GetFiles("/proc/self/fd").Length;
