@@ -79,6 +79,65 @@ public sealed class GrpcBindingTests
     }
 
     [Fact]
+    public async Task A_streamed_result_and_the_credit_of_a_streamed_argument_begun_at_once_share_one_writer()
+    {
+        // A duplex method may consume its streamed argument on one thread while its result is produced on
+        // another: the first credit and the first item then start the response writer at the same moment.
+        // gRPC takes one write at a time, so there must be one writer, and nothing queued may be lost.
+        for (int round = 0; round < 300; round++)
+        {
+            var responses = new OneWriteAtATime();
+            var call = new GrpcInboundCall(1, new MessageAssembler(1024), new FakeServerCallContext(CancellationToken.None), default, null, responses, 4, 1024);
+            using var start = new Barrier(2);
+            Task credit = Task.Run(() =>
+            {
+                start.SignalAndWait();
+                call.SendCredit(3);
+            });
+            Task item = Task.Run(() =>
+            {
+                start.SignalAndWait();
+                call.SendStreamItem([0x90], [], CancellationToken.None);
+            });
+            await Task.WhenAll(credit, item).WaitAsync(TimeSpan.FromSeconds(30));
+            await call.FinishItemsAsync().WaitAsync(TimeSpan.FromSeconds(30));
+            Assert.False(responses.Overlapped, $"two writes at once in round {round}");
+            Assert.Equal([FrameKind.ItemHead, FrameKind.Credit], responses.Written.Order()); // both written, in whichever order they came
+            call.Dispose();
+        }
+    }
+
+    /// <summary>A response stream that notes its writes and whether one began before the last ended (gRPC's own throws then).</summary>
+    private sealed class OneWriteAtATime : IServerStreamWriter<Frame>
+    {
+        private int _writing;
+
+        public List<FrameKind> Written { get; } = [];
+
+        public bool Overlapped { get; private set; }
+
+        public WriteOptions? WriteOptions { get; set; }
+
+        public Task WriteAsync(Frame message) => WriteAsync(message, CancellationToken.None);
+
+        public async Task WriteAsync(Frame message, CancellationToken cancellationToken)
+        {
+            if (Interlocked.Exchange(ref _writing, 1) != 0)
+            {
+                Overlapped = true;
+            }
+
+            await Task.Delay(1, cancellationToken);
+            lock (Written)
+            {
+                Written.Add(message.Kind);
+            }
+
+            Volatile.Write(ref _writing, 0);
+        }
+    }
+
+    [Fact]
     public void A_served_calls_token_asked_for_after_the_call_ended_is_cancelled_and_links_to_nothing()
     {
         // Asked for during the call, then again after it: the source made during the call is disposed with

@@ -202,32 +202,54 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     {
         get
         {
-            if (_outbox is null)
+            if (Volatile.Read(ref _outbox) is { } made)
             {
-                _outbox = new StreamOutbox();
-                _outbox.Grant(_window);
-                Writer();
+                return made;
             }
 
-            return _outbox;
+            lock (this) // made once, whichever comes first of the result's producer and a consumer of the streamed argument (GrpcInboundCall is never handed out)
+            {
+                if (_outbox is null)
+                {
+                    var outbox = new StreamOutbox();
+                    outbox.Grant(_window);
+                    Writer();
+                    Volatile.Write(ref _outbox, outbox);
+                }
+
+                return _outbox;
+            }
         }
     }
 
-    /// <summary>The one writer of the response stream before the reply (gRPC takes one write at a time).</summary>
+    /// <summary>
+    /// The one writer of the response stream before the reply (gRPC takes one write at a time), started on
+    /// first use by the result's producer or by the streamed argument's consumer, which may run on two
+    /// threads at once: started once, and published only with its task, which <see cref="FinishItemsAsync"/> awaits.
+    /// </summary>
     private System.Threading.Channels.ChannelWriter<Outgoing> Writer()
     {
-        if (_outgoing is null)
+        if (Volatile.Read(ref _outgoing) is { } made)
         {
-            if (_responses is null)
-            {
-                throw new InvalidOperationException("The method is bound with one response message: it has no stream to write items or credit on.");
-            }
-
-            _outgoing = System.Threading.Channels.Channel.CreateUnbounded<Outgoing>(new() { SingleReader = true });
-            _writer = WriteAsync(_outgoing.Reader);
+            return made.Writer;
         }
 
-        return _outgoing.Writer;
+        lock (this)
+        {
+            if (_outgoing is null)
+            {
+                if (_responses is null)
+                {
+                    throw new InvalidOperationException("The method is bound with one response message: it has no stream to write items or credit on.");
+                }
+
+                var outgoing = System.Threading.Channels.Channel.CreateUnbounded<Outgoing>(new() { SingleReader = true });
+                _writer = WriteAsync(outgoing.Reader);
+                Volatile.Write(ref _outgoing, outgoing);
+            }
+
+            return _outgoing.Writer;
+        }
     }
 
     /// <summary>Copies the item (its leases are taken over) and queues it for the writer: never more than the window are queued.</summary>
@@ -302,13 +324,13 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
     /// <summary>Waits for the items and credit already queued to be written (before the reply or the fault, which end the call).</summary>
     public async Task FinishItemsAsync()
     {
-        if (_outgoing is null)
+        if (Volatile.Read(ref _outgoing) is not { } outgoing)
         {
             return;
         }
 
-        _outgoing.Writer.TryComplete();
-        await _writer!.ConfigureAwait(false);
+        outgoing.Writer.TryComplete();
+        await _writer!.ConfigureAwait(false); // set before the channel was published
     }
 
     /// <summary>
