@@ -96,10 +96,11 @@ public sealed class OffloadRpcOptions
     /// this process's own memory, all calls of the connection together. Over gRPC a reply's buffers are
     /// delivered into the caller's memory (over shared memory they stay in the server's segments), so a
     /// server that sends more than the caller can hold (a broken or hostile one, or results kept and never
-    /// disposed) meets this bound instead of exhausting the process. A buffer counts at the size of its
-    /// memory mapping from its first byte until it is copied out or given back (an array or memory result is
-    /// copied at once, a <see cref="SharedBuffer"/> result counts until disposed, a streamed item's buffer
-    /// until the next item is asked for); a MessagePack result is bounded by <see cref="MaxMessageBytes"/> instead. A
+    /// disposed) meets this bound instead of exhausting the process. A buffer counts from its first byte until
+    /// it is handed over, copied out or given back: an array result of a primitive type (read straight into
+    /// the array) at its bytes while they arrive, a memory result at its lease's mapping until it is copied
+    /// out, a <see cref="SharedBuffer"/> result until disposed, a streamed item's buffer until the next item
+    /// is asked for; a MessagePack result is bounded by <see cref="MaxMessageBytes"/> instead. A
     /// call that would pass it ends with <see cref="ArenaExhaustedException"/> and stops the server's
     /// sending; the connection serves on. Default 4 GiB.
     /// </summary>

@@ -893,38 +893,42 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     {
         if (index == 0 && _arrayReceiver is { } receiver)
         {
-            if (_array is not null)
-            {
-                return;
-            }
-
-            long bytes = _lengths[0];
-            _budget?.Reserve(bytes, "a buffer");
+            _array = MakeArray(receiver, _lengths[0]);
             _arrayReceiver = null; // made once: from here the array is there, or a lease is
-            try
-            {
-                _array = receiver.TryCreate(bytes);
-            }
-            catch (OutOfMemoryException)
-            {
-                // The array is ordinary managed memory, made at the payload's first byte: a length the GC
-                // cannot give (past a container's heap limit, say) is no room, as a lease past the mapping cap is.
-                _budget?.Release(bytes);
-                throw new ArenaExhaustedException($"This process has no room for a buffer of {bytes:N0} bytes (the array of the call's result).");
-            }
-
-            if (_array is not null)
-            {
-                return;
-            }
-
-            _budget?.Release(bytes); // not a whole number of elements: a lease, which the decoder refuses
         }
 
         if (index != 0 || _array is null)
         {
             _ = Lease(index);
         }
+    }
+
+    /// <summary>
+    /// The array of <paramref name="bytes"/> bytes, counted against the budget; null when they are not a whole
+    /// number of elements (a lease then, which the decoder refuses). The array is ordinary managed memory,
+    /// made at the payload's first byte: a length the GC cannot give (past a container's heap limit, say) is
+    /// no room, as a lease past the mapping cap is.
+    /// </summary>
+    private ReceivedArray? MakeArray(ArrayReceiver receiver, long bytes)
+    {
+        _budget?.Reserve(bytes, "a buffer");
+        ReceivedArray? array;
+        try
+        {
+            array = receiver.TryCreate(bytes);
+        }
+        catch (OutOfMemoryException)
+        {
+            _budget?.Release(bytes);
+            throw new ArenaExhaustedException($"This process has no room for a buffer of {bytes:N0} bytes (the array of the call's result).");
+        }
+
+        if (array is null)
+        {
+            _budget?.Release(bytes);
+        }
+
+        return array;
     }
 
     /// <summary>Where payload <paramref name="index"/>'s bytes go: its array or its lease (made now if need be).</summary>
@@ -966,8 +970,9 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     public bool TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array)
         where T : unmanaged
     {
-        if (index == 0 && _array is ReceivedArray<T> && TakeArray() is ReceivedArray<T> received)
+        if (index == 0 && _array is ReceivedArray<T> received)
         {
+            TakeArray();
             array = received.Array;
             return true;
         }
