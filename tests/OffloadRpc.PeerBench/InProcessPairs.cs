@@ -13,7 +13,7 @@ namespace OffloadRpc.PeerBench;
 /// over its in-memory TestServer, called from the same process in alternating blocks. No sockets and no
 /// second process: what is left is what each stack does per call (both run the same gRPC client and
 /// server underneath), so a difference of a few percent that the two-process <c>--pairs</c> loses in the
-/// scheduler's noise shows here, with the CPU and the bytes allocated per call of each.
+/// scheduler's noise shows here, with the CPU, the bytes allocated and the GC pause per call of each.
 /// </summary>
 internal static class InProcessPairs
 {
@@ -85,13 +85,14 @@ internal static class InProcessPairs
         }
 
         Console.WriteLine($"grpc vs offloadrpc-grpc in one process over TestServer, 64 B, blocks of {Block} calls taking turns, {perOperation.TotalSeconds:0.#} s per operation ({Environment.ProcessorCount} cores)");
-        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"p50 95% CI",16} {"CPU us/call",14} {"alloc B/call",14} {"pool items/call",16}");
+        Console.WriteLine($"{"op",-9} {"pairs",5} {"grpc us",8} {"ours us",8} {"ours/grpc (p25 p50 p75)",26} {"p50 95% CI",16} {"CPU us/call",14} {"alloc B/call",14} {"pool items/call",16} {"GC pause us/call",17}");
         foreach ((Op op, ulong value) in expected)
         {
             var wall = new[] { new List<double>(), new List<double>() };
             var cpu = new[] { new List<double>(), new List<double>() };
             var allocated = new[] { new List<double>(), new List<double>() };
             var items = new[] { new List<double>(), new List<double>() };
+            var paused = new[] { new List<double>(), new List<double>() }; // gen0 pauses: both stacks' garbage, collected while either runs
             var clock = Stopwatch.StartNew();
             for (int round = 0; clock.Elapsed < perOperation; round++)
             {
@@ -99,6 +100,7 @@ internal static class InProcessPairs
                 {
                     int s = round % 2 == 0 ? turn : 1 - turn;
                     long cpu0 = ProcessCpu.Self.Nanoseconds, bytes0 = GC.GetTotalAllocatedBytes(precise: false), items0 = ThreadPool.CompletedWorkItemCount, start = Stopwatch.GetTimestamp();
+                    TimeSpan pause0 = GC.GetTotalPauseDuration();
                     for (int i = 0; i < Block; i++)
                     {
                         await PairBench.CheckAsync(clients[s], op, value);
@@ -108,12 +110,13 @@ internal static class InProcessPairs
                     cpu[s].Add((ProcessCpu.Self.Nanoseconds - cpu0) / 1e3 / Block);
                     allocated[s].Add((GC.GetTotalAllocatedBytes(precise: false) - bytes0) / (double)Block);
                     items[s].Add((ThreadPool.CompletedWorkItemCount - items0) / (double)Block);
+                    paused[s].Add((GC.GetTotalPauseDuration() - pause0).TotalMicroseconds / Block);
                 }
             }
 
             double[] ratios = [.. wall[1].Zip(wall[0], (ours, grpc) => ours / grpc).Order()];
             Console.WriteLine(
-                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {PairBench.Median(wall[0]),8:F2} {PairBench.Median(wall[1]),8:F2} {$"{PairBench.Quantile(ratios, 0.25):F3} {PairBench.Quantile(ratios, 0.5):F3} {PairBench.Quantile(ratios, 0.75):F3}",26} {PairBench.MedianInterval(ratios),16} {$"{PairBench.Median(cpu[0]):F1} {PairBench.Median(cpu[1]):F1}",14} {$"{PairBench.Median(allocated[0]):F0} {PairBench.Median(allocated[1]):F0}",14} {$"{PairBench.Median(items[0]):F2} {PairBench.Median(items[1]):F2}",16}");
+                $"{op.ToString().ToLowerInvariant(),-9} {ratios.Length,5} {PairBench.Median(wall[0]),8:F2} {PairBench.Median(wall[1]),8:F2} {$"{PairBench.Quantile(ratios, 0.25):F3} {PairBench.Quantile(ratios, 0.5):F3} {PairBench.Quantile(ratios, 0.75):F3}",26} {PairBench.MedianInterval(ratios),16} {$"{PairBench.Median(cpu[0]):F1} {PairBench.Median(cpu[1]):F1}",14} {$"{PairBench.Median(allocated[0]):F0} {PairBench.Median(allocated[1]):F0}",14} {$"{PairBench.Median(items[0]):F2} {PairBench.Median(items[1]):F2}",16} {$"{PairBench.Median(paused[0]):F2} {PairBench.Median(paused[1]):F2}",17}");
         }
     }
 }
