@@ -98,6 +98,29 @@ public sealed class PeerBenchTests
         }
     }
 
+    /// <summary>
+    /// <c>--pairs 1</c>: plain gRPC and this library over gRPC served by one server process (or, with
+    /// <c>--in-process</c>, by one app in the benchmark's own process), called in turns; every call's
+    /// result is checked, so a zero exit means each was right. Here only the rows are checked.
+    /// </summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Pairs_prints_a_ratio_row_per_operation(bool inProcess)
+    {
+        (int exit, string output) = inProcess ? await RunAsync("--pairs", "1", "--in-process") : await RunAsync("--pairs", "1");
+        Assert.True(exit == 0, output);
+        Assert.Contains(inProcess ? "in one process over TestServer" : "served by one process", output);
+        foreach (string op in new[] { "add", "checksum", "touch" })
+        {
+            string row = Assert.Single(output.Split('\n'), line => line.StartsWith(op + " ", StringComparison.Ordinal));
+            string[] cells = row.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+            Assert.True(int.Parse(cells[1], System.Globalization.CultureInfo.InvariantCulture) > 0, row); // pairs of blocks
+            Assert.True(double.Parse(cells[2], System.Globalization.CultureInfo.InvariantCulture) > 0 && double.Parse(cells[3], System.Globalization.CultureInfo.InvariantCulture) > 0, row); // us per call of each
+            Assert.InRange(double.Parse(cells[5], System.Globalization.CultureInfo.InvariantCulture), 0.01, 100); // the median ratio
+        }
+    }
+
     [Fact]
     public async Task A_bad_argument_is_a_clear_error()
     {

@@ -43,65 +43,13 @@ internal static class Servers
             }
 
             case "grpc":
-            {
-                WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
-                builder.Logging.ClearProviders();
-                builder.Logging.AddConsole(o => o.LogToStandardErrorThreshold = LogLevel.Warning).SetMinimumLevel(LogLevel.Warning);
-                builder.WebHost.ConfigureKestrel(kestrel =>
-                {
-                    kestrel.ListenUnixSocket(endpoint, listen => listen.Protocols = HttpProtocols.Http2);
-                    kestrel.Limits.MaxRequestBodySize = null;
-                    kestrel.Limits.Http2.InitialConnectionWindowSize = ServerWindowBytes;
-                    kestrel.Limits.Http2.InitialStreamWindowSize = ServerWindowBytes;
-                });
-                builder.Services.AddGrpc(options =>
-                {
-                    options.MaxReceiveMessageSize = null; // default 4 MB
-                    options.MaxSendMessageSize = null;
-                });
-                await using WebApplication app = builder.Build();
-                app.MapGrpcService<GrpcService>();
-                await app.StartAsync();
-                try
-                {
-                    return await ServeUntilStdinClosesAsync();
-                }
-                finally
-                {
-                    await app.StopAsync();
-                    File.Delete(endpoint);
-                }
-            }
+                return await ServeGrpcAsync(endpoint, plain: true, ours: false);
 
             case "offloadrpc-grpc":
-            {
-                // This library over its gRPC transport, on a Unix socket with the same Kestrel settings as grpc-uds;
-                // it listens on shared memory too (as a hosted server does), which the client is told not to use.
-                WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
-                builder.Logging.ClearProviders();
-                builder.Logging.AddConsole(o => o.LogToStandardErrorThreshold = LogLevel.Warning).SetMinimumLevel(LogLevel.Warning);
-                builder.WebHost.ConfigureKestrel(kestrel =>
-                {
-                    kestrel.ListenUnixSocket(endpoint, listen => listen.Protocols = HttpProtocols.Http2);
-                    kestrel.Limits.MaxRequestBodySize = null;
-                    kestrel.Limits.Http2.InitialConnectionWindowSize = ServerWindowBytes;
-                    kestrel.Limits.Http2.InitialStreamWindowSize = ServerWindowBytes;
-                });
-                builder.Services.AddOffloadRpcServer(endpoint + ".shm").AddService<IPeerBenchService, OffloadService>(ServiceLifetime.Singleton);
-                builder.Services.AddOffloadRpcGrpc();
-                await using WebApplication app = builder.Build();
-                app.MapOffloadRpcGrpc();
-                await app.StartAsync();
-                try
-                {
-                    return await ServeUntilStdinClosesAsync();
-                }
-                finally
-                {
-                    await app.StopAsync();
-                    File.Delete(endpoint);
-                }
-            }
+                return await ServeGrpcAsync(endpoint, plain: false, ours: true);
+
+            case "grpc-both":
+                return await ServeGrpcAsync(endpoint, plain: true, ours: true);
 
             case "streamjsonrpc":
             {
@@ -140,6 +88,59 @@ internal static class Servers
             default:
                 Console.Error.WriteLine($"unknown server kind '{kind}'");
                 return 2;
+        }
+    }
+
+    /// <summary>
+    /// An ASP.NET Core app on a Unix socket, HTTP/2 only: plain gRPC's service (<paramref name="plain"/>),
+    /// this library's over its gRPC transport (<paramref name="ours"/>; it listens on shared memory too, as a
+    /// hosted server does, which the client is told not to use), or both in one process on one socket, the
+    /// same Kestrel settings for each (<c>--pairs</c>: one server process, so that no difference of two
+    /// processes' places on the cores or their heaps passes for a difference of the two stacks).
+    /// </summary>
+    private static async Task<int> ServeGrpcAsync(string endpoint, bool plain, bool ours)
+    {
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.ClearProviders();
+        builder.Logging.AddConsole(o => o.LogToStandardErrorThreshold = LogLevel.Warning).SetMinimumLevel(LogLevel.Warning);
+        builder.WebHost.ConfigureKestrel(kestrel =>
+        {
+            kestrel.ListenUnixSocket(endpoint, listen => listen.Protocols = HttpProtocols.Http2);
+            kestrel.Limits.MaxRequestBodySize = null;
+            kestrel.Limits.Http2.InitialConnectionWindowSize = ServerWindowBytes;
+            kestrel.Limits.Http2.InitialStreamWindowSize = ServerWindowBytes;
+        });
+        builder.Services.AddGrpc(options =>
+        {
+            options.MaxReceiveMessageSize = null; // default 4 MB
+            options.MaxSendMessageSize = null;
+        });
+        if (ours)
+        {
+            builder.Services.AddOffloadRpcServer(endpoint + ".shm").AddService<IPeerBenchService, OffloadService>(ServiceLifetime.Singleton);
+            builder.Services.AddOffloadRpcGrpc();
+        }
+
+        await using WebApplication app = builder.Build();
+        if (plain)
+        {
+            app.MapGrpcService<GrpcService>();
+        }
+
+        if (ours)
+        {
+            app.MapOffloadRpcGrpc();
+        }
+
+        await app.StartAsync();
+        try
+        {
+            return await ServeUntilStdinClosesAsync();
+        }
+        finally
+        {
+            await app.StopAsync();
+            File.Delete(endpoint);
         }
     }
 
