@@ -87,11 +87,11 @@ internal static class ServiceEmitter
         string name = Literal(method.Name.TrimStart('@'));
         if (method.Result is not { } result)
         {
-            w.Line($"internal static readonly {Internal}MethodDescriptor Method{id} = new {Internal}MethodDescriptor({Literal(service.ServiceName)}, {name}, {id}) {{ Shape = {Shape(method)} }};");
+            w.Line($"internal static readonly {Internal}MethodDescriptor Method{id} = new {Internal}MethodDescriptor({Literal(service.ServiceName)}, {name}, {id}) {{ Shape = {Shape(method)}{ArrayArgument(method)} }};");
         }
         else
         {
-            w.Line($"internal static readonly {Internal}MethodDescriptor<{result.Type}> Method{id} = new {Internal}MethodDescriptor<{result.Type}>({Literal(service.ServiceName)}, {name}, {id}, Decode{id}) {{ Shape = {Shape(method)} }};");
+            w.Line($"internal static readonly {Internal}MethodDescriptor<{result.Type}> Method{id} = new {Internal}MethodDescriptor<{result.Type}>({Literal(service.ServiceName)}, {name}, {id}, Decode{id}) {{ Shape = {Shape(method)}{ArrayArgument(method)} }};");
             w.Line();
             using (w.Open($"private static {result.Type} Decode{id}(in {Internal}CallReply {(method.Shape == ReturnShape.AsyncEnumerable ? "item" : "reply")})"))
             {
@@ -130,6 +130,16 @@ internal static class ServiceEmitter
         }
 
         return shape;
+    }
+
+    /// <summary>
+    /// <c>, ArrayArgument = typeof(T[])</c> when the method's one buffer argument is a <c>T[]</c> (then it is
+    /// the request's payload 0 whenever it is not null), for a transport that receives it into its array.
+    /// </summary>
+    private static string ArrayArgument(MethodModel method)
+    {
+        ParameterModel[] buffers = method.Parameters.Where(p => IsBuffer(p.Value.Kind)).ToArray();
+        return buffers.Length == 1 && buffers[0].Value is { Kind: ValueKind.Array, ElementType: { } element } ? $", ArrayArgument = typeof({element}[])" : string.Empty;
     }
 
     /// <summary>A value that crosses as a payload, not in the MessagePack body.</summary>

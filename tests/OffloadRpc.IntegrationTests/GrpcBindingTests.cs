@@ -328,6 +328,81 @@ public sealed class GrpcBindingTests
         Assert.NotNull(ArrayReceiver.For<double[]>());
     }
 
+    [Fact]
+    public void A_request_whose_one_buffer_argument_is_an_array_is_read_into_that_array_and_handed_to_the_method_as_it_is()
+    {
+        // What the generator sets and the route asks for: an array of a primitive type only.
+        Assert.NotNull(new MethodDescriptor("Svc", "M", 1) { ArrayArgument = typeof(double[]) }.ArgumentArray);
+        Assert.Null(new MethodDescriptor("Svc", "M", 1) { ArrayArgument = typeof(string[]) }.ArgumentArray);
+        Assert.Null(new MethodDescriptor("Svc", "M", 1) { ArrayArgument = typeof(DetectOptions[]) }.ArgumentArray);
+        Assert.Null(new MethodDescriptor("Svc", "M", 1).ArgumentArray);
+
+        double[] sent = [.. Enumerable.Range(0, 200_000).Select(i => i * 0.25)]; // 1.6 MB: a head, then data frames
+        byte[] bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(sent.AsSpan()).ToArray();
+        var budget = new LeaseBudget(4 << 20); // a server's requests
+        var assembler = new MessageAssembler(1 << 20, budget);
+        var receiver = new RecordingReceiver();
+        assembler.ReceiveArray(receiver);
+        Assert.False(assembler.Accept(new Frame(FrameKind.Head, ReplyHead([0x91, 0x00], bytes.Length)))); // body: [0], the argument's payload index
+        Assert.True(assembler.TryFill(new System.Buffers.ReadOnlySequence<byte>(bytes.AsMemory(0, 1 << 20)))); // in place, as the deserializer does
+        Assert.True(assembler.Accept(new Frame(FrameKind.Data, bytes.AsMemory(1 << 20).ToArray())));
+        Assert.Equal(bytes.Length, budget.HeldBytes); // the array counts while it arrives, as a lease would
+
+        var call = new GrpcInboundCall(1, assembler, new FakeServerCallContext(CancellationToken.None), default, null, null, 4, 1 << 20, budget);
+        var served = new ServerCall(call, new MethodDescriptor("Svc", "M", 1) { ArrayArgument = typeof(double[]) }, new OffloadRpcOptions().CreateSerializerOptions());
+        double[]? argument = served.CopyArray<double>(0);
+        Assert.Same(receiver.Made, argument); // the array the bytes went into: no lease, no second copy
+        Assert.Equal(sent, argument);
+        Assert.Equal(0, budget.HeldBytes); // the method's memory from here
+        Assert.Throws<ProtocolViolationException>(() => served.CopyArray<double>(0)); // named twice
+        served.Complete(faulted: false);
+        call.Dispose();
+        Assert.Equal(sent, argument); // not a view of anything the call gave back
+
+        // Asked for as another element type: its bytes all the same, copied (a lease on the way, given back).
+        var other = new MessageAssembler(1 << 20, budget);
+        other.ReceiveArray(ArrayReceiver.ForArray(typeof(double[])));
+        Assert.True(other.Accept(new Frame(FrameKind.Head, ReplyHead([0x91, 0x00], 16, bytes.AsSpan(0, 16).ToArray()))));
+        var otherCall = new GrpcInboundCall(1, other, new FakeServerCallContext(CancellationToken.None), default, null, null, 4, 1 << 20, budget);
+        var otherServed = new ServerCall(otherCall, new MethodDescriptor("Svc", "M", 1), new OffloadRpcOptions().CreateSerializerOptions());
+        Assert.Equal(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(bytes.AsSpan(0, 16)).ToArray(), otherServed.CopyArray<float>(0));
+        otherServed.Complete(faulted: false);
+        otherCall.Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+
+        // Never taken (the argument was null, or the method failed first): the array leaves the budget with the call.
+        var untaken = new MessageAssembler(1 << 20, budget);
+        untaken.ReceiveArray(ArrayReceiver.ForArray(typeof(double[])));
+        Assert.True(untaken.Accept(new Frame(FrameKind.Head, ReplyHead([0x91, 0xFF], 16, new byte[16]))));
+        Assert.Equal(16, budget.HeldBytes);
+        new GrpcInboundCall(1, untaken, new FakeServerCallContext(CancellationToken.None), default, null, null, 4, 1 << 20, budget).Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+
+        // A small array that rode in the request's one frame is copied out of the frame, with no lease.
+        var whole = new Frame(FrameKind.Head, ReplyHead([0x91, 0x00], 16, bytes.AsSpan(0, 16).ToArray()));
+        Assert.Equal(1, whole.WholeMessagePayloads(1024));
+        var wholeCall = new GrpcInboundCall(1, new ReceivedRequest(whole, 1), new FakeServerCallContext(CancellationToken.None), default, null, null, 4, 1024, budget);
+        var wholeServed = new ServerCall(wholeCall, new MethodDescriptor("Svc", "M", 1) { ArrayArgument = typeof(double[]) }, new OffloadRpcOptions().CreateSerializerOptions());
+        Assert.Equal(sent[..2], wholeServed.CopyArray<double>(0));
+        Assert.True(wholeCall.IsPayloadTaken(0));
+        Assert.Equal(0, budget.HeldBytes);
+        Assert.Throws<ProtocolViolationException>(() => wholeServed.CopyArray<double>(0));
+        wholeServed.Complete(faulted: false);
+        wholeCall.Dispose();
+    }
+
+    /// <summary>Makes a double[] as the real receiver does, and keeps it, so that a test can tell that array from a copy.</summary>
+    private sealed class RecordingReceiver : ArrayReceiver
+    {
+        public double[]? Made { get; private set; }
+
+        public override ReceivedArray? TryCreate(long bytes)
+        {
+            Made = new double[bytes / sizeof(double)];
+            return new ReceivedArray<double>(Made);
+        }
+    }
+
     /// <summary>A receiver whose array the GC cannot give (a heap limit reached).</summary>
     private sealed class NoMemoryReceiver : ArrayReceiver
     {

@@ -163,10 +163,20 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
             Assert.Contains("no room", full.Message, StringComparison.Ordinal);
 
-            // ...as does a small array argument, which rides in the request's one frame and is copied into a
+            // ...as does a small buffer of floats, which rides in the request's one frame and is copied into a
             // lease while the arguments are decoded (no room there is not arguments that do not decode)...
-            OffloadRpcException small = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().EchoAsync(new byte[1000]).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            OffloadRpcException small = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IKitchenSink>().SumAsync(new float[250], new int[1]).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
             Assert.Contains("no room", small.Message, StringComparison.Ordinal);
+
+            // ...but not a small array argument: it is copied out of that frame straight into the method's
+            // array, ordinary memory as a MessagePack argument is, with no lease between.
+            byte[] echo = new byte[1000];
+            Checksum64.Fill(echo, 5);
+            Assert.Equal(echo, await connection.GetService<IImageService>().EchoAsync(echo).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+
+            // A large array argument is received into its array, which counts against the same budget: refused.
+            OffloadRpcException large = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().EchoAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("no room", large.Message, StringComparison.Ordinal);
 
             // ...and a head of 1 MiB (a large MessagePack body), which the server would keep while the call runs.
             AsyncDuplexStreamingCall<byte[], byte[]> big = held.Start();
@@ -190,6 +200,7 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
                 },
                 "four calls of 16 MiB served at once after the held calls ended");
             Assert.Equal(Checksum64.Compute(bytes), await connection.GetService<IImageService>().ChecksumAsync(bytes));
+            Assert.Equal(bytes, await connection.GetService<IImageService>().EchoAsync(bytes));
         });
 
     [Fact]

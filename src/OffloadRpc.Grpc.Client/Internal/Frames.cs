@@ -642,7 +642,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     private int _current;
     private long _filled;
 
-    /// <summary>Makes the array the message's one payload goes into, when the caller's result is that array (<see cref="ReceiveArray"/>).</summary>
+    /// <summary>Makes the array the message's one payload goes into, when the receiver's result or argument is that array (<see cref="ReceiveArray"/>).</summary>
     private ArrayReceiver? _arrayReceiver;
 
     /// <summary>Payload 0's array, while its bytes arrive and until it is taken (<see cref="TryTakeArray{T}"/>).</summary>
@@ -684,7 +684,8 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
     /// <summary>
     /// The message's one payload goes straight into the array <paramref name="receiver"/> makes (a reply whose
-    /// result is that array: <see cref="Internal.MethodDescriptor.ResultArray"/>), counted against the budget
+    /// result is that array: <see cref="Internal.MethodDescriptor.ResultArray"/>; a request whose one buffer
+    /// argument is: <see cref="Internal.MethodDescriptor.ArgumentArray"/>), counted against the budget
     /// like a lease, and the decoder takes it as it is: one copy of its bytes, not two. Set before the head
     /// arrives; a message of any other shape keeps its leases.
     /// </summary>
@@ -829,7 +830,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
             if (count != 1 || frame.Kind != FrameKind.Head)
             {
-                _arrayReceiver = null; // only a reply's one buffer is its result's array
+                _arrayReceiver = null; // only a reply's or a request's one buffer is its array (a stream item keeps its lease)
             }
 
             Fill(frame.First.Span[position..]);
@@ -920,7 +921,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
         catch (OutOfMemoryException)
         {
             _budget?.Release(bytes);
-            throw new ArenaExhaustedException($"This process has no room for a buffer of {bytes:N0} bytes (the array of the call's result).");
+            throw new ArenaExhaustedException($"This process has no room for a buffer of {bytes:N0} bytes (the array of a call's result or argument).");
         }
 
         if (array is null)

@@ -123,6 +123,10 @@ internal sealed class GrpcInboundCall : IInboundCall, IGrpcPeer, IDisposable
 
     public SharedBuffer TakePayload(int index) => _message.Take(index, _budget) ?? throw new ProtocolViolationException($"The request names payload {index} twice.");
 
+    /// <summary>An array argument received straight into its array (<see cref="MethodDescriptor.ArrayArgument"/>), now the method's.</summary>
+    public bool TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array)
+        where T : unmanaged => _message.TryTakeArray(index, out array);
+
     /// <summary>A payload that rode in the request's one frame is lent in place (no lease, no copy) until the call is disposed.</summary>
     public bool TryLendPayload(int index, out Memory<byte> bytes) => _message.TryLend(index, out bytes);
 
@@ -526,6 +530,19 @@ internal struct ReceivedRequest
         _taken |= 1UL << index; // taken once its lease is made: a refused one can be asked for again
         bytes.Span.CopyTo(lease.Span);
         return lease;
+    }
+
+    /// <summary>Payload <paramref name="index"/> as the array it was received into (an assembled request's one array argument); false otherwise.</summary>
+    public readonly bool TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array)
+        where T : unmanaged
+    {
+        if (_assembled is { } assembled)
+        {
+            return assembled.TryTakeArray(index, out array);
+        }
+
+        array = null;
+        return false;
     }
 
     /// <summary>Gives the frame's buffer (or the assembled message) back; what is read after is empty.</summary>

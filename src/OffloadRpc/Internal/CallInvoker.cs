@@ -612,6 +612,27 @@ public class MethodDescriptor
     internal virtual ArrayReceiver? ResultArray => null;
 
     /// <summary>
+    /// The type of the method's one buffer argument when it is an array (<c>float[]</c>, say) and the method
+    /// has no other buffer argument; null otherwise (set by generated code). A transport that copies a
+    /// request's bytes into this process (gRPC) receives that argument straight into its array, which the
+    /// stub then hands to the implementation as it is, instead of copying it out of a lease.
+    /// </summary>
+    public Type? ArrayArgument
+    {
+        get => _arrayArgument;
+        init
+        {
+            _arrayArgument = value;
+            ArgumentArray = ArrayReceiver.ForArray(value);
+        }
+    }
+
+    private readonly Type? _arrayArgument;
+
+    /// <summary>Makes the array of <see cref="ArrayArgument"/> when it is one of a primitive element type; null otherwise (the argument keeps its lease).</summary>
+    internal ArrayReceiver? ArgumentArray { get; private init; }
+
+    /// <summary>
     /// What the method's request and reply can carry besides MessagePack, as the generator saw its
     /// signature (<see cref="MethodShape.Unknown"/> when not told: assume buffers and streams both ways).
     /// A transport that frames messages (gRPC) binds a method that carries neither as a unary call.
@@ -748,14 +769,21 @@ internal static class PayloadConversion
         where T : unmanaged
     {
         using SharedBuffer owned = lease;
+        return CopyOut<T>(lease.Span);
+    }
+
+    /// <summary>Copies <paramref name="bytes"/> into a new array of <typeparamref name="T"/>.</summary>
+    public static T[] CopyOut<T>(ReadOnlySpan<byte> bytes)
+        where T : unmanaged
+    {
         int size = Unsafe.SizeOf<T>();
-        if (lease.Length % size != 0)
+        if (bytes.Length % size != 0)
         {
-            throw new ProtocolViolationException($"A payload of {lease.Length} bytes is not a whole number of {typeof(T).Name} ({size} bytes each).");
+            throw new ProtocolViolationException($"A payload of {bytes.Length} bytes is not a whole number of {typeof(T).Name} ({size} bytes each).");
         }
 
-        T[] array = GC.AllocateUninitializedArray<T>(lease.Length / size);
-        lease.Span.CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(array.AsSpan()));
+        T[] array = GC.AllocateUninitializedArray<T>(bytes.Length / size);
+        bytes.CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(array.AsSpan()));
         return array;
     }
 }

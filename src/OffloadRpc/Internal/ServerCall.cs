@@ -205,9 +205,27 @@ public sealed class ServerCall
         return lease.CreateMemory<T>();
     }
 
-    /// <summary>Payload <paramref name="index"/> copied into a new array (-1: null).</summary>
+    /// <summary>
+    /// Payload <paramref name="index"/> as a new array (-1: null): the array the transport received it into
+    /// (<see cref="MethodDescriptor.ArrayArgument"/>), otherwise copied out of the request's own memory
+    /// or out of its lease.
+    /// </summary>
     public T[]? CopyArray<T>(int index)
-        where T : unmanaged => index < 0 ? null : PayloadConversion.CopyOut<T>(Take(index));
+        where T : unmanaged
+    {
+        if (index < 0)
+        {
+            return null;
+        }
+
+        ValidatePayload(index);
+        if (_call.TryTakeArray(index, out T[]? array))
+        {
+            return array;
+        }
+
+        return _call.TryLendPayload(index, out Memory<byte> lent) ? PayloadConversion.CopyOut<T>(lent.Span) : PayloadConversion.CopyOut<T>(_call.TakePayload(index));
+    }
 
     /// <summary>
     /// Payload <paramref name="index"/> as a lease the implementation owns from now on (-1: null). If the
@@ -559,6 +577,18 @@ internal interface IInboundCall
     bool TryLendPayload(int index, out Memory<byte> bytes)
     {
         bytes = default;
+        return false;
+    }
+
+    /// <summary>
+    /// Payload <paramref name="index"/> (in range, not taken) as the array of <typeparamref name="T"/> the
+    /// transport received it into, now the caller's (<see cref="MethodDescriptor.ArrayArgument"/>). False:
+    /// take it (<see cref="TakePayload"/>).
+    /// </summary>
+    bool TryTakeArray<T>(int index, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out T[]? array)
+        where T : unmanaged
+    {
+        array = null;
         return false;
     }
 

@@ -4,9 +4,10 @@ using System.Runtime.InteropServices;
 namespace OffloadRpc.Transport;
 
 /// <summary>
-/// Makes the managed array a method's result is (a <c>T[]</c> of a primitive element type), so that a
-/// transport that copies a reply's bytes into this process (gRPC) fills that array as they arrive and the
-/// generated decoder takes it as it is, instead of receiving them into a lease and copying them out again.
+/// Makes the managed array a method's result or its one buffer argument is (a <c>T[]</c> of a primitive
+/// element type), so that a transport that copies a message's bytes into this process (gRPC) fills that
+/// array as they arrive and the generated decoder or stub takes it as it is, instead of receiving them
+/// into a lease and copying them out again.
 /// </summary>
 internal abstract class ArrayReceiver
 {
@@ -19,6 +20,23 @@ internal abstract class ArrayReceiver
 
     /// <summary>The receiver of a result of type <typeparamref name="TResult"/>: an array of a primitive element type; null for anything else (which keeps the lease).</summary>
     public static ArrayReceiver? For<TResult>() => ResultArrays<TResult>.Receiver;
+
+    /// <summary>The receiver of an argument of array type <paramref name="type"/> (as generated code names it), by the same comparisons; null for any other type.</summary>
+    public static ArrayReceiver? ForArray(Type? type) =>
+        type is null ? null
+        : type == typeof(byte[]) ? For<byte[]>()
+        : type == typeof(float[]) ? For<float[]>()
+        : type == typeof(double[]) ? For<double[]>()
+        : type == typeof(int[]) ? For<int[]>()
+        : type == typeof(long[]) ? For<long[]>()
+        : type == typeof(short[]) ? For<short[]>()
+        : type == typeof(ushort[]) ? For<ushort[]>()
+        : type == typeof(uint[]) ? For<uint[]>()
+        : type == typeof(ulong[]) ? For<ulong[]>()
+        : type == typeof(sbyte[]) ? For<sbyte[]>()
+        : type == typeof(Half[]) ? For<Half[]>()
+        : type == typeof(char[]) ? For<char[]>()
+        : null;
 
     /// <summary>One receiver per result type, chosen by comparing types the JIT and NativeAOT fold to constants (no reflection).</summary>
     private static class ResultArrays<TResult>

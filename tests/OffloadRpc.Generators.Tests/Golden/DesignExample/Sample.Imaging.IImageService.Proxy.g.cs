@@ -35,7 +35,7 @@ namespace Sample.Imaging
             return this._invoker.InvokeAsync(global::Sample.Imaging.ImageServiceProxy.Method324153750, __request, ct);
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<byte[]> Method324153750 = new global::OffloadRpc.Internal.MethodDescriptor<byte[]>("Sample.Imaging.IImageService", "EchoAsync", 324153750, Decode324153750) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult };
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<byte[]> Method324153750 = new global::OffloadRpc.Internal.MethodDescriptor<byte[]>("Sample.Imaging.IImageService", "EchoAsync", 324153750, Decode324153750) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult, ArrayArgument = typeof(byte[]) };
 
         private static byte[] Decode324153750(in global::OffloadRpc.Internal.CallReply reply)
         {

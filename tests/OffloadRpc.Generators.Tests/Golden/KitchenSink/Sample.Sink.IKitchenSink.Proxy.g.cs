@@ -140,7 +140,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method619346103, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double[]> Method619346103 = new global::OffloadRpc.Internal.MethodDescriptor<double[]>("Sample.Sink.IKitchenSink", "ScaleAsync", 619346103, Decode619346103) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult };
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<double[]> Method619346103 = new global::OffloadRpc.Internal.MethodDescriptor<double[]>("Sample.Sink.IKitchenSink", "ScaleAsync", 619346103, Decode619346103) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult, ArrayArgument = typeof(double[]) };
 
         private static double[] Decode619346103(in global::OffloadRpc.Internal.CallReply reply)
         {
@@ -271,7 +271,7 @@ namespace Sample.Sink
             return this._invoker.InvokeAsync(global::Sample.Sink.KitchenSinkProxy.Method960466944, __request, default).AsTask();
         }
 
-        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int[]?> Method960466944 = new global::OffloadRpc.Internal.MethodDescriptor<int[]?>("Sample.Sink.IKitchenSink", "MaybeAsync", 960466944, Decode960466944) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult };
+        internal static readonly global::OffloadRpc.Internal.MethodDescriptor<int[]?> Method960466944 = new global::OffloadRpc.Internal.MethodDescriptor<int[]?>("Sample.Sink.IKitchenSink", "MaybeAsync", 960466944, Decode960466944) { Shape = global::OffloadRpc.Internal.MethodShape.Described | global::OffloadRpc.Internal.MethodShape.BufferArguments | global::OffloadRpc.Internal.MethodShape.BufferResult, ArrayArgument = typeof(int[]) };
 
         private static int[]? Decode960466944(in global::OffloadRpc.Internal.CallReply reply)
         {
