@@ -378,6 +378,21 @@ public sealed class GrpcBindingTests
         new GrpcInboundCall(1, untaken, new FakeServerCallContext(CancellationToken.None), default, null, null, 4, 1 << 20, budget).Dispose();
         Assert.Equal(0, budget.HeldBytes);
 
+        // Above the largest array argument a server makes (heap committed whole at the first byte, where a lease's
+        // pages cost nothing until they come), the argument keeps its lease: counted at the lease's size, copied out.
+        Assert.Equal(16 << 20, MessageAssembler.MaxArrayArgumentBytes);
+        var large = new MessageAssembler(1 << 20, budget);
+        large.ReceiveArray(ArrayReceiver.ForArray(typeof(double[])), maxBytes: 8);
+        Assert.True(large.Accept(new Frame(FrameKind.Head, ReplyHead([0x91, 0x00], 16, bytes.AsSpan(0, 16).ToArray()))));
+        Assert.Equal(4096, budget.HeldBytes); // a lease of one page, not an array of 16 bytes
+        var largeCall = new GrpcInboundCall(1, large, new FakeServerCallContext(CancellationToken.None), default, null, null, 4, 1 << 20, budget);
+        Assert.False(largeCall.TryTakeArray(0, out double[]? _));
+        var largeServed = new ServerCall(largeCall, new MethodDescriptor("Svc", "M", 1) { ArrayArgument = typeof(double[]) }, new OffloadRpcOptions().CreateSerializerOptions());
+        Assert.Equal(sent[..2], largeServed.CopyArray<double>(0));
+        largeServed.Complete(faulted: false);
+        largeCall.Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+
         // A small array that rode in the request's one frame is copied out of the frame, with no lease.
         var whole = new Frame(FrameKind.Head, ReplyHead([0x91, 0x00], 16, bytes.AsSpan(0, 16).ToArray()));
         Assert.Equal(1, whole.WholeMessagePayloads(1024));

@@ -689,13 +689,26 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     /// like a lease, and the decoder takes it as it is: one copy of its bytes, not two. Set before the head
     /// arrives; a message of any other shape keeps its leases.
     /// </summary>
-    public void ReceiveArray(ArrayReceiver? receiver)
+    /// <param name="maxBytes">The largest payload received into an array; a larger one keeps its lease (<see cref="MaxArrayArgumentBytes"/> on a server).</param>
+    public void ReceiveArray(ArrayReceiver? receiver, long maxBytes = long.MaxValue)
     {
         if (_head is null)
         {
             _arrayReceiver = receiver;
+            _arrayMaxBytes = maxBytes;
         }
     }
+
+    private long _arrayMaxBytes = long.MaxValue;
+
+    /// <summary>
+    /// The largest array argument a server receives into its array. The array is garbage-collected heap,
+    /// made whole at the payload's first byte, where a lease's pages cost nothing until their bytes come: a
+    /// client that names a large array and sends one byte would make the server commit heap it never
+    /// fills (under a container's heap limit, room other allocations then lack), and do it again with each
+    /// call. Above this a large argument keeps its lease and its second copy.
+    /// </summary>
+    public const long MaxArrayArgumentBytes = 16 << 20;
 
     /// <summary>
     /// Fills <paramref name="bytes"/> (a data frame's, from gRPC's buffers) into the payloads when they all
@@ -828,7 +841,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
                 PayloadBytes += length;
             }
 
-            if (count != 1 || frame.Kind != FrameKind.Head)
+            if (count != 1 || frame.Kind != FrameKind.Head || _lengths[0] > _arrayMaxBytes)
             {
                 _arrayReceiver = null; // only a reply's or a request's one buffer is its array (a stream item keeps its lease)
             }

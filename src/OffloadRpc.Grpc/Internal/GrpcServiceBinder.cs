@@ -314,7 +314,7 @@ internal sealed class MethodRoute(HostedServer server, MethodDescriptor method)
         }
 
         var assembler = new MessageAssembler(host.Options.MaxMessageBytes, host.RequestBudget);
-        assembler.ReceiveArray(method.ArgumentArray); // a T[] argument, the method's one buffer, is read into its array, not copied out of a lease
+        assembler.ReceiveArray(method.ArgumentArray, MessageAssembler.MaxArrayArgumentBytes); // a T[] argument, the method's one buffer, is read into its array, not copied out of a lease
         try
         {
             if (!assembler.Accept(head))
