@@ -411,6 +411,8 @@ public sealed class GrpcBindingTests
     {
         public double[]? Made { get; private set; }
 
+        public override Type ArrayType => typeof(double[]);
+
         public override ReceivedArray? TryCreate(long bytes)
         {
             Made = new double[bytes / sizeof(double)];
@@ -421,6 +423,8 @@ public sealed class GrpcBindingTests
     /// <summary>A receiver whose array the GC cannot give (a heap limit reached).</summary>
     private sealed class NoMemoryReceiver : ArrayReceiver
     {
+        public override Type ArrayType => typeof(byte[]);
+
         public override ReceivedArray? TryCreate(long bytes) => throw new OutOfMemoryException();
     }
 

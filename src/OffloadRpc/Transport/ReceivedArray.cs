@@ -21,40 +21,35 @@ internal abstract class ArrayReceiver
     /// <summary>The receiver of a result of type <typeparamref name="TResult"/>: an array of a primitive element type; null for anything else (which keeps the lease).</summary>
     public static ArrayReceiver? For<TResult>() => ResultArrays<TResult>.Receiver;
 
-    /// <summary>The receiver of an argument of array type <paramref name="type"/> (as generated code names it), by the same comparisons; null for any other type.</summary>
-    public static ArrayReceiver? ForArray(Type? type) =>
-        type is null ? null
-        : type == typeof(byte[]) ? For<byte[]>()
-        : type == typeof(float[]) ? For<float[]>()
-        : type == typeof(double[]) ? For<double[]>()
-        : type == typeof(int[]) ? For<int[]>()
-        : type == typeof(long[]) ? For<long[]>()
-        : type == typeof(short[]) ? For<short[]>()
-        : type == typeof(ushort[]) ? For<ushort[]>()
-        : type == typeof(uint[]) ? For<uint[]>()
-        : type == typeof(ulong[]) ? For<ulong[]>()
-        : type == typeof(sbyte[]) ? For<sbyte[]>()
-        : type == typeof(Half[]) ? For<Half[]>()
-        : type == typeof(char[]) ? For<char[]>()
-        : null;
+    /// <summary>The receiver of an argument of array type <paramref name="type"/> (as generated code names it); null for any other type.</summary>
+    public static ArrayReceiver? ForArray(Type? type)
+    {
+        foreach (ArrayReceiver receiver in All)
+        {
+            if (receiver.ArrayType == type)
+            {
+                return receiver;
+            }
+        }
 
-    /// <summary>One receiver per result type, chosen by comparing types the JIT and NativeAOT fold to constants (no reflection).</summary>
+        return null;
+    }
+
+    /// <summary>The array type this receiver makes.</summary>
+    public abstract Type ArrayType { get; }
+
+    /// <summary>One receiver per primitive element type: a list of constructed types, no reflection (NativeAOT keeps each).</summary>
+    private static readonly ArrayReceiver[] All =
+    [
+        new ArrayReceiver<byte>(), new ArrayReceiver<float>(), new ArrayReceiver<double>(), new ArrayReceiver<int>(),
+        new ArrayReceiver<long>(), new ArrayReceiver<short>(), new ArrayReceiver<ushort>(), new ArrayReceiver<uint>(),
+        new ArrayReceiver<ulong>(), new ArrayReceiver<sbyte>(), new ArrayReceiver<Half>(), new ArrayReceiver<char>(),
+    ];
+
+    /// <summary>The receiver of each result type, looked up once.</summary>
     private static class ResultArrays<TResult>
     {
-        public static readonly ArrayReceiver? Receiver =
-            typeof(TResult) == typeof(byte[]) ? new ArrayReceiver<byte>()
-            : typeof(TResult) == typeof(float[]) ? new ArrayReceiver<float>()
-            : typeof(TResult) == typeof(double[]) ? new ArrayReceiver<double>()
-            : typeof(TResult) == typeof(int[]) ? new ArrayReceiver<int>()
-            : typeof(TResult) == typeof(long[]) ? new ArrayReceiver<long>()
-            : typeof(TResult) == typeof(short[]) ? new ArrayReceiver<short>()
-            : typeof(TResult) == typeof(ushort[]) ? new ArrayReceiver<ushort>()
-            : typeof(TResult) == typeof(uint[]) ? new ArrayReceiver<uint>()
-            : typeof(TResult) == typeof(ulong[]) ? new ArrayReceiver<ulong>()
-            : typeof(TResult) == typeof(sbyte[]) ? new ArrayReceiver<sbyte>()
-            : typeof(TResult) == typeof(Half[]) ? new ArrayReceiver<Half>()
-            : typeof(TResult) == typeof(char[]) ? new ArrayReceiver<char>()
-            : null;
+        public static readonly ArrayReceiver? Receiver = ForArray(typeof(TResult));
     }
 }
 
@@ -62,6 +57,8 @@ internal abstract class ArrayReceiver
 internal sealed class ArrayReceiver<T> : ArrayReceiver
     where T : unmanaged
 {
+    public override Type ArrayType => typeof(T[]);
+
     public override ReceivedArray? TryCreate(long bytes)
     {
         int size = Unsafe.SizeOf<T>();
