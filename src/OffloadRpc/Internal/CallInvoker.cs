@@ -619,15 +619,13 @@ public class MethodDescriptor
     /// </summary>
     public Type? ArrayArgument
     {
-        get => _arrayArgument;
+        get;
         init
         {
-            _arrayArgument = value;
+            field = value;
             ArgumentArray = ArrayReceiver.ForArray(value);
         }
     }
-
-    private readonly Type? _arrayArgument;
 
     /// <summary>Makes the array of <see cref="ArrayArgument"/> when it is one of a primitive element type; null otherwise (the argument keeps its lease).</summary>
     internal ArrayReceiver? ArgumentArray { get; private init; }
