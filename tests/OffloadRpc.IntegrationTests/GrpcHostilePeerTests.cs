@@ -140,6 +140,38 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             await ServedAgainAsync(async () => await connection.GetService<IImageService>().ChecksumAsync(buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(60)) == expected, "a call with a buffer served after the held calls ended");
         });
 
+    /// <summary>
+    /// A <c>byte[]</c> argument of up to 16 MiB is read into its array, which counts its bytes; any other
+    /// buffer, and a larger array, go into a lease, which counts its mapping (a power of two of pages). So a
+    /// budget between the two sizes tells which way the server took.
+    /// </summary>
+    [Fact]
+    public async Task An_array_argument_is_read_into_its_array_up_to_16_MiB_and_into_a_lease_above()
+    {
+        byte[] small = new byte[(2 << 20) + 5]; // a lease of it would be a mapping of 4 MiB
+        Checksum64.Fill(small, 17);
+        await WithServerAsync("arrays", ["--max-buffered-request-bytes", (3L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (_, address) =>
+        {
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            IImageService images = connection.GetService<IImageService>();
+            Assert.Equal(small, await images.EchoAsync(small).AsTask().WaitAsync(TimeSpan.FromSeconds(60))); // 2 MiB + 5 counted: within 3 MiB
+            OffloadRpcException leased = await Assert.ThrowsAsync<OffloadRpcException>(() => images.ChecksumAsync(small).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("no room", leased.Message, StringComparison.Ordinal); // the same bytes as memory: a lease of 4 MiB
+        });
+
+        byte[] large = new byte[(16 << 20) + 5]; // above the largest array argument: a lease, a mapping of 32 MiB
+        Checksum64.Fill(large, 18);
+        await WithServerAsync("arrays-large", ["--max-buffered-request-bytes", (20L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (_, address) =>
+        {
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            IImageService images = connection.GetService<IImageService>();
+            OffloadRpcException refused = await Assert.ThrowsAsync<OffloadRpcException>(() => images.EchoAsync(large).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("no room", refused.Message, StringComparison.Ordinal);
+            byte[] fits = large[..(16 << 20)]; // 16 MiB exactly: an array (or a lease of the same size) within 20 MiB
+            Assert.Equal(fits, await images.EchoAsync(fits).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+        });
+    }
+
     [Fact]
     public Task A_server_past_its_budget_of_request_buffer_bytes_refuses_calls_with_ResourceExhausted_and_serves_again_when_they_end() =>
         WithServerAsync("buffered", ["--max-buffered-request-bytes", (64L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (process, address) =>
