@@ -55,6 +55,8 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     /// Every service contract compiled into this process is compared with the server's: a service the
     /// two sides define differently fails here with <see cref="ContractMismatchException"/>.
     /// </summary>
+    /// <exception cref="UnauthorizedAccessException">The server refused this caller: over shared memory it runs as a user the server does not allow (or the other way round), over gRPC its authentication or authorization refused the channel's credentials.</exception>
+    /// <exception cref="PeerDisconnectedException">The server cannot be reached, or the connection could not start.</exception>
     public static async Task<OffloadRpcConnection> ConnectAsync(string endpoint, OffloadRpcOptions? options = null, CancellationToken cancellationToken = default)
     {
         options ??= new OffloadRpcOptions();

@@ -16,7 +16,9 @@ using OffloadRpc.TestContracts;
 /// --max-message-bytes N, its OffloadRpcOptions.MaxMessageBytes is N; with --no-advertise, its
 /// OffloadRpcOptions.AdvertiseSharedMemory is false; with --max-mappings N, buffers may add at most N
 /// memory mappings to those the started server holds; with --max-buffered-request-bytes N, its
-/// OffloadRpcOptions.MaxBufferedRequestBytes is N.
+/// OffloadRpcOptions.MaxBufferedRequestBytes is N; with --tls PFX, the TCP listener is HTTPS with the
+/// certificate (and key) in the PKCS #12 file PFX; with --token T, every gRPC method (Describe too) needs
+/// the header "Authorization: Bearer T" (ASP.NET Core authentication and RequireAuthorization).
 /// </summary>
 internal static class GrpcServer
 {
@@ -28,11 +30,27 @@ internal static class GrpcServer
         builder.Logging.ClearProviders();
         string socket = OffloadRpc.Transport.EndpointPath.Resolve(endpoint);
         string grpcSocket = socket + ".grpc";
+        int tls = Array.IndexOf(args, "--tls");
+        System.Security.Cryptography.X509Certificates.X509Certificate2? certificate = tls >= 0 ? System.Security.Cryptography.X509Certificates.X509CertificateLoader.LoadPkcs12FromFile(args[tls + 1], null) : null;
         builder.WebHost.ConfigureKestrel(kestrel =>
         {
-            kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen => listen.Protocols = HttpProtocols.Http2);
+            kestrel.Listen(System.Net.IPAddress.Loopback, 0, listen =>
+            {
+                listen.Protocols = HttpProtocols.Http2;
+                if (certificate is not null)
+                {
+                    listen.UseHttps(certificate);
+                }
+            });
             kestrel.ListenUnixSocket(grpcSocket, listen => listen.Protocols = HttpProtocols.Http2);
         });
+        int token = Array.IndexOf(args, "--token");
+        if (token >= 0)
+        {
+            builder.Services.AddAuthentication(BearerToken.SchemeName).AddScheme<BearerToken.TokenOptions, BearerToken>(BearerToken.SchemeName, o => o.Token = args[token + 1]);
+            builder.Services.AddAuthorization();
+        }
+
         builder.Services.AddScoped<ProbeDependency>();
         int index = Array.IndexOf(args, "--max-message-bytes");
         int? maxMessageBytes = index >= 0 ? int.Parse(args[index + 1], System.Globalization.CultureInfo.InvariantCulture) : null;
@@ -52,7 +70,17 @@ internal static class GrpcServer
             .AddService<AotPing.IPing, AotPing.Ping>(ServiceLifetime.Singleton)
             .AddInterceptor<ProbeServerInterceptor>();
         await using WebApplication app = builder.Build();
-        app.MapOffloadRpcGrpc();
+        if (token >= 0)
+        {
+            app.UseAuthentication();
+            app.UseAuthorization();
+            app.MapOffloadRpcGrpc().RequireAuthorization(); // as an application would: every method, Describe too
+        }
+        else
+        {
+            app.MapOffloadRpcGrpc();
+        }
+
         await app.StartAsync();
         int mappings = Array.IndexOf(args, "--max-mappings");
         if (mappings >= 0)
@@ -61,11 +89,40 @@ internal static class GrpcServer
             OffloadRpc.Transport.LocalLeases.MaxLiveMappings = OffloadRpc.Transport.SharedMemorySegment.LiveSegments + int.Parse(args[mappings + 1], System.Globalization.CultureInfo.InvariantCulture);
         }
 
-        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First(a => a.StartsWith("http://127.0.0.1:", StringComparison.Ordinal));
+        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First(a => a.StartsWith(certificate is null ? "http://127.0.0.1:" : "https://127.0.0.1:", StringComparison.Ordinal));
         Console.WriteLine($"READY {socket} {address} {grpcSocket}");
         await Task.Run(() => Console.In.ReadToEnd());
         await app.StopAsync();
         File.Delete(grpcSocket);
         return 0;
+    }
+}
+
+/// <summary>The simplest bearer-token authentication: the request's token is the one the server was started with, or the caller is anonymous.</summary>
+internal sealed class BearerToken(Microsoft.Extensions.Options.IOptionsMonitor<BearerToken.TokenOptions> options, ILoggerFactory logger, System.Text.Encodings.Web.UrlEncoder encoder)
+    : Microsoft.AspNetCore.Authentication.AuthenticationHandler<BearerToken.TokenOptions>(options, logger, encoder)
+{
+    public const string SchemeName = "Bearer";
+
+    protected override Task<Microsoft.AspNetCore.Authentication.AuthenticateResult> HandleAuthenticateAsync()
+    {
+        string? header = Request.Headers.Authorization;
+        if (header is null || !header.StartsWith("Bearer ", StringComparison.Ordinal))
+        {
+            return Task.FromResult(Microsoft.AspNetCore.Authentication.AuthenticateResult.NoResult());
+        }
+
+        if (!System.Security.Cryptography.CryptographicOperations.FixedTimeEquals(System.Text.Encoding.UTF8.GetBytes(header[7..]), System.Text.Encoding.UTF8.GetBytes(Options.Token)))
+        {
+            return Task.FromResult(Microsoft.AspNetCore.Authentication.AuthenticateResult.Fail("Unknown token."));
+        }
+
+        var identity = new System.Security.Claims.ClaimsIdentity([new System.Security.Claims.Claim(System.Security.Claims.ClaimTypes.Name, "caller")], SchemeName);
+        return Task.FromResult(Microsoft.AspNetCore.Authentication.AuthenticateResult.Success(new Microsoft.AspNetCore.Authentication.AuthenticationTicket(new System.Security.Claims.ClaimsPrincipal(identity), SchemeName)));
+    }
+
+    internal sealed class TokenOptions : Microsoft.AspNetCore.Authentication.AuthenticationSchemeOptions
+    {
+        public string Token { get; set; } = string.Empty;
     }
 }

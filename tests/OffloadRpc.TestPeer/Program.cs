@@ -19,7 +19,7 @@ using OffloadRpc.Transport;
 //   probe-server <endpoint> [--traces]                serves ICallProbe with a server interceptor (and span/metric listeners)
 //   probe-deadline-only <endpoint> <ms>               WaitForCancelAsync with a deadline the caller never enforces (the server's timer must)
 //   hosted-server <endpoint> [--singleton] [--shutdown-ms N]   ICallProbe in a Generic Host (DI per call, interceptor, health)
-//   grpc-server <endpoint> [--traces] [--max-message-bytes N] [--no-advertise] [--max-mappings N] [--max-buffered-request-bytes N]
+//   grpc-server <endpoint> [--traces] [--max-message-bytes N] [--no-advertise] [--max-mappings N] [--max-buffered-request-bytes N] [--tls PFX] [--token T]
 //                                                     typed services and ICallProbe over shared memory and gRPC (127.0.0.1, port 0); prints READY <socket> <http address>
 //   probe-call <endpoint>                             one ICallProbe call; prints OK or FAILED <type>: <message>
 return await PeerProgram.RunAsync(args);

@@ -335,12 +335,25 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
                 return new PeerDisconnectedException($"The gRPC server at {_connection.Address} went away during {method.FullName}: {rpc.Status.Detail}", rpc);
             case StatusCode.ResourceExhausted:
                 return ResourceExhausted(rpc, method);
+            case StatusCode.Unauthenticated or StatusCode.PermissionDenied:
+                return Refused(rpc, $"{method.FullName} was refused by the gRPC server at {_connection.Address}");
             case StatusCode.Unimplemented:
                 return new ContractMismatchException($"The gRPC server at {_connection.Address} does not serve {method.FullName}.", rpc) { ServiceName = method.ServiceName };
             default:
                 return new RemoteInvocationException(typeof(RpcException).FullName!, $"{rpc.StatusCode}: {rpc.Status.Detail}", null);
         }
     }
+
+    /// <summary>
+    /// A call or connection the server refused to an unauthenticated or unauthorized caller (the
+    /// application's authentication and authorization policies, say RequireAuthorization on
+    /// MapOffloadRpcGrpc), as the shared-memory transport refuses a user it does not allow: an
+    /// <see cref="UnauthorizedAccessException"/>. The connection serves on: a later call with credentials
+    /// the server accepts succeeds.
+    /// </summary>
+    internal static UnauthorizedAccessException Refused(RpcException rpc, string what) =>
+        new($"{what}: {rpc.StatusCode}{(rpc.Status.Detail is { Length: > 0 } detail ? " (" + detail + ")" : string.Empty)}. "
+            + "Over gRPC the server's authentication and authorization decide who may call: give the channel credentials it accepts (OffloadRpcOptions.ConfigureGrpcChannel).", rpc);
 
     /// <summary>
     /// A call that gRPC ended with ResourceExhausted: a message above a size limit, this side's (refused

@@ -65,9 +65,12 @@ internal static class GrpcTransport
         catch (RpcException ex) when (!cancellationToken.IsCancellationRequested)
         {
             channel.Dispose();
-            throw ex.StatusCode == StatusCode.Unimplemented
-                ? new ContractMismatchException($"{address} is a gRPC server but does not serve OffloadRpc (no {GrpcWire.Describe.FullName}).", ex)
-                : new PeerDisconnectedException($"Cannot reach the OffloadRpc gRPC server at {address}: {ex.Status.Detail}", ex);
+            throw ex.StatusCode switch
+            {
+                StatusCode.Unimplemented => new ContractMismatchException($"{address} is a gRPC server but does not serve OffloadRpc (no {GrpcWire.Describe.FullName}).", ex),
+                StatusCode.Unauthenticated or StatusCode.PermissionDenied => GrpcInvoker.Refused(ex, $"The OffloadRpc gRPC server at {address} refused the connection"),
+                _ => new PeerDisconnectedException($"Cannot reach the OffloadRpc gRPC server at {address}: {ex.Status.Detail}", ex),
+            };
         }
         catch
         {
