@@ -49,7 +49,8 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
 
     /// <summary>
     /// Connects to the server at <paramref name="endpoint"/>: an endpoint name, or a socket path with a '/'
-    /// (shared memory); or an <c>http://host:port</c> or <c>https://</c> address (gRPC, which needs the
+    /// (shared memory); or an <c>http://host:port</c> or <c>https://</c> address, or another <c>scheme://</c>
+    /// address that gRPC resolves and balances calls over, such as <c>dns:///host:port</c> (gRPC, which needs the
     /// OffloadRpc.Grpc.Client package, or OffloadRpc.Grpc which includes it; a server on this host that also listens on shared memory is reached
     /// through shared memory instead, unless <see cref="OffloadRpcOptions.PreferSharedMemory"/> is false).
     /// Every service contract compiled into this process is compared with the server's: a service the

@@ -36,9 +36,30 @@ internal static class RemoteTransports
 {
     private static Func<string, OffloadRpcOptions, CancellationToken, Task<OffloadRpcConnection>>? s_grpc;
 
-    /// <summary>True for an address another transport serves (http://, https://).</summary>
-    public static bool IsNetworkAddress(string endpoint) =>
-        endpoint.StartsWith("http://", StringComparison.OrdinalIgnoreCase) || endpoint.StartsWith("https://", StringComparison.OrdinalIgnoreCase);
+    /// <summary>
+    /// True for an address the gRPC transport serves: <c>http://</c> and <c>https://</c>, and any other
+    /// <c>scheme://</c> address, which gRPC resolves to the servers it balances calls over (<c>dns:///host:port</c>,
+    /// or a resolver the channel's service provider registers). A shared-memory endpoint is a name
+    /// (letters, digits, '.', '-', '_') or a socket path: neither starts with a scheme and "://".
+    /// </summary>
+    public static bool IsNetworkAddress(string endpoint)
+    {
+        int colon = endpoint.IndexOf("://", StringComparison.Ordinal);
+        if (colon <= 0 || !char.IsAsciiLetter(endpoint[0]))
+        {
+            return false;
+        }
+
+        foreach (char c in endpoint.AsSpan(0, colon))
+        {
+            if (!char.IsAsciiLetterOrDigit(c) && c is not ('+' or '-' or '.'))
+            {
+                return false; // a path such as "./a://b" or "/run/x://y": not a scheme
+            }
+        }
+
+        return true;
+    }
 
     /// <summary>Called by the OffloadRpc.Grpc.Client assembly's module initializer.</summary>
     public static void RegisterGrpc(Func<string, OffloadRpcOptions, CancellationToken, Task<OffloadRpcConnection>> connect) => s_grpc = connect;
