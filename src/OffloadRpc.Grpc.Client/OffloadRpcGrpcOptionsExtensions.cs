@@ -8,7 +8,9 @@ public static class OffloadRpcGrpcOptionsExtensions
 {
     /// <summary>
     /// Configures the <see cref="GrpcChannelOptions"/> of connections made with these options to
-    /// <c>http://</c> and <c>https://</c> addresses: credentials, the HTTP handler, message limits. Buffers
+    /// <c>http://</c> and <c>https://</c> addresses, and to addresses gRPC resolves (<c>dns:///host:port</c>, or a
+    /// resolver of <see cref="GrpcChannelOptions.ServiceProvider"/>; these need <see cref="GrpcChannelOptions.Credentials"/>,
+    /// and balance calls by <see cref="GrpcChannelOptions.ServiceConfig"/>): credentials, the HTTP handler, message limits. Buffers
     /// cross in frames of 1 MiB and a kind byte, so <c>ConnectAsync</c> refuses a <c>MaxSendMessageSize</c> or
     /// <c>MaxReceiveMessageSize</c> below 1,048,577 bytes (null: no limit); a call's MessagePack arguments or
     /// result go in one frame (at most the options' <see cref="OffloadRpcOptions.MaxMessageBytes"/>), and a call

@@ -58,6 +58,7 @@ public sealed class OffloadRpcConnection : IAsyncDisposable
     /// </summary>
     /// <exception cref="UnauthorizedAccessException">The server refused this caller: over shared memory it runs as a user the server does not allow (or the other way round), over gRPC its authentication or authorization refused the channel's credentials.</exception>
     /// <exception cref="PeerDisconnectedException">The server cannot be reached, or the connection could not start.</exception>
+    /// <exception cref="ArgumentException">A gRPC address the channel options cannot make a channel of (a scheme no resolver serves, a resolved address without credentials).</exception>
     public static async Task<OffloadRpcConnection> ConnectAsync(string endpoint, OffloadRpcOptions? options = null, CancellationToken cancellationToken = default)
     {
         options ??= new OffloadRpcOptions();

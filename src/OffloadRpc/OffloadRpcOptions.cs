@@ -52,7 +52,8 @@ public sealed class OffloadRpcOptions
     public bool DispatchToThreadPool { get; set; }
 
     /// <summary>
-    /// Client, given an <c>http://</c> or <c>https://</c> address: when the server runs on this host (the
+    /// Client, given a gRPC address (<c>http://</c>, <c>https://</c>, or one gRPC resolves such as
+    /// <c>dns:///host:port</c>, where the server that answers the first call decides): when the server runs on this host (the
     /// same boot id) as this user (or a user in <see cref="AllowedUserIds"/>) and also listens on shared
     /// memory, connect through shared memory instead of gRPC. Default true; false keeps every call on gRPC.
     /// </summary>

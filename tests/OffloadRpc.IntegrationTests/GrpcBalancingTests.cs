@@ -28,38 +28,115 @@ public sealed class GrpcBalancingTests
             await using PeerProcess b = PeerProcess.Start(["grpc-server", second]);
             Uri[] servers = [new(a.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2]), new(b.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2])];
 
-            var resolved = new ServiceCollection();
-            resolved.AddSingleton<ResolverFactory>(new StaticResolverFactory(_ => servers.Select(s => new BalancerAddress(s.Host, s.Port))));
-            var options = new OffloadRpcOptions { PreferSharedMemory = false }.ConfigureGrpcChannel(channel =>
-            {
-                channel.Credentials = ChannelCredentials.Insecure; // a resolved address does not say whether it is TLS
-                channel.ServiceProvider = resolved.BuildServiceProvider();
-                channel.ServiceConfig = new ServiceConfig { LoadBalancingConfigs = { new RoundRobinConfig() } };
-            });
-            int calls = 0;
+            var options = new OffloadRpcOptions { PreferSharedMemory = false };
+            Balanced(options, servers);
             await using (OffloadRpcConnection balanced = await OffloadRpcConnection.ConnectAsync("static:///images", options))
             {
                 Assert.False(balanced.UsesSharedMemory);
                 ICallProbe probe = balanced.GetService<ICallProbe>();
                 byte[] data = new byte[100_000];
-                await Eventually.TrueAsync(
-                    async () =>
+                int call = 0;
+                async Task CallAsync(int count)
+                {
+                    for (int i = 0; i < count; i++, call++)
                     {
-                        for (int i = 0; i < 10; i++, calls++)
-                        {
-                            Checksum64.Fill(data, (ulong)calls);
-                            Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data)); // every call's bytes, whichever server took it
-                        }
+                        Checksum64.Fill(data, (ulong)call);
+                        Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data)); // every call's bytes, whichever server took it
+                    }
+                }
 
-                        int[] seen = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
-                        return seen.All(n => n > 0);
-                    },
-                    "both servers take calls");
+                // Until both subchannels are ready (round robin uses only the ready ones), then a batch counted exactly.
+                await Eventually.TrueAsync(async () => { await CallAsync(4); return (await Task.WhenAll(servers.Select(CountChecksumCallsAsync))).All(n => n > 0); }, "both servers take calls");
+                int[] before = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
+                await CallAsync(20);
+                int[] after = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
+                int[] took = [.. after.Zip(before, (x, y) => x - y)];
+                Assert.Equal(20, took.Sum()); // each call served once
+                Assert.All(took, n => Assert.InRange(n, 5, 15)); // by both, about alternately (exactly, while neither server's channel is reconnecting)
             }
+        }
+        finally
+        {
+            Endpoints.RemoveStale(first);
+            Endpoints.RemoveStale(second);
+        }
+    }
 
-            int[] counted = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
-            Assert.Equal(calls, counted.Sum()); // each call served once, by one of them
-            Assert.All(counted, n => Assert.True(n > 0));
+    [Fact]
+    public async Task When_one_balanced_server_dies_its_calls_fail_and_the_calls_on_the_other_run_on()
+    {
+        string first = Endpoints.Unique("dying-a"), second = Endpoints.Unique("dying-b");
+        try
+        {
+            await using PeerProcess a = PeerProcess.Start(["grpc-server", first]);
+            await using PeerProcess b = PeerProcess.Start(["grpc-server", second]);
+            Uri[] servers = [new(a.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2]), new(b.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2])];
+
+            // A hosted client, which replaces a connection it finds closed: it must not find this one closed while a server is left.
+            var services = new ServiceCollection();
+            services.AddOffloadRpcClient<ICallProbe>("static:///pair", o =>
+            {
+                o.PreferSharedMemory = false;
+                Balanced(o, servers);
+            });
+            await using ServiceProvider provider = services.BuildServiceProvider();
+            ICallProbe probe = provider.GetRequiredService<ICallProbe>();
+            await Eventually.TrueAsync(async () => { await probe.PingAsync(); return (await Task.WhenAll(servers.Select(PingsAsync))).All(n => n > 0); }, "both servers take calls");
+
+            // Four long streams, two on each server (round robin over two ready servers), each past its first item.
+            var streams = new List<IAsyncEnumerator<string>>();
+            try
+            {
+                for (int i = 0; i < 4; i++)
+                {
+                    IAsyncEnumerator<string> stream = probe.WatchAsync(10_000, 20).GetAsyncEnumerator();
+                    Assert.True(await stream.MoveNextAsync());
+                    streams.Add(stream);
+                }
+
+                a.Kill();
+                bool[] alive = await Task.WhenAll(streams.Select(stream => RunsOnAsync(stream, TimeSpan.FromSeconds(1.5))));
+                Assert.InRange(alive.Count(x => !x), 1, 3); // the dead server's (two, as round robin placed them): failed once what it had sent was read
+                Assert.Contains(true, alive);
+
+                // Later calls: the live server serves them, but the balancer learns of the death on its own
+                // schedule, and a call it still sends to the dead server fails (each such failure once made a
+                // hosted client replace the connection, and with it the live server's streams).
+                int served = 0;
+                for (int i = 0; i < 20; i++)
+                {
+                    try
+                    {
+                        await probe.PingAsync();
+                        served++;
+                    }
+                    catch (PeerDisconnectedException)
+                    {
+                        // sent to the dead server: how soon the balancer stops doing that is gRPC's (seconds, on a loaded machine)
+                    }
+                }
+
+                Assert.True(served > 0, "no call reached the live server");
+
+                // And the live server's streams were not cut by a reconnect: they run on.
+                foreach (IAsyncEnumerator<string> stream in streams.Where((_, i) => alive[i]))
+                {
+                    Assert.True(await RunsOnAsync(stream, TimeSpan.FromSeconds(0.5)));
+                }
+            }
+            finally
+            {
+                foreach (IAsyncEnumerator<string> stream in streams)
+                {
+                    try
+                    {
+                        await stream.DisposeAsync();
+                    }
+                    catch (PeerDisconnectedException)
+                    {
+                    }
+                }
+            }
         }
         finally
         {
@@ -93,11 +170,49 @@ public sealed class GrpcBalancingTests
         }
     }
 
+    /// <summary>Reads <paramref name="stream"/> for <paramref name="period"/>: true when it still yields items then, false when it failed as disconnected.</summary>
+    private static async Task<bool> RunsOnAsync(IAsyncEnumerator<string> stream, TimeSpan period)
+    {
+        DateTime until = DateTime.UtcNow + period;
+        try
+        {
+            while (DateTime.UtcNow < until)
+            {
+                Assert.True(await stream.MoveNextAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+            }
+
+            return true;
+        }
+        catch (PeerDisconnectedException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>Channel options of a static resolver that resolves to <paramref name="servers"/>, balanced round robin, without TLS.</summary>
+    private static void Balanced(OffloadRpcOptions options, Uri[] servers)
+    {
+        var resolved = new ServiceCollection();
+        resolved.AddSingleton<ResolverFactory>(new StaticResolverFactory(_ => servers.Select(s => new BalancerAddress(s.Host, s.Port))));
+        ServiceProvider provider = resolved.BuildServiceProvider();
+        options.ConfigureGrpcChannel(channel =>
+        {
+            channel.Credentials = ChannelCredentials.Insecure; // a resolved address does not say whether it is TLS
+            channel.ServiceProvider = provider;
+            channel.ServiceConfig = new ServiceConfig { LoadBalancingConfigs = { new RoundRobinConfig() } };
+        });
+    }
+
+    /// <summary>How many PingAsync calls the server at <paramref name="server"/> served.</summary>
+    private static Task<int> PingsAsync(Uri server) => CountAsync(server, "intercepted PingAsync ");
+
     /// <summary>How many ChecksumAsync calls the server at <paramref name="server"/> served, as its interceptor logged them (asked over a connection of its own).</summary>
-    private static async Task<int> CountChecksumCallsAsync(Uri server)
+    private static Task<int> CountChecksumCallsAsync(Uri server) => CountAsync(server, "intercepted ChecksumAsync ");
+
+    private static async Task<int> CountAsync(Uri server, string prefix)
     {
         await using OffloadRpcConnection direct = await OffloadRpcConnection.ConnectAsync(server.ToString().TrimEnd('/'), new OffloadRpcOptions { PreferSharedMemory = false });
         string[] log = await direct.GetService<ICallProbe>().ServerLogAsync();
-        return log.Count(line => line.StartsWith("intercepted ChecksumAsync ", StringComparison.Ordinal));
+        return log.Count(line => line.StartsWith(prefix, StringComparison.Ordinal));
     }
 }

@@ -1,6 +1,7 @@
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
 using Grpc.Core;
+using Microsoft.Extensions.DependencyInjection;
 using OffloadRpc.Grpc;
 using OffloadRpc.Testing;
 using OffloadRpc.TestContracts;
@@ -54,7 +55,16 @@ public sealed class GrpcTlsTests
                 }
 
                 Assert.Equal(3, frames);
-                Assert.Equal((3L * 70_000) - 3, await connection.GetService<IKitchenSink>().CountBytesAsync(Chunks(3, 70_000))); // a streamed argument
+                Assert.Equal((3L * 70_000) - 3, await connection.GetService<IKitchenSink>().CountBytesAsync(Chunks(3, 70_000))); // chunks gathered into one buffer
+                Assert.Equal(50, await connection.GetService<IFrameSource>().CountTicksAsync(Ticks(50))); // a streamed argument: items as the server's credit allows
+                ulong[] words = [.. Enumerable.Range(0, 3000).Select(i => (ulong)i * 0x9E3779B97F4A7C15UL)];
+                var each = new List<string>();
+                await foreach (string line in connection.GetService<ICallProbe>().ChecksumEachAsync(Words(words, 1000))) // duplex: an item back for each in
+                {
+                    each.Add(line.Split(' ')[0]);
+                }
+
+                Assert.Equal([.. words.Chunk(1000).Select(c => Checksum64.Compute(System.Runtime.InteropServices.MemoryMarshal.AsBytes(c.AsSpan())).ToString(System.Globalization.CultureInfo.InvariantCulture))], each);
                 RemoteInvocationException failed = await Assert.ThrowsAsync<RemoteInvocationException>(() => connection.GetService<IKitchenSink>().FailAsync("over tls"));
                 Assert.Equal(typeof(InvalidOperationException).FullName, failed.RemoteExceptionType);
 
@@ -72,9 +82,16 @@ public sealed class GrpcTlsTests
                     }
                 });
                 await Assert.ThrowsAsync<UnauthorizedAccessException>(() => connection.GetService<IKitchenSink>().CountBytesAsync(Chunks(2, 10)).AsTask());
+                await Assert.ThrowsAsync<UnauthorizedAccessException>(() => connection.GetService<IFrameSource>().CountTicksAsync(Ticks(5)).AsTask());
+                await Assert.ThrowsAsync<UnauthorizedAccessException>(async () =>
+                {
+                    await foreach (string line in connection.GetService<ICallProbe>().ChecksumEachAsync(Words(words, 100)))
+                    {
+                    }
+                });
+                Assert.True(connection.IsConnected); // refused is not gone: nothing marked the connection down
                 token.Value = Token;
                 Assert.Equal(Checksum64.Compute(data), await images.ChecksumAsync(data));
-                Assert.True(connection.IsConnected);
             }
 
             // The same, free to switch: the description is given to an authorized caller over TLS, and a client on this host moves to shared memory.
@@ -86,12 +103,30 @@ public sealed class GrpcTlsTests
                 Assert.Equal(Checksum64.Compute(data), await local.GetService<IImageService>().ChecksumAsync(data));
             }
 
-            // No token, or a wrong one: the connection is refused as over shared memory a user the server does not allow is, and nothing is told about the server.
-            foreach (string? wrong in new[] { null, "guess" })
+            // No token or a wrong one (not authenticated), or one without the policy's role (not authorized): the
+            // connection is refused as over shared memory a user the server does not allow is, and nothing is told about the server.
+            foreach ((string? wrong, string status) in new[] { ((string?)null, "Unauthenticated"), ("guess", "Unauthenticated"), (Token + "-readonly", "PermissionDenied") })
             {
                 UnauthorizedAccessException refused = await Assert.ThrowsAsync<UnauthorizedAccessException>(
                     () => OffloadRpcConnection.ConnectAsync(address, Options(certificate, new StrongBox<string?>(wrong), preferSharedMemory: true)));
-                Assert.Contains("refused the connection: Unauthenticated", refused.Message, StringComparison.Ordinal);
+                Assert.Contains("refused the connection: " + status, refused.Message, StringComparison.Ordinal);
+            }
+
+            // A hosted client refused: its first call and the calls during its backoff are all refused, typed, not "disconnected".
+            var services = new ServiceCollection();
+            services.AddOffloadRpcClient<IImageService>(address, o =>
+            {
+                o.PreferSharedMemory = false;
+                Configure(o, certificate, new StrongBox<string?>(null));
+            });
+            await using (ServiceProvider provider = services.BuildServiceProvider())
+            {
+                IImageService hosted = provider.GetRequiredService<IImageService>();
+                for (int i = 0; i < 3; i++)
+                {
+                    UnauthorizedAccessException refused = await Assert.ThrowsAsync<UnauthorizedAccessException>(() => hosted.AddAsync(1, 2).AsTask());
+                    Assert.Contains("Unauthenticated", refused.Message, StringComparison.Ordinal);
+                }
             }
 
             // A certificate the client does not trust (not pinned, and not in the system's store): the server cannot be reached.
@@ -121,6 +156,12 @@ public sealed class GrpcTlsTests
     private static OffloadRpcOptions Options(X509Certificate2 certificate, StrongBox<string?> token, bool preferSharedMemory)
     {
         var options = new OffloadRpcOptions { PreferSharedMemory = preferSharedMemory };
+        Configure(options, certificate, token);
+        return options;
+    }
+
+    private static void Configure(OffloadRpcOptions options, X509Certificate2 certificate, StrongBox<string?> token)
+    {
         string pinned = certificate.GetCertHashString(HashAlgorithmName.SHA256);
         options.ConfigureGrpcChannel(channel =>
         {
@@ -138,7 +179,24 @@ public sealed class GrpcTlsTests
                 return Task.CompletedTask;
             }));
         });
-        return options;
+    }
+
+    private static async IAsyncEnumerable<Tick> Ticks(int count)
+    {
+        for (int i = 0; i < count; i++)
+        {
+            await Task.Yield();
+            yield return new Tick { Index = i, Label = "t" + i, Checksum = Checksum64.Compute(BitConverter.GetBytes(i)) };
+        }
+    }
+
+    private static async IAsyncEnumerable<ReadOnlyMemory<ulong>> Words(ulong[] words, int chunk)
+    {
+        foreach (ulong[] part in words.Chunk(chunk))
+        {
+            await Task.Yield();
+            yield return part;
+        }
     }
 
     /// <summary>A server certificate for 127.0.0.1 and localhost, valid for a day, with its key.</summary>

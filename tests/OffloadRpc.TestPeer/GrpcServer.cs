@@ -18,7 +18,8 @@ using OffloadRpc.TestContracts;
 /// memory mappings to those the started server holds; with --max-buffered-request-bytes N, its
 /// OffloadRpcOptions.MaxBufferedRequestBytes is N; with --tls PFX, the TCP listener is HTTPS with the
 /// certificate (and key) in the PKCS #12 file PFX; with --token T, every gRPC method (Describe too) needs
-/// the header "Authorization: Bearer T" (ASP.NET Core authentication and RequireAuthorization).
+/// the header "Authorization: Bearer T" (ASP.NET Core authentication and RequireAuthorization with a
+/// policy): "Bearer T-readonly" authenticates but lacks the policy's role (403, PermissionDenied).
 /// </summary>
 internal static class GrpcServer
 {
@@ -48,7 +49,7 @@ internal static class GrpcServer
         if (token >= 0)
         {
             builder.Services.AddAuthentication(BearerToken.SchemeName).AddScheme<BearerToken.TokenOptions, BearerToken>(BearerToken.SchemeName, o => o.Token = args[token + 1]);
-            builder.Services.AddAuthorization();
+            builder.Services.AddAuthorization(o => o.AddPolicy("callers", policy => policy.RequireClaim("role", "caller")));
         }
 
         builder.Services.AddScoped<ProbeDependency>();
@@ -74,7 +75,7 @@ internal static class GrpcServer
         {
             app.UseAuthentication();
             app.UseAuthorization();
-            app.MapOffloadRpcGrpc().RequireAuthorization(); // as an application would: every method, Describe too
+            app.MapOffloadRpcGrpc().RequireAuthorization("callers"); // as an application would: every method, Describe too
         }
         else
         {
@@ -112,14 +113,23 @@ internal sealed class BearerToken(Microsoft.Extensions.Options.IOptionsMonitor<B
             return Task.FromResult(Microsoft.AspNetCore.Authentication.AuthenticateResult.NoResult());
         }
 
-        if (!System.Security.Cryptography.CryptographicOperations.FixedTimeEquals(System.Text.Encoding.UTF8.GetBytes(header[7..]), System.Text.Encoding.UTF8.GetBytes(Options.Token)))
+        string presented = header[7..];
+        bool caller = Same(presented, Options.Token);
+        if (!caller && !Same(presented, Options.Token + "-readonly"))
         {
             return Task.FromResult(Microsoft.AspNetCore.Authentication.AuthenticateResult.Fail("Unknown token."));
         }
 
-        var identity = new System.Security.Claims.ClaimsIdentity([new System.Security.Claims.Claim(System.Security.Claims.ClaimTypes.Name, "caller")], SchemeName);
+        // The token, or its read-only variant: the same caller, but only the first has the role the policy asks for.
+        System.Security.Claims.Claim[] claims = caller
+            ? [new(System.Security.Claims.ClaimTypes.Name, "caller"), new("role", "caller")]
+            : [new(System.Security.Claims.ClaimTypes.Name, "reader")];
+        var identity = new System.Security.Claims.ClaimsIdentity(claims, SchemeName);
         return Task.FromResult(Microsoft.AspNetCore.Authentication.AuthenticateResult.Success(new Microsoft.AspNetCore.Authentication.AuthenticationTicket(new System.Security.Claims.ClaimsPrincipal(identity), SchemeName)));
     }
+
+    private static bool Same(string a, string b) =>
+        System.Security.Cryptography.CryptographicOperations.FixedTimeEquals(System.Text.Encoding.UTF8.GetBytes(a), System.Text.Encoding.UTF8.GetBytes(b));
 
     internal sealed class TokenOptions : Microsoft.AspNetCore.Authentication.AuthenticationSchemeOptions
     {

@@ -303,7 +303,16 @@ internal sealed class GrpcInvoker : OffloadRpc.Internal.CallInvoker
     {
         if (ex is not RpcException rpc)
         {
-            return ex is OperationCanceledException && cancellationToken.IsCancellationRequested ? new OperationCanceledException(cancellationToken) : ex;
+            if (ex is OperationCanceledException && cancellationToken.IsCancellationRequested)
+            {
+                return new OperationCanceledException(cancellationToken);
+            }
+
+            // A call (a stream, say) still running when its connection was disposed: a reconnecting client
+            // disposes the connection it replaces. Told as a unary call of it is, not as gRPC's disposal.
+            return ex is ObjectDisposedException && _connection.IsDisposed
+                ? new PeerDisconnectedException($"The connection to the gRPC server at {_connection.Address} was disposed during {method.FullName}.", ex)
+                : ex;
         }
 
         string? type = rpc.Trailers.GetValue(GrpcWire.FaultTypeTrailer);

@@ -44,7 +44,18 @@ internal static class GrpcTransport
                 nameof(options));
         }
 
-        GrpcChannel channel = GrpcChannel.ForAddress(address, channelOptions);
+        GrpcChannel channel;
+        try
+        {
+            channel = GrpcChannel.ForAddress(address, channelOptions);
+        }
+        catch (InvalidOperationException ex)
+        {
+            // A scheme no resolver of the channel's service provider serves, a resolved address without the
+            // channel's Credentials, a handler that cannot balance: the address and the options disagree.
+            throw new ArgumentException($"'{address}' cannot be reached with these gRPC channel options: {ex.Message}", nameof(address), ex);
+        }
+
         ServerDescription description;
         try
         {
@@ -119,6 +130,7 @@ internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
     public GrpcRemoteConnection(string address, GrpcChannel channel, ServerDescription server, OffloadRpcOptions options)
     {
         Address = address;
+        _balanced = !address.StartsWith("http://", StringComparison.OrdinalIgnoreCase) && !address.StartsWith("https://", StringComparison.OrdinalIgnoreCase);
         _channel = channel;
         _server = server;
         Invoker = new GrpcInvoker(channel.CreateCallInvoker(), this, options.CreateSerializerOptions(), options.MaxMessageBytes, new OffloadRpc.Transport.LeaseBudget(Math.Max(0, options.MaxBufferedReplyBytes), forReplies: true));
@@ -136,8 +148,31 @@ internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
     /// <summary>Unknown (<see cref="uint.MaxValue"/>), as <see cref="PeerProcessId"/>.</summary>
     public override uint PeerUserId => uint.MaxValue;
 
-    /// <summary>Disposed, or the last call found the server gone (a later call that reaches it again clears this).</summary>
-    public override bool IsClosed => _disposed || _disconnected;
+    /// <summary>
+    /// Disposed, or the last call found the server gone (a later call that reaches it again clears this).
+    /// An address gRPC resolves to several servers is closed only when the channel has none to call (its
+    /// state is TransientFailure): one server going away fails its own calls, while the balancer moves
+    /// the next ones to the others, and a reconnecting client must not replace (and dispose) a channel
+    /// whose calls on the other servers are running.
+    /// </summary>
+    public override bool IsClosed => _disposed || (_balanced ? ChannelFailing : _disconnected);
+
+    private readonly bool _balanced;
+
+    private bool ChannelFailing
+    {
+        get
+        {
+            try
+            {
+                return _channel.State is ConnectivityState.TransientFailure or ConnectivityState.Shutdown;
+            }
+            catch (InvalidOperationException)
+            {
+                return _disconnected; // a channel without connectivity state (a handler of the application's own)
+            }
+        }
+    }
 
     public override string Description => "grpc " + Address;
 

@@ -8,7 +8,8 @@ namespace OffloadRpc.Hosting.Internal;
 /// The client connection to one endpoint, shared by every proxy registered for it: connects on first
 /// use; when the server dies or restarts, the calls in flight fail with <see cref="PeerDisconnectedException"/>
 /// and the next call connects again. A failed attempt is retried no sooner than a backoff that doubles
-/// from 100 ms to 5 s (with jitter); a call made meanwhile fails at once with <see cref="PeerDisconnectedException"/>.
+/// from 100 ms to 5 s (with jitter); a call made meanwhile fails at once with <see cref="PeerDisconnectedException"/>
+/// (<see cref="UnauthorizedAccessException"/> when the server refused the attempt).
 /// </summary>
 internal sealed class ManagedConnection : IAsyncDisposable
 {
@@ -67,6 +68,12 @@ internal sealed class ManagedConnection : IAsyncDisposable
             {
                 if (DateTime.UtcNow < _nextAttempt && _lastFailure is { } last)
                 {
+                    if (last is UnauthorizedAccessException)
+                    {
+                        // Refused, not unreachable: the same exception as the attempt's, until the next one.
+                        throw new UnauthorizedAccessException($"Not connected to {Endpoint}: the last attempt was refused ({last.Message}); the next one is allowed in {(_nextAttempt - DateTime.UtcNow).TotalMilliseconds:F0} ms.", last);
+                    }
+
                     throw new PeerDisconnectedException($"Not connected to {Endpoint}: the last attempt failed ({last.Message}); the next one is allowed in {(_nextAttempt - DateTime.UtcNow).TotalMilliseconds:F0} ms.", last);
                 }
 

@@ -28,9 +28,9 @@ internal abstract class RemoteConnection : IAsyncDisposable
 /// <summary>
 /// Transports to other hosts, found by the address's scheme. The core assembly references none: the
 /// OffloadRpc.Grpc.Client assembly registers itself from its module initializer, which runs when any of its
-/// code runs, or when <see cref="Find"/> loads it by name (an application that connects to http:// or
-/// https:// addresses references the OffloadRpc.Grpc.Client package, or OffloadRpc.Grpc which includes it,
-/// and so ships the assembly).
+/// code runs, or when <see cref="Find"/> loads it by name (an application that connects to http://,
+/// https:// or other scheme:// addresses references the OffloadRpc.Grpc.Client package, or OffloadRpc.Grpc
+/// which includes it, and so ships the assembly).
 /// </summary>
 internal static class RemoteTransports
 {
@@ -40,7 +40,8 @@ internal static class RemoteTransports
     /// True for an address the gRPC transport serves: <c>http://</c> and <c>https://</c>, and any other
     /// <c>scheme://</c> address, which gRPC resolves to the servers it balances calls over (<c>dns:///host:port</c>,
     /// or a resolver the channel's service provider registers). A shared-memory endpoint is a name
-    /// (letters, digits, '.', '-', '_') or a socket path: neither starts with a scheme and "://".
+    /// (letters, digits, '.', '-', '_', never ':') or a socket path; a relative path that starts like a
+    /// scheme ("run://x") is taken for an address, and is written "./run://x".
     /// </summary>
     public static bool IsNetworkAddress(string endpoint)
     {
