@@ -19,131 +19,105 @@ namespace OffloadRpc.Tests;
 public sealed class GrpcBalancingTests
 {
     [Fact]
-    public async Task Calls_to_a_resolved_address_are_balanced_round_robin_over_the_servers_it_resolves_to()
+    public Task Calls_to_a_resolved_address_are_balanced_round_robin_over_the_servers_it_resolves_to() => WithTwoServersAsync("balanced", async (_, servers) =>
     {
-        string first = Endpoints.Unique("balanced-a"), second = Endpoints.Unique("balanced-b");
-        try
+        var options = new OffloadRpcOptions { PreferSharedMemory = false };
+        Balanced(options, servers);
+        await using (OffloadRpcConnection balanced = await OffloadRpcConnection.ConnectAsync("static:///images", options))
         {
-            await using PeerProcess a = PeerProcess.Start(["grpc-server", first]);
-            await using PeerProcess b = PeerProcess.Start(["grpc-server", second]);
-            Uri[] servers = [new(a.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2]), new(b.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2])];
-
-            var options = new OffloadRpcOptions { PreferSharedMemory = false };
-            Balanced(options, servers);
-            await using (OffloadRpcConnection balanced = await OffloadRpcConnection.ConnectAsync("static:///images", options))
+            Assert.False(balanced.UsesSharedMemory);
+            ICallProbe probe = balanced.GetService<ICallProbe>();
+            byte[] data = new byte[100_000];
+            int call = 0;
+            async Task CallAsync(int count)
             {
-                Assert.False(balanced.UsesSharedMemory);
-                ICallProbe probe = balanced.GetService<ICallProbe>();
-                byte[] data = new byte[100_000];
-                int call = 0;
-                async Task CallAsync(int count)
+                for (int i = 0; i < count; i++, call++)
                 {
-                    for (int i = 0; i < count; i++, call++)
-                    {
-                        Checksum64.Fill(data, (ulong)call);
-                        Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data)); // every call's bytes, whichever server took it
-                    }
+                    Checksum64.Fill(data, (ulong)call);
+                    Assert.Equal(Checksum64.Compute(data), await probe.ChecksumAsync(data)); // every call's bytes, whichever server took it
                 }
-
-                // Until both subchannels are ready (round robin uses only the ready ones), then a batch counted exactly.
-                await Eventually.TrueAsync(async () => { await CallAsync(4); return (await Task.WhenAll(servers.Select(CountChecksumCallsAsync))).All(n => n > 0); }, "both servers take calls");
-                int[] before = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
-                await CallAsync(20);
-                int[] after = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
-                int[] took = [.. after.Zip(before, (x, y) => x - y)];
-                Assert.Equal(20, took.Sum()); // each call served once
-                Assert.All(took, n => Assert.InRange(n, 5, 15)); // by both, about alternately (exactly, while neither server's channel is reconnecting)
             }
+
+            // Until both subchannels are ready (round robin uses only the ready ones), then a batch counted exactly.
+            await Eventually.TrueAsync(async () => { await CallAsync(4); return (await Task.WhenAll(servers.Select(CountChecksumCallsAsync))).All(n => n > 0); }, "both servers take calls");
+            int[] before = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
+            await CallAsync(20);
+            int[] after = await Task.WhenAll(servers.Select(CountChecksumCallsAsync));
+            int[] took = [.. after.Zip(before, (x, y) => x - y)];
+            Assert.Equal(20, took.Sum()); // each call served once
+            Assert.All(took, n => Assert.InRange(n, 5, 15)); // by both, about alternately (exactly, while neither server's channel is reconnecting)
         }
-        finally
-        {
-            Endpoints.RemoveStale(first);
-            Endpoints.RemoveStale(second);
-        }
-    }
+    });
 
     [Fact]
-    public async Task When_one_balanced_server_dies_its_calls_fail_and_the_calls_on_the_other_run_on()
+    public Task When_one_balanced_server_dies_its_calls_fail_and_the_calls_on_the_other_run_on() => WithTwoServersAsync("dying", async (a, servers) =>
     {
-        string first = Endpoints.Unique("dying-a"), second = Endpoints.Unique("dying-b");
+        // A hosted client, which replaces a connection it finds closed: it must not find this one closed while a server is left.
+        var services = new ServiceCollection();
+        services.AddOffloadRpcClient<ICallProbe>("static:///pair", o =>
+        {
+            o.PreferSharedMemory = false;
+            Balanced(o, servers);
+        });
+        await using ServiceProvider provider = services.BuildServiceProvider();
+        ICallProbe probe = provider.GetRequiredService<ICallProbe>();
+        await Eventually.TrueAsync(async () => { await probe.PingAsync(); return (await Task.WhenAll(servers.Select(PingsAsync))).All(n => n > 0); }, "both servers take calls");
+
+        // Four long streams, two on each server (round robin over two ready servers), each past its first item.
+        var streams = new List<IAsyncEnumerator<string>>();
         try
         {
-            await using PeerProcess a = PeerProcess.Start(["grpc-server", first]);
-            await using PeerProcess b = PeerProcess.Start(["grpc-server", second]);
-            Uri[] servers = [new(a.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2]), new(b.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2])];
-
-            // A hosted client, which replaces a connection it finds closed: it must not find this one closed while a server is left.
-            var services = new ServiceCollection();
-            services.AddOffloadRpcClient<ICallProbe>("static:///pair", o =>
+            for (int i = 0; i < 4; i++)
             {
-                o.PreferSharedMemory = false;
-                Balanced(o, servers);
-            });
-            await using ServiceProvider provider = services.BuildServiceProvider();
-            ICallProbe probe = provider.GetRequiredService<ICallProbe>();
-            await Eventually.TrueAsync(async () => { await probe.PingAsync(); return (await Task.WhenAll(servers.Select(PingsAsync))).All(n => n > 0); }, "both servers take calls");
+                IAsyncEnumerator<string> stream = probe.WatchAsync(10_000, 20).GetAsyncEnumerator();
+                Assert.True(await stream.MoveNextAsync());
+                streams.Add(stream);
+            }
 
-            // Four long streams, two on each server (round robin over two ready servers), each past its first item.
-            var streams = new List<IAsyncEnumerator<string>>();
-            try
+            a.Kill();
+            bool[] alive = await Task.WhenAll(streams.Select(stream => RunsOnAsync(stream, TimeSpan.FromSeconds(1.5))));
+            Assert.InRange(alive.Count(x => !x), 1, 3); // the dead server's (two, as round robin placed them): failed once what it had sent was read
+            Assert.Contains(true, alive);
+
+            // Later calls: the live server serves them, but the balancer learns of the death on its own
+            // schedule, and a call it still sends to the dead server fails (each such failure once made a
+            // hosted client replace the connection, and with it the live server's streams).
+            int served = 0;
+            for (int i = 0; i < 20; i++)
             {
-                for (int i = 0; i < 4; i++)
+                try
                 {
-                    IAsyncEnumerator<string> stream = probe.WatchAsync(10_000, 20).GetAsyncEnumerator();
-                    Assert.True(await stream.MoveNextAsync());
-                    streams.Add(stream);
+                    await probe.PingAsync();
+                    served++;
                 }
-
-                a.Kill();
-                bool[] alive = await Task.WhenAll(streams.Select(stream => RunsOnAsync(stream, TimeSpan.FromSeconds(1.5))));
-                Assert.InRange(alive.Count(x => !x), 1, 3); // the dead server's (two, as round robin placed them): failed once what it had sent was read
-                Assert.Contains(true, alive);
-
-                // Later calls: the live server serves them, but the balancer learns of the death on its own
-                // schedule, and a call it still sends to the dead server fails (each such failure once made a
-                // hosted client replace the connection, and with it the live server's streams).
-                int served = 0;
-                for (int i = 0; i < 20; i++)
+                catch (PeerDisconnectedException)
                 {
-                    try
-                    {
-                        await probe.PingAsync();
-                        served++;
-                    }
-                    catch (PeerDisconnectedException)
-                    {
-                        // sent to the dead server: how soon the balancer stops doing that is gRPC's (seconds, on a loaded machine)
-                    }
-                }
-
-                Assert.True(served > 0, "no call reached the live server");
-
-                // And the live server's streams were not cut by a reconnect: they run on.
-                foreach (IAsyncEnumerator<string> stream in streams.Where((_, i) => alive[i]))
-                {
-                    Assert.True(await RunsOnAsync(stream, TimeSpan.FromSeconds(0.5)));
+                    // sent to the dead server: how soon the balancer stops doing that is gRPC's (seconds, on a loaded machine)
                 }
             }
-            finally
+
+            Assert.True(served > 0, "no call reached the live server");
+
+            // And the live server's streams were not cut by a reconnect: they run on.
+            foreach (IAsyncEnumerator<string> stream in streams.Where((_, i) => alive[i]))
             {
-                foreach (IAsyncEnumerator<string> stream in streams)
-                {
-                    try
-                    {
-                        await stream.DisposeAsync();
-                    }
-                    catch (PeerDisconnectedException)
-                    {
-                    }
-                }
+                Assert.True(await RunsOnAsync(stream, TimeSpan.FromSeconds(0.5)));
             }
         }
         finally
         {
-            Endpoints.RemoveStale(first);
-            Endpoints.RemoveStale(second);
+            foreach (IAsyncEnumerator<string> stream in streams)
+            {
+                try
+                {
+                    await stream.DisposeAsync();
+                }
+                catch (PeerDisconnectedException)
+                {
+                }
+            }
         }
-    }
+    });
 
     [Fact]
     public async Task A_dns_address_of_a_server_on_this_host_switches_to_shared_memory_unless_told_not_to()
@@ -167,6 +141,23 @@ public sealed class GrpcBalancingTests
         finally
         {
             Endpoints.RemoveStale(endpoint);
+        }
+    }
+
+    /// <summary>Two grpc-server test peers on 127.0.0.1, given to <paramref name="body"/> (the first, and both gRPC addresses); their sockets removed after.</summary>
+    private static async Task WithTwoServersAsync(string name, Func<PeerProcess, Uri[], Task> body)
+    {
+        string first = Endpoints.Unique(name + "-a"), second = Endpoints.Unique(name + "-b");
+        try
+        {
+            await using PeerProcess a = PeerProcess.Start(["grpc-server", first]);
+            await using PeerProcess b = PeerProcess.Start(["grpc-server", second]);
+            await body(a, [new(a.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2]), new(b.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2])]);
+        }
+        finally
+        {
+            Endpoints.RemoveStale(first);
+            Endpoints.RemoveStale(second);
         }
     }
 
