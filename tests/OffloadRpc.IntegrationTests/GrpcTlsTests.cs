@@ -68,6 +68,9 @@ public sealed class GrpcTlsTests
                 RemoteInvocationException failed = await Assert.ThrowsAsync<RemoteInvocationException>(() => connection.GetService<IKitchenSink>().FailAsync("over tls"));
                 Assert.Equal(typeof(InvalidOperationException).FullName, failed.RemoteExceptionType);
 
+                // The implementation's side sees whom ASP.NET Core authenticated (IHttpContextAccessor), for finer checks of its own.
+                Assert.Contains("caller AddAsync caller", await connection.GetService<ICallProbe>().ServerLogAsync());
+
                 // The token goes bad (revoked, expired): each call, unary or streaming, is refused, typed; the connection serves on once it is good again.
                 token.Value = "expired";
                 UnauthorizedAccessException refused = await Assert.ThrowsAsync<UnauthorizedAccessException>(() => images.AddAsync(1, 1).AsTask());
@@ -101,6 +104,7 @@ public sealed class GrpcTlsTests
                 byte[] data = new byte[(3 << 20) + 1];
                 Checksum64.Fill(data, 32);
                 Assert.Equal(Checksum64.Compute(data), await local.GetService<IImageService>().ChecksumAsync(data));
+                Assert.Equal("caller ChecksumAsync none", (await local.GetService<ICallProbe>().ServerLogAsync()).Last(line => line.StartsWith("caller ChecksumAsync ", StringComparison.Ordinal))); // no HTTP request, no ASP.NET Core identity
             }
 
             // No token or a wrong one (not authenticated), or one without the policy's role (not authorized): the

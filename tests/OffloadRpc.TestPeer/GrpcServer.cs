@@ -19,7 +19,8 @@ using OffloadRpc.TestContracts;
 /// OffloadRpcOptions.MaxBufferedRequestBytes is N; with --tls PFX, the TCP listener is HTTPS with the
 /// certificate (and key) in the PKCS #12 file PFX; with --token T, every gRPC method (Describe too) needs
 /// the header "Authorization: Bearer T" (ASP.NET Core authentication and RequireAuthorization with a
-/// policy): "Bearer T-readonly" authenticates but lacks the policy's role (403, PermissionDenied).
+/// policy): "Bearer T-readonly" authenticates but lacks the policy's role (403, PermissionDenied); and each
+/// call's authenticated caller is logged for ServerLogAsync (<see cref="CallerInterceptor"/>).
 /// </summary>
 internal static class GrpcServer
 {
@@ -48,6 +49,7 @@ internal static class GrpcServer
         int token = Array.IndexOf(args, "--token");
         if (token >= 0)
         {
+            builder.Services.AddHttpContextAccessor(); // the calls' ASP.NET Core identity, for CallerInterceptor
             builder.Services.AddAuthentication(BearerToken.SchemeName).AddScheme<BearerToken.TokenOptions, BearerToken>(BearerToken.SchemeName, o => o.Token = args[token + 1]);
             builder.Services.AddAuthorization(o => o.AddPolicy("callers", policy => policy.RequireClaim("role", "caller")));
         }
@@ -56,7 +58,7 @@ internal static class GrpcServer
         int index = Array.IndexOf(args, "--max-message-bytes");
         int? maxMessageBytes = index >= 0 ? int.Parse(args[index + 1], System.Globalization.CultureInfo.InvariantCulture) : null;
         int buffered = Array.IndexOf(args, "--max-buffered-request-bytes");
-        builder.Services.AddOffloadRpcServer(endpoint, o =>
+        OffloadRpc.Hosting.OffloadRpcServerBuilder server = builder.Services.AddOffloadRpcServer(endpoint, o =>
             {
                 o.DispatchToThreadPool = true;
                 o.MaxMessageBytes = maxMessageBytes ?? o.MaxMessageBytes;
@@ -70,6 +72,11 @@ internal static class GrpcServer
             .AddService<IUploadProbe, CallProbe>()
             .AddService<AotPing.IPing, AotPing.Ping>(ServiceLifetime.Singleton)
             .AddInterceptor<ProbeServerInterceptor>();
+        if (token >= 0)
+        {
+            server.AddInterceptor<CallerInterceptor>(); // logs whom ASP.NET Core authenticated, per call
+        }
+
         await using WebApplication app = builder.Build();
         if (token >= 0)
         {
@@ -134,5 +141,20 @@ internal sealed class BearerToken(Microsoft.Extensions.Options.IOptionsMonitor<B
     internal sealed class TokenOptions : Microsoft.AspNetCore.Authentication.AuthenticationSchemeOptions
     {
         public string Token { get; set; } = string.Empty;
+    }
+}
+
+/// <summary>
+/// Logs, for each call, who ASP.NET Core authenticated: "caller {method} {name}" (the principal's name, "anonymous"
+/// without authentication, "none" without an HTTP request: a shared-memory call). What an implementation or an
+/// interceptor sees of the caller's identity over gRPC, through <see cref="Microsoft.AspNetCore.Http.IHttpContextAccessor"/>.
+/// </summary>
+internal sealed class CallerInterceptor(Microsoft.AspNetCore.Http.IHttpContextAccessor http) : OffloadRpc.ServerInterceptor
+{
+    public override ValueTask<TResult> InterceptAsync<TResult>(OffloadRpc.ServerInterceptorContext context, OffloadRpc.ServerCallContinuation<TResult> continuation)
+    {
+        string who = http.HttpContext is { } request ? request.User.Identity?.Name ?? "anonymous" : "none";
+        ProbeLog.Add($"caller {context.MethodName} {who}");
+        return continuation(context);
     }
 }
