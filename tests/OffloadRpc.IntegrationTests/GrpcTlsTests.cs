@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
 using Grpc.Core;
@@ -156,7 +157,7 @@ public sealed class GrpcTlsTests
         }
     }
 
-    /// <summary>Options that trust exactly <paramref name="certificate"/> and send <paramref name="token"/>'s value (none when null) as a bearer token on every call.</summary>
+    /// <summary>Options that trust exactly <paramref name="certificate"/> and send <paramref name="token"/>'s value (none when null), read anew on every call, as a bearer token.</summary>
     private static OffloadRpcOptions Options(X509Certificate2 certificate, StrongBox<string?> token, bool preferSharedMemory)
     {
         var options = new OffloadRpcOptions { PreferSharedMemory = preferSharedMemory };
@@ -214,11 +215,5 @@ public sealed class GrpcTlsTests
         request.CertificateExtensions.Add(names.Build());
         request.CertificateExtensions.Add(new X509EnhancedKeyUsageExtension([new Oid("1.3.6.1.5.5.7.3.1")], critical: false)); // server authentication
         return request.CreateSelfSigned(DateTimeOffset.UtcNow.AddMinutes(-5), DateTimeOffset.UtcNow.AddDays(1));
-    }
-
-    /// <summary>A value the credentials callback reads on every call, so a test can change it mid-connection.</summary>
-    private sealed class StrongBox<T>(T value)
-    {
-        public T Value { get; set; } = value;
     }
 }

@@ -130,7 +130,7 @@ internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
     public GrpcRemoteConnection(string address, GrpcChannel channel, ServerDescription server, OffloadRpcOptions options)
     {
         Address = address;
-        _balanced = !address.StartsWith("http://", StringComparison.OrdinalIgnoreCase) && !address.StartsWith("https://", StringComparison.OrdinalIgnoreCase);
+        _balanced = !address.StartsWith("http://", StringComparison.OrdinalIgnoreCase) && !address.StartsWith("https://", StringComparison.OrdinalIgnoreCase) && HasState(channel);
         _channel = channel;
         _server = server;
         Invoker = new GrpcInvoker(channel.CreateCallInvoker(), this, options.CreateSerializerOptions(), options.MaxMessageBytes, new OffloadRpc.Transport.LeaseBudget(Math.Max(0, options.MaxBufferedReplyBytes), forReplies: true));
@@ -150,27 +150,28 @@ internal sealed class GrpcRemoteConnection : RemoteConnection, IGrpcPeer
 
     /// <summary>
     /// Disposed, or the last call found the server gone (a later call that reaches it again clears this).
-    /// An address gRPC resolves to several servers is closed only when the channel has none to call (its
-    /// state is TransientFailure): one server going away fails its own calls, while the balancer moves
-    /// the next ones to the others, and a reconnecting client must not replace (and dispose) a channel
-    /// whose calls on the other servers are running.
+    /// An address gRPC resolves to several servers is not closed by a failed call while the channel still
+    /// has a server ready (its state is Ready): one server going away fails its own calls, while the
+    /// balancer moves the next ones to the others, and a reconnecting client must not replace (and dispose)
+    /// a channel whose calls on the other servers are running. (The state alone cannot say "all gone": while
+    /// it retries, a channel without a server moves between Connecting, TransientFailure and Idle.)
     /// </summary>
-    public override bool IsClosed => _disposed || (_balanced ? ChannelFailing : _disconnected);
+    public override bool IsClosed => _disposed || (_disconnected && !(_balanced && _channel.State == ConnectivityState.Ready));
 
+    /// <summary>A resolved address whose channel tells its connectivity state (read when a call failed, on every call of a hosted client until one succeeds).</summary>
     private readonly bool _balanced;
 
-    private bool ChannelFailing
+    /// <summary>Whether the channel has a connectivity state: not with an HTTP handler of the application's own (asked once: the getter throws then).</summary>
+    private static bool HasState(GrpcChannel channel)
     {
-        get
+        try
         {
-            try
-            {
-                return _channel.State is ConnectivityState.TransientFailure or ConnectivityState.Shutdown;
-            }
-            catch (InvalidOperationException)
-            {
-                return _disconnected; // a channel without connectivity state (a handler of the application's own)
-            }
+            _ = channel.State;
+            return true;
+        }
+        catch (InvalidOperationException)
+        {
+            return false; // closed as an http:// connection is, by the last call's outcome
         }
     }
 

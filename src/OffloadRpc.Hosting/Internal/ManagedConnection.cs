@@ -68,13 +68,10 @@ internal sealed class ManagedConnection : IAsyncDisposable
             {
                 if (DateTime.UtcNow < _nextAttempt && _lastFailure is { } last)
                 {
-                    if (last is UnauthorizedAccessException)
-                    {
-                        // Refused, not unreachable: the same exception as the attempt's, until the next one.
-                        throw new UnauthorizedAccessException($"Not connected to {Endpoint}: the last attempt was refused ({last.Message}); the next one is allowed in {(_nextAttempt - DateTime.UtcNow).TotalMilliseconds:F0} ms.", last);
-                    }
-
-                    throw new PeerDisconnectedException($"Not connected to {Endpoint}: the last attempt failed ({last.Message}); the next one is allowed in {(_nextAttempt - DateTime.UtcNow).TotalMilliseconds:F0} ms.", last);
+                    string wait = $"the next one is allowed in {(_nextAttempt - DateTime.UtcNow).TotalMilliseconds:F0} ms.";
+                    throw last is UnauthorizedAccessException
+                        ? new UnauthorizedAccessException($"Not connected to {Endpoint}: the last attempt was refused ({last.Message}); {wait}", last) // refused, not unreachable: as the attempt was
+                        : new PeerDisconnectedException($"Not connected to {Endpoint}: the last attempt failed ({last.Message}); {wait}", last);
                 }
 
                 _connecting = ConnectOnceAsync();
