@@ -69,8 +69,6 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             {
                 // Sixteen buffers of 40 MiB named, one byte of the first sent: the server needs a lease for
                 // that byte, and none yet for the fifteen others (before, it made all sixteen at the head).
-                // The first leases take 1.9 GiB of the server's budget for request buffers (4 GiB by
-                // default); all sixteen of every call would pass it, and the calls past it would be refused.
                 // (Above 32 MiB, so no mapping kept from an earlier call is reused: each lease is a new one.)
                 AsyncDuplexStreamingCall<byte[], byte[]> call = channel.CreateCallInvoker().AsyncDuplexStreamingCall(Checksum, null, new CallOptions(cancellationToken: stop.Token));
                 open.Add(call);
@@ -179,9 +177,14 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             const int buffer = 16 << 20; // a whole number of pages, a power of two: it counts exactly its bytes
             using GrpcChannel channel = GrpcChannel.ForAddress(address);
             using var held = new HeldCalls(channel);
-            await held.OpenAsync(8, buffer); // each call holds its lease, 16 MiB of the server's memory
 
-            // Four fit the budget of 64 MiB exactly; the other four are refused, whatever order they came in.
+            // Each call sends all of its buffer but the last byte and holds its lease, 16 MiB of the server's
+            // memory: its bytes count as they arrive. Four fit the budget of 64 MiB exactly...
+            await held.OpenAsync(4, buffer, send: buffer - 1);
+            await Task.Delay(500); // the last bytes of the fourth read by the server (HTTP/2's window is far smaller than a buffer)
+
+            // ...and the next four are refused at their first byte.
+            await held.OpenAsync(4, buffer, send: buffer - 1);
             await Eventually.TrueAsync(() => held.Reads.Count(read => read.IsFaulted) >= 4, "the calls past the server's budget refused");
             await Task.Delay(200); // room for a wrong fifth refusal to show
             Assert.Equal(4, held.Reads.Count(read => read.IsFaulted));
@@ -234,6 +237,51 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             Assert.Equal(Checksum64.Compute(bytes), await connection.GetService<IImageService>().ChecksumAsync(bytes));
             Assert.Equal(bytes, await connection.GetService<IImageService>().EchoAsync(bytes));
         });
+
+    /// <summary>
+    /// A head may name buffers of up to 2 GiB each, and its bytes cost the peer nothing: the budget counts a
+    /// buffer's bytes as they arrive, not the size named. Before, a lease counted its whole mapping from its
+    /// first byte, so two calls that named 2 GiB and sent a byte each (a few hundred bytes on the wire) held the
+    /// default budget of 4 GiB, and every other caller's buffers were refused for as long as they stayed open.
+    /// </summary>
+    [Fact]
+    public async Task Buffers_named_but_not_sent_do_not_take_the_budget_from_other_callers()
+    {
+        byte[] bytes = new byte[32 << 20]; // a lease of 32 MiB
+        Checksum64.Fill(bytes, 23);
+        ulong expected = Checksum64.Compute(bytes);
+
+        // The default budget (4 GiB) and four calls that name 2 GiB each, 8 GiB in all, with a byte each.
+        await WithServerAsync("named", [], async (process, address) =>
+        {
+            using GrpcChannel channel = GrpcChannel.ForAddress(address);
+            using var held = new HeldCalls(channel);
+            await held.OpenAsync(4, int.MaxValue);
+
+            // Another caller's buffer is served meanwhile, its checksum right, and none of the held calls was
+            // refused: each still waits for its bytes, with a step of 1 MiB counted.
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            Assert.Equal(expected, await connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.DoesNotContain(held.Reads, read => read.IsCompleted);
+        });
+
+        // A budget of 64 MiB: sixteen such calls take 16 of it, and a buffer of 32 MiB is served beside them.
+        await WithServerAsync("named-small", ["--max-buffered-request-bytes", (64L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (process, address) =>
+        {
+            using GrpcChannel channel = GrpcChannel.ForAddress(address);
+            using var held = new HeldCalls(channel);
+            await held.OpenAsync(16, int.MaxValue);
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            Assert.Equal(expected, await connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.DoesNotContain(held.Reads, read => read.IsCompleted);
+
+            // The budget still bounds the bytes that do arrive: calls that send 16 MiB each meet it.
+            await held.OpenAsync(4, 16 << 20, send: (16 << 20) - 1);
+            await Eventually.TrueAsync(() => held.Reads.Count(read => read.IsFaulted) >= 1, "a call whose bytes pass the budget refused");
+            held.AssertRefused("MaxBufferedRequestBytes");
+            Assert.False(process.HasExited);
+        });
+    }
 
     [Fact]
     public Task An_item_of_a_streamed_argument_that_the_method_never_disposes_goes_back_to_the_budget_when_the_call_ends() =>
@@ -371,15 +419,33 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             return call;
         }
 
-        /// <summary><paramref name="count"/> calls, each a head naming one buffer of <paramref name="bytes"/> bytes and its first byte.</summary>
-        public async Task OpenAsync(int count, long bytes)
+        /// <summary>
+        /// <paramref name="count"/> calls, each a head naming one buffer of <paramref name="bytes"/> bytes and the
+        /// first <paramref name="send"/> of them, in data frames of at most 1 MiB; a call the server refuses
+        /// on the way sends no more.
+        /// </summary>
+        public async Task OpenAsync(int count, long bytes, long send = 1)
         {
             for (int i = 0; i < count; i++)
             {
                 AsyncDuplexStreamingCall<byte[], byte[]> call = Start();
                 await call.RequestStream.WriteAsync(Head(bytes));
-                await call.RequestStream.WriteAsync(Data(1));
-                Reads.Add(call.ResponseStream.MoveNext());
+                Task<bool> read = call.ResponseStream.MoveNext();
+                Reads.Add(read);
+                for (long sent = 0; sent < send && !read.IsCompleted;)
+                {
+                    int chunk = (int)Math.Min(send - sent, Frame.ChunkBytes);
+                    try
+                    {
+                        await call.RequestStream.WriteAsync(Data(chunk));
+                    }
+                    catch (Exception ex) when (ex is RpcException or InvalidOperationException)
+                    {
+                        break; // refused: the call has ended
+                    }
+
+                    sent += chunk;
+                }
             }
         }
 

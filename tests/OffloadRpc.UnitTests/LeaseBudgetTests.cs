@@ -113,4 +113,46 @@ public sealed class LeaseBudgetTests
         Assert.InRange(most, 4096, 1 << 20);
         Assert.Equal(0, budget.HeldBytes);
     }
+
+    [Fact]
+    public void A_lease_for_arriving_bytes_counts_them_in_steps_as_they_arrive_and_its_whole_mapping_once_all_are_in()
+    {
+        var budget = new LeaseBudget(1L << 30);
+        SharedBuffer lease = budget.RentArriving((40 << 20) + 5, out ArrivalCharge charge); // a mapping of 40 MiB + a page
+        Assert.Equal(0, budget.HeldBytes); // the size named costs nothing of itself
+        charge.Cover(1);
+        Assert.Equal(ArrivalCharge.Step, budget.HeldBytes);
+        charge.Cover(ArrivalCharge.Step); // within the step counted
+        Assert.Equal(ArrivalCharge.Step, budget.HeldBytes);
+        charge.Cover(ArrivalCharge.Step + 1);
+        Assert.Equal(2 * ArrivalCharge.Step, budget.HeldBytes);
+        charge.Cover(ArrivalCharge.Step); // never less than counted
+        Assert.Equal(2 * ArrivalCharge.Step, budget.HeldBytes);
+        charge.Cover((40 << 20) + 5); // all of it: the whole mapping, as a lease rented whole
+        Assert.Equal((40L << 20) + 4096, budget.HeldBytes);
+        Assert.Equal(budget.HeldBytes, charge.Counted);
+        lease.Dispose();
+        lease.Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+
+        using SharedBuffer small = budget.RentArriving(5000, out ArrivalCharge smallCharge);
+        smallCharge.Cover(1);
+        Assert.Equal(8192, budget.HeldBytes); // a step never counts more than the mapping
+    }
+
+    [Fact]
+    public void A_step_past_the_limit_is_refused_taking_nothing_and_the_lease_gives_back_what_it_counted()
+    {
+        var budget = new LeaseBudget(4L << 20);
+        SharedBuffer large = budget.RentArriving(int.MaxValue, out ArrivalCharge charge); // 2 GiB named, in a budget of 4 MiB
+        charge.Cover(4L << 20);
+        Assert.Equal(4L << 20, budget.HeldBytes);
+        ArenaExhaustedException refused = Assert.Throws<ArenaExhaustedException>(() => charge.Cover((4L << 20) + 1));
+        Assert.Contains("MaxBufferedRequestBytes", refused.Message, StringComparison.Ordinal);
+        Assert.Contains("counted as its bytes arrive", refused.Message, StringComparison.Ordinal);
+        Assert.Equal(4L << 20, budget.HeldBytes);
+        Assert.Equal(4L << 20, charge.Counted);
+        large.Dispose();
+        Assert.Equal(0, budget.HeldBytes);
+    }
 }

@@ -639,6 +639,9 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
     /// <summary>The payloads' lengths as the head announced them; each lease is made when its first byte arrives (<see cref="Lease"/>), so a head that names buffers costs nothing until their bytes come.</summary>
     private long[] _lengths = [];
+
+    /// <summary>What each payload's lease counts against the budget, grown as its bytes arrive (<see cref="Cover"/>); null without a budget, or for an array.</summary>
+    private ArrivalCharge?[] _charges = [];
     private int _current;
     private long _filled;
 
@@ -732,9 +735,9 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     }
 
     /// <summary>
-    /// Makes the leases the next <paramref name="bytes"/> go into, so that filling them in gRPC's deserializer
-    /// cannot fail halfway; false when this process has no room for one (<see cref="Accept"/> then meets the
-    /// failure on the ordinary path, where the call ends with it).
+    /// Makes the leases the next <paramref name="bytes"/> go into and counts those bytes against the budget,
+    /// so that filling them in gRPC's deserializer cannot fail halfway; false when this process has no room
+    /// (<see cref="Accept"/> then meets the failure on the ordinary path, where the call ends with it).
     /// </summary>
     private bool TryLeaseAhead(long bytes)
     {
@@ -743,7 +746,10 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
             for (int i = _current; i < _lengths.Length && bytes > 0; i++)
             {
                 Prepare(i);
-                bytes -= i == _current ? _lengths[i] - _filled : _lengths[i];
+                long start = i == _current ? _filled : 0;
+                long take = Math.Min(bytes, _lengths[i] - start);
+                Cover(i, start + take);
+                bytes -= take;
             }
 
             return true;
@@ -828,6 +834,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
             _payloads = count == 0 ? [] : new SharedBuffer?[count];
             _lengths = count == 0 ? [] : new long[count];
+            _charges = count == 0 || _budget is null ? [] : new ArrivalCharge?[count];
             for (int i = 0; i < count; i++)
             {
                 long length = BinaryPrimitives.ReadInt64LittleEndian(head[position..]);
@@ -882,6 +889,7 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
 
             Span<byte> destination = Destination(_current);
             int n = (int)Math.Min(bytes.Length, _lengths[_current] - _filled);
+            Cover(_current, _filled + n);
             bytes[..n].CopyTo(destination[(int)_filled..]);
             _filled += n;
             bytes = bytes[n..];
@@ -893,14 +901,46 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
         while (_current < _payloads.Length && _filled == _lengths[_current])
         {
             Prepare(_current); // an empty payload's lease (or array), made when the bytes before it are in
+            Cover(_current, _filled); // all of it in: its whole mapping counts
             _current++;
             _filled = 0;
         }
     }
 
-    /// <summary>Payload <paramref name="index"/>'s lease, made now if its bytes start arriving (every byte is filled before the message is whole).</summary>
-    private SharedBuffer Lease(int index) =>
-        _payloads[index] ??= LeaseBudget.Rent(_budget, (int)_lengths[index]);
+    /// <summary>
+    /// Payload <paramref name="index"/>'s lease, made now if its bytes start arriving (every byte is filled
+    /// before the message is whole), with nothing counted yet: its bytes count as they come (<see cref="Cover"/>).
+    /// </summary>
+    private SharedBuffer Lease(int index)
+    {
+        if (_payloads[index] is { } made)
+        {
+            return made;
+        }
+
+        if (_budget is null)
+        {
+            return _payloads[index] = LocalLeases.Instance.Rent((int)_lengths[index], clear: false);
+        }
+
+        _payloads[index] = _budget.RentArriving((int)_lengths[index], out ArrivalCharge charge);
+        _charges[index] = charge;
+        return _payloads[index]!;
+    }
+
+    /// <summary>
+    /// Counts payload <paramref name="index"/>'s bytes up to <paramref name="end"/> against the budget, before
+    /// they are copied in (an array counted whole when made, and no budget, count nothing here); no room
+    /// throws <see cref="ArenaExhaustedException"/>. So a head that names a large buffer and sends a byte
+    /// holds a step of the budget, not the buffer's size.
+    /// </summary>
+    private void Cover(int index, long end)
+    {
+        if (index < _charges.Length && _charges[index] is { } charge)
+        {
+            charge.Cover(end);
+        }
+    }
 
     /// <summary>Makes payload <paramref name="index"/>'s array (<see cref="ReceiveArray"/>) or lease, if not made yet, as its bytes start arriving.</summary>
     private void Prepare(int index)

@@ -152,8 +152,9 @@ internal sealed unsafe class LocalLeases : ILeaseHost
 /// <summary>
 /// A bound on the bytes a gRPC server holds for the requests in flight, which gRPC delivers into this
 /// process's own memory (over shared memory they stay in the peer's segments, bounded by
-/// <see cref="OffloadRpcOptions.MaxPeerMappedBytes"/>): the leases of their buffers, rented through it and
-/// counted at their mapping's size until disposed, whoever holds them by then (a method that keeps a
+/// <see cref="OffloadRpcOptions.MaxPeerMappedBytes"/>): the leases of their buffers, counted as their bytes
+/// arrive (<see cref="RentArriving"/>) and at their mapping's size once whole or when rented whole
+/// (<see cref="Rent(int)"/>), until disposed, whoever holds them by then (a method that keeps a
 /// buffer argument keeps it counted), and the large request frames kept while their calls run
 /// (<see cref="Reserve"/>). The bytes held never pass the limit. With <paramref name="forReplies"/>, the
 /// same bound on a gRPC client's replies and streamed results (<see cref="OffloadRpcOptions.MaxBufferedReplyBytes"/>).
@@ -222,9 +223,69 @@ internal sealed class LeaseBudget(long limit, bool forReplies = false) : ILeaseH
     public static SharedBuffer Rent(LeaseBudget? budget, int bytes) =>
         budget is not null ? budget.Rent(bytes) : LocalLeases.Instance.Rent(bytes, clear: false);
 
+    /// <summary>
+    /// A lease of <paramref name="bytes"/> bytes (not cleared) for bytes that arrive from a peer, counted as
+    /// they arrive (<see cref="ArrivalCharge.Cover"/>), not at its mapping from the start: the size a peer
+    /// names costs nothing of itself, so a few bytes that name large buffers cannot take the budget from every
+    /// other caller. Made with nothing counted; the lease gives back what was counted when disposed.
+    /// </summary>
+    public SharedBuffer RentArriving(int bytes, out ArrivalCharge charge)
+    {
+        charge = new ArrivalCharge(this, LocalLeases.MappingSize(bytes), bytes);
+        return LocalLeases.Instance.Rent(bytes, clear: false, charge);
+    }
+
     void ILeaseHost.ReturnLease(SharedBuffer lease)
     {
         Release(lease.Segment.Size);
+        LocalLeases.Instance.ReturnLease(lease);
+    }
+}
+
+/// <summary>
+/// What a lease made by <see cref="LeaseBudget.RentArriving"/> counts: the bytes that have arrived, in
+/// steps of <see cref="Step"/> (one reservation per step, not per frame), and its whole mapping once all of
+/// them are in, as a lease rented whole counts; given back when the lease is disposed. Grown by the one
+/// receiver that fills the lease, before the bytes are copied; given back by whoever disposes it.
+/// </summary>
+internal sealed class ArrivalCharge : ILeaseHost
+{
+    /// <summary>The steps the count grows by while the bytes arrive: a gRPC data frame's most bytes.</summary>
+    public const long Step = 1 << 20;
+
+    private readonly LeaseBudget _budget;
+    private readonly long _mapping;
+    private readonly long _length;
+    private long _counted;
+
+    internal ArrivalCharge(LeaseBudget budget, long mapping, long length)
+    {
+        _budget = budget;
+        _mapping = mapping;
+        _length = length;
+    }
+
+    /// <summary>The bytes of the budget this lease holds now.</summary>
+    public long Counted => Volatile.Read(ref _counted);
+
+    /// <summary>
+    /// Counts the lease's bytes up to <paramref name="end"/> (its whole mapping when that is all of them), or
+    /// throws <see cref="ArenaExhaustedException"/> taking nothing more when that would pass the budget.
+    /// </summary>
+    public void Cover(long end)
+    {
+        long target = end >= _length ? _mapping : Math.Min(_mapping, (end + Step - 1) / Step * Step);
+        long counted = Volatile.Read(ref _counted);
+        if (target > counted)
+        {
+            _budget.Reserve(target - counted, $"a buffer of {_length:N0} bytes, counted as its bytes arrive ({counted:N0} so far), the next step");
+            Volatile.Write(ref _counted, target);
+        }
+    }
+
+    void ILeaseHost.ReturnLease(SharedBuffer lease)
+    {
+        _budget.Release(Interlocked.Exchange(ref _counted, 0));
         LocalLeases.Instance.ReturnLease(lease);
     }
 }
