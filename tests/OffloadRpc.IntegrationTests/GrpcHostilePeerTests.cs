@@ -251,36 +251,32 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         Checksum64.Fill(bytes, 23);
         ulong expected = Checksum64.Compute(bytes);
 
-        // The default budget (4 GiB) and four calls that name 2 GiB each, 8 GiB in all, with a byte each.
-        await WithServerAsync("named", [], async (process, address) =>
+        // Calls that each name a buffer of 2 GiB and send its first byte (a step of 1 MiB counted), then another
+        // caller's buffer served beside them, its checksum right, with none of the held calls refused: each
+        // still waits for its bytes.
+        async Task ServedBesideAsync(string address, int named, Func<HeldCalls, Task> then)
         {
             using GrpcChannel channel = GrpcChannel.ForAddress(address);
             using var held = new HeldCalls(channel);
-            await held.OpenAsync(4, int.MaxValue);
-
-            // Another caller's buffer is served meanwhile, its checksum right, and none of the held calls was
-            // refused: each still waits for its bytes, with a step of 1 MiB counted.
+            await held.OpenAsync(named, int.MaxValue);
             await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
             Assert.Equal(expected, await connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
             Assert.DoesNotContain(held.Reads, read => read.IsCompleted);
-        });
+            await then(held);
+        }
 
-        // A budget of 64 MiB: sixteen such calls take 16 of it, and a buffer of 32 MiB is served beside them.
-        await WithServerAsync("named-small", ["--max-buffered-request-bytes", (64L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (process, address) =>
+        // The default budget (4 GiB) and four such calls, 8 GiB named in all.
+        await WithServerAsync("named", [], (_, address) => ServedBesideAsync(address, 4, _ => Task.CompletedTask));
+
+        // A budget of 64 MiB: sixteen such calls take 16 of it, and the buffer of 32 MiB is served beside them.
+        await WithServerAsync("named-small", ["--max-buffered-request-bytes", (64L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], (process, address) => ServedBesideAsync(address, 16, async held =>
         {
-            using GrpcChannel channel = GrpcChannel.ForAddress(address);
-            using var held = new HeldCalls(channel);
-            await held.OpenAsync(16, int.MaxValue);
-            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
-            Assert.Equal(expected, await connection.GetService<IImageService>().ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-            Assert.DoesNotContain(held.Reads, read => read.IsCompleted);
-
             // The budget still bounds the bytes that do arrive: calls that send 16 MiB each meet it.
             await held.OpenAsync(4, 16 << 20, send: (16 << 20) - 1);
             await Eventually.TrueAsync(() => held.Reads.Count(read => read.IsFaulted) >= 1, "a call whose bytes pass the budget refused");
             held.AssertRefused("MaxBufferedRequestBytes");
             Assert.False(process.HasExited);
-        });
+        }));
     }
 
     [Fact]
