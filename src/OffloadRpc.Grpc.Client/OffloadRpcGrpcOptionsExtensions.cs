@@ -14,7 +14,11 @@ public static class OffloadRpcGrpcOptionsExtensions
     /// cross in frames of 1 MiB and a kind byte, so <c>ConnectAsync</c> refuses a <c>MaxSendMessageSize</c> or
     /// <c>MaxReceiveMessageSize</c> below 1,048,577 bytes (null: no limit); a call's MessagePack arguments or
     /// result go in one frame (at most the options' <see cref="OffloadRpcOptions.MaxMessageBytes"/>), and a call
-    /// whose frame is above a limit fails with an <see cref="OffloadRpcException"/>.
+    /// whose frame is above a limit fails with an <see cref="OffloadRpcException"/>. Without a
+    /// <see cref="GrpcChannelOptions.HttpHandler"/> or <see cref="GrpcChannelOptions.HttpClient"/> of its own, a connection
+    /// uses gRPC's default handler with HTTP/2 pings while calls run (20 s without a word from the server,
+    /// then 20 s for the answer), so that a server that vanished without closing its connection fails the
+    /// calls with <see cref="PeerDisconnectedException"/>; a handler given here decides that itself.
     /// </summary>
     public static OffloadRpcOptions ConfigureGrpcChannel(this OffloadRpcOptions options, Action<GrpcChannelOptions> configure)
     {

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using OffloadRpc.Testing;
+using OffloadRpc.TestContracts;
 using OffloadRpc.Tests.Infrastructure;
 using OffloadRpc.Transport;
 using Xunit;
@@ -81,4 +82,47 @@ public sealed class LivenessTests
     {
         await Assert.ThrowsAsync<PeerDisconnectedException>(() => Handshake.ConnectAsync(Endpoints.Unique("nobody"), new TransportOptions(), [], null, CancellationToken.None));
     }
+
+    /// <summary>
+    /// Over gRPC a server can vanish without closing its connection (its host powered off, the network cut):
+    /// TCP tells a side that only waits nothing, so a call would wait for ever. A frozen server process
+    /// (SIGSTOP: the kernel still holds its socket open, nothing answers) is that case on one host. The
+    /// connection's default handler pings a server that has said nothing for 20 s while calls run, and
+    /// gives it up when 20 s more pass without an answer: the call fails with PeerDisconnectedException.
+    /// </summary>
+    [Fact]
+    public async Task A_call_to_a_gRPC_server_that_stops_answering_fails_with_PeerDisconnectedException_instead_of_waiting_for_ever()
+    {
+        string endpoint = Endpoints.Unique("frozen");
+        try
+        {
+            await using PeerProcess server = PeerProcess.Start(["grpc-server", endpoint]);
+            string address = server.WaitForLine("READY", TimeSpan.FromSeconds(60)).Split(' ')[2];
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            IImageService images = connection.GetService<IImageService>();
+            byte[] bytes = new byte[(1 << 20) + 7];
+            Checksum64.Fill(bytes, 3);
+            Assert.Equal(Checksum64.Compute(bytes), await images.ChecksumAsync(bytes));
+
+            Assert.Equal(0, Signal(server.Id, Stop));
+            try
+            {
+                await Assert.ThrowsAsync<PeerDisconnectedException>(() => images.ChecksumAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(150)));
+            }
+            finally
+            {
+                Signal(server.Id, Continue); // ended by its dispose
+            }
+        }
+        finally
+        {
+            Endpoints.RemoveStale(endpoint);
+        }
+    }
+
+    private const int Stop = 19; // SIGSTOP on Linux (x64 and arm64)
+    private const int Continue = 18; // SIGCONT
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "kill", SetLastError = true)]
+    private static extern int Signal(int processId, int signal);
 }

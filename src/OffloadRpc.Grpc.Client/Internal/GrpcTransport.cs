@@ -18,6 +18,29 @@ internal static class GrpcTransport
     }
 #pragma warning restore CA2255
 
+    /// <summary>How long a connection with calls running may hear nothing from the server before it sends an HTTP/2 ping.</summary>
+    internal static readonly TimeSpan KeepAlivePingDelay = TimeSpan.FromSeconds(20);
+
+    /// <summary>How long a ping may go unanswered before the connection is given up and its calls fail.</summary>
+    internal static readonly TimeSpan KeepAlivePingTimeout = TimeSpan.FromSeconds(20);
+
+    /// <summary>
+    /// The channel's handler when the options give none: gRPC's own default (a <see cref="System.Net.Http.SocketsHttpHandler"/>
+    /// that opens more HTTP/2 connections as streams need them) that also pings the server while calls run
+    /// and nothing comes back. A server that vanished without closing its connection (its host powered off,
+    /// the network cut, the process frozen) would otherwise leave every call on it waiting for ever, as TCP
+    /// tells nothing to a side that only waits; with the pings they fail within about 40 s with
+    /// <see cref="PeerDisconnectedException"/>, and a reconnecting client connects again. An idle connection
+    /// sends no pings, and a live server answers them from its HTTP/2 layer however long a method runs.
+    /// </summary>
+    internal static System.Net.Http.SocketsHttpHandler DefaultHandler() => new()
+    {
+        EnableMultipleHttp2Connections = true,
+        KeepAlivePingDelay = KeepAlivePingDelay,
+        KeepAlivePingTimeout = KeepAlivePingTimeout,
+        KeepAlivePingPolicy = System.Net.Http.HttpKeepAlivePingPolicy.WithActiveRequests,
+    };
+
     /// <summary>
     /// Opens a channel to <paramref name="address"/> and asks the server who it is. When it runs on this
     /// host as this user (or an allowed one), listens on shared memory too, and the options prefer it, the
@@ -44,6 +67,13 @@ internal static class GrpcTransport
                 nameof(options));
         }
 
+        System.Net.Http.SocketsHttpHandler? ownHandler = null;
+        if (channelOptions.HttpHandler is null && channelOptions.HttpClient is null)
+        {
+            channelOptions.HttpHandler = ownHandler = DefaultHandler();
+            channelOptions.DisposeHttpClient = true; // the channel's own, gone with it
+        }
+
         GrpcChannel channel;
         try
         {
@@ -51,6 +81,7 @@ internal static class GrpcTransport
         }
         catch (InvalidOperationException ex)
         {
+            ownHandler?.Dispose();
             // A scheme no resolver of the channel's service provider serves, a resolved address without the
             // channel's Credentials, a handler that cannot balance: the address and the options disagree.
             throw new ArgumentException($"'{address}' cannot be reached with these gRPC channel options: {ex.Message}", nameof(address), ex);
