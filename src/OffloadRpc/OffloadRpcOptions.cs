@@ -83,8 +83,8 @@ public sealed class OffloadRpcOptions
     /// process, where shared memory leaves it in the peer's segments, which <see cref="MaxPeerMappedBytes"/>
     /// bounds). A buffer counts its bytes as they arrive, in steps of 1 MiB (the size a request names counts
     /// nothing of itself), and the size of its memory mapping once all are in, until it is disposed (a
-    /// method that keeps a buffer argument keeps it counted); an array argument read into its array counts
-    /// the array from its first byte; a request's head frame above 64 KiB (a large
+    /// method that keeps a buffer argument keeps it counted); an array argument read into its array (at most 1 MiB)
+    /// counts the array from its first byte; a request's head frame above 64 KiB (a large
     /// MessagePack body) counts while its call runs. A small request (a head of at most 64 KiB) counts nothing
     /// of itself: a buffer in it that the method takes as <c>ReadOnlyMemory&lt;byte&gt;</c> is lent in place, and
     /// one it takes as an array, a <see cref="SharedBuffer"/>, memory of another element type or a stream is
@@ -101,8 +101,8 @@ public sealed class OffloadRpcOptions
     /// server that sends more than the caller can hold (a broken or hostile one, or results kept and never
     /// disposed) meets this bound instead of exhausting the process. A buffer counts from its first byte until
     /// it is handed over, copied out or given back: an array result of a primitive type (read straight into
-    /// the array) at its bytes while they arrive, a lease its bytes as they arrive (in steps of 1 MiB), then
-    /// a memory result at its lease's mapping until it is copied
+    /// the array, made whole at its first byte) at its whole size while its bytes arrive, a lease its bytes as
+    /// they arrive (in steps of 1 MiB), then a memory result at its lease's mapping until it is copied
     /// out, a <see cref="SharedBuffer"/> result until disposed, a streamed item's buffer until the next item
     /// is asked for; a MessagePack result is bounded by <see cref="MaxMessageBytes"/> instead. A
     /// call that would pass it ends with <see cref="ArenaExhaustedException"/> and stops the server's

@@ -139,33 +139,34 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         });
 
     /// <summary>
-    /// A <c>byte[]</c> argument of up to 16 MiB is read into its array, which counts its bytes; any other
-    /// buffer, and a larger array, go into a lease, which counts its mapping (a power of two of pages). So a
-    /// budget between the two sizes tells which way the server took.
+    /// A <c>byte[]</c> argument of up to 1 MiB is read into its array, which counts its bytes from the first;
+    /// any other buffer, and a larger array, go into a lease, which counts its bytes as they arrive and its
+    /// mapping (a power of two of pages) once all are in. So a budget between the two sizes tells which way
+    /// the server took.
     /// </summary>
     [Fact]
-    public async Task An_array_argument_is_read_into_its_array_up_to_16_MiB_and_into_a_lease_above()
+    public async Task An_array_argument_is_read_into_its_array_up_to_1_MiB_and_into_a_lease_above()
     {
-        byte[] small = new byte[(2 << 20) + 5]; // a lease of it would be a mapping of 4 MiB
+        byte[] small = new byte[(512 << 10) + 5]; // a lease of it would be a mapping of 1 MiB
         Checksum64.Fill(small, 17);
-        await WithServerAsync("arrays", ["--max-buffered-request-bytes", (3L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (_, address) =>
+        await WithServerAsync("arrays", ["--max-buffered-request-bytes", (768L << 10).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (_, address) =>
         {
             await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
             IImageService images = connection.GetService<IImageService>();
-            Assert.Equal(small, await images.EchoAsync(small).AsTask().WaitAsync(TimeSpan.FromSeconds(60))); // 2 MiB + 5 counted: within 3 MiB
+            Assert.Equal(small, await images.EchoAsync(small).AsTask().WaitAsync(TimeSpan.FromSeconds(60))); // 512 KiB + 5 counted: within 768 KiB
             OffloadRpcException leased = await Assert.ThrowsAsync<OffloadRpcException>(() => images.ChecksumAsync(small).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-            Assert.Contains("no room", leased.Message, StringComparison.Ordinal); // the same bytes as memory: a lease of 4 MiB
+            Assert.Contains("no room", leased.Message, StringComparison.Ordinal); // the same bytes as memory: a lease of 1 MiB
         });
 
-        byte[] large = new byte[(16 << 20) + 5]; // above the largest array argument: a lease, a mapping of 32 MiB
+        byte[] large = new byte[(1 << 20) + 5]; // above the largest array argument: a lease, a mapping of 2 MiB
         Checksum64.Fill(large, 18);
-        await WithServerAsync("arrays-large", ["--max-buffered-request-bytes", (20L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (_, address) =>
+        await WithServerAsync("arrays-large", ["--max-buffered-request-bytes", (1536L << 10).ToString(System.Globalization.CultureInfo.InvariantCulture)], async (_, address) =>
         {
             await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
             IImageService images = connection.GetService<IImageService>();
             OffloadRpcException refused = await Assert.ThrowsAsync<OffloadRpcException>(() => images.EchoAsync(large).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
-            Assert.Contains("no room", refused.Message, StringComparison.Ordinal);
-            byte[] fits = large[..(16 << 20)]; // 16 MiB exactly: an array (or a lease of the same size) within 20 MiB
+            Assert.Contains("no room", refused.Message, StringComparison.Ordinal); // its last bytes make the lease count its mapping of 2 MiB
+            byte[] fits = large[..(1 << 20)]; // 1 MiB exactly: an array (or a lease of the same size) within 1.5 MiB
             Assert.Equal(fits, await images.EchoAsync(fits).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
         });
     }
@@ -209,7 +210,7 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             Checksum64.Fill(echo, 5);
             Assert.Equal(echo, await connection.GetService<IImageService>().EchoAsync(echo).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
 
-            // A large array argument is received into its array, which counts against the same budget: refused.
+            // A larger array argument (into a lease above 1 MiB) counts against the same budget: refused.
             OffloadRpcException large = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().EchoAsync(bytes).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
             Assert.Contains("no room", large.Message, StringComparison.Ordinal);
 

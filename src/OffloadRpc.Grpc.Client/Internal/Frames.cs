@@ -705,13 +705,15 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
     private long _arrayMaxBytes = long.MaxValue;
 
     /// <summary>
-    /// The largest array argument a server receives into its array. The array is garbage-collected heap,
-    /// made whole at the payload's first byte, where a lease's pages cost nothing until their bytes come: a
-    /// client that names a large array and sends one byte would make the server commit heap it never
-    /// fills (under a container's heap limit, room other allocations then lack), and do it again with each
-    /// call. Above this a large argument keeps its lease and its second copy.
+    /// The largest array argument a server receives into its array: one step of the budget
+    /// (<see cref="ArrivalCharge.Step"/>). The array is garbage-collected heap, made whole at the payload's
+    /// first byte and counted whole from there, where a lease's pages cost nothing until their bytes come and
+    /// count as they do: a client that names a large array and sends one byte would make the server commit
+    /// heap it never fills (under a container's heap limit, room other allocations then lack), and hold that
+    /// much of the budget other callers need, with each call. So no argument holds more than a step before
+    /// its bytes come; a larger one keeps its lease and its second copy.
     /// </summary>
-    public const long MaxArrayArgumentBytes = 16 << 20;
+    public const long MaxArrayArgumentBytes = ArrivalCharge.Step;
 
     /// <summary>
     /// Fills <paramref name="bytes"/> (a data frame's, from gRPC's buffers) into the payloads when they all
