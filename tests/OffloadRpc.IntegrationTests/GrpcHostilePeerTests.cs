@@ -184,8 +184,10 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             await held.OpenAsync(4, buffer, send: buffer - 1);
             await Task.Delay(500); // the last bytes of the fourth read by the server (HTTP/2's window is far smaller than a buffer)
 
-            // ...and the next four are refused at their first byte.
-            await held.OpenAsync(4, buffer, send: buffer - 1);
+            // ...and the next four are refused at their first byte. (One byte each: a raw call refused while a write
+            // of its is under way can have the gRPC client reset the stream and still send that write's DATA,
+            // for which Kestrel closes the whole connection, the held calls on it too.)
+            await held.OpenAsync(4, buffer, send: 1);
             await Eventually.TrueAsync(() => held.Reads.Count(read => read.IsFaulted) >= 4, "the calls past the server's budget refused");
             await Task.Delay(200); // room for a wrong fifth refusal to show
             Assert.Equal(4, held.Reads.Count(read => read.IsFaulted));
@@ -272,10 +274,16 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
         // A budget of 64 MiB: sixteen such calls take 16 of it, and the buffer of 32 MiB is served beside them.
         await WithServerAsync("named-small", ["--max-buffered-request-bytes", (64L << 20).ToString(System.Globalization.CultureInfo.InvariantCulture)], (process, address) => ServedBesideAsync(address, 16, async held =>
         {
-            // The budget still bounds the bytes that do arrive: calls that send 16 MiB each meet it.
-            await held.OpenAsync(4, 16 << 20, send: (16 << 20) - 1);
-            await Eventually.TrueAsync(() => held.Reads.Count(read => read.IsFaulted) >= 1, "a call whose bytes pass the budget refused");
-            held.AssertRefused("MaxBufferedRequestBytes");
+            // The budget still bounds the bytes that do arrive: 56 MiB sent (a mapping of 56 MiB once whole) do not
+            // fit beside the 16 held, and are refused on their way; 40 MiB do, and are served.
+            await using OffloadRpcConnection connection = await OffloadRpcConnection.ConnectAsync(address, new OffloadRpcOptions { PreferSharedMemory = false });
+            byte[] tooMany = new byte[56 << 20];
+            OffloadRpcException full = await Assert.ThrowsAsync<OffloadRpcException>(() => connection.GetService<IImageService>().ChecksumAsync(tooMany).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("MaxBufferedRequestBytes", full.Message, StringComparison.Ordinal);
+            byte[] fits = new byte[40 << 20];
+            Checksum64.Fill(fits, 29);
+            Assert.Equal(Checksum64.Compute(fits), await connection.GetService<IImageService>().ChecksumAsync(fits).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.DoesNotContain(held.Reads, read => read.IsCompleted); // the held calls still wait for their bytes
             Assert.False(process.HasExited);
         }));
     }
@@ -426,7 +434,7 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
             for (int i = 0; i < count; i++)
             {
                 AsyncDuplexStreamingCall<byte[], byte[]> call = Start();
-                await call.RequestStream.WriteAsync(Head(bytes));
+                await call.RequestStream.WriteAsync(Head(bytes)).WaitAsync(TimeSpan.FromSeconds(60)); // a stall fails the test, not hangs it
                 Task<bool> read = call.ResponseStream.MoveNext();
                 Reads.Add(read);
                 for (long sent = 0; sent < send && !read.IsCompleted;)
@@ -434,7 +442,7 @@ public sealed class GrpcHostilePeerTests(BothWaysServer server)
                     int chunk = (int)Math.Min(send - sent, Frame.ChunkBytes);
                     try
                     {
-                        await call.RequestStream.WriteAsync(Data(chunk));
+                        await call.RequestStream.WriteAsync(Data(chunk)).WaitAsync(TimeSpan.FromSeconds(60));
                     }
                     catch (Exception ex) when (ex is RpcException or InvalidOperationException)
                     {

@@ -101,7 +101,7 @@ internal sealed class GrpcClientCall : IStreamItemSink
     /// </summary>
     public async ValueTask<bool> ReadMessageAsync(MessageAssembler assembler, CancellationToken cancellationToken)
     {
-        while (await Responses.MoveNext(cancellationToken).ConfigureAwait(false))
+        while (await NextAsync(cancellationToken).ConfigureAwait(false))
         {
             Frame frame = Responses.Current;
             if (frame.Kind == FrameKind.Credit)
@@ -132,12 +132,34 @@ internal sealed class GrpcClientCall : IStreamItemSink
     /// </summary>
     public async ValueTask ReadEndAsync(CancellationToken cancellationToken)
     {
-        if (await Responses.MoveNext(cancellationToken).ConfigureAwait(false))
+        if (await NextAsync(cancellationToken).ConfigureAwait(false))
         {
             Responses.Current.Release();
             throw new ProtocolViolationException("The server sent a frame after its reply.");
         }
     }
+
+    /// <summary>The next response message; notes when the call's status came from the server (<see cref="_ended"/>), whatever it was.</summary>
+    private async ValueTask<bool> NextAsync(CancellationToken cancellationToken)
+    {
+        try
+        {
+            bool more = await Responses.MoveNext(cancellationToken).ConfigureAwait(false);
+            _ended |= !more;
+            return more;
+        }
+        catch (RpcException rpc) when (rpc.StatusCode is not (StatusCode.Cancelled or StatusCode.Unavailable or StatusCode.DeadlineExceeded) && rpc.Status.DebugException is null)
+        {
+            _ended = true; // a status the server sent (a fault, a refusal): it has ended the call
+            throw;
+        }
+    }
+
+    /// <summary>The server ended the call (its status arrived): a write still under way is its to stop (<see cref="DisposeAsync"/>).</summary>
+    private bool _ended;
+
+    /// <summary>How long <see cref="DisposeAsync"/> lets a write under way end on its own after the server ended the call.</summary>
+    private static readonly TimeSpan WriterGrace = TimeSpan.FromSeconds(5);
 
     /// <summary>The request's frames, then (with a streamed argument) each item as the pump queues it, then the end or the fault.</summary>
     private async Task WriteRequestAsync(IClientStreamWriter<Frame> requests, CancellationToken cancellationToken)
@@ -221,18 +243,32 @@ internal sealed class GrpcClientCall : IStreamItemSink
         }
     }
 
-    /// <summary>Ends the call (cancelling it on the server when it is still running) and gives the request's memory back once the writer has let go of it.</summary>
+    /// <summary>
+    /// Ends the call (cancelling it on the server when it is still running) and gives the request's memory
+    /// back once the writer has let go of it. The writer stops before the call is disposed, never during:
+    /// disposing a call whose request is still going out resets its HTTP/2 stream, and a reset sent while a
+    /// write is under way can go out ahead of that write's DATA frame, which Kestrel answers by closing the
+    /// whole connection (a protocol error), every other call on it included. A server that answered before
+    /// it read all of the request (a method that returned before the last item of its streamed argument, a
+    /// call refused midway) stops the sending itself once it has ended the call (RST_STREAM NO_ERROR), which
+    /// ends such a write with no reset of this side; it is given a moment for that.
+    /// </summary>
     public async ValueTask DisposeAsync()
     {
-        _call.Dispose();
-        _items?.Writer.TryComplete(); // a writer waiting for the next item stops
+        DiscardItems(); // a writer waiting for the next item ends the request
         if (_writer is not null)
         {
+            if (_ended && !_writer.IsCompleted)
+            {
+                await _writer.WaitAsync(WriterGrace).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            }
+
             _writing!.Cancel(); // a write the server will never take (it answered or failed first) stops waiting for window
             await _writer.ConfigureAwait(false); // never throws
             _writing.Dispose();
         }
 
+        _call.Dispose();
         DiscardItems();
         _head?.Release(); // a write of it still under way gives it back when done
         _message.Dispose();
