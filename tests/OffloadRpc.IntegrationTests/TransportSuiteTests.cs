@@ -911,6 +911,56 @@ public abstract class TransportTests(BothWaysServer server) : IAsyncLifetime
         Assert.Equal(0, await Frames.CountTicksAsync(Ticks(0)));
     }
 
+    /// <summary>
+    /// An item of a streamed argument that cannot be encoded (here a resolver of the client's that refuses the
+    /// item's type, as a formatter with a bug or a value it cannot write would) fails the stream as a throwing
+    /// enumerable does: the server stops waiting for the item and the caller gets the encoder's exception.
+    /// Before, nothing told the server: it waited for the item, and the caller for the reply, for ever.
+    /// </summary>
+    [Fact]
+    public async Task An_item_that_cannot_be_encoded_fails_the_call_with_the_encoders_exception_instead_of_hanging()
+    {
+        static async IAsyncEnumerable<Tick> Ticks(int count, int refused = -1)
+        {
+            for (int i = 0; i < count; i++)
+            {
+                yield return new Tick { Index = i, Checksum = Checksum64.Compute(BitConverter.GetBytes(i)), Label = i == refused ? RefusingResolver.Refused : null };
+                await Task.Yield();
+            }
+        }
+
+        await using OffloadRpcConnection connection = await ConnectAsync(new OffloadRpcOptions { MessagePackResolver = new RefusingResolver() });
+        MessagePack.MessagePackSerializationException refused = await Assert.ThrowsAsync<MessagePack.MessagePackSerializationException>(
+            () => connection.GetService<IFrameSource>().CountTicksAsync(Ticks(10, refused: 3)).AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Contains(RefusingResolver.Refused, refused.ToString(), StringComparison.Ordinal);
+        Assert.Equal(10, await connection.GetService<IFrameSource>().CountTicksAsync(Ticks(10)).AsTask().WaitAsync(TimeSpan.FromSeconds(60))); // the connection serves on
+    }
+
+    /// <summary>MessagePack's standard resolver, except that a <see cref="Tick"/> labelled <see cref="Refused"/> cannot be written.</summary>
+    private sealed class RefusingResolver : MessagePack.IFormatterResolver
+    {
+        public const string Refused = "refused by the client's resolver";
+
+        public MessagePack.Formatters.IMessagePackFormatter<T>? GetFormatter<T>() =>
+            typeof(T) == typeof(Tick) ? (MessagePack.Formatters.IMessagePackFormatter<T>)(object)new TickFormatter() : MessagePack.Resolvers.StandardResolver.Instance.GetFormatter<T>();
+
+        private sealed class TickFormatter : MessagePack.Formatters.IMessagePackFormatter<Tick>
+        {
+            public void Serialize(ref MessagePack.MessagePackWriter writer, Tick value, MessagePack.MessagePackSerializerOptions options)
+            {
+                if (value.Label == Refused)
+                {
+                    throw new InvalidOperationException(Refused);
+                }
+
+                MessagePack.Resolvers.StandardResolver.Instance.GetFormatter<Tick>()!.Serialize(ref writer, value, options);
+            }
+
+            public Tick Deserialize(ref MessagePack.MessagePackReader reader, MessagePack.MessagePackSerializerOptions options) =>
+                MessagePack.Resolvers.StandardResolver.Instance.GetFormatter<Tick>()!.Deserialize(ref reader, options);
+        }
+    }
+
     [Fact]
     public async Task Client_streaming_of_leases_moves_each_one_to_the_server()
     {

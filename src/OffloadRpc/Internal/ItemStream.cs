@@ -105,22 +105,36 @@ internal sealed class ItemStream<T>(IAsyncEnumerable<T> items, StreamItemEncoder
                     await Task.Yield(); // sending may wait for ring or arena space: never on the poller
                 }
 
-                MessageBuilder item = encode(enumerator.Current, options.Options);
-                if (item.HasDeferredPayloads)
+                MessageBuilder item;
+                try
                 {
-                    item.Discard();
-                    throw new InvalidOperationException("A stream item cannot carry a stream or an async enumerable.");
+                    item = encode(enumerator.Current, options.Options);
+                    if (item.HasDeferredPayloads)
+                    {
+                        item.Discard();
+                        throw new InvalidOperationException("A stream item cannot carry a stream or an async enumerable.");
+                    }
+                }
+                catch (Exception ex) when (!cancellationToken.IsCancellationRequested)
+                {
+                    FailQuietly(outbox, ex); // an item that cannot be encoded fails the stream as a throwing enumerable does
+                    throw;
                 }
 
                 try
                 {
                     outbox.SendItem(item.WrittenBody, item.Payloads, cancellationToken);
                 }
-                catch
+                catch (Exception ex)
                 {
                     foreach (OutboundPayload payload in item.Payloads)
                     {
                         payload.Lease?.Dispose(); // the caller gave the item's leases up by yielding them
+                    }
+
+                    if (!cancellationToken.IsCancellationRequested)
+                    {
+                        FailQuietly(outbox, ex); // no room for the item, say: the server stops waiting for it
                     }
 
                     throw;
@@ -136,6 +150,22 @@ internal sealed class ItemStream<T>(IAsyncEnumerable<T> items, StreamItemEncoder
         finally
         {
             await enumerator.DisposeAsync().ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// Tells the server the stream failed with <paramref name="failure"/>, as a throwing enumerable does, so that
+    /// neither side waits for an item that will not come (the caller's call then ends with the server's answer,
+    /// and the caller gets <paramref name="failure"/> itself); a connection too broken to tell is left to end the call.
+    /// </summary>
+    private static void FailQuietly(StreamOutbox outbox, Exception failure)
+    {
+        try
+        {
+            outbox.Fail(failure);
+        }
+        catch (Exception ex) when (ex is OffloadRpcException or ObjectDisposedException or OperationCanceledException or InvalidOperationException)
+        {
         }
     }
 }
