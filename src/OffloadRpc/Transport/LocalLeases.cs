@@ -248,22 +248,12 @@ internal sealed class LeaseBudget(long limit, bool forReplies = false) : ILeaseH
 /// them are in, as a lease rented whole counts; given back when the lease is disposed. Grown by the one
 /// receiver that fills the lease, before the bytes are copied; given back by whoever disposes it.
 /// </summary>
-internal sealed class ArrivalCharge : ILeaseHost
+internal sealed class ArrivalCharge(LeaseBudget budget, long mapping, long length) : ILeaseHost
 {
     /// <summary>The steps the count grows by while the bytes arrive: a gRPC data frame's most bytes.</summary>
     public const long Step = 1 << 20;
 
-    private readonly LeaseBudget _budget;
-    private readonly long _mapping;
-    private readonly long _length;
     private long _counted;
-
-    internal ArrivalCharge(LeaseBudget budget, long mapping, long length)
-    {
-        _budget = budget;
-        _mapping = mapping;
-        _length = length;
-    }
 
     /// <summary>The bytes of the budget this lease holds now.</summary>
     public long Counted => Volatile.Read(ref _counted);
@@ -274,18 +264,18 @@ internal sealed class ArrivalCharge : ILeaseHost
     /// </summary>
     public void Cover(long end)
     {
-        long target = end >= _length ? _mapping : Math.Min(_mapping, (end + Step - 1) / Step * Step);
+        long target = end >= length ? mapping : Math.Min(mapping, (end + Step - 1) / Step * Step);
         long counted = Volatile.Read(ref _counted);
         if (target > counted)
         {
-            _budget.Reserve(target - counted, $"a buffer of {_length:N0} bytes, counted as its bytes arrive ({counted:N0} so far), the next step");
+            budget.Reserve(target - counted, $"a buffer of {length:N0} bytes, counted as its bytes arrive ({counted:N0} so far), the next step");
             Volatile.Write(ref _counted, target);
         }
     }
 
     void ILeaseHost.ReturnLease(SharedBuffer lease)
     {
-        _budget.Release(Interlocked.Exchange(ref _counted, 0));
+        budget.Release(Interlocked.Exchange(ref _counted, 0));
         LocalLeases.Instance.ReturnLease(lease);
     }
 }
