@@ -925,9 +925,9 @@ internal sealed class MessageAssembler : IDisposable, IReplySource
             return _payloads[index] = LocalLeases.Instance.Rent((int)_lengths[index], clear: false);
         }
 
-        _payloads[index] = _budget.RentArriving((int)_lengths[index], out ArrivalCharge charge);
+        SharedBuffer lease = _budget.RentArriving((int)_lengths[index], out ArrivalCharge charge);
         _charges[index] = charge;
-        return _payloads[index]!;
+        return _payloads[index] = lease;
     }
 
     /// <summary>

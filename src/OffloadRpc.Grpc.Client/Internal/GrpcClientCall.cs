@@ -269,7 +269,6 @@ internal sealed class GrpcClientCall : IStreamItemSink
         }
 
         _call.Dispose();
-        DiscardItems();
         _head?.Release(); // a write of it still under way gives it back when done
         _message.Dispose();
     }

@@ -18,12 +18,6 @@ internal static class GrpcTransport
     }
 #pragma warning restore CA2255
 
-    /// <summary>How long a connection with calls running may hear nothing from the server before it sends an HTTP/2 ping.</summary>
-    internal static readonly TimeSpan KeepAlivePingDelay = TimeSpan.FromSeconds(20);
-
-    /// <summary>How long a ping may go unanswered before the connection is given up and its calls fail.</summary>
-    internal static readonly TimeSpan KeepAlivePingTimeout = TimeSpan.FromSeconds(20);
-
     /// <summary>
     /// The channel's handler when the options give none: gRPC's own default (a <see cref="System.Net.Http.SocketsHttpHandler"/>
     /// that opens more HTTP/2 connections as streams need them) that also pings the server while calls run
@@ -36,8 +30,8 @@ internal static class GrpcTransport
     internal static System.Net.Http.SocketsHttpHandler DefaultHandler() => new()
     {
         EnableMultipleHttp2Connections = true,
-        KeepAlivePingDelay = KeepAlivePingDelay,
-        KeepAlivePingTimeout = KeepAlivePingTimeout,
+        KeepAlivePingDelay = TimeSpan.FromSeconds(20), // heard nothing from the server this long while calls run: ping
+        KeepAlivePingTimeout = TimeSpan.FromSeconds(20), // no answer this long: the connection is given up
         KeepAlivePingPolicy = System.Net.Http.HttpKeepAlivePingPolicy.WithActiveRequests,
     };
 
